@@ -1,0 +1,114 @@
+"""Allowlist: only ``POST /v1/responses`` goes upstream; everything else is refused locally."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from mitmproxy import ctx, exceptions, http
+
+from addons.common import ALLOWED, REFUSED, fail_closed, json_response
+
+logger = logging.getLogger(__name__)
+
+#: The one route the reference proxy forwards.
+DEFAULT_ROUTE = "/v1/responses"
+
+
+def parse_routes(routes: Sequence[str]) -> frozenset[str]:
+    """Validate extra allowlisted request targets (e.g. ``/v1/responses/compact``).
+
+    Each must be an origin-form path: starts with ``/``, no ``//``, no query (``?``), fragment
+    (``#``), ``%`` escape, dot segment, whitespace or control character.
+
+    Raises:
+        ValueError: naming the offending entry.
+    """
+    out = {DEFAULT_ROUTE}
+    for route in routes:
+        bad = (
+            not route.startswith("/")
+            or "//" in route
+            or any(c in route for c in "?#%\\")
+            or any(seg in (".", "..") for seg in route.split("/"))
+            or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in route)
+        )
+        if bad:
+            raise ValueError(f"not a plain origin-form path: {route!r}")
+        out.add(route)
+    return frozenset(out)
+
+
+def refusal_reason(request: http.Request, routes: frozenset[str]) -> str | None:
+    """Why ``request`` may not go upstream, or ``None`` when it may.
+
+    Allowed exactly: method ``POST`` (case-sensitive, RFC 9110), an origin-form target (no
+    absolute-form ``http://host/...`` over HTTP/1) whose raw bytes equal one of ``routes``: no
+    query string (not even an empty ``?``), no trailing slash, no case variant, no escapes.
+    Same rule as the reference proxy's ``method == POST && url == "/v1/responses"``.
+    """
+    raw_method = request.data.method
+    if raw_method != b"POST":
+        return f"method {raw_method.decode('ascii', 'replace')!r} is not allowed"
+    if request.authority and not (request.is_http2 or request.is_http3):
+        return "absolute-form request targets are not allowed"
+    if request.data.path.decode("utf-8", "surrogateescape") not in routes:
+        return "path is not allowed"
+    return None
+
+
+class Allowlist:
+    """Answers 403 (small JSON body) to anything but ``POST /v1/responses``; marks the rest.
+
+    Cases: other methods, paths, any query string (even ``?``), trailing slash, case variants,
+    absolute-form targets and ``CONNECT`` are refused in ``requestheaders`` / ``http_connect``,
+    so nothing is ever sent upstream for them. Allowed flows get ``flow.metadata[ALLOWED]``;
+    the forwarder injects the key only into flows with that mark (fail closed otherwise).
+    Extra routes come from the ``codex_extra_routes`` option (off by default).
+    """
+
+    def __init__(self) -> None:
+        self.routes: frozenset[str] = frozenset({DEFAULT_ROUTE})
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "codex_extra_routes",
+            Sequence[str],
+            [],
+            """
+            Extra request targets to forward besides POST /v1/responses, e.g.
+            /v1/responses/compact. Exact origin-form paths only; still POST only.
+            """,
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "codex_extra_routes" in updated:
+            try:
+                self.routes = parse_routes(ctx.options.codex_extra_routes)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"codex_extra_routes: {e}") from e
+
+    @fail_closed
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        self._refuse(flow, "CONNECT is not allowed")
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        reason = refusal_reason(flow.request, self.routes)
+        if reason is None:
+            flow.metadata[ALLOWED] = True
+        else:
+            self._refuse(flow, reason)
+
+    @staticmethod
+    def _refuse(flow: http.HTTPFlow, reason: str) -> None:
+        flow.metadata.pop(ALLOWED, None)
+        flow.metadata[REFUSED] = "not-allowlisted"
+        logger.info("refused %s %r: %s", flow.request.method, flow.request.path, reason)
+        flow.response = json_response(
+            403, "forbidden", f"{reason}; this proxy only forwards POST /v1/responses"
+        )

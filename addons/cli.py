@@ -1,0 +1,181 @@
+"""The launcher: ``codex-responses-api-proxy`` / ``./run.sh``, flag-compatible with the reference.
+
+Reads the API key from stdin (the reference proxy's rules, messages and exit codes), keeps it in
+:mod:`addons.keyholder`, then runs mitmproxy's own ``mitmdump`` in this process in reverse-proxy
+mode with ``addons/proxy.py`` as its script. mitmproxy keeps its CLI, signal handling, exit
+codes and addon order; the key never reaches argv, the environment or a log line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from addons import keyholder
+from addons.config import DEFAULT_CONFIG_PATH, ProxyConfig, load_config
+from addons.forward import Upstream, parse_upstream_url
+
+EXIT_ARGS = 2  # argument errors, as clap in the reference proxy
+EXIT_KEY = 1  # key errors, as the reference proxy
+
+SCRIPT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proxy.py")
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range 0-65535")
+    return port
+
+
+def _set_spec(value: str) -> str:
+    if "=" not in value or not value.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected name=value, got {value!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The reference proxy's flags plus ``--config`` and mitmproxy's ``--set``."""
+    parser = argparse.ArgumentParser(
+        prog="codex-responses-api-proxy",
+        description="Strict reverse proxy for the OpenAI Responses API. Reads the API key from "
+        "stdin: printenv OPENAI_API_KEY | env -u OPENAI_API_KEY codex-responses-api-proxy",
+    )
+    parser.add_argument("--port", type=_port, help="port to listen on (default: ephemeral)")
+    parser.add_argument(
+        "--server-info", metavar="FILE", help='write {"port":N,"pid":N} to FILE once listening'
+    )
+    parser.add_argument(
+        "--http-shutdown", action="store_true", default=None,
+        help="enable GET /shutdown (200, then exit 0)",
+    )
+    parser.add_argument(
+        "--upstream-url", metavar="URL",
+        help="absolute URL to forward to (default https://api.openai.com/v1/responses)",
+    )
+    parser.add_argument("--dump-dir", metavar="DIR", help="write request/response dumps here")
+    parser.add_argument(
+        "--config", metavar="FILE", default=DEFAULT_CONFIG_PATH,
+        help="YAML defaults (default: config/proxy.yaml)",
+    )
+    parser.add_argument(
+        "--set", dest="setoptions", metavar="NAME=VALUE", action="append", default=[],
+        type=_set_spec, help="set a mitmproxy option (repeatable); overrides everything else",
+    )
+    return parser
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def mitmproxy_options(config: ProxyConfig, upstream: Upstream, user_sets: Sequence[str]) -> list[
+    str
+]:
+    """The ``--set name=value`` specs for mitmdump, from the config and the user's ``--set``.
+
+    A user's ``--set`` for a name replaces every value we would pass for it (mitmproxy refuses
+    two values for one scalar option in a single start-up).
+    """
+    values: dict[str, list[str]] = {}
+
+    def put(name: str, value: Any) -> None:
+        if isinstance(value, list):
+            values[name] = [_format_value(v) for v in value]
+        elif value is not None:
+            values[name] = [_format_value(value)]
+
+    put("listen_host", "127.0.0.1")
+    put("listen_port", config.port if config.port is not None else 0)
+    # Keep the client's Host until the forwarder sets the upstream's, so dumps show the
+    # headers as received (as the reference proxy's do).
+    put("keep_host_header", True)
+    for name, value in config.mitmproxy.items():
+        put(name, value)
+    put("codex_upstream_url", upstream.url)
+    put("codex_http_shutdown", config.http_shutdown)
+    put("codex_extra_routes", config.extra_routes)
+    put("codex_redact_headers", config.redact_headers)
+    if config.server_info:
+        put("codex_server_info", os.path.abspath(config.server_info))
+    if config.dump_dir:
+        put("codex_dump_dir", os.path.abspath(config.dump_dir))
+
+    user: dict[str, list[str]] = {}
+    for spec in user_sets:
+        name, value = spec.split("=", 1)
+        user.setdefault(name, []).append(value)
+    values.update(user)
+    return [f"{name}={value}" for name, vals in values.items() for value in vals]
+
+
+def mitmdump_args(config: ProxyConfig, upstream: Upstream, user_sets: Sequence[str]) -> list[str]:
+    """Arguments for ``mitmproxy.tools.main.mitmdump``: reverse mode to the upstream's origin
+    over plain TCP (each flow is routed to the exact URL by the forwarder; a ``reverse:https``
+    spec would also open a UDP/HTTP3 listener), our script, and the option specs."""
+    host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+    args = ["--mode", f"reverse:http://{host}:{upstream.port}", "-s", SCRIPT_PATH]
+    for spec in mitmproxy_options(config, upstream, user_sets):
+        args += ["--set", spec]
+    return args
+
+
+def resolve_config(ns: argparse.Namespace) -> ProxyConfig:
+    """Apply command-line flags over the YAML config. Raises ValueError from the config."""
+    config = load_config(ns.config)
+    if ns.port is not None:
+        config.port = ns.port
+    if ns.server_info is not None:
+        config.server_info = ns.server_info
+    if ns.http_shutdown:
+        config.http_shutdown = True
+    if ns.upstream_url is not None:
+        config.upstream_url = ns.upstream_url
+    if ns.dump_dir is not None:
+        config.dump_dir = ns.dump_dir
+    return config
+
+
+def main(argv: Sequence[str] | None = None, stdin: Any = None) -> int:
+    """Run the proxy. Returns the process exit code (0 after a clean shutdown).
+
+    Exit codes: 2 for argument/config errors (before reading the key), 1 for key errors (the
+    reference proxy's messages, one line on stderr, nothing listening), else mitmdump's own.
+    """
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        config = resolve_config(ns)
+        upstream = parse_upstream_url(config.upstream_url)
+    except ValueError as e:
+        parser.exit(EXIT_ARGS, f"{parser.prog}: error: {e}\n")
+
+    stream = stdin if stdin is not None else sys.stdin.buffer
+    try:
+        keyholder.load_from_stream(stream)
+    except keyholder.ApiKeyError as e:
+        sys.stderr.write(f"Error: {e}\n")
+        return EXIT_KEY
+
+    from mitmproxy.tools.main import mitmdump
+
+    try:
+        mitmdump(mitmdump_args(config, upstream, ns.setoptions))
+    except SystemExit as e:
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        keyholder.API_KEY.clear()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""``--dump-dir``: reference-compatible, redacted request/response dump files."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.net import encoding
+
+from addons.common import ALLOWED, DUMP_SEQ
+
+logger = logging.getLogger(__name__)
+
+REDACTED = "[REDACTED]"
+ALWAYS_REDACTED = frozenset({"authorization", "proxy-authorization"})
+
+
+def should_redact(name: str, extra: frozenset[str] = frozenset()) -> bool:
+    """Whether a header's value is replaced by ``"[REDACTED]"`` in a dump.
+
+    Rule of the reference proxy: ``authorization`` or any name containing ``cookie`` (any case);
+    we add ``proxy-authorization`` and the configured ``extra`` names (lower-case, exact).
+    """
+    lower = name.lower()
+    return lower in ALWAYS_REDACTED or "cookie" in lower or lower in extra
+
+
+def redact_headers(
+    fields: Iterable[tuple[bytes, bytes]], extra: frozenset[str] = frozenset()
+) -> list[dict[str, str]]:
+    """Raw header fields (as mitmproxy keeps them: original case and order) to the dump's
+    ``[{"name": ..., "value": ...}]`` list, redacted by :func:`should_redact`."""
+    out = []
+    for raw_name, raw_value in fields:
+        name = raw_name.decode("utf-8", "replace")
+        value = REDACTED if should_redact(name, extra) else raw_value.decode("utf-8", "replace")
+        out.append({"name": name, "value": value})
+    return out
+
+
+def render_body(raw: bytes, content_encoding: str | None) -> Any:
+    """A body for a dump: decoded from gzip/br/zstd/deflate when it says so (for the dump only),
+    then parsed JSON when the whole body parses, else a UTF-8 string (invalid bytes replaced).
+    An SSE stream is one string. Same rule as the reference proxy, plus decoding."""
+    data = raw
+    if content_encoding and content_encoding.strip().lower() != "identity":
+        try:
+            data = encoding.decode(raw, content_encoding.strip().lower())
+        except (ValueError, LookupError):
+            data = raw
+    text = data.decode("utf-8", "replace")
+    if text.strip():
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
+
+
+def render_document(doc: dict[str, Any]) -> bytes:
+    """The reference proxy's file format: JSON, 2-space indent, non-ASCII kept, final newline."""
+    return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_file_atomically(directory: str, name: str, data: bytes) -> str:
+    """Write ``data`` as ``directory/name`` with mode 0600; readers never see a partial file
+    (temporary file in the same directory, then ``os.replace``). Returns the path.
+
+    Raises:
+        OSError: on any write error (the temporary file is removed).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o600)
+        path = os.path.join(directory, name)
+        os.replace(tmp, path)
+        return path
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def prepare_dump_dir(path: str) -> str:
+    """Create the dump directory (mode 0700) if needed and check it is a writable directory.
+
+    Returns the absolute path. Raises:
+        ValueError: when it is not a directory or not writable.
+    """
+    path = os.path.abspath(path)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create {path!r}: {e.strerror}") from None
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{path!r} is not writable")
+    return path
+
+
+@dataclass
+class _Exchange:
+    seq: int
+    prefix: str
+    method: str
+    url: str
+    headers: list[dict[str, str]]
+    request_written: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DumpWriter:
+    """Writes one ``NNNNNN-<unix ms>-request.json`` / ``-response.json`` pair per accepted flow.
+
+    Same names, shapes and format as the reference proxy: request ``{method, url, headers,
+    body}`` with the client's headers as received (before our rewriting), response ``{status,
+    headers, body}`` with the upstream's headers; plus ``"error"`` when the exchange failed
+    (client gone early, upstream down or dropping mid-stream), with the partial body.
+    Sequence numbers count from 1 per process, assigned on the event loop (unique under
+    concurrency). Rendering and writing run on one worker thread, off the event loop; files
+    appear atomically with mode 0600 in a 0700 directory. A failed write is logged and counted
+    in ``lost``; forwarding goes on.
+    """
+
+    def __init__(self) -> None:
+        self.directory = ""
+        self.extra_redact: frozenset[str] = frozenset()
+        self.lost = 0
+        self.written = 0
+        self._seq = itertools.count(1)
+        self._open: dict[str, _Exchange] = {}
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._futures: set[concurrent.futures.Future[None]] = set()
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "codex_dump_dir",
+            str,
+            "",
+            "Write redacted request/response dump files (reference proxy format) to this "
+            "directory; created with mode 0700.",
+        )
+        loader.add_option(
+            "codex_redact_headers",
+            Sequence[str],
+            [],
+            "Extra header names (case-insensitive) whose values are written as [REDACTED] in "
+            "dumps, besides authorization, proxy-authorization and any name containing 'cookie'.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "codex_redact_headers" in updated:
+            self.extra_redact = frozenset(n.lower() for n in ctx.options.codex_redact_headers)
+        if "codex_dump_dir" in updated:
+            path = ctx.options.codex_dump_dir
+            if path:
+                try:
+                    self.directory = prepare_dump_dir(path)
+                except ValueError as e:
+                    raise exceptions.OptionsError(f"codex_dump_dir: {e}") from None
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=1, thread_name_prefix="codex-dumps"
+                    )
+            else:
+                self.directory = ""
+
+    # Hooks -------------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if not self.directory or flow.response or flow.metadata.get(ALLOWED) is not True:
+            return
+        try:
+            seq = next(self._seq)
+            flow.metadata[DUMP_SEQ] = seq
+            self._open[flow.id] = _Exchange(
+                seq=seq,
+                prefix=f"{seq:06d}-{int(time.time() * 1000)}",
+                method=flow.request.method,
+                url=flow.request.path,
+                headers=redact_headers(flow.request.headers.fields, self.extra_redact),
+            )
+        except Exception:
+            logger.exception("dump: cannot record request headers")
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        exchange = self._open.get(flow.id)
+        if exchange is not None and not exchange.request_written:
+            self._write_request(exchange, flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow, None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow, flow.error.msg if flow.error else "unknown error")
+
+    def done(self) -> None:
+        for flow_id in list(self._open):
+            exchange = self._open.pop(flow_id)
+            if not exchange.request_written:
+                self._submit(exchange.prefix + "-request.json", self._request_doc(exchange, b"", None))
+            self._submit(
+                exchange.prefix + "-response.json",
+                {"status": None, "headers": [], "body": "",
+                 "error": "proxy shut down before the exchange finished"},
+            )
+        self.flush()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self.lost:
+            logger.error("dump: %d dump file(s) could not be written", self.lost)
+
+    # Internals ---------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every dump handed to the worker thread is on disk (or failed)."""
+        concurrent.futures.wait(list(self._futures), timeout=timeout)
+
+    @staticmethod
+    def _request_doc(exchange: _Exchange, raw: bytes, content_encoding: str | None) -> dict:
+        return {
+            "method": exchange.method,
+            "url": exchange.url,
+            "headers": exchange.headers,
+            "body": (raw, content_encoding),
+        }
+
+    def _write_request(self, exchange: _Exchange, flow: http.HTTPFlow) -> None:
+        exchange.request_written = True
+        raw = flow.request.raw_content or b""
+        self._submit(
+            exchange.prefix + "-request.json",
+            self._request_doc(exchange, raw, flow.request.headers.get("content-encoding")),
+        )
+
+    def _finish(self, flow: http.HTTPFlow, error: str | None) -> None:
+        exchange = self._open.pop(flow.id, None)
+        if exchange is None:
+            return
+        if not exchange.request_written:
+            self._write_request(exchange, flow)
+        response = flow.response
+        doc: dict[str, Any]
+        if response is None:
+            doc = {"status": 502, "headers": [], "body": ""}
+        else:
+            doc = {
+                "status": response.status_code,
+                "headers": redact_headers(response.headers.fields, self.extra_redact),
+                "body": (response.raw_content or b"", response.headers.get("content-encoding")),
+            }
+        if error is not None:
+            doc["error"] = error
+        self._submit(exchange.prefix + "-response.json", doc)
+
+    def _submit(self, name: str, doc: dict[str, Any]) -> None:
+        if self._executor is None:
+            return
+        future = self._executor.submit(self._render_and_write, name, doc)
+        self._futures.add(future)
+        future.add_done_callback(self._futures.discard)
+
+    def _render_and_write(self, name: str, doc: dict[str, Any]) -> None:
+        try:
+            body = doc.get("body")
+            if isinstance(body, tuple):
+                doc = {**doc, "body": render_body(*body)}
+            write_file_atomically(self.directory, name, render_document(doc))
+            self.written += 1
+        except Exception as e:
+            self.lost += 1
+            logger.error("dump: cannot write %s: %s", name, e)

@@ -1,0 +1,198 @@
+"""Forwarding: route allowlisted flows to the upstream URL with the injected key."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http import url as mitm_url
+
+from addons import keyholder
+from addons.common import ALLOWED, KEY_INJECTED, REFUSED, fail_closed, json_response
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_UPSTREAM_URL = "https://api.openai.com/v1/responses"
+
+#: Hop-by-hop request headers (RFC 9110 7.6.1 plus the usual legacy ones). The reference proxy
+#: forwards these; we do not. ``Transfer-Encoding`` is framing that mitmproxy re-does itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "upgrade",
+    }
+)
+#: Headers the client must never choose: the credential, and the Host we set from the upstream.
+CLIENT_CREDENTIALS = frozenset({"authorization", "proxy-authorization"})
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A parsed ``--upstream-url``: ``url`` is used verbatim (query included, e.g. Azure's
+    ``?api-version=``); ``host_header`` is ``host[:port]`` with the port only when not the
+    scheme's default (same as the reference proxy)."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    host_header: str
+
+
+def parse_upstream_url(value: str) -> Upstream:
+    """Parse and validate an absolute ``http``/``https`` upstream URL.
+
+    Raises:
+        ValueError: for a relative URL, another scheme, a missing host, userinfo
+            (credentials belong on stdin, not in argv) or a fragment.
+    """
+    if "#" in value:
+        raise ValueError("the upstream URL must not contain a fragment")
+    try:
+        scheme_b, host_b, port, _path = mitm_url.parse(value)
+    except ValueError as e:
+        raise ValueError(f"not an absolute URL: {e}") from None
+    scheme, host = scheme_b.decode(), host_b.decode()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"unsupported scheme {scheme!r} (http or https)")
+    if not host:
+        raise ValueError("the upstream URL has no host")
+    if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        raise ValueError("the upstream URL must not carry credentials")
+    host_for_header = f"[{host}]" if ":" in host else host
+    return Upstream(
+        url=value,
+        scheme=scheme,
+        host=host,
+        port=port,
+        host_header=mitm_url.hostport(scheme, host_for_header, port),
+    )
+
+
+def strip_hop_by_hop(headers: http.Headers) -> None:
+    """Remove hop-by-hop headers, including those named in ``Connection``, in place."""
+    named = {
+        token.strip().lower()
+        for value in headers.get_all("connection")
+        for token in value.split(",")
+        if token.strip()
+    }
+    for name in HOP_BY_HOP | named:
+        if name in ("transfer-encoding", "content-length", "host"):
+            continue
+        headers.pop(name, None)
+
+
+class UpstreamForwarder:
+    """Routes allowlisted flows upstream and injects ``Authorization: Bearer <key>``.
+
+    In ``requestheaders`` (before a streamed request head could leave, see MITMPROXY.md), for
+    flows carrying the allowlist mark only: drop every client ``Authorization`` and
+    ``Proxy-Authorization`` and the hop-by-hop headers, set the URL to ``codex_upstream_url``
+    (its own query kept), set Host to the upstream's ``host[:port]``, and add exactly one
+    ``Authorization`` with the key. Unmarked flows without a response are answered 403 here too
+    (fail closed: nothing unmarked is ever forwarded). Once the request has gone
+    (``responseheaders``/``error``/``done``) the injected value is replaced by ``[REDACTED]``
+    in the flow object, so flow files, HAR, ``flow_detail`` output and mitmweb after that point
+    never hold it. The body is never touched, so it goes upstream byte-identical (zstd too).
+    """
+
+    def __init__(self) -> None:
+        self.upstream = parse_upstream_url(DEFAULT_UPSTREAM_URL)
+        self._injected: dict[str, http.HTTPFlow] = {}
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "codex_upstream_url",
+            str,
+            DEFAULT_UPSTREAM_URL,
+            "Absolute URL that allowlisted requests are forwarded to, used exactly as given "
+            "(query included).",
+        )
+        loader.add_option(
+            "codex_key_file",
+            str,
+            "",
+            "Read the API key from this file ('-' for stdin) when the launcher has not already "
+            "loaded one; for plain `mitmdump -s addons/proxy.py`. Same rules as the reference.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "codex_upstream_url" in updated:
+            try:
+                self.upstream = parse_upstream_url(ctx.options.codex_upstream_url)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"codex_upstream_url: {e}") from e
+        if "codex_key_file" in updated:
+            path = ctx.options.codex_key_file
+            if path and not keyholder.API_KEY.is_set:
+                try:
+                    keyholder.load_from_path(path)
+                except (keyholder.ApiKeyError, OSError) as e:
+                    raise exceptions.OptionsError(f"codex_key_file: {e}") from None
+
+    def running(self) -> None:
+        # An error logged during start-up makes mitmdump exit 1. Until then any allowlisted
+        # flow fails closed (500): header_value() raises without a key.
+        if not keyholder.API_KEY.is_set:
+            logger.error(
+                "no API key loaded: start through the launcher (key on stdin) or set "
+                "codex_key_file (a path, or - for stdin)"
+            )
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        if flow.metadata.get(ALLOWED) is not True:
+            flow.metadata[REFUSED] = "not-marked"
+            flow.response = json_response(
+                403, "forbidden", "request was not allowlisted; this proxy only forwards "
+                "POST /v1/responses"
+            )
+            return
+        request = flow.request
+        strip_hop_by_hop(request.headers)
+        for name in CLIENT_CREDENTIALS:
+            request.headers.pop(name, None)
+        request.url = self.upstream.url
+        request.host_header = self.upstream.host_header
+        request.headers["authorization"] = keyholder.API_KEY.header_value()
+        flow.metadata[KEY_INJECTED] = True
+        self._injected[flow.id] = flow
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or flow.request.stream:
+            return
+        if flow.metadata.get(KEY_INJECTED) and "transfer-encoding" in flow.request.headers:
+            # The whole body is here: send it with a Content-Length instead of re-chunking.
+            del flow.request.headers["transfer-encoding"]
+            flow.request.headers["content-length"] = str(len(flow.request.raw_content or b""))
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._scrub(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._scrub(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._scrub(flow)
+
+    def done(self) -> None:
+        for flow in list(self._injected.values()):
+            self._scrub(flow)
+
+    def _scrub(self, flow: http.HTTPFlow) -> None:
+        if self._injected.pop(flow.id, None) is None:
+            return
+        headers = flow.request.headers
+        if "authorization" in headers and keyholder.API_KEY.matches(headers["authorization"]):
+            headers["authorization"] = keyholder.REDACTED

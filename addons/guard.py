@@ -1,0 +1,54 @@
+"""Start-up guard: refuse mitmproxy options that would leak the key or expose the proxy."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from mitmproxy import ctx, exceptions
+
+logger = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP literal or ``localhost``) is a loopback address; ``""`` (every
+    interface, mitmproxy's default) is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class OptionGuard:
+    """Refuses, at start-up and on any later option change, settings that break the promise.
+
+    Cases: ``proxy_debug`` (mitmproxy then logs raw request bytes, the injected key included);
+    a non-loopback ``listen_host`` unless ``codex_allow_remote`` is set (then a warning).
+    Raising ``OptionsError`` in ``configure`` rolls the update back and, at start-up, makes
+    mitmdump exit 1.
+    """
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "codex_allow_remote",
+            bool,
+            False,
+            "Allow listening on a non-loopback address (anyone who can reach it can spend the key).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "proxy_debug" in updated and ctx.options.proxy_debug:
+            raise exceptions.OptionsError(
+                "proxy_debug is refused: it logs raw request bytes, which carry the API key"
+            )
+        if {"listen_host", "codex_allow_remote"} & updated:
+            host = ctx.options.listen_host
+            if not is_loopback(host):
+                if not ctx.options.codex_allow_remote:
+                    raise exceptions.OptionsError(
+                        f"listen_host {host or '(all interfaces)'!r} is not loopback; "
+                        "set codex_allow_remote=true to allow it"
+                    )
+                logger.warning("listening on non-loopback address %r", host or "*")

@@ -1,0 +1,184 @@
+"""The one place the upstream API key lives in this process.
+
+The key is read once, before mitmproxy starts, by the launcher (``addons.cli``) or by
+``--set codex_key_file=...`` when the addons run under plain ``mitmdump -s``. It is kept in a
+module-level :class:`ApiKey` holder so that mitmproxy's hot reload of ``-s`` scripts never drops
+or re-reads it (scripts are re-imported on change; this module is not).
+
+Nothing here logs, prints or formats the key: the holder's ``repr``/``str`` are redacted and the
+error messages never echo the input.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import re
+from typing import BinaryIO
+
+logger = logging.getLogger(__name__)
+
+#: Size of the reference proxy's read buffer (bytes). ``Bearer `` takes 7 of them, so at most
+#: 1017 bytes of stdin fit: a 1016-character key plus its newline.
+REFERENCE_BUFFER_BYTES = 1024
+BEARER_PREFIX = b"Bearer "
+MAX_READ_BYTES = REFERENCE_BUFFER_BYTES - len(BEARER_PREFIX)
+MAX_KEY_CHARS = MAX_READ_BYTES - 1
+
+KEY_PATTERN = re.compile(rb"[A-Za-z0-9_-]+")
+
+MSG_EMPTY = (
+    "API key must be provided via stdin "
+    "(e.g. printenv OPENAI_API_KEY | env -u OPENAI_API_KEY codex-responses-api-proxy)"
+)
+MSG_CHARSET = "API key may only contain ASCII letters, numbers, '-' or '_'"
+MSG_TOO_LARGE = f"API key is too large to fit in the {REFERENCE_BUFFER_BYTES}-byte buffer"
+
+REDACTED = "[REDACTED]"
+
+
+class ApiKeyError(ValueError):
+    """The key read from stdin breaks one of the reference proxy's rules.
+
+    The message is one of ``MSG_EMPTY``, ``MSG_CHARSET``, ``MSG_TOO_LARGE`` (the reference
+    proxy's own wording) and never contains any byte of the input.
+    """
+
+
+def _zero(buf: bytearray) -> None:
+    for i in range(len(buf)):
+        buf[i] = 0
+
+
+def read_api_key(stream: BinaryIO) -> bytearray:
+    """Read and validate the API key from a binary stream (normally ``sys.stdin.buffer``).
+
+    Mirrors the reference proxy's ``read_api_key`` rule: read at most 1017 bytes, stopping after
+    the first ``\\n``; if 1017 bytes arrive with no newline the key is too large; trailing CR/LF
+    are trimmed; the rest must be non-empty and match ``[A-Za-z0-9_-]+`` (so at most 1016
+    characters).
+
+    Returns the key as a new ``bytearray`` (the caller owns it and should zero it when done).
+    The internal read buffer is zeroed before returning or raising.
+
+    Raises:
+        ApiKeyError: with the reference proxy's message for empty, too large or bad input.
+    """
+    buf = bytearray()
+    try:
+        while len(buf) < MAX_READ_BYTES:
+            byte = stream.read(1)
+            if not byte:
+                break
+            buf += byte
+            if byte == b"\n":
+                break
+        if len(buf) >= MAX_READ_BYTES and not buf.endswith(b"\n"):
+            raise ApiKeyError(MSG_TOO_LARGE)
+        end = len(buf)
+        while end and buf[end - 1] in (0x0A, 0x0D):
+            end -= 1
+        if end == 0:
+            raise ApiKeyError(MSG_EMPTY)
+        key = bytearray(buf[:end])
+        if KEY_PATTERN.fullmatch(key) is None:
+            _zero(key)
+            raise ApiKeyError(MSG_CHARSET)
+        return key
+    finally:
+        _zero(buf)
+
+
+def _mlock(buf: bytearray) -> bool:
+    """Best effort ``mlock(2)`` of a bytearray's storage so it is not swapped out.
+
+    Returns whether the lock succeeded; failure (no libc, RLIMIT_MEMLOCK) is not an error.
+    """
+    if not buf:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+        return libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(len(buf))) == 0
+    except (OSError, AttributeError, TypeError, ValueError):
+        return False
+
+
+class ApiKey:
+    """Holder for the ``Authorization`` header value ``Bearer <key>``.
+
+    ``repr``/``str`` never show the key. The header bytes are kept in one ``bytearray`` that is
+    ``mlock``ed where the OS allows; :meth:`header_value` hands out a ``str`` copy for the
+    outgoing request (CPython's HTTP stack needs immutable copies; see README "Security model").
+    """
+
+    def __init__(self) -> None:
+        self._header: bytearray = bytearray()
+        self.locked = False
+
+    def __repr__(self) -> str:
+        state = "set" if self._header else "empty"
+        return f"<ApiKey {state} {REDACTED}>"
+
+    __str__ = __repr__
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self._header)
+
+    def set_key(self, key: bytearray) -> None:
+        """Take ownership of a validated key (from :func:`read_api_key`) and zero the argument."""
+        self.clear()
+        header = bytearray(BEARER_PREFIX) + key
+        _zero(key)
+        self._header = header
+        self.locked = _mlock(self._header)
+
+    def header_value(self) -> str:
+        """The ``Authorization`` value ``Bearer <key>``.
+
+        Raises:
+            LookupError: when no key has been set (callers fail closed on it).
+        """
+        if not self._header:
+            raise LookupError("no API key loaded")
+        return self._header.decode("ascii")
+
+    def matches(self, value: str) -> bool:
+        """Whether ``value`` is exactly the header value we inject (used for redaction)."""
+        return bool(self._header) and value.encode("ascii", "replace") == bytes(self._header)
+
+    def clear(self) -> None:
+        _zero(self._header)
+        self._header = bytearray()
+        self.locked = False
+
+
+#: The process-wide key. Imported by the launcher and the key-injecting addon.
+API_KEY = ApiKey()
+
+
+def load_from_stream(stream: BinaryIO) -> None:
+    """Read the key from ``stream`` into :data:`API_KEY`.
+
+    Raises:
+        ApiKeyError: as :func:`read_api_key`.
+    """
+    API_KEY.set_key(read_api_key(stream))
+
+
+def load_from_path(path: str) -> None:
+    """Read the key from a file path (``-`` for stdin) into :data:`API_KEY`; same rules.
+
+    Raises:
+        ApiKeyError: as :func:`read_api_key`.
+        OSError: when the file cannot be opened.
+    """
+    if path == "-":
+        import sys
+
+        load_from_stream(sys.stdin.buffer)
+        return
+    with open(path, "rb") as f:
+        load_from_stream(f)

@@ -1,0 +1,25 @@
+"""Entry script for ``mitmdump -s addons/proxy.py`` (and for the launcher).
+
+Only lists the addons, in hook order. State that must survive a hot reload of this script (the
+key) lives in ``addons.keyholder``, an imported module.
+"""
+
+from addons.allowlist import Allowlist
+from addons.dumps import DumpWriter
+from addons.forward import UpstreamForwarder
+from addons.guard import OptionGuard
+from addons.server_info import ServerInfo
+from addons.shutdown import HttpShutdown
+from addons.sse_stream import SseStreaming
+from addons.websocket_refusal import WebSocketRefusal
+
+addons = [
+    OptionGuard(),
+    ServerInfo(),
+    HttpShutdown(),
+    WebSocketRefusal(),
+    Allowlist(),
+    SseStreaming(),
+    DumpWriter(),
+    UpstreamForwarder(),
+]

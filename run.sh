@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Bootstrap (idempotent) and run codex-responses-api-proxy.
+#   ./run.sh demo          the proxy in front of a local Responses stand-in, no key, no network
+#   ./run.sh test [ARGS]   the whole test suite (pytest ARGS...)
+#   ./run.sh [FLAGS]       the proxy; the API key is read from stdin:
+#       printenv OPENAI_API_KEY | env -u OPENAI_API_KEY ./run.sh --server-info /tmp/info.json
+# Bootstrap output goes to stderr and never reads stdin (the key stays there for the proxy).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="$ROOT/.venv"
+CODEX_VERSION="0.169.0"
+
+log() { printf 'run.sh: %s\n' "$*" >&2; }
+
+python_ok() {
+    # Runs at all (a pyenv shim may refuse) and is >= 3.12.
+    "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' </dev/null >/dev/null 2>&1
+}
+
+find_python() {
+    local candidates=()
+    [[ -n "${PYTHON:-}" ]] && candidates+=("$PYTHON")
+    candidates+=(python3.13 python3.12)
+    if command -v pyenv >/dev/null 2>&1; then
+        local root
+        root="$(pyenv root 2>/dev/null || true)"
+        if [[ -n "$root" ]]; then
+            local v
+            for v in "$root"/versions/3.1[2-9]*/bin/python3; do
+                [[ -x "$v" ]] && candidates+=("$v")
+            done
+        fi
+    fi
+    candidates+=(python3 python)
+    local c
+    for c in "${candidates[@]}"; do
+        if python_ok "$c"; then
+            command -v "$c" 2>/dev/null || echo "$c"
+            return 0
+        fi
+    done
+    return 1
+}
+
+ensure_venv() {
+    local stamp="$VENV/.installed" want
+    want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+    if [[ -x "$VENV/bin/python" ]] && python_ok "$VENV/bin/python" \
+        && [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        return 0
+    fi
+    local py
+    if ! py="$(find_python)"; then
+        log "error: no Python >= 3.12 that runs was found (tried \$PYTHON, python3.13, python3.12,"
+        log "       pyenv versions 3.12+, python3). Install Python 3.12 or newer, or set PYTHON=/path."
+        exit 1
+    fi
+    if [[ ! -x "$VENV/bin/python" ]] || ! python_ok "$VENV/bin/python"; then
+        log "creating $VENV with $py"
+        rm -rf "$VENV"
+        "$py" -m venv "$VENV" </dev/null >&2
+    fi
+    log "installing the project into $VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade 'pip>=25.1' </dev/null >&2
+    (cd "$ROOT" && "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+        -e '.[demo]' --group dev </dev/null >&2)
+    echo "$want" >"$stamp"
+}
+
+ensure_codex() {
+    if [[ -x "$ROOT/node_modules/.bin/codex" ]] \
+        && "$ROOT/node_modules/.bin/codex" --version </dev/null 2>/dev/null | grep -q "$CODEX_VERSION"; then
+        return 0
+    fi
+    if ! command -v npm >/dev/null 2>&1; then
+        log "warning: npm not found; the Codex CLI tests cannot run"
+        return 0
+    fi
+    log "installing @openai/codex@$CODEX_VERSION into $ROOT/node_modules"
+    (cd "$ROOT" && npm install --no-audit --no-fund --loglevel=error </dev/null >&2)
+}
+
+cmd="${1:-}"
+case "$cmd" in
+    demo)
+        shift
+        ensure_venv
+        cd "$ROOT"
+        exec "$VENV/bin/python" -m addons.demo "$@" </dev/null
+        ;;
+    test)
+        shift
+        ensure_venv
+        ensure_codex
+        cd "$ROOT"
+        exec "$VENV/bin/python" -m pytest "$@" </dev/null
+        ;;
+    *)
+        ensure_venv
+        exec "$VENV/bin/codex-responses-api-proxy" "$@"
+        ;;
+esac

@@ -1,0 +1,165 @@
+"""Shared fixtures: the fake upstream, the real proxy process, the test key."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from addons import keyholder
+from tests.fake_upstream import FakeUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+#: A recognisable fake key: leak checks grep for it everywhere.
+TEST_KEY = "sk-test-LEAKCHECK_0123456789abcdefghijklmnopqrstuvwxyz"
+START_TIMEOUT = 60.0
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def loaded_key() -> Iterator[str]:
+    """The test key loaded into the process-wide holder (unit tests of the forwarder)."""
+    keyholder.API_KEY.set_key(bytearray(TEST_KEY.encode()))
+    yield TEST_KEY
+    keyholder.API_KEY.clear()
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as up:
+        yield up
+
+
+@dataclass
+class ProxyProcess:
+    """A running launcher subprocess (``python -m addons.cli``) on 127.0.0.1."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    info_path: Path
+    stdout_path: Path
+    stderr_path: Path
+    dump_dir: Path | None
+    http_shutdown: bool
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def connection(self, timeout: float = 30) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(
+        self, method: str, target: str, body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = self.connection()
+        try:
+            conn.request(method, target, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+        finally:
+            conn.close()
+
+    def post_json(self, payload: dict, headers: dict[str, str] | None = None):
+        return self.request(
+            "POST", "/v1/responses", json.dumps(payload).encode(),
+            {"content-type": "application/json", **(headers or {})},
+        )
+
+    def shutdown(self, timeout: float = 30) -> int:
+        """``GET /shutdown`` (needs --http-shutdown) and wait for the exit code."""
+        status, _, body = self.request("GET", "/shutdown")
+        assert status == 200 and body == b""
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def output(self) -> str:
+        return self.stdout_path.read_text(errors="replace") + self.stderr_path.read_text(
+            errors="replace"
+        )
+
+    def dump_files(self) -> list[Path]:
+        assert self.dump_dir is not None
+        return sorted(p for p in self.dump_dir.iterdir() if not p.name.startswith("."))
+
+
+def launcher_cmd() -> list[str]:
+    return [sys.executable, "-m", "addons.cli"]
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """Factory: start the real proxy on an ephemeral port with ``TEST_KEY`` on stdin."""
+    started: list[ProxyProcess] = []
+    counter = iter(range(1000))
+
+    def start(
+        upstream_url: str, *args: str, dumps: bool = True, http_shutdown: bool = True,
+        key: bytes = TEST_KEY.encode() + b"\n", env: dict[str, str] | None = None,
+    ) -> ProxyProcess:
+        n = next(counter)
+        info = tmp_path / f"info-{n}.json"
+        dump_dir = tmp_path / f"dumps-{n}" if dumps else None
+        cmd = [*launcher_cmd(), "--server-info", str(info), "--upstream-url", upstream_url]
+        if http_shutdown:
+            cmd.append("--http-shutdown")
+        if dump_dir is not None:
+            cmd += ["--dump-dir", str(dump_dir)]
+        cmd += list(args)
+        out, err = tmp_path / f"stdout-{n}.log", tmp_path / f"stderr-{n}.log"
+        with open(out, "wb") as fo, open(err, "wb") as fe:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=fo, stderr=fe, cwd=ROOT,
+                env={**os.environ, **(env or {})},
+            )
+        assert proc.stdin is not None
+        proc.stdin.write(key)
+        proc.stdin.close()
+        handle = ProxyProcess(proc, 0, info, out, err, dump_dir, http_shutdown)
+        started.append(handle)
+        wait_for(lambda: info.exists() or proc.poll() is not None, START_TIMEOUT, "server-info")
+        if proc.poll() is not None:
+            raise AssertionError(f"proxy exited {proc.returncode}:\n{handle.output()}")
+        handle.port = json.loads(info.read_text())["port"]
+        return handle
+
+    yield start
+    for handle in started:
+        handle.stop()
+
+
+def codex_binary() -> str | None:
+    """The Codex CLI installed by run.sh (node_modules), else one on PATH."""
+    local = ROOT / "node_modules" / ".bin" / "codex"
+    if local.exists():
+        return str(local)
+    return shutil.which("codex")

@@ -1,0 +1,244 @@
+"""A local stand-in for the OpenAI Responses API, for tests and for ``./run.sh demo``.
+
+An aiohttp server on 127.0.0.1 (ephemeral port) in a background thread. It records every
+request it gets and answers ``POST .../responses`` with a realistic Responses SSE stream (or a
+JSON response object when the request does not ask for ``"stream": true``). Tests steer it
+through attributes: ``status``, ``error_body``, ``events``, ``event_delay``, ``gate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+DEFAULT_TEXT = "Hello from the local Responses stand-in! Each word is its own SSE event."
+
+
+@dataclass
+class RecordedRequest:
+    """What reached the upstream: ``headers`` keep order, case and duplicates."""
+
+    method: str
+    path_qs: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    received_at: float = field(default_factory=time.monotonic)
+
+    def header_values(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+def usage_block() -> dict[str, Any]:
+    return {
+        "input_tokens": 42,
+        "input_tokens_details": {"cached_tokens": 8},
+        "output_tokens": 17,
+        "output_tokens_details": {"reasoning_tokens": 5},
+        "total_tokens": 59,
+    }
+
+
+def response_object(
+    response_id: str, model: str, text: str, status: str = "completed"
+) -> dict[str, Any]:
+    done = status == "completed"
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "model": model,
+        "output": [
+            {
+                "id": "msg_" + response_id,
+                "type": "message",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ]
+        if done
+        else [],
+        "usage": usage_block() if done else None,
+    }
+
+
+def responses_sse_events(
+    text: str = DEFAULT_TEXT, model: str = "test-model", response_id: str = "resp_standin"
+) -> list[tuple[str, dict[str, Any]]]:
+    """A realistic Responses API event sequence for an assistant message saying ``text``:
+    created, in_progress, output_item.added, content_part.added, one output_text.delta per
+    word, output_text.done, content_part.done, output_item.done, completed (with usage)."""
+    item_id = "msg_" + response_id
+    seq = iter(range(1_000_000))
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    def add(kind: str, **payload: Any) -> None:
+        events.append((kind, {"type": kind, "sequence_number": next(seq), **payload}))
+
+    add("response.created", response=response_object(response_id, model, "", "in_progress"))
+    add("response.in_progress", response=response_object(response_id, model, "", "in_progress"))
+    item = {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress",
+            "content": []}
+    add("response.output_item.added", output_index=0, item=item)
+    add("response.content_part.added", item_id=item_id, output_index=0, content_index=0,
+        part={"type": "output_text", "text": "", "annotations": []})
+    words = text.split(" ")
+    for i, word in enumerate(words):
+        delta = word if i == 0 else " " + word
+        add("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
+            delta=delta, logprobs=[])
+    add("response.output_text.done", item_id=item_id, output_index=0, content_index=0,
+        text=text, logprobs=[])
+    part = {"type": "output_text", "text": text, "annotations": []}
+    add("response.content_part.done", item_id=item_id, output_index=0, content_index=0, part=part)
+    done_item = {"id": item_id, "type": "message", "role": "assistant", "status": "completed",
+                 "content": [part]}
+    add("response.output_item.done", output_index=0, item=done_item)
+    add("response.completed", response=response_object(response_id, model, text))
+    return events
+
+
+def encode_event(kind: str, payload: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+class FakeUpstream:
+    """The stand-in server. ``start()`` returns the port; ``url`` is its ``/v1/responses``.
+
+    Attributes a test may set before a request:
+        status: HTTP status of the reply (non-2xx replies carry ``error_body`` as JSON).
+        events: SSE events to send (default: :func:`responses_sse_events` for the model asked).
+        event_delay: seconds between events.
+        gate: when set, after the first event wait (at most ``gate_timeout`` s) until the gate
+            is set before sending the rest; ``gate_timed_out`` tells whether it ran out.
+        text: the assistant text of the default stream.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[RecordedRequest] = []
+        self.status = 200
+        self.error_body: dict[str, Any] = {"error": {"message": "stand-in error", "type": "x"}}
+        self.events: list[tuple[str, dict[str, Any]]] | None = None
+        self.event_delay = 0.0
+        self.text = DEFAULT_TEXT
+        self.gate: threading.Event | None = None
+        self.gate_timeout = 10.0
+        self.gate_timed_out: bool | None = None
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self._counter = 0
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/responses"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append(
+            RecordedRequest(
+                request.method,
+                request.path_qs,
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
+                body,
+            )
+        )
+        if request.method != "POST" or not request.path.endswith("/responses"):
+            return web.json_response({"error": {"message": "not found"}}, status=404)
+        if self.status >= 300:
+            return web.json_response(self.error_body, status=self.status)
+        try:
+            parsed = json.loads(body or b"{}")
+        except ValueError:
+            parsed = {}
+        model = str(parsed.get("model", "test-model")) if isinstance(parsed, dict) else "x"
+        with self._lock:
+            self._counter += 1
+            response_id = f"resp_standin_{self._counter}"
+        if not (isinstance(parsed, dict) and parsed.get("stream")):
+            return web.json_response(response_object(response_id, model, self.text))
+        events = self.events or responses_sse_events(self.text, model, response_id)
+        reply = web.StreamResponse(
+            status=self.status,
+            headers={"content-type": "text/event-stream", "cache-control": "no-cache",
+                     "x-request-id": "req_" + response_id},
+        )
+        reply.enable_chunked_encoding()
+        await reply.prepare(request)
+        for i, (kind, payload) in enumerate(events):
+            if i and self.event_delay:
+                await asyncio.sleep(self.event_delay)
+            await reply.write(encode_event(kind, payload))
+            if i == 0 and self.gate is not None:
+                gate = self.gate
+                opened = await asyncio.get_running_loop().run_in_executor(
+                    None, gate.wait, self.gate_timeout
+                )
+                self.gate_timed_out = not opened
+        await reply.write_eof()
+        return reply
+
+    def start(self) -> int:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            app = web.Application(client_max_size=64 * 1024 * 1024)
+            app.router.add_route("*", "/{tail:.*}", self._handle)
+            self._runner = web.AppRunner(app, access_log=None)
+            loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+            loop.run_until_complete(site.start())
+            self.port = self._runner.addresses[0][1]
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-upstream", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fake upstream did not start")
+        return self.port
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop = None
+
+    def __enter__(self) -> FakeUpstream:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main() -> None:
+    """Run the stand-in in the foreground: ``python -m tests.fake_upstream [PORT]``."""
+    import sys
+
+    up = FakeUpstream()
+    up.port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    up.start()
+    print(json.dumps({"url": up.url}), flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        up.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+import gzip
+import json
+import os
+import stat
+
+import pytest
+import zstandard
+from mitmproxy import exceptions
+from mitmproxy.test import taddons, tflow, tutils
+
+from addons.common import ALLOWED, DUMP_SEQ
+from addons.dumps import (
+    DumpWriter,
+    prepare_dump_dir,
+    redact_headers,
+    render_body,
+    render_document,
+    should_redact,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "redacted"),
+    [
+        ("Authorization", True), ("authorization", True), ("AUTHORIZATION", True),
+        ("Proxy-Authorization", True), ("Cookie", True), ("Set-Cookie", True),
+        ("x-my-cookie-jar", True), ("Content-Type", False), ("x-api-key", False),
+        ("authorization-hint", False),
+    ],
+)
+def test_should_redact(name, redacted):
+    assert should_redact(name) is redacted
+
+
+def test_extra_redaction_names():
+    assert should_redact("X-Api-Key", frozenset({"x-api-key"}))
+
+
+def test_redact_headers_keeps_order_case_and_duplicates():
+    fields = [(b"Host", b"h"), (b"authorization", b"Bearer k"), (b"X-A", b"1"), (b"X-A", b"2")]
+    assert redact_headers(fields) == [
+        {"name": "Host", "value": "h"},
+        {"name": "authorization", "value": "[REDACTED]"},
+        {"name": "X-A", "value": "1"},
+        {"name": "X-A", "value": "2"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "enc", "expected"),
+    [
+        (b'{"a": 1}', None, {"a": 1}),
+        (b"[1,2]", None, [1, 2]),
+        (b"data: {}\n\n", None, "data: {}\n\n"),
+        (b"", None, ""),
+        (b"\xff\xfeabc", None, "\ufffd\ufffdabc"),
+        (gzip.compress(b'{"z": true}'), "gzip", {"z": True}),
+        (zstandard.ZstdCompressor().compress(b'{"model":"m"}'), "zstd", {"model": "m"}),
+        (b"not really gzip", "gzip", "not really gzip"),
+    ],
+)
+def test_render_body(raw, enc, expected):
+    assert render_body(raw, enc) == expected
+
+
+def test_render_document_format():
+    text = render_document({"status": 200, "body": "é"}).decode()
+    assert text == '{\n  "status": 200,\n  "body": "é"\n}\n'
+
+
+def test_prepare_dump_dir_creates_private_dir(tmp_path):
+    path = prepare_dump_dir(str(tmp_path / "a" / "dumps"))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+
+
+def test_prepare_dump_dir_refuses_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="(?i)not a directory"):
+        prepare_dump_dir(str(f / "sub"))
+    with pytest.raises(ValueError):
+        prepare_dump_dir(str(f))
+
+
+def test_unusable_dump_dir_stops_configuration(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    addon = DumpWriter()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="codex_dump_dir"):
+            tctx.configure(addon, codex_dump_dir=str(f))
+
+
+def accepted_flow():
+    f = tflow.tflow()
+    f.request.method = "POST"
+    f.request.path = "/v1/responses"
+    f.request.headers.clear()
+    f.request.headers["Host"] = "127.0.0.1:1"
+    f.request.headers["Authorization"] = "Bearer client"
+    f.request.headers["content-type"] = "application/json"
+    f.request.raw_content = b'{"model": "m"}'
+    f.metadata[ALLOWED] = True
+    return f
+
+
+def files(tmp_path):
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_pair_written_with_reference_names_and_shapes(tmp_path):
+    addon = DumpWriter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path))
+        f = accepted_flow()
+        addon.requestheaders(f)
+        f.request.headers["Authorization"] = "Bearer injected"  # forwarder's change, later
+        addon.request(f)
+        f.response = tutils.tresp(
+            status_code=201, headers=[(b"content-type", b"application/json"),
+                                      (b"Set-Cookie", b"s=1")], content=b'{"ok": 1}'
+        )
+        addon.response(f)
+        addon.flush()
+        names = files(tmp_path)
+        assert len(names) == 2
+        req, resp = (tmp_path / n for n in names)
+        assert req.name.startswith("000001-") and req.name.endswith("-request.json")
+        assert resp.name == req.name.replace("-request.json", "-response.json")
+        assert f.metadata[DUMP_SEQ] == 1
+        rdoc = json.loads(req.read_text())
+        assert list(rdoc) == ["method", "url", "headers", "body"]
+        assert rdoc["method"] == "POST" and rdoc["url"] == "/v1/responses"
+        assert {"name": "Authorization", "value": "[REDACTED]"} in rdoc["headers"]
+        assert rdoc["body"] == {"model": "m"}
+        sdoc = json.loads(resp.read_text())
+        assert list(sdoc) == ["status", "headers", "body"]
+        assert sdoc["status"] == 201 and sdoc["body"] == {"ok": 1}
+        assert {"name": "Set-Cookie", "value": "[REDACTED]"} in sdoc["headers"]
+        for p in (req, resp):
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600
+            assert "injected" not in p.read_text() and "client" not in p.read_text()
+
+
+def test_refused_flows_are_not_dumped_and_use_no_sequence_number(tmp_path):
+    addon = DumpWriter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path))
+        refused = accepted_flow()
+        del refused.metadata[ALLOWED]
+        addon.requestheaders(refused)
+        addon.request(refused)
+        refused.response = tutils.tresp(status_code=403)
+        addon.response(refused)
+        ok = accepted_flow()
+        addon.requestheaders(ok)
+        addon.request(ok)
+        ok.response = tutils.tresp()
+        addon.response(ok)
+        addon.flush()
+        assert [n[:6] for n in files(tmp_path)] == ["000001", "000001"]
+
+
+def test_error_writes_response_file_with_error_and_partial_body(tmp_path):
+    addon = DumpWriter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path))
+        f = accepted_flow()
+        addon.requestheaders(f)
+        addon.request(f)
+        f.response = tutils.tresp(
+            headers=[(b"content-type", b"text/event-stream")], content=b"data: {\"a\":1}\n\n"
+        )
+        f.error = tflow.terr("client disconnected")
+        addon.error(f)
+        addon.flush()
+        resp = next(p for p in tmp_path.iterdir() if p.name.endswith("-response.json"))
+        doc = json.loads(resp.read_text())
+        assert doc["error"] == "client disconnected"
+        assert doc["body"] == 'data: {"a":1}\n\n'
+
+
+def test_upstream_down_writes_502_and_request(tmp_path):
+    addon = DumpWriter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path))
+        f = accepted_flow()
+        addon.requestheaders(f)
+        f.error = tflow.terr("Connection refused")
+        addon.error(f)  # before the request hook ever ran
+        addon.flush()
+        assert len(files(tmp_path)) == 2
+        resp = next(p for p in tmp_path.iterdir() if p.name.endswith("-response.json"))
+        assert json.loads(resp.read_text()) == {
+            "status": 502, "headers": [], "body": "", "error": "Connection refused"
+        }
+
+
+def test_open_exchanges_are_closed_at_shutdown(tmp_path):
+    addon = DumpWriter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path))
+        f = accepted_flow()
+        addon.requestheaders(f)
+        addon.done()
+        assert len(files(tmp_path)) == 2
+
+
+def test_write_failure_is_counted_not_raised(tmp_path, caplog, monkeypatch):
+    def disk_full(*_args):
+        raise OSError(28, "No space left on device")
+
+    addon = DumpWriter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path))
+        monkeypatch.setattr("addons.dumps.write_file_atomically", disk_full)
+        f = accepted_flow()
+        addon.requestheaders(f)
+        addon.request(f)
+        addon.flush()
+        assert addon.lost == 1 and addon.written == 0
+        assert "No space left" in caplog.text
+
+
+def test_no_partial_files_visible(tmp_path):
+    addon = DumpWriter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path))
+        for _ in range(20):
+            f = accepted_flow()
+            f.request.raw_content = b"x" * 100_000
+            addon.requestheaders(f)
+            addon.request(f)
+            for p in tmp_path.iterdir():
+                if not p.name.startswith("."):
+                    json.loads(p.read_text())  # every visible file is complete
+        addon.flush()
+        assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 20

@@ -1,0 +1,182 @@
+import pytest
+from mitmproxy import exceptions, http
+from mitmproxy.test import taddons, tflow, tutils
+
+from addons import keyholder
+from addons.common import ALLOWED, KEY_INJECTED
+from addons.forward import UpstreamForwarder, parse_upstream_url, strip_hop_by_hop
+from tests.conftest import TEST_KEY
+
+BEARER = f"Bearer {TEST_KEY}"
+
+
+def allowed_flow(**headers: str) -> http.HTTPFlow:
+    f = tflow.tflow()
+    f.request.method = "POST"
+    f.request.path = "/v1/responses"
+    f.request.headers.clear()
+    f.request.headers["Host"] = "127.0.0.1:9999"
+    for name, value in headers.items():
+        f.request.headers.add(name.replace("_", "-"), value)
+    f.metadata[ALLOWED] = True
+    return f
+
+
+@pytest.mark.parametrize(
+    ("url", "host_header", "port"),
+    [
+        ("https://api.openai.com/v1/responses", "api.openai.com", 443),
+        ("http://127.0.0.1:8080/v1/responses", "127.0.0.1:8080", 8080),
+        ("https://x.openai.azure.com/openai/responses?api-version=2025-04-01-preview",
+         "x.openai.azure.com", 443),
+        ("https://example.com:8443/r", "example.com:8443", 8443),
+        ("http://example.com:80/r", "example.com", 80),
+        ("http://[::1]:9000/v1/responses", "[::1]:9000", 9000),
+    ],
+)
+def test_parse_upstream_url(url, host_header, port):
+    up = parse_upstream_url(url)
+    assert up.url == url and up.host_header == host_header and up.port == port
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["/v1/responses", "ftp://x/y", "https://", "https://user:pw@host/v1/responses",
+     "https://host/v1/responses#frag", "not a url"],
+)
+def test_parse_upstream_url_rejects(url):
+    with pytest.raises(ValueError):
+        parse_upstream_url(url)
+
+
+def test_strip_hop_by_hop_including_connection_tokens():
+    h = http.Headers(
+        [(b"Connection", b"keep-alive, X-Secret-Hop"), (b"Keep-Alive", b"timeout=5"),
+         (b"TE", b"trailers"), (b"Trailer", b"x"), (b"Upgrade", b"h2c"),
+         (b"Proxy-Connection", b"keep-alive"), (b"X-Secret-Hop", b"1"),
+         (b"Content-Length", b"3"), (b"X-Keep", b"yes")]
+    )
+    strip_hop_by_hop(h)
+    assert sorted(k.lower() for k in h.keys()) == ["content-length", "x-keep"]
+
+
+def test_injects_exactly_one_key_and_routes(loaded_key):
+    addon = UpstreamForwarder()
+    with taddons.context(addon) as tctx:
+        tctx.configure(
+            addon, codex_upstream_url="https://up.example:8443/v1/responses?api-version=1"
+        )
+        f = allowed_flow(
+            authorization="Bearer client-one", Authorization="Bearer client-two",
+            proxy_authorization="Basic abc", content_type="application/json",
+            x_custom="kept", connection="close", keep_alive="1", te="trailers",
+        )
+        addon.requestheaders(f)
+        assert f.response is None
+        assert f.request.headers.get_all("authorization") == [BEARER]
+        assert "proxy-authorization" not in f.request.headers
+        assert "keep-alive" not in f.request.headers and "te" not in f.request.headers
+        assert "connection" not in f.request.headers
+        assert f.request.headers["x-custom"] == "kept"
+        assert f.request.headers["content-type"] == "application/json"
+        assert f.request.url == "https://up.example:8443/v1/responses?api-version=1"
+        assert f.request.host_header == "up.example:8443"
+        assert f.request.headers.get_all("host") == ["up.example:8443"]
+        assert f.metadata[KEY_INJECTED] is True
+
+
+def test_unmarked_flow_is_refused_and_gets_no_key(loaded_key):
+    addon = UpstreamForwarder()
+    with taddons.context(addon):
+        f = allowed_flow()
+        del f.metadata[ALLOWED]
+        addon.requestheaders(f)
+        assert f.response.status_code == 403
+        assert "authorization" not in f.request.headers
+
+
+def test_missing_key_fails_closed_with_500():
+    keyholder.API_KEY.clear()
+    addon = UpstreamForwarder()
+    with taddons.context(addon):
+        f = allowed_flow()
+        addon.requestheaders(f)
+        assert f.response.status_code == 500
+        assert ALLOWED not in f.metadata
+        assert "authorization" not in f.request.headers
+
+
+def test_start_up_without_a_key_logs_an_error(caplog):
+    keyholder.API_KEY.clear()
+    addon = UpstreamForwarder()
+    with taddons.context(addon):
+        addon.running()
+    assert "no API key loaded" in caplog.text
+
+
+def test_key_file_option_reads_with_reference_rules(tmp_path):
+    keyholder.API_KEY.clear()
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"not valid!\n")
+    good = tmp_path / "good"
+    good.write_bytes(TEST_KEY.encode() + b"\n")
+    addon = UpstreamForwarder()
+    try:
+        with taddons.context(addon) as tctx:
+            with pytest.raises(exceptions.OptionsError, match="may only contain"):
+                tctx.configure(addon, codex_key_file=str(bad))
+            tctx.configure(addon, codex_key_file=str(good))
+            assert keyholder.API_KEY.header_value() == BEARER
+    finally:
+        keyholder.API_KEY.clear()
+
+
+def test_bad_upstream_url_stops_configuration(loaded_key):
+    addon = UpstreamForwarder()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(addon, codex_upstream_url="api.openai.com/v1/responses")
+
+
+@pytest.mark.parametrize("hook", ["responseheaders", "response", "error"])
+def test_key_is_scrubbed_from_the_flow_once_sent(loaded_key, hook):
+    addon = UpstreamForwarder()
+    with taddons.context(addon):
+        f = allowed_flow()
+        addon.requestheaders(f)
+        assert f.request.headers["authorization"] == BEARER
+        f.response = tutils.tresp()
+        getattr(addon, hook)(f)
+        assert f.request.headers["authorization"] == "[REDACTED]"
+
+
+def test_key_is_scrubbed_from_open_flows_at_shutdown(loaded_key):
+    addon = UpstreamForwarder()
+    with taddons.context(addon):
+        f = allowed_flow()
+        addon.requestheaders(f)
+        addon.done()
+        assert TEST_KEY not in str(f.get_state())
+
+
+def test_chunked_request_is_sent_with_content_length(loaded_key):
+    addon = UpstreamForwarder()
+    with taddons.context(addon):
+        f = allowed_flow(transfer_encoding="chunked")
+        f.request.raw_content = b'{"model":"m"}'
+        addon.requestheaders(f)
+        addon.request(f)
+        assert "transfer-encoding" not in f.request.headers
+        assert f.request.headers["content-length"] == "13"
+
+
+def test_body_is_untouched(loaded_key):
+    addon = UpstreamForwarder()
+    body = bytes(range(256)) * 10
+    with taddons.context(addon):
+        f = allowed_flow(content_encoding="zstd")
+        f.request.raw_content = body
+        addon.requestheaders(f)
+        addon.request(f)
+        assert f.request.raw_content == body
+        assert f.request.headers["content-encoding"] == "zstd"
