@@ -196,7 +196,8 @@ class FakeUpstream:
             asyncio.set_event_loop(loop)
             app = web.Application(client_max_size=64 * 1024 * 1024)
             app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app, access_log=None)
+            # auto_decompress off: record request bodies exactly as they arrived (zstd too).
+            self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)
             loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, "127.0.0.1", self.port)
             loop.run_until_complete(site.start())
