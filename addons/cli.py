@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from addons import keyholder
+from addons.hardening import HardeningError, harden_process
 from addons.config import DEFAULT_CONFIG_PATH, ProxyConfig, load_config
 from addons.forward import Upstream, parse_upstream_url
 
@@ -144,11 +145,16 @@ def resolve_config(ns: argparse.Namespace) -> ProxyConfig:
     return config
 
 
-def main(argv: Sequence[str] | None = None, stdin: Any = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    stdin: Any = None,
+    harden: Callable[[], None] = harden_process,
+) -> int:
     """Run the proxy. Returns the process exit code (0 after a clean shutdown).
 
-    Exit codes: 2 for argument/config errors (before reading the key), 1 for key errors (the
-    reference proxy's messages, one line on stderr, nothing listening), else mitmdump's own.
+    Exit codes: 2 for argument/config errors (before reading the key), 1 for hardening or key
+    errors (the reference proxy's messages, one line on stderr, nothing listening), else
+    mitmdump's own. ``harden`` runs before the key is read (a seam for unit tests).
     """
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -157,6 +163,12 @@ def main(argv: Sequence[str] | None = None, stdin: Any = None) -> int:
         upstream = parse_upstream_url(config.upstream_url)
     except ValueError as e:
         parser.exit(EXIT_ARGS, f"{parser.prog}: error: {e}\n")
+
+    try:
+        harden()
+    except HardeningError as e:
+        sys.stderr.write(f"Error: {e}\n")
+        return EXIT_KEY
 
     stream = stdin if stdin is not None else sys.stdin.buffer
     try:

@@ -9,6 +9,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import url as mitm_url
 
 from addons import keyholder
+from addons.hardening import HardeningError, harden_process
 from addons.common import ALLOWED, KEY_INJECTED, REFUSED, fail_closed, json_response
 
 logger = logging.getLogger(__name__)
@@ -134,8 +135,9 @@ class UpstreamForwarder:
             path = ctx.options.codex_key_file
             if path and not keyholder.API_KEY.is_set:
                 try:
+                    harden_process()
                     keyholder.load_from_path(path)
-                except (keyholder.ApiKeyError, OSError) as e:
+                except (keyholder.ApiKeyError, OSError, HardeningError) as e:
                     raise exceptions.OptionsError(f"codex_key_file: {e}") from None
 
     def running(self) -> None:

@@ -125,11 +125,13 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     def start(
         upstream_url: str, *args: str, dumps: bool = True, http_shutdown: bool = True,
         key: bytes = TEST_KEY.encode() + b"\n", env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
     ) -> ProxyProcess:
         n = next(counter)
         info = tmp_path / f"info-{n}.json"
         dump_dir = tmp_path / f"dumps-{n}" if dumps else None
-        cmd = [*launcher_cmd(), "--server-info", str(info), "--upstream-url", upstream_url]
+        cmd = [*(wrap or []), *launcher_cmd(), "--server-info", str(info),
+               "--upstream-url", upstream_url]
         if http_shutdown:
             cmd.append("--http-shutdown")
         if dump_dir is not None:

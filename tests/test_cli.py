@@ -51,7 +51,7 @@ def test_user_set_replaces_every_value_for_that_name():
 def test_argument_errors_exit_2_before_reading_the_key(argv, capsys):
     stdin = io.BytesIO(b"sk-abc\n")
     with pytest.raises(SystemExit) as info:
-        cli.main(argv, stdin=stdin)
+        cli.main(argv, stdin=stdin, harden=lambda: None)
     assert info.value.code == 2
     assert stdin.tell() == 0
 
@@ -62,6 +62,21 @@ def test_argument_errors_exit_2_before_reading_the_key(argv, capsys):
      (b"a" * 2000, keyholder.MSG_TOO_LARGE)],
 )
 def test_key_errors_exit_1_with_one_line(stdin, message, capsys):
-    assert cli.main(["--upstream-url", "http://127.0.0.1:9/r"], stdin=io.BytesIO(stdin)) == 1
+    assert cli.main(["--upstream-url", "http://127.0.0.1:9/r"], stdin=io.BytesIO(stdin),
+                    harden=lambda: None) == 1
     err = capsys.readouterr().err
     assert err == f"Error: {message}\n"
+
+
+def test_hardening_failure_is_fatal_before_the_key_is_read(capsys):
+    from addons.hardening import HardeningError
+
+    def fail():
+        raise HardeningError("prctl(PR_SET_DUMPABLE, 0) failed: Operation not permitted")
+
+    stdin = io.BytesIO(b"sk-abc\n")
+    assert cli.main(["--upstream-url", "http://127.0.0.1:9/r"], stdin=stdin, harden=fail) == 1
+    assert stdin.tell() == 0
+    assert capsys.readouterr().err == (
+        "Error: prctl(PR_SET_DUMPABLE, 0) failed: Operation not permitted\n"
+    )

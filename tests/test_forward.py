@@ -114,7 +114,9 @@ def test_start_up_without_a_key_logs_an_error(caplog):
     assert "no API key loaded" in caplog.text
 
 
-def test_key_file_option_reads_with_reference_rules(tmp_path):
+def test_key_file_option_reads_with_reference_rules(tmp_path, monkeypatch):
+    hardened = []
+    monkeypatch.setattr("addons.forward.harden_process", lambda: hardened.append(1))
     keyholder.API_KEY.clear()
     bad = tmp_path / "bad"
     bad.write_bytes(b"not valid!\n")
@@ -127,6 +129,7 @@ def test_key_file_option_reads_with_reference_rules(tmp_path):
                 tctx.configure(addon, codex_key_file=str(bad))
             tctx.configure(addon, codex_key_file=str(good))
             assert keyholder.API_KEY.header_value() == BEARER
+            assert hardened  # hardening ran before the key was read
     finally:
         keyholder.API_KEY.clear()
 
