@@ -166,9 +166,16 @@ class UpstreamForwarder:
             request.headers.pop(name, None)
         request.url = self.upstream.url
         request.host_header = self.upstream.host_header
-        request.headers["authorization"] = keyholder.API_KEY.header_value()
-        flow.metadata[KEY_INJECTED] = True
         self._injected[flow.id] = flow
+        try:
+            request.headers["authorization"] = keyholder.API_KEY.header_value()
+            flow.metadata[KEY_INJECTED] = True
+        except BaseException:
+            # Fail closed without leaving the key in the flow object (fail_closed answers 500).
+            self._injected.pop(flow.id, None)
+            request.headers.pop("authorization", None)
+            flow.metadata.pop(KEY_INJECTED, None)
+            raise
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
