@@ -191,6 +191,9 @@ class UpstreamForwarder:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._scrub(flow)
+        if flow.metadata.get(KEY_INJECTED) and flow.error is not None:
+            got = f"after {flow.response.status_code} headers" if flow.response else "before a reply"
+            logger.warning("upstream exchange failed %s: %s", got, flow.error.msg)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._scrub(flow)

@@ -5,6 +5,7 @@ key) lives in ``addons.keyholder``, an imported module.
 """
 
 from addons.allowlist import Allowlist
+from addons.connect_timeout import ConnectTimeout
 from addons.dumps import DumpWriter
 from addons.forward import UpstreamForwarder
 from addons.guard import OptionGuard
@@ -22,4 +23,5 @@ addons = [
     SseStreaming(),
     DumpWriter(),
     UpstreamForwarder(),
+    ConnectTimeout(),
 ]

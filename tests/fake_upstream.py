@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -119,6 +121,8 @@ class FakeUpstream:
         gate: when set, after the first event wait (at most ``gate_timeout`` s) until the gate
             is set before sending the rest; ``gate_timed_out`` tells whether it ran out.
         text: the assistant text of the default stream.
+        fault: after ``fault_after`` events, ``"reset"`` (abort the connection, RST),
+            ``"truncate"`` (close without the final chunk) or ``"stall"`` (go silent).
     """
 
     def __init__(self) -> None:
@@ -131,6 +135,10 @@ class FakeUpstream:
         self.gate: threading.Event | None = None
         self.gate_timeout = 10.0
         self.gate_timed_out: bool | None = None
+        self.fault: str | None = None
+        self.fault_after = 2
+        self.headers_delay = 0.0
+        self.ssl_context: Any = None
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -140,7 +148,8 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1/responses"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/v1/responses"
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -167,6 +176,8 @@ class FakeUpstream:
         if not (isinstance(parsed, dict) and parsed.get("stream")):
             return web.json_response(response_object(response_id, model, self.text))
         events = self.events or responses_sse_events(self.text, model, response_id)
+        if self.headers_delay:
+            await asyncio.sleep(self.headers_delay)
         reply = web.StreamResponse(
             status=self.status,
             headers={"content-type": "text/event-stream", "cache-control": "no-cache",
@@ -175,6 +186,20 @@ class FakeUpstream:
         reply.enable_chunked_encoding()
         await reply.prepare(request)
         for i, (kind, payload) in enumerate(events):
+            if self.fault and i == self.fault_after:
+                transport = request.transport
+                if self.fault == "stall":
+                    await asyncio.sleep(3600)
+                if transport is not None:
+                    if self.fault == "reset":
+                        sock = transport.get_extra_info("socket")
+                        if sock is not None:
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                            struct.pack("ii", 1, 0))
+                        transport.abort()
+                    else:
+                        transport.close()
+                return reply
             if i and self.event_delay:
                 await asyncio.sleep(self.event_delay)
             await reply.write(encode_event(kind, payload))
@@ -199,12 +224,18 @@ class FakeUpstream:
             # auto_decompress off: record request bodies exactly as they arrived (zstd too).
             self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)
             loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port,
+                               ssl_context=self.ssl_context)
             loop.run_until_complete(site.start())
             self.port = self._runner.addresses[0][1]
             ready.set()
             loop.run_forever()
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(self._runner.cleanup())
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
         self._thread = threading.Thread(target=run, name="fake-upstream", daemon=True)

@@ -1,0 +1,63 @@
+"""Upstream connect timeout (mitmproxy has none: a SYN into the void waits for the OS)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mitmproxy import ctx, exceptions
+from mitmproxy.proxy import server_hooks
+
+logger = logging.getLogger(__name__)
+
+
+class ConnectTimeout:
+    """Fails a server connection whose TCP handshake takes longer than ``codex_connect_timeout_ms``.
+
+    mitmproxy opens server connections with a bare ``asyncio.open_connection`` and no timeout;
+    only the client-side inactivity watchdog (``tcp_timeout``) ends the wait, and then the client
+    gets no HTTP reply at all. In the ``server_connect`` hook this addon first tries the same
+    address with a bounded handshake; if that times out it sets ``server.error``, which makes
+    mitmproxy refuse the connection and answer the client 502 naming the cause. The probe costs
+    one extra handshake per new upstream connection (connections are kept alive and reused).
+    Other connect errors are left to mitmproxy's own attempt, which reports them.
+    """
+
+    def __init__(self) -> None:
+        self.timeout_ms = 10_000
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "codex_connect_timeout_ms",
+            int,
+            10_000,
+            "Milliseconds allowed for the upstream TCP handshake before answering 502 (0: no limit).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "codex_connect_timeout_ms" in updated:
+            value = ctx.options.codex_connect_timeout_ms
+            if value < 0:
+                raise exceptions.OptionsError("codex_connect_timeout_ms must be >= 0")
+            self.timeout_ms = value
+
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        server = data.server
+        if not self.timeout_ms or server.error or server.address is None or server.via:
+            return
+        host, port = server.address
+        try:
+            _reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), self.timeout_ms / 1000
+            )
+        except TimeoutError:
+            server.error = f"connect timeout: no TCP handshake with {host}:{port} in {self.timeout_ms} ms"
+            logger.warning("%s", server.error)
+            return
+        except OSError:
+            return  # mitmproxy's own attempt reports the real cause
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
