@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dump-dir", metavar="DIR", help="write request/response dumps here")
     parser.add_argument(
+        "--dump-required", action="store_true", default=None,
+        help="fail closed when a dump cannot be written (503 / killed reply)",
+    )
+    parser.add_argument(
         "--config", metavar="FILE", default=DEFAULT_CONFIG_PATH,
         help="YAML defaults (default: config/proxy.yaml)",
     )
@@ -103,6 +107,7 @@ def mitmproxy_options(config: ProxyConfig, upstream: Upstream, user_sets: Sequen
         put(name, value)
     put("codex_upstream_url", upstream.url)
     put("codex_http_shutdown", config.http_shutdown)
+    put("codex_dump_required", config.dump_required)
     put("codex_extra_routes", config.extra_routes)
     put("codex_redact_headers", config.redact_headers)
     if config.server_info:
@@ -142,6 +147,8 @@ def resolve_config(ns: argparse.Namespace) -> ProxyConfig:
         config.upstream_url = ns.upstream_url
     if ns.dump_dir is not None:
         config.dump_dir = ns.dump_dir
+    if ns.dump_required:
+        config.dump_required = True
     return config
 
 

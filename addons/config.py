@@ -18,6 +18,7 @@ _KEYS = {
     "server_info": (str, type(None)),
     "http_shutdown": (bool,),
     "dump_dir": (str, type(None)),
+    "dump_required": (bool,),
     "extra_routes": (list,),
     "redact_headers": (list,),
     "mitmproxy": (dict, type(None)),
@@ -34,6 +35,7 @@ class ProxyConfig:
     server_info: str | None = None
     http_shutdown: bool = False
     dump_dir: str | None = None
+    dump_required: bool = False
     extra_routes: list[str] = field(default_factory=list)
     redact_headers: list[str] = field(default_factory=list)
     mitmproxy: dict[str, Any] = field(default_factory=dict)

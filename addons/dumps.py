@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import itertools
 import json
@@ -16,7 +17,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net import encoding
 
-from addons.common import ALLOWED, DUMP_SEQ
+from addons.common import ALLOWED, DUMP_SEQ, REFUSED, json_response
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,10 @@ class DumpWriter:
     Sequence numbers count from 1 per process, assigned on the event loop (unique under
     concurrency). Rendering and writing run on one worker thread, off the event loop; files
     appear atomically with mode 0600 in a 0700 directory. A failed write is logged and counted
-    in ``lost``; forwarding goes on.
+    in ``lost``; forwarding goes on, unless ``codex_dump_required`` is set: then the request
+    file is written before the request may leave (a failure answers 503 and nothing is sent
+    upstream), and a failed response file kills the flow (the client sees a truncated reply,
+    never a clean one without its dump).
     """
 
     def __init__(self) -> None:
@@ -141,6 +145,7 @@ class DumpWriter:
         self.extra_redact: frozenset[str] = frozenset()
         self.lost = 0
         self.written = 0
+        self.required = False
         self._seq = itertools.count(1)
         self._open: dict[str, _Exchange] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -155,6 +160,13 @@ class DumpWriter:
             "directory; created with mode 0700.",
         )
         loader.add_option(
+            "codex_dump_required",
+            bool,
+            False,
+            "Fail closed when a dump cannot be written: refuse the request (503) if its request "
+            "file fails, kill the reply if its response file fails.",
+        )
+        loader.add_option(
             "codex_redact_headers",
             Sequence[str],
             [],
@@ -163,6 +175,8 @@ class DumpWriter:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if "codex_dump_required" in updated:
+            self.required = ctx.options.codex_dump_required
         if "codex_redact_headers" in updated:
             self.extra_redact = frozenset(n.lower() for n in ctx.options.codex_redact_headers)
         if "codex_dump_dir" in updated:
@@ -197,13 +211,23 @@ class DumpWriter:
         except Exception:
             logger.exception("dump: cannot record request headers")
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         exchange = self._open.get(flow.id)
-        if exchange is not None and not exchange.request_written:
-            self._write_request(exchange, flow)
+        if exchange is None or exchange.request_written:
+            return
+        future = self._write_request(exchange, flow)
+        if self.required and future is not None and not await self._succeeded(future):
+            self._open.pop(flow.id, None)
+            flow.metadata.pop(ALLOWED, None)
+            flow.metadata[REFUSED] = "dump-failed"
+            flow.response = json_response(
+                503, "dump_failed", "the request dump could not be written (dump required)"
+            )
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow, None)
+    async def response(self, flow: http.HTTPFlow) -> None:
+        future = self._finish(flow, None)
+        if self.required and future is not None and not await self._succeeded(future):
+            flow.kill()
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._finish(flow, flow.error.msg if flow.error else "unknown error")
@@ -223,7 +247,11 @@ class DumpWriter:
             self._executor.shutdown(wait=True)
             self._executor = None
         if self.lost:
-            logger.error("dump: %d dump file(s) could not be written", self.lost)
+            logger.error(
+                "dump: %d dump file(s) could not be written (%d written)", self.lost, self.written
+            )
+        elif self.directory:
+            logger.info("dump: %d dump file(s) written", self.written)
 
     # Internals ---------------------------------------------------------------------------
 
@@ -240,18 +268,26 @@ class DumpWriter:
             "body": (raw, content_encoding),
         }
 
-    def _write_request(self, exchange: _Exchange, flow: http.HTTPFlow) -> None:
+    @staticmethod
+    async def _succeeded(future: concurrent.futures.Future[bool]) -> bool:
+        return await asyncio.wrap_future(future)
+
+    def _write_request(
+        self, exchange: _Exchange, flow: http.HTTPFlow
+    ) -> concurrent.futures.Future[bool] | None:
         exchange.request_written = True
         raw = flow.request.raw_content or b""
-        self._submit(
+        return self._submit(
             exchange.prefix + "-request.json",
             self._request_doc(exchange, raw, flow.request.headers.get("content-encoding")),
         )
 
-    def _finish(self, flow: http.HTTPFlow, error: str | None) -> None:
+    def _finish(
+        self, flow: http.HTTPFlow, error: str | None
+    ) -> concurrent.futures.Future[bool] | None:
         exchange = self._open.pop(flow.id, None)
         if exchange is None:
-            return
+            return None
         if not exchange.request_written:
             self._write_request(exchange, flow)
         response = flow.response
@@ -266,22 +302,26 @@ class DumpWriter:
             }
         if error is not None:
             doc["error"] = error
-        self._submit(exchange.prefix + "-response.json", doc)
+        return self._submit(exchange.prefix + "-response.json", doc)
 
-    def _submit(self, name: str, doc: dict[str, Any]) -> None:
+    def _submit(self, name: str, doc: dict[str, Any]) -> concurrent.futures.Future[bool] | None:
         if self._executor is None:
-            return
+            return None
         future = self._executor.submit(self._render_and_write, name, doc)
         self._futures.add(future)
         future.add_done_callback(self._futures.discard)
+        return future
 
-    def _render_and_write(self, name: str, doc: dict[str, Any]) -> None:
+    def _render_and_write(self, name: str, doc: dict[str, Any]) -> bool:
+        """Runs on the worker thread. Returns whether the file was written."""
         try:
             body = doc.get("body")
             if isinstance(body, tuple):
                 doc = {**doc, "body": render_body(*body)}
             write_file_atomically(self.directory, name, render_document(doc))
             self.written += 1
+            return True
         except Exception as e:
             self.lost += 1
             logger.error("dump: cannot write %s: %s", name, e)
+            return False

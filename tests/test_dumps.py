@@ -108,19 +108,19 @@ def files(tmp_path):
     return sorted(p.name for p in tmp_path.iterdir())
 
 
-def test_pair_written_with_reference_names_and_shapes(tmp_path):
+async def test_pair_written_with_reference_names_and_shapes(tmp_path):
     addon = DumpWriter()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, codex_dump_dir=str(tmp_path))
         f = accepted_flow()
         addon.requestheaders(f)
         f.request.headers["Authorization"] = "Bearer injected"  # forwarder's change, later
-        addon.request(f)
+        await addon.request(f)
         f.response = tutils.tresp(
             status_code=201, headers=[(b"content-type", b"application/json"),
                                       (b"Set-Cookie", b"s=1")], content=b'{"ok": 1}'
         )
-        addon.response(f)
+        await addon.response(f)
         addon.flush()
         names = files(tmp_path)
         assert len(names) == 2
@@ -142,32 +142,32 @@ def test_pair_written_with_reference_names_and_shapes(tmp_path):
             assert "injected" not in p.read_text() and "client" not in p.read_text()
 
 
-def test_refused_flows_are_not_dumped_and_use_no_sequence_number(tmp_path):
+async def test_refused_flows_are_not_dumped_and_use_no_sequence_number(tmp_path):
     addon = DumpWriter()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, codex_dump_dir=str(tmp_path))
         refused = accepted_flow()
         del refused.metadata[ALLOWED]
         addon.requestheaders(refused)
-        addon.request(refused)
+        await addon.request(refused)
         refused.response = tutils.tresp(status_code=403)
-        addon.response(refused)
+        await addon.response(refused)
         ok = accepted_flow()
         addon.requestheaders(ok)
-        addon.request(ok)
+        await addon.request(ok)
         ok.response = tutils.tresp()
-        addon.response(ok)
+        await addon.response(ok)
         addon.flush()
         assert [n[:6] for n in files(tmp_path)] == ["000001", "000001"]
 
 
-def test_error_writes_response_file_with_error_and_partial_body(tmp_path):
+async def test_error_writes_response_file_with_error_and_partial_body(tmp_path):
     addon = DumpWriter()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, codex_dump_dir=str(tmp_path))
         f = accepted_flow()
         addon.requestheaders(f)
-        addon.request(f)
+        await addon.request(f)
         f.response = tutils.tresp(
             headers=[(b"content-type", b"text/event-stream")], content=b"data: {\"a\":1}\n\n"
         )
@@ -206,7 +206,7 @@ def test_open_exchanges_are_closed_at_shutdown(tmp_path):
         assert len(files(tmp_path)) == 2
 
 
-def test_write_failure_is_counted_not_raised(tmp_path, caplog, monkeypatch):
+async def test_write_failure_is_counted_not_raised(tmp_path, caplog, monkeypatch):
     def disk_full(*_args):
         raise OSError(28, "No space left on device")
 
@@ -216,13 +216,13 @@ def test_write_failure_is_counted_not_raised(tmp_path, caplog, monkeypatch):
         monkeypatch.setattr("addons.dumps.write_file_atomically", disk_full)
         f = accepted_flow()
         addon.requestheaders(f)
-        addon.request(f)
+        await addon.request(f)
         addon.flush()
         assert addon.lost == 1 and addon.written == 0
         assert "No space left" in caplog.text
 
 
-def test_no_partial_files_visible(tmp_path):
+async def test_no_partial_files_visible(tmp_path):
     addon = DumpWriter()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, codex_dump_dir=str(tmp_path))
@@ -230,9 +230,53 @@ def test_no_partial_files_visible(tmp_path):
             f = accepted_flow()
             f.request.raw_content = b"x" * 100_000
             addon.requestheaders(f)
-            addon.request(f)
+            await addon.request(f)
             for p in tmp_path.iterdir():
                 if not p.name.startswith("."):
                     json.loads(p.read_text())  # every visible file is complete
         addon.flush()
         assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 20
+
+
+def _disk_full(*_args):
+    raise OSError(28, "No space left on device")
+
+
+async def test_dump_required_refuses_the_request_when_its_dump_fails(tmp_path, monkeypatch):
+    addon = DumpWriter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path), codex_dump_required=True)
+        monkeypatch.setattr("addons.dumps.write_file_atomically", _disk_full)
+        f = accepted_flow()
+        addon.requestheaders(f)
+        await addon.request(f)
+        assert f.response.status_code == 503
+        assert ALLOWED not in f.metadata
+
+
+async def test_dump_required_kills_the_reply_when_its_dump_fails(tmp_path, monkeypatch):
+    addon = DumpWriter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path), codex_dump_required=True)
+        f = accepted_flow()
+        addon.requestheaders(f)
+        await addon.request(f)
+        assert f.response is None
+        monkeypatch.setattr("addons.dumps.write_file_atomically", _disk_full)
+        f.response = tutils.tresp()
+        await addon.response(f)
+        assert f.error is not None and not f.live
+
+
+async def test_without_dump_required_a_failed_dump_does_not_stop_the_flow(tmp_path, monkeypatch):
+    addon = DumpWriter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path))
+        monkeypatch.setattr("addons.dumps.write_file_atomically", _disk_full)
+        f = accepted_flow()
+        addon.requestheaders(f)
+        await addon.request(f)
+        f.response = tutils.tresp()
+        await addon.response(f)
+        addon.flush()
+        assert f.response.status_code == 200 and f.error is None and addon.lost == 2

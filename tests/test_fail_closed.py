@@ -5,6 +5,8 @@ answer a local 500 (before a response exists) or kill the flow (after)."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -27,23 +29,25 @@ def post_flow():
     return f
 
 
-def run_request_hooks(addons, f):
+async def run_request_hooks(addons, f):
     for hook in ("requestheaders", "request"):
         for addon in addons:
             if hasattr(addon, hook):
-                getattr(addon, hook)(f)
+                result = getattr(addon, hook)(f)
+                if inspect.isawaitable(result):
+                    await result
 
 
 def boom(*_args, **_kwargs):
     raise RuntimeError("injected fault")
 
 
-def test_healthy_chain_injects_the_key(loaded_key):
+async def test_healthy_chain_injects_the_key(loaded_key):
     addons = chain()
     with taddons.context(*addons) as tctx:
         tctx.configure(addons[0], listen_host="127.0.0.1")
         f = post_flow()
-        run_request_hooks(addons, f)
+        await run_request_hooks(addons, f)
         assert f.response is None
         assert f.request.headers["authorization"] == f"Bearer {loaded_key}"
 
@@ -54,13 +58,13 @@ def test_healthy_chain_injects_the_key(loaded_key):
      "addons.keyholder.ApiKey.header_value",
      "addons.websocket_refusal.is_websocket_upgrade"],
 )
-def test_fault_in_a_request_hook_answers_locally(loaded_key, monkeypatch, caplog, target):
+async def test_fault_in_a_request_hook_answers_locally(loaded_key, monkeypatch, caplog, target):
     monkeypatch.setattr(target, boom)
     addons = chain()
     with taddons.context(*addons) as tctx:
         tctx.configure(addons[0], listen_host="127.0.0.1")
         f = post_flow()
-        run_request_hooks(addons, f)
+        await run_request_hooks(addons, f)
         assert f.response is not None and f.response.status_code == 500
         assert "authorization" not in f.request.headers
         assert ALLOWED not in f.metadata
@@ -68,12 +72,12 @@ def test_fault_in_a_request_hook_answers_locally(loaded_key, monkeypatch, caplog
         assert loaded_key not in caplog.text
 
 
-def test_fault_after_the_response_started_kills_the_flow(loaded_key, monkeypatch):
+async def test_fault_after_the_response_started_kills_the_flow(loaded_key, monkeypatch):
     addons = chain()
     with taddons.context(*addons) as tctx:
         tctx.configure(addons[0], listen_host="127.0.0.1")
         f = post_flow()
-        run_request_hooks(addons, f)
+        await run_request_hooks(addons, f)
         f.response = tutils.tresp(headers=[(b"content-type", b"text/event-stream")])
         monkeypatch.setattr("addons.sse_stream.Tee.__init__", boom)
         sse = next(a for a in addons if type(a).__name__ == "SseStreaming")
@@ -81,7 +85,7 @@ def test_fault_after_the_response_started_kills_the_flow(loaded_key, monkeypatch
         assert f.error is not None and "killed" in f.error.msg.lower()
 
 
-def test_fault_right_after_injection_removes_the_key(loaded_key, monkeypatch):
+async def test_fault_right_after_injection_removes_the_key(loaded_key, monkeypatch):
     """A fault after the header was set must not leave the key in the flow object."""
     addons = chain()
     with taddons.context(*addons) as tctx:
@@ -95,7 +99,7 @@ def test_fault_right_after_injection_removes_the_key(loaded_key, monkeypatch):
                 super().__setitem__(key, value)
 
         f.metadata = ExplodingMetadata()
-        run_request_hooks(addons, f)
+        await run_request_hooks(addons, f)
         assert f.response.status_code == 500
         assert "authorization" not in f.request.headers
         assert loaded_key not in str(f.get_state())
