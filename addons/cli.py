@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from addons import keyholder
-from addons.hardening import HardeningError, harden_process
 from addons.config import DEFAULT_CONFIG_PATH, ProxyConfig, load_config
 from addons.forward import Upstream, parse_upstream_url
+from addons.hardening import HardeningError, harden_process
 
 EXIT_ARGS = 2  # argument errors, as clap in the reference proxy
 EXIT_KEY = 1  # key errors, as the reference proxy
@@ -53,25 +53,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-info", metavar="FILE", help='write {"port":N,"pid":N} to FILE once listening'
     )
     parser.add_argument(
-        "--http-shutdown", action="store_true", default=None,
+        "--http-shutdown",
+        action="store_true",
+        default=None,
         help="enable GET /shutdown (200, then exit 0)",
     )
     parser.add_argument(
-        "--upstream-url", metavar="URL",
+        "--upstream-url",
+        metavar="URL",
         help="absolute URL to forward to (default https://api.openai.com/v1/responses)",
     )
     parser.add_argument("--dump-dir", metavar="DIR", help="write request/response dumps here")
     parser.add_argument(
-        "--dump-required", action="store_true", default=None,
+        "--dump-required",
+        action="store_true",
+        default=None,
         help="fail closed when a dump cannot be written (503 / killed reply)",
     )
     parser.add_argument(
-        "--config", metavar="FILE", default=DEFAULT_CONFIG_PATH,
+        "--config",
+        metavar="FILE",
+        default=DEFAULT_CONFIG_PATH,
         help="YAML defaults (default: config/proxy.yaml)",
     )
     parser.add_argument(
-        "--set", dest="setoptions", metavar="NAME=VALUE", action="append", default=[],
-        type=_set_spec, help="set a mitmproxy option (repeatable); overrides everything else",
+        "--set",
+        dest="setoptions",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        type=_set_spec,
+        help="set a mitmproxy option (repeatable); overrides everything else",
     )
     return parser
 
@@ -82,9 +94,9 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def mitmproxy_options(config: ProxyConfig, upstream: Upstream, user_sets: Sequence[str]) -> list[
-    str
-]:
+def mitmproxy_options(
+    config: ProxyConfig, upstream: Upstream, user_sets: Sequence[str]
+) -> list[str]:
     """The ``--set name=value`` specs for mitmdump, from the config and the user's ``--set``.
 
     A user's ``--set`` for a name replaces every value we would pass for it (mitmproxy refuses

@@ -41,6 +41,10 @@ class ProxyConfig:
     mitmproxy: dict[str, Any] = field(default_factory=dict)
 
 
+def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types)
+
+
 def parse_config(text: str, source: str = "<config>") -> ProxyConfig:
     """Parse the YAML text of a launcher config.
 
@@ -63,11 +67,9 @@ def parse_config(text: str, source: str = "<config>") -> ProxyConfig:
         if key not in _KEYS:
             hint = " (the API key is only read from stdin)" if "key" in str(key).lower() else ""
             raise ValueError(f"{source}: unknown key {key!r}{hint}")
-        if not isinstance(value, _KEYS[key]) or (key == "port" and isinstance(value, bool)):
+        if not _has_type(value, _KEYS[key]) or (key == "port" and isinstance(value, bool)):
             raise ValueError(f"{source}: {key} has the wrong type ({type(value).__name__})")
-        if key in ("extra_routes", "redact_headers") and not all(
-            isinstance(v, str) for v in value
-        ):
+        if key in ("extra_routes", "redact_headers") and not all(isinstance(v, str) for v in value):
             raise ValueError(f"{source}: {key} must be a list of strings")
         if key == "port" and value is not None and not 0 <= value <= 65535:
             raise ValueError(f"{source}: port {value} is out of range")

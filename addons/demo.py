@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -70,10 +69,24 @@ def main() -> int:
     _say(f"1. Local Responses stand-in listening at {upstream.url}")
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "addons.cli", "--upstream-url", upstream.url,
-         "--dump-dir", str(dump_dir), "--server-info", str(info), "--http-shutdown",
-         "--set", "flow_detail=0", "--set", "termlog_verbosity=warn"],
-        stdin=subprocess.PIPE, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "addons.cli",
+            "--upstream-url",
+            upstream.url,
+            "--dump-dir",
+            str(dump_dir),
+            "--server-info",
+            str(info),
+            "--http-shutdown",
+            "--set",
+            "flow_detail=0",
+            "--set",
+            "termlog_verbosity=warn",
+        ],
+        stdin=subprocess.PIPE,
+        cwd=ROOT,
     )
     assert proc.stdin is not None
     proc.stdin.write(demo_key.encode() + b"\n")
@@ -81,15 +94,20 @@ def main() -> int:
     try:
         _wait_for_file(info, proc)
         port = json.loads(info.read_text())["port"]
-        _say(f"2. Proxy started with a throwaway key on stdin; server-info: {info.read_text().strip()}")
+        info_line = info.read_text().strip()
+        _say(f"2. Proxy started with a throwaway key on stdin; server-info: {info_line}")
         _say()
         _say("3. Streaming a request through the proxy with the openai SDK:")
         sys.stdout.write("   ")
         started = time.monotonic()
         first_at = None
         with (
-            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-the-real-key",
-                          max_retries=0, timeout=60) as client,
+            openai.OpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1",
+                api_key="not-the-real-key",
+                max_retries=0,
+                timeout=60,
+            ) as client,
             client.responses.create(model="demo-model", input="Say hello", stream=True) as stream,
         ):
             usage = None
@@ -101,25 +119,32 @@ def main() -> int:
                 elif event.type == "response.completed":
                     usage = event.response.usage
         _say()
-        _say(f"   first token after {first_at or 0:.3f}s, whole stream "
-             f"{time.monotonic() - started:.3f}s (events arrive one by one)")
+        _say(
+            f"   first token after {first_at or 0:.3f}s, whole stream "
+            f"{time.monotonic() - started:.3f}s (events arrive one by one)"
+        )
         if usage is not None:
-            _say(f"   usage: {usage.input_tokens} in, {usage.output_tokens} out, "
-                 f"{usage.total_tokens} total")
+            _say(
+                f"   usage: {usage.input_tokens} in, {usage.output_tokens} out, "
+                f"{usage.total_tokens} total"
+            )
         _say()
         seen = upstream.requests[-1]
         auth = seen.header_values("authorization")
         _say("4. What the upstream received:")
         _say(f"   {seen.method} {seen.path_qs}  Host: {seen.header_values('host')[0]}")
         _say(f"   Authorization: {mask(auth[0]) if auth else '(none)'}")
-        _say(f"   exactly one Authorization header: {len(auth) == 1}; it is the key from stdin: "
-             f"{auth == ['Bearer ' + demo_key]}; the client's own key was dropped: "
-             f"{'not-the-real-key' not in json.dumps(seen.headers)}")
+        _say(
+            f"   exactly one Authorization header: {len(auth) == 1}; it is the key from stdin: "
+            f"{auth == ['Bearer ' + demo_key]}; the client's own key was dropped: "
+            f"{'not-the-real-key' not in json.dumps(seen.headers)}"
+        )
         _say()
         status, body = _request(port, "GET", "/v1/models", {})
         _say(f"5. GET /v1/models -> {status} {body.decode()}")
-        status, body = _request(port, "GET", "/v1/responses",
-                                {"Upgrade": "websocket", "Connection": "Upgrade"})
+        status, body = _request(
+            port, "GET", "/v1/responses", {"Upgrade": "websocket", "Connection": "Upgrade"}
+        )
         _say(f"   WebSocket upgrade -> {status} {json.loads(body)['error']['code']}")
         _say(f"   requests that reached the upstream in total: {len(upstream.requests)}")
         _say()
@@ -129,15 +154,22 @@ def main() -> int:
         _say()
         _say(f"7. Dump files in {dump_dir}:")
         for path in sorted(dump_dir.iterdir()):
-            _say(f"   {path.name}  ({path.stat().st_size} bytes, mode {oct(path.stat().st_mode & 0o777)})")
-        request_file = next(p for p in sorted(dump_dir.iterdir()) if p.name.endswith("-request.json"))
+            st = path.stat()
+            _say(f"   {path.name}  ({st.st_size} bytes, mode {oct(st.st_mode & 0o777)})")
+        request_file = next(
+            p for p in sorted(dump_dir.iterdir()) if p.name.endswith("-request.json")
+        )
         doc = json.loads(request_file.read_text())
         redacted = [h["name"] for h in doc["headers"] if h["value"] == "[REDACTED]"]
         _say(f"   request headers redacted in the dump: {', '.join(redacted) or '(none)'}")
         leaked = any(demo_key in p.read_text() for p in dump_dir.iterdir())
         _say(f"   key found in any dump file: {leaked}")
-        ok = code == 0 and auth == ["Bearer " + demo_key] and not leaked and len(
-            list(dump_dir.iterdir())) == 2
+        ok = (
+            code == 0
+            and auth == ["Bearer " + demo_key]
+            and not leaked
+            and len(list(dump_dir.iterdir())) == 2
+        )
         _say()
         _say("Demo finished: OK" if ok else "Demo finished: something was wrong (see above)")
         return 0 if ok else 1

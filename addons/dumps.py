@@ -55,7 +55,8 @@ def render_body(raw: bytes, content_encoding: str | None) -> Any:
     data = raw
     if content_encoding and content_encoding.strip().lower() != "identity":
         try:
-            data = encoding.decode(raw, content_encoding.strip().lower())
+            decoded = encoding.decode(raw, content_encoding.strip().lower())
+            data = decoded.encode("utf-8") if isinstance(decoded, str) else decoded
         except (ValueError, LookupError):
             data = raw
     text = data.decode("utf-8", "replace")
@@ -149,7 +150,7 @@ class DumpWriter:
         self._seq = itertools.count(1)
         self._open: dict[str, _Exchange] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._futures: set[concurrent.futures.Future[None]] = set()
+        self._futures: set[concurrent.futures.Future[bool]] = set()
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -236,11 +237,17 @@ class DumpWriter:
         for flow_id in list(self._open):
             exchange = self._open.pop(flow_id)
             if not exchange.request_written:
-                self._submit(exchange.prefix + "-request.json", self._request_doc(exchange, b"", None))
+                self._submit(
+                    exchange.prefix + "-request.json", self._request_doc(exchange, b"", None)
+                )
             self._submit(
                 exchange.prefix + "-response.json",
-                {"status": None, "headers": [], "body": "",
-                 "error": "proxy shut down before the exchange finished"},
+                {
+                    "status": None,
+                    "headers": [],
+                    "body": "",
+                    "error": "proxy shut down before the exchange finished",
+                },
             )
         self.flush()
         if self._executor is not None:

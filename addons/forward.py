@@ -9,8 +9,8 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import url as mitm_url
 
 from addons import keyholder
-from addons.hardening import HardeningError, harden_process
 from addons.common import ALLOWED, KEY_INJECTED, REFUSED, fail_closed, json_response
+from addons.hardening import HardeningError, harden_process
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +156,9 @@ class UpstreamForwarder:
         if flow.metadata.get(ALLOWED) is not True:
             flow.metadata[REFUSED] = "not-marked"
             flow.response = json_response(
-                403, "forbidden", "request was not allowlisted; this proxy only forwards "
-                "POST /v1/responses"
+                403,
+                "forbidden",
+                "request was not allowlisted; this proxy only forwards POST /v1/responses",
             )
             return
         request = flow.request
@@ -192,7 +193,9 @@ class UpstreamForwarder:
     def error(self, flow: http.HTTPFlow) -> None:
         self._scrub(flow)
         if flow.metadata.get(KEY_INJECTED) and flow.error is not None:
-            got = f"after {flow.response.status_code} headers" if flow.response else "before a reply"
+            got = (
+                f"after {flow.response.status_code} headers" if flow.response else "before a reply"
+            )
             logger.warning("upstream exchange failed %s: %s", got, flow.error.msg)
 
     def response(self, flow: http.HTTPFlow) -> None:

@@ -35,7 +35,8 @@ class OptionGuard:
             "codex_allow_remote",
             bool,
             False,
-            "Allow listening on a non-loopback address (anyone who can reach it can spend the key).",
+            "Allow listening on a non-loopback address "
+            "(anyone who can reach it can spend the key).",
         )
 
     def configure(self, updated: set[str]) -> None:

@@ -5,17 +5,19 @@ key) lives in ``addons.keyholder``, an imported module.
 """
 
 from addons.allowlist import Allowlist
-from addons.connect_timeout import ConnectTimeout
 from addons.dumps import DumpWriter
+from addons.error_replies import JsonErrorReplies
 from addons.forward import UpstreamForwarder
 from addons.guard import OptionGuard
 from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
 from addons.sse_stream import SseStreaming
+from addons.upstream_connect import UpstreamConnect
 from addons.websocket_refusal import WebSocketRefusal
 
 addons = [
     OptionGuard(),
+    JsonErrorReplies(),
     ServerInfo(),
     HttpShutdown(),
     WebSocketRefusal(),
@@ -23,5 +25,5 @@ addons = [
     SseStreaming(),
     DumpWriter(),
     UpstreamForwarder(),
-    ConnectTimeout(),
+    UpstreamConnect(),
 ]

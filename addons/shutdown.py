@@ -32,7 +32,8 @@ class HttpShutdown:
             "codex_http_shutdown",
             bool,
             False,
-            "Enable GET /shutdown: answer 200 and exit 0 (as the reference proxy's --http-shutdown).",
+            "Enable GET /shutdown: answer 200 and exit 0 "
+            "(as the reference proxy's --http-shutdown).",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -47,9 +48,7 @@ class HttpShutdown:
             return
         flow.metadata.pop(ALLOWED, None)
         flow.metadata[REFUSED] = "shutdown"
-        flow.response = http.Response.make(
-            200, b"", {"server": SERVER_NAME, "connection": "close"}
-        )
+        flow.response = http.Response.make(200, b"", {"server": SERVER_NAME, "connection": "close"})
         self._closing.add(flow.client_conn.id)
         logger.info("shutdown requested over HTTP")
 

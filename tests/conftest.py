@@ -69,7 +69,10 @@ class ProxyProcess:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
     def request(
-        self, method: str, target: str, body: bytes | None = None,
+        self,
+        method: str,
+        target: str,
+        body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         conn = self.connection()
@@ -83,7 +86,9 @@ class ProxyProcess:
 
     def post_json(self, payload: dict, headers: dict[str, str] | None = None):
         return self.request(
-            "POST", "/v1/responses", json.dumps(payload).encode(),
+            "POST",
+            "/v1/responses",
+            json.dumps(payload).encode(),
             {"content-type": "application/json", **(headers or {})},
         )
 
@@ -123,15 +128,25 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     counter = iter(range(1000))
 
     def start(
-        upstream_url: str, *args: str, dumps: bool = True, http_shutdown: bool = True,
-        key: bytes = TEST_KEY.encode() + b"\n", env: dict[str, str] | None = None,
+        upstream_url: str,
+        *args: str,
+        dumps: bool = True,
+        http_shutdown: bool = True,
+        key: bytes = TEST_KEY.encode() + b"\n",
+        env: dict[str, str] | None = None,
         wrap: list[str] | None = None,
     ) -> ProxyProcess:
         n = next(counter)
         info = tmp_path / f"info-{n}.json"
         dump_dir = tmp_path / f"dumps-{n}" if dumps else None
-        cmd = [*(wrap or []), *launcher_cmd(), "--server-info", str(info),
-               "--upstream-url", upstream_url]
+        cmd = [
+            *(wrap or []),
+            *launcher_cmd(),
+            "--server-info",
+            str(info),
+            "--upstream-url",
+            upstream_url,
+        ]
         if http_shutdown:
             cmd.append("--http-shutdown")
         if dump_dir is not None:
@@ -140,7 +155,11 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         out, err = tmp_path / f"stdout-{n}.log", tmp_path / f"stderr-{n}.log"
         with open(out, "wb") as fo, open(err, "wb") as fe:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=fo, stderr=fe, cwd=ROOT,
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=fo,
+                stderr=fe,
+                cwd=ROOT,
                 env={**os.environ, **(env or {})},
             )
         assert proc.stdin is not None

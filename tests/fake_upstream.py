@@ -86,22 +86,49 @@ def responses_sse_events(
 
     add("response.created", response=response_object(response_id, model, "", "in_progress"))
     add("response.in_progress", response=response_object(response_id, model, "", "in_progress"))
-    item = {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress",
-            "content": []}
+    item = {
+        "id": item_id,
+        "type": "message",
+        "role": "assistant",
+        "status": "in_progress",
+        "content": [],
+    }
     add("response.output_item.added", output_index=0, item=item)
-    add("response.content_part.added", item_id=item_id, output_index=0, content_index=0,
-        part={"type": "output_text", "text": "", "annotations": []})
+    add(
+        "response.content_part.added",
+        item_id=item_id,
+        output_index=0,
+        content_index=0,
+        part={"type": "output_text", "text": "", "annotations": []},
+    )
     words = text.split(" ")
     for i, word in enumerate(words):
         delta = word if i == 0 else " " + word
-        add("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
-            delta=delta, logprobs=[])
-    add("response.output_text.done", item_id=item_id, output_index=0, content_index=0,
-        text=text, logprobs=[])
+        add(
+            "response.output_text.delta",
+            item_id=item_id,
+            output_index=0,
+            content_index=0,
+            delta=delta,
+            logprobs=[],
+        )
+    add(
+        "response.output_text.done",
+        item_id=item_id,
+        output_index=0,
+        content_index=0,
+        text=text,
+        logprobs=[],
+    )
     part = {"type": "output_text", "text": text, "annotations": []}
     add("response.content_part.done", item_id=item_id, output_index=0, content_index=0, part=part)
-    done_item = {"id": item_id, "type": "message", "role": "assistant", "status": "completed",
-                 "content": [part]}
+    done_item = {
+        "id": item_id,
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [part],
+    }
     add("response.output_item.done", output_index=0, item=done_item)
     add("response.completed", response=response_object(response_id, model, text))
     return events
@@ -180,8 +207,11 @@ class FakeUpstream:
             await asyncio.sleep(self.headers_delay)
         reply = web.StreamResponse(
             status=self.status,
-            headers={"content-type": "text/event-stream", "cache-control": "no-cache",
-                     "x-request-id": "req_" + response_id},
+            headers={
+                "content-type": "text/event-stream",
+                "cache-control": "no-cache",
+                "x-request-id": "req_" + response_id,
+            },
         )
         reply.enable_chunked_encoding()
         await reply.prepare(request)
@@ -194,8 +224,9 @@ class FakeUpstream:
                     if self.fault == "reset":
                         sock = transport.get_extra_info("socket")
                         if sock is not None:
-                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                            struct.pack("ii", 1, 0))
+                            sock.setsockopt(
+                                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                            )
                         transport.abort()
                     else:
                         transport.close()
@@ -224,8 +255,7 @@ class FakeUpstream:
             # auto_decompress off: record request bodies exactly as they arrived (zstd too).
             self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)
             loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", self.port,
-                               ssl_context=self.ssl_context)
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
             loop.run_until_complete(site.start())
             self.port = self._runner.addresses[0][1]
             ready.set()

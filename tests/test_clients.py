@@ -19,8 +19,9 @@ def test_openai_sdk_streams_through_the_proxy(upstream, start_proxy):
     proxy = start_proxy(upstream.url)
     deltas, kinds = [], []
     with (
-        openai.OpenAI(base_url=proxy.base + "/v1", api_key="sk-client-side-dummy",
-                      max_retries=0, timeout=60) as client,
+        openai.OpenAI(
+            base_url=proxy.base + "/v1", api_key="sk-client-side-dummy", max_retries=0, timeout=60
+        ) as client,
         client.responses.create(model="gpt-sdk", input="Say hello", stream=True) as stream,
     ):
         for event in stream:
@@ -41,8 +42,9 @@ def test_openai_sdk_streams_through_the_proxy(upstream, start_proxy):
 
 def test_openai_sdk_non_streaming(upstream, start_proxy):
     proxy = start_proxy(upstream.url, dumps=False)
-    with openai.OpenAI(base_url=proxy.base + "/v1", api_key="x", max_retries=0,
-                       timeout=60) as client:
+    with openai.OpenAI(
+        base_url=proxy.base + "/v1", api_key="x", max_retries=0, timeout=60
+    ) as client:
         response = client.responses.create(model="gpt-sdk", input="Say hello")
     assert response.output_text == upstream.text
 
@@ -65,7 +67,11 @@ def run_codex(codex: str, home: Path, workdir: Path, prompt: str = "Say hello"):
     env["CODEX_HOME"] = str(home)
     return subprocess.run(
         [codex, "exec", "--skip-git-repo-check", "--json", prompt],
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=180, cwd=workdir, env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=180,
+        cwd=workdir,
+        env=env,
     )
 
 

@@ -22,9 +22,15 @@ from addons.dumps import (
 @pytest.mark.parametrize(
     ("name", "redacted"),
     [
-        ("Authorization", True), ("authorization", True), ("AUTHORIZATION", True),
-        ("Proxy-Authorization", True), ("Cookie", True), ("Set-Cookie", True),
-        ("x-my-cookie-jar", True), ("Content-Type", False), ("x-api-key", False),
+        ("Authorization", True),
+        ("authorization", True),
+        ("AUTHORIZATION", True),
+        ("Proxy-Authorization", True),
+        ("Cookie", True),
+        ("Set-Cookie", True),
+        ("x-my-cookie-jar", True),
+        ("Content-Type", False),
+        ("x-api-key", False),
         ("authorization-hint", False),
     ],
 )
@@ -76,7 +82,7 @@ def test_prepare_dump_dir_creates_private_dir(tmp_path):
 def test_prepare_dump_dir_refuses_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(ValueError, match="(?i)not a directory"):
+    with pytest.raises(ValueError, match=r"(?i)not a directory"):
         prepare_dump_dir(str(f / "sub"))
     with pytest.raises(ValueError):
         prepare_dump_dir(str(f))
@@ -117,8 +123,9 @@ async def test_pair_written_with_reference_names_and_shapes(tmp_path):
         f.request.headers["Authorization"] = "Bearer injected"  # forwarder's change, later
         await addon.request(f)
         f.response = tutils.tresp(
-            status_code=201, headers=[(b"content-type", b"application/json"),
-                                      (b"Set-Cookie", b"s=1")], content=b'{"ok": 1}'
+            status_code=201,
+            headers=[(b"content-type", b"application/json"), (b"Set-Cookie", b"s=1")],
+            content=b'{"ok": 1}',
         )
         await addon.response(f)
         addon.flush()
@@ -169,7 +176,7 @@ async def test_error_writes_response_file_with_error_and_partial_body(tmp_path):
         addon.requestheaders(f)
         await addon.request(f)
         f.response = tutils.tresp(
-            headers=[(b"content-type", b"text/event-stream")], content=b"data: {\"a\":1}\n\n"
+            headers=[(b"content-type", b"text/event-stream")], content=b'data: {"a":1}\n\n'
         )
         f.error = tflow.terr("client disconnected")
         addon.error(f)
@@ -192,7 +199,10 @@ def test_upstream_down_writes_502_and_request(tmp_path):
         assert len(files(tmp_path)) == 2
         resp = next(p for p in tmp_path.iterdir() if p.name.endswith("-response.json"))
         assert json.loads(resp.read_text()) == {
-            "status": 502, "headers": [], "body": "", "error": "Connection refused"
+            "status": 502,
+            "headers": [],
+            "body": "",
+            "error": "Connection refused",
         }
 
 

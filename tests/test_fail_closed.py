@@ -54,9 +54,12 @@ async def test_healthy_chain_injects_the_key(loaded_key):
 
 @pytest.mark.parametrize(
     "target",
-    ["addons.allowlist.refusal_reason", "addons.forward.strip_hop_by_hop",
-     "addons.keyholder.ApiKey.header_value",
-     "addons.websocket_refusal.is_websocket_upgrade"],
+    [
+        "addons.allowlist.refusal_reason",
+        "addons.forward.strip_hop_by_hop",
+        "addons.keyholder.ApiKey.header_value",
+        "addons.websocket_refusal.is_websocket_upgrade",
+    ],
 )
 async def test_fault_in_a_request_hook_answers_locally(loaded_key, monkeypatch, caplog, target):
     monkeypatch.setattr(target, boom)

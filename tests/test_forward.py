@@ -27,8 +27,11 @@ def allowed_flow(**headers: str) -> http.HTTPFlow:
     [
         ("https://api.openai.com/v1/responses", "api.openai.com", 443),
         ("http://127.0.0.1:8080/v1/responses", "127.0.0.1:8080", 8080),
-        ("https://x.openai.azure.com/openai/responses?api-version=2025-04-01-preview",
-         "x.openai.azure.com", 443),
+        (
+            "https://x.openai.azure.com/openai/responses?api-version=2025-04-01-preview",
+            "x.openai.azure.com",
+            443,
+        ),
         ("https://example.com:8443/r", "example.com:8443", 8443),
         ("http://example.com:80/r", "example.com", 80),
         ("http://[::1]:9000/v1/responses", "[::1]:9000", 9000),
@@ -41,8 +44,14 @@ def test_parse_upstream_url(url, host_header, port):
 
 @pytest.mark.parametrize(
     "url",
-    ["/v1/responses", "ftp://x/y", "https://", "https://user:pw@host/v1/responses",
-     "https://host/v1/responses#frag", "not a url"],
+    [
+        "/v1/responses",
+        "ftp://x/y",
+        "https://",
+        "https://user:pw@host/v1/responses",
+        "https://host/v1/responses#frag",
+        "not a url",
+    ],
 )
 def test_parse_upstream_url_rejects(url):
     with pytest.raises(ValueError):
@@ -51,10 +60,17 @@ def test_parse_upstream_url_rejects(url):
 
 def test_strip_hop_by_hop_including_connection_tokens():
     h = http.Headers(
-        [(b"Connection", b"keep-alive, X-Secret-Hop"), (b"Keep-Alive", b"timeout=5"),
-         (b"TE", b"trailers"), (b"Trailer", b"x"), (b"Upgrade", b"h2c"),
-         (b"Proxy-Connection", b"keep-alive"), (b"X-Secret-Hop", b"1"),
-         (b"Content-Length", b"3"), (b"X-Keep", b"yes")]
+        [
+            (b"Connection", b"keep-alive, X-Secret-Hop"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"TE", b"trailers"),
+            (b"Trailer", b"x"),
+            (b"Upgrade", b"h2c"),
+            (b"Proxy-Connection", b"keep-alive"),
+            (b"X-Secret-Hop", b"1"),
+            (b"Content-Length", b"3"),
+            (b"X-Keep", b"yes"),
+        ]
     )
     strip_hop_by_hop(h)
     assert sorted(k.lower() for k in h.keys()) == ["content-length", "x-keep"]
@@ -67,9 +83,14 @@ def test_injects_exactly_one_key_and_routes(loaded_key):
             addon, codex_upstream_url="https://up.example:8443/v1/responses?api-version=1"
         )
         f = allowed_flow(
-            authorization="Bearer client-one", Authorization="Bearer client-two",
-            proxy_authorization="Basic abc", content_type="application/json",
-            x_custom="kept", connection="close", keep_alive="1", te="trailers",
+            authorization="Bearer client-one",
+            Authorization="Bearer client-two",
+            proxy_authorization="Basic abc",
+            content_type="application/json",
+            x_custom="kept",
+            connection="close",
+            keep_alive="1",
+            te="trailers",
         )
         addon.requestheaders(f)
         assert f.response is None

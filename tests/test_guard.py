@@ -8,8 +8,16 @@ from addons.guard import OptionGuard, is_loopback
 
 @pytest.mark.parametrize(
     ("host", "ok"),
-    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("localhost", True),
-     ("", False), ("0.0.0.0", False), ("192.0.2.1", False), ("example.com", False)],
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("localhost", True),
+        ("", False),
+        ("0.0.0.0", False),
+        ("192.0.2.1", False),
+        ("example.com", False),
+    ],
 )
 def test_is_loopback(host, ok):
     assert is_loopback(host) is ok

@@ -25,15 +25,13 @@ def test_remove_ld_variables():
 
 
 def attacker_can_read(path: str) -> bool:
-    result = subprocess.run([*CAPLESS, "head", "-c", "16", path], capture_output=True,
-                            timeout=10)
+    result = subprocess.run([*CAPLESS, "head", "-c", "16", path], capture_output=True, timeout=10)
     return result.returncode == 0
 
 
 def attacker_can_open(path: str) -> bool:
     code = f"open({path!r}, 'rb').close()"
-    result = subprocess.run([*CAPLESS, sys.executable, "-c", code], capture_output=True,
-                            timeout=30)
+    result = subprocess.run([*CAPLESS, sys.executable, "-c", code], capture_output=True, timeout=30)
     return result.returncode == 0
 
 
@@ -42,8 +40,11 @@ def test_same_user_cannot_read_environ_or_mem(upstream, start_proxy):
     # failure to read the proxy below is the proxy's doing, not the harness's.
     control = subprocess.Popen([*CAPLESS, sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        wait_for(lambda: attacker_can_read(f"/proc/{control.pid}/environ"), 10,
-                 "the control process to be readable")
+        wait_for(
+            lambda: attacker_can_read(f"/proc/{control.pid}/environ"),
+            10,
+            "the control process to be readable",
+        )
         assert attacker_can_open(f"/proc/{control.pid}/mem")
     finally:
         control.kill()

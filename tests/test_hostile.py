@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import TEST_KEY, ROOT, launcher_cmd
+from tests.conftest import ROOT, TEST_KEY, launcher_cmd
 
 pytestmark = pytest.mark.e2e
 
@@ -39,9 +39,9 @@ class _KeepOpen:
         pass
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 10.0, responses: int = 1) -> list[
-    tuple[int, bytes]
-]:
+def raw_exchange(
+    port: int, data: bytes, timeout: float = 10.0, responses: int = 1
+) -> list[tuple[int, bytes]]:
     """Send raw bytes; parse up to ``responses`` replies with http.client (the library does the
     parsing). Returns ``[(status, body), ...]``; fewer when the proxy closes or goes quiet."""
     out: list[tuple[int, bytes]] = []
@@ -83,56 +83,112 @@ def proxy_upstream_requests(proxy):
 
 B = b"{}"
 CASES = [
-    ("absolute-form", b"POST http://evil.example/v1/responses HTTP/1.1\r\nHost: evil.example"
-     b"\r\nContent-Length: 2\r\n\r\n{}", False),
-    ("absolute-form https", b"POST https://evil.example:443/v1/responses HTTP/1.1\r\n"
-     b"Host: x\r\nContent-Length: 2\r\n\r\n{}", False),
+    (
+        "absolute-form",
+        b"POST http://evil.example/v1/responses HTTP/1.1\r\nHost: evil.example"
+        b"\r\nContent-Length: 2\r\n\r\n{}",
+        False,
+    ),
+    (
+        "absolute-form https",
+        b"POST https://evil.example:443/v1/responses HTTP/1.1\r\n"
+        b"Host: x\r\nContent-Length: 2\r\n\r\n{}",
+        False,
+    ),
     ("connect", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", False),
-    ("double slash", b"POST //v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
-     False),
-    ("dot segments", b"POST /v1/../v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: 2"
-     b"\r\n\r\n{}", False),
-    ("percent", b"POST /v1/%72esponses HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
-     False),
+    (
+        "double slash",
+        b"POST //v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+        False,
+    ),
+    (
+        "dot segments",
+        b"POST /v1/../v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+        False,
+    ),
+    ("percent", b"POST /v1/%72esponses HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", False),
     ("case", b"POST /V1/Responses HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", False),
-    ("lower method", b"post /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
-     False),
-    ("fragment", b"POST /v1/responses#x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
-     False),
-    ("empty query", b"POST /v1/responses? HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
-     False),
+    (
+        "lower method",
+        b"post /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+        False,
+    ),
+    ("fragment", b"POST /v1/responses#x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", False),
+    (
+        "empty query",
+        b"POST /v1/responses? HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+        False,
+    ),
     ("asterisk", b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", False),
     ("h2 prior knowledge", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00" * 30, False),
-    ("CL and TE", b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
-     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
-     None),
-    ("obfuscated TE", b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked"
-     b"\r\nContent-Length: 2\r\n\r\n{}", None),
-    ("TE with space", b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked"
-     b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n", None),
-    ("bare CR in header", b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n"
-     b"Content-Length: 2\r\n\r\n{}", None),
-    ("obs-fold", b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n"
-     b"Content-Length: 2\r\n\r\n{}", None),
-    ("duplicate host", b"POST /v1/responses HTTP/1.1\r\nHost: a\r\nHost: evil.example\r\n"
-     b"Content-Length: 2\r\n\r\n{}", None),
-    ("odd host", b"POST /v1/responses HTTP/1.1\r\nHost: evil.example:1\r\n"
-     b"Content-Length: 2\r\n\r\n{}", True),
-    ("h2c upgrade", b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, "
-     b"HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
-     b"Content-Length: 2\r\n\r\n{}", True),
-    ("smuggled in body", b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: 36\r\n"
-     b"\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", True),
-    ("huge header", b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000
-     + b"\r\nContent-Length: 2\r\n\r\n{}", None),
+    (
+        "CL and TE",
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+        None,
+    ),
+    (
+        "obfuscated TE",
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked"
+        b"\r\nContent-Length: 2\r\n\r\n{}",
+        None,
+    ),
+    (
+        "TE with space",
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked"
+        b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        None,
+    ),
+    (
+        "bare CR in header",
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\nContent-Length: 2\r\n\r\n{}",
+        None,
+    ),
+    (
+        "obs-fold",
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\n{}",
+        None,
+    ),
+    (
+        "duplicate host",
+        b"POST /v1/responses HTTP/1.1\r\nHost: a\r\nHost: evil.example\r\n"
+        b"Content-Length: 2\r\n\r\n{}",
+        None,
+    ),
+    (
+        "odd host",
+        b"POST /v1/responses HTTP/1.1\r\nHost: evil.example:1\r\nContent-Length: 2\r\n\r\n{}",
+        True,
+    ),
+    (
+        "h2c upgrade",
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, "
+        b"HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+        b"Content-Length: 2\r\n\r\n{}",
+        True,
+    ),
+    (
+        "smuggled in body",
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: 36\r\n"
+        b"\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+        True,
+    ),
+    (
+        "huge header",
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nX-Big: "
+        + b"a" * 300_000
+        + b"\r\nContent-Length: 2\r\n\r\n{}",
+        None,
+    ),
     ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 100, False),
 ]
 
 
 @pytest.fixture
 def hostile_proxy(upstream, start_proxy):
-    proxy = start_proxy(upstream.url, "--set", "body_size_limit=1m", dumps=False,
-                        http_shutdown=False)
+    proxy = start_proxy(
+        upstream.url, "--set", "body_size_limit=1m", dumps=False, http_shutdown=False
+    )
     proxy.extra["upstream"] = upstream
     return proxy
 
@@ -140,7 +196,7 @@ def hostile_proxy(upstream, start_proxy):
 @pytest.mark.parametrize(("name", "data", "may_forward"), CASES, ids=[c[0] for c in CASES])
 def test_hostile_request_table(hostile_proxy, upstream, name, data, may_forward):
     replies = raw_exchange(hostile_proxy.port, data)
-    for status, body in replies:
+    for _status, body in replies:
         assert TEST_KEY.encode() not in body
     if may_forward is False:
         assert upstream.requests == [], name
@@ -153,9 +209,11 @@ def test_hostile_request_table(hostile_proxy, upstream, name, data, may_forward)
 
 
 def test_pipelined_second_request_is_refused(hostile_proxy, upstream):
-    data = (b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 15\r\n\r\n{\"model\": \"p1\"}"
-            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = (
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 15\r\n\r\n{"model": "p1"}'
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     replies = raw_exchange(hostile_proxy.port, data, responses=2)
     assert [status for status, _ in replies] == [200, 403]
     assert len(upstream.requests) == 1
@@ -170,30 +228,74 @@ def test_body_over_limit_is_413_and_not_forwarded(hostile_proxy, upstream):
     still_serving(hostile_proxy)
 
 
-METHODS = st.sampled_from([b"POST", b"GET", b"PUT", b"post", b"PATCH", b"CONNECT", b"PRI",
-                           b"POST ", b"P\x00ST"])
-SEGMENT = st.sampled_from([b"v1", b"responses", b"V1", b"..", b".", b"", b"%2F", b"%72esponses",
-                           b"responses?", b"responses#", b"shutdown", b"\xc3\xa9", b"responses/"])
+METHODS = st.sampled_from(
+    [b"POST", b"GET", b"PUT", b"post", b"PATCH", b"CONNECT", b"PRI", b"POST ", b"P\x00ST"]
+)
+SEGMENT = st.sampled_from(
+    [
+        b"v1",
+        b"responses",
+        b"V1",
+        b"..",
+        b".",
+        b"",
+        b"%2F",
+        b"%72esponses",
+        b"responses?",
+        b"responses#",
+        b"shutdown",
+        b"\xc3\xa9",
+        b"responses/",
+    ]
+)
 TARGET = st.one_of(
     st.lists(SEGMENT, min_size=1, max_size=4).map(lambda s: b"/" + b"/".join(s)),
     st.binary(max_size=40),
     st.sampled_from([b"*", b"http://evil.example/v1/responses", b"evil.example:443"]),
 )
-HEADER_NAME = st.sampled_from([b"Host", b"Authorization", b"Transfer-Encoding",
-                               b"Content-Length", b"Upgrade", b"Connection", b"X-Any",
-                               b"Proxy-Authorization", b"Expect"])
+HEADER_NAME = st.sampled_from(
+    [
+        b"Host",
+        b"Authorization",
+        b"Transfer-Encoding",
+        b"Content-Length",
+        b"Upgrade",
+        b"Connection",
+        b"X-Any",
+        b"Proxy-Authorization",
+        b"Expect",
+    ]
+)
 HEADER_VALUE = st.one_of(
-    st.sampled_from([b"chunked", b"websocket", b"h2c", b"0", b"5", b"close", b"evil.example",
-                     b"Bearer stolen", b"100-continue", b"-1"]),
+    st.sampled_from(
+        [
+            b"chunked",
+            b"websocket",
+            b"h2c",
+            b"0",
+            b"5",
+            b"close",
+            b"evil.example",
+            b"Bearer stolen",
+            b"100-continue",
+            b"-1",
+        ]
+    ),
     st.binary(max_size=20),
 )
 
 
-@settings(max_examples=120, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(method=METHODS, target=TARGET, headers=st.lists(st.tuples(HEADER_NAME, HEADER_VALUE),
-                                                       max_size=5),
-       body=st.binary(max_size=30))
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    method=METHODS,
+    target=TARGET,
+    headers=st.lists(st.tuples(HEADER_NAME, HEADER_VALUE), max_size=5),
+    body=st.binary(max_size=30),
+)
 def test_fuzzed_requests_never_break_the_invariant(hostile_proxy, method, target, headers, body):
     upstream = hostile_proxy.extra["upstream"]
     head = method + b" " + target + b" HTTP/1.1\r\n"
@@ -211,15 +313,26 @@ def test_garbage_burst_does_not_stop_serving(hostile_proxy):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--set", "proxy_debug=true"], "proxy_debug is refused"),
-     (["--set", "listen_host=0.0.0.0"], "not loopback")],
+    [
+        (["--set", "proxy_debug=true"], "proxy_debug is refused"),
+        (["--set", "listen_host=0.0.0.0"], "not loopback"),
+    ],
 )
 def test_leaky_options_are_refused_at_start_up(tmp_path, args, message):
     info = tmp_path / "info.json"
     proc = subprocess.run(
-        [*launcher_cmd(), "--server-info", str(info), "--upstream-url", "http://127.0.0.1:9/r",
-         *args],
-        input=TEST_KEY.encode() + b"\n", capture_output=True, timeout=60, cwd=ROOT,
+        [
+            *launcher_cmd(),
+            "--server-info",
+            str(info),
+            "--upstream-url",
+            "http://127.0.0.1:9/r",
+            *args,
+        ],
+        input=TEST_KEY.encode() + b"\n",
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
     )
     assert proc.returncode == 1
     assert message in (proc.stdout + proc.stderr).decode()

@@ -39,8 +39,14 @@ def test_key_appears_nowhere(upstream, start_proxy, tmp_path):
     flows_file, har_file = tmp_path / "flows.mitm", tmp_path / "session.har"
     proxy = start_proxy(
         upstream.url,
-        "--set", "termlog_verbosity=debug", "--set", "flow_detail=4",
-        "--set", f"save_stream_file={flows_file}", "--set", f"hardump={har_file}",
+        "--set",
+        "termlog_verbosity=debug",
+        "--set",
+        "flow_detail=4",
+        "--set",
+        f"save_stream_file={flows_file}",
+        "--set",
+        f"hardump={har_file}",
     )
     key = TEST_KEY.encode()
     # /proc views of every process of the proxy, while it runs.
@@ -59,8 +65,12 @@ def test_key_appears_nowhere(upstream, start_proxy, tmp_path):
     # Client leaves mid-stream.
     upstream.gate = threading.Event()
     conn = proxy.connection()
-    conn.request("POST", "/v1/responses", json.dumps({"model": "m", "stream": True}),
-                 {"content-type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/responses",
+        json.dumps({"model": "m", "stream": True}),
+        {"content-type": "application/json"},
+    )
     resp = conn.getresponse()
     resp.readline()
     conn.close()
@@ -72,8 +82,11 @@ def test_key_appears_nowhere(upstream, start_proxy, tmp_path):
     assert proxy.shutdown() == 0
 
     # What was sent upstream did carry the key, unchanged.
-    assert all(r.header_values("authorization") == [f"Bearer {TEST_KEY}"]
-               for r in upstream.requests if r.path_qs.startswith("/v1/responses"))
+    assert all(
+        r.header_values("authorization") == [f"Bearer {TEST_KEY}"]
+        for r in upstream.requests
+        if r.path_qs.startswith("/v1/responses")
+    )
     places = {
         "stdout": proxy.stdout_path.read_bytes(),
         "stderr": proxy.stderr_path.read_bytes(),
@@ -91,9 +104,14 @@ def test_key_appears_nowhere(upstream, start_proxy, tmp_path):
     # The flow file holds the forwarded flows with the header redacted, not removed.
     with open(flows_file, "rb") as f:
         flows = list(mitm_io.FlowReader(f).stream())
-    forwarded = [fl for fl in flows if fl.request.host == "127.0.0.1"
-                 and fl.request.port == upstream.port and fl.request.method == "POST"
-                 and fl.request.path == "/v1/responses"]
+    forwarded = [
+        fl
+        for fl in flows
+        if fl.request.host == "127.0.0.1"
+        and fl.request.port == upstream.port
+        and fl.request.method == "POST"
+        and fl.request.path == "/v1/responses"
+    ]
     assert len(forwarded) >= 5
     for fl in forwarded:
         assert fl.request.headers.get_all("authorization") == ["[REDACTED]"]

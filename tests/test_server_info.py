@@ -37,6 +37,4 @@ def test_running_writes_real_port_and_pid(tmp_path):
         tctx.configure(addon, codex_server_info=str(tmp_path / "info.json"))
         tctx.master.addons.lookup["proxyserver"] = FakeProxyserver()
         addon.running()
-    assert json.loads((tmp_path / "info.json").read_text()) == {
-        "port": 43210, "pid": os.getpid()
-    }
+    assert json.loads((tmp_path / "info.json").read_text()) == {"port": 43210, "pid": os.getpid()}

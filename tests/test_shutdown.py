@@ -46,8 +46,12 @@ def test_only_exact_get_shutdown():
     addon = RecordingShutdown()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, codex_http_shutdown=True)
-        for method, path in [("POST", "/shutdown"), ("GET", "/shutdown?x"),
-                             ("GET", "/shutdown/"), ("get", "/shutdown")]:
+        for method, path in [
+            ("POST", "/shutdown"),
+            ("GET", "/shutdown?x"),
+            ("GET", "/shutdown/"),
+            ("get", "/shutdown"),
+        ]:
             f = get_flow(method, path)
             addon.requestheaders(f)
             assert f.response is None, (method, path)

@@ -7,8 +7,13 @@ from addons.sse_stream import SseStreaming, Tee, is_event_stream
 
 @pytest.mark.parametrize(
     ("ctype", "expected"),
-    [("text/event-stream", True), ("text/event-stream; charset=utf-8", True),
-     ("Text/Event-Stream", True), ("application/json", False), ("", False)],
+    [
+        ("text/event-stream", True),
+        ("text/event-stream; charset=utf-8", True),
+        ("Text/Event-Stream", True),
+        ("application/json", False),
+        ("", False),
+    ],
 )
 def test_is_event_stream(ctype, expected):
     resp = tutils.tresp(headers=[(b"content-type", ctype.encode())] if ctype else [])
@@ -54,8 +59,9 @@ def test_partial_body_restored_on_error():
         assert f.response.raw_content == b"data: 1\n\n"
 
 
-@pytest.mark.parametrize(("allowed", "ctype"), [(True, b"application/json"),
-                                                (False, b"text/event-stream")])
+@pytest.mark.parametrize(
+    ("allowed", "ctype"), [(True, b"application/json"), (False, b"text/event-stream")]
+)
 def test_other_replies_are_not_streamed(allowed, ctype):
     addon = SseStreaming()
     with taddons.context(addon):

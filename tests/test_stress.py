@@ -11,11 +11,9 @@ import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
-
 
 pytestmark = pytest.mark.e2e
 
@@ -25,8 +23,10 @@ def tiny_tmpfs(tmp_path):
     """A 256 KiB tmpfs that fills after a handful of dumps (needs root, as CI here has)."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs",
-                             str(mnt)], capture_output=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+    )
     if result.returncode != 0:
         if os.environ.get("CI"):
             pytest.fail(f"cannot mount a tmpfs in CI: {result.stderr.decode()}")
@@ -58,8 +58,9 @@ def test_full_disk_loses_dumps_but_forwarding_goes_on(upstream, start_proxy, tin
 
 
 def test_dump_required_fails_closed_on_a_full_disk(upstream, start_proxy, tiny_tmpfs):
-    proxy = start_proxy(upstream.url, "--dump-dir", str(tiny_tmpfs / "dumps"),
-                        "--dump-required", dumps=False)
+    proxy = start_proxy(
+        upstream.url, "--dump-dir", str(tiny_tmpfs / "dumps"), "--dump-required", dumps=False
+    )
     statuses: list[int | str] = []
     for i in range(15):
         try:
@@ -69,15 +70,17 @@ def test_dump_required_fails_closed_on_a_full_disk(upstream, start_proxy, tiny_t
     assert 200 in statuses and 503 in statuses, statuses
     first_refusal = statuses.index(503)
     # Once the disk is full every request is refused, and none of those went upstream.
-    assert all(s == 503 for s in statuses[first_refusal + 1:]), statuses
+    assert all(s == 503 for s in statuses[first_refusal + 1 :]), statuses
     assert len(upstream.requests) == statuses.count(200) + statuses.count("killed")
 
 
 async def _stream(session: aiohttp.ClientSession, base: str, i: int) -> tuple[int, list[str]]:
-    async with session.post(base + "/v1/responses",
-                            json={"model": f"m{i}", "stream": True}) as resp:
-        kinds = [line[7:].strip().decode() async for line in resp.content
-                 if line.startswith(b"event: ")]
+    async with session.post(
+        base + "/v1/responses", json={"model": f"m{i}", "stream": True}
+    ) as resp:
+        kinds = [
+            line[7:].strip().decode() async for line in resp.content if line.startswith(b"event: ")
+        ]
         return resp.status, kinds
 
 
@@ -115,9 +118,14 @@ def test_1000_concurrent_streams(upstream, start_proxy):
     results = asyncio.run(run())
     elapsed = time.monotonic() - started
     expected_deltas = len(upstream.text.split(" "))
-    failures = [r for r in results if r[0] != 200 or not r[1]
-                or r[1][-1] != "response.completed"
-                or r[1].count("response.output_text.delta") != expected_deltas]
+    failures = [
+        r
+        for r in results
+        if r[0] != 200
+        or not r[1]
+        or r[1][-1] != "response.completed"
+        or r[1].count("response.output_text.delta") != expected_deltas
+    ]
     assert failures == [], f"{len(failures)} of {n} streams failed (in {elapsed:.1f}s)"
     assert proxy.shutdown(timeout=120) == 0
     stop.set()

@@ -18,8 +18,12 @@ pytestmark = pytest.mark.e2e
 def stream_until_failure(proxy, timeout: float = 30) -> tuple[int, bytes, bool]:
     """POST a streaming request; returns (status, bytes received, truncated?)."""
     conn = proxy.connection(timeout=timeout)
-    conn.request("POST", "/v1/responses", json.dumps({"model": "m", "stream": True}),
-                 {"content-type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/responses",
+        json.dumps({"model": "m", "stream": True}),
+        {"content-type": "application/json"},
+    )
     resp = conn.getresponse()
     got = b""
     truncated = False
@@ -32,8 +36,9 @@ def stream_until_failure(proxy, timeout: float = 30) -> tuple[int, bytes, bool]:
     except (ConnectionError, http.client.HTTPException):
         truncated = True
     else:
-        truncated = not resp.isclosed() or not got.endswith(b"\n\n") or \
-            b"response.completed" not in got
+        truncated = (
+            not resp.isclosed() or not got.endswith(b"\n\n") or b"response.completed" not in got
+        )
     conn.close()
     return resp.status, got, truncated
 
@@ -64,7 +69,7 @@ def test_stall_after_headers_hits_the_idle_timeout(upstream, start_proxy):
     upstream.fault = "stall"
     proxy = start_proxy(upstream.url, "--set", "tcp_timeout=2")
     started = time.monotonic()
-    status, got, truncated = stream_until_failure(proxy, timeout=60)
+    status, _got, truncated = stream_until_failure(proxy, timeout=60)
     assert status == 200 and truncated
     assert time.monotonic() - started < 30
     doc = response_dump(proxy)
@@ -84,9 +89,13 @@ def make_tls_upstream(tmp_path, upstream):
     entry = store.get_cert("127.0.0.1", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     cert_file, key_file = tmp_path / "leaf.pem", tmp_path / "leaf.key"
     cert_file.write_bytes(entry.cert.to_pem())
-    key_file.write_bytes(entry.privatekey.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption()))
+    key_file.write_bytes(
+        entry.privatekey.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_file, key_file)
     upstream.ssl_context = context
@@ -140,8 +149,9 @@ def test_connect_timeout_is_502_naming_the_cause(start_proxy):
             s.setblocking(False)
             s.connect_ex(("127.0.0.1", port))
             fillers.append(s)
-        proxy = start_proxy(f"http://127.0.0.1:{port}/v1/responses",
-                            "--set", "codex_connect_timeout_ms=1000")
+        proxy = start_proxy(
+            f"http://127.0.0.1:{port}/v1/responses", "--set", "codex_connect_timeout_ms=1000"
+        )
         started = time.monotonic()
         status, _, body = proxy.post_json({"model": "m"})
         assert status == 502

@@ -7,10 +7,15 @@ from addons.websocket_refusal import WebSocketRefusal
 
 @pytest.mark.parametrize(
     ("path", "upgrade", "status"),
-    [("/v1/responses", "websocket", 426), ("/v1/responses", "WebSocket", 426),
-     ("/v1/responses", "h2c, websocket", 426), ("/v1/responses?x=1", "websocket", 426),
-     ("/v1/responses", "h2c", None), ("/v1/models", "websocket", None),
-     ("/v1/responses", None, None)],
+    [
+        ("/v1/responses", "websocket", 426),
+        ("/v1/responses", "WebSocket", 426),
+        ("/v1/responses", "h2c, websocket", 426),
+        ("/v1/responses?x=1", "websocket", 426),
+        ("/v1/responses", "h2c", None),
+        ("/v1/models", "websocket", None),
+        ("/v1/responses", None, None),
+    ],
 )
 def test_websocket_upgrades_get_426(path, upgrade, status):
     addon = WebSocketRefusal()

@@ -1,9 +1,10 @@
-"""Upstream connect timeout (mitmproxy has none: a SYN into the void waits for the OS)."""
+"""Upstream connect: a timeout (mitmproxy has none) and a clear cause when it fails."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.proxy import server_hooks
@@ -11,7 +12,7 @@ from mitmproxy.proxy import server_hooks
 logger = logging.getLogger(__name__)
 
 
-class ConnectTimeout:
+class UpstreamConnect:
     """Fails a server connection whose TCP handshake takes longer than ``codex_connect_timeout_ms``.
 
     mitmproxy opens server connections with a bare ``asyncio.open_connection`` and no timeout;
@@ -20,7 +21,8 @@ class ConnectTimeout:
     address with a bounded handshake; if that times out it sets ``server.error``, which makes
     mitmproxy refuse the connection and answer the client 502 naming the cause. The probe costs
     one extra handshake per new upstream connection (connections are kept alive and reused).
-    Other connect errors are left to mitmproxy's own attempt, which reports them.
+    Other connect errors (refused, unreachable, DNS) are reported the same way with the plain
+    cause, e.g. ``cannot connect to upstream api.openai.com:443: Connection refused``.
     """
 
     def __init__(self) -> None:
@@ -31,7 +33,8 @@ class ConnectTimeout:
             "codex_connect_timeout_ms",
             int,
             10_000,
-            "Milliseconds allowed for the upstream TCP handshake before answering 502 (0: no limit).",
+            "Milliseconds allowed for the upstream TCP handshake before answering 502 "
+            "(0: no limit).",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -51,11 +54,19 @@ class ConnectTimeout:
                 asyncio.open_connection(host, port), self.timeout_ms / 1000
             )
         except TimeoutError:
-            server.error = f"connect timeout: no TCP handshake with {host}:{port} in {self.timeout_ms} ms"
+            server.error = (
+                f"connect timeout: no TCP handshake with {host}:{port} in {self.timeout_ms} ms"
+            )
             logger.warning("%s", server.error)
             return
-        except OSError:
-            return  # mitmproxy's own attempt reports the real cause
+        except OSError as e:
+            if e.errno and e.errno > 0:
+                cause = os.strerror(e.errno)  # asyncio's own text hides the cause
+            else:
+                cause = e.strerror or str(e) or type(e).__name__  # e.g. DNS failures
+            server.error = f"cannot connect to upstream {host}:{port}: {cause}"
+            logger.warning("%s", server.error)
+            return
         writer.close()
         try:
             await writer.wait_closed()
