@@ -2,6 +2,7 @@
 # Bootstrap (idempotent) and run codex-responses-api-proxy.
 #   ./run.sh demo          the proxy in front of a local Responses stand-in, no key, no network
 #   ./run.sh test [ARGS]   the whole test suite (pytest ARGS...)
+#   ./run.sh codex-config --server-info FILE | --port N    Codex's provider config
 #   ./run.sh [FLAGS]       the proxy; the API key is read from stdin:
 #       printenv OPENAI_API_KEY | env -u OPENAI_API_KEY ./run.sh --server-info /tmp/info.json
 # Bootstrap output goes to stderr and never reads stdin (the key stays there for the proxy).
@@ -88,6 +89,12 @@ case "$cmd" in
         ensure_venv
         cd "$ROOT"
         exec "$VENV/bin/python" -m addons.demo "$@" </dev/null
+        ;;
+    codex-config)
+        shift
+        ensure_venv
+        cd "$ROOT"
+        exec "$VENV/bin/python" -m addons.codex_config "$@" </dev/null
         ;;
     test)
         shift

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import openai
@@ -49,24 +51,34 @@ def test_openai_sdk_non_streaming(upstream, start_proxy):
     assert response.output_text == upstream.text
 
 
-def codex_config(port: int) -> str:
-    """The provider block for Codex (verified rules in CODEX.md): top-level keys first."""
-    return (
-        'model = "test-model"\n'
-        'model_provider = "proxy"\n\n'
-        "[model_providers.proxy]\n"
-        'name = "Local proxy"\n'
-        f'base_url = "http://127.0.0.1:{port}/v1"\n'
-        'wire_api = "responses"\n'
-        "supports_websockets = false\n"
+def printed_codex_config(proxy, *extra: str) -> str:
+    """What ``./run.sh codex-config`` prints for this proxy (the module it runs)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "addons.codex_config",
+            "--server-info",
+            str(proxy.info_path),
+            "--model",
+            "test-model",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
+    return result.stdout
 
 
-def run_codex(codex: str, home: Path, workdir: Path, prompt: str = "Say hello"):
+def run_codex(
+    codex: str, home: Path, workdir: Path, prompt: str = "Say hello", extra: list[str] | None = None
+):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
     env["CODEX_HOME"] = str(home)
     return subprocess.run(
-        [codex, "exec", "--skip-git-repo-check", "--json", prompt],
+        [codex, "exec", *(extra or []), "--skip-git-repo-check", "--json", prompt],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         timeout=180,
@@ -91,7 +103,7 @@ def test_codex_exec_through_the_proxy(upstream, start_proxy, codex, tmp_path):
     home, work = tmp_path / "codex-home", tmp_path / "work"
     home.mkdir()
     work.mkdir()
-    (home / "config.toml").write_text(codex_config(proxy.port))
+    (home / "config.toml").write_text(printed_codex_config(proxy, "--toml-only"))
     result = run_codex(codex, home, work)
     out = result.stdout.decode(errors="replace")
     assert result.returncode == 0, out + result.stderr.decode(errors="replace")
@@ -107,3 +119,20 @@ def test_codex_exec_through_the_proxy(upstream, start_proxy, codex, tmp_path):
     assert len(files) == 2
     for f in files:
         assert TEST_KEY not in f.read_text()
+
+
+@pytest.mark.codex
+def test_codex_exec_with_the_printed_one_liner(upstream, start_proxy, codex, tmp_path):
+    proxy = start_proxy(upstream.url, dumps=False)
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    printed = printed_codex_config(proxy)
+    line = next(ln for ln in printed.splitlines() if ln.startswith("codex exec "))
+    args = shlex.split(line)
+    assert args[:2] == ["codex", "exec"] and args[-1] == "your prompt"
+    result = run_codex(codex, home, work, prompt="Say hello", extra=args[2:-1])
+    out = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, out + result.stderr.decode(errors="replace")
+    assert upstream.text in out
+    assert json.loads(upstream.requests[0].body)["model"] == "test-model"

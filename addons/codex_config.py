@@ -1,0 +1,100 @@
+"""``./run.sh codex-config``: print the Codex provider configuration for a running proxy.
+
+Rules verified against Codex CLI 0.169.0 (``shared/CODEX.md``): the top-level
+``model_provider`` line must come before any ``[table]`` (else TOML nests it and Codex ignores
+it); ``base_url`` ends in ``/v1`` (Codex appends ``/responses``); ``wire_api = "responses"``;
+``supports_websockets = false``; no ``env_key`` (the proxy holds the credential) and no
+``query_params`` (the proxy refuses query strings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+PROVIDER_ID = "codex-proxy"
+
+
+def provider_toml(port: int, model: str | None = None) -> str:
+    """The ``config.toml`` text for a proxy on 127.0.0.1:``port``."""
+    lines = []
+    if model:
+        lines.append(f"model = {json.dumps(model)}")
+    lines += [
+        f'model_provider = "{PROVIDER_ID}"',
+        "",
+        f"[model_providers.{PROVIDER_ID}]",
+        'name = "codex-responses-api-proxy"',
+        f'base_url = "http://127.0.0.1:{port}/v1"',
+        'wire_api = "responses"',
+        "supports_websockets = false",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def exec_one_liner(port: int, model: str | None = None) -> str:
+    """The equivalent ``codex exec -c ...`` command line (no config file needed)."""
+    provider = (
+        f'{{ name = "codex-responses-api-proxy", base_url = "http://127.0.0.1:{port}/v1", '
+        f'wire_api = "responses", supports_websockets = false }}'
+    )
+    parts = [
+        "codex",
+        "exec",
+        "-c",
+        f"'model_providers.{PROVIDER_ID}={provider}'",
+        "-c",
+        f"model_provider={PROVIDER_ID}",
+    ]
+    if model:
+        parts += ["-c", f"'model={json.dumps(model)}'"]
+    return " ".join(parts) + ' "your prompt"'
+
+
+def port_from_server_info(path: str) -> int:
+    """Read the port from a server-info file (``{"port":N,"pid":N}``).
+
+    Raises:
+        ValueError: when the file is missing or malformed.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            port = json.load(f)["port"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the port from {path}: {e}") from None
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"bad port in {path}: {port!r}")
+    return port
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="run.sh codex-config",
+        description="Print the Codex config.toml provider block for a running proxy.",
+    )
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server-info", metavar="FILE", help="the proxy's --server-info file")
+    where.add_argument("--port", type=int, help="the proxy's port")
+    parser.add_argument("--model", help='also set the top-level model (e.g. "gpt-5-codex")')
+    parser.add_argument("--toml-only", action="store_true", help="print only the TOML")
+    ns = parser.parse_args(argv)
+    try:
+        port = ns.port if ns.port is not None else port_from_server_info(ns.server_info)
+    except ValueError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    if not 0 < port < 65536:
+        parser.exit(2, f"{parser.prog}: error: port {port} out of range\n")
+    if ns.toml_only:
+        sys.stdout.write(provider_toml(port, ns.model))
+        return 0
+    sys.stdout.write("# CODEX_HOME/config.toml (top-level keys before any [table]):\n")
+    sys.stdout.write(provider_toml(port, ns.model))
+    sys.stdout.write("\n# or, without a config file:\n")
+    sys.stdout.write(exec_one_liner(port, ns.model) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

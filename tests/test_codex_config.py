@@ -1,0 +1,37 @@
+import tomllib
+
+import pytest
+
+from addons.codex_config import exec_one_liner, main, port_from_server_info, provider_toml
+
+
+def test_provider_toml_parses_with_top_level_keys_first():
+    text = provider_toml(4321, "gpt-x")
+    assert text.index("model_provider") < text.index("[model_providers")
+    doc = tomllib.loads(text)
+    assert doc["model"] == "gpt-x" and doc["model_provider"] == "codex-proxy"
+    provider = doc["model_providers"]["codex-proxy"]
+    assert provider["base_url"] == "http://127.0.0.1:4321/v1"
+    assert provider["wire_api"] == "responses" and provider["supports_websockets"] is False
+    assert "env_key" not in provider and "query_params" not in provider
+
+
+def test_one_liner_names_the_port():
+    assert "http://127.0.0.1:4321/v1" in exec_one_liner(4321)
+
+
+def test_port_from_server_info(tmp_path):
+    info = tmp_path / "info.json"
+    info.write_text('{"port":5555,"pid":1}\n')
+    assert port_from_server_info(str(info)) == 5555
+    info.write_text("{}")
+    with pytest.raises(ValueError):
+        port_from_server_info(str(info))
+
+
+def test_main_requires_a_port_source(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert main(["--port", "7000", "--toml-only"]) == 0
+    assert "127.0.0.1:7000" in capsys.readouterr().out
