@@ -3,6 +3,8 @@
 #   ./run.sh demo          the proxy in front of a local Responses stand-in, no key, no network
 #   ./run.sh test [ARGS]   the whole test suite (pytest ARGS...)
 #   ./run.sh codex-config --server-info FILE | --port N    Codex's provider config
+#   ./run.sh record DIR [FLAGS]   the proxy, recording the session into DIR (key on stdin)
+#   ./run.sh replay DIR [--pace original|fast] [FLAGS]   serve a recording offline, no key
 #   ./run.sh [FLAGS]       the proxy; the API key is read from stdin:
 #       printenv OPENAI_API_KEY | env -u OPENAI_API_KEY ./run.sh --server-info /tmp/info.json
 # Bootstrap output goes to stderr and never reads stdin (the key stays there for the proxy).
@@ -95,6 +97,22 @@ case "$cmd" in
         ensure_venv
         cd "$ROOT"
         exec "$VENV/bin/python" -m addons.codex_config "$@" </dev/null
+        ;;
+    replay)
+        shift
+        ensure_venv
+        exec "$VENV/bin/python" -m addons.replay "$@" </dev/null
+        ;;
+    record)
+        shift
+        if [[ $# -lt 1 || "$1" == -* ]]; then
+            log "usage: ./run.sh record DIR [proxy flags]   (the API key on stdin)"
+            exit 2
+        fi
+        dir="$1"
+        shift
+        ensure_venv
+        exec "$VENV/bin/codex-responses-api-proxy" --record "$dir" "$@"
         ;;
     test)
         shift

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail closed when a dump cannot be written (503 / killed reply)",
     )
     parser.add_argument(
+        "--record",
+        metavar="DIR",
+        help="record the session: dumps, flows.mitm, session.har, usage.jsonl, summary.json",
+    )
+    parser.add_argument(
         "--config",
         metavar="FILE",
         default=DEFAULT_CONFIG_PATH,
@@ -126,6 +131,12 @@ def mitmproxy_options(
         put("codex_server_info", os.path.abspath(config.server_info))
     if config.dump_dir:
         put("codex_dump_dir", os.path.abspath(config.dump_dir))
+    if config.record_dir:
+        record = os.path.abspath(config.record_dir)
+        os.makedirs(record, mode=0o700, exist_ok=True)
+        put("codex_record_dir", record)
+        put("save_stream_file", os.path.join(record, "flows.mitm"))
+        put("hardump", os.path.join(record, "session.har"))
 
     user: dict[str, list[str]] = {}
     for spec in user_sets:
@@ -161,6 +172,10 @@ def resolve_config(ns: argparse.Namespace) -> ProxyConfig:
         config.dump_dir = ns.dump_dir
     if ns.dump_required:
         config.dump_required = True
+    if ns.record is not None:
+        config.record_dir = ns.record
+        if config.dump_dir is None:
+            config.dump_dir = os.path.join(ns.record, "dumps")
     return config
 
 

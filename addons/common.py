@@ -25,6 +25,8 @@ REFUSED = "codex_proxy.refused"
 KEY_INJECTED = "codex_proxy.key_injected"
 #: The dump sequence number (int) of an accepted flow, when dumps are on.
 DUMP_SEQ = "codex_proxy.dump_seq"
+#: ``[[ms since response headers, body bytes so far], ...]`` of a streamed reply, per chunk.
+CHUNK_TIMING = "codex_proxy.chunk_timing"
 
 SERVER_NAME = "codex-responses-api-proxy"
 

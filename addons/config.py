@@ -36,6 +36,8 @@ class ProxyConfig:
     http_shutdown: bool = False
     dump_dir: str | None = None
     dump_required: bool = False
+    #: Set by ``--record DIR`` only (not a YAML key).
+    record_dir: str | None = None
     extra_routes: list[str] = field(default_factory=list)
     redact_headers: list[str] = field(default_factory=list)
     mitmproxy: dict[str, Any] = field(default_factory=dict)

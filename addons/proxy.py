@@ -9,6 +9,7 @@ from addons.dumps import DumpWriter
 from addons.error_replies import JsonErrorReplies
 from addons.forward import UpstreamForwarder
 from addons.guard import OptionGuard
+from addons.recorder import Recorder
 from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
 from addons.sse_stream import SseStreaming
@@ -24,6 +25,7 @@ addons = [
     Allowlist(),
     SseStreaming(),
     DumpWriter(),
+    Recorder(),
     UpstreamForwarder(),
     UpstreamConnect(),
 ]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from mitmproxy import http
 
-from addons.common import ALLOWED, fail_closed
+from addons.common import ALLOWED, CHUNK_TIMING, fail_closed
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +30,15 @@ class Tee:
     def __init__(self) -> None:
         self.data = bytearray()
         self.chunks = 0
+        self.started = time.monotonic()
+        #: ``[ms since the response headers, body length after this chunk]`` per chunk.
+        self.timing: list[list[int]] = []
 
     def __call__(self, chunk: bytes) -> bytes:
         if chunk:
             self.data += chunk
             self.chunks += 1
+            self.timing.append([int((time.monotonic() - self.started) * 1000), len(self.data)])
         return chunk
 
 
@@ -72,3 +77,4 @@ class SseStreaming:
             return
         flow.response.stream = False
         flow.response.raw_content = bytes(tee.data)
+        flow.metadata[CHUNK_TIMING] = tee.timing

@@ -1,0 +1,250 @@
+"""``--record DIR``: a usage ledger while running, and a session summary at exit.
+
+The recording directory gets (the launcher sets the other parts up): ``dumps/`` (the dump pairs),
+``flows.mitm`` (mitmproxy flow file), ``session.har``, and from this addon ``usage.jsonl`` (one
+line per request as it finishes), ``summary.json`` and ``summary.txt`` (at exit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+
+from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ
+from addons.dumps import write_file_atomically
+from addons.sse_stream import is_event_stream
+
+logger = logging.getLogger(__name__)
+
+USAGE_FIELDS = ("input", "cached", "output", "reasoning", "total")
+
+
+def parse_sse(text: str) -> list[dict[str, str]]:
+    """Split an SSE stream into events ``{"event": name, "data": text}`` (WHATWG rules that
+    matter here: ``field: value`` lines, several ``data`` lines joined with ``\\n``, a blank line
+    ends an event, ``:`` lines are comments). Events without data are dropped."""
+    events: list[dict[str, str]] = []
+    name, data = "", []
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if not line:
+            if data:
+                events.append({"event": name or "message", "data": "\n".join(data)})
+            name, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if key == "event":
+            name = value
+        elif key == "data":
+            data.append(value)
+    if data:
+        events.append({"event": name or "message", "data": "\n".join(data)})
+    return events
+
+
+def usage_of(response_obj: Any) -> dict[str, int] | None:
+    """Token usage from a Responses API ``response`` object (``response.completed`` carries
+    it): input, cached (input_tokens_details.cached_tokens), output, reasoning
+    (output_tokens_details.reasoning_tokens), total. ``None`` when absent."""
+    if not isinstance(response_obj, dict) or not isinstance(response_obj.get("usage"), dict):
+        return None
+    u = response_obj["usage"]
+
+    def num(value: Any) -> int:
+        return value if isinstance(value, int) else 0
+
+    return {
+        "input": num(u.get("input_tokens")),
+        "cached": num((u.get("input_tokens_details") or {}).get("cached_tokens")),
+        "output": num(u.get("output_tokens")),
+        "reasoning": num((u.get("output_tokens_details") or {}).get("reasoning_tokens")),
+        "total": num(u.get("total_tokens")),
+    }
+
+
+@dataclass
+class RequestRecord:
+    """One line of ``usage.jsonl`` / one entry of ``summary.json``."""
+
+    seq: int | None
+    started: float  # unix seconds
+    duration_ms: int
+    status: int | None
+    model: str | None
+    events: int
+    usage: dict[str, int] | None
+    completed: bool
+    error: str | None = None
+    #: ``[[ms since response headers, body bytes so far], ...]``, for replay pacing.
+    chunk_timing: list[list[int]] = field(default_factory=list)
+
+
+def summarize(records: list[RequestRecord]) -> dict[str, Any]:
+    """``{"requests": [...], "totals": {...}}`` with token totals over all requests."""
+    totals: dict[str, Any] = {"requests": len(records), "failed": 0, "events": 0}
+    totals.update({k: 0 for k in USAGE_FIELDS})
+    for r in records:
+        totals["events"] += r.events
+        if r.error or r.status is None or r.status >= 400:
+            totals["failed"] += 1
+        for k in USAGE_FIELDS:
+            totals[k] += (r.usage or {}).get(k, 0)
+    reqs = []
+    for r in records:
+        d = asdict(r)
+        d.pop("chunk_timing")
+        reqs.append(d)
+    return {"requests": reqs, "totals": totals}
+
+
+def human_summary(summary: dict[str, Any]) -> str:
+    """A short table for people and CI logs."""
+    lines = ["codex-responses-api-proxy session summary", ""]
+    lines.append(
+        f"{'seq':>4} {'status':>6} {'ms':>7} {'events':>6}  model / tokens in,cached,"
+        "out,reasoning,total"
+    )
+    for r in summary["requests"]:
+        u = r["usage"] or {}
+        tokens = ",".join(str(u.get(k, "-")) for k in USAGE_FIELDS)
+        status = r["status"] if r["status"] is not None else "-"
+        note = f"  ERROR {r['error']}" if r["error"] else ""
+        lines.append(
+            f"{r['seq'] or '-':>4} {status:>6} {r['duration_ms']:>7} {r['events']:>6}  "
+            f"{r['model'] or '-'} / {tokens}{note}"
+        )
+    t = summary["totals"]
+    lines.append("")
+    lines.append(
+        f"{t['requests']} request(s), {t['failed']} failed, {t['events']} events; tokens: "
+        + ", ".join(f"{k} {t[k]}" for k in USAGE_FIELDS)
+    )
+    return "\n".join(lines) + "\n"
+
+
+class Recorder:
+    """Writes the usage ledger and the session summary of a ``--record`` session.
+
+    For each allowlisted flow, when it finishes (``response``/``error``): status, duration,
+    model (from the request body), the number of SSE events streamed, token usage from
+    ``response.completed`` (or a JSON reply's ``usage``) and the arrival times of its chunks
+    (used by ``./run.sh replay --pace original``). A line goes to ``usage.jsonl`` at once; at
+    exit ``summary.json`` and ``summary.txt`` are written and the summary is logged.
+    """
+
+    def __init__(self) -> None:
+        self.directory = ""
+        self.records: list[RequestRecord] = []
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "codex_record_dir",
+            str,
+            "",
+            "Write usage.jsonl while running and summary.json/summary.txt at exit here.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "codex_record_dir" in updated:
+            path = ctx.options.codex_record_dir
+            if path:
+                try:
+                    os.makedirs(path, mode=0o700, exist_ok=True)
+                except OSError as e:
+                    raise exceptions.OptionsError(f"codex_record_dir: {e}") from None
+                if not os.access(path, os.W_OK):
+                    raise exceptions.OptionsError(f"codex_record_dir: {path!r} not writable")
+            self.directory = os.path.abspath(path) if path else ""
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._record(flow, None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._record(flow, flow.error.msg if flow.error else "error")
+
+    def done(self) -> None:
+        if not self.directory:
+            return
+        summary = summarize(self.records)
+        try:
+            write_file_atomically(
+                self.directory,
+                "summary.json",
+                (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode(),
+            )
+            text = human_summary(summary)
+            write_file_atomically(self.directory, "summary.txt", text.encode())
+            logger.warning("%s", text.rstrip())
+        except OSError as e:
+            logger.error("record: cannot write the summary: %s", e)
+
+    def _record(self, flow: http.HTTPFlow, error: str | None) -> None:
+        if not self.directory or flow.metadata.get(ALLOWED) is not True:
+            return
+        try:
+            record = self._make_record(flow, error)
+        except Exception:
+            logger.exception("record: cannot summarise a flow")
+            return
+        self.records.append(record)
+        try:
+            with open(os.path.join(self.directory, "usage.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+        except OSError as e:
+            logger.error("record: cannot append to usage.jsonl: %s", e)
+
+    @staticmethod
+    def _make_record(flow: http.HTTPFlow, error: str | None) -> RequestRecord:
+        model = None
+        try:
+            body = json.loads(flow.request.get_content(strict=False) or b"{}")
+            if isinstance(body, dict) and isinstance(body.get("model"), str):
+                model = body["model"]
+        except ValueError:
+            pass
+        started = flow.request.timestamp_start
+        end = (flow.response.timestamp_end if flow.response else None) or time.time()
+        events, usage, completed = 0, None, False
+        timing: list[list[int]] = []
+        response = flow.response
+        if response is not None:
+            text = (response.get_content(strict=False) or b"").decode("utf-8", "replace")
+            if is_event_stream(response):
+                parsed = parse_sse(text)
+                events = len(parsed)
+                for ev in parsed:
+                    try:
+                        payload = json.loads(ev["data"])
+                    except ValueError:
+                        continue
+                    if isinstance(payload, dict) and payload.get("type") == "response.completed":
+                        completed = True
+                        usage = usage_of(payload.get("response"))
+                timing = [list(t) for t in flow.metadata.get(CHUNK_TIMING, [])]
+            else:
+                try:
+                    payload = json.loads(text)
+                    usage = usage_of(payload)
+                    completed = isinstance(payload, dict) and payload.get("status") == "completed"
+                except ValueError:
+                    pass
+        return RequestRecord(
+            seq=flow.metadata.get(DUMP_SEQ),
+            started=started,
+            duration_ms=int(max(0.0, end - started) * 1000),
+            status=response.status_code if response is not None else None,
+            model=model,
+            events=events,
+            usage=usage,
+            completed=completed,
+            error=error,
+            chunk_timing=timing,
+        )

@@ -1,0 +1,189 @@
+"""CI smoke recording and offline replay, end to end with the real Codex CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from addons.replay import Exchange, chunks_of, differences, load_recording
+from tests.conftest import ROOT, TEST_KEY, wait_for
+from tests.test_clients import codex, printed_codex_config, run_codex  # noqa: F401
+
+pytestmark = pytest.mark.e2e
+
+
+def final_message(stdout: bytes) -> str:
+    """The last agent message of a ``codex exec --json`` run."""
+    texts = []
+    for line in stdout.decode(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        item = json.loads(line).get("item") or {}
+        if item.get("type") == "agent_message":
+            texts.append(item.get("text", ""))
+    assert texts, stdout.decode(errors="replace")
+    return texts[-1]
+
+
+def start_replay(tmp_path, recording, *args: str) -> tuple[subprocess.Popen[bytes], int, object]:
+    info = tmp_path / "replay-info.json"
+    log = open(tmp_path / "replay.log", "wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "addons.replay",
+            str(recording),
+            "--server-info",
+            str(info),
+            "--http-shutdown",
+            *args,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    wait_for(lambda: info.exists() or proc.poll() is not None, 60, "replay server-info")
+    assert proc.poll() is None, (tmp_path / "replay.log").read_text()
+    return proc, json.loads(info.read_text())["port"], log
+
+
+@pytest.mark.codex
+def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path):  # noqa: F811
+    record = tmp_path / "recording"
+    upstream.event_delay = 0.01
+    proxy = start_proxy(upstream.url, "--record", str(record), dumps=False)
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "config.toml").write_text(printed_codex_config(proxy, "--toml-only"))
+    first = run_codex(codex, home, work)
+    assert first.returncode == 0, first.stderr.decode(errors="replace")
+    recorded_message = final_message(first.stdout)
+    assert recorded_message == upstream.text
+    assert proxy.shutdown() == 0
+
+    # The recording: dumps, flow file, HAR, ledger, summaries; the key in none of them.
+    names = {p.name for p in record.iterdir()}
+    assert {
+        "dumps",
+        "flows.mitm",
+        "session.har",
+        "usage.jsonl",
+        "summary.json",
+        "summary.txt",
+    } <= names
+    for path in record.rglob("*"):
+        if path.is_file():
+            assert TEST_KEY.encode() not in path.read_bytes(), path
+    ledger = [json.loads(x) for x in (record / "usage.jsonl").read_text().splitlines()]
+    assert len(ledger) == 1 and ledger[0]["model"] == "test-model"
+    assert ledger[0]["usage"] == {
+        "input": 42,
+        "cached": 8,
+        "output": 17,
+        "reasoning": 5,
+        "total": 59,
+    }
+    assert ledger[0]["events"] > 10 and ledger[0]["status"] == 200
+    summary = json.loads((record / "summary.json").read_text())
+    assert summary["totals"]["total"] == 59 and summary["totals"]["requests"] == 1
+    assert "1 request(s), 0 failed" in (record / "summary.txt").read_text()
+    assert "session summary" in proxy.output()
+
+    # Offline: the upstream is gone; the replay serves the same turn.
+    upstream.stop()
+    replay, port, log = start_replay(tmp_path, record, "--pace", "original")
+    try:
+        home2 = tmp_path / "codex-home-2"
+        home2.mkdir()
+        toml = (home / "config.toml").read_text().replace(str(proxy.port), str(port))
+        (home2 / "config.toml").write_text(toml)
+        second = run_codex(codex, home2, work)
+        assert second.returncode == 0, second.stderr.decode(errors="replace")
+        assert final_message(second.stdout) == recorded_message
+    finally:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/shutdown")
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert replay.wait(30) == 0
+        log.close()
+
+
+def test_replay_mismatch_is_409_saying_what_differed(upstream, start_proxy, tmp_path):
+    record = tmp_path / "recording"
+    proxy = start_proxy(upstream.url, "--record", str(record), dumps=False)
+    assert proxy.post_json({"model": "gpt-a", "input": "hi", "stream": True})[0] == 200
+    assert proxy.shutdown() == 0
+    replay, port, log = start_replay(tmp_path, record)
+    try:
+        import http.client
+
+        def post(payload):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request(
+                "POST", "/v1/responses", json.dumps(payload), {"content-type": "application/json"}
+            )
+            resp = conn.getresponse()
+            out = resp.status, resp.read()
+            conn.close()
+            return out
+
+        status, body = post({"model": "gpt-b", "input": "hi", "stream": True})
+        assert status == 409
+        message = json.loads(body)["error"]["message"]
+        assert "model: recorded 'gpt-a', got 'gpt-b'" in message
+        started = time.monotonic()
+        status, body = post({"model": "gpt-a", "input": "other text", "stream": True})
+        assert status == 200 and b"response.completed" in body
+        assert time.monotonic() - started < 10
+        status, body = post({"model": "gpt-a", "input": "hi", "stream": True})
+        assert status == 409 and b"only 1 exchange" in body
+    finally:
+        replay.terminate()
+        replay.wait(30)
+        log.close()
+
+
+def test_differences_ignore_volatile_values():
+    a = {
+        "model": "m",
+        "stream": True,
+        "prompt_cache_key": "abc",
+        "input": [{"type": "message", "role": "user", "content": "cwd=/tmp/x"}],
+        "tools": [{"type": "function", "name": "shell"}],
+    }
+    b = {
+        **a,
+        "prompt_cache_key": "def",
+        "input": [{"type": "message", "role": "user", "content": "cwd=/tmp/y"}],
+    }
+    assert differences(a, b) == []
+    c = {**a, "tools": []}
+    assert differences(a, c) == ["tools: recorded ['shell'], got []"]
+
+
+def test_chunks_follow_recorded_timing_or_events():
+    body = "event: a\ndata: 1\n\nevent: b\ndata: 2\n\n"
+    timed = Exchange(
+        1, {}, 200, [("content-type", "text/event-stream")], body, [[0, 19], [40, len(body)]]
+    )
+    assert chunks_of(timed) == [(0, body[:19].encode()), (40, body[19:].encode())]
+    untimed = Exchange(1, {}, 200, [], body, [])
+    assert [c for _, c in chunks_of(untimed)] == [
+        b"event: a\ndata: 1\n\n",
+        b"event: b\ndata: 2\n\n",
+    ]
+
+
+def test_load_recording_needs_a_pair(tmp_path):
+    with pytest.raises(ValueError, match="no complete"):
+        load_recording(tmp_path)

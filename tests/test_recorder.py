@@ -1,0 +1,81 @@
+import json
+
+from mitmproxy.test import taddons, tflow, tutils
+
+from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ
+from addons.recorder import Recorder, human_summary, parse_sse, summarize, usage_of
+from tests.fake_upstream import encode_event, responses_sse_events
+
+
+def test_parse_sse():
+    text = 'event: a\ndata: {"x":1}\n\n: comment\ndata: line1\ndata: line2\n\nevent: empty\n\n'
+    assert parse_sse(text) == [
+        {"event": "a", "data": '{"x":1}'},
+        {"event": "message", "data": "line1\nline2"},
+    ]
+    assert parse_sse("data: tail-without-blank-line") == [
+        {"event": "message", "data": "tail-without-blank-line"}
+    ]
+
+
+def test_usage_of():
+    assert usage_of(
+        {
+            "usage": {
+                "input_tokens": 3,
+                "input_tokens_details": {"cached_tokens": 1},
+                "output_tokens": 4,
+                "output_tokens_details": {"reasoning_tokens": 2},
+                "total_tokens": 7,
+            }
+        }
+    ) == {"input": 3, "cached": 1, "output": 4, "reasoning": 2, "total": 7}
+    assert usage_of({"usage": None}) is None
+
+
+def sse_flow(seq=1):
+    body = b"".join(encode_event(k, p) for k, p in responses_sse_events("a b c", "gpt-r"))
+    f = tflow.tflow(
+        resp=tutils.tresp(headers=[(b"content-type", b"text/event-stream")], content=body)
+    )
+    f.request.content = json.dumps({"model": "gpt-r", "stream": True}).encode()
+    f.metadata[ALLOWED] = True
+    f.metadata[DUMP_SEQ] = seq
+    f.metadata[CHUNK_TIMING] = [[0, 10], [5, len(body)]]
+    return f
+
+
+def test_ledger_and_summary(tmp_path):
+    addon = Recorder()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_record_dir=str(tmp_path))
+        addon.response(sse_flow(1))
+        failed = sse_flow(2)
+        failed.error = tflow.terr("client disconnected")
+        addon.error(failed)
+        refused = sse_flow(3)
+        del refused.metadata[ALLOWED]
+        addon.response(refused)
+        lines = (tmp_path / "usage.jsonl").read_text().splitlines()
+        assert len(lines) == 2
+        first = json.loads(lines[0])
+        assert first["model"] == "gpt-r" and first["status"] == 200 and first["completed"]
+        assert first["events"] == 11  # 3 deltas + 8 other events
+        assert first["usage"] == {
+            "input": 42,
+            "cached": 8,
+            "output": 17,
+            "reasoning": 5,
+            "total": 59,
+        }
+        assert first["chunk_timing"] == [[0, 10], [5, first["chunk_timing"][1][1]]]
+        addon.done()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["totals"]["requests"] == 2 and summary["totals"]["failed"] == 1
+    assert summary["totals"]["total"] == 118 and summary["totals"]["cached"] == 16
+    text = (tmp_path / "summary.txt").read_text()
+    assert "2 request(s), 1 failed" in text and "ERROR client disconnected" in text
+
+
+def test_human_summary_of_nothing():
+    assert "0 request(s)" in human_summary(summarize([]))
