@@ -30,7 +30,7 @@ def parse_sse(text: str) -> list[dict[str, str]]:
     matter here: ``field: value`` lines, several ``data`` lines joined with ``\\n``, a blank line
     ends an event, ``:`` lines are comments). Events without data are dropped."""
     events: list[dict[str, str]] = []
-    name, data = "", []
+    name, data = "", list[str]()
     for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
         if not line:
             if data:
