@@ -5,6 +5,7 @@
 #   ./run.sh codex-config --server-info FILE | --port N    Codex's provider config
 #   ./run.sh record DIR [FLAGS]   the proxy, recording the session into DIR (key on stdin)
 #   ./run.sh replay DIR [--pace original|fast] [FLAGS]   serve a recording offline, no key
+#   ./run.sh web [FLAGS] [--web-port N]   the proxy behind mitmweb (key on stdin)
 #   ./run.sh [FLAGS]       the proxy; the API key is read from stdin:
 #       printenv OPENAI_API_KEY | env -u OPENAI_API_KEY ./run.sh --server-info /tmp/info.json
 # Bootstrap output goes to stderr and never reads stdin (the key stays there for the proxy).
@@ -84,6 +85,22 @@ ensure_codex() {
     (cd "$ROOT" && npm install --no-audit --no-fund --loglevel=error </dev/null >&2)
 }
 
+ensure_chromium() {
+    # Headless Chromium + ChromeDriver from Debian for the mitmweb UI test.
+    if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+        return 0
+    fi
+    if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+        log "warning: chromium/chromedriver missing and cannot apt-get them; the UI test will not run"
+        return 0
+    fi
+    log "installing chromium and chromium-driver (Debian packages)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium chromium-driver </dev/null >&2 \
+        || { apt-get update -q </dev/null >&2 && apt-get install -y -q chromium chromium-driver </dev/null >&2; } \
+        || log "warning: could not install chromium; the UI test will not run"
+}
+
 cmd="${1:-}"
 case "$cmd" in
     demo)
@@ -97,6 +114,11 @@ case "$cmd" in
         ensure_venv
         cd "$ROOT"
         exec "$VENV/bin/python" -m addons.codex_config "$@" </dev/null
+        ;;
+    web)
+        shift
+        ensure_venv
+        exec "$VENV/bin/python" -m addons.web "$@"
         ;;
     replay)
         shift
@@ -118,6 +140,7 @@ case "$cmd" in
         shift
         ensure_venv
         ensure_codex
+        ensure_chromium
         cd "$ROOT"
         exec "$VENV/bin/python" -m pytest "$@" </dev/null
         ;;

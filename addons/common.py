@@ -29,6 +29,9 @@ DUMP_SEQ = "codex_proxy.dump_seq"
 CHUNK_TIMING = "codex_proxy.chunk_timing"
 
 SERVER_NAME = "codex-responses-api-proxy"
+#: Response header on every reply the proxy makes itself (refusals, errors): the error code.
+#: The mitmweb front (``addons/web_ui.py``) uses it to mark refused flows.
+LOCAL_REPLY_HEADER = "x-codex-proxy-error"
 
 
 def json_response(status: int, code: str, message: str, **headers: str) -> http.Response:
@@ -44,7 +47,12 @@ def json_response(status: int, code: str, message: str, **headers: str) -> http.
     return http.Response.make(
         status,
         body,
-        {"content-type": "application/json", "server": SERVER_NAME, **headers},
+        {
+            "content-type": "application/json",
+            "server": SERVER_NAME,
+            LOCAL_REPLY_HEADER: code,
+            **headers,
+        },
     )
 
 

@@ -9,6 +9,8 @@ from mitmproxy import http, version
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.layers.http import _http1
 
+from addons.common import LOCAL_REPLY_HEADER
+
 logger = logging.getLogger(__name__)
 
 ERROR_CODES = {
@@ -30,11 +32,12 @@ def render_error_reply(status_code: int, message: str = "") -> bytes:
     mitmproxy's own text (e.g. "Connection refused", a TLS verification error); it never holds
     request headers, so never the key.
     """
+    code = ERROR_CODES.get(status_code, "proxy_error")
     body = json.dumps(
         {
             "error": {
                 "type": "codex_proxy",
-                "code": ERROR_CODES.get(status_code, "proxy_error"),
+                "code": code,
                 "message": message or "proxy error",
             }
         },
@@ -43,7 +46,14 @@ def render_error_reply(status_code: int, message: str = "") -> bytes:
     reply = http.Response.make(
         status_code,
         body,
-        http.Headers(Server=version.MITMPROXY, Connection="close", Content_Type="application/json"),
+        http.Headers(
+            [
+                (b"Server", version.MITMPROXY.encode()),
+                (b"Connection", b"close"),
+                (b"Content-Type", b"application/json"),
+                (LOCAL_REPLY_HEADER.encode(), code.encode()),
+            ]
+        ),
     )
     return http1.assemble_response(reply)
 

@@ -1,0 +1,139 @@
+"""``./run.sh web [proxy flags] [--web-port N]``: the proxy with mitmweb for inspection.
+
+Two processes on loopback, so the one that shows flows never holds the key:
+
+1. the key-holding proxy (``addons.cli``, exactly the headless proxy) as a child on an
+   ephemeral port; it inherits stdin and reads the key itself; this process never reads it;
+2. mitmweb in this process, a plain reverse proxy in front of it on the port Codex uses
+   (``--port``), with the UI on 127.0.0.1 (``--web-port``), protected by mitmweb's own access
+   token (printed at start-up) or ``--set web_password=...``.
+
+``--server-info`` and ``--http-shutdown`` apply to the front (the port Codex talks to);
+``--dump-dir``, ``--dump-required``, ``--record``, ``--upstream-url`` and ``--config`` go to
+the key-holding proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+WEB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web_ui.py")
+#: Options only the front takes; everything else goes to the key-holding proxy.
+FRONT_ONLY_SETS = ("web_", "codex_web_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from addons.cli import build_parser as proxy_parser
+
+    parser = proxy_parser()
+    parser.prog = "run.sh web"
+    parser.description = "The proxy behind mitmweb: inspect Codex traffic, key never in the UI."
+    parser.add_argument("--web-port", type=int, default=8081, help="mitmweb UI port (8081)")
+    return parser
+
+
+def split_sets(sets: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--set`` specs for (the front, the key-holding proxy)."""
+    front, inner = [], []
+    for spec in sets:
+        (front if spec.startswith(FRONT_ONLY_SETS) else inner).append(spec)
+    return front, inner
+
+
+def inner_command(ns: argparse.Namespace, info_path: str, inner_sets: Sequence[str]) -> list[str]:
+    """The key-holding proxy's command line (ephemeral port, its own server-info file)."""
+    cmd = [sys.executable, "-m", "addons.cli", "--server-info", info_path, "--config", ns.config]
+    for flag, value in (
+        ("--upstream-url", ns.upstream_url),
+        ("--dump-dir", ns.dump_dir),
+        ("--record", ns.record),
+    ):
+        if value is not None:
+            cmd += [flag, value]
+    if ns.dump_required:
+        cmd.append("--dump-required")
+    for spec in inner_sets:
+        cmd += ["--set", spec]
+    return cmd
+
+
+def front_args(ns: argparse.Namespace, inner_port: int, front_sets: Sequence[str]) -> list[str]:
+    """mitmweb's arguments: reverse proxy to the key-holding proxy, everything on loopback."""
+    args = [
+        "--mode",
+        f"reverse:http://127.0.0.1:{inner_port}",
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        str(ns.port if ns.port is not None else 0),
+        "--web-host",
+        "127.0.0.1",
+        "--web-port",
+        str(ns.web_port),
+        "--no-web-open-browser",
+        "-s",
+        WEB_SCRIPT,
+        "--set",
+        "connection_strategy=lazy",
+        "--set",
+        "keep_host_header=true",
+        "--set",
+        f"codex_http_shutdown={'true' if ns.http_shutdown else 'false'}",
+    ]
+    if ns.server_info:
+        args += ["--set", f"codex_server_info={os.path.abspath(ns.server_info)}"]
+    for spec in front_sets:
+        args += ["--set", spec]
+    return args
+
+
+def wait_for_inner(proc: subprocess.Popen[bytes], info_path: str, timeout: float = 120) -> int:
+    """The key-holding proxy's port, once it listens. Raises SystemExit with its exit code."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(info_path):
+            with open(info_path, encoding="utf-8") as f:
+                return int(json.load(f)["port"])
+        if proc.poll() is not None:
+            raise SystemExit(proc.returncode)
+        time.sleep(0.05)
+    proc.terminate()
+    raise SystemExit("run.sh web: the key-holding proxy did not start")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    front_sets, inner_sets = split_sets(ns.setoptions)
+    with tempfile.TemporaryDirectory(prefix="codex-proxy-web-") as tmp:
+        info_path = os.path.join(tmp, "inner-info.json")
+        # stdin is inherited: the key goes straight to the child; this process never reads it.
+        inner = subprocess.Popen(inner_command(ns, info_path, inner_sets))
+        try:
+            inner_port = wait_for_inner(inner, info_path)
+            from mitmproxy.tools.main import mitmweb
+
+            try:
+                mitmweb(front_args(ns, inner_port, front_sets))
+            except SystemExit as e:
+                if e.code not in (None, 0):
+                    return e.code if isinstance(e.code, int) else 1
+            return 0
+        finally:
+            if inner.poll() is None:
+                inner.terminate()
+                try:
+                    inner.wait(15)
+                except subprocess.TimeoutExpired:
+                    inner.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

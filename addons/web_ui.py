@@ -1,0 +1,163 @@
+"""Entry script and addons for the mitmweb front (``./run.sh web``).
+
+The mitmweb process never holds the API key: it is a reverse proxy in front of the key-holding
+proxy (a child process on loopback, see ``addons/web.py``), so nothing mitmweb shows, pushes to
+the browser or saves can contain the key, even while a request is in flight. These addons make
+the inspection useful: SSE bodies visible while they stream, refusals marked, a bounded number
+of flows in memory, and the front's own server-info / shutdown contract.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+
+from mitmproxy import ctx, exceptions, hooks, http
+
+from addons.common import LOCAL_REPLY_HEADER
+from addons.guard import OptionGuard
+from addons.server_info import ServerInfo
+from addons.shutdown import HttpShutdown
+from addons.sse_stream import is_event_stream
+
+logger = logging.getLogger(__name__)
+
+#: What a refusal code from the key-holding proxy means, for the flow's comment.
+REFUSAL_NOTES = {
+    "forbidden": "refused by the allowlist (only POST /v1/responses is forwarded)",
+    "websocket_not_supported": "WebSocket upgrade refused with 426; Codex falls back to HTTP",
+    "upstream_error": "the upstream could not be reached or failed",
+    "dump_failed": "refused: its dump could not be written (--dump-required)",
+}
+
+
+class LiveSse:
+    """Streams SSE replies through the front and shows their body while they stream.
+
+    Each chunk is passed on at once (``flow.response.stream``) and appended to a copy; at most
+    every ``codex_web_refresh_ms`` the copy is put in the flow and an ``update`` is triggered,
+    so mitmweb pushes the growing body to the browser. At the end the whole body stays in the
+    flow for viewing.
+    """
+
+    def __init__(self) -> None:
+        self.refresh_s = 0.25
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "codex_web_refresh_ms",
+            int,
+            250,
+            "How often (ms) a streaming SSE body is refreshed in the mitmweb UI.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "codex_web_refresh_ms" in updated:
+            self.refresh_s = max(10, ctx.options.codex_web_refresh_ms) / 1000
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if response is None or response.stream or not is_event_stream(response):
+            return
+        body = bytearray()
+        last = [0.0]
+
+        def tee(chunk: bytes) -> bytes:
+            if chunk:
+                body.extend(chunk)
+                now = time.monotonic()
+                if now - last[0] >= self.refresh_s:
+                    last[0] = now
+                    self._show(flow, body)
+            else:
+                self._show(flow, body)
+            return chunk
+
+        response.stream = tee
+
+    @staticmethod
+    def _show(flow: http.HTTPFlow, body: bytearray) -> None:
+        if flow.response is None:
+            return
+        flow.response.raw_content = bytes(body)
+        ctx.master.addons.trigger(hooks.UpdateHook([flow]))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and callable(flow.response.stream):
+            flow.response.stream = False
+
+
+class FlowNotes:
+    """Marks what the key-holding proxy did with each flow, for the person looking at mitmweb.
+
+    Refusals (403 allowlist, 426 WebSocket, local errors) carry the ``x-codex-proxy-error``
+    header: the flow is marked and gets a comment saying why. Forwarded flows show the
+    ``Authorization`` header the key-holding proxy injected upstream as ``[REDACTED]`` (this
+    process never had the value).
+    """
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if response is None:
+            return
+        code = response.headers.get(LOCAL_REPLY_HEADER)
+        if code:
+            flow.marked = ":no_entry:"
+            flow.comment = REFUSAL_NOTES.get(code, f"answered by the proxy itself ({code})")
+        elif flow.request.method == "POST":
+            flow.request.headers["authorization"] = "[REDACTED]"
+            flow.comment = "forwarded upstream; the key-holding proxy injected Authorization"
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.error is not None:
+            flow.comment = f"failed: {flow.error.msg}"
+
+
+class FlowCap:
+    """Keeps at most ``codex_web_max_flows`` flows in mitmweb's memory (oldest finished flows
+    dropped first), so a long Codex session does not grow without bound. 0 means no limit."""
+
+    def __init__(self) -> None:
+        self.max_flows = 1000
+        self._seen: collections.deque[http.HTTPFlow] = collections.deque()
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "codex_web_max_flows",
+            int,
+            1000,
+            "Most flows kept in the mitmweb UI; the oldest are dropped first (0: no limit).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "codex_web_max_flows" in updated:
+            if ctx.options.codex_web_max_flows < 0:
+                raise exceptions.OptionsError("codex_web_max_flows must be >= 0")
+            self.max_flows = ctx.options.codex_web_max_flows
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._seen.append(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._trim()
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._trim()
+
+    def _trim(self) -> None:
+        view = ctx.master.addons.get("view")
+        if view is None or not self.max_flows:
+            return
+        drop = []
+        excess = view.store_count() - self.max_flows
+        kept: collections.deque[http.HTTPFlow] = collections.deque()
+        while self._seen and excess > len(drop):
+            oldest = self._seen.popleft()
+            (kept if oldest.live else drop).append(oldest)
+        self._seen.extendleft(reversed(kept))
+        if drop:
+            view.remove(drop)
+
+
+addons = [OptionGuard(), ServerInfo(), HttpShutdown(), FlowNotes(), LiveSse(), FlowCap()]

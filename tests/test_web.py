@@ -1,0 +1,257 @@
+"""mitmweb front (``./run.sh web``) end to end: real Codex CLI, real headless Chromium."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TEST_KEY, wait_for
+from tests.test_clients import codex, printed_codex_config, run_codex  # noqa: F401
+from tests.test_leaks import proc_tree
+
+pytestmark = pytest.mark.e2e
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WebProxy:
+    def __init__(self, tmp_path: Path, upstream_url: str, *args: str) -> None:
+        self.info = tmp_path / "web-info.json"
+        self.log_path = tmp_path / "web.log"
+        self.web_port = free_port()
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "addons.web",
+                "--upstream-url",
+                upstream_url,
+                "--server-info",
+                str(self.info),
+                "--http-shutdown",
+                "--web-port",
+                str(self.web_port),
+                "--dump-dir",
+                str(tmp_path / "dumps"),
+                *args,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(TEST_KEY.encode() + b"\n")
+        self.proc.stdin.close()
+        wait_for(lambda: self.info.exists() or self.proc.poll() is not None, 120, "web front")
+        assert self.proc.poll() is None, self.output()
+        self.port = json.loads(self.info.read_text())["port"]
+        wait_for(lambda: "token=" in self.output(), 30, "mitmweb's token")
+        self.token = re.search(r"token=([0-9a-f]+)", self.output()).group(1)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def api(self, path: str) -> bytes:
+        sep = "&" if "?" in path else "?"
+        url = f"http://127.0.0.1:{self.web_port}{path}{sep}token={self.token}"
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.read()
+
+    def flows(self) -> list[dict]:
+        return json.loads(self.api("/flows"))
+
+    def request(self, method: str, target: str, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request(method, target, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        out = resp.status, resp.read()
+        conn.close()
+        return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            status, _ = self.request("GET", "/shutdown")
+            assert status == 200
+        code = self.proc.wait(60)
+        self.log.close()
+        return code
+
+
+def chrome():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.environ.get("CI"):
+            pytest.fail("chromium/chromedriver missing in CI: ./run.sh test installs them")
+        pytest.skip("chromium/chromedriver not installed (./run.sh test installs them)")
+    os.environ["SE_OFFLINE"] = "true"  # never let Selenium Manager download anything
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        "--window-size=1400,1000",
+    ):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+@pytest.mark.codex
+def test_mitmweb_front_shows_codex_flows_without_the_key(upstream, codex, tmp_path):  # noqa: F811
+    upstream.gate = threading.Event()
+    web = WebProxy(tmp_path, upstream.url, "--set", "codex_web_max_flows=50")
+    driver = None
+    try:
+        # The process that shows flows never had the key.
+        for pid in proc_tree(web.proc.pid):
+            for name in ("cmdline", "environ"):
+                assert TEST_KEY.encode() not in Path(f"/proc/{pid}/{name}").read_bytes()
+
+        # 1. While a stream is running, the UI already has its first event.
+        conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=60)
+        conn.request(
+            "POST",
+            "/v1/responses",
+            json.dumps({"model": "m", "stream": True}),
+            {"content-type": "application/json"},
+        )
+        resp = conn.getresponse()
+        assert resp.readline() == b"event: response.created\n"
+
+        def live_body() -> bytes:
+            flows = [f for f in web.flows() if f["request"]["method"] == "POST"]
+            if not flows or not flows[0].get("response"):
+                return b""
+            return web.api(f"/flows/{flows[0]['id']}/response/content.data")
+
+        wait_for(lambda: b"response.created" in live_body(), 20, "the streaming body in the UI")
+        assert b"response.completed" not in live_body()
+        flows_json = web.api("/flows")
+        assert TEST_KEY.encode() not in flows_json
+        upstream.gate.set()
+        assert b"response.completed" in resp.read()
+        conn.close()
+        upstream.gate = None
+
+        # 2. A real Codex run through the front.
+        home, work = tmp_path / "codex-home", tmp_path / "work"
+        home.mkdir()
+        work.mkdir()
+        toml = printed_codex_config(type("P", (), {"info_path": web.info})(), "--toml-only")
+        (home / "config.toml").write_text(toml)
+        result = run_codex(codex, home, work)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+
+        # 3. What Codex (or anything else) tried and was refused is visible and marked.
+        assert web.request("GET", "/v1/models")[0] == 403
+        assert (
+            web.request(
+                "GET", "/v1/responses", headers={"Upgrade": "websocket", "Connection": "Upgrade"}
+            )[0]
+            == 426
+        )
+        flows = web.flows()
+        by_comment = {f["comment"] for f in flows}
+        assert any("allowlist" in c for c in by_comment)
+        assert any("426" in c for c in by_comment)
+        refused = [f for f in flows if f["response"] and f["response"]["status_code"] == 403]
+        assert refused and all(f["marked"] for f in refused)
+        posts = [f for f in flows if f["request"]["method"] == "POST"]
+        assert len(posts) == 2
+        for f in posts:
+            headers = dict((k.lower(), v) for k, v in f["request"]["headers"])
+            assert headers["authorization"] == "[REDACTED]"
+
+        # 4. No key anywhere in the UI's API: flow list and every body.
+        everything = [web.api("/flows")]
+        for f in flows:
+            everything.append(web.api(f"/flows/{f['id']}/request/content.data"))
+            if f.get("response"):
+                everything.append(web.api(f"/flows/{f['id']}/response/content.data"))
+        for blob in everything:
+            assert TEST_KEY.encode() not in blob
+
+        # 5. A real browser: the flow is there, the SSE body is shown, no key in the DOM.
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        driver = chrome()
+        try:
+            driver.get(f"http://127.0.0.1:{web.web_port}/?token={web.token}")
+            wait = WebDriverWait(driver, 30)
+            rows = wait.until(
+                lambda d: [
+                    r
+                    for r in d.find_elements(By.CSS_SELECTOR, "tr")
+                    if "/v1/responses" in r.text and "POST" in r.text
+                ]
+            )
+            rows[-1].click()
+            tab = wait.until(
+                lambda d: next(
+                    (
+                        t
+                        for t in d.find_elements(By.CSS_SELECTOR, "a")
+                        if t.text.strip() == "Response"
+                    ),
+                    None,
+                )
+            )
+            tab.click()
+            wait.until(lambda d: "response.output_text.delta" in d.page_source)
+        except Exception:
+            ARTIFACTS.mkdir(exist_ok=True)
+            driver.save_screenshot(str(ARTIFACTS / "mitmweb-failure.png"))
+            raise
+        assert "response.completed" in driver.page_source
+        assert TEST_KEY not in driver.page_source
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "mitmweb-codex-flow.png"))
+        assert (ARTIFACTS / "mitmweb-codex-flow.png").stat().st_size > 10_000
+    finally:
+        if driver is not None:
+            driver.quit()
+        if upstream.gate is not None:
+            upstream.gate.set()
+        code = web.stop()
+    assert code == 0
+    assert TEST_KEY not in web.output()
+    dumps = list((tmp_path / "dumps").iterdir())
+    assert len(dumps) == 4  # the key-holding proxy wrote the dumps: two pairs
+
+
+def test_flow_cap_keeps_memory_bounded(upstream, tmp_path):
+    web = WebProxy(tmp_path, upstream.url, "--set", "codex_web_max_flows=3")
+    try:
+        for _ in range(8):
+            assert web.request("GET", "/v1/models")[0] == 403
+        wait_for(lambda: len(web.flows()) == 3, 20, "the cap to apply")
+        assert len(web.flows()) == 3
+    finally:
+        assert web.stop() == 0
