@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def split_sets(sets: Sequence[str]) -> tuple[list[str], list[str]]:
     """``--set`` specs for (the front, the key-holding proxy)."""
-    front, inner = [], []
+    front: list[str] = []
+    inner: list[str] = []
     for spec in sets:
         (front if spec.startswith(FRONT_ONLY_SETS) else inner).append(spec)
     return front, inner

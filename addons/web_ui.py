@@ -149,7 +149,7 @@ class FlowCap:
         view = ctx.master.addons.get("view")
         if view is None or not self.max_flows:
             return
-        drop = []
+        drop: list[http.HTTPFlow] = []
         excess = view.store_count() - self.max_flows
         kept: collections.deque[http.HTTPFlow] = collections.deque()
         while self._seen and excess > len(drop):
