@@ -6,6 +6,7 @@
 #   ./run.sh record DIR [FLAGS]   the proxy, recording the session into DIR (key on stdin)
 #   ./run.sh replay DIR [--pace original|fast] [FLAGS]   serve a recording offline, no key
 #   ./run.sh web [FLAGS] [--web-port N]   the proxy behind mitmweb (key on stdin)
+#   ./run.sh bench [--seconds N] [--streams N]   benchmark against direct, mitmdump, the reference
 #   ./run.sh [FLAGS]       the proxy; the API key is read from stdin:
 #       printenv OPENAI_API_KEY | env -u OPENAI_API_KEY ./run.sh --server-info /tmp/info.json
 # Bootstrap output goes to stderr and never reads stdin (the key stays there for the proxy).
@@ -101,6 +102,17 @@ ensure_chromium() {
         || log "warning: could not install chromium; the UI test will not run"
 }
 
+ensure_wrk() {
+    command -v wrk >/dev/null 2>&1 && return 0
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing wrk (Debian package)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk </dev/null >&2 \
+            || { apt-get update -q </dev/null >&2 \
+                 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk </dev/null >&2; }
+    fi
+    command -v wrk >/dev/null 2>&1 || { log "error: wrk is needed for the benchmark"; exit 1; }
+}
+
 cmd="${1:-}"
 case "$cmd" in
     demo)
@@ -114,6 +126,14 @@ case "$cmd" in
         ensure_venv
         cd "$ROOT"
         exec "$VENV/bin/python" -m addons.codex_config "$@" </dev/null
+        ;;
+    bench)
+        shift
+        ensure_venv
+        ensure_codex
+        ensure_wrk
+        cd "$ROOT"
+        exec "$VENV/bin/python" -m bench.bench "$@" </dev/null
         ;;
     web)
         shift

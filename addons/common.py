@@ -66,6 +66,7 @@ def _fail(flow: Any, hook: str, exc: BaseException) -> None:
     if not isinstance(flow, http.HTTPFlow):
         return
     if flow.response is None and flow.live and flow.error is None:
+        flow.request.stream = False  # a local reply and a streamed request cannot coexist
         flow.response = json_response(
             500, "proxy_internal_error", f"internal error in the proxy's {hook} hook"
         )

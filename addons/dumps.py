@@ -8,7 +8,6 @@ import itertools
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -75,17 +74,19 @@ def render_document(doc: dict[str, Any]) -> bytes:
 
 def write_file_atomically(directory: str, name: str, data: bytes) -> str:
     """Write ``data`` as ``directory/name`` with mode 0600; readers never see a partial file
-    (temporary file in the same directory, then ``os.replace``). Returns the path.
+    (a hidden ``.name.tmp`` created with ``O_EXCL`` and mode 0600, then ``os.replace``).
+    Names are unique per process (sequence numbers), so no random temporary names are needed.
+    Returns the path.
 
     Raises:
         OSError: on any write error (the temporary file is removed).
     """
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    path = os.path.join(directory, name)
+    tmp = os.path.join(directory, f".{name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o600)
-        path = os.path.join(directory, name)
         os.replace(tmp, path)
         return path
     except BaseException:

@@ -10,6 +10,7 @@ from addons.error_replies import JsonErrorReplies
 from addons.forward import UpstreamForwarder
 from addons.guard import OptionGuard
 from addons.recorder import Recorder
+from addons.request_stream import RequestStreaming
 from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
 from addons.sse_stream import SseStreaming
@@ -24,6 +25,7 @@ addons = [
     WebSocketRefusal(),
     Allowlist(),
     SseStreaming(),
+    RequestStreaming(),
     DumpWriter(),
     Recorder(),
     UpstreamForwarder(),

@@ -163,6 +163,8 @@ class FakeUpstream:
         self.gate_timeout = 10.0
         self.gate_timed_out: bool | None = None
         self.fault: str | None = None
+        #: Set as soon as a request head arrives (before its body is read).
+        self.headers_seen = threading.Event()
         self.fault_after = 2
         self.headers_delay = 0.0
         self.ssl_context: Any = None
@@ -179,6 +181,7 @@ class FakeUpstream:
         return f"{scheme}://127.0.0.1:{self.port}/v1/responses"
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.headers_seen.set()
         body = await request.read()
         self.requests.append(
             RecordedRequest(

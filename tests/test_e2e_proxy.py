@@ -387,3 +387,26 @@ def test_40_concurrent_streams_complete_and_are_dumped(upstream, start_proxy):
         doc = json.loads(f.read_text())
         if f.name.endswith("-response.json"):
             assert "response.completed" in doc["body"] and "error" not in doc
+
+
+def test_large_request_body_is_streamed_upstream(upstream, start_proxy):
+    """The upstream sees the request head while the client is still sending the body; a proxy
+    that buffers the body first would only forward it once the body is complete."""
+    proxy = start_proxy(upstream.url, dumps=True)
+    body = json.dumps({"model": "m", "input": "y" * 1_000_000}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as s:
+        s.sendall(
+            b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        s.sendall(body[:200_000])
+        assert upstream.headers_seen.wait(15), "the upstream saw nothing before the body ended"
+        s.sendall(body[200_000:])
+        reply = s.makefile("rb")
+        assert reply.readline().startswith(b"HTTP/1.1 200")
+    wait_for(lambda: len(upstream.requests) == 1, 10, "the request upstream")
+    assert upstream.requests[0].body == body
+    assert upstream.requests[0].header_values("authorization") == [f"Bearer {TEST_KEY}"]
+    assert proxy.shutdown() == 0
+    req = next(v for k, v in dump_docs(proxy).items() if k.endswith("-request.json"))
+    assert req["body"] == json.loads(body)  # the streamed body still reaches the dump

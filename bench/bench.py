@@ -1,0 +1,418 @@
+"""``./run.sh bench``: our proxy side by side with its peers, in one run, on loopback.
+
+Targets: ``direct`` (client to upstream, the physical limit), ``mitmdump`` (bare mitmdump in
+reverse mode, no addons, SSE streamed with ``stream_large_bodies=1``: our engine's limit),
+``reference`` (OpenAI's Rust ``codex responses-api-proxy`` from ``@openai/codex``), ``ours``
+and ``ours+dumps``. Figures per target: requests/s and p50/p99 latency at 1 and 32 connections
+(wrk), an 8 MB request body (median of 3), time to first SSE event and per-event lag (arrival
+minus the upstream's schedule) for one 50-event stream and for 1 000 concurrent ones (success
+count, wall time, peak RSS of the target's process tree), and idle RSS. Ratios against bare
+mitmdump and direct are computed within the same run; absolute numbers on a shared machine are
+noise. Output: a markdown table (stdout and ``bench/results/latest.md``) and JSON
+(``bench/results/latest.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BENCH_KEY = b"sk-bench-0123456789abcdefghijklmnopqrstuvwxyz\n"
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"model":"bench","input":"hello"}'
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%d,"duration_us":%d,"errors":%d,"non2xx":%d,"p50_us":%d,"p99_us":%d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"target exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size:
+            return json.loads(path.read_text())
+        if proc.poll() is not None:
+            raise RuntimeError(f"target exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{path} never appeared")
+
+
+def tree_pids(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def tree_rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return round(total / 1024, 1)
+
+
+class RssSampler:
+    """Peak RSS (MB) of a process tree, sampled every 50 ms on a thread."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = tree_rss_mb(self.pid)
+            if rss is not None:
+                self.peak = max(self.peak, rss)
+            time.sleep(0.05)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
+    up_url = f"http://127.0.0.1:{upstream_port}/v1/responses"
+    quiet = ["--set", "flow_detail=0", "--set", "termlog_verbosity=warn"]
+    if name == "direct":
+        return Target(name, upstream_port, None, "client straight to the upstream")
+    if name == "mitmdump":
+        port = free_port()
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mitmdump"), "--mode",
+             f"reverse:http://127.0.0.1:{upstream_port}", "--listen-host", "127.0.0.1",
+             "--listen-port", str(port), "--set", "connection_strategy=lazy",
+             "--set", "stream_large_bodies=1", *quiet],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_listening(port, proc)
+        return Target(name, port, proc, "bare mitmdump, reverse mode, no addons")
+    if name == "reference":
+        codex = ROOT / "node_modules" / ".bin" / "codex"
+        if not codex.exists():
+            raise RuntimeError("the reference proxy needs ./node_modules (./run.sh bench sets it up)")
+        info = tmp / "ref-info.json"
+        proc = subprocess.Popen(
+            [str(codex), "responses-api-proxy", "--upstream-url", up_url, "--server-info",
+             str(info)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(BENCH_KEY)
+        proc.stdin.close()
+        port = wait_file(info, proc)["port"]
+        return Target(name, port, proc, "Rust codex responses-api-proxy 0.169.0")
+    if name in ("ours", "ours+dumps"):
+        info = tmp / f"{name}-info.json"
+        cmd = [sys.executable, "-m", "addons.cli", "--upstream-url", up_url, "--server-info",
+               str(info), *quiet]
+        if name == "ours+dumps":
+            cmd += ["--dump-dir", str(tmp / "dumps")]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, cwd=ROOT)
+        assert proc.stdin is not None
+        proc.stdin.write(BENCH_KEY)
+        proc.stdin.close()
+        port = wait_file(info, proc)["port"]
+        return Target(name, port, proc, "full addon stack" + (", dumps on" if "dumps" in name
+                                                             else ""))
+    raise ValueError(name)
+
+
+def run_wrk(port: int, connections: int, seconds: int, script: Path) -> dict[str, Any]:
+    threads = 1 if connections == 1 else 2
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+         "-s", str(script), f"http://127.0.0.1:{port}/v1/responses"],
+        capture_output=True, text=True, timeout=seconds + 60,
+    ).stdout
+    line = next((ln for ln in out.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result:\n{out}")
+    r = json.loads(line[len("WRKJSON "):])
+    return {
+        "rps": round(r["requests"] / (r["duration_us"] / 1e6), 1),
+        "p50_ms": round(r["p50_us"] / 1000, 2),
+        "p99_ms": round(r["p99_us"] / 1000, 2),
+        "errors": r["errors"] + r["non2xx"],
+    }
+
+
+def big_body_seconds(port: int, size: int = 8 * 1024 * 1024, runs: int = 3) -> float:
+    body = json.dumps({"model": "bench", "input": "x" * size}).encode()
+    times = []
+    for _ in range(runs):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        started = time.perf_counter()
+        conn.request("POST", "/v1/responses", body, {"content-type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        times.append(time.perf_counter() - started)
+        conn.close()
+        if resp.status != 200:
+            raise RuntimeError(f"8 MB body got {resp.status}")
+    return round(statistics.median(times), 3)
+
+
+async def _one_stream(session: Any, port: int, events: int, interval_ms: int) -> dict[str, Any]:
+    started = time.time()
+    lags, first = [], None
+    payload = {"model": "bench", "stream": True, "bench_events": events,
+               "bench_interval_ms": interval_ms}
+    async with session.post(f"http://127.0.0.1:{port}/v1/responses", json=payload) as resp:
+        if resp.status != 200:
+            return {"ok": False}
+        async for line in resp.content:
+            if not line.startswith(b"data: "):
+                continue
+            now = time.time()
+            data = json.loads(line[6:])
+            if first is None:
+                first = now - started
+            lags.append(now - data["t"])
+    return {"ok": len(lags) == events, "first": first, "lags": lags}
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def streams(port: int, count: int, events: int = 50, interval_ms: int = 20,
+            pid: int | None = None) -> dict[str, Any]:
+    import aiohttp
+
+    async def run() -> list[dict[str, Any]]:
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        async with aiohttp.ClientSession(connector=connector,
+                                         timeout=aiohttp.ClientTimeout(total=600)) as session:
+            return await asyncio.gather(
+                *(_one_stream(session, port, events, interval_ms) for _ in range(count)),
+                return_exceptions=True,
+            )
+
+    with RssSampler(pid) as sampler:
+        started = time.perf_counter()
+        results = asyncio.run(run())
+        wall = time.perf_counter() - started
+    ok = [r for r in results if isinstance(r, dict) and r.get("ok")]
+    firsts = [r["first"] * 1000 for r in ok]
+    lags = [lag * 1000 for r in ok for lag in r["lags"]]
+    return {
+        "ok": len(ok),
+        "failed": count - len(ok),
+        "wall_s": round(wall, 2),
+        "first_event_p50_ms": round(percentile(firsts, 50), 2),
+        "first_event_p99_ms": round(percentile(firsts, 99), 2),
+        "lag_p50_ms": round(percentile(lags, 50), 2),
+        "lag_p99_ms": round(percentile(lags, 99), 2),
+        "peak_rss_mb": round(sampler.peak, 1) if pid else None,
+    }
+
+
+def measure(target: Target, ns: argparse.Namespace, script: Path) -> dict[str, Any]:
+    pid = target.proc.pid if target.proc else None
+    time.sleep(1)
+    out: dict[str, Any] = {"notes": target.notes, "idle_rss_mb": tree_rss_mb(pid)}
+    print(f"  {target.name}: wrk 1 connection", flush=True)
+    out["wrk_c1"] = run_wrk(target.port, 1, ns.seconds, script)
+    print(f"  {target.name}: wrk 32 connections", flush=True)
+    out["wrk_c32"] = run_wrk(target.port, 32, ns.seconds, script)
+    print(f"  {target.name}: 8 MB body", flush=True)
+    out["body_8mb_s"] = big_body_seconds(target.port)
+    print(f"  {target.name}: one 50-event stream", flush=True)
+    out["sse_1"] = streams(target.port, 1, pid=pid)
+    print(f"  {target.name}: {ns.streams} concurrent streams", flush=True)
+    out["sse_many"] = streams(target.port, ns.streams, pid=pid)
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return round(a / b, 2)
+
+
+def add_ratios(results: dict[str, dict[str, Any]]) -> None:
+    bare, direct = results.get("mitmdump"), results.get("direct")
+    for r in results.values():
+        r["ratios"] = {
+            "rps_c1_vs_mitmdump": ratio(r["wrk_c1"]["rps"], bare and bare["wrk_c1"]["rps"]),
+            "rps_c32_vs_mitmdump": ratio(r["wrk_c32"]["rps"], bare and bare["wrk_c32"]["rps"]),
+            "rps_c32_vs_direct": ratio(r["wrk_c32"]["rps"], direct and direct["wrk_c32"]["rps"]),
+            "body_8mb_vs_mitmdump": ratio(r["body_8mb_s"], bare and bare["body_8mb_s"]),
+            "first_event_p99_minus_direct_ms": None if not direct else round(
+                r["sse_1"]["first_event_p99_ms"] - direct["sse_1"]["first_event_p99_ms"], 2),
+            "lag_p99_minus_direct_ms": None if not direct else round(
+                r["sse_1"]["lag_p99_ms"] - direct["sse_1"]["lag_p99_ms"], 2),
+            "many_lag_p99_minus_direct_ms": None if not direct else round(
+                r["sse_many"]["lag_p99_ms"] - direct["sse_many"]["lag_p99_ms"], 2),
+        }
+
+
+def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        return "–" if v is None else str(v)
+
+    rows = [
+        ("req/s, 1 conn", lambda r: r["wrk_c1"]["rps"]),
+        ("p50 / p99 ms, 1 conn", lambda r: f'{r["wrk_c1"]["p50_ms"]} / {r["wrk_c1"]["p99_ms"]}'),
+        ("req/s, 32 conns", lambda r: r["wrk_c32"]["rps"]),
+        ("p50 / p99 ms, 32 conns",
+         lambda r: f'{r["wrk_c32"]["p50_ms"]} / {r["wrk_c32"]["p99_ms"]}'),
+        ("req/s 32 conns vs bare mitmdump", lambda r: r["ratios"]["rps_c32_vs_mitmdump"]),
+        ("req/s 32 conns vs direct", lambda r: r["ratios"]["rps_c32_vs_direct"]),
+        ("8 MB body, s", lambda r: r["body_8mb_s"]),
+        ("8 MB body vs bare mitmdump", lambda r: r["ratios"]["body_8mb_vs_mitmdump"]),
+        ("1 stream: first event, ms", lambda r: r["sse_1"]["first_event_p50_ms"]),
+        ("1 stream: lag p50 / p99, ms",
+         lambda r: f'{r["sse_1"]["lag_p50_ms"]} / {r["sse_1"]["lag_p99_ms"]}'),
+        ("1 stream: lag p99 − direct, ms", lambda r: r["ratios"]["lag_p99_minus_direct_ms"]),
+        (f"{meta['streams']} streams: ok / failed",
+         lambda r: f'{r["sse_many"]["ok"]} / {r["sse_many"]["failed"]}'),
+        (f"{meta['streams']} streams: wall s", lambda r: r["sse_many"]["wall_s"]),
+        (f"{meta['streams']} streams: first event p99, ms",
+         lambda r: r["sse_many"]["first_event_p99_ms"]),
+        (f"{meta['streams']} streams: lag p99, ms", lambda r: r["sse_many"]["lag_p99_ms"]),
+        (f"{meta['streams']} streams: lag p99 − direct, ms",
+         lambda r: r["ratios"]["many_lag_p99_minus_direct_ms"]),
+        (f"{meta['streams']} streams: peak RSS MB", lambda r: r["sse_many"]["peak_rss_mb"]),
+        ("idle RSS MB", lambda r: r["idle_rss_mb"]),
+    ]
+    names = list(results)
+    lines = [f"| | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
+    for label, get in rows:
+        lines.append(f"| {label} | " + " | ".join(fmt(get(results[n])) for n in names) + " |")
+    lines.append("")
+    lines.append(f"{meta['date']}, {meta['cpus']} cores, wrk {meta['seconds']} s per run, "
+                 f"streams of 50 events every 20 ms; `./run.sh bench`.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="run.sh bench", description=__doc__)
+    parser.add_argument("--seconds", type=int, default=5, help="wrk duration per run")
+    parser.add_argument("--streams", type=int, default=1000, help="concurrent streams")
+    parser.add_argument("--targets", default="direct,mitmdump,reference,ours,ours+dumps")
+    ns = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        parser.exit(2, "run.sh bench: wrk is missing (./run.sh bench installs it)\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="codex-proxy-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        script = tmp / "post.lua"
+        script.write_text(WRK_SCRIPT)
+        info = tmp / "upstream.json"
+        upstream = subprocess.Popen([sys.executable, "-m", "bench.upstreams", "--info", str(info)],
+                                    cwd=ROOT)
+        try:
+            up_port = wait_file(info, upstream)["port"]
+            for name in ns.targets.split(","):
+                print(f"{name}:", flush=True)
+                target = start_target(name, up_port, tmp)
+                try:
+                    results[name] = measure(target, ns, script)
+                finally:
+                    target.stop()
+        finally:
+            upstream.terminate()
+            upstream.wait(10)
+    add_ratios(results)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+            "seconds": ns.seconds, "streams": ns.streams}
+    (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "results": results},
+                                                    indent=2) + "\n")
+    table = markdown(results, meta)
+    (RESULTS / "latest.md").write_text(table)
+    print()
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
