@@ -7,6 +7,7 @@ import concurrent.futures
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -97,6 +98,21 @@ def write_file_atomically(directory: str, name: str, data: bytes) -> str:
         raise
 
 
+def render_and_write(directory: str, name: str, doc: dict[str, Any]) -> str | None:
+    """Render one dump document and write it; runs in the dump worker (a separate process by
+    default). ``doc["body"]`` may be ``(raw bytes, content-encoding)``, rendered here by
+    :func:`render_body`. Returns ``None`` on success, else the error text (never raises, so
+    the parent can count and log failures)."""
+    try:
+        body = doc.get("body")
+        if isinstance(body, tuple):
+            doc = {**doc, "body": render_body(*body)}
+        write_file_atomically(directory, name, render_document(doc))
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
 def prepare_dump_dir(path: str) -> str:
     """Create the dump directory (mode 0700) if needed and check it is a writable directory.
 
@@ -134,7 +150,8 @@ class DumpWriter:
     headers, body}`` with the upstream's headers; plus ``"error"`` when the exchange failed
     (client gone early, upstream down or dropping mid-stream), with the partial body.
     Sequence numbers count from 1 per process, assigned on the event loop (unique under
-    concurrency). Rendering and writing run on one worker thread, off the event loop; files
+    concurrency). Rendering and writing run in one worker process (``workers``), off the event
+    loop and its GIL; files
     appear atomically with mode 0600 in a 0700 directory. A failed write is logged and counted
     in ``lost``; forwarding goes on, unless ``codex_dump_required`` is set: then the request
     file is written before the request may leave (a failure answers 503 and nothing is sent
@@ -142,7 +159,11 @@ class DumpWriter:
     never a clean one without its dump).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, workers: str = "process") -> None:
+        #: ``"process"``: render and write in a separate worker process, so JSON rendering of
+        #: a multi-MB body never holds this process's GIL (a thread would stall the event loop
+        #: for tens of ms). ``"thread"``: in-process (a seam for unit tests).
+        self.workers = workers
         self.directory = ""
         self.extra_redact: frozenset[str] = frozenset()
         self.lost = 0
@@ -150,8 +171,8 @@ class DumpWriter:
         self.required = False
         self._seq = itertools.count(1)
         self._open: dict[str, _Exchange] = {}
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._futures: set[concurrent.futures.Future[bool]] = set()
+        self._executor: concurrent.futures.Executor | None = None
+        self._futures: set[concurrent.futures.Future[Any]] = set()
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -189,9 +210,7 @@ class DumpWriter:
                 except ValueError as e:
                     raise exceptions.OptionsError(f"codex_dump_dir: {e}") from None
                 if self._executor is None:
-                    self._executor = concurrent.futures.ThreadPoolExecutor(
-                        max_workers=1, thread_name_prefix="codex-dumps"
-                    )
+                    self._executor = self._make_executor()
             else:
                 self.directory = ""
 
@@ -277,12 +296,15 @@ class DumpWriter:
         }
 
     @staticmethod
-    async def _succeeded(future: concurrent.futures.Future[bool]) -> bool:
-        return await asyncio.wrap_future(future)
+    async def _succeeded(future: concurrent.futures.Future[Any]) -> bool:
+        try:
+            return await asyncio.wrap_future(future) is None
+        except Exception:
+            return False
 
     def _write_request(
         self, exchange: _Exchange, flow: http.HTTPFlow
-    ) -> concurrent.futures.Future[bool] | None:
+    ) -> concurrent.futures.Future[Any] | None:
         exchange.request_written = True
         raw = flow.request.raw_content or b""
         return self._submit(
@@ -292,7 +314,7 @@ class DumpWriter:
 
     def _finish(
         self, flow: http.HTTPFlow, error: str | None
-    ) -> concurrent.futures.Future[bool] | None:
+    ) -> concurrent.futures.Future[Any] | None:
         exchange = self._open.pop(flow.id, None)
         if exchange is None:
             return None
@@ -312,24 +334,40 @@ class DumpWriter:
             doc["error"] = error
         return self._submit(exchange.prefix + "-response.json", doc)
 
-    def _submit(self, name: str, doc: dict[str, Any]) -> concurrent.futures.Future[bool] | None:
+    def _make_executor(self) -> concurrent.futures.Executor:
+        if self.workers == "process":
+            return concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn")
+            )
+        return concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="codex-dumps"
+        )
+
+    def _submit(self, name: str, doc: dict[str, Any]) -> concurrent.futures.Future[Any] | None:
         if self._executor is None:
             return None
-        future = self._executor.submit(self._render_and_write, name, doc)
+        try:
+            future = self._executor.submit(render_and_write, self.directory, name, doc)
+        except (concurrent.futures.BrokenExecutor, RuntimeError) as e:
+            # The worker died (killed, out of memory): count the loss, start a new one.
+            self._count(name, f"dump worker unavailable: {e}")
+            self._executor = self._make_executor()
+            return None
         self._futures.add(future)
-        future.add_done_callback(self._futures.discard)
+        future.add_done_callback(lambda f: self._done(name, f))
         return future
 
-    def _render_and_write(self, name: str, doc: dict[str, Any]) -> bool:
-        """Runs on the worker thread. Returns whether the file was written."""
+    def _done(self, name: str, future: concurrent.futures.Future[Any]) -> None:
+        self._futures.discard(future)
         try:
-            body = doc.get("body")
-            if isinstance(body, tuple):
-                doc = {**doc, "body": render_body(*body)}
-            write_file_atomically(self.directory, name, render_document(doc))
-            self.written += 1
-            return True
+            error = future.result()
         except Exception as e:
+            error = f"dump worker failed: {type(e).__name__}: {e}"
+        self._count(name, error)
+
+    def _count(self, name: str, error: str | None) -> None:
+        if error is None:
+            self.written += 1
+        else:
             self.lost += 1
-            logger.error("dump: cannot write %s: %s", name, e)
-            return False
+            logger.error("dump: cannot write %s: %s", name, error)

@@ -87,13 +87,21 @@ class RequestRecord:
     chunk_timing: list[list[int]] = field(default_factory=list)
 
 
+def is_failure(record: RequestRecord) -> bool:
+    """Whether a request failed. A stream that delivered ``response.completed`` succeeded even
+    if the connection then broke: Codex closes it right after that event (CODEX.md)."""
+    if record.status is None or record.status >= 400:
+        return True
+    return record.error is not None and not record.completed
+
+
 def summarize(records: list[RequestRecord]) -> dict[str, Any]:
     """``{"requests": [...], "totals": {...}}`` with token totals over all requests."""
     totals: dict[str, Any] = {"requests": len(records), "failed": 0, "events": 0}
     totals.update({k: 0 for k in USAGE_FIELDS})
     for r in records:
         totals["events"] += r.events
-        if r.error or r.status is None or r.status >= 400:
+        if is_failure(r):
             totals["failed"] += 1
         for k in USAGE_FIELDS:
             totals[k] += (r.usage or {}).get(k, 0)
@@ -116,7 +124,11 @@ def human_summary(summary: dict[str, Any]) -> str:
         u = r["usage"] or {}
         tokens = ",".join(str(u.get(k, "-")) for k in USAGE_FIELDS)
         status = r["status"] if r["status"] is not None else "-"
-        note = f"  ERROR {r['error']}" if r["error"] else ""
+        note = ""
+        if r["error"]:
+            note = (
+                f"  ({r['error']} after completion)" if r["completed"] else f"  ERROR {r['error']}"
+            )
         lines.append(
             f"{r['seq'] or '-':>4} {status:>6} {r['duration_ms']:>7} {r['events']:>6}  "
             f"{r['model'] or '-'} / {tokens}{note}"

@@ -82,7 +82,9 @@ def load_recording(directory: str | Path) -> list[Exchange]:
         if not resp_path.exists():
             continue
         req, resp = json.loads(req_path.read_text()), json.loads(resp_path.read_text())
-        if resp.get("status") is None or resp.get("error"):
+        body = resp.get("body", "")
+        completed = isinstance(body, str) and "response.completed" in body
+        if resp.get("status") is None or (resp.get("error") and not completed):
             continue  # an exchange that failed while recording is not replayed
         seq = int(req_path.name.split("-", 1)[0])
         exchanges.append(
@@ -91,7 +93,7 @@ def load_recording(directory: str | Path) -> list[Exchange]:
                 request=req.get("body"),
                 status=int(resp["status"]),
                 headers=[(h["name"], h["value"]) for h in resp.get("headers", [])],
-                body=resp.get("body", ""),
+                body=body,
                 chunk_timing=timing.get(seq, []),
             )
         )

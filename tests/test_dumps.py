@@ -220,7 +220,7 @@ async def test_write_failure_is_counted_not_raised(tmp_path, caplog, monkeypatch
     def disk_full(*_args):
         raise OSError(28, "No space left on device")
 
-    addon = DumpWriter()
+    addon = DumpWriter(workers="thread")
     with taddons.context(addon) as tctx:
         tctx.configure(addon, codex_dump_dir=str(tmp_path))
         monkeypatch.setattr("addons.dumps.write_file_atomically", disk_full)
@@ -253,7 +253,7 @@ def _disk_full(*_args):
 
 
 async def test_dump_required_refuses_the_request_when_its_dump_fails(tmp_path, monkeypatch):
-    addon = DumpWriter()
+    addon = DumpWriter(workers="thread")
     with taddons.context(addon) as tctx:
         tctx.configure(addon, codex_dump_dir=str(tmp_path), codex_dump_required=True)
         monkeypatch.setattr("addons.dumps.write_file_atomically", _disk_full)
@@ -265,7 +265,7 @@ async def test_dump_required_refuses_the_request_when_its_dump_fails(tmp_path, m
 
 
 async def test_dump_required_kills_the_reply_when_its_dump_fails(tmp_path, monkeypatch):
-    addon = DumpWriter()
+    addon = DumpWriter(workers="thread")
     with taddons.context(addon) as tctx:
         tctx.configure(addon, codex_dump_dir=str(tmp_path), codex_dump_required=True)
         f = accepted_flow()
@@ -279,7 +279,7 @@ async def test_dump_required_kills_the_reply_when_its_dump_fails(tmp_path, monke
 
 
 async def test_without_dump_required_a_failed_dump_does_not_stop_the_flow(tmp_path, monkeypatch):
-    addon = DumpWriter()
+    addon = DumpWriter(workers="thread")
     with taddons.context(addon) as tctx:
         tctx.configure(addon, codex_dump_dir=str(tmp_path))
         monkeypatch.setattr("addons.dumps.write_file_atomically", _disk_full)

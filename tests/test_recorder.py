@@ -51,6 +51,8 @@ def test_ledger_and_summary(tmp_path):
         tctx.configure(addon, codex_record_dir=str(tmp_path))
         addon.response(sse_flow(1))
         failed = sse_flow(2)
+        first_event = responses_sse_events("a b c", "gpt-r")[0]
+        failed.response.content = encode_event(*first_event)  # cut before response.completed
         failed.error = tflow.terr("client disconnected")
         addon.error(failed)
         refused = sse_flow(3)
@@ -72,10 +74,23 @@ def test_ledger_and_summary(tmp_path):
         addon.done()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["totals"]["requests"] == 2 and summary["totals"]["failed"] == 1
-    assert summary["totals"]["total"] == 118 and summary["totals"]["cached"] == 16
+    assert summary["totals"]["total"] == 59 and summary["totals"]["cached"] == 8
     text = (tmp_path / "summary.txt").read_text()
     assert "2 request(s), 1 failed" in text and "ERROR client disconnected" in text
 
 
 def test_human_summary_of_nothing():
     assert "0 request(s)" in human_summary(summarize([]))
+
+
+def test_completed_stream_cut_by_the_client_is_not_a_failure(tmp_path):
+    addon = Recorder()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_record_dir=str(tmp_path))
+        f = sse_flow(1)
+        f.error = tflow.terr("Client disconnected.")
+        addon.error(f)
+        addon.done()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["totals"]["failed"] == 0
+    assert "after completion" in (tmp_path / "summary.txt").read_text()
