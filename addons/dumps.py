@@ -150,8 +150,8 @@ class DumpWriter:
     headers, body}`` with the upstream's headers; plus ``"error"`` when the exchange failed
     (client gone early, upstream down or dropping mid-stream), with the partial body.
     Sequence numbers count from 1 per process, assigned on the event loop (unique under
-    concurrency). Rendering and writing run in one worker process (``workers``), off the event
-    loop and its GIL; files
+    concurrency). Rendering and writing run off the event loop (a worker thread, and a worker
+    process for large bodies so their rendering never holds the loop's GIL); files
     appear atomically with mode 0600 in a 0700 directory. A failed write is logged and counted
     in ``lost``; forwarding goes on, unless ``codex_dump_required`` is set: then the request
     file is written before the request may leave (a failure answers 503 and nothing is sent
@@ -159,10 +159,15 @@ class DumpWriter:
     never a clean one without its dump).
     """
 
-    def __init__(self, workers: str = "process") -> None:
-        #: ``"process"``: render and write in a separate worker process, so JSON rendering of
-        #: a multi-MB body never holds this process's GIL (a thread would stall the event loop
-        #: for tens of ms). ``"thread"``: in-process (a seam for unit tests).
+    #: Bodies larger than this (bytes) are rendered in the worker process.
+    LARGE_BODY = 256 * 1024
+
+    def __init__(self, workers: str = "auto") -> None:
+        #: ``"auto"``: small documents are rendered and written on a worker thread (cheap, no
+        #: inter-process copy); a document with a body over ``LARGE_BODY`` goes to a worker
+        #: process, so rendering multi-MB JSON never holds this process's GIL (on a thread it
+        #: stalls the event loop for tens of ms). ``"thread"``/``"process"``: always that one
+        #: (``"thread"`` is the seam unit tests use to inject faults).
         self.workers = workers
         self.directory = ""
         self.extra_redact: frozenset[str] = frozenset()
@@ -172,6 +177,7 @@ class DumpWriter:
         self._seq = itertools.count(1)
         self._open: dict[str, _Exchange] = {}
         self._executor: concurrent.futures.Executor | None = None
+        self._large_executor: concurrent.futures.Executor | None = None
         self._futures: set[concurrent.futures.Future[Any]] = set()
 
     def load(self, loader) -> None:
@@ -210,7 +216,7 @@ class DumpWriter:
                 except ValueError as e:
                     raise exceptions.OptionsError(f"codex_dump_dir: {e}") from None
                 if self._executor is None:
-                    self._executor = self._make_executor()
+                    self._executor = self._make_executor(self.workers == "process")
             else:
                 self.directory = ""
 
@@ -270,9 +276,10 @@ class DumpWriter:
                 },
             )
         self.flush()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        for executor in (self._executor, self._large_executor):
+            if executor is not None:
+                executor.shutdown(wait=True)
+        self._executor = self._large_executor = None
         if self.lost:
             logger.error(
                 "dump: %d dump file(s) could not be written (%d written)", self.lost, self.written
@@ -334,8 +341,9 @@ class DumpWriter:
             doc["error"] = error
         return self._submit(exchange.prefix + "-response.json", doc)
 
-    def _make_executor(self) -> concurrent.futures.Executor:
-        if self.workers == "process":
+    @staticmethod
+    def _make_executor(process: bool) -> concurrent.futures.Executor:
+        if process:
             return concurrent.futures.ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn")
             )
@@ -343,15 +351,28 @@ class DumpWriter:
             max_workers=1, thread_name_prefix="codex-dumps"
         )
 
+    def _pick_executor(self, doc: dict[str, Any]) -> concurrent.futures.Executor | None:
+        body = doc.get("body")
+        large = isinstance(body, tuple) and len(body[0]) > self.LARGE_BODY
+        if self._executor is None or not large or self.workers != "auto":
+            return self._executor
+        if self._large_executor is None:
+            self._large_executor = self._make_executor(True)
+        return self._large_executor
+
     def _submit(self, name: str, doc: dict[str, Any]) -> concurrent.futures.Future[Any] | None:
-        if self._executor is None:
+        executor = self._pick_executor(doc)
+        if executor is None:
             return None
         try:
-            future = self._executor.submit(render_and_write, self.directory, name, doc)
+            future = executor.submit(render_and_write, self.directory, name, doc)
         except (concurrent.futures.BrokenExecutor, RuntimeError) as e:
             # The worker died (killed, out of memory): count the loss, start a new one.
             self._count(name, f"dump worker unavailable: {e}")
-            self._executor = self._make_executor()
+            if executor is self._large_executor:
+                self._large_executor = None
+            else:
+                self._executor = self._make_executor(self.workers == "process")
             return None
         self._futures.add(future)
         future.add_done_callback(lambda f: self._done(name, f))

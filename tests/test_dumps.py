@@ -290,3 +290,20 @@ async def test_without_dump_required_a_failed_dump_does_not_stop_the_flow(tmp_pa
         await addon.response(f)
         addon.flush()
         assert f.response.status_code == 200 and f.error is None and addon.lost == 2
+
+
+async def test_large_bodies_are_rendered_in_a_worker_process(tmp_path):
+    import concurrent.futures
+
+    addon = DumpWriter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path))
+        f = accepted_flow()
+        f.request.raw_content = json.dumps({"model": "m", "input": "z" * 400_000}).encode()
+        addon.requestheaders(f)
+        await addon.request(f)
+        assert isinstance(addon._large_executor, concurrent.futures.ProcessPoolExecutor)
+        addon.done()
+    (req,) = [p for p in tmp_path.iterdir() if p.name.endswith("-request.json")]
+    assert json.loads(req.read_text())["body"]["input"] == "z" * 400_000
+    assert addon.written == 2 and addon.lost == 0
