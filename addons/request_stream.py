@@ -74,4 +74,4 @@ class RequestStreaming:
     def _restore(self, flow: http.HTTPFlow) -> None:
         tee = self._tees.pop(flow.id, None)
         if tee is not None and flow.request.raw_content is None:
-            flow.request.raw_content = bytes(tee.data)
+            flow.request.raw_content = tee.data

@@ -28,7 +28,8 @@ class Tee:
     """
 
     def __init__(self) -> None:
-        self.data = bytearray()
+        self._parts: list[bytes] = []
+        self.size = 0
         self.chunks = 0
         self.started = time.monotonic()
         #: ``[ms since the response headers, body length after this chunk]`` per chunk.
@@ -36,10 +37,18 @@ class Tee:
 
     def __call__(self, chunk: bytes) -> bytes:
         if chunk:
-            self.data += chunk
+            self._parts.append(chunk)
+            self.size += len(chunk)
             self.chunks += 1
-            self.timing.append([int((time.monotonic() - self.started) * 1000), len(self.data)])
+            self.timing.append([int((time.monotonic() - self.started) * 1000), self.size])
         return chunk
+
+    @property
+    def data(self) -> bytes:
+        """Everything seen so far (one join: chunks are kept as they came, not re-copied)."""
+        if len(self._parts) > 1:
+            self._parts = [b"".join(self._parts)]
+        return self._parts[0] if self._parts else b""
 
 
 class SseStreaming:
@@ -76,5 +85,5 @@ class SseStreaming:
         if tee is None or flow.response is None:
             return
         flow.response.stream = False
-        flow.response.raw_content = bytes(tee.data)
+        flow.response.raw_content = tee.data
         flow.metadata[CHUNK_TIMING] = tee.timing

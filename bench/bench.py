@@ -160,22 +160,44 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
     if name == "mitmdump":
         port = free_port()
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mitmdump"), "--mode",
-             f"reverse:http://127.0.0.1:{upstream_port}", "--listen-host", "127.0.0.1",
-             "--listen-port", str(port), "--set", "connection_strategy=lazy",
-             "--set", "stream_large_bodies=1", *quiet],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                str(Path(sys.executable).parent / "mitmdump"),
+                "--mode",
+                f"reverse:http://127.0.0.1:{upstream_port}",
+                "--listen-host",
+                "127.0.0.1",
+                "--listen-port",
+                str(port),
+                "--set",
+                "connection_strategy=lazy",
+                "--set",
+                "stream_large_bodies=1",
+                *quiet,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_listening(port, proc)
         return Target(name, port, proc, "bare mitmdump, reverse mode, no addons")
     if name == "reference":
         codex = ROOT / "node_modules" / ".bin" / "codex"
         if not codex.exists():
-            raise RuntimeError("the reference proxy needs ./node_modules (./run.sh bench sets it up)")
+            raise RuntimeError(
+                "the reference proxy needs ./node_modules (./run.sh bench sets it up)"
+            )
         info = tmp / "ref-info.json"
         proc = subprocess.Popen(
-            [str(codex), "responses-api-proxy", "--upstream-url", up_url, "--server-info",
-             str(info)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            [
+                str(codex),
+                "responses-api-proxy",
+                "--upstream-url",
+                up_url,
+                "--server-info",
+                str(info),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         assert proc.stdin is not None
@@ -185,32 +207,57 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
         return Target(name, port, proc, "Rust codex responses-api-proxy 0.169.0")
     if name in ("ours", "ours+dumps"):
         info = tmp / f"{name}-info.json"
-        cmd = [sys.executable, "-m", "addons.cli", "--upstream-url", up_url, "--server-info",
-               str(info), *quiet]
+        cmd = [
+            sys.executable,
+            "-m",
+            "addons.cli",
+            "--upstream-url",
+            up_url,
+            "--server-info",
+            str(info),
+            *quiet,
+        ]
         if name == "ours+dumps":
             cmd += ["--dump-dir", str(tmp / "dumps")]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, cwd=ROOT)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
         assert proc.stdin is not None
         proc.stdin.write(BENCH_KEY)
         proc.stdin.close()
         port = wait_file(info, proc)["port"]
-        return Target(name, port, proc, "full addon stack" + (", dumps on" if "dumps" in name
-                                                             else ""))
+        return Target(
+            name, port, proc, "full addon stack" + (", dumps on" if "dumps" in name else "")
+        )
     raise ValueError(name)
 
 
 def run_wrk(port: int, connections: int, seconds: int, script: Path) -> dict[str, Any]:
     threads = 1 if connections == 1 else 2
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
-         "-s", str(script), f"http://127.0.0.1:{port}/v1/responses"],
-        capture_output=True, text=True, timeout=seconds + 60,
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}/v1/responses",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
     ).stdout
     line = next((ln for ln in out.splitlines() if ln.startswith("WRKJSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no result:\n{out}")
-    r = json.loads(line[len("WRKJSON "):])
+    r = json.loads(line[len("WRKJSON ") :])
     return {
         "rps": round(r["requests"] / (r["duration_us"] / 1e6), 1),
         "p50_ms": round(r["p50_us"] / 1000, 2),
@@ -238,8 +285,12 @@ def big_body_seconds(port: int, size: int = 8 * 1024 * 1024, runs: int = 3) -> f
 async def _one_stream(session: Any, port: int, events: int, interval_ms: int) -> dict[str, Any]:
     started = time.time()
     lags, first = [], None
-    payload = {"model": "bench", "stream": True, "bench_events": events,
-               "bench_interval_ms": interval_ms}
+    payload = {
+        "model": "bench",
+        "stream": True,
+        "bench_events": events,
+        "bench_interval_ms": interval_ms,
+    }
     async with session.post(f"http://127.0.0.1:{port}/v1/responses", json=payload) as resp:
         if resp.status != 200:
             return {"ok": False}
@@ -262,14 +313,16 @@ def percentile(values: list[float], p: float) -> float:
     return values[k]
 
 
-def streams(port: int, count: int, events: int = 50, interval_ms: int = 20,
-            pid: int | None = None) -> dict[str, Any]:
+def streams(
+    port: int, count: int, events: int = 50, interval_ms: int = 20, pid: int | None = None
+) -> dict[str, Any]:
     import aiohttp
 
     async def run() -> list[dict[str, Any]]:
         connector = aiohttp.TCPConnector(limit=0, force_close=True)
-        async with aiohttp.ClientSession(connector=connector,
-                                         timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=600)
+        ) as session:
             return await asyncio.gather(
                 *(_one_stream(session, port, events, interval_ms) for _ in range(count)),
                 return_exceptions=True,
@@ -294,21 +347,48 @@ def streams(port: int, count: int, events: int = 50, interval_ms: int = 20,
     }
 
 
-def measure(target: Target, ns: argparse.Namespace, script: Path) -> dict[str, Any]:
-    pid = target.proc.pid if target.proc else None
-    time.sleep(1)
-    out: dict[str, Any] = {"notes": target.notes, "idle_rss_mb": tree_rss_mb(pid)}
-    print(f"  {target.name}: wrk 1 connection", flush=True)
-    out["wrk_c1"] = run_wrk(target.port, 1, ns.seconds, script)
-    print(f"  {target.name}: wrk 32 connections", flush=True)
-    out["wrk_c32"] = run_wrk(target.port, 32, ns.seconds, script)
-    print(f"  {target.name}: 8 MB body", flush=True)
-    out["body_8mb_s"] = big_body_seconds(target.port)
-    print(f"  {target.name}: one 50-event stream", flush=True)
-    out["sse_1"] = streams(target.port, 1, pid=pid)
-    print(f"  {target.name}: {ns.streams} concurrent streams", flush=True)
-    out["sse_many"] = streams(target.port, ns.streams, pid=pid)
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-field median of repeated wrk runs (errors summed)."""
+    out = {k: round(statistics.median(r[k] for r in runs), 2) for k in ("rps", "p50_ms", "p99_ms")}
+    out["errors"] = sum(r["errors"] for r in runs)
+    out["runs"] = len(runs)
     return out
+
+
+def measure_all(targets: list[Target], ns: argparse.Namespace, script: Path) -> dict[str, Any]:
+    """Every figure for every target; repeated runs are interleaved across targets (round
+    robin) so that drift on a shared machine hits all of them alike."""
+    time.sleep(1)
+    results: dict[str, dict[str, Any]] = {
+        t.name: {"notes": t.notes, "idle_rss_mb": tree_rss_mb(t.proc.pid if t.proc else None)}
+        for t in targets
+    }
+    for conns in (1, 32):
+        runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+        for rnd in range(ns.repeat):
+            for t in targets:
+                print(f"  wrk {conns} conn(s), round {rnd + 1}: {t.name}", flush=True)
+                runs[t.name].append(run_wrk(t.port, conns, ns.seconds, script))
+        for t in targets:
+            results[t.name][f"wrk_c{conns}"] = median_of(runs[t.name])
+    bodies: dict[str, list[float]] = {t.name: [] for t in targets}
+    for _ in range(ns.repeat):
+        for t in targets:
+            print(f"  8 MB body: {t.name}", flush=True)
+            bodies[t.name].append(big_body_seconds(t.port, runs=3))
+    for t in targets:
+        results[t.name]["body_8mb_s"] = round(statistics.median(bodies[t.name]), 3)
+    for t in targets:
+        print(f"  one 50-event stream: {t.name}", flush=True)
+        time.sleep(1)  # let background work (e.g. dump writing) settle
+        results[t.name]["sse_1"] = streams(t.port, 1, pid=t.proc.pid if t.proc else None)
+    for t in targets:
+        print(f"  {ns.streams} concurrent streams: {t.name}", flush=True)
+        time.sleep(1)
+        results[t.name]["sse_many"] = streams(
+            t.port, ns.streams, pid=t.proc.pid if t.proc else None
+        )
+    return results
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -325,12 +405,15 @@ def add_ratios(results: dict[str, dict[str, Any]]) -> None:
             "rps_c32_vs_mitmdump": ratio(r["wrk_c32"]["rps"], bare and bare["wrk_c32"]["rps"]),
             "rps_c32_vs_direct": ratio(r["wrk_c32"]["rps"], direct and direct["wrk_c32"]["rps"]),
             "body_8mb_vs_mitmdump": ratio(r["body_8mb_s"], bare and bare["body_8mb_s"]),
-            "first_event_p99_minus_direct_ms": None if not direct else round(
-                r["sse_1"]["first_event_p99_ms"] - direct["sse_1"]["first_event_p99_ms"], 2),
-            "lag_p99_minus_direct_ms": None if not direct else round(
-                r["sse_1"]["lag_p99_ms"] - direct["sse_1"]["lag_p99_ms"], 2),
-            "many_lag_p99_minus_direct_ms": None if not direct else round(
-                r["sse_many"]["lag_p99_ms"] - direct["sse_many"]["lag_p99_ms"], 2),
+            "first_event_p99_minus_direct_ms": None
+            if not direct
+            else round(r["sse_1"]["first_event_p99_ms"] - direct["sse_1"]["first_event_p99_ms"], 2),
+            "lag_p99_minus_direct_ms": None
+            if not direct
+            else round(r["sse_1"]["lag_p99_ms"] - direct["sse_1"]["lag_p99_ms"], 2),
+            "many_lag_p99_minus_direct_ms": None
+            if not direct
+            else round(r["sse_many"]["lag_p99_ms"] - direct["sse_many"]["lag_p99_ms"], 2),
         }
 
 
@@ -340,26 +423,36 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
 
     rows = [
         ("req/s, 1 conn", lambda r: r["wrk_c1"]["rps"]),
-        ("p50 / p99 ms, 1 conn", lambda r: f'{r["wrk_c1"]["p50_ms"]} / {r["wrk_c1"]["p99_ms"]}'),
+        ("p50 / p99 ms, 1 conn", lambda r: f"{r['wrk_c1']['p50_ms']} / {r['wrk_c1']['p99_ms']}"),
         ("req/s, 32 conns", lambda r: r["wrk_c32"]["rps"]),
-        ("p50 / p99 ms, 32 conns",
-         lambda r: f'{r["wrk_c32"]["p50_ms"]} / {r["wrk_c32"]["p99_ms"]}'),
+        (
+            "p50 / p99 ms, 32 conns",
+            lambda r: f"{r['wrk_c32']['p50_ms']} / {r['wrk_c32']['p99_ms']}",
+        ),
         ("req/s 32 conns vs bare mitmdump", lambda r: r["ratios"]["rps_c32_vs_mitmdump"]),
         ("req/s 32 conns vs direct", lambda r: r["ratios"]["rps_c32_vs_direct"]),
         ("8 MB body, s", lambda r: r["body_8mb_s"]),
         ("8 MB body vs bare mitmdump", lambda r: r["ratios"]["body_8mb_vs_mitmdump"]),
         ("1 stream: first event, ms", lambda r: r["sse_1"]["first_event_p50_ms"]),
-        ("1 stream: lag p50 / p99, ms",
-         lambda r: f'{r["sse_1"]["lag_p50_ms"]} / {r["sse_1"]["lag_p99_ms"]}'),
+        (
+            "1 stream: lag p50 / p99, ms",
+            lambda r: f"{r['sse_1']['lag_p50_ms']} / {r['sse_1']['lag_p99_ms']}",
+        ),
         ("1 stream: lag p99 − direct, ms", lambda r: r["ratios"]["lag_p99_minus_direct_ms"]),
-        (f"{meta['streams']} streams: ok / failed",
-         lambda r: f'{r["sse_many"]["ok"]} / {r["sse_many"]["failed"]}'),
+        (
+            f"{meta['streams']} streams: ok / failed",
+            lambda r: f"{r['sse_many']['ok']} / {r['sse_many']['failed']}",
+        ),
         (f"{meta['streams']} streams: wall s", lambda r: r["sse_many"]["wall_s"]),
-        (f"{meta['streams']} streams: first event p99, ms",
-         lambda r: r["sse_many"]["first_event_p99_ms"]),
+        (
+            f"{meta['streams']} streams: first event p99, ms",
+            lambda r: r["sse_many"]["first_event_p99_ms"],
+        ),
         (f"{meta['streams']} streams: lag p99, ms", lambda r: r["sse_many"]["lag_p99_ms"]),
-        (f"{meta['streams']} streams: lag p99 − direct, ms",
-         lambda r: r["ratios"]["many_lag_p99_minus_direct_ms"]),
+        (
+            f"{meta['streams']} streams: lag p99 − direct, ms",
+            lambda r: r["ratios"]["many_lag_p99_minus_direct_ms"],
+        ),
         (f"{meta['streams']} streams: peak RSS MB", lambda r: r["sse_many"]["peak_rss_mb"]),
         ("idle RSS MB", lambda r: r["idle_rss_mb"]),
     ]
@@ -368,8 +461,11 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     for label, get in rows:
         lines.append(f"| {label} | " + " | ".join(fmt(get(results[n])) for n in names) + " |")
     lines.append("")
-    lines.append(f"{meta['date']}, {meta['cpus']} cores, wrk {meta['seconds']} s per run, "
-                 f"streams of 50 events every 20 ms; `./run.sh bench`.")
+    lines.append(
+        f"{meta['date']}, {meta['cpus']} cores, wrk {meta['seconds']} s per run, "
+        f"medians of {meta['repeat']} interleaved rounds, streams of 50 events every "
+        f"20 ms; `./run.sh bench`."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -377,36 +473,43 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run.sh bench", description=__doc__)
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration per run")
     parser.add_argument("--streams", type=int, default=1000, help="concurrent streams")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of each wrk/8 MB run")
     parser.add_argument("--targets", default="direct,mitmdump,reference,ours,ours+dumps")
     ns = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         parser.exit(2, "run.sh bench: wrk is missing (./run.sh bench installs it)\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="codex-proxy-bench-") as tmpdir:
         tmp = Path(tmpdir)
         script = tmp / "post.lua"
         script.write_text(WRK_SCRIPT)
         info = tmp / "upstream.json"
-        upstream = subprocess.Popen([sys.executable, "-m", "bench.upstreams", "--info", str(info)],
-                                    cwd=ROOT)
+        upstream = subprocess.Popen(
+            [sys.executable, "-m", "bench.upstreams", "--info", str(info)], cwd=ROOT
+        )
+        targets: list[Target] = []
         try:
             up_port = wait_file(info, upstream)["port"]
             for name in ns.targets.split(","):
-                print(f"{name}:", flush=True)
-                target = start_target(name, up_port, tmp)
-                try:
-                    results[name] = measure(target, ns, script)
-                finally:
-                    target.stop()
+                print(f"starting {name}", flush=True)
+                targets.append(start_target(name, up_port, tmp))
+            results = measure_all(targets, ns, script)
         finally:
+            for target in targets:
+                target.stop()
             upstream.terminate()
             upstream.wait(10)
     add_ratios(results)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
-            "seconds": ns.seconds, "streams": ns.streams}
-    (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "results": results},
-                                                    indent=2) + "\n")
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "seconds": ns.seconds,
+        "streams": ns.streams,
+        "repeat": ns.repeat,
+    }
+    (RESULTS / "latest.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
+    )
     table = markdown(results, meta)
     (RESULTS / "latest.md").write_text(table)
     print()

@@ -26,8 +26,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except ValueError:
         body = {}
     if not (isinstance(body, dict) and body.get("stream")):
-        return web.json_response({"id": "resp_bench", "object": "response", "status": "completed",
-                                  "received_bytes": len(raw)})
+        return web.json_response(
+            {
+                "id": "resp_bench",
+                "object": "response",
+                "status": "completed",
+                "received_bytes": len(raw),
+            }
+        )
     events = int(body.get("bench_events", 50))
     interval = float(body.get("bench_interval_ms", 20)) / 1000
     reply = web.StreamResponse(headers={"content-type": "text/event-stream"})

@@ -5,6 +5,8 @@ import stat
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -307,3 +309,54 @@ async def test_large_bodies_are_rendered_in_a_worker_process(tmp_path):
     (req,) = [p for p in tmp_path.iterdir() if p.name.endswith("-request.json")]
     assert json.loads(req.read_text())["body"]["input"] == "z" * 400_000
     assert addon.written == 2 and addon.lost == 0
+
+
+def json_values(floats: bool):
+    scalars = st.none() | st.booleans() | st.integers() | st.text()
+    if floats:
+        scalars = scalars | st.floats(allow_nan=False, allow_infinity=False)
+    return st.recursive(
+        scalars,
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        ),
+        max_leaves=20,
+    )
+
+
+JSON_VALUES = json_values(floats=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values(floats=False))
+def test_render_document_is_byte_identical_to_the_json_module(value):
+    doc = {"status": 200, "headers": [], "body": value}
+    expected = (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    assert render_document(doc) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_render_document_keeps_every_value(value):
+    # Floats may be spelt differently (orjson writes 1e-05 as 0.00001): same value.
+    doc = {"status": 200, "headers": [], "body": value}
+    assert json.loads(render_document(doc)) == doc
+
+
+def test_non_finite_numbers_and_huge_integers_survive_a_dump():
+    body = render_body(
+        b'{"a": NaN, "b": Infinity, "c": -Infinity, "d": 1180591620717411303424}', None
+    )
+    assert render_document({"body": body}) == (
+        b'{\n  "body": {\n    "a": NaN,\n    "b": Infinity,\n    "c": -Infinity,\n'
+        b'    "d": 1180591620717411303424\n  }\n}\n'
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_render_body_parses_like_the_json_module(value):
+    raw = json.dumps(value, ensure_ascii=False).encode("utf-8")
+    rendered = render_body(raw, None)
+    assert json.dumps(rendered) == json.dumps(json.loads(raw.decode()))
