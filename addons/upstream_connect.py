@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.proxy import server_hooks
@@ -20,13 +21,19 @@ class UpstreamConnect:
     gets no HTTP reply at all. In the ``server_connect`` hook this addon first tries the same
     address with a bounded handshake; if that times out it sets ``server.error``, which makes
     mitmproxy refuse the connection and answer the client 502 naming the cause. The probe costs
-    one extra handshake per new upstream connection (connections are kept alive and reused).
+    one extra handshake per new upstream connection (connections are kept alive and reused);
+    after a successful probe the same address is not probed again for ``PROBE_CACHE_S`` seconds,
+    so a burst of new connections (1 000 Codex agents starting) costs one probe, not 1 000.
     Other connect errors (refused, unreachable, DNS) are reported the same way with the plain
     cause, e.g. ``cannot connect to upstream api.openai.com:443: Connection refused``.
     """
 
+    #: Seconds a successful probe vouches for its address.
+    PROBE_CACHE_S = 2.0
+
     def __init__(self) -> None:
         self.timeout_ms = 10_000
+        self._reachable_at: dict[tuple[str, int], float] = {}
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -49,6 +56,9 @@ class UpstreamConnect:
         if not self.timeout_ms or server.error or server.address is None or server.via:
             return
         host, port = server.address
+        now = time.monotonic()
+        if now - self._reachable_at.get((host, port), -1e9) < self.PROBE_CACHE_S:
+            return
         try:
             _reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port), self.timeout_ms / 1000
@@ -67,6 +77,7 @@ class UpstreamConnect:
             server.error = f"cannot connect to upstream {host}:{port}: {cause}"
             logger.warning("%s", server.error)
             return
+        self._reachable_at[(host, port)] = time.monotonic()
         writer.close()
         try:
             await writer.wait_closed()

@@ -1,0 +1,60 @@
+import socket
+
+from mitmproxy import connection
+from mitmproxy.proxy import server_hooks
+from mitmproxy.test import taddons, tflow
+
+from addons.upstream_connect import UpstreamConnect
+
+
+def hook_data(port: int) -> server_hooks.ServerConnectionHookData:
+    server = connection.Server(address=("127.0.0.1", port))
+    return server_hooks.ServerConnectionHookData(server=server, client=tflow.tclient_conn())
+
+
+async def test_refused_upstream_names_the_cause():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addon = UpstreamConnect()
+    with taddons.context(addon):
+        data = hook_data(port)
+        await addon.server_connect(data)
+        assert (
+            data.server.error == f"cannot connect to upstream 127.0.0.1:{port}: Connection refused"
+        )
+
+
+async def test_reachable_upstream_is_probed_once_per_burst():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    addon = UpstreamConnect()
+    try:
+        with taddons.context(addon):
+            for _ in range(3):
+                data = hook_data(port)
+                await addon.server_connect(data)
+                assert data.server.error is None
+            listener.setblocking(False)
+            accepted = 0
+            try:
+                while True:
+                    conn, _ = listener.accept()
+                    conn.close()
+                    accepted += 1
+            except BlockingIOError:
+                pass
+            assert accepted == 1
+    finally:
+        listener.close()
+
+
+async def test_zero_disables_the_probe():
+    addon = UpstreamConnect()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_connect_timeout_ms=0)
+        data = hook_data(1)
+        await addon.server_connect(data)
+        assert data.server.error is None
