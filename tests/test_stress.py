@@ -160,3 +160,35 @@ def test_idle_half_open_connections_do_not_block_service(upstream, start_proxy):
         for s in idle:
             s.close()
     assert proxy.proc.poll() is None
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable-parent"])
+def test_unusable_dump_dir_refuses_to_start(tmp_path, kind):
+    from tests.conftest import ROOT, TEST_KEY, launcher_cmd
+
+    if kind == "file":
+        target = tmp_path / "a-file"
+        target.write_text("x")
+    else:
+        target = tmp_path / "a-file-parent" / "dumps"
+        (tmp_path / "a-file-parent").write_text("x")
+    info = tmp_path / "info.json"
+    proc = subprocess.run(
+        [
+            *launcher_cmd(),
+            "--server-info",
+            str(info),
+            "--upstream-url",
+            "http://127.0.0.1:9/r",
+            "--dump-dir",
+            str(target),
+        ],
+        input=TEST_KEY.encode() + b"\n",
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1
+    out = (proc.stdout + proc.stderr).decode()
+    assert "codex_dump_dir" in out and str(target) in out
+    assert not info.exists()
