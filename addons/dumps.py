@@ -179,6 +179,9 @@ class DumpWriter:
 
     #: Bodies larger than this (bytes) are rendered in the worker process.
     LARGE_BODY = 256 * 1024
+    #: The worker process exits after this many idle seconds (large bodies are rare; it costs
+    #: ~40 MB of memory while it lives).
+    LARGE_WORKER_IDLE_S = 5.0
 
     def __init__(self, workers: str = "auto") -> None:
         #: ``"auto"``: small documents are rendered and written on a worker thread (cheap, no
@@ -196,6 +199,8 @@ class DumpWriter:
         self._open: dict[str, _Exchange] = {}
         self._executor: concurrent.futures.Executor | None = None
         self._large_executor: concurrent.futures.Executor | None = None
+        self._large_pending: set[concurrent.futures.Future[Any]] = set()
+        self._large_last_used = 0.0
         self._futures: set[concurrent.futures.Future[Any]] = set()
 
     def load(self, loader) -> None:
@@ -373,10 +378,21 @@ class DumpWriter:
         body = doc.get("body")
         large = isinstance(body, tuple) and len(body[0]) > self.LARGE_BODY
         if self._executor is None or not large or self.workers != "auto":
+            self._retire_idle_large_worker()
             return self._executor
         if self._large_executor is None:
             self._large_executor = self._make_executor(True)
+        self._large_last_used = time.monotonic()
         return self._large_executor
+
+    def _retire_idle_large_worker(self) -> None:
+        if (
+            self._large_executor is not None
+            and not self._large_pending
+            and time.monotonic() - self._large_last_used > self.LARGE_WORKER_IDLE_S
+        ):
+            self._large_executor.shutdown(wait=False)
+            self._large_executor = None
 
     def _submit(self, name: str, doc: dict[str, Any]) -> concurrent.futures.Future[Any] | None:
         executor = self._pick_executor(doc)
@@ -393,11 +409,14 @@ class DumpWriter:
                 self._executor = self._make_executor(self.workers == "process")
             return None
         self._futures.add(future)
+        if executor is self._large_executor:
+            self._large_pending.add(future)
         future.add_done_callback(lambda f: self._done(name, f))
         return future
 
     def _done(self, name: str, future: concurrent.futures.Future[Any]) -> None:
         self._futures.discard(future)
+        self._large_pending.discard(future)
         try:
             error = future.result()
         except Exception as e:

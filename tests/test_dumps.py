@@ -360,3 +360,22 @@ def test_render_body_parses_like_the_json_module(value):
     raw = json.dumps(value, ensure_ascii=False).encode("utf-8")
     rendered = render_body(raw, None)
     assert json.dumps(rendered) == json.dumps(json.loads(raw.decode()))
+
+
+async def test_idle_large_body_worker_exits(tmp_path, monkeypatch):
+    addon = DumpWriter()
+    monkeypatch.setattr(DumpWriter, "LARGE_WORKER_IDLE_S", 0.0)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path))
+        big = accepted_flow()
+        big.request.raw_content = json.dumps({"input": "z" * 400_000}).encode()
+        addon.requestheaders(big)
+        await addon.request(big)
+        addon.flush()
+        assert addon._large_executor is not None
+        small = accepted_flow()
+        addon.requestheaders(small)
+        await addon.request(small)  # a small document: the idle worker is retired
+        assert addon._large_executor is None
+        addon.done()
+    assert addon.written == 4 and addon.lost == 0  # two pairs, closed at shutdown
