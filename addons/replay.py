@@ -161,8 +161,7 @@ class ReplayUpstream:
         self.next_index = 0
         self.port = 0
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._server: Any = None
 
     @property
     def url(self) -> str:
@@ -224,33 +223,18 @@ class ReplayUpstream:
     def start(self) -> int:
         from aiohttp import web
 
-        ready = threading.Event()
+        from addons.aio_server import ThreadedServer
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application(client_max_size=256 * 1024 * 1024)
-            app.router.add_route("POST", "/v1/responses", self._handle)
-            runner = web.AppRunner(app, access_log=None, auto_decompress=True)
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-            self.port = runner.addresses[0][1]
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="replay-upstream", daemon=True)
-        self._thread.start()
-        if not ready.wait(30):
-            raise RuntimeError("the replay upstream did not start")
+        app = web.Application(client_max_size=256 * 1024 * 1024)
+        app.router.add_route("POST", "/v1/responses", self._handle)
+        self._server = ThreadedServer(app, "replay-upstream")
+        self.port = self._server.start()
         return self.port
 
     def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -121,6 +121,44 @@ def launcher_cmd() -> list[str]:
     return [sys.executable, "-m", "addons.cli"]
 
 
+def run_launcher_once(
+    tmp_path: Path, *args: str, stdin: bytes = TEST_KEY.encode() + b"\n"
+) -> tuple[subprocess.CompletedProcess[bytes], Path]:
+    """Run the launcher to completion (for start-up refusals): returns the finished process
+    and its server-info path (which must not exist when it refused to start)."""
+    info = tmp_path / "refused-info.json"
+    proc = subprocess.run(
+        [
+            *launcher_cmd(),
+            "--server-info",
+            str(info),
+            "--upstream-url",
+            "http://127.0.0.1:9/r",
+            *args,
+        ],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    return proc, info
+
+
+def open_stream(
+    port: int, payload: dict | None = None, timeout: float = 60
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """POST a streaming Responses request to 127.0.0.1:``port``; returns the connection and
+    the response with its headers read (the body is left to the caller)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request(
+        "POST",
+        "/v1/responses",
+        json.dumps(payload or {"model": "m", "stream": True}),
+        {"content-type": "application/json"},
+    )
+    return conn, conn.getresponse()
+
+
 @pytest.fixture
 def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     """Factory: start the real proxy on an ephemeral port with ``TEST_KEY`` on stdin."""

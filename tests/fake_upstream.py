@@ -19,6 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
+from addons.aio_server import ThreadedServer
+
 DEFAULT_TEXT = "Hello from the local Responses stand-in! Each word is its own SSE event."
 
 
@@ -169,9 +171,7 @@ class FakeUpstream:
         self.headers_delay = 0.0
         self.ssl_context: Any = None
         self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
+        self._server: ThreadedServer | None = None
         self._counter = 0
         self._lock = threading.Lock()
 
@@ -247,41 +247,23 @@ class FakeUpstream:
         return reply
 
     def start(self) -> int:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            app = web.Application(client_max_size=64 * 1024 * 1024)
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            # auto_decompress off: record request bodies exactly as they arrived (zstd too).
-            self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)
-            loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
-            loop.run_until_complete(site.start())
-            self.port = self._runner.addresses[0][1]
-            ready.set()
-            loop.run_forever()
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.run_until_complete(self._runner.cleanup())
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="fake-upstream", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("fake upstream did not start")
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # auto_decompress off: record request bodies exactly as they arrived (zstd too).
+        self._server = ThreadedServer(
+            app,
+            "fake-upstream",
+            port=self.port,
+            ssl_context=self.ssl_context,
+            auto_decompress=False,
+        )
+        self.port = self._server.start()
         return self.port
 
     def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
     def __enter__(self) -> FakeUpstream:
         self.start()

@@ -10,13 +10,18 @@ import os
 import re
 import socket
 import threading
-from pathlib import Path
 
 import aiohttp
 import pytest
 import zstandard
 
-from tests.conftest import TEST_KEY, ProxyProcess, launcher_cmd, wait_for
+from tests.conftest import (
+    TEST_KEY,
+    ProxyProcess,
+    open_stream,
+    run_launcher_once,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -228,16 +233,7 @@ def test_shutdown_without_flag_is_403_and_keeps_serving(upstream, start_proxy):
     ],
 )
 def test_key_errors_exit_1_and_nothing_listens(tmp_path, stdin, message):
-    info = tmp_path / "info.json"
-    import subprocess
-
-    proc = subprocess.run(
-        [*launcher_cmd(), "--server-info", str(info), "--upstream-url", "http://127.0.0.1:9/r"],
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        cwd=Path(__file__).parent.parent,
-    )
+    proc, info = run_launcher_once(tmp_path, stdin=stdin)
     assert proc.returncode == 1
     lines = proc.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0]
@@ -312,14 +308,7 @@ def test_sse_is_not_buffered(upstream, start_proxy):
     upstream.gate = threading.Event()
     upstream.gate_timeout = 15
     proxy = start_proxy(upstream.url)
-    conn = proxy.connection(timeout=60)
-    conn.request(
-        "POST",
-        "/v1/responses",
-        json.dumps({"model": "m", "stream": True}),
-        {"content-type": "application/json"},
-    )
-    resp = conn.getresponse()
+    conn, resp = open_stream(proxy.port, timeout=60)
     first = read_event(resp)
     assert first[0] == b"event: response.created\n"
     upstream.gate.set()  # the client has event 0: let the upstream go on
@@ -332,14 +321,7 @@ def test_sse_is_not_buffered(upstream, start_proxy):
 def test_client_gone_mid_stream_still_writes_dump(upstream, start_proxy):
     upstream.gate = threading.Event()
     proxy = start_proxy(upstream.url)
-    conn = proxy.connection(timeout=30)
-    conn.request(
-        "POST",
-        "/v1/responses",
-        json.dumps({"model": "m", "stream": True}),
-        {"content-type": "application/json"},
-    )
-    resp = conn.getresponse()
+    conn, resp = open_stream(proxy.port, timeout=30)
     read_event(resp)
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import http.client
 import socket
-import subprocess
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ROOT, TEST_KEY, launcher_cmd
+from tests.conftest import TEST_KEY, run_launcher_once
 
 pytestmark = pytest.mark.e2e
 
@@ -319,21 +318,7 @@ def test_garbage_burst_does_not_stop_serving(hostile_proxy):
     ],
 )
 def test_leaky_options_are_refused_at_start_up(tmp_path, args, message):
-    info = tmp_path / "info.json"
-    proc = subprocess.run(
-        [
-            *launcher_cmd(),
-            "--server-info",
-            str(info),
-            "--upstream-url",
-            "http://127.0.0.1:9/r",
-            *args,
-        ],
-        input=TEST_KEY.encode() + b"\n",
-        capture_output=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    proc, info = run_launcher_once(tmp_path, *args)
     assert proc.returncode == 1
     assert message in (proc.stdout + proc.stderr).decode()
     assert TEST_KEY.encode() not in proc.stdout + proc.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mitmproxy import io as mitm_io
 
-from tests.conftest import TEST_KEY, wait_for
+from tests.conftest import TEST_KEY, open_stream, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -64,14 +64,7 @@ def test_key_appears_nowhere(upstream, start_proxy, tmp_path):
     upstream.status = 200
     # Client leaves mid-stream.
     upstream.gate = threading.Event()
-    conn = proxy.connection()
-    conn.request(
-        "POST",
-        "/v1/responses",
-        json.dumps({"model": "m", "stream": True}),
-        {"content-type": "application/json"},
-    )
-    resp = conn.getresponse()
+    conn, resp = open_stream(proxy.port)
     resp.readline()
     conn.close()
     upstream.gate.set()

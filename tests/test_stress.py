@@ -15,6 +15,8 @@ import time
 import aiohttp
 import pytest
 
+from tests.conftest import run_launcher_once
+
 pytestmark = pytest.mark.e2e
 
 
@@ -78,6 +80,8 @@ async def _stream(session: aiohttp.ClientSession, base: str, i: int) -> tuple[in
     async with session.post(
         base + "/v1/responses", json={"model": f"m{i}", "stream": True}
     ) as resp:
+        if resp.status != 200:
+            return resp.status, [(await resp.read()).decode(errors="replace")]
         kinds = [
             line[7:].strip().decode() async for line in resp.content if line.startswith(b"event: ")
         ]
@@ -126,7 +130,9 @@ def test_1000_concurrent_streams(upstream, start_proxy):
         or r[1][-1] != "response.completed"
         or r[1].count("response.output_text.delta") != expected_deltas
     ]
-    assert failures == [], f"{len(failures)} of {n} streams failed (in {elapsed:.1f}s)"
+    assert failures == [], (
+        f"{len(failures)} of {n} streams failed (in {elapsed:.1f}s), e.g. {failures[0]}"
+    )
     assert proxy.shutdown(timeout=120) == 0
     stop.set()
     watcher.join(10)
@@ -164,7 +170,6 @@ def test_idle_half_open_connections_do_not_block_service(upstream, start_proxy):
 
 @pytest.mark.parametrize("kind", ["file", "unwritable-parent"])
 def test_unusable_dump_dir_refuses_to_start(tmp_path, kind):
-    from tests.conftest import ROOT, TEST_KEY, launcher_cmd
 
     if kind == "file":
         target = tmp_path / "a-file"
@@ -172,22 +177,7 @@ def test_unusable_dump_dir_refuses_to_start(tmp_path, kind):
     else:
         target = tmp_path / "a-file-parent" / "dumps"
         (tmp_path / "a-file-parent").write_text("x")
-    info = tmp_path / "info.json"
-    proc = subprocess.run(
-        [
-            *launcher_cmd(),
-            "--server-info",
-            str(info),
-            "--upstream-url",
-            "http://127.0.0.1:9/r",
-            "--dump-dir",
-            str(target),
-        ],
-        input=TEST_KEY.encode() + b"\n",
-        capture_output=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    proc, info = run_launcher_once(tmp_path, "--dump-dir", str(target))
     assert proc.returncode == 1
     out = (proc.stdout + proc.stderr).decode()
     assert "codex_dump_dir" in out and str(target) in out

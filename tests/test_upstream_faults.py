@@ -10,21 +10,14 @@ import time
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import open_stream, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 def stream_until_failure(proxy, timeout: float = 30) -> tuple[int, bytes, bool]:
     """POST a streaming request; returns (status, bytes received, truncated?)."""
-    conn = proxy.connection(timeout=timeout)
-    conn.request(
-        "POST",
-        "/v1/responses",
-        json.dumps({"model": "m", "stream": True}),
-        {"content-type": "application/json"},
-    )
-    resp = conn.getresponse()
+    conn, resp = open_stream(proxy.port, timeout=timeout)
     got = b""
     truncated = False
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TEST_KEY, wait_for
+from tests.conftest import ROOT, TEST_KEY, open_stream, wait_for
 from tests.test_clients import codex, printed_codex_config, run_codex  # noqa: F401
 from tests.test_leaks import proc_tree
 
@@ -134,14 +134,7 @@ def test_mitmweb_front_shows_codex_flows_without_the_key(upstream, codex, tmp_pa
                 assert TEST_KEY.encode() not in Path(f"/proc/{pid}/{name}").read_bytes()
 
         # 1. While a stream is running, the UI already has its first event.
-        conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=60)
-        conn.request(
-            "POST",
-            "/v1/responses",
-            json.dumps({"model": "m", "stream": True}),
-            {"content-type": "application/json"},
-        )
-        resp = conn.getresponse()
+        conn, resp = open_stream(web.port, timeout=60)
         assert resp.readline() == b"event: response.created\n"
 
         def live_body() -> bytes:
