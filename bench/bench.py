@@ -80,6 +80,7 @@ def wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 
 
 def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its descendants, from ``/proc/*/stat`` (Linux). Shared with the tests."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -318,7 +319,7 @@ def streams(
 ) -> dict[str, Any]:
     import aiohttp
 
-    async def run() -> list[dict[str, Any]]:
+    async def run() -> list[dict[str, Any] | BaseException]:
         connector = aiohttp.TCPConnector(limit=0, force_close=True)
         async with aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=600)
@@ -397,29 +398,43 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2)
 
 
+def _get(result: dict[str, Any] | None, *path: str) -> float | None:
+    value: Any = result
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value if isinstance(value, (int, float)) else None
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 2)
+
+
 def add_ratios(results: dict[str, dict[str, Any]]) -> None:
+    """Ratios against bare mitmdump and differences against direct, from the same run."""
     bare, direct = results.get("mitmdump"), results.get("direct")
     for r in results.values():
         r["ratios"] = {
-            "rps_c1_vs_mitmdump": ratio(r["wrk_c1"]["rps"], bare and bare["wrk_c1"]["rps"]),
-            "rps_c32_vs_mitmdump": ratio(r["wrk_c32"]["rps"], bare and bare["wrk_c32"]["rps"]),
-            "rps_c32_vs_direct": ratio(r["wrk_c32"]["rps"], direct and direct["wrk_c32"]["rps"]),
-            "body_8mb_vs_mitmdump": ratio(r["body_8mb_s"], bare and bare["body_8mb_s"]),
-            "first_event_p99_minus_direct_ms": None
-            if not direct
-            else round(r["sse_1"]["first_event_p99_ms"] - direct["sse_1"]["first_event_p99_ms"], 2),
-            "lag_p99_minus_direct_ms": None
-            if not direct
-            else round(r["sse_1"]["lag_p99_ms"] - direct["sse_1"]["lag_p99_ms"], 2),
-            "many_lag_p99_minus_direct_ms": None
-            if not direct
-            else round(r["sse_many"]["lag_p99_ms"] - direct["sse_many"]["lag_p99_ms"], 2),
+            "rps_c1_vs_mitmdump": ratio(_get(r, "wrk_c1", "rps"), _get(bare, "wrk_c1", "rps")),
+            "rps_c32_vs_mitmdump": ratio(_get(r, "wrk_c32", "rps"), _get(bare, "wrk_c32", "rps")),
+            "rps_c32_vs_direct": ratio(_get(r, "wrk_c32", "rps"), _get(direct, "wrk_c32", "rps")),
+            "body_8mb_vs_mitmdump": ratio(_get(r, "body_8mb_s"), _get(bare, "body_8mb_s")),
+            "first_event_p99_minus_direct_ms": _minus(
+                _get(r, "sse_1", "first_event_p99_ms"), _get(direct, "sse_1", "first_event_p99_ms")
+            ),
+            "lag_p99_minus_direct_ms": _minus(
+                _get(r, "sse_1", "lag_p99_ms"), _get(direct, "sse_1", "lag_p99_ms")
+            ),
+            "many_lag_p99_minus_direct_ms": _minus(
+                _get(r, "sse_many", "lag_p99_ms"), _get(direct, "sse_many", "lag_p99_ms")
+            ),
         }
 
 
 def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     def fmt(v: Any) -> str:
-        return "–" if v is None else str(v)
+        return "n/a" if v is None else str(v)
 
     rows = [
         ("req/s, 1 conn", lambda r: r["wrk_c1"]["rps"]),
@@ -438,7 +453,7 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
             "1 stream: lag p50 / p99, ms",
             lambda r: f"{r['sse_1']['lag_p50_ms']} / {r['sse_1']['lag_p99_ms']}",
         ),
-        ("1 stream: lag p99 − direct, ms", lambda r: r["ratios"]["lag_p99_minus_direct_ms"]),
+        ("1 stream: lag p99 - direct, ms", lambda r: r["ratios"]["lag_p99_minus_direct_ms"]),
         (
             f"{meta['streams']} streams: ok / failed",
             lambda r: f"{r['sse_many']['ok']} / {r['sse_many']['failed']}",
@@ -450,7 +465,7 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         ),
         (f"{meta['streams']} streams: lag p99, ms", lambda r: r["sse_many"]["lag_p99_ms"]),
         (
-            f"{meta['streams']} streams: lag p99 − direct, ms",
+            f"{meta['streams']} streams: lag p99 - direct, ms",
             lambda r: r["ratios"]["many_lag_p99_minus_direct_ms"],
         ),
         (f"{meta['streams']} streams: peak RSS MB", lambda r: r["sse_many"]["peak_rss_mb"]),

@@ -4,35 +4,16 @@ most verbose logging, with a flow file and HAR; the key must occur nowhere."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
 import pytest
 from mitmproxy import io as mitm_io
 
+from bench.bench import tree_pids as proc_tree
 from tests.conftest import TEST_KEY, open_stream, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def proc_tree(pid: int) -> list[int]:
-    """pid and all its descendants (from /proc/*/stat)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
 
 
 def test_key_appears_nowhere(upstream, start_proxy, tmp_path):

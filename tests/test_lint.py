@@ -13,15 +13,15 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_lint():
-    result = run("ruff", "check", "addons", "tests")
+    result = run("ruff", "check", "addons", "tests", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_format():
-    result = run("ruff", "format", "--check", "addons", "tests")
+    result = run("ruff", "format", "--check", "addons", "tests", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy():
-    result = run("mypy", "addons")
+    result = run("mypy", "addons", "bench")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.bench import tree_pids as proc_tree
 from tests.conftest import ROOT, TEST_KEY, open_stream, wait_for
 from tests.test_clients import codex, printed_codex_config, run_codex  # noqa: F401
-from tests.test_leaks import proc_tree
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = ROOT / "test-artifacts"
