@@ -161,6 +161,7 @@ case "$cmd" in
         ensure_venv
         ensure_codex
         ensure_chromium
+        ensure_wrk
         cd "$ROOT"
         exec "$VENV/bin/python" -m pytest "$@" </dev/null
         ;;

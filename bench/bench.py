@@ -489,11 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration per run")
     parser.add_argument("--streams", type=int, default=1000, help="concurrent streams")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of each wrk/8 MB run")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.md/.json go")
     parser.add_argument("--targets", default="direct,mitmdump,reference,ours,ours+dumps")
     ns = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         parser.exit(2, "run.sh bench: wrk is missing (./run.sh bench installs it)\n")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    ns.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="codex-proxy-bench-") as tmpdir:
         tmp = Path(tmpdir)
         script = tmp / "post.lua"
@@ -522,11 +523,11 @@ def main(argv: list[str] | None = None) -> int:
         "streams": ns.streams,
         "repeat": ns.repeat,
     }
-    (RESULTS / "latest.json").write_text(
+    (ns.out / "latest.json").write_text(
         json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
     )
     table = markdown(results, meta)
-    (RESULTS / "latest.md").write_text(table)
+    (ns.out / "latest.md").write_text(table)
     print()
     print(table)
     return 0

@@ -1,0 +1,50 @@
+"""The benchmark still runs end to end (tiny settings; no timing is asserted, by design)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def test_benchmark_smoke_run(tmp_path):
+    if shutil.which("wrk") is None:
+        if os.environ.get("CI"):
+            pytest.fail("wrk is missing in CI: ./run.sh test installs it")
+        pytest.skip("wrk not installed (./run.sh test installs it)")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench",
+            "--seconds",
+            "1",
+            "--streams",
+            "20",
+            "--repeat",
+            "1",
+            "--targets",
+            "direct,mitmdump,ours+dumps",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads((tmp_path / "latest.json").read_text())
+    results = data["results"]
+    assert set(results) == {"direct", "mitmdump", "ours+dumps"}
+    for name, r in results.items():
+        assert r["wrk_c32"]["rps"] > 0 and r["wrk_c32"]["errors"] == 0, name
+        assert r["sse_many"]["ok"] == 20 and r["sse_many"]["failed"] == 0, name
+    assert results["ours+dumps"]["ratios"]["rps_c32_vs_mitmdump"] is not None
+    assert "| req/s, 32 conns |" in (tmp_path / "latest.md").read_text()
