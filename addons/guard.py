@@ -27,8 +27,15 @@ class OptionGuard:
     Cases: ``proxy_debug`` (mitmproxy then logs raw request bytes, the injected key included);
     a non-loopback ``listen_host`` unless ``codex_allow_remote`` is set (then a warning).
     Raising ``OptionsError`` in ``configure`` rolls the update back and, at start-up, makes
-    mitmdump exit 1.
+    mitmdump exit 1. Also: a ``--set`` naming an option nobody declared, which mitmproxy keeps
+    aside forever without a word, is an error at start-up (a typo must not silently drop, say,
+    ``codex_dump_dir``).
     """
+
+    def running(self) -> None:
+        unknown = sorted(ctx.options.deferred)
+        if unknown:
+            logger.error("unknown option(s) in --set: %s", ", ".join(unknown))
 
     def load(self, loader) -> None:
         loader.add_option(

@@ -75,6 +75,12 @@ class ServerInfo:
     def running(self) -> None:
         if not self.path:
             return
+        # An error logged during start-up (bad option, no key) makes mitmproxy exit 1 right
+        # after this hook: do not announce a proxy that is about to go away.
+        checker = ctx.master.addons.get("errorcheck")
+        if checker is not None and getattr(getattr(checker, "logger", None), "has_errored", None):
+            logger.info("start-up failed; not writing %s", self.path)
+            return
         addrs = ctx.master.addons.get("proxyserver").listen_addrs()
         if not addrs:
             logger.error("server-info: the proxy is not listening; not writing %s", self.path)

@@ -315,6 +315,7 @@ def test_garbage_burst_does_not_stop_serving(hostile_proxy):
     [
         (["--set", "proxy_debug=true"], "proxy_debug is refused"),
         (["--set", "listen_host=0.0.0.0"], "not loopback"),
+        (["--set", "codex_dump_dri=/tmp/x"], "unknown option(s) in --set: codex_dump_dri"),
     ],
 )
 def test_leaky_options_are_refused_at_start_up(tmp_path, args, message):
