@@ -70,6 +70,7 @@ def port_from_server_info(path: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of ``./run.sh codex-config``; returns the exit code (2 for bad arguments)."""
     parser = argparse.ArgumentParser(
         prog="run.sh codex-config",
         description="Print the Codex config.toml provider block for a running proxy.",

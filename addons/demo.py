@@ -53,6 +53,7 @@ def mask(value: str) -> str:
 
 
 def main() -> int:
+    """Run the demo; returns 0 when every check it prints passed, else 1."""
     sys.path.insert(0, str(ROOT))
     import openai
 

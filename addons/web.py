@@ -30,6 +30,7 @@ FRONT_ONLY_SETS = ("web_", "codex_web_")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The launcher's parser (same flags as the headless proxy) plus ``--web-port``."""
     from addons.cli import build_parser as proxy_parser
 
     parser = proxy_parser()
@@ -110,6 +111,8 @@ def wait_for_inner(proc: subprocess.Popen[bytes], info_path: str, timeout: float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the key-holding proxy as a child and mitmweb in front of it; returns the exit code
+    (the child's, e.g. 1 for a bad key, if it fails to start)."""
     parser = build_parser()
     ns = parser.parse_args(argv)
     front_sets, inner_sets = split_sets(ns.setoptions)

@@ -50,12 +50,14 @@ end
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
+    """Wait until something accepts on 127.0.0.1:``port``. Raises RuntimeError."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -69,6 +71,7 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes] | None, timeout: flo
 
 
 def wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> dict:
+    """Wait for a server-info style JSON file and return it. Raises RuntimeError."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists() and path.stat().st_size:
@@ -98,6 +101,7 @@ def tree_pids(pid: int) -> list[int]:
 
 
 def tree_rss_mb(pid: int | None) -> float | None:
+    """Resident memory (MB) of a process and its descendants; ``None`` without a pid."""
     if pid is None:
         return None
     total = 0
@@ -138,6 +142,8 @@ class RssSampler:
 
 @dataclass
 class Target:
+    """A benchmark target: where it listens and, unless ``direct``, its process."""
+
     name: str
     port: int
     proc: subprocess.Popen[bytes] | None = None
@@ -154,6 +160,8 @@ class Target:
 
 
 def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
+    """Start one target (``direct``, ``mitmdump``, ``reference``, ``ours``, ``ours+dumps``)
+    in front of the benchmark upstream. Raises RuntimeError when it does not come up."""
     up_url = f"http://127.0.0.1:{upstream_port}/v1/responses"
     quiet = ["--set", "flow_detail=0", "--set", "termlog_verbosity=warn"]
     if name == "direct":
@@ -238,6 +246,7 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
 
 
 def run_wrk(port: int, connections: int, seconds: int, script: Path) -> dict[str, Any]:
+    """One wrk run (POST of a small JSON body): requests/s, p50/p99 latency (ms), errors."""
     threads = 1 if connections == 1 else 2
     out = subprocess.run(
         [
@@ -268,6 +277,7 @@ def run_wrk(port: int, connections: int, seconds: int, script: Path) -> dict[str
 
 
 def big_body_seconds(port: int, size: int = 8 * 1024 * 1024, runs: int = 3) -> float:
+    """Median seconds for POSTing an ``size``-byte JSON body through ``port``."""
     body = json.dumps({"model": "bench", "input": "x" * size}).encode()
     times = []
     for _ in range(runs):
@@ -307,6 +317,7 @@ async def _one_stream(session: Any, port: int, events: int, interval_ms: int) ->
 
 
 def percentile(values: list[float], p: float) -> float:
+    """The ``p``-th percentile (nearest rank) of ``values``; NaN for no values."""
     if not values:
         return float("nan")
     values = sorted(values)
@@ -317,6 +328,8 @@ def percentile(values: list[float], p: float) -> float:
 def streams(
     port: int, count: int, events: int = 50, interval_ms: int = 20, pid: int | None = None
 ) -> dict[str, Any]:
+    """``count`` concurrent SSE streams of ``events`` events every ``interval_ms``: success
+    count, wall time, first-event and per-event lag percentiles (ms), peak RSS (MB)."""
     import aiohttp
 
     async def run() -> list[dict[str, Any] | BaseException]:
@@ -393,6 +406,7 @@ def measure_all(targets: list[Target], ns: argparse.Namespace, script: Path) -> 
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b`` rounded, or ``None`` when either is missing or ``b`` is zero."""
     if a is None or b is None or not b:
         return None
     return round(a / b, 2)
@@ -433,6 +447,8 @@ def add_ratios(results: dict[str, dict[str, Any]]) -> None:
 
 
 def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The results as a markdown table (one column per target)."""
+
     def fmt(v: Any) -> str:
         return "n/a" if v is None else str(v)
 
@@ -485,6 +501,7 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line of ``./run.sh bench``; returns the exit code."""
     parser = argparse.ArgumentParser(prog="run.sh bench", description=__doc__)
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration per run")
     parser.add_argument("--streams", type=int, default=1000, help="concurrent streams")

@@ -20,6 +20,7 @@ from aiohttp import web
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
+    """Small JSON reply, or a scheduled SSE stream when the body asks ``"stream": true``."""
     raw = await request.read()
     try:
         body = json.loads(raw) if len(raw) < 65536 else {}
@@ -53,6 +54,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 def main() -> None:
+    """Serve until killed; the port goes to the ``--info`` file."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--info", required=True)
     ns = parser.parse_args()
