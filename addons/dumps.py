@@ -11,7 +11,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -151,13 +151,11 @@ def prepare_dump_dir(path: str) -> str:
 
 @dataclass
 class _Exchange:
-    seq: int
     prefix: str
     method: str
     url: str
     headers: list[dict[str, str]]
     request_written: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class DumpWriter:
@@ -252,7 +250,6 @@ class DumpWriter:
             seq = next(self._seq)
             flow.metadata[DUMP_SEQ] = seq
             self._open[flow.id] = _Exchange(
-                seq=seq,
                 prefix=f"{seq:06d}-{int(time.time() * 1000)}",
                 method=flow.request.method,
                 url=flow.request.path,

@@ -30,7 +30,6 @@ class Tee:
     def __init__(self) -> None:
         self._parts: list[bytes] = []
         self.size = 0
-        self.chunks = 0
         self.started = time.monotonic()
         #: ``[ms since the response headers, body length after this chunk]`` per chunk.
         self.timing: list[list[int]] = []
@@ -39,9 +38,13 @@ class Tee:
         if chunk:
             self._parts.append(chunk)
             self.size += len(chunk)
-            self.chunks += 1
             self.timing.append([int((time.monotonic() - self.started) * 1000), self.size])
         return chunk
+
+    @property
+    def chunks(self) -> int:
+        """How many non-empty chunks went through."""
+        return len(self.timing)
 
     @property
     def data(self) -> bytes:

@@ -19,7 +19,7 @@ from addons.common import LOCAL_REPLY_HEADER
 from addons.guard import OptionGuard
 from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
-from addons.sse_stream import is_event_stream
+from addons.sse_stream import Tee, is_event_stream
 
 logger = logging.getLogger(__name__)
 
@@ -60,27 +60,24 @@ class LiveSse:
         response = flow.response
         if response is None or response.stream or not is_event_stream(response):
             return
-        body = bytearray()
+        copy = Tee()
         last = [0.0]
 
         def tee(chunk: bytes) -> bytes:
-            if chunk:
-                body.extend(chunk)
-                now = time.monotonic()
-                if now - last[0] >= self.refresh_s:
-                    last[0] = now
-                    self._show(flow, body)
-            else:
-                self._show(flow, body)
+            copy(chunk)
+            now = time.monotonic()
+            if not chunk or now - last[0] >= self.refresh_s:
+                last[0] = now
+                self._show(flow, copy.data)
             return chunk
 
         response.stream = tee
 
     @staticmethod
-    def _show(flow: http.HTTPFlow, body: bytearray) -> None:
+    def _show(flow: http.HTTPFlow, body: bytes) -> None:
         if flow.response is None:
             return
-        flow.response.raw_content = bytes(body)
+        flow.response.raw_content = body
         ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
     def response(self, flow: http.HTTPFlow) -> None:
