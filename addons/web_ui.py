@@ -37,12 +37,15 @@ class LiveSse:
 
     Each chunk is passed on at once (``flow.response.stream``) and appended to a copy; at most
     every ``codex_web_refresh_ms`` the copy is put in the flow and an ``update`` is triggered,
-    so mitmweb pushes the growing body to the browser. At the end the whole body stays in the
-    flow for viewing.
+    so mitmweb pushes the growing body to the browser. At the end (``response``), and also when
+    the flow fails part-way (``error``: e.g. Codex closes the connection right after
+    ``response.completed``, before the last chunk), the whole body received so far is put in
+    the flow, so the UI never keeps a stale throttled copy.
     """
 
     def __init__(self) -> None:
         self.refresh_s = 0.25
+        self._copies: dict[str, Tee] = {}
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -61,6 +64,7 @@ class LiveSse:
         if response is None or response.stream or not is_event_stream(response):
             return
         copy = Tee()
+        self._copies[flow.id] = copy
         last = [0.0]
 
         def tee(chunk: bytes) -> bytes:
@@ -81,8 +85,17 @@ class LiveSse:
         ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None and callable(flow.response.stream):
-            flow.response.stream = False
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        copy = self._copies.pop(flow.id, None)
+        if flow.response is None or copy is None:
+            return
+        flow.response.stream = False
+        self._show(flow, copy.data)
 
 
 class FlowNotes:
