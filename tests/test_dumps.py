@@ -1,3 +1,4 @@
+import concurrent.futures
 import gzip
 import json
 import os
@@ -12,6 +13,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons.common import ALLOWED, DUMP_SEQ
 from addons.dumps import (
+    DumpThread,
     DumpWriter,
     prepare_dump_dir,
     redact_headers,
@@ -292,6 +294,35 @@ async def test_without_dump_required_a_failed_dump_does_not_stop_the_flow(tmp_pa
         await addon.response(f)
         addon.flush()
         assert f.response.status_code == 200 and f.error is None and addon.lost == 2
+
+
+def test_dump_thread_writes_in_order_and_reports_each_outcome(tmp_path, monkeypatch):
+    outcomes = []
+    thread = DumpThread(lambda name, error: outcomes.append((name, error)))
+    doc = {"method": "POST", "url": "/v1/responses", "headers": [], "body": (b"{}", None)}
+    for i in range(50):
+        thread.put(str(tmp_path), f"{i:06d}-request.json", doc)
+    assert thread.drain(10)
+    assert [name for name, _ in outcomes] == [f"{i:06d}-request.json" for i in range(50)]
+    assert all(error is None for _, error in outcomes)
+    assert json.loads((tmp_path / "000049-request.json").read_text())["body"] == {}
+
+    # A failure reaches the waiting caller's future, and the thread keeps going.
+    monkeypatch.setattr("addons.dumps.write_file_atomically", _disk_full)
+    failed: concurrent.futures.Future = concurrent.futures.Future()
+    thread.put(str(tmp_path), "x-request.json", doc, failed)
+    assert "No space left" in failed.result(10)
+    monkeypatch.undo()
+    ok: concurrent.futures.Future = concurrent.futures.Future()
+    thread.put(str(tmp_path), "y-request.json", doc, ok)
+    assert ok.result(10) is None
+    thread.stop(10)
+    assert not thread._thread.is_alive()
+
+
+def test_unknown_worker_kind_is_refused():
+    with pytest.raises(ValueError, match="workers"):
+        DumpWriter(workers="process")
 
 
 async def test_large_bodies_are_rendered_in_a_worker_process(tmp_path):
