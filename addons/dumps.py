@@ -106,8 +106,14 @@ def write_file_atomically(directory: str, name: str, data: bytes) -> str:
     tmp = os.path.join(directory, f".{name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        # Plain os.write, not a file object: 4 syscalls per file instead of 7 (no fstat,
+        # isatty ioctl, lseek), each of which hands the GIL back and forth with the event loop.
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         return path
     except BaseException:
