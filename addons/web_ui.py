@@ -120,7 +120,13 @@ class FlowNotes:
             flow.comment = "forwarded upstream; the key-holding proxy injected Authorization"
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if flow.error is not None:
+        if flow.error is None:
+            return
+        body = flow.response.raw_content if flow.response is not None else None
+        if body and b"event: response.completed" in body:
+            # Codex often hangs up right after response.completed, before the last chunk.
+            flow.comment = f"stream complete (response.completed received); then: {flow.error.msg}"
+        else:
             flow.comment = f"failed: {flow.error.msg}"
 
 
@@ -170,4 +176,5 @@ class FlowCap:
             view.remove(drop)
 
 
-addons = [OptionGuard(), ServerInfo(), HttpShutdown(), FlowNotes(), LiveSse(), FlowCap()]
+# LiveSse before FlowNotes: on error, the whole streamed body is in the flow before the note.
+addons = [OptionGuard(), ServerInfo(), HttpShutdown(), LiveSse(), FlowNotes(), FlowCap()]

@@ -191,6 +191,8 @@ def test_mitmweb_front_shows_codex_flows_without_the_key(upstream, codex, tmp_pa
             # The whole stream stays viewable, even when Codex hung up right after
             # response.completed (the flow then ends in an error, not a response).
             assert b"response.completed" in web.api(f"/flows/{f['id']}/response/content.data")
+            if f.get("error"):
+                assert f["comment"].startswith("stream complete"), f["comment"]
         for blob in everything:
             assert TEST_KEY.encode() not in blob
 

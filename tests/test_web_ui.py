@@ -67,3 +67,26 @@ def test_flow_notes_mark_refusals_and_redact_forwarded_posts():
         addon.responseheaders(forwarded)
         assert not forwarded.marked
         assert forwarded.request.headers["authorization"] == "[REDACTED]"
+
+
+def test_flow_notes_tell_a_complete_stream_from_a_failed_one():
+    addon = FlowNotes()
+    with taddons.context(addon):
+        complete = sse_flow()
+        complete.response.raw_content = b"event: response.completed\ndata: {}\n\n"
+        complete.error = tflow.terr("Client disconnected.")
+        addon.error(complete)
+        assert complete.comment.startswith("stream complete")
+
+        cut = sse_flow()
+        cut.response.raw_content = b"event: response.created\ndata: {}\n\n"
+        cut.error = tflow.terr("Client disconnected.")
+        addon.error(cut)
+        assert cut.comment == "failed: Client disconnected."
+
+
+def test_live_sse_runs_before_flow_notes():
+    from addons import web_ui
+
+    kinds = [type(a) for a in web_ui.addons]
+    assert kinds.index(LiveSse) < kinds.index(FlowNotes)
