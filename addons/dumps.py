@@ -491,7 +491,7 @@ class DumpWriter:
         self._count(name, error)
 
     def _count(self, name: str, error: str | None) -> None:
-        """Count one outcome; called on the worker threads (hence the lock)."""
+        """Count one outcome; called on the worker threads and the loop (hence the lock)."""
         with self._count_lock:
             if error is None:
                 self.written += 1

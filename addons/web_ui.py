@@ -85,17 +85,15 @@ class LiveSse:
         ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow)
+        # The stream's final b"" chunk already put the whole body in the flow.
+        if self._copies.pop(flow.id, None) is not None and flow.response is not None:
+            flow.response.stream = False
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow)
-
-    def _finish(self, flow: http.HTTPFlow) -> None:
         copy = self._copies.pop(flow.id, None)
-        if flow.response is None or copy is None:
-            return
-        flow.response.stream = False
-        self._show(flow, copy.data)
+        if copy is not None and flow.response is not None:
+            flow.response.stream = False
+            self._show(flow, copy.data)
 
 
 class FlowNotes:
