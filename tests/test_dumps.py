@@ -220,14 +220,15 @@ def test_open_exchanges_are_closed_at_shutdown(tmp_path):
         assert len(files(tmp_path)) == 2
 
 
-async def test_write_failure_is_counted_not_raised(tmp_path, caplog, monkeypatch):
-    def disk_full(*_args):
-        raise OSError(28, "No space left on device")
+def _disk_full(*_args):
+    raise OSError(28, "No space left on device")
 
+
+async def test_write_failure_is_counted_not_raised(tmp_path, caplog, monkeypatch):
     addon = DumpWriter(workers="thread")
     with taddons.context(addon) as tctx:
         tctx.configure(addon, codex_dump_dir=str(tmp_path))
-        monkeypatch.setattr("addons.dumps.write_file_atomically", disk_full)
+        monkeypatch.setattr("addons.dumps.write_file_atomically", _disk_full)
         f = accepted_flow()
         addon.requestheaders(f)
         await addon.request(f)
@@ -250,10 +251,6 @@ async def test_no_partial_files_visible(tmp_path):
                     json.loads(p.read_text())  # every visible file is complete
         addon.flush()
         assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 20
-
-
-def _disk_full(*_args):
-    raise OSError(28, "No space left on device")
 
 
 async def test_dump_required_refuses_the_request_when_its_dump_fails(tmp_path, monkeypatch):
