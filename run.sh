@@ -14,7 +14,11 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="$ROOT/.venv"
-CODEX_VERSION="0.169.0"
+
+# The Codex CLI version the tests drive is named once, in package.json (devDependencies).
+codex_version() {
+    sed -n 's/^ *"@openai\/codex": *"\([^"]*\)".*/\1/p' "$ROOT/package.json" | head -n 1
+}
 
 log() { printf 'run.sh: %s\n' "$*" >&2; }
 
@@ -74,15 +78,21 @@ ensure_venv() {
 }
 
 ensure_codex() {
+    local want
+    want="$(codex_version)"
+    if [[ -z "$want" ]]; then
+        log "error: package.json names no @openai/codex version"
+        exit 1
+    fi
     if [[ -x "$ROOT/node_modules/.bin/codex" ]] \
-        && "$ROOT/node_modules/.bin/codex" --version </dev/null 2>/dev/null | grep -q "$CODEX_VERSION"; then
+        && "$ROOT/node_modules/.bin/codex" --version </dev/null 2>/dev/null | grep -qF " $want"; then
         return 0
     fi
     if ! command -v npm >/dev/null 2>&1; then
         log "warning: npm not found; the Codex CLI tests cannot run"
         return 0
     fi
-    log "installing @openai/codex@$CODEX_VERSION into $ROOT/node_modules"
+    log "installing @openai/codex@$want (package.json) into $ROOT/node_modules"
     (cd "$ROOT" && npm install --no-audit --no-fund --loglevel=error </dev/null >&2)
 }
 

@@ -1,6 +1,7 @@
 """``./run.sh codex-config``: print the Codex provider configuration for a running proxy.
 
-Rules verified against Codex CLI 0.169.0 (``shared/CODEX.md``): the top-level
+Rules verified against the Codex CLI that ``package.json`` pins (``addons/versions.py``;
+the tests feed this output to it; ``shared/CODEX.md``): the top-level
 ``model_provider`` line must come before any ``[table]`` (else TOML nests it and Codex ignores
 it); ``base_url`` ends in ``/v1`` (Codex appends ``/responses``); ``wire_api = "responses"``;
 ``supports_websockets = false``; no ``env_key`` (the proxy holds the credential) and no

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import itertools
 import json
@@ -18,8 +19,8 @@ from typing import Any
 
 import orjson
 from mitmproxy import ctx, exceptions, http
-from mitmproxy.net import encoding
 
+from addons.body_decode import decode_body
 from addons.common import ALLOWED, DUMP_SEQ, REFUSED, json_response
 
 logger = logging.getLogger(__name__)
@@ -59,17 +60,7 @@ class _NonFinite(float):
         return super().__new__(cls, float(literal))
 
 
-def render_body(raw: bytes, content_encoding: str | None) -> Any:
-    """A body for a dump: decoded from gzip/br/zstd/deflate when it says so (for the dump only),
-    then parsed JSON when the whole body parses, else a UTF-8 string (invalid bytes replaced).
-    An SSE stream is one string. Same rule as the reference proxy, plus decoding."""
-    data = raw
-    if content_encoding and content_encoding.strip().lower() != "identity":
-        try:
-            decoded = encoding.decode(raw, content_encoding.strip().lower())
-            data = decoded.encode("utf-8") if isinstance(decoded, str) else decoded
-        except (ValueError, LookupError):
-            data = raw
+def _parse_body(data: bytes) -> Any:
     text = data.decode("utf-8", "replace")
     if text.strip():
         try:
@@ -78,6 +69,34 @@ def render_body(raw: bytes, content_encoding: str | None) -> Any:
         except ValueError:
             pass
     return text
+
+
+def render_body_fields(raw: bytes, content_encoding: str | None) -> dict[str, Any]:
+    """The body fields of a dump document: ``{"body": ...}``, plus marks for an encoded body.
+
+    The body is decoded from gzip/br/zstd/deflate when it says so (for the dump only; the wire
+    keeps the bytes), by the shared :mod:`addons.body_decode`, then parsed JSON when the whole
+    body parses, else a UTF-8 string (invalid bytes replaced); an SSE stream is one string (the
+    reference proxy's rule, plus decoding). An encoded body adds ``"body_decoded_from"`` (the
+    codings as applied, e.g. ``"zstd"``). When it cannot be decoded completely (a truncated
+    stream, invalid data, an unknown coding), ``"body"`` holds what could be decoded (the raw
+    bytes as text when nothing could, as mitmproxy's ``get_content(strict=False)`` does),
+    ``"body_decode_error"`` says why and ``"body_raw_base64"`` keeps the raw bytes.
+    """
+    decoded = decode_body(raw, content_encoding)
+    shown = decoded.data if decoded.data or decoded.error is None else raw
+    fields: dict[str, Any] = {"body": _parse_body(shown)}
+    if decoded.codings:
+        fields["body_decoded_from"] = ", ".join(decoded.codings)
+    if decoded.error is not None:
+        fields["body_decode_error"] = decoded.error
+        fields["body_raw_base64"] = base64.b64encode(raw).decode("ascii")
+    return fields
+
+
+def render_body(raw: bytes, content_encoding: str | None) -> Any:
+    """Just the ``body`` value of :func:`render_body_fields`."""
+    return render_body_fields(raw, content_encoding)["body"]
 
 
 def render_document(doc: dict[str, Any]) -> bytes:
@@ -127,12 +146,12 @@ def write_file_atomically(directory: str, name: str, data: bytes) -> str:
 def render_and_write(directory: str, name: str, doc: dict[str, Any]) -> str | None:
     """Render one dump document and write it; runs on the :class:`DumpThread`, or in the
     worker process for large bodies. ``doc["body"]`` may be ``(raw bytes, content-encoding)``,
-    rendered here by :func:`render_body`. Returns ``None`` on success, else the error text
+    rendered here by :func:`render_body_fields`. Returns ``None`` on success, else the error text
     (never raises, so the caller can count and log failures)."""
     try:
         body = doc.get("body")
         if isinstance(body, tuple):
-            doc = {**doc, "body": render_body(*body)}
+            doc = {**doc, **render_body_fields(*body)}
         write_file_atomically(directory, name, render_document(doc))
         return None
     except Exception as e:

@@ -9,6 +9,15 @@ from mitmproxy import ctx, exceptions
 
 logger = logging.getLogger(__name__)
 
+#: Boolean mitmproxy options refused when true, with the reason given at start-up.
+REFUSED_OPTIONS = {
+    "proxy_debug": "it logs raw request bytes, which carry the API key",
+    # mitmproxy 12.3's tlsconfig: "Sign certificates with a compromised eMudhra intermediate CA
+    # key". The key is public, so anyone can impersonate what such certificates vouch for.
+    "emudhra": "it signs certificates with a publicly known, compromised CA key",
+    "emudhra_old": "it signs certificates with a publicly known, compromised CA key",
+}
+
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an IP literal or ``localhost``) is a loopback address; ``""`` (every
@@ -25,7 +34,9 @@ class OptionGuard:
     """Refuses, at start-up and on any later option change, settings that break the promise.
 
     Cases: ``proxy_debug`` (mitmproxy then logs raw request bytes, the injected key included);
-    a non-loopback ``listen_host`` unless ``codex_allow_remote`` is set (then a warning).
+    ``emudhra`` / ``emudhra_old`` (mitmproxy 12.3: certificates signed with a CA key that is
+    public, see :data:`REFUSED_OPTIONS`); a non-loopback ``listen_host`` unless
+    ``codex_allow_remote`` is set (then a warning).
     Raising ``OptionsError`` in ``configure`` rolls the update back and, at start-up, makes
     mitmdump exit 1. Also: a ``--set`` naming an option nobody declared, which mitmproxy keeps
     aside forever without a word, is an error at start-up (a typo must not silently drop, say,
@@ -47,10 +58,9 @@ class OptionGuard:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if "proxy_debug" in updated and ctx.options.proxy_debug:
-            raise exceptions.OptionsError(
-                "proxy_debug is refused: it logs raw request bytes, which carry the API key"
-            )
+        for name, reason in REFUSED_OPTIONS.items():
+            if name in updated and getattr(ctx.options, name, False):
+                raise exceptions.OptionsError(f"{name} is refused: {reason}")
         if {"listen_host", "codex_allow_remote"} & updated:
             host = ctx.options.listen_host
             if not is_loopback(host):

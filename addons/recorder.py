@@ -16,38 +16,15 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
+from addons.body_decode import decode_body
 from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ
 from addons.dumps import write_file_atomically
+from addons.sse_events import completed_response, timeline
 from addons.sse_stream import is_event_stream
 
 logger = logging.getLogger(__name__)
 
 USAGE_FIELDS = ("input", "cached", "output", "reasoning", "total")
-
-
-def parse_sse(text: str) -> list[dict[str, str]]:
-    """Split an SSE stream into events ``{"event": name, "data": text}`` (WHATWG rules that
-    matter here: ``field: value`` lines, several ``data`` lines joined with ``\\n``, a blank line
-    ends an event, ``:`` lines are comments). Events without data are dropped."""
-    events: list[dict[str, str]] = []
-    name, data = "", list[str]()
-    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
-        if not line:
-            if data:
-                events.append({"event": name or "message", "data": "\n".join(data)})
-            name, data = "", []
-            continue
-        if line.startswith(":"):
-            continue
-        key, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if key == "event":
-            name = value
-        elif key == "data":
-            data.append(value)
-    if data:
-        events.append({"event": name or "message", "data": "\n".join(data)})
-    return events
 
 
 def usage_of(response_obj: Any) -> dict[str, int] | None:
@@ -83,8 +60,12 @@ class RequestRecord:
     usage: dict[str, int] | None
     completed: bool
     error: str | None = None
-    #: ``[[ms since response headers, body bytes so far], ...]``, for replay pacing.
+    #: ``[[ms since response headers, decoded body bytes so far], ...]``, for replay pacing.
     chunk_timing: list[list[int]] = field(default_factory=list)
+    #: The reply's ``Content-Encoding`` as the upstream sent it (``None``: not encoded).
+    content_encoding: str | None = None
+    #: Why the reply body could not be decoded completely (e.g. a truncated zstd stream).
+    decode_error: str | None = None
 
 
 def is_failure(record: RequestRecord) -> bool:
@@ -216,8 +197,11 @@ class Recorder:
     @staticmethod
     def _make_record(flow: http.HTTPFlow, error: str | None) -> RequestRecord:
         model = None
+        request_body = decode_body(
+            flow.request.raw_content or b"", flow.request.headers.get("content-encoding")
+        )
         try:
-            body = json.loads(flow.request.get_content(strict=False) or b"{}")
+            body = json.loads(request_body.data or b"{}")
             if isinstance(body, dict) and isinstance(body.get("model"), str):
                 model = body["model"]
         except ValueError:
@@ -227,23 +211,24 @@ class Recorder:
         events, usage, completed = 0, None, False
         timing: list[list[int]] = []
         response = flow.response
+        content_encoding = decode_error = None
         if response is not None:
-            text = (response.get_content(strict=False) or b"").decode("utf-8", "replace")
+            raw = response.raw_content or b""
+            content_encoding = response.headers.get("content-encoding")
             if is_event_stream(response):
-                parsed = parse_sse(text)
-                events = len(parsed)
-                for ev in parsed:
-                    try:
-                        payload = json.loads(ev["data"])
-                    except ValueError:
-                        continue
-                    if isinstance(payload, dict) and payload.get("type") == "response.completed":
-                        completed = True
-                        usage = usage_of(payload.get("response"))
-                timing = [list(t) for t in flow.metadata.get(CHUNK_TIMING, [])]
+                # Decoded chunk by chunk: the ledger's timing counts decoded bytes, which is
+                # what the dump's body (and so replay) holds, compressed upstream or not.
+                line = timeline(raw, content_encoding, flow.metadata.get(CHUNK_TIMING, []))
+                events, decode_error = len(line.events), line.error
+                response_obj = completed_response([ev for _, ev in line.events])
+                completed = response_obj is not None
+                usage = usage_of(response_obj)
+                timing = line.decoded_timing
             else:
+                decoded = decode_body(raw, content_encoding)
+                decode_error = decoded.error
                 try:
-                    payload = json.loads(text)
+                    payload = json.loads(decoded.data)
                     usage = usage_of(payload)
                     completed = isinstance(payload, dict) and payload.get("status") == "completed"
                 except ValueError:
@@ -259,4 +244,6 @@ class Recorder:
             completed=completed,
             error=error,
             chunk_timing=timing,
+            content_encoding=content_encoding,
+            decode_error=decode_error,
         )

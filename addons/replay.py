@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from addons.sse_events import completed_response, parse_sse_text
+
 #: Response headers never replayed: framing, per-connection, per-run or redacted ones.
 SKIPPED_HEADERS = frozenset(
     {
@@ -83,7 +85,7 @@ def load_recording(directory: str | Path) -> list[Exchange]:
             continue
         req, resp = json.loads(req_path.read_text()), json.loads(resp_path.read_text())
         body = resp.get("body", "")
-        completed = isinstance(body, str) and "response.completed" in body
+        completed = isinstance(body, str) and completed_response(parse_sse_text(body)) is not None
         if resp.get("status") is None or (resp.get("error") and not completed):
             continue  # an exchange that failed while recording is not replayed
         seq = int(req_path.name.split("-", 1)[0])

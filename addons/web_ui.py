@@ -19,6 +19,7 @@ from addons.common import LOCAL_REPLY_HEADER
 from addons.guard import OptionGuard
 from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
+from addons.sse_events import stream_completed
 from addons.sse_stream import Tee, is_event_stream
 
 logger = logging.getLogger(__name__)
@@ -120,8 +121,8 @@ class FlowNotes:
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.error is None:
             return
-        body = flow.response.raw_content if flow.response is not None else None
-        if body and b"event: response.completed" in body:
+        response = flow.response
+        if response is not None and stream_completed(response):
             # Codex often hangs up right after response.completed, before the last chunk.
             flow.comment = f"stream complete (response.completed received); then: {flow.error.msg}"
         else:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from addons.versions import codex_cli_version
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BENCH_KEY = b"sk-bench-0123456789abcdefghijklmnopqrstuvwxyz\n"
@@ -213,7 +215,7 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
         proc.stdin.write(BENCH_KEY)
         proc.stdin.close()
         port = wait_file(info, proc)["port"]
-        return Target(name, port, proc, "Rust codex responses-api-proxy 0.169.0")
+        return Target(name, port, proc, f"Rust codex responses-api-proxy {codex_cli_version()}")
     if name in ("ours", "ours+dumps"):
         info = tmp / f"{name}-info.json"
         cmd = [

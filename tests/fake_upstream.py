@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +141,46 @@ def encode_event(kind: str, payload: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
 
 
+class StreamCompressor:
+    """Compresses an SSE stream event by event: each event's bytes are flushed at once (zstd
+    ``FLUSH_BLOCK``, zlib ``Z_SYNC_FLUSH``), so a decoder can show it before the next one is
+    sent; :meth:`end` closes the zstd frame / gzip member."""
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        if coding == "zstd":
+            import zstandard  # a test dependency: the demo never compresses
+
+            self._zstd = zstandard.ZstdCompressor().compressobj()
+            self._block = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+        elif coding == "gzip":
+            self._zlib = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+        else:
+            raise ValueError(f"unsupported coding {coding!r}")
+
+    @classmethod
+    def negotiate(cls, offered: tuple[str, ...], accept_encoding: str) -> StreamCompressor | None:
+        """The first of ``offered`` that ``accept_encoding`` names (q-values ignored)."""
+        accepted = {part.split(";")[0].strip().lower() for part in accept_encoding.split(",")}
+        coding = next((c for c in offered if c in accepted), None)
+        return cls(coding) if coding else None
+
+    def event(self, data: bytes) -> bytes:
+        if self.coding == "zstd":
+            return self._zstd.compress(data) + self._zstd.flush(self._block)
+        return self._zlib.compress(data) + self._zlib.flush(zlib.Z_SYNC_FLUSH)
+
+    def end(self) -> bytes:
+        return self._zstd.flush() if self.coding == "zstd" else self._zlib.flush()
+
+
+def compress_stream(parts: list[bytes], coding: str, finish: bool = True) -> bytes:
+    """``parts`` compressed as :class:`StreamCompressor` sends them (``finish=False``: cut
+    before the end of the zstd frame / gzip member)."""
+    compressor = StreamCompressor(coding)
+    return b"".join(compressor.event(p) for p in parts) + (compressor.end() if finish else b"")
+
+
 class FakeUpstream:
     """The stand-in server. ``start()`` returns the port; ``url`` is its ``/v1/responses``.
 
@@ -152,6 +193,9 @@ class FakeUpstream:
         text: the assistant text of the default stream.
         fault: after ``fault_after`` events, ``"reset"`` (abort the connection, RST),
             ``"truncate"`` (close without the final chunk) or ``"stall"`` (go silent).
+        compression: codings the stream may be compressed with, in order of preference
+            (``"zstd"``, ``"gzip"``); the first one the request's ``Accept-Encoding`` names is
+            used, flushed after every event as a real server must for SSE. ``()``: never.
     """
 
     def __init__(self) -> None:
@@ -168,6 +212,7 @@ class FakeUpstream:
         #: Set as soon as a request head arrives (before its body is read).
         self.headers_seen = threading.Event()
         self.fault_after = 2
+        self.compression: tuple[str, ...] = ()
         self.headers_delay = 0.0
         self.ssl_context: Any = None
         self.port = 0
@@ -208,14 +253,17 @@ class FakeUpstream:
         events = self.events or responses_sse_events(self.text, model, response_id)
         if self.headers_delay:
             await asyncio.sleep(self.headers_delay)
-        reply = web.StreamResponse(
-            status=self.status,
-            headers={
-                "content-type": "text/event-stream",
-                "cache-control": "no-cache",
-                "x-request-id": "req_" + response_id,
-            },
+        headers = {
+            "content-type": "text/event-stream",
+            "cache-control": "no-cache",
+            "x-request-id": "req_" + response_id,
+        }
+        compressor = StreamCompressor.negotiate(
+            self.compression, request.headers.get("accept-encoding", "")
         )
+        if compressor is not None:
+            headers["content-encoding"] = compressor.coding
+        reply = web.StreamResponse(status=self.status, headers=headers)
         reply.enable_chunked_encoding()
         await reply.prepare(request)
         for i, (kind, payload) in enumerate(events):
@@ -236,13 +284,16 @@ class FakeUpstream:
                 return reply
             if i and self.event_delay:
                 await asyncio.sleep(self.event_delay)
-            await reply.write(encode_event(kind, payload))
+            data = encode_event(kind, payload)
+            await reply.write(compressor.event(data) if compressor else data)
             if i == 0 and self.gate is not None:
                 gate = self.gate
                 opened = await asyncio.get_running_loop().run_in_executor(
                     None, gate.wait, self.gate_timeout
                 )
                 self.gate_timed_out = not opened
+        if compressor is not None:
+            await reply.write(compressor.end())
         await reply.write_eof()
         return reply
 

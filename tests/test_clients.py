@@ -12,6 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from addons.versions import codex_cli_version
 from tests.conftest import TEST_KEY, codex_binary
 
 pytestmark = pytest.mark.e2e
@@ -94,6 +95,11 @@ def codex() -> str:
         if os.environ.get("CI"):
             pytest.fail("the Codex CLI is missing in CI: ./run.sh test installs it with npm")
         pytest.skip("Codex CLI not installed (./run.sh test installs it)")
+    version = subprocess.run(
+        [path, "--version"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    ).stdout.split()
+    # The one the tests are about: package.json's, not whatever else is on PATH.
+    assert version[-1:] == [codex_cli_version()], f"{path} is {version}"
     return path
 
 

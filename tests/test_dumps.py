@@ -1,3 +1,4 @@
+import base64
 import concurrent.futures
 import gzip
 import json
@@ -18,9 +19,11 @@ from addons.dumps import (
     prepare_dump_dir,
     redact_headers,
     render_body,
+    render_body_fields,
     render_document,
     should_redact,
 )
+from tests.fake_upstream import compress_stream
 
 
 @pytest.mark.parametrize(
@@ -71,6 +74,23 @@ def test_redact_headers_keeps_order_case_and_duplicates():
 )
 def test_render_body(raw, enc, expected):
     assert render_body(raw, enc) == expected
+
+
+def test_encoded_bodies_are_marked_and_undecodable_ones_keep_their_bytes():
+    fields = render_body_fields(gzip.compress(b'{"z": 1}'), "gzip")
+    assert fields == {"body": {"z": 1}, "body_decoded_from": "gzip"}
+    assert render_body_fields(b'{"z": 1}', None) == {"body": {"z": 1}}
+    # A zstd stream cut before its frame ends (mitmproxy 12.3's decode raises on it): what
+    # arrived is shown, the cut is said, the raw bytes are kept.
+    events = [b"event: a\ndata: 1\n\n", b"event: b\ndata: 2\n\n"]
+    cut = compress_stream(events, "zstd", finish=False)
+    fields = render_body_fields(cut, "zstd")
+    assert fields["body"] == "event: a\ndata: 1\n\nevent: b\ndata: 2\n\n"
+    assert fields["body_decoded_from"] == "zstd"
+    assert fields["body_decode_error"] == "zstd: the stream ends before its frame does (truncated)"
+    assert base64.b64decode(fields["body_raw_base64"]) == cut
+    bad = render_body_fields(b"not really gzip", "gzip")
+    assert bad["body"] == "not really gzip" and bad["body_decode_error"].startswith("gzip:")
 
 
 def test_render_document_format():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import http.client
 import json
@@ -10,6 +11,7 @@ import os
 import re
 import socket
 import threading
+import zlib
 
 import aiohttp
 import pytest
@@ -316,6 +318,77 @@ def test_sse_is_not_buffered(upstream, start_proxy):
     conn.close()
     assert upstream.gate_timed_out is False
     assert b"event: response.completed" in rest
+
+
+def decompressor(coding: str):
+    """An incremental decoder independent of ours: ``decompress(bytes) -> bytes``."""
+    if coding == "zstd":
+        return zstandard.ZstdDecompressor().decompressobj()
+    return zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+
+@pytest.mark.parametrize("coding", ["zstd", "gzip"])
+def test_compressed_sse_is_not_buffered_and_dumped_decoded(upstream, start_proxy, coding):
+    """Codex 0.171 asks for ``Accept-Encoding: zstd,gzip``; an upstream that compresses and
+    flushes per event reaches the client event by event (the proxy passes the bytes through),
+    and the dump shows the decoded stream, marked with its coding."""
+    upstream.compression = ("zstd", "gzip")
+    upstream.gate = threading.Event()
+    upstream.gate_timeout = 15
+    proxy = start_proxy(upstream.url)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+    conn.request(
+        "POST",
+        "/v1/responses",
+        json.dumps({"model": "m", "stream": True}),
+        {"content-type": "application/json", "accept-encoding": coding},
+    )
+    resp = conn.getresponse()
+    assert resp.getheader("content-encoding") == coding
+    assert upstream.requests[0].header_values("accept-encoding") == [coding]
+    decoder, text = decompressor(coding), b""
+    while b"\n\n" not in text:
+        chunk = resp.read1(65536)
+        assert chunk, "stream ended before the first event"
+        text += decoder.decompress(chunk)
+    assert text.startswith(b"event: response.created\n")
+    upstream.gate.set()  # the client has decoded event 0: let the upstream go on
+    rest = resp.read()
+    conn.close()
+    text += decoder.decompress(rest)
+    assert upstream.gate_timed_out is False
+    assert b"event: response.completed" in text
+    assert proxy.shutdown() == 0
+    doc = next(v for k, v in dump_docs(proxy).items() if k.endswith("-response.json"))
+    assert doc["body"] == text.decode()
+    assert doc["body_decoded_from"] == coding and "body_decode_error" not in doc
+    assert {(h["name"].lower(), h["value"]) for h in doc["headers"]} >= {
+        ("content-encoding", coding)
+    }
+
+
+def test_truncated_zstd_stream_dump_keeps_raw_bytes(upstream, start_proxy):
+    upstream.compression = ("zstd",)
+    upstream.fault, upstream.fault_after = "truncate", 3
+    proxy = start_proxy(upstream.url)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+    conn.request(
+        "POST",
+        "/v1/responses",
+        json.dumps({"model": "m", "stream": True}),
+        {"content-type": "application/json", "accept-encoding": "zstd"},
+    )
+    resp = conn.getresponse()
+    with pytest.raises(http.client.IncompleteRead) as cut:
+        resp.read()
+    conn.close()
+    wait_for(lambda: len(proxy.dump_files()) == 2, 20, "the dump pair")
+    assert proxy.shutdown() == 0
+    doc = dump_docs(proxy)[proxy.dump_files()[-1].name]
+    assert doc["body"].startswith("event: response.created") and doc["body"].count("event:") == 3
+    assert doc["body_decode_error"].startswith("zstd: the stream ends")
+    assert base64.b64decode(doc["body_raw_base64"]) == cut.value.partial
+    assert "error" in doc
 
 
 def test_client_gone_mid_stream_still_writes_dump(upstream, start_proxy):

@@ -1,7 +1,12 @@
 """The documented GitHub Actions example stays consistent with the tool's commands."""
 
+import importlib.metadata
+import json
+import re
+
 import yaml
 
+from addons.versions import codex_cli_version
 from tests.conftest import ROOT
 
 EXAMPLE = ROOT / "examples" / "github-actions-codex-smoke.yml"
@@ -28,3 +33,31 @@ def test_run_sh_knows_the_subcommands_used():
     run_sh = (ROOT / "run.sh").read_text()
     for sub in ("record)", "replay)", "codex-config)", "web)", "demo)", "test)"):
         assert f"    {sub}" in run_sh
+
+
+def test_versions_are_named_in_one_place():
+    """The Codex CLI version lives in package.json only; the README states it and the tested
+    mitmproxy range, as pyproject.toml and package.json have them."""
+    version = codex_cli_version()
+    lock = json.loads((ROOT / "package-lock.json").read_text())
+    assert lock["packages"]["node_modules/@openai/codex"]["version"] == version
+    pattern = re.compile(r"@openai/codex@\d|codex(?:-cli| CLI)? \d+\.\d+\.\d+", re.IGNORECASE)
+    for path in [*ROOT.glob("*.sh"), *ROOT.glob("*.md"), *(ROOT / "addons").glob("*.py")]:
+        text = path.read_text()
+        for m in pattern.finditer(text):
+            assert version in text[m.start() : m.end() + 10], f"{path.name}: {m.group()}"
+    for path in [EXAMPLE, ROOT / "bench" / "bench.py", ROOT / "run.sh"]:
+        assert not re.search(r"\b0\.1\d\d\.\d+\b", path.read_text()), path
+    readme = (ROOT / "README.md").read_text()
+    assert f"Codex CLI {version}" in readme
+    pin = re.search(r'"mitmproxy>=(\d+\.\d+),<(\d+\.\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin is not None and f"mitmproxy {pin.group(1)}.x" in readme
+    installed = importlib.metadata.version("mitmproxy")
+    assert installed.startswith(pin.group(1) + "."), installed
+
+
+def test_example_installs_the_pinned_codex():
+    steps = yaml.safe_load(EXAMPLE.read_text())["jobs"]["codex-smoke"]["steps"]
+    install = next(s["run"] for s in steps if "Codex CLI" in s.get("name", ""))
+    assert "package.json" in install
+    assert 'npm install -g "@openai/codex@$version"' in install

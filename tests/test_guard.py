@@ -1,6 +1,7 @@
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.addons.tlsconfig import TlsConfig
 from mitmproxy.test import taddons
 
 from addons.guard import OptionGuard, is_loopback
@@ -23,12 +24,21 @@ def test_is_loopback(host, ok):
     assert is_loopback(host) is ok
 
 
-def test_proxy_debug_is_refused():
+@pytest.mark.parametrize(
+    ("option", "reason"),
+    [
+        ("proxy_debug", "raw request bytes"),
+        ("emudhra", "compromised CA key"),
+        ("emudhra_old", "compromised CA key"),
+    ],
+)
+def test_leaky_and_dangerous_options_are_refused(option, reason):
     addon = OptionGuard()
-    with taddons.context(Proxyserver(), addon) as tctx:
+    with taddons.context(Proxyserver(), TlsConfig(), addon) as tctx:
         tctx.configure(addon, listen_host="127.0.0.1")
-        with pytest.raises(exceptions.OptionsError, match="proxy_debug"):
-            tctx.configure(addon, proxy_debug=True)
+        with pytest.raises(exceptions.OptionsError, match=f"{option} is refused: .*{reason}"):
+            tctx.configure(addon, **{option: True})
+        tctx.configure(addon, **{option: False})
 
 
 def test_non_loopback_needs_explicit_flag(caplog):

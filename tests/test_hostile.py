@@ -314,6 +314,8 @@ def test_garbage_burst_does_not_stop_serving(hostile_proxy):
     ("args", "message"),
     [
         (["--set", "proxy_debug=true"], "proxy_debug is refused"),
+        (["--set", "emudhra=true"], "emudhra is refused: it signs certificates with a publicly"),
+        (["--set", "emudhra_old=true"], "emudhra_old is refused"),
         (["--set", "listen_host=0.0.0.0"], "not loopback"),
         (["--set", "codex_dump_dri=/tmp/x"], "unknown option(s) in --set: codex_dump_dri"),
     ],

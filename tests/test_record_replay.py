@@ -54,9 +54,12 @@ def start_replay(tmp_path, recording, *args: str) -> tuple[subprocess.Popen[byte
 
 
 @pytest.mark.codex
-def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("coding", [None, "zstd", "gzip"])
+def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path, coding):  # noqa: F811
+    """Also with an upstream that compresses its stream: Codex 0.171 asks for zstd/gzip."""
     record = tmp_path / "recording"
     upstream.event_delay = 0.01
+    upstream.compression = (coding,) if coding else ()
     proxy = start_proxy(upstream.url, "--record", str(record), dumps=False)
     home, work = tmp_path / "codex-home", tmp_path / "work"
     home.mkdir()
@@ -91,6 +94,15 @@ def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path
         "total": 59,
     }
     assert ledger[0]["events"] > 10 and ledger[0]["status"] == 200
+    assert ledger[0]["content_encoding"] == coding
+    accept = upstream.requests[0].header_values("accept-encoding")
+    assert accept and "zstd" in accept[0] and "gzip" in accept[0]
+    response_dump = next((record / "dumps").glob("*-response.json"))
+    dumped = json.loads(response_dump.read_text())
+    assert "event: response.completed" in dumped["body"]
+    assert dumped.get("body_decoded_from") == coding
+    # Timing in decoded bytes, so replay can pace the decoded body it serves.
+    assert ledger[0]["chunk_timing"][-1][1] == len(dumped["body"].encode())
     summary = json.loads((record / "summary.json").read_text())
     assert summary["totals"]["total"] == 59 and summary["totals"]["requests"] == 1
     assert "1 request(s), 0 failed" in (record / "summary.txt").read_text()

@@ -3,19 +3,8 @@ import json
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ
-from addons.recorder import Recorder, human_summary, parse_sse, summarize, usage_of
-from tests.fake_upstream import encode_event, responses_sse_events
-
-
-def test_parse_sse():
-    text = 'event: a\ndata: {"x":1}\n\n: comment\ndata: line1\ndata: line2\n\nevent: empty\n\n'
-    assert parse_sse(text) == [
-        {"event": "a", "data": '{"x":1}'},
-        {"event": "message", "data": "line1\nline2"},
-    ]
-    assert parse_sse("data: tail-without-blank-line") == [
-        {"event": "message", "data": "tail-without-blank-line"}
-    ]
+from addons.recorder import Recorder, human_summary, summarize, usage_of
+from tests.fake_upstream import StreamCompressor, encode_event, responses_sse_events
 
 
 def test_usage_of():
@@ -94,3 +83,25 @@ def test_completed_stream_cut_by_the_client_is_not_a_failure(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["totals"]["failed"] == 0
     assert "after completion" in (tmp_path / "summary.txt").read_text()
+
+
+def test_compressed_stream_ledger_has_tokens_and_decoded_timing(tmp_path):
+    """A zstd SSE reply cut after response.completed (Codex hangs up there): tokens found,
+    chunk timing in decoded bytes (what the dump's body and replay hold), the cut noted."""
+    parts = [encode_event(k, p) for k, p in responses_sse_events("a b c", "gpt-r")]
+    compressor = StreamCompressor("zstd")
+    wire = [compressor.event(p) for p in parts]  # no end(): the frame never closes
+    f = sse_flow(1)
+    f.response.headers["content-encoding"] = "zstd"
+    f.response.raw_content = b"".join(wire)
+    f.metadata[CHUNK_TIMING] = [[i, sum(map(len, wire[: i + 1]))] for i in range(len(wire))]
+    addon = Recorder()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_record_dir=str(tmp_path))
+        addon.response(f)
+    rec = json.loads((tmp_path / "usage.jsonl").read_text())
+    assert rec["completed"] and rec["events"] == len(parts)
+    assert rec["usage"]["total"] == 59 and rec["usage"]["cached"] == 8
+    assert rec["content_encoding"] == "zstd"
+    assert "truncated" in rec["decode_error"]
+    assert rec["chunk_timing"][-1] == [len(parts) - 1, len(b"".join(parts))]
