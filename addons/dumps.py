@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,34 +22,9 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.body_decode import decode_body
 from addons.common import ALLOWED, DUMP_SEQ, REFUSED, json_response
+from addons.redaction import DEFAULT_EXTRA, extra_names, redact_fields
 
 logger = logging.getLogger(__name__)
-
-REDACTED = "[REDACTED]"
-ALWAYS_REDACTED = frozenset({"authorization", "proxy-authorization"})
-
-
-def should_redact(name: str, extra: frozenset[str] = frozenset()) -> bool:
-    """Whether a header's value is replaced by ``"[REDACTED]"`` in a dump.
-
-    Rule of the reference proxy: ``authorization`` or any name containing ``cookie`` (any case);
-    we add ``proxy-authorization`` and the configured ``extra`` names (lower-case, exact).
-    """
-    lower = name.lower()
-    return lower in ALWAYS_REDACTED or "cookie" in lower or lower in extra
-
-
-def redact_headers(
-    fields: Iterable[tuple[bytes, bytes]], extra: frozenset[str] = frozenset()
-) -> list[dict[str, str]]:
-    """Raw header fields (as mitmproxy keeps them: original case and order) to the dump's
-    ``[{"name": ..., "value": ...}]`` list, redacted by :func:`should_redact`."""
-    out = []
-    for raw_name, raw_value in fields:
-        name = raw_name.decode("utf-8", "replace")
-        value = REDACTED if should_redact(name, extra) else raw_value.decode("utf-8", "replace")
-        out.append({"name": name, "value": value})
-    return out
 
 
 class _NonFinite(float):
@@ -277,7 +252,7 @@ class DumpWriter:
             raise ValueError(f"workers must be 'auto' or 'thread', not {workers!r}")
         self.workers = workers
         self.directory = ""
-        self.extra_redact: frozenset[str] = frozenset()
+        self.extra_redact: frozenset[str] = frozenset(DEFAULT_EXTRA)
         self.lost = 0
         self.written = 0
         self.required = False
@@ -304,19 +279,12 @@ class DumpWriter:
             "Fail closed when a dump cannot be written: refuse the request (503) if its request "
             "file fails, kill the reply if its response file fails.",
         )
-        loader.add_option(
-            "codex_redact_headers",
-            Sequence[str],
-            [],
-            "Extra header names (case-insensitive) whose values are written as [REDACTED] in "
-            "dumps, besides authorization, proxy-authorization and any name containing 'cookie'.",
-        )
 
     def configure(self, updated: set[str]) -> None:
         if "codex_dump_required" in updated:
             self.required = ctx.options.codex_dump_required
-        if "codex_redact_headers" in updated:
-            self.extra_redact = frozenset(n.lower() for n in ctx.options.codex_redact_headers)
+        if "codex_redact_headers" in updated:  # declared by addons.redaction.HeaderRedaction
+            self.extra_redact = extra_names(ctx.options.codex_redact_headers)
         if "codex_dump_dir" in updated:
             path = ctx.options.codex_dump_dir
             if path:
@@ -341,7 +309,7 @@ class DumpWriter:
                 prefix=f"{seq:06d}-{int(time.time() * 1000)}",
                 method=flow.request.method,
                 url=flow.request.path,
-                headers=redact_headers(flow.request.headers.fields, self.extra_redact),
+                headers=redact_fields(flow.request.headers.fields, self.extra_redact),
             )
         except Exception:
             logger.exception("dump: cannot record request headers")
@@ -449,7 +417,7 @@ class DumpWriter:
         else:
             doc = {
                 "status": response.status_code,
-                "headers": redact_headers(response.headers.fields, self.extra_redact),
+                "headers": redact_fields(response.headers.fields, self.extra_redact),
                 "body": (response.raw_content or b"", response.headers.get("content-encoding")),
             }
         if error is not None:

@@ -10,6 +10,7 @@ from addons.error_replies import JsonErrorReplies
 from addons.forward import UpstreamForwarder
 from addons.guard import OptionGuard
 from addons.recorder import Recorder
+from addons.redaction import HeaderRedaction
 from addons.request_stream import RequestStreaming
 from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
@@ -25,6 +26,7 @@ addons = [
     WebSocketRefusal(),
     Allowlist(),
     SseStreaming(),
+    HeaderRedaction(),  # after SseStreaming: it wraps the SSE tee
     RequestStreaming(),
     DumpWriter(),
     Recorder(),

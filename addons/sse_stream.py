@@ -54,6 +54,14 @@ class Tee:
         return self._parts[0] if self._parts else b""
 
 
+def restore_teed_body(flow: http.HTTPFlow, tee: Tee) -> None:
+    """After a streamed reply (``response`` / ``error``): stop streaming and put the teed raw
+    bytes back in the flow, which mitmproxy does not keep for a streamed body."""
+    if flow.response is not None:
+        flow.response.stream = False
+        flow.response.raw_content = tee.data
+
+
 class SseStreaming:
     """Streams SSE replies of allowlisted flows event by event and keeps their bodies.
 
@@ -87,6 +95,5 @@ class SseStreaming:
         tee = self._tees.pop(flow.id, None)
         if tee is None or flow.response is None:
             return
-        flow.response.stream = False
-        flow.response.raw_content = tee.data
+        restore_teed_body(flow, tee)
         flow.metadata[CHUNK_TIMING] = tee.timing

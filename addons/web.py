@@ -27,6 +27,8 @@ from collections.abc import Sequence
 WEB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web_ui.py")
 #: Options only the front takes; everything else goes to the key-holding proxy.
 FRONT_ONLY_SETS = ("web_", "codex_web_")
+#: Options both processes take: the front redacts the same headers as the proxy behind it.
+SHARED_SETS = ("codex_redact_headers=",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,10 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def split_sets(sets: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``--set`` specs for (the front, the key-holding proxy)."""
+    """``--set`` specs for (the front, the key-holding proxy); :data:`SHARED_SETS` go to
+    both."""
     front: list[str] = []
     inner: list[str] = []
     for spec in sets:
+        if spec.startswith(SHARED_SETS):
+            front.append(spec)
         (front if spec.startswith(FRONT_ONLY_SETS) else inner).append(spec)
     return front, inner
 
@@ -91,6 +96,12 @@ def front_args(ns: argparse.Namespace, inner_port: int, front_sets: Sequence[str
     ]
     if ns.server_info:
         args += ["--set", f"codex_server_info={os.path.abspath(ns.server_info)}"]
+    if not any(spec.startswith(SHARED_SETS) for spec in front_sets):
+        # The YAML's redact_headers, as the key-holding proxy gets them from the same file.
+        from addons.config import load_config
+
+        for name in load_config(ns.config).redact_headers:
+            args += ["--set", f"codex_redact_headers={name}"]
     for spec in front_sets:
         args += ["--set", spec]
     return args

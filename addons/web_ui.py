@@ -17,6 +17,7 @@ from mitmproxy import ctx, exceptions, hooks, http
 
 from addons.common import LOCAL_REPLY_HEADER
 from addons.guard import OptionGuard
+from addons.redaction import HeaderRedaction
 from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
 from addons.sse_events import stream_completed
@@ -176,4 +177,14 @@ class FlowCap:
 
 
 # LiveSse before FlowNotes: on error, the whole streamed body is in the flow before the note.
-addons = [OptionGuard(), ServerInfo(), HttpShutdown(), LiveSse(), FlowNotes(), FlowCap()]
+# HeaderRedaction after LiveSse: it wraps LiveSse's stream, so the head is redacted before the
+# first refresh pushes the flow to the browser.
+addons = [
+    OptionGuard(),
+    ServerInfo(),
+    HttpShutdown(),
+    LiveSse(),
+    HeaderRedaction(),
+    FlowNotes(),
+    FlowCap(),
+]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from addons.aio_server import ThreadedServer
 
@@ -193,6 +194,8 @@ class FakeUpstream:
         text: the assistant text of the default stream.
         fault: after ``fault_after`` events, ``"reset"`` (abort the connection, RST),
             ``"truncate"`` (close without the final chunk) or ``"stall"`` (go silent).
+        set_cookies: ``Set-Cookie`` values added to every reply (as api.openai.com's edge sets
+            ``__cf_bm`` / ``_cfuvid``), one header each.
         compression: codings the stream may be compressed with, in order of preference
             (``"zstd"``, ``"gzip"``); the first one the request's ``Accept-Encoding`` names is
             used, flushed after every event as a real server must for SSE. ``()``: never.
@@ -213,6 +216,7 @@ class FakeUpstream:
         self.headers_seen = threading.Event()
         self.fault_after = 2
         self.compression: tuple[str, ...] = ()
+        self.set_cookies: list[str] = []
         self.headers_delay = 0.0
         self.ssl_context: Any = None
         self.port = 0
@@ -238,8 +242,9 @@ class FakeUpstream:
         )
         if request.method != "POST" or not request.path.endswith("/responses"):
             return web.json_response({"error": {"message": "not found"}}, status=404)
+        cookies = CIMultiDict(("Set-Cookie", c) for c in self.set_cookies)
         if self.status >= 300:
-            return web.json_response(self.error_body, status=self.status)
+            return web.json_response(self.error_body, status=self.status, headers=cookies)
         try:
             parsed = json.loads(body or b"{}")
         except ValueError:
@@ -249,15 +254,20 @@ class FakeUpstream:
             self._counter += 1
             response_id = f"resp_standin_{self._counter}"
         if not (isinstance(parsed, dict) and parsed.get("stream")):
-            return web.json_response(response_object(response_id, model, self.text))
+            return web.json_response(
+                response_object(response_id, model, self.text), headers=cookies
+            )
         events = self.events or responses_sse_events(self.text, model, response_id)
         if self.headers_delay:
             await asyncio.sleep(self.headers_delay)
-        headers = {
-            "content-type": "text/event-stream",
-            "cache-control": "no-cache",
-            "x-request-id": "req_" + response_id,
-        }
+        headers = CIMultiDict(
+            {
+                "content-type": "text/event-stream",
+                "cache-control": "no-cache",
+                "x-request-id": "req_" + response_id,
+            }
+        )
+        headers.extend(cookies)
         compressor = StreamCompressor.negotiate(
             self.compression, request.headers.get("accept-encoding", "")
         )

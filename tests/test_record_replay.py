@@ -12,6 +12,7 @@ import pytest
 from addons.replay import Exchange, chunks_of, differences, load_recording
 from tests.conftest import ROOT, TEST_KEY, wait_for
 from tests.test_clients import codex, printed_codex_config, run_codex  # noqa: F401
+from tests.test_leaks import UPSTREAM_COOKIES, assert_no_marker
 
 pytestmark = pytest.mark.e2e
 
@@ -60,6 +61,7 @@ def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path
     record = tmp_path / "recording"
     upstream.event_delay = 0.01
     upstream.compression = (coding,) if coding else ()
+    upstream.set_cookies = UPSTREAM_COOKIES  # redacted in the recording; replay still works
     proxy = start_proxy(upstream.url, "--record", str(record), dumps=False)
     home, work = tmp_path / "codex-home", tmp_path / "work"
     home.mkdir()
@@ -84,6 +86,7 @@ def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path
     for path in record.rglob("*"):
         if path.is_file():
             assert TEST_KEY.encode() not in path.read_bytes(), path
+    assert_no_marker({str(p): p.read_bytes() for p in record.rglob("*") if p.is_file()})
     ledger = [json.loads(x) for x in (record / "usage.jsonl").read_text().splitlines()]
     assert len(ledger) == 1 and ledger[0]["model"] == "test-model"
     assert ledger[0]["usage"] == {

@@ -19,6 +19,13 @@ import pytest
 from bench.bench import tree_pids as proc_tree
 from tests.conftest import ROOT, TEST_KEY, open_stream, wait_for
 from tests.test_clients import codex, printed_codex_config, run_codex  # noqa: F401
+from tests.test_leaks import (
+    CLIENT_API_KEY,
+    CLIENT_COOKIE,
+    SECRET_HEADERS,
+    UPSTREAM_COOKIES,
+    assert_no_marker,
+)
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = ROOT / "test-artifacts"
@@ -254,3 +261,87 @@ def test_flow_cap_keeps_memory_bounded(upstream, tmp_path):
         assert len(web.flows()) == 3
     finally:
         assert web.stop() == 0
+
+
+def web_command(web: WebProxy, name: str, *args: str) -> dict:
+    """Run a mitmproxy command through mitmweb's API, as its UI does (tornado's XSRF check: a
+    ``_mitmproxy_xsrf`` cookie and the same token in ``X-XSRFToken``)."""
+    xsrf = os.urandom(16).hex()
+    conn = http.client.HTTPConnection("127.0.0.1", web.web_port, timeout=30)
+    conn.request(
+        "POST",
+        f"/commands/{name}?token={web.token}",
+        json.dumps({"arguments": list(args)}),
+        {
+            "Content-Type": "application/json",
+            "Cookie": f"_mitmproxy_xsrf={xsrf}",
+            "X-XSRFToken": xsrf,
+        },
+    )
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    assert resp.status == 200, body
+    return json.loads(body)
+
+
+def test_mitmweb_front_redacts_cookies_and_api_keys(upstream, tmp_path):
+    upstream.set_cookies = UPSTREAM_COOKIES
+    web = WebProxy(tmp_path, upstream.url)
+    driver = None
+    try:
+        for payload in ({"model": "m"}, {"model": "m", "stream": True}):
+            conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=60)
+            conn.request("POST", "/v1/responses", json.dumps(payload), SECRET_HEADERS)
+            resp = conn.getresponse()
+            cookies = [v for k, v in resp.getheaders() if k.lower() == "set-cookie"]
+            assert resp.status == 200 and b"resp_standin" in resp.read()
+            conn.close()
+            assert cookies == UPSTREAM_COOKIES  # the client got them unchanged
+        assert web.request("GET", "/v1/models", headers=SECRET_HEADERS)[0] == 403
+        for r in upstream.requests:
+            assert r.header_values("cookie") == [CLIENT_COOKIE]
+            assert r.header_values("x-api-key") == [CLIENT_API_KEY]
+        wait_for(lambda: len(web.flows()) == 3, 20, "three flows in the UI")
+        flows = web.flows()
+        places = {"/flows": web.api("/flows"), "/flows/dump": web.api("/flows/dump")}
+        for f in flows:
+            for part in ("request", "response"):
+                body = web.api(f"/flows/{f['id']}/{part}/content.data")
+                if body:
+                    places[f"{f['id']} {part}"] = body
+        har = tmp_path / "export.har"
+        assert "error" not in web_command(web, "save.har", "@all", str(har))
+        places["save.har"] = har.read_bytes()
+        for f in flows:
+            headers = {k.lower(): v for k, v in f["request"]["headers"]}
+            assert headers["cookie"] == "[REDACTED]" and headers["x-api-key"] == "[REDACTED]"
+        assert b"set-cookie" in places["/flows"].lower()
+
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        driver = chrome()
+        driver.get(f"http://127.0.0.1:{web.web_port}/?token={web.token}")
+        wait = WebDriverWait(driver, 30)
+        for label in ("Request", "Response"):
+            rows = wait.until(
+                lambda d: [r for r in d.find_elements(By.CSS_SELECTOR, "tr") if "POST" in r.text]
+            )
+            rows[-1].click()
+            tab = wait.until(
+                lambda d, label=label: next(
+                    (t for t in d.find_elements(By.CSS_SELECTOR, "a") if t.text.strip() == label),
+                    None,
+                )
+            )
+            tab.click()
+            wait.until(lambda d: "[REDACTED]" in d.page_source)
+            places[f"page, {label} tab"] = driver.page_source.encode()
+    finally:
+        if driver is not None:
+            driver.quit()
+        code = web.stop()
+    assert code == 0
+    places["mitmweb log"] = web.output().encode()
+    assert_no_marker(places)
