@@ -91,10 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.toml_only:
         sys.stdout.write(provider_toml(port, ns.model))
         return 0
+    # All of stdout is valid TOML (`> config.toml` works): the one-liner is a comment.
     sys.stdout.write("# CODEX_HOME/config.toml (top-level keys before any [table]):\n")
     sys.stdout.write(provider_toml(port, ns.model))
     sys.stdout.write("\n# or, without a config file:\n")
-    sys.stdout.write(exec_one_liner(port, ns.model) + "\n")
+    sys.stdout.write("# " + exec_one_liner(port, ns.model) + "\n")
     return 0
 
 

@@ -5,6 +5,7 @@ key) lives in ``addons.keyholder``, an imported module.
 """
 
 from addons.allowlist import Allowlist
+from addons.contentviews import CodexContentviews
 from addons.dumps import DumpWriter
 from addons.error_replies import JsonErrorReplies
 from addons.forward import UpstreamForwarder
@@ -20,6 +21,7 @@ from addons.websocket_refusal import WebSocketRefusal
 
 addons = [
     OptionGuard(),
+    CodexContentviews(),
     JsonErrorReplies(),
     ServerInfo(),
     HttpShutdown(),

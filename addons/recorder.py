@@ -2,7 +2,8 @@
 
 The recording directory gets (the launcher sets the other parts up): ``dumps/`` (the dump pairs),
 ``flows.mitm`` (mitmproxy flow file), ``session.har``, and from this addon ``usage.jsonl`` (one
-line per request as it finishes), ``summary.json`` and ``summary.txt`` (at exit).
+line per request as it finishes), ``summary.json``, ``summary.txt`` and ``report.html`` (at
+exit).
 """
 
 from __future__ import annotations
@@ -17,34 +18,16 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from addons.body_decode import decode_body
-from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ
+from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ, REFUSED
 from addons.dumps import write_file_atomically
-from addons.sse_events import completed_response, timeline
+from addons.report import render_report
+from addons.responses_turn import assemble_turn, usage_of
+from addons.sse_events import timeline
 from addons.sse_stream import is_event_stream
 
 logger = logging.getLogger(__name__)
 
 USAGE_FIELDS = ("input", "cached", "output", "reasoning", "total")
-
-
-def usage_of(response_obj: Any) -> dict[str, int] | None:
-    """Token usage from a Responses API ``response`` object (``response.completed`` carries
-    it): input, cached (input_tokens_details.cached_tokens), output, reasoning
-    (output_tokens_details.reasoning_tokens), total. ``None`` when absent."""
-    if not isinstance(response_obj, dict) or not isinstance(response_obj.get("usage"), dict):
-        return None
-    u = response_obj["usage"]
-
-    def num(value: Any) -> int:
-        return value if isinstance(value, int) else 0
-
-    return {
-        "input": num(u.get("input_tokens")),
-        "cached": num((u.get("input_tokens_details") or {}).get("cached_tokens")),
-        "output": num(u.get("output_tokens")),
-        "reasoning": num((u.get("output_tokens_details") or {}).get("reasoning_tokens")),
-        "total": num(u.get("total_tokens")),
-    }
 
 
 @dataclass
@@ -66,6 +49,12 @@ class RequestRecord:
     content_encoding: str | None = None
     #: Why the reply body could not be decoded completely (e.g. a truncated zstd stream).
     decode_error: str | None = None
+    #: The stream's terminal event: ``completed``, ``incomplete``, ``failed``; ``None``: none.
+    turn_status: str | None = None
+    #: ms from the response headers to the first SSE event (time to first event).
+    first_event_ms: int | None = None
+    #: Arrival of each SSE event, ms since the response headers (the report's chart).
+    event_ms: list[int] = field(default_factory=list)
 
 
 def is_failure(record: RequestRecord) -> bool:
@@ -76,8 +65,10 @@ def is_failure(record: RequestRecord) -> bool:
     return record.error is not None and not record.completed
 
 
-def summarize(records: list[RequestRecord]) -> dict[str, Any]:
-    """``{"requests": [...], "totals": {...}}`` with token totals over all requests."""
+def summarize(records: list[RequestRecord], keep_event_ms: bool = False) -> dict[str, Any]:
+    """``{"requests": [...], "totals": {...}}`` with token totals over all requests; each
+    request says whether it ``failed``. ``keep_event_ms`` keeps each request's event arrival
+    times (for the report; ``summary.json`` leaves them to ``usage.jsonl``)."""
     totals: dict[str, Any] = {"requests": len(records), "failed": 0, "events": 0}
     totals.update({k: 0 for k in USAGE_FIELDS})
     for r in records:
@@ -90,6 +81,9 @@ def summarize(records: list[RequestRecord]) -> dict[str, Any]:
     for r in records:
         d = asdict(r)
         d.pop("chunk_timing")
+        if not keep_event_ms:
+            d.pop("event_ms")
+        d["failed"] = is_failure(r)
         reqs.append(d)
     return {"requests": reqs, "totals": totals}
 
@@ -123,6 +117,37 @@ def human_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def refusal_of(flow: http.HTTPFlow) -> dict[str, Any]:
+    """A refused request for the report: time, method, path (the query string left out: it
+    could carry a credential), status, reason (the refusing addon's marker)."""
+    path = flow.request.path.split("?", 1)[0]
+    if "?" in flow.request.path:
+        path += "?…"
+    return {
+        "time": flow.request.timestamp_start,
+        "method": flow.request.method,
+        "path": path,
+        "status": flow.response.status_code if flow.response is not None else None,
+        "reason": flow.metadata.get(REFUSED),
+    }
+
+
+def dump_links(record_dir: str, dump_dir: str) -> dict[int, tuple[str, str]]:
+    """``{sequence number: (request file, response file)}`` of the complete dump pairs in
+    ``dump_dir``, as paths relative to ``record_dir`` (where the report lies)."""
+    if not dump_dir or not os.path.isdir(dump_dir):
+        return {}
+    rel = os.path.relpath(dump_dir, record_dir)
+    names = set(os.listdir(dump_dir))
+    links = {}
+    for name in sorted(names):
+        if name.endswith("-request.json") and name[:6].isdigit():
+            response = name.removesuffix("-request.json") + "-response.json"
+            if response in names:
+                links[int(name[:6])] = (f"{rel}/{name}", f"{rel}/{response}")
+    return links
+
+
 class Recorder:
     """Writes the usage ledger and the session summary of a ``--record`` session.
 
@@ -136,6 +161,8 @@ class Recorder:
     def __init__(self) -> None:
         self.directory = ""
         self.records: list[RequestRecord] = []
+        #: Requests answered locally (allowlist 403, WebSocket 426, errors), for the report.
+        self.refused: list[dict[str, Any]] = []
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -158,6 +185,8 @@ class Recorder:
             self.directory = os.path.abspath(path) if path else ""
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if self.directory and flow.metadata.get(REFUSED) and flow.response is not None:
+            self.refused.append(refusal_of(flow))
         self._record(flow, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -167,6 +196,7 @@ class Recorder:
         if not self.directory:
             return
         summary = summarize(self.records)
+        summary["refused"] = self.refused
         try:
             write_file_atomically(
                 self.directory,
@@ -176,8 +206,14 @@ class Recorder:
             text = human_summary(summary)
             write_file_atomically(self.directory, "summary.txt", text.encode())
             logger.warning("%s", text.rstrip())
+            page = render_report(
+                summarize(self.records, keep_event_ms=True),
+                self.refused,
+                dump_links(self.directory, getattr(ctx.options, "codex_dump_dir", "")),
+            )
+            write_file_atomically(self.directory, "report.html", page.encode())
         except OSError as e:
-            logger.error("record: cannot write the summary: %s", e)
+            logger.error("record: cannot write the summary or report: %s", e)
 
     def _record(self, flow: http.HTTPFlow, error: str | None) -> None:
         if not self.directory or flow.metadata.get(ALLOWED) is not True:
@@ -211,7 +247,8 @@ class Recorder:
         events, usage, completed = 0, None, False
         timing: list[list[int]] = []
         response = flow.response
-        content_encoding = decode_error = None
+        content_encoding = decode_error = turn_status = first_event_ms = None
+        event_ms: list[int] = []
         if response is not None:
             raw = response.raw_content or b""
             content_encoding = response.headers.get("content-encoding")
@@ -219,10 +256,10 @@ class Recorder:
                 # Decoded chunk by chunk: the ledger's timing counts decoded bytes, which is
                 # what the dump's body (and so replay) holds, compressed upstream or not.
                 line = timeline(raw, content_encoding, flow.metadata.get(CHUNK_TIMING, []))
-                events, decode_error = len(line.events), line.error
-                response_obj = completed_response([ev for _, ev in line.events])
-                completed = response_obj is not None
-                usage = usage_of(response_obj)
+                turn = assemble_turn(line.events)
+                events, decode_error, turn_status = turn.events, line.error, turn.status
+                completed, usage = turn.status == "completed", turn.usage
+                first_event_ms, event_ms = turn.first_event_ms, turn.event_ms
                 timing = line.decoded_timing
             else:
                 decoded = decode_body(raw, content_encoding)
@@ -246,4 +283,7 @@ class Recorder:
             chunk_timing=timing,
             content_encoding=content_encoding,
             decode_error=decode_error,
+            turn_status=turn_status,
+            first_event_ms=first_event_ms,
+            event_ms=event_ms,
         )

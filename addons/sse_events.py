@@ -180,11 +180,12 @@ def stream_completed(response: http.Response) -> bool:
 @dataclass
 class Timeline:
     """An SSE body replayed against its chunk timing: ``events`` as ``(ms, SseEvent)`` (the
-    arrival of the chunk that completed each event, ms since the response headers),
+    arrival of the chunk that completed each event, ms since the response headers; ``None``
+    without chunk timing),
     ``decoded_timing`` as ``[[ms, decoded body bytes so far], ...]`` per chunk (the raw timing's
     shape, in decoded bytes, which is what a dump's body and replay hold), and ``error``."""
 
-    events: list[tuple[int, SseEvent]]
+    events: list[tuple[int | None, SseEvent]]
     decoded_timing: list[list[int]]
     error: str | None
 
@@ -192,13 +193,14 @@ class Timeline:
 def timeline(raw: bytes, content_encoding: str | None, chunk_timing: list[list[int]]) -> Timeline:
     """Decode ``raw`` chunk by chunk as it arrived. ``chunk_timing`` is the proxy's
     ``[[ms since response headers, raw bytes so far], ...]`` (``addons.common.CHUNK_TIMING``);
-    bytes beyond its last entry (or all of them, without timing) count as arriving at the last
-    entry's time (0)."""
+    bytes beyond its last entry count as arriving at the last entry's time; without timing,
+    every event's time is ``None``."""
     body = BodyDecoder(content_encoding)
     parser = SseParser()
-    events: list[tuple[int, SseEvent]] = []
+    events: list[tuple[int | None, SseEvent]] = []
     decoded_timing: list[list[int]] = []
-    decoded = start = ms = 0
+    decoded = start = 0
+    ms: int | None = None
     for entry in chunk_timing:
         ms, end = int(entry[0]), int(entry[1])
         data = body.feed(raw[start:end])

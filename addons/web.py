@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,7 +80,8 @@ def front_args(ns: argparse.Namespace, inner_port: int, front_sets: Sequence[str
         "--listen-host",
         "127.0.0.1",
         "--listen-port",
-        str(ns.port if ns.port is not None else 0),
+        # A real port, not 0: mitmweb's status bar shows the option's value (0 reads as 8080).
+        str(ns.port if ns.port is not None else free_port()),
         "--web-host",
         "127.0.0.1",
         "--web-port",
@@ -96,15 +98,24 @@ def front_args(ns: argparse.Namespace, inner_port: int, front_sets: Sequence[str
     ]
     if ns.server_info:
         args += ["--set", f"codex_server_info={os.path.abspath(ns.server_info)}"]
+    from addons.config import load_config
+
+    config = load_config(ns.config)
+    args += ["--set", f"codex_web_upstream_url={ns.upstream_url or config.upstream_url}"]
     if not any(spec.startswith(SHARED_SETS) for spec in front_sets):
         # The YAML's redact_headers, as the key-holding proxy gets them from the same file.
-        from addons.config import load_config
-
-        for name in load_config(ns.config).redact_headers:
+        for name in config.redact_headers:
             args += ["--set", f"codex_redact_headers={name}"]
     for spec in front_sets:
         args += ["--set", spec]
     return args
+
+
+def free_port() -> int:
+    """An unused loopback port, for a front started without ``--port``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_for_inner(proc: subprocess.Popen[bytes], info_path: str, timeout: float = 120) -> int:

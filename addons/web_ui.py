@@ -15,7 +15,8 @@ import time
 
 from mitmproxy import ctx, exceptions, hooks, http
 
-from addons.common import LOCAL_REPLY_HEADER
+from addons.common import CHUNK_TIMING, LOCAL_REPLY_HEADER
+from addons.contentviews import CodexContentviews
 from addons.guard import OptionGuard
 from addons.redaction import HeaderRedaction
 from addons.server_info import ServerInfo
@@ -32,6 +33,11 @@ REFUSAL_NOTES = {
     "upstream_error": "the upstream could not be reached or failed",
     "dump_failed": "refused: its dump could not be written (--dump-required)",
 }
+
+
+#: The mark of refused flows: a plain letter (mitmproxy's character markers), which renders in
+#: every browser; an emoji marker shows as an empty box without an emoji font.
+REFUSAL_MARK = "X"
 
 
 class LiveSse:
@@ -74,16 +80,17 @@ class LiveSse:
             now = time.monotonic()
             if not chunk or now - last[0] >= self.refresh_s:
                 last[0] = now
-                self._show(flow, copy.data)
+                self._show(flow, copy)
             return chunk
 
         response.stream = tee
 
     @staticmethod
-    def _show(flow: http.HTTPFlow, body: bytes) -> None:
+    def _show(flow: http.HTTPFlow, copy: Tee) -> None:
         if flow.response is None:
             return
-        flow.response.raw_content = body
+        flow.response.raw_content = copy.data
+        flow.metadata[CHUNK_TIMING] = copy.timing  # for the Responses stream view
         ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -95,17 +102,35 @@ class LiveSse:
         copy = self._copies.pop(flow.id, None)
         if copy is not None and flow.response is not None:
             flow.response.stream = False
-            self._show(flow, copy.data)
+            self._show(flow, copy)
 
 
 class FlowNotes:
     """Marks what the key-holding proxy did with each flow, for the person looking at mitmweb.
 
     Refusals (403 allowlist, 426 WebSocket, local errors) carry the ``x-codex-proxy-error``
-    header: the flow is marked and gets a comment saying why. Forwarded flows show the
-    ``Authorization`` header the key-holding proxy injected upstream as ``[REDACTED]`` (this
-    process never had the value).
+    header: the flow is marked with :data:`REFUSAL_MARK` and gets a comment saying why.
+    Forwarded flows show the ``Authorization`` header the key-holding proxy injected upstream
+    as ``[REDACTED]`` (this process never had the value), and their comment names the real
+    upstream URL (``codex_web_upstream_url``; the flow's own URL stays the inner hop's, so
+    mitmweb's "Replay" still goes through the key-holding proxy).
     """
+
+    def __init__(self) -> None:
+        self.upstream_url = ""
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "codex_web_upstream_url",
+            str,
+            "",
+            "The key-holding proxy's upstream URL, named in forwarded flows' comments "
+            "(set by ./run.sh web).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "codex_web_upstream_url" in updated:
+            self.upstream_url = ctx.options.codex_web_upstream_url
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
@@ -113,11 +138,12 @@ class FlowNotes:
             return
         code = response.headers.get(LOCAL_REPLY_HEADER)
         if code:
-            flow.marked = ":no_entry:"
+            flow.marked = REFUSAL_MARK
             flow.comment = REFUSAL_NOTES.get(code, f"answered by the proxy itself ({code})")
         elif flow.request.method == "POST":
             flow.request.headers["authorization"] = "[REDACTED]"
-            flow.comment = "forwarded upstream; the key-holding proxy injected Authorization"
+            where = f" to {self.upstream_url}" if self.upstream_url else " upstream"
+            flow.comment = f"forwarded{where}; the key-holding proxy injected Authorization"
 
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.error is None:
@@ -181,6 +207,7 @@ class FlowCap:
 # first refresh pushes the flow to the browser.
 addons = [
     OptionGuard(),
+    CodexContentviews(),
     ServerInfo(),
     HttpShutdown(),
     LiveSse(),

@@ -134,7 +134,9 @@ def test_codex_exec_with_the_printed_one_liner(upstream, start_proxy, codex, tmp
     home.mkdir()
     work.mkdir()
     printed = printed_codex_config(proxy)
-    line = next(ln for ln in printed.splitlines() if ln.startswith("codex exec "))
+    line = next(
+        ln.removeprefix("# ") for ln in printed.splitlines() if ln.startswith("# codex exec ")
+    )
     args = shlex.split(line)
     assert args[:2] == ["codex", "exec"] and args[-1] == "your prompt"
     result = run_codex(codex, home, work, prompt="Say hello", extra=args[2:-1])

@@ -35,3 +35,12 @@ def test_main_requires_a_port_source(capsys):
     assert info.value.code == 2
     assert main(["--port", "7000", "--toml-only"]) == 0
     assert "127.0.0.1:7000" in capsys.readouterr().out
+
+
+def test_whole_stdout_is_valid_toml(capsys):
+    """``./run.sh codex-config ... > config.toml`` must give a file Codex can read."""
+    assert main(["--port", "7000", "--model", "gpt-5-codex"]) == 0
+    out = capsys.readouterr().out
+    doc = tomllib.loads(out)
+    assert doc["model_providers"]["codex-proxy"]["base_url"] == "http://127.0.0.1:7000/v1"
+    assert "# codex exec -c " in out

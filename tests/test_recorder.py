@@ -3,7 +3,8 @@ import json
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ
-from addons.recorder import Recorder, human_summary, summarize, usage_of
+from addons.recorder import Recorder, human_summary, summarize
+from addons.responses_turn import usage_of
 from tests.fake_upstream import StreamCompressor, encode_event, responses_sse_events
 
 

@@ -181,12 +181,17 @@ def test_mitmweb_front_shows_codex_flows_without_the_key(upstream, codex, tmp_pa
         assert any("allowlist" in c for c in by_comment)
         assert any("426" in c for c in by_comment)
         refused = [f for f in flows if f["response"] and f["response"]["status_code"] == 403]
-        assert refused and all(f["marked"] for f in refused)
+        # A plain letter, not an emoji (which headless Chromium draws as an empty box).
+        assert refused and all(f["marked"] == "X" for f in refused)
         posts = [f for f in flows if f["request"]["method"] == "POST"]
         assert len(posts) == 2
         for f in posts:
             headers = dict((k.lower(), v) for k, v in f["request"]["headers"])
             assert headers["authorization"] == "[REDACTED]"
+            assert (
+                f"forwarded to {upstream.url};" in f["comment"]
+                or "stream complete" in (f["comment"])
+            )
 
         # 4. No key anywhere in the UI's API: flow list and every body.
         everything = [web.api("/flows")]
@@ -230,12 +235,17 @@ def test_mitmweb_front_shows_codex_flows_without_the_key(upstream, codex, tmp_pa
                 )
             )
             tab.click()
-            wait.until(lambda d: "response.output_text.delta" in d.page_source)
+            # The Responses stream view is chosen by itself: the assembled text, not events.
+            wait.until(lambda d: "── assistant text ──" in d.page_source)
         except Exception:
             ARTIFACTS.mkdir(exist_ok=True)
             driver.save_screenshot(str(ARTIFACTS / "mitmweb-failure.png"))
             raise
-        assert "response.completed" in driver.page_source
+        page = driver.page_source
+        assert upstream.text in page and "Responses stream" in page
+        # The status bar shows the front's real listen address, not mitmweb's default.
+        assert f"127.0.0.1:{web.port}" in page
+        assert "status: completed" in page and "tokens: input 42 (cached 8)" in page
         assert TEST_KEY not in driver.page_source
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "mitmweb-codex-flow.png"))

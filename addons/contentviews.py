@@ -1,0 +1,199 @@
+"""Codex-aware content views: a Codex turn readable at a glance in mitmweb, mitmdump and the
+console.
+
+Two views for the Responses API (mitmproxy 12's ``Contentview`` protocol), chosen automatically
+for ``/v1/responses`` flows (their render priority beats the JSON and raw views) and selectable
+in mitmweb's "View" menu:
+
+- **Responses request**: model, reasoning effort, instructions (first lines, length), tools by
+  name, and the input items in order (role, type, a short excerpt, call ids linking calls to
+  their outputs). mitmproxy decodes a compressed (``zstd``/``gzip``) body before the view.
+- **Responses stream**: the assembled assistant text, reasoning summaries, each function call
+  with its pretty-printed arguments, the final status, token usage, event counts and timing
+  (time to first event, to first text, total; from the chunk timing the proxy keeps). The raw
+  body is decoded by the one SSE decoder, so a cut zstd stream (which mitmproxy cannot decode)
+  still renders what arrived, and says that it is partial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import textwrap
+from typing import Any
+
+from mitmproxy import contentviews, http
+from mitmproxy.contentviews import Metadata
+
+from addons.common import CHUNK_TIMING
+from addons.responses_turn import Turn, assemble_turn, excerpt, input_items, tool_names
+from addons.sse_events import timeline
+
+logger = logging.getLogger(__name__)
+
+#: Above mitmproxy's JSON view (1) for JSON, and above everything for event streams.
+PRIORITY = 2.0
+
+
+def _is_responses_flow(metadata: Metadata) -> bool:
+    flow = metadata.flow
+    if not isinstance(flow, http.HTTPFlow):
+        return False
+    path = flow.request.path.split("?", 1)[0]
+    return path.endswith("/responses") or path.endswith("/responses/compact")
+
+
+def render_request(body: Any) -> str:
+    """The request view's text for a parsed Responses request body.
+
+    Raises:
+        ValueError: when the body is not a JSON object (the view then falls back to raw).
+    """
+    if not isinstance(body, dict):
+        raise ValueError("not a Responses request object")
+    reasoning: dict[str, Any] = body.get("reasoning") or {}
+    if not isinstance(reasoning, dict):
+        reasoning = {}
+    lines = [
+        f"model: {body.get('model', '-')}",
+        f"reasoning effort: {reasoning.get('effort', '-')}"
+        + (f" (summary: {reasoning['summary']})" if reasoning.get("summary") else ""),
+        f"stream: {body.get('stream', False)}",
+    ]
+    for key in ("service_tier", "tool_choice", "parallel_tool_calls", "store"):
+        if key in body:
+            lines.append(f"{key}: {body[key]}")
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        first = [ln for ln in instructions.splitlines() if ln.strip()][:3]
+        lines.append(f"instructions: {len(instructions)} characters")
+        lines += [f"  | {excerpt(ln, 100)}" for ln in first]
+    tools = tool_names(body)
+    lines.append(f"tools ({len(tools)}): {', '.join(tools) if tools else '-'}")
+    items = input_items(body)
+    lines.append(f"input ({len(items)} items):")
+    for i, it in enumerate(items, 1):
+        label = it.kind if it.role is None else f"{it.kind}/{it.role}"
+        link = f" [{it.call_id}]" if it.call_id else ""
+        name = f" {it.name}" if it.name else ""
+        lines.append(f"  {i:>3}. {label}{name}{link}: {it.text or '(empty)'}")
+    return "\n".join(lines) + "\n"
+
+
+def render_turn(turn: Turn, decode_error: str | None = None) -> str:
+    """The stream view's text for an assembled :class:`Turn`."""
+    lines: list[str] = []
+    status = turn.status or "partial (no terminal event: the client left or the upstream cut)"
+    if turn.incomplete_reason:
+        status += f" ({turn.incomplete_reason})"
+    lines.append(f"status: {status}")
+    if turn.error:
+        lines.append(f"error: {turn.error}")
+    if decode_error:
+        lines.append(f"body: {decode_error}; showing what arrived")
+    if turn.model or turn.response_id:
+        lines.append(f"model: {turn.model or '-'}   response: {turn.response_id or '-'}")
+    if turn.usage:
+        u = turn.usage
+        lines.append(
+            f"tokens: input {u['input']} (cached {u['cached']}), output {u['output']} "
+            f"(reasoning {u['reasoning']}), total {u['total']}"
+        )
+    timing = []
+    for label, value in (
+        ("first event", turn.first_event_ms),
+        ("first text", turn.first_text_ms),
+        ("total", turn.last_event_ms),
+    ):
+        if value is not None:
+            timing.append(f"{label} {value} ms")
+    if timing:
+        lines.append("timing: " + ", ".join(timing))
+    counts = ", ".join(f"{k.removeprefix('response.')} {n}" for k, n in turn.counts.items())
+    lines.append(
+        textwrap.fill(
+            f"events: {turn.events} ({counts or 'none'})", width=88, subsequent_indent="  "
+        )
+    )
+    for i, summary in enumerate(turn.reasoning, 1):
+        lines += ["", f"── reasoning summary {i} ──", summary]
+    if turn.text:
+        lines += ["", "── assistant text ──", turn.text]
+    for c in turn.calls:
+        lines += ["", f"── function call {c.name or '?'} [{c.call_id or c.item_id}] ──"]
+        lines.append(c.pretty_arguments() or "(no arguments)")
+    return "\n".join(lines) + "\n"
+
+
+class ResponsesRequestContentview(contentviews.Contentview):
+    """The "Responses request" view (see the module docstring)."""
+
+    @property
+    def name(self) -> str:
+        """Shown in mitmweb's "View" menu."""
+        return "Responses request"
+
+    def prettify(self, data: bytes, metadata: Metadata) -> str:
+        """Render; raises ``ValueError`` for a body that is not a JSON object."""
+        return render_request(json.loads(data))
+
+    def render_priority(self, data: bytes, metadata: Metadata) -> float:
+        """High for the JSON body of a request to ``/v1/responses``; else not for this data."""
+        if (
+            data
+            and isinstance(metadata.http_message, http.Request)
+            and _is_responses_flow(metadata)
+            and data.lstrip()[:1] == b"{"
+        ):
+            return PRIORITY
+        return -1
+
+
+class ResponsesStreamContentview(contentviews.Contentview):
+    """The "Responses stream" view (see the module docstring)."""
+
+    @property
+    def name(self) -> str:
+        """Shown in mitmweb's "View" menu."""
+        return "Responses stream"
+
+    def prettify(self, data: bytes, metadata: Metadata) -> str:
+        """Render what the stream said. ``data`` is mitmproxy's decoded body; the raw body of
+        ``metadata.http_message`` is preferred, so a cut compressed stream still renders."""
+        message = metadata.http_message
+        raw, encoding = data, None
+        if isinstance(message, http.Response) and message.raw_content is not None:
+            raw, encoding = message.raw_content, message.headers.get("content-encoding")
+        flow = metadata.flow
+        chunk_timing = flow.metadata.get(CHUNK_TIMING, []) if flow is not None else []
+        line = timeline(raw, encoding, chunk_timing if _timing_fits(chunk_timing, raw) else [])
+        return render_turn(assemble_turn(line.events), line.error)
+
+    def render_priority(self, data: bytes, metadata: Metadata) -> float:
+        """High for an event stream answering ``/v1/responses``; else not for this data."""
+        ctype = (metadata.content_type or "").split(";", 1)[0].strip().lower()
+        if ctype == "text/event-stream" and _is_responses_flow(metadata):
+            return PRIORITY
+        return -1
+
+
+def _timing_fits(chunk_timing: Any, raw: bytes) -> bool:
+    """Whether the recorded ``[[ms, raw bytes so far], ...]`` describes this body."""
+    try:
+        return bool(chunk_timing) and int(chunk_timing[-1][1]) == len(raw)
+    except (TypeError, ValueError, IndexError):
+        return False
+
+
+VIEWS = (ResponsesRequestContentview(), ResponsesStreamContentview())
+
+
+class CodexContentviews:
+    """Registers the Codex views with mitmproxy when the addon loads (so plain ``mitmdump -s
+    addons/proxy.py``, ``--flow-detail 3``, the console and ``./run.sh web`` all get them).
+    mitmproxy 12 has no way to unregister a view; registering again (a script reload)
+    replaces it by name."""
+
+    def load(self, loader) -> None:
+        for view in VIEWS:
+            contentviews.add(view)

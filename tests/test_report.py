@@ -1,0 +1,126 @@
+"""The recording's report.html: unit tests of the page, and a recorded Codex session rendered in
+headless Chromium (screenshot kept in test-artifacts/)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from mitmproxy.test import taddons, tflow
+
+from addons.common import ALLOWED, REFUSED
+from addons.recorder import Recorder
+from addons.report import render_report
+from tests.conftest import ROOT
+from tests.test_clients import codex, printed_codex_config, run_codex  # noqa: F401
+from tests.test_recorder import sse_flow
+from tests.test_web import chrome
+
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def sample_summary() -> dict:
+    usage = {"input": 1000, "cached": 600, "output": 300, "reasoning": 100, "total": 1300}
+    return {
+        "totals": {"requests": 2, "failed": 1, "events": 12, **usage},
+        "requests": [
+            {
+                "seq": 1,
+                "started": 1_764_000_000.5,
+                "model": "gpt-5-codex<script>",
+                "status": 200,
+                "turn_status": "completed",
+                "usage": usage,
+                "duration_ms": 812,
+                "first_event_ms": 41,
+                "events": 10,
+                "event_ms": [41, 60, 80, 300, 810],
+                "failed": False,
+            },
+            {
+                "seq": 2,
+                "started": 1_764_000_003.0,
+                "model": "gpt-5-codex",
+                "status": 200,
+                "turn_status": None,
+                "error": "Client disconnected.",
+                "usage": None,
+                "duration_ms": 90,
+                "first_event_ms": 12,
+                "events": 2,
+                "event_ms": [12, 30],
+                "failed": True,
+            },
+        ],
+    }
+
+
+def test_page_is_self_contained_escaped_and_complete():
+    refused = [
+        {
+            "time": 1_764_000_001,
+            "method": "GET",
+            "path": "/v1/models",
+            "status": 403,
+            "reason": "not-allowlisted",
+        }
+    ]
+    links = {1: ("dumps/000001-1-request.json", "dumps/000001-1-response.json")}
+    page = render_report(sample_summary(), refused, links)
+    assert "<script" not in page and "gpt-5-codex&lt;script&gt;" in page
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing from a network
+    assert '<a href="dumps/000001-1-request.json">request</a>' in page
+    assert page.count("<rect") == 6  # 2 turns x (uncached, cached, output)
+    assert page.count("<polyline") == 2
+    assert "/v1/models" in page and "not-allowlisted" in page
+    assert "Client disconnected." in page and 'class="fail"' in page
+    assert "<td>1300</td>" in page
+
+
+def test_recorder_writes_the_report_with_refusals(tmp_path):
+    addon = Recorder()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_record_dir=str(tmp_path))
+        addon.response(sse_flow(1))
+        refused = tflow.tflow(resp=True)
+        refused.request.path = "/v1/models?api-key=secret"
+        refused.metadata[REFUSED] = "not-allowlisted"
+        assert ALLOWED not in refused.metadata
+        addon.response(refused)
+        addon.done()
+    page = (tmp_path / "report.html").read_text()
+    assert "gpt-r" in page and "/v1/models?…" in page and "secret" not in page
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["refused"][0]["reason"] == "not-allowlisted"
+    assert summary["requests"][0]["failed"] is False
+
+
+@pytest.mark.e2e
+@pytest.mark.codex
+def test_report_of_a_recorded_codex_session_in_chromium(upstream, start_proxy, codex, tmp_path):  # noqa: F811
+    record = tmp_path / "rec"
+    upstream.event_delay = 0.01
+    proxy = start_proxy(upstream.url, "--record", str(record), dumps=False)
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "config.toml").write_text(printed_codex_config(proxy, "--toml-only"))
+    assert run_codex(codex, home, work).returncode == 0
+    assert proxy.request("GET", "/v1/models")[0] == 403
+    assert proxy.shutdown() == 0
+    report = record / "report.html"
+    driver = chrome()
+    try:
+        driver.get(report.as_uri())
+        page = driver.page_source
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "recording-report.png"))
+        links = [a.get_attribute("href") for a in driver.find_elements("css selector", "a")]
+    finally:
+        driver.quit()
+    assert "test-model" in page and "completed" in page and "/v1/models" in page
+    assert len(links) == 2 and all(link.startswith(record.as_uri() + "/dumps/") for link in links)
+    for link in links:
+        assert (record / link.removeprefix(record.as_uri() + "/")).exists()
+    assert (ARTIFACTS / "recording-report.png").stat().st_size > 10_000
