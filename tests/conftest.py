@@ -145,16 +145,20 @@ def run_launcher_once(
 
 
 def open_stream(
-    port: int, payload: dict | None = None, timeout: float = 60
+    port: int,
+    payload: dict | None = None,
+    timeout: float = 60,
+    headers: dict[str, str] | None = None,
 ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """POST a streaming Responses request to 127.0.0.1:``port``; returns the connection and
-    the response with its headers read (the body is left to the caller)."""
+    """POST a streaming Responses request to 127.0.0.1:``port`` (with extra ``headers``);
+    returns the connection and the response with its headers read (the body is left to the
+    caller)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     conn.request(
         "POST",
         "/v1/responses",
         json.dumps(payload or {"model": "m", "stream": True}),
-        {"content-type": "application/json"},
+        {"content-type": "application/json", **(headers or {})},
     )
     return conn, conn.getresponse()
 

@@ -336,14 +336,7 @@ def test_compressed_sse_is_not_buffered_and_dumped_decoded(upstream, start_proxy
     upstream.gate = threading.Event()
     upstream.gate_timeout = 15
     proxy = start_proxy(upstream.url)
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
-    conn.request(
-        "POST",
-        "/v1/responses",
-        json.dumps({"model": "m", "stream": True}),
-        {"content-type": "application/json", "accept-encoding": coding},
-    )
-    resp = conn.getresponse()
+    conn, resp = open_stream(proxy.port, headers={"accept-encoding": coding})
     assert resp.getheader("content-encoding") == coding
     assert upstream.requests[0].header_values("accept-encoding") == [coding]
     decoder, text = decompressor(coding), b""
@@ -371,14 +364,7 @@ def test_truncated_zstd_stream_dump_keeps_raw_bytes(upstream, start_proxy):
     upstream.compression = ("zstd",)
     upstream.fault, upstream.fault_after = "truncate", 3
     proxy = start_proxy(upstream.url)
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
-    conn.request(
-        "POST",
-        "/v1/responses",
-        json.dumps({"model": "m", "stream": True}),
-        {"content-type": "application/json", "accept-encoding": "zstd"},
-    )
-    resp = conn.getresponse()
+    conn, resp = open_stream(proxy.port, headers={"accept-encoding": "zstd"})
     with pytest.raises(http.client.IncompleteRead) as cut:
         resp.read()
     conn.close()
