@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.common import ALLOWED, REFUSED, fail_closed, json_response
+from addons.common import ALLOWED, BRIDGE, REFUSED, fail_closed, json_response
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class Allowlist:
     absolute-form targets and ``CONNECT`` are refused in ``requestheaders`` / ``http_connect``,
     so nothing is ever sent upstream for them. Allowed flows get ``flow.metadata[ALLOWED]``;
     the forwarder injects the key only into flows with that mark (fail closed otherwise).
-    Extra routes come from the ``codex_extra_routes`` option (off by default).
+    Extra routes come from the ``codex_extra_routes`` option (off by default); with
+    ``--chat-bridge``, ``POST /v1/chat/completions`` too, claimed by ``addons.bridge`` under
+    this same exact-target rule.
     """
 
     def __init__(self) -> None:
@@ -99,7 +101,7 @@ class Allowlist:
         if flow.response or flow.error or not flow.live:
             return
         reason = refusal_reason(flow.request, self.routes)
-        if reason is None:
+        if reason is None or BRIDGE in flow.metadata:  # the bridge checked its route the same way
             flow.metadata[ALLOWED] = True
         else:
             self._refuse(flow, reason)

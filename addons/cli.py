@@ -9,6 +9,7 @@ codes and addon order; the key never reaches argv, the environment or a log line
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="record the session: dumps, flows.mitm, session.har, usage.jsonl, summary.json",
     )
     parser.add_argument(
+        "--chat-bridge",
+        action="store_true",
+        default=None,
+        help="also serve POST /v1/chat/completions (translated to the Responses upstream) "
+        "and GET /v1/models (ours; off by default, as in the reference)",
+    )
+    parser.add_argument(
         "--config",
         metavar="FILE",
         default=DEFAULT_CONFIG_PATH,
@@ -127,6 +135,10 @@ def mitmproxy_options(
     put("codex_dump_required", config.dump_required)
     put("codex_extra_routes", config.extra_routes)
     put("codex_redact_headers", config.redact_headers)
+    put("codex_chat_bridge", config.chat_bridge)
+    put("codex_chat_bridge_reasoning_content", config.chat_bridge_reasoning_content)
+    if config.chat_bridge_models:
+        put("codex_chat_bridge_models", json.dumps(config.chat_bridge_models))
     if config.server_info:
         put("codex_server_info", os.path.abspath(config.server_info))
     if config.dump_dir:
@@ -172,6 +184,8 @@ def resolve_config(ns: argparse.Namespace) -> ProxyConfig:
         config.dump_dir = ns.dump_dir
     if ns.dump_required:
         config.dump_required = True
+    if ns.chat_bridge:
+        config.chat_bridge = True
     if ns.record is not None:
         config.record_dir = ns.record
         if config.dump_dir is None:

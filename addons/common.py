@@ -25,6 +25,13 @@ REFUSED = "codex_proxy.refused"
 KEY_INJECTED = "codex_proxy.key_injected"
 #: The dump sequence number (int) of an accepted flow, when dumps are on.
 DUMP_SEQ = "codex_proxy.dump_seq"
+#: Set by the Chat Completions bridge on a ``POST /v1/chat/completions`` it claimed (the
+#: allowlist then allows it): ``{}``, then the reply context (model, stream, include_usage).
+BRIDGE = "codex_proxy.bridge"
+#: A bridged flow's request body as the client sent it (Chat Completions JSON text).
+BRIDGE_CLIENT_BODY = "codex_proxy.bridge_client_body"
+#: A bridged flow's reply as the client got it (Chat Completions JSON or chunk SSE text).
+BRIDGE_CLIENT_REPLY = "codex_proxy.bridge_client_reply"
 #: ``[[ms since response headers, body bytes so far], ...]`` of a streamed reply, per chunk.
 CHUNK_TIMING = "codex_proxy.chunk_timing"
 

@@ -21,6 +21,9 @@ _KEYS = {
     "dump_required": (bool,),
     "extra_routes": (list,),
     "redact_headers": (list,),
+    "chat_bridge": (bool,),
+    "chat_bridge_models": (dict, type(None)),
+    "chat_bridge_reasoning_content": (bool,),
     "mitmproxy": (dict, type(None)),
 }
 
@@ -40,6 +43,11 @@ class ProxyConfig:
     record_dir: str | None = None
     extra_routes: list[str] = field(default_factory=list)
     redact_headers: list[str] = field(default_factory=list)
+    #: The Chat Completions bridge (``--chat-bridge``), off by default.
+    chat_bridge: bool = False
+    #: ``{model: {"efforts": [...], "default": effort|null}}``; empty: the built-in table.
+    chat_bridge_models: dict[str, Any] = field(default_factory=dict)
+    chat_bridge_reasoning_content: bool = False
     mitmproxy: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,6 +90,14 @@ def parse_config(text: str, source: str = "<config>") -> ProxyConfig:
                     raise ValueError(f"{source}: mitmproxy option names must be strings")
         if key == "upstream_url" and value is None:
             continue
+        if key == "chat_bridge_models":
+            from addons.bridge.efforts import parse_models
+
+            value = dict(value or {})
+            try:
+                parse_models(value)
+            except ValueError as e:
+                raise ValueError(f"{source}: chat_bridge_models: {e}") from None
         setattr(config, key, value)
     return config
 

@@ -21,7 +21,14 @@ import orjson
 from mitmproxy import ctx, exceptions, http
 
 from addons.body_decode import decode_body
-from addons.common import ALLOWED, DUMP_SEQ, REFUSED, json_response
+from addons.common import (
+    ALLOWED,
+    BRIDGE_CLIENT_BODY,
+    BRIDGE_CLIENT_REPLY,
+    DUMP_SEQ,
+    REFUSED,
+    json_response,
+)
 from addons.redaction import DEFAULT_EXTRA, extra_names, redact_fields
 
 logger = logging.getLogger(__name__)
@@ -210,6 +217,17 @@ class DumpThread:
                     future.set_result(error)
 
 
+def _client_side(text: Any) -> Any:
+    """A bridged flow's client-side body for its dump: parsed JSON, else the text; ``None``
+    when the flow was not bridged."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 @dataclass
 class _Exchange:
     prefix: str
@@ -377,13 +395,18 @@ class DumpWriter:
         )
 
     @staticmethod
-    def _request_doc(exchange: _Exchange, raw: bytes, content_encoding: str | None) -> dict:
-        return {
+    def _request_doc(
+        exchange: _Exchange, raw: bytes, content_encoding: str | None, client_body: Any = None
+    ) -> dict:
+        doc = {
             "method": exchange.method,
             "url": exchange.url,
             "headers": exchange.headers,
             "body": (raw, content_encoding),
         }
+        if client_body is not None:  # the Chat Completions bridge: what the client sent
+            doc["client_body"] = client_body
+        return doc
 
     @staticmethod
     async def _succeeded(future: concurrent.futures.Future[Any]) -> bool:
@@ -399,7 +422,12 @@ class DumpWriter:
         raw = flow.request.raw_content or b""
         return self._submit(
             exchange.prefix + "-request.json",
-            self._request_doc(exchange, raw, flow.request.headers.get("content-encoding")),
+            self._request_doc(
+                exchange,
+                raw,
+                flow.request.headers.get("content-encoding"),
+                _client_side(flow.metadata.get(BRIDGE_CLIENT_BODY)),
+            ),
         )
 
     def _finish(
@@ -422,6 +450,9 @@ class DumpWriter:
             }
         if error is not None:
             doc["error"] = error
+        client_reply = _client_side(flow.metadata.get(BRIDGE_CLIENT_REPLY))
+        if client_reply is not None:  # the Chat Completions bridge: what the client got
+            doc["client_body"] = client_reply
         return self._submit(exchange.prefix + "-response.json", doc)
 
     def _submit(self, name: str, doc: dict[str, Any]) -> concurrent.futures.Future[Any] | None:

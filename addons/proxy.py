@@ -5,6 +5,7 @@ key) lives in ``addons.keyholder``, an imported module.
 """
 
 from addons.allowlist import Allowlist
+from addons.bridge.addons import ChatBridge, ChatReplies
 from addons.contentviews import CodexContentviews
 from addons.dumps import DumpWriter
 from addons.error_replies import JsonErrorReplies
@@ -26,9 +27,11 @@ addons = [
     ServerInfo(),
     HttpShutdown(),
     WebSocketRefusal(),
+    ChatBridge(),  # before Allowlist: claims POST /v1/chat/completions when --chat-bridge
     Allowlist(),
     SseStreaming(),
     HeaderRedaction(),  # after SseStreaming: it wraps the SSE tee
+    ChatReplies(),  # after both: it wraps their stream callables
     RequestStreaming(),
     DumpWriter(),
     Recorder(),

@@ -6,7 +6,7 @@ import logging
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.common import ALLOWED, fail_closed
+from addons.common import ALLOWED, BRIDGE, fail_closed
 from addons.sse_stream import Tee
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class RequestStreaming:
             return
         if flow.metadata.get(ALLOWED) is not True or flow.request.stream:
             return
+        if BRIDGE in flow.metadata:
+            return  # the bridge translates the whole body before it goes upstream
         if getattr(ctx.options, "codex_dump_required", False):
             return
         headers = flow.request.headers

@@ -194,6 +194,9 @@ class FakeUpstream:
         text: the assistant text of the default stream.
         fault: after ``fault_after`` events, ``"reset"`` (abort the connection, RST),
             ``"truncate"`` (close without the final chunk) or ``"stall"`` (go silent).
+        responder: ``f(request body) -> events`` choosing each stream's events (a tool round
+            trip answers a call first, then text); overrides ``events``.
+        json_reply: ``f(request body) -> response object`` for non-streamed requests.
         set_cookies: ``Set-Cookie`` values added to every reply (as api.openai.com's edge sets
             ``__cf_bm`` / ``_cfuvid``), one header each.
         compression: codings the stream may be compressed with, in order of preference
@@ -217,6 +220,8 @@ class FakeUpstream:
         self.fault_after = 2
         self.compression: tuple[str, ...] = ()
         self.set_cookies: list[str] = []
+        self.responder: Any = None
+        self.json_reply: Any = None
         self.headers_delay = 0.0
         self.ssl_context: Any = None
         self.port = 0
@@ -254,10 +259,16 @@ class FakeUpstream:
             self._counter += 1
             response_id = f"resp_standin_{self._counter}"
         if not (isinstance(parsed, dict) and parsed.get("stream")):
-            return web.json_response(
-                response_object(response_id, model, self.text), headers=cookies
+            reply = (
+                self.json_reply(parsed)
+                if self.json_reply
+                else response_object(response_id, model, self.text)
             )
-        events = self.events or responses_sse_events(self.text, model, response_id)
+            return web.json_response(reply, headers=cookies)
+        if self.responder is not None:
+            events = self.responder(parsed)
+        else:
+            events = self.events or responses_sse_events(self.text, model, response_id)
         if self.headers_delay:
             await asyncio.sleep(self.headers_delay)
         headers = CIMultiDict(
