@@ -162,7 +162,8 @@ class Target:
 
 
 def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
-    """Start one target (``direct``, ``mitmdump``, ``reference``, ``ours``, ``ours+dumps``)
+    """Start one target (``direct``, ``mitmdump``, ``reference``, ``ours``, ``ours+dumps``,
+    ``ours+bridge``)
     in front of the benchmark upstream. Raises RuntimeError when it does not come up."""
     up_url = f"http://127.0.0.1:{upstream_port}/v1/responses"
     quiet = ["--set", "flow_detail=0", "--set", "termlog_verbosity=warn"]
@@ -216,7 +217,7 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
         proc.stdin.close()
         port = wait_file(info, proc)["port"]
         return Target(name, port, proc, f"Rust codex responses-api-proxy {codex_cli_version()}")
-    if name in ("ours", "ours+dumps"):
+    if name in ("ours", "ours+dumps", "ours+bridge"):
         info = tmp / f"{name}-info.json"
         cmd = [
             sys.executable,
@@ -230,6 +231,8 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
         ]
         if name == "ours+dumps":
             cmd += ["--dump-dir", str(tmp / "dumps")]
+        if name == "ours+bridge":
+            cmd.append("--chat-bridge")
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -241,8 +244,13 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
         proc.stdin.write(BENCH_KEY)
         proc.stdin.close()
         port = wait_file(info, proc)["port"]
+        notes = {"ours+dumps": ", dumps on", "ours+bridge": ", streams through the chat bridge"}
         return Target(
-            name, port, proc, "full addon stack" + (", dumps on" if "dumps" in name else "")
+            name,
+            port,
+            proc,
+            "full addon stack" + notes.get(name, ""),
+            {"bridge": name == "ours+bridge"},
         )
     raise ValueError(name)
 
@@ -295,27 +303,47 @@ def big_body_seconds(port: int, size: int = 8 * 1024 * 1024, runs: int = 3) -> f
     return round(statistics.median(times), 3)
 
 
-async def _one_stream(session: Any, port: int, events: int, interval_ms: int) -> dict[str, Any]:
+async def _one_stream(
+    session: Any, port: int, events: int, interval_ms: int, bridge: bool = False
+) -> dict[str, Any]:
+    """One stream; lag = arrival - the upstream's schedule. ``bridge``: the same stream asked
+    through ``/v1/chat/completions`` and read back from the translated chunks (the schedule
+    rides in each text delta; the response.completed event has no chunk of its own, so a
+    bridged stream counts ``events - 1`` deltas)."""
     started = time.time()
     lags, first = [], None
-    payload = {
-        "model": "bench",
-        "stream": True,
-        "bench_events": events,
-        "bench_interval_ms": interval_ms,
-    }
-    async with session.post(f"http://127.0.0.1:{port}/v1/responses", json=payload) as resp:
+    bench = {"bench_events": events, "bench_interval_ms": interval_ms}
+    if bridge:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        payload: dict[str, Any] = {
+            "model": "bench",
+            "stream": True,
+            "messages": [{"role": "user", "content": "bench"}],
+            "metadata": {k: str(v) for k, v in bench.items()},
+        }
+    else:
+        url = f"http://127.0.0.1:{port}/v1/responses"
+        payload = {"model": "bench", "stream": True, **bench}
+    async with session.post(url, json=payload) as resp:
         if resp.status != 200:
             return {"ok": False}
         async for line in resp.content:
-            if not line.startswith(b"data: "):
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
             now = time.time()
             data = json.loads(line[6:])
+            if bridge:
+                choices = data.get("choices") or [{}]
+                content = (choices[0].get("delta") or {}).get("content")
+                if not content:
+                    continue  # the role chunk, the finish chunk
+                sent = float(content.strip("[]"))
+            else:
+                sent = data["t"]
             if first is None:
                 first = now - started
-            lags.append(now - data["t"])
-    return {"ok": len(lags) == events, "first": first, "lags": lags}
+            lags.append(now - sent)
+    return {"ok": len(lags) == events - (1 if bridge else 0), "first": first, "lags": lags}
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -328,7 +356,12 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def streams(
-    port: int, count: int, events: int = 50, interval_ms: int = 20, pid: int | None = None
+    port: int,
+    count: int,
+    events: int = 50,
+    interval_ms: int = 20,
+    pid: int | None = None,
+    bridge: bool = False,
 ) -> dict[str, Any]:
     """``count`` concurrent SSE streams of ``events`` events every ``interval_ms``: success
     count, wall time, first-event and per-event lag percentiles (ms), peak RSS (MB)."""
@@ -340,7 +373,7 @@ def streams(
             connector=connector, timeout=aiohttp.ClientTimeout(total=600)
         ) as session:
             return await asyncio.gather(
-                *(_one_stream(session, port, events, interval_ms) for _ in range(count)),
+                *(_one_stream(session, port, events, interval_ms, bridge) for _ in range(count)),
                 return_exceptions=True,
             )
 
@@ -397,12 +430,17 @@ def measure_all(targets: list[Target], ns: argparse.Namespace, script: Path) -> 
     for t in targets:
         print(f"  one 50-event stream: {t.name}", flush=True)
         time.sleep(1)  # let background work (e.g. dump writing) settle
-        results[t.name]["sse_1"] = streams(t.port, 1, pid=t.proc.pid if t.proc else None)
+        results[t.name]["sse_1"] = streams(
+            t.port, 1, pid=t.proc.pid if t.proc else None, bridge=bool(t.extra.get("bridge"))
+        )
     for t in targets:
         print(f"  {ns.streams} concurrent streams: {t.name}", flush=True)
         time.sleep(1)
         results[t.name]["sse_many"] = streams(
-            t.port, ns.streams, pid=t.proc.pid if t.proc else None
+            t.port,
+            ns.streams,
+            pid=t.proc.pid if t.proc else None,
+            bridge=bool(t.extra.get("bridge")),
         )
     return results
 
@@ -429,7 +467,7 @@ def _minus(a: float | None, b: float | None) -> float | None:
 
 def add_ratios(results: dict[str, dict[str, Any]]) -> None:
     """Ratios against bare mitmdump and differences against direct, from the same run."""
-    bare, direct = results.get("mitmdump"), results.get("direct")
+    bare, direct, ours = results.get("mitmdump"), results.get("direct"), results.get("ours")
     for r in results.values():
         r["ratios"] = {
             "rps_c1_vs_mitmdump": ratio(_get(r, "wrk_c1", "rps"), _get(bare, "wrk_c1", "rps")),
@@ -444,6 +482,10 @@ def add_ratios(results: dict[str, dict[str, Any]]) -> None:
             ),
             "many_lag_p99_minus_direct_ms": _minus(
                 _get(r, "sse_many", "lag_p99_ms"), _get(direct, "sse_many", "lag_p99_ms")
+            ),
+            # The bridge's own cost: the same stream, translated, against untranslated.
+            "lag_p99_minus_ours_ms": _minus(
+                _get(r, "sse_1", "lag_p99_ms"), _get(ours, "sse_1", "lag_p99_ms")
             ),
         }
 
@@ -472,6 +514,7 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
             lambda r: f"{r['sse_1']['lag_p50_ms']} / {r['sse_1']['lag_p99_ms']}",
         ),
         ("1 stream: lag p99 - direct, ms", lambda r: r["ratios"]["lag_p99_minus_direct_ms"]),
+        ("1 stream: lag p99 - ours, ms", lambda r: r["ratios"]["lag_p99_minus_ours_ms"]),
         (
             f"{meta['streams']} streams: ok / failed",
             lambda r: f"{r['sse_many']['ok']} / {r['sse_many']['failed']}",
@@ -509,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=1000, help="concurrent streams")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of each wrk/8 MB run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.md/.json go")
-    parser.add_argument("--targets", default="direct,mitmdump,reference,ours,ours+dumps")
+    parser.add_argument(
+        "--targets", default="direct,mitmdump,reference,ours,ours+dumps,ours+bridge"
+    )
     ns = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         parser.exit(2, "run.sh bench: wrk is missing (./run.sh bench installs it)\n")

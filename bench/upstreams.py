@@ -3,8 +3,10 @@
 ``python -m bench.upstreams --info FILE`` starts it on 127.0.0.1 (ephemeral port) and writes
 ``{"port": N, "pid": N}`` to FILE. A ``POST /v1/responses`` whose JSON body has
 ``"stream": true`` gets ``bench_events`` SSE events (default 50), one every
-``bench_interval_ms`` (default 20), each carrying ``"t"``: the wall-clock time (s) it was
-scheduled to leave, so a client can compute per-event lag. Anything else gets a small JSON reply
+``bench_interval_ms`` (default 20; both may also come in ``metadata``, which the Chat
+Completions bridge passes through), each carrying ``"t"``: the wall-clock time (s) it was
+scheduled to leave, so a client can compute per-event lag; the text delta is ``"[t]"`` too, so
+the lag survives translation into Chat Completions chunks. Anything else gets a small JSON reply
 (with the request body's length, for the 8 MB run).
 """
 
@@ -35,8 +37,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 "received_bytes": len(raw),
             }
         )
-    events = int(body.get("bench_events", 50))
-    interval = float(body.get("bench_interval_ms", 20)) / 1000
+    params = {**(body.get("metadata") or {}), **body}
+    events = int(params.get("bench_events", 50))
+    interval = float(params.get("bench_interval_ms", 20)) / 1000
     reply = web.StreamResponse(headers={"content-type": "text/event-stream"})
     reply.enable_chunked_encoding()
     await reply.prepare(request)
@@ -47,7 +50,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if delay > 0:
             await asyncio.sleep(delay)
         kind = "response.completed" if i == events - 1 else "response.output_text.delta"
-        payload = {"type": kind, "i": i, "t": start_wall + i * interval, "delta": "tok"}
+        t = start_wall + i * interval
+        payload = {"type": kind, "i": i, "t": t, "delta": f"[{t:.6f}]"}
         await reply.write(f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
     await reply.write_eof()
     return reply
