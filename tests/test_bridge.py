@@ -15,10 +15,13 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mitmproxy.test import taddons, tflow, tutils
 
+from addons.bridge.addons import ChatReplies
 from addons.bridge.efforts import DEFAULT_MODELS, model_ids, parse_models, resolve
 from addons.bridge.stream import DONE, ChunkTranslator
 from addons.bridge.translate import BridgeError, chat_to_responses, responses_to_chat
+from addons.common import BRIDGE, BRIDGE_CLIENT_REPLY
 from addons.sse_events import parse_sse_text
 from tests.conftest import TEST_KEY
 from tests.fake_upstream import encode_event, response_object, responses_sse_events
@@ -410,6 +413,9 @@ def test_sdk_streams_a_codex_model_with_usage(upstream, bridge):
     assert (
         "chat.completion.chunk" in response["client_body"] and "[DONE]" in response["client_body"]
     )
+    for path in bridge.dump_files():  # the client's dropped key is redacted, ours never written
+        data = path.read_bytes()
+        assert TEST_KEY.encode() not in data and b"sk-client-not-the-key" not in data
 
 
 @pytest.mark.e2e
@@ -591,3 +597,100 @@ def test_llm_cli_streams_through_the_bridge(upstream, bridge, tmp_path):
     body = sent_upstream(upstream)
     assert body["model"] == "gpt-5.1-codex" and body["reasoning"] == {"effort": "high"}
     assert upstream.requests[0].header_values("authorization") == [f"Bearer {TEST_KEY}"]
+
+
+@pytest.mark.e2e
+def test_sdk_parallel_calls_reasoning_and_incomplete(upstream, start_proxy):
+    proxy = start_proxy(
+        upstream.url, "--chat-bridge", "--set", "codex_chat_bridge_reasoning_content=true"
+    )
+    upstream.events = tool_call_events(
+        [("shell", {"command": ["ls"]}), ("read_file", {"path": "README.md"})],
+        reasoning="I should list and read.",
+    )
+    args: dict[int, str] = {}
+    names: dict[int, str] = {}
+    reasoning = ""
+    with sdk(proxy) as client:
+        for chunk in client.chat.completions.create(
+            model="gpt-5-codex", messages=[{"role": "user", "content": "look"}], stream=True
+        ):
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+            for tc in delta.tool_calls or []:
+                if tc.function and tc.function.name:
+                    names[tc.index] = tc.function.name
+                args[tc.index] = args.get(tc.index, "") + (
+                    (tc.function and tc.function.arguments) or ""
+                )
+        assert names == {0: "shell", 1: "read_file"}
+        assert json.loads(args[0]) == {"command": ["ls"]}
+        assert json.loads(args[1]) == {"path": "README.md"}
+        assert reasoning == "I should list and read."
+        # Cut at max_output_tokens: finish_reason "length", streamed and whole.
+        upstream.events = ending(
+            responses_sse_events("Once upon", "m"),
+            "response.incomplete",
+            status="incomplete",
+            incomplete_details={"reason": "max_output_tokens"},
+        )
+        streamed = [
+            c.choices[0].finish_reason
+            for c in client.chat.completions.create(
+                model="gpt-5-codex",
+                messages=[{"role": "user", "content": "x"}],
+                stream=True,
+                max_tokens=3,
+            )
+            if c.choices and c.choices[0].finish_reason
+        ]
+        assert streamed == ["length"]
+        upstream.json_reply = lambda body: {
+            **response_object("r", body["model"], "Once upon"),
+            "status": "incomplete",
+            "incomplete_details": {"reason": "max_output_tokens"},
+        }
+        whole = client.chat.completions.create(
+            model="gpt-5-codex", messages=[{"role": "user", "content": "x"}], max_tokens=3
+        )
+        assert whole.choices[0].finish_reason == "length"
+        assert whole.choices[0].message.content == "Once upon"
+    assert sent_upstream(upstream)["max_output_tokens"] == 3
+
+
+def bridged_flow(content_type: bytes = b"text/event-stream"):
+    f = tflow.tflow(resp=tutils.tresp(headers=[(b"content-type", content_type)], content=b""))
+    f.metadata[BRIDGE] = {"model": "m", "stream": True, "include_usage": False}
+    return f
+
+
+def test_reply_addon_streams_translated_chunks_and_keeps_the_upstream_body():
+    addon = ChatReplies()
+    with taddons.context(addon):
+        f = bridged_flow()
+        addon.responseheaders(f)
+        assert f.response.headers["transfer-encoding"] == "chunked"
+        raw = [encode_event(k, p) for k, p in responses_sse_events("a b", "m")]
+        out = [f.response.stream(r) for r in raw] + [f.response.stream(b"")]
+        assert all(isinstance(o, list) and b"" not in o for o in out)  # never a terminator
+        assert out[1] == [] and out[-2][0].endswith(DONE)
+        addon.response(f)
+        assert f.response.raw_content == b""  # no tee below in this unit test: nothing kept
+        assert "chat.completion.chunk" in f.metadata[BRIDGE_CLIENT_REPLY]
+
+
+def test_reply_addon_fails_closed_with_an_error_chunk(monkeypatch):
+    def boom(self, raw):
+        raise RuntimeError("x")
+
+    monkeypatch.setattr(ChunkTranslator, "feed", boom)
+    addon = ChatReplies()
+    with taddons.context(addon):
+        f = bridged_flow()
+        addon.responseheaders(f)
+        first = f.response.stream(b"data: {}\n\n")
+        assert len(first) == 1 and first[0].endswith(DONE)
+        assert json.loads(first[0].split(b"\n\n")[0][6:])["error"]["type"] == "upstream_error"
+        assert f.response.stream(b"more") == [] and f.response.stream(b"") == []

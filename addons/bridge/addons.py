@@ -13,7 +13,7 @@ from mitmproxy import ctx, exceptions, http
 from addons.allowlist import refusal_reason
 from addons.body_decode import decode_body
 from addons.bridge.efforts import DEFAULT_MODELS, ModelEfforts, model_ids, parse_models
-from addons.bridge.stream import ChunkTranslator
+from addons.bridge.stream import DONE, ChunkTranslator, sse_data
 from addons.bridge.translate import BridgeError, chat_error, chat_to_responses, responses_to_chat
 from addons.common import (
     ALLOWED,
@@ -191,21 +191,36 @@ class ChatReplies:
         translator = ChunkTranslator(context, encoding, bool(context.get("reasoning_content")))
         status = response.status_code
 
-        def stream(chunk: bytes) -> list[bytes]:
-            # A list, never b"": mitmproxy frames each returned bytes object as one HTTP/1
-            # chunk, and an empty one is the chunked body's terminator.
+        broken: list[bool] = []
+
+        def translate(chunk: bytes) -> bytes | None:
             passed = inner(chunk) if callable(inner) else chunk
             # The stream callables below us (tee, redaction) return their chunk as bytes.
             data = passed if isinstance(passed, bytes) else b"".join(passed)
             if sse:
                 out = translator.feed(data)
-                if not chunk:
-                    out += translator.finish()
-            elif chunk:
+                return out + translator.finish() if not chunk else out
+            if chunk:
                 upstream.append(data)  # a whole reply is translated at its end
+                return None
+            return self._whole(b"".join(upstream), encoding, status, context)
+
+        def stream(chunk: bytes) -> list[bytes]:
+            # A list, never b"": mitmproxy frames each returned bytes object as one HTTP/1
+            # chunk, and an empty one is the chunked body's terminator.
+            if broken:
                 return []
-            else:
-                out = self._whole(b"".join(upstream), encoding, status, context)
+            try:
+                out = translate(chunk)
+            except Exception as e:
+                # Fail closed, visibly: the client gets an error it can raise, never a reply
+                # that silently lost part of the upstream's.
+                logger.error("bridge: cannot translate a reply (%s); ending it", type(e).__name__)
+                broken.append(True)
+                error = chat_error(502, b"the proxy could not translate the upstream's reply")
+                out = sse_data(json.loads(error)) + DONE if sse else error
+            if out is None:
+                return []
             sent.append(out)
             return [out] if out else []
 
