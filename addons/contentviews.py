@@ -185,7 +185,16 @@ def _timing_fits(chunk_timing: Any, raw: bytes) -> bool:
         return False
 
 
-VIEWS = (ResponsesRequestContentview(), ResponsesStreamContentview())
+def all_views() -> tuple[contentviews.Contentview, ...]:
+    """The Responses views and the Chat Completions bridge's (``addons/bridge``)."""
+    from addons.bridge.contentviews import ChatRequestContentview, ChatStreamContentview
+
+    return (
+        ResponsesRequestContentview(),
+        ResponsesStreamContentview(),
+        ChatRequestContentview(),
+        ChatStreamContentview(),
+    )
 
 
 class CodexContentviews:
@@ -195,5 +204,5 @@ class CodexContentviews:
     replaces it by name."""
 
     def load(self, loader) -> None:
-        for view in VIEWS:
+        for view in all_views():
             contentviews.add(view)

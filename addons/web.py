@@ -67,6 +67,8 @@ def inner_command(ns: argparse.Namespace, info_path: str, inner_sets: Sequence[s
             cmd += [flag, value]
     if ns.dump_required:
         cmd.append("--dump-required")
+    if ns.chat_bridge:
+        cmd.append("--chat-bridge")
     for spec in inner_sets:
         cmd += ["--set", spec]
     return cmd

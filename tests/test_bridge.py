@@ -15,6 +15,7 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mitmproxy import contentviews
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons.bridge.addons import ChatReplies
@@ -22,6 +23,7 @@ from addons.bridge.efforts import DEFAULT_MODELS, model_ids, parse_models, resol
 from addons.bridge.stream import DONE, ChunkTranslator
 from addons.bridge.translate import BridgeError, chat_to_responses, responses_to_chat
 from addons.common import BRIDGE, BRIDGE_CLIENT_REPLY
+from addons.contentviews import CodexContentviews
 from addons.sse_events import parse_sse_text
 from tests.conftest import TEST_KEY
 from tests.fake_upstream import encode_event, response_object, responses_sse_events
@@ -694,3 +696,44 @@ def test_reply_addon_fails_closed_with_an_error_chunk(monkeypatch):
         assert len(first) == 1 and first[0].endswith(DONE)
         assert json.loads(first[0].split(b"\n\n")[0][6:])["error"]["type"] == "upstream_error"
         assert f.response.stream(b"more") == [] and f.response.stream(b"") == []
+
+
+def chat_flow(request_body: dict, reply: bytes):
+    f = tflow.tflow(
+        resp=tutils.tresp(headers=[(b"content-type", b"text/event-stream")], content=b"")
+    )
+    f.request.path = "/v1/chat/completions"
+    f.request.headers["content-type"] = "application/json"
+    f.request.content = json.dumps(request_body).encode()
+    f.response.raw_content = reply
+    return f
+
+
+def test_chat_views_show_the_upstream_request_and_the_assembled_reply():
+    events = tool_call_events([("shell", {"command": ["ls"]})], reasoning="Hm.")
+    events = events[:-1] + responses_sse_events("Done.", "m")[2:]  # calls, then text, completed
+    translator = ChunkTranslator({"model": "gpt-5.1-codex-high", "include_usage": True}, None, True)
+    reply = translator.feed(b"".join(encode_event(k, p) for k, p in events)) + translator.finish()
+    body = {
+        "model": "gpt-5.1-codex-high",
+        "messages": [{"role": "user", "content": "ls"}],
+        "stream": True,
+    }
+    f = chat_flow(body, reply)
+    with taddons.context(CodexContentviews()):
+        req = contentviews.prettify_message(f.request, f)
+        resp = contentviews.prettify_message(f.response, f)
+    assert req.view_name == "Chat Completions request"
+    assert "as the bridge sends it upstream" in req.text and "model: gpt-5.1-codex\n" in req.text
+    assert "reasoning effort: high" in req.text and "1. message/user: ls" in req.text
+    assert resp.view_name == "Chat Completions stream"
+    assert "status: completed" in resp.text and "── assistant text ──\nDone." in resp.text
+    assert '── function call shell [call_0] ──\n{\n  "command": [\n    "ls"\n  ]\n}' in resp.text
+    assert "── reasoning summary 1 ──\nHm." in resp.text
+    assert "tokens: input 42 (cached 8), output 17 (reasoning 5), total 59" in resp.text
+    refused = chat_flow({**body, "n": 3}, b"")
+    with taddons.context(CodexContentviews()):
+        assert (
+            "refuses this request (400): n:"
+            in contentviews.prettify_message(refused.request, refused).text
+        )

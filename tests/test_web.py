@@ -355,3 +355,44 @@ def test_mitmweb_front_redacts_cookies_and_api_keys(upstream, tmp_path):
     assert code == 0
     places["mitmweb log"] = web.output().encode()
     assert_no_marker(places)
+
+
+def test_mitmweb_front_with_the_chat_bridge(upstream, tmp_path):
+    """``./run.sh web --chat-bridge``: a chat-only client works through the front, which shows
+    the call in the Chat Completions views: the upstream request it became, the assembled reply;
+    the key-holding proxy's dumps hold both shapes."""
+    import openai
+
+    web = WebProxy(tmp_path, upstream.url, "--chat-bridge")
+    try:
+        with openai.OpenAI(
+            base_url=f"http://127.0.0.1:{web.port}/v1", api_key="unused", max_retries=0
+        ) as client:
+            chunks = list(
+                client.chat.completions.create(
+                    model="gpt-5-codex-low",
+                    messages=[{"role": "user", "content": "hi"}],
+                    stream=True,
+                )
+            )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+            upstream.text
+        )
+        wait_for(lambda: any(f.get("response") for f in web.flows()), 20, "the flow in the UI")
+        flow = next(f for f in web.flows() if f["request"]["path"] == "/v1/chat/completions")
+
+        def view(part: str, name: str) -> str:
+            raw = web.api(f"/flows/{flow['id']}/{part}/content/{name}.json")
+            doc = json.loads(raw)
+            return doc["text"] if "text" in doc else json.dumps(doc)
+
+        request_view = view("request", "chat%20completions%20request")
+        assert "model: gpt-5-codex\n" in request_view and "reasoning effort: low" in request_view
+        reply_view = view("response", "chat%20completions%20stream")
+        assert f"── assistant text ──\n{upstream.text}" in reply_view
+    finally:
+        code = web.stop()
+    assert code == 0
+    dumps = sorted((tmp_path / "dumps").iterdir())
+    response = json.loads(next(p for p in dumps if p.name.endswith("-response.json")).read_text())
+    assert "response.completed" in response["body"] and "[DONE]" in response["client_body"]
