@@ -27,7 +27,7 @@ from mitmproxy.contentviews import Metadata
 
 from addons.common import CHUNK_TIMING
 from addons.responses_turn import Turn, assemble_turn, excerpt, input_items, tool_names
-from addons.sse_events import timeline
+from addons.sse_events import Timeline, timeline
 
 logger = logging.getLogger(__name__)
 
@@ -139,14 +139,7 @@ class ResponsesRequestContentview(contentviews.Contentview):
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         """High for the JSON body of a request to ``/v1/responses``; else not for this data."""
-        if (
-            data
-            and isinstance(metadata.http_message, http.Request)
-            and _is_responses_flow(metadata)
-            and data.lstrip()[:1] == b"{"
-        ):
-            return PRIORITY
-        return -1
+        return json_request_priority(data, metadata, _is_responses_flow(metadata))
 
 
 class ResponsesStreamContentview(contentviews.Contentview):
@@ -160,13 +153,7 @@ class ResponsesStreamContentview(contentviews.Contentview):
     def prettify(self, data: bytes, metadata: Metadata) -> str:
         """Render what the stream said. ``data`` is mitmproxy's decoded body; the raw body of
         ``metadata.http_message`` is preferred, so a cut compressed stream still renders."""
-        message = metadata.http_message
-        raw, encoding = data, None
-        if isinstance(message, http.Response) and message.raw_content is not None:
-            raw, encoding = message.raw_content, message.headers.get("content-encoding")
-        flow = metadata.flow
-        chunk_timing = flow.metadata.get(CHUNK_TIMING, []) if flow is not None else []
-        line = timeline(raw, encoding, chunk_timing if _timing_fits(chunk_timing, raw) else [])
+        line = stream_timeline(data, metadata)
         return render_turn(assemble_turn(line.events), line.error)
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
@@ -175,6 +162,33 @@ class ResponsesStreamContentview(contentviews.Contentview):
         if ctype == "text/event-stream" and _is_responses_flow(metadata):
             return PRIORITY
         return -1
+
+
+def stream_timeline(data: bytes, metadata: Metadata) -> Timeline:
+    """A view's SSE body as events with their arrival times. The raw body of
+    ``metadata.http_message`` is preferred to mitmproxy's decoded ``data``, so a cut
+    compressed stream still yields what arrived; the flow's chunk timing is used when it
+    describes this body."""
+    message = metadata.http_message
+    raw, encoding = data, None
+    if isinstance(message, http.Response) and message.raw_content is not None:
+        raw, encoding = message.raw_content, message.headers.get("content-encoding")
+    flow = metadata.flow
+    chunk_timing = flow.metadata.get(CHUNK_TIMING, []) if flow is not None else []
+    return timeline(raw, encoding, chunk_timing if _timing_fits(chunk_timing, raw) else [])
+
+
+def json_request_priority(data: bytes, metadata: Metadata, for_flow: bool) -> float:
+    """:data:`PRIORITY` for a JSON object body of a request whose flow ``for_flow`` accepts,
+    else -1 (not for this data)."""
+    if (
+        for_flow
+        and data
+        and isinstance(metadata.http_message, http.Request)
+        and data.lstrip()[:1] == b"{"
+    ):
+        return PRIORITY
+    return -1
 
 
 def _timing_fits(chunk_timing: Any, raw: bytes) -> bool:

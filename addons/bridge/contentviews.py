@@ -20,11 +20,16 @@ from mitmproxy.contentviews import Metadata
 
 from addons.bridge.efforts import DEFAULT_MODELS
 from addons.bridge.translate import BridgeError, chat_to_responses
-from addons.common import CHUNK_TIMING
+from addons.contentviews import (
+    PRIORITY,
+    json_request_priority,
+    render_request,
+    render_turn,
+    stream_timeline,
+)
 from addons.responses_turn import FunctionCall, Turn
-from addons.sse_events import SseEvent, timeline
+from addons.sse_events import SseEvent
 
-PRIORITY = 2.0
 CHAT_PATH = "/v1/chat/completions"
 
 
@@ -35,8 +40,6 @@ def _is_chat_flow(metadata: Metadata) -> bool:
 
 def render_chat_request(body: Any) -> str:
     """The request view's text: the upstream request the bridge would send, or its refusal."""
-    from addons.contentviews import render_request
-
     try:
         translated, _ = chat_to_responses(body, DEFAULT_MODELS)
     except BridgeError as e:
@@ -118,14 +121,7 @@ class ChatRequestContentview(contentviews.Contentview):
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         """High for the JSON body of a request to ``/v1/chat/completions``."""
-        if (
-            data
-            and isinstance(metadata.http_message, http.Request)
-            and _is_chat_flow(metadata)
-            and data.lstrip()[:1] == b"{"
-        ):
-            return PRIORITY
-        return -1
+        return json_request_priority(data, metadata, _is_chat_flow(metadata))
 
 
 class ChatStreamContentview(contentviews.Contentview):
@@ -138,16 +134,7 @@ class ChatStreamContentview(contentviews.Contentview):
 
     def prettify(self, data: bytes, metadata: Metadata) -> str:
         """Render the assembled chunk stream."""
-        from addons.contentviews import render_turn
-
-        message = metadata.http_message
-        raw, encoding = data, None
-        if isinstance(message, http.Response) and message.raw_content is not None:
-            raw, encoding = message.raw_content, message.headers.get("content-encoding")
-        flow = metadata.flow
-        timing = flow.metadata.get(CHUNK_TIMING, []) if flow is not None else []
-        fits = bool(timing) and int(timing[-1][1]) == len(raw)
-        line = timeline(raw, encoding, timing if fits else [])
+        line = stream_timeline(data, metadata)
         return render_turn(chat_turn(line.events), line.error)
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
