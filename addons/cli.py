@@ -147,6 +147,8 @@ def mitmproxy_options(
         record = os.path.abspath(config.record_dir)
         os.makedirs(record, mode=0o700, exist_ok=True)
         put("codex_record_dir", record)
+        if config.rate_card:
+            put("codex_rate_card", config.rate_card)
         put("save_stream_file", os.path.join(record, "flows.mitm"))
         put("hardump", os.path.join(record, "session.har"))
 

@@ -21,6 +21,7 @@ _KEYS = {
     "dump_required": (bool,),
     "extra_routes": (list,),
     "redact_headers": (list,),
+    "rate_card": (str, type(None)),
     "chat_bridge": (bool,),
     "chat_bridge_models": (dict, type(None)),
     "chat_bridge_reasoning_content": (bool,),
@@ -43,6 +44,9 @@ class ProxyConfig:
     record_dir: str | None = None
     extra_routes: list[str] = field(default_factory=list)
     redact_headers: list[str] = field(default_factory=list)
+    #: A Codex rate card pricing a recording's requests in credits (a path; relative paths
+    #: are read beside the config file).
+    rate_card: str | None = None
     #: The Chat Completions bridge (``--chat-bridge``), off by default.
     chat_bridge: bool = False
     #: ``{model: {"efforts": [...], "default": effort|null}}``; empty: the built-in table.
@@ -113,4 +117,7 @@ def load_config(path: str) -> ProxyConfig:
             text = f.read()
     except OSError as e:
         raise ValueError(f"{path}: cannot read config: {e.strerror}") from None
-    return parse_config(text, path)
+    config = parse_config(text, path)
+    if config.rate_card:
+        config.rate_card = os.path.join(os.path.dirname(os.path.abspath(path)), config.rate_card)
+    return config

@@ -13,12 +13,14 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
 from addons.body_decode import decode_body
 from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ, REFUSED
+from addons.credits import RateCard, load_rate_card
 from addons.dumps import write_file_atomically
 from addons.report import render_report
 from addons.responses_turn import assemble_turn, usage_of
@@ -55,6 +57,12 @@ class RequestRecord:
     first_event_ms: int | None = None
     #: Arrival of each SSE event, ms since the response headers (the report's chart).
     event_ms: list[int] = field(default_factory=list)
+    #: The request's ``service_tier`` (``priority`` is Codex's fast mode, charged 2x).
+    service_tier: str | None = None
+    #: Codex credits this request cost (a decimal string), priced when it finished.
+    credits: str | None = None
+    #: The rate-card entry that priced it; ``None`` with ``credits``: unpriced.
+    rate: str | None = None
 
 
 def is_failure(record: RequestRecord) -> bool:
@@ -71,6 +79,9 @@ def summarize(records: list[RequestRecord], keep_event_ms: bool = False) -> dict
     times (for the report; ``summary.json`` leaves them to ``usage.jsonl``)."""
     totals: dict[str, Any] = {"requests": len(records), "failed": 0, "events": 0}
     totals.update({k: 0 for k in USAGE_FIELDS})
+    credits = sum((Decimal(r.credits) for r in records if r.credits is not None), Decimal(0))
+    totals["credits"] = str(credits) if any(r.credits is not None for r in records) else None
+    totals["unpriced"] = sum(1 for r in records if r.credits is None and r.usage is not None)
     for r in records:
         totals["events"] += r.events
         if is_failure(r):
@@ -114,6 +125,10 @@ def human_summary(summary: dict[str, Any]) -> str:
         f"{t['requests']} request(s), {t['failed']} failed, {t['events']} events; tokens: "
         + ", ".join(f"{k} {t[k]}" for k in USAGE_FIELDS)
     )
+    if t.get("credits") is not None:
+        unpriced = f" ({t['unpriced']} request(s) unpriced)" if t.get("unpriced") else ""
+        usd = f", USD {t['usd']}" if t.get("usd") is not None else ""
+        lines.append(f"Codex credits: {t['credits']}{usd}{unpriced}")
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +175,8 @@ class Recorder:
 
     def __init__(self) -> None:
         self.directory = ""
+        #: Prices each request in Codex credits (``codex_rate_card``); ``None``: no pricing.
+        self.rate_card: RateCard | None = None
         self.records: list[RequestRecord] = []
         #: Requests answered locally (allowlist 403, WebSocket 426, errors), for the report.
         self.refused: list[dict[str, Any]] = []
@@ -171,8 +188,21 @@ class Recorder:
             "",
             "Write usage.jsonl while running and summary.json/summary.txt at exit here.",
         )
+        loader.add_option(
+            "codex_rate_card",
+            str,
+            "",
+            "A Codex rate card (YAML, config/codex-rate-card.yaml) to price each recorded "
+            "request in credits and USD; empty: no pricing.",
+        )
 
     def configure(self, updated: set[str]) -> None:
+        if "codex_rate_card" in updated:
+            path = ctx.options.codex_rate_card
+            try:
+                self.rate_card = load_rate_card(path) if path else None
+            except ValueError as e:
+                raise exceptions.OptionsError(f"codex_rate_card: {e}") from None
         if "codex_record_dir" in updated:
             path = ctx.options.codex_record_dir
             if path:
@@ -185,8 +215,10 @@ class Recorder:
             self.directory = os.path.abspath(path) if path else ""
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if self.directory and flow.metadata.get(REFUSED) and flow.response is not None:
-            self.refused.append(refusal_of(flow))
+        response = flow.response
+        if self.directory and flow.metadata.get(REFUSED) and response is not None:
+            if response.status_code >= 400:  # not the 200 of GET /shutdown, also local
+                self.refused.append(refusal_of(flow))
         self._record(flow, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -197,6 +229,7 @@ class Recorder:
             return
         summary = summarize(self.records)
         summary["refused"] = self.refused
+        self._add_usd(summary)
         try:
             write_file_atomically(
                 self.directory,
@@ -206,8 +239,10 @@ class Recorder:
             text = human_summary(summary)
             write_file_atomically(self.directory, "summary.txt", text.encode())
             logger.warning("%s", text.rstrip())
+            full = summarize(self.records, keep_event_ms=True)
+            self._add_usd(full)
             page = render_report(
-                summarize(self.records, keep_event_ms=True),
+                full,
                 self.refused,
                 dump_links(self.directory, getattr(ctx.options, "codex_dump_dir", "")),
             )
@@ -215,11 +250,24 @@ class Recorder:
         except OSError as e:
             logger.error("record: cannot write the summary or report: %s", e)
 
+    def _add_usd(self, summary: dict[str, Any]) -> None:
+        """With a rate card, totals always carry credits (``"0"`` when nothing was priced)
+        and USD; without one, ``credits`` stays ``None``: no pricing."""
+        totals = summary["totals"]
+        if self.rate_card is not None:
+            totals["credits"] = totals.get("credits") or "0"
+            totals["usd"] = str(self.rate_card.usd(Decimal(totals["credits"])))
+
     def _record(self, flow: http.HTTPFlow, error: str | None) -> None:
         if not self.directory or flow.metadata.get(ALLOWED) is not True:
             return
         try:
             record = self._make_record(flow, error)
+            if self.rate_card is not None:
+                # Priced now, with the card of the day: a later rate change rewrites nothing.
+                charge = self.rate_card.charge(record.model, record.usage, record.service_tier)
+                if charge is not None:
+                    record.credits, record.rate = str(charge.credits), charge.rate
         except Exception:
             logger.exception("record: cannot summarise a flow")
             return
@@ -232,7 +280,7 @@ class Recorder:
 
     @staticmethod
     def _make_record(flow: http.HTTPFlow, error: str | None) -> RequestRecord:
-        model = None
+        model = service_tier = None
         request_body = decode_body(
             flow.request.raw_content or b"", flow.request.headers.get("content-encoding")
         )
@@ -240,6 +288,8 @@ class Recorder:
             body = json.loads(request_body.data or b"{}")
             if isinstance(body, dict) and isinstance(body.get("model"), str):
                 model = body["model"]
+            if isinstance(body, dict) and isinstance(body.get("service_tier"), str):
+                service_tier = body["service_tier"]
         except ValueError:
             pass
         started = flow.request.timestamp_start
@@ -286,4 +336,5 @@ class Recorder:
             turn_status=turn_status,
             first_event_ms=first_event_ms,
             event_ms=event_ms,
+            service_tier=service_tier,
         )

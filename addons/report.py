@@ -42,6 +42,13 @@ def _when(unix: float | None) -> str:
     )
 
 
+def _credits(r: dict[str, Any], priced: bool) -> str:
+    if r.get("credits") is None:
+        return "unpriced" if priced and r.get("usage") else "-"
+    fast = " (fast x2)" if r.get("service_tier") == "priority" else ""
+    return f"{r['credits']}{fast}"
+
+
 def tokens_chart(requests: Sequence[dict[str, Any]], width: int = 760, height: int = 220) -> str:
     """SVG stacked bars per request: uncached input, cached input, output tokens."""
     bars = [(r.get("seq"), r.get("usage") or {}) for r in requests]
@@ -133,6 +140,7 @@ def render_report(
     kinds = ("input", "cached", "output", "reasoning", "total")
     head = "".join(f"<th>{k}</th>" for k in kinds)
     totals_row = "".join(f"<td>{_e(t.get(k, 0))}</td>" for k in kinds)
+    priced = t.get("credits") is not None
     rows = []
     for r in requests:
         u = r.get("usage") or {}
@@ -153,7 +161,8 @@ def render_report(
             f'<td class="l">{status}</td>'
             + "".join(f"<td>{_e(u.get(k, '-'))}</td>" for k in kinds)
             + f"<td>{_e(r.get('duration_ms'))}</td><td>{_e(r.get('first_event_ms', '-'))}</td>"
-            f'<td>{_e(r.get("events"))}</td><td class="l">{dump}</td></tr>'
+            f"<td>{_e(r.get('events'))}</td><td>{_e(_credits(r, priced))}</td>"
+            f'<td class="l">{dump}</td></tr>'
         )
     refused_rows = "".join(
         f'<tr><td class="l">{_when(x.get("time"))}</td><td class="l">{_e(x.get("method"))}</td>'
@@ -167,17 +176,25 @@ def render_report(
         if refused
         else '<p class="muted">None.</p>'
     )
+    unpriced = (
+        f'<p class="muted">{_e(t["unpriced"])} request(s) unpriced: their model is not on the '
+        "rate card (config/codex-rate-card.yaml).</p>"
+        if t.get("unpriced") and t.get("credits") is not None
+        else ""
+    )
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{_e(title)}</h1><div class=muted>codex-responses-api-proxy recording, "
         f"written {_when(time.time())}</div>"
         "<h2>Totals</h2><table class=totals><tr><th>requests</th><th>failed</th><th>events</th>"
-        f"{head}</tr><tr><td>{_e(t.get('requests', 0))}</td><td>{_e(t.get('failed', 0))}</td>"
-        f"<td>{_e(t.get('events', 0))}</td>{totals_row}</tr></table>"
+        f"{head}<th>credits</th><th>USD</th></tr><tr><td>{_e(t.get('requests', 0))}</td>"
+        f"<td>{_e(t.get('failed', 0))}</td><td>{_e(t.get('events', 0))}</td>{totals_row}"
+        f"<td>{_e(t.get('credits') or '-')}</td><td>{_e(t.get('usd') or '-')}</td></tr></table>"
+        f"{unpriced}"
         "<h2>Requests</h2><table><tr><th>#</th><th class=l>time (UTC)</th><th class=l>model</th>"
         f"<th class=l>status</th>{head}<th>ms</th><th>first event ms</th><th>events</th>"
-        f"<th class=l>dumps</th></tr>{''.join(rows)}</table>"
+        f"<th>credits</th><th class=l>dumps</th></tr>{''.join(rows)}</table>"
         f"<h2>Tokens per turn</h2>{tokens_chart(requests)}"
         f"<h2>Event arrival per stream</h2>{arrival_chart(requests)}"
         f"<h2>Refused requests</h2>{refused_html}"

@@ -5,6 +5,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ
 from addons.recorder import Recorder, human_summary, summarize
 from addons.responses_turn import usage_of
+from tests.conftest import ROOT
 from tests.fake_upstream import StreamCompressor, encode_event, responses_sse_events
 
 
@@ -106,3 +107,34 @@ def test_compressed_stream_ledger_has_tokens_and_decoded_timing(tmp_path):
     assert rec["content_encoding"] == "zstd"
     assert "truncated" in rec["decode_error"]
     assert rec["chunk_timing"][-1] == [len(parts) - 1, len(b"".join(parts))]
+
+
+def test_requests_priced_in_credits_with_the_rate_card(tmp_path):
+    addon = Recorder()
+    with taddons.context(addon) as tctx:
+        tctx.configure(
+            addon,
+            codex_record_dir=str(tmp_path),
+            codex_rate_card=str(ROOT / "config" / "codex-rate-card.yaml"),
+        )
+        priced = sse_flow(1)
+        priced.request.content = json.dumps(
+            {"model": "gpt-5.3-codex", "stream": True, "service_tier": "priority"}
+        ).encode()
+        addon.response(priced)
+        addon.response(sse_flow(2))  # gpt-r: not on the card
+        addon.done()
+    first, second = (json.loads(x) for x in (tmp_path / "usage.jsonl").read_text().splitlines())
+    # usage 42 in (8 cached), 17 out: (34*43.75 + 8*4.375 + 17*350) / 1e6, fast mode x2.
+    assert first["credits"] == "0.014945" and first["rate"] == "gpt-5.3-codex"
+    assert first["service_tier"] == "priority"
+    assert second["credits"] is None and second["rate"] is None
+    totals = json.loads((tmp_path / "summary.json").read_text())["totals"]
+    assert totals["credits"] == "0.014945" and totals["usd"] == "0.0006"
+    assert totals["unpriced"] == 1
+    assert (
+        "Codex credits: 0.014945, USD 0.0006 (1 request(s) unpriced)"
+        in (tmp_path / "summary.txt").read_text()
+    )
+    page = (tmp_path / "report.html").read_text()
+    assert "0.014945 (fast x2)" in page and "unpriced" in page and "<td>0.0006</td>" in page

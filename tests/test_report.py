@@ -86,6 +86,7 @@ def test_recorder_writes_the_report_with_refusals(tmp_path):
         refused = tflow.tflow(resp=True)
         refused.request.path = "/v1/models?api-key=secret"
         refused.metadata[REFUSED] = "not-allowlisted"
+        refused.response.status_code = 403
         assert ALLOWED not in refused.metadata
         addon.response(refused)
         addon.done()
@@ -120,6 +121,8 @@ def test_report_of_a_recorded_codex_session_in_chromium(upstream, start_proxy, c
     finally:
         driver.quit()
     assert "test-model" in page and "completed" in page and "/v1/models" in page
+    assert "1 request(s) unpriced" in page  # test-model is not on the shipped rate card
+    assert "/shutdown" not in page  # answered locally with 200: not a refusal
     assert len(links) == 2 and all(link.startswith(record.as_uri() + "/dumps/") for link in links)
     for link in links:
         assert (record / link.removeprefix(record.as_uri() + "/")).exists()
