@@ -129,6 +129,8 @@ class SseDecoder:
     def __init__(self, content_encoding: str | None = None) -> None:
         self._body = BodyDecoder(content_encoding)
         self._parser = SseParser()
+        #: Decoded body bytes so far.
+        self.decoded = 0
 
     @property
     def error(self) -> str | None:
@@ -137,11 +139,15 @@ class SseDecoder:
 
     def feed(self, raw: bytes) -> list[SseEvent]:
         """Events completed by the next raw chunk."""
-        return self._parser.feed(self._body.feed(raw))
+        data = self._body.feed(raw)
+        self.decoded += len(data)
+        return self._parser.feed(data)
 
     def finish(self) -> list[SseEvent]:
         """Events left at the end of the body."""
-        return self._parser.feed(self._body.finish()) + self._parser.finish()
+        data = self._body.finish()
+        self.decoded += len(data)
+        return self._parser.feed(data) + self._parser.finish()
 
 
 def decode_sse(
@@ -195,22 +201,18 @@ def timeline(raw: bytes, content_encoding: str | None, chunk_timing: list[list[i
     ``[[ms since response headers, raw bytes so far], ...]`` (``addons.common.CHUNK_TIMING``);
     bytes beyond its last entry count as arriving at the last entry's time; without timing,
     every event's time is ``None``."""
-    body = BodyDecoder(content_encoding)
-    parser = SseParser()
+    decoder = SseDecoder(content_encoding)
     events: list[tuple[int | None, SseEvent]] = []
     decoded_timing: list[list[int]] = []
-    decoded = start = 0
+    start = 0
     ms: int | None = None
     for entry in chunk_timing:
         ms, end = int(entry[0]), int(entry[1])
-        data = body.feed(raw[start:end])
+        events += [(ms, ev) for ev in decoder.feed(raw[start:end])]
         start = max(start, end)
-        decoded += len(data)
-        events += [(ms, ev) for ev in parser.feed(data)]
-        decoded_timing.append([ms, decoded])
-    data = body.feed(raw[start:]) + body.finish()
-    decoded += len(data)
-    events += [(ms, ev) for ev in parser.feed(data) + parser.finish()]
-    if data and decoded_timing:
-        decoded_timing[-1][1] = decoded
-    return Timeline(events, decoded_timing, body.error)
+        decoded_timing.append([ms, decoder.decoded])
+    before = decoder.decoded
+    events += [(ms, ev) for ev in decoder.feed(raw[start:]) + decoder.finish()]
+    if decoder.decoded != before and decoded_timing:
+        decoded_timing[-1][1] = decoder.decoded
+    return Timeline(events, decoded_timing, decoder.error)
