@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from addons.keyholder import REDACTED
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -166,7 +168,7 @@ def main() -> int:
             p for p in sorted(dump_dir.iterdir()) if p.name.endswith("-request.json")
         )
         doc = json.loads(request_file.read_text())
-        redacted = [h["name"] for h in doc["headers"] if h["value"] == "[REDACTED]"]
+        redacted = [h["name"] for h in doc["headers"] if h["value"] == REDACTED]
         _say(f"   request headers redacted in the dump: {', '.join(redacted) or '(none)'}")
         leaked = any(demo_key in p.read_text() for p in dump_dir.iterdir())
         _say(f"   key found in any dump file: {leaked}")

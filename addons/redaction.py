@@ -16,9 +16,9 @@ from collections.abc import Iterable, Sequence
 from mitmproxy import ctx, http
 
 from addons.common import fail_closed
+from addons.keyholder import REDACTED
 from addons.sse_stream import Tee, restore_teed_body
 
-REDACTED = "[REDACTED]"
 ALWAYS_REDACTED = frozenset({"authorization", "proxy-authorization"})
 #: ``codex_redact_headers``' default (also in ``config/proxy.yaml``).
 DEFAULT_EXTRA = ("api-key", "x-api-key", "openai-api-key")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from addons.redaction import REDACTED
 from addons.sse_events import completed_response, parse_sse_text
 
 #: Response headers never replayed: framing, per-connection, per-run or redacted ones.
@@ -195,9 +196,7 @@ class ReplayUpstream:
                 )
             self.next_index += 1
         headers = {
-            k: v
-            for k, v in exchange.headers
-            if k.lower() not in SKIPPED_HEADERS and v != "[REDACTED]"
+            k: v for k, v in exchange.headers if k.lower() not in SKIPPED_HEADERS and v != REDACTED
         }
         if not exchange.content_type().startswith("text/event-stream"):
             return web.Response(status=exchange.status, body=exchange.body_bytes(), headers=headers)

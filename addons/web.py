@@ -114,7 +114,8 @@ def front_args(ns: argparse.Namespace, inner_port: int, front_sets: Sequence[str
 
 
 def free_port() -> int:
-    """An unused loopback port, for a front started without ``--port``."""
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a front started without
+    ``--port``; the benchmark and the tests use it too)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

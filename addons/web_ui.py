@@ -18,7 +18,7 @@ from mitmproxy import ctx, exceptions, hooks, http
 from addons.common import CHUNK_TIMING, LOCAL_REPLY_HEADER
 from addons.contentviews import CodexContentviews
 from addons.guard import OptionGuard
-from addons.redaction import HeaderRedaction
+from addons.redaction import REDACTED, HeaderRedaction
 from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
 from addons.sse_events import stream_completed
@@ -141,7 +141,7 @@ class FlowNotes:
             flow.marked = REFUSAL_MARK
             flow.comment = REFUSAL_NOTES.get(code, f"answered by the proxy itself ({code})")
         elif flow.request.method == "POST":
-            flow.request.headers["authorization"] = "[REDACTED]"
+            flow.request.headers["authorization"] = REDACTED
             where = f" to {self.upstream_url}" if self.upstream_url else " upstream"
             flow.comment = f"forwarded{where}; the key-holding proxy injected Authorization"
 

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import zstandard
 
+from addons.web import free_port
 from tests.conftest import (
     TEST_KEY,
     ProxyProcess,
@@ -28,12 +29,6 @@ from tests.conftest import (
 pytestmark = pytest.mark.e2e
 
 AZURE_STYLE = "?api-version=2025-04-01-preview"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_event(resp: http.client.HTTPResponse) -> list[bytes]:

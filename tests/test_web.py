@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from addons.web import free_port
 from bench.bench import tree_pids as proc_tree
 from tests.conftest import ROOT, TEST_KEY, open_stream, wait_for
 from tests.test_clients import codex, printed_codex_config, run_codex  # noqa: F401
@@ -29,12 +29,6 @@ from tests.test_leaks import (
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = ROOT / "test-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class WebProxy:
