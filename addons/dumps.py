@@ -76,11 +76,6 @@ def render_body_fields(raw: bytes, content_encoding: str | None) -> dict[str, An
     return fields
 
 
-def render_body(raw: bytes, content_encoding: str | None) -> Any:
-    """Just the ``body`` value of :func:`render_body_fields`."""
-    return render_body_fields(raw, content_encoding)["body"]
-
-
 def render_document(doc: dict[str, Any]) -> bytes:
     """The reference proxy's file format: JSON, 2-space indent, non-ASCII kept, final newline.
 

@@ -17,7 +17,6 @@ from addons.dumps import (
     DumpThread,
     DumpWriter,
     prepare_dump_dir,
-    render_body,
     render_body_fields,
     render_document,
 )
@@ -38,7 +37,7 @@ from tests.fake_upstream import compress_stream
     ],
 )
 def test_render_body(raw, enc, expected):
-    assert render_body(raw, enc) == expected
+    assert render_body_fields(raw, enc)["body"] == expected
 
 
 def test_encoded_bodies_are_marked_and_undecodable_ones_keep_their_bytes():
@@ -358,10 +357,10 @@ def test_render_document_keeps_every_value(value):
 
 
 def test_non_finite_numbers_and_huge_integers_survive_a_dump():
-    body = render_body(
+    fields = render_body_fields(
         b'{"a": NaN, "b": Infinity, "c": -Infinity, "d": 1180591620717411303424}', None
     )
-    assert render_document({"body": body}) == (
+    assert render_document(fields) == (
         b'{\n  "body": {\n    "a": NaN,\n    "b": Infinity,\n    "c": -Infinity,\n'
         b'    "d": 1180591620717411303424\n  }\n}\n'
     )
@@ -371,7 +370,7 @@ def test_non_finite_numbers_and_huge_integers_survive_a_dump():
 @given(JSON_VALUES)
 def test_render_body_parses_like_the_json_module(value):
     raw = json.dumps(value, ensure_ascii=False).encode("utf-8")
-    rendered = render_body(raw, None)
+    rendered = render_body_fields(raw, None)["body"]
     assert json.dumps(rendered) == json.dumps(json.loads(raw.decode()))
 
 
