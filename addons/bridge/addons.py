@@ -81,6 +81,7 @@ class ChatBridge:
 
     def __init__(self) -> None:
         self.enabled = False
+        self.reasoning_content = False
         self.models: dict[str, ModelEfforts] = dict(DEFAULT_MODELS)
 
     def load(self, loader) -> None:
@@ -109,6 +110,8 @@ class ChatBridge:
     def configure(self, updated: set[str]) -> None:
         if "codex_chat_bridge" in updated:
             self.enabled = ctx.options.codex_chat_bridge
+        if "codex_chat_bridge_reasoning_content" in updated:
+            self.reasoning_content = ctx.options.codex_chat_bridge_reasoning_content
         if "codex_chat_bridge_models" in updated:
             try:
                 self.models = parse_models(ctx.options.codex_chat_bridge_models)
@@ -147,7 +150,7 @@ class ChatBridge:
             flow.metadata[REFUSED] = "bridge-invalid-request"
             flow.response = invalid_request(e.param, str(e))
             return
-        context["reasoning_content"] = bool(ctx.options.codex_chat_bridge_reasoning_content)
+        context["reasoning_content"] = self.reasoning_content
         flow.metadata[BRIDGE] = context
         flow.metadata[BRIDGE_CLIENT_BODY] = raw.data.decode("utf-8", "replace")
         request.headers.pop("content-encoding", None)
