@@ -6,6 +6,8 @@
 #   ./run.sh record DIR [FLAGS]   the proxy, recording the session into DIR (key on stdin)
 #   ./run.sh replay DIR [--pace original|fast] [FLAGS]   serve a recording offline, no key
 #   ./run.sh web [FLAGS] [--web-port N]   the proxy behind mitmweb (key on stdin)
+#   ./run.sh gateway [--config F] [--database URL] COMMAND   gateway mode: init, add-member,
+#       set-member, add-key, list-keys, revoke-key, usage, serve (upstream keys on stdin)
 #   ./run.sh bench [--seconds N] [--streams N]   benchmark against direct, mitmdump, the reference
 #   ./run.sh [FLAGS]       the proxy; the API key is read from stdin:
 #       printenv OPENAI_API_KEY | env -u OPENAI_API_KEY ./run.sh --server-info /tmp/info.json
@@ -123,6 +125,21 @@ ensure_wrk() {
     command -v wrk >/dev/null 2>&1 || { log "error: wrk is needed for the benchmark"; exit 1; }
 }
 
+ensure_postgresql() {
+    # Debian's PostgreSQL server binaries for the tests that need a real, throwaway cluster
+    # (tests/pg_cluster.py runs initdb/pg_ctl from /usr/lib/postgresql/<ver>/bin).
+    compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null && return 0
+    if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+        log "warning: postgresql missing and cannot apt-get it; the PostgreSQL tests will not run"
+        return 0
+    fi
+    log "installing postgresql (Debian package)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q postgresql </dev/null >&2 \
+        || { apt-get update -q </dev/null >&2 && apt-get install -y -q postgresql </dev/null >&2; } \
+        || log "warning: could not install postgresql; the PostgreSQL tests will not run"
+}
+
 cmd="${1:-}"
 case "$cmd" in
     demo)
@@ -155,6 +172,11 @@ case "$cmd" in
         ensure_venv
         exec "$VENV/bin/python" -m addons.replay "$@" </dev/null
         ;;
+    gateway)
+        shift
+        ensure_venv
+        exec "$VENV/bin/python" -m addons.gateway_mode.cli "$@"
+        ;;
     record)
         shift
         if [[ $# -lt 1 || "$1" == -* ]]; then
@@ -172,6 +194,7 @@ case "$cmd" in
         ensure_codex
         ensure_chromium
         ensure_wrk
+        ensure_postgresql
         cd "$ROOT"
         exec "$VENV/bin/python" -m pytest "$@" </dev/null
         ;;

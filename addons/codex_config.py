@@ -5,7 +5,9 @@ the tests feed this output to it; ``shared/CODEX.md``): the top-level
 ``model_provider`` line must come before any ``[table]`` (else TOML nests it and Codex ignores
 it); ``base_url`` ends in ``/v1`` (Codex appends ``/responses``); ``wire_api = "responses"``;
 ``supports_websockets = false``; no ``env_key`` (the proxy holds the credential) and no
-``query_params`` (the proxy refuses query strings).
+``query_params`` (the proxy refuses query strings). With ``--gateway`` (gateway mode) the block
+names ``env_key = "CODEX_GATEWAY_KEY"``: Codex then sends ``Authorization: Bearer`` with that
+variable's value, the member's own key (CODEX.md).
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ import sys
 from collections.abc import Sequence
 
 PROVIDER_ID = "codex-proxy"
+GATEWAY_PROVIDER_ID = "codex-gateway"
+GATEWAY_ENV_KEY = "CODEX_GATEWAY_KEY"
 
 
-def provider_toml(port: int, model: str | None = None) -> str:
-    """The ``config.toml`` text for a proxy on 127.0.0.1:``port``."""
+def provider_toml(port: int, model: str | None = None, gateway: bool = False) -> str:
+    """The ``config.toml`` text for a proxy (or, ``gateway``, a gateway) on 127.0.0.1:``port``."""
+    if gateway:
+        return gateway_toml(port, model)
     lines = []
     if model:
         lines.append(f"model = {json.dumps(model)}")
@@ -30,6 +36,23 @@ def provider_toml(port: int, model: str | None = None) -> str:
         'name = "codex-responses-api-proxy"',
         f'base_url = "http://127.0.0.1:{port}/v1"',
         'wire_api = "responses"',
+        "supports_websockets = false",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def gateway_toml(port: int, model: str | None = None) -> str:
+    """The member's ``config.toml`` for a gateway on 127.0.0.1:``port``: Codex sends the
+    member key from ``$CODEX_GATEWAY_KEY``."""
+    lines = [f"model = {json.dumps(model)}"] if model else []
+    lines += [
+        f'model_provider = "{GATEWAY_PROVIDER_ID}"',
+        "",
+        f"[model_providers.{GATEWAY_PROVIDER_ID}]",
+        'name = "codex-gateway"',
+        f'base_url = "http://127.0.0.1:{port}/v1"',
+        'wire_api = "responses"',
+        f'env_key = "{GATEWAY_ENV_KEY}"',
         "supports_websockets = false",
     ]
     return "\n".join(lines) + "\n"
@@ -81,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     where.add_argument("--port", type=int, help="the proxy's port")
     parser.add_argument("--model", help='also set the top-level model (e.g. "gpt-5-codex")')
     parser.add_argument("--toml-only", action="store_true", help="print only the TOML")
+    parser.add_argument(
+        "--gateway",
+        action="store_true",
+        help=f"for a gateway (./run.sh gateway serve): the member's key from ${GATEWAY_ENV_KEY}",
+    )
     ns = parser.parse_args(argv)
     try:
         port = ns.port if ns.port is not None else port_from_server_info(ns.server_info)
@@ -89,7 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 < port < 65536:
         parser.exit(2, f"{parser.prog}: error: port {port} out of range\n")
     if ns.toml_only:
-        sys.stdout.write(provider_toml(port, ns.model))
+        sys.stdout.write(provider_toml(port, ns.model, ns.gateway))
+        return 0
+    if ns.gateway:
+        sys.stdout.write("# CODEX_HOME/config.toml of a gateway member (top-level keys first):\n")
+        sys.stdout.write(gateway_toml(port, ns.model))
+        sys.stdout.write(
+            f"\n# then: export {GATEWAY_ENV_KEY}=sk-codex-gw-...  (./run.sh gateway add-key)\n"
+        )
         return 0
     # All of stdout is valid TOML (`> config.toml` works): the one-liner is a comment.
     sys.stdout.write("# CODEX_HOME/config.toml (top-level keys before any [table]):\n")

@@ -2,14 +2,15 @@
 
 Targets: ``direct`` (client to upstream, the physical limit), ``mitmdump`` (bare mitmdump in
 reverse mode, no addons, SSE streamed with ``stream_large_bodies=1``: our engine's limit),
-``reference`` (OpenAI's Rust ``codex responses-api-proxy`` from ``@openai/codex``), ``ours``
-and ``ours+dumps``. Figures per target: requests/s and p50/p99 latency at 1 and 32 connections
-(wrk), an 8 MB request body (median of 3), time to first SSE event and per-event lag (arrival
-minus the upstream's schedule) for one 50-event stream and for 1 000 concurrent ones (success
-count, wall time, peak RSS of the target's process tree), and idle RSS. Ratios against bare
-mitmdump and direct are computed within the same run; absolute numbers on a shared machine are
-noise. Output: a markdown table (stdout and ``bench/results/latest.md``) and JSON
-(``bench/results/latest.json``).
+``reference`` (OpenAI's Rust ``codex responses-api-proxy`` from ``@openai/codex``), ``ours``,
+``ours+dumps``, ``ours+bridge`` and ``gateway`` (gateway mode on SQLite, every request metered;
+its 1 000-stream run also counts the usage rows written). Figures per target: requests/s and
+p50/p99 latency at 1 and 32 connections (wrk), an 8 MB request body (median of 3), time to
+first SSE event and per-event lag (arrival minus the upstream's schedule) for one 50-event
+stream and for 1 000 concurrent ones (success count, wall time, peak RSS of the target's
+process tree), and idle RSS. Ratios against bare mitmdump and direct are computed within the
+same run; absolute numbers on a shared machine are noise. Output: a markdown table (stdout and
+``bench/results/latest.md``) and JSON (``bench/results/latest.json``).
 """
 
 from __future__ import annotations
@@ -246,7 +247,61 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
             "full addon stack" + notes.get(name, ""),
             {"bridge": name == "ours+bridge"},
         )
+    if name == "gateway":
+        return start_gateway(up_url, tmp, quiet)
     raise ValueError(name)
+
+
+def start_gateway(up_url: str, tmp: Path, quiet: list[str]) -> Target:
+    """Gateway mode on SQLite: one member without limits (so every request is metered, none
+    refused), one upstream key, Codex's session header on every request."""
+    db = f"sqlite:///{tmp / 'gateway.db'}"
+    admin = [sys.executable, "-m", "addons.gateway_mode.cli", "--database", db]
+    for args in (["init"], ["add-member", "bench"]):
+        subprocess.run([*admin, *args], check=True, cwd=ROOT, capture_output=True)
+    key = subprocess.run(
+        [*admin, "add-key", "bench"], check=True, cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()[-1]
+    info = tmp / "gateway-info.json"
+    proc = subprocess.Popen(
+        [*admin, "serve", "--upstream-url", up_url, "--server-info", str(info), *quiet],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(b"bench " + BENCH_KEY)
+    proc.stdin.close()
+    port = wait_file(info, proc)["port"]
+    return Target(
+        "gateway",
+        port,
+        proc,
+        "gateway mode, SQLite ledger, one member key",
+        {"headers": {"Authorization": f"Bearer {key}", "session-id": "bench"}, "database": db},
+    )
+
+
+def usage_rows(database: str) -> int:
+    """Rows in a gateway's usage ledger."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(database)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text("SELECT count(*) FROM usage")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def wrk_script(path: Path, headers: dict[str, str]) -> Path:
+    """The wrk POST script with extra request ``headers``."""
+    lines = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
+    path.write_text(
+        WRK_SCRIPT.replace('wrk.headers["Content-Type"]', lines + 'wrk.headers["Content-Type"]', 1)
+    )
+    return path
 
 
 def run_wrk(port: int, connections: int, seconds: int, script: Path) -> dict[str, Any]:
@@ -280,14 +335,18 @@ def run_wrk(port: int, connections: int, seconds: int, script: Path) -> dict[str
     }
 
 
-def big_body_seconds(port: int, size: int = 8 * 1024 * 1024, runs: int = 3) -> float:
+def big_body_seconds(
+    port: int, size: int = 8 * 1024 * 1024, runs: int = 3, headers: dict[str, str] | None = None
+) -> float:
     """Median seconds for POSTing an ``size``-byte JSON body through ``port``."""
     body = json.dumps({"model": "bench", "input": "x" * size}).encode()
     times = []
     for _ in range(runs):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         started = time.perf_counter()
-        conn.request("POST", "/v1/responses", body, {"content-type": "application/json"})
+        conn.request(
+            "POST", "/v1/responses", body, {"content-type": "application/json", **(headers or {})}
+        )
         resp = conn.getresponse()
         resp.read()
         times.append(time.perf_counter() - started)
@@ -298,7 +357,12 @@ def big_body_seconds(port: int, size: int = 8 * 1024 * 1024, runs: int = 3) -> f
 
 
 async def _one_stream(
-    session: Any, port: int, events: int, interval_ms: int, bridge: bool = False
+    session: Any,
+    port: int,
+    events: int,
+    interval_ms: int,
+    bridge: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One stream; lag = arrival - the upstream's schedule. ``bridge``: the same stream asked
     through ``/v1/chat/completions`` and read back from the translated chunks (the schedule
@@ -318,7 +382,7 @@ async def _one_stream(
     else:
         url = f"http://127.0.0.1:{port}/v1/responses"
         payload = {"model": "bench", "stream": True, **bench}
-    async with session.post(url, json=payload) as resp:
+    async with session.post(url, json=payload, headers=headers) as resp:
         if resp.status != 200:
             return {"ok": False}
         async for line in resp.content:
@@ -356,6 +420,7 @@ def streams(
     interval_ms: int = 20,
     pid: int | None = None,
     bridge: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``count`` concurrent SSE streams of ``events`` events every ``interval_ms``: success
     count, wall time, first-event and per-event lag percentiles (ms), peak RSS (MB)."""
@@ -367,7 +432,10 @@ def streams(
             connector=connector, timeout=aiohttp.ClientTimeout(total=600)
         ) as session:
             return await asyncio.gather(
-                *(_one_stream(session, port, events, interval_ms, bridge) for _ in range(count)),
+                *(
+                    _one_stream(session, port, events, interval_ms, bridge, headers)
+                    for _ in range(count)
+                ),
                 return_exceptions=True,
             )
 
@@ -406,36 +474,58 @@ def measure_all(targets: list[Target], ns: argparse.Namespace, script: Path) -> 
         t.name: {"notes": t.notes, "idle_rss_mb": tree_rss_mb(t.proc.pid if t.proc else None)}
         for t in targets
     }
+    scripts = {
+        t.name: wrk_script(script.with_name(f"post-{t.name}.lua"), t.extra["headers"])
+        if t.extra.get("headers")
+        else script
+        for t in targets
+    }
     for conns in (1, 32):
         runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
         for rnd in range(ns.repeat):
             for t in targets:
                 print(f"  wrk {conns} conn(s), round {rnd + 1}: {t.name}", flush=True)
-                runs[t.name].append(run_wrk(t.port, conns, ns.seconds, script))
+                runs[t.name].append(run_wrk(t.port, conns, ns.seconds, scripts[t.name]))
         for t in targets:
             results[t.name][f"wrk_c{conns}"] = median_of(runs[t.name])
     bodies: dict[str, list[float]] = {t.name: [] for t in targets}
     for _ in range(ns.repeat):
         for t in targets:
             print(f"  8 MB body: {t.name}", flush=True)
-            bodies[t.name].append(big_body_seconds(t.port, runs=3))
+            bodies[t.name].append(big_body_seconds(t.port, runs=3, headers=t.extra.get("headers")))
     for t in targets:
         results[t.name]["body_8mb_s"] = round(statistics.median(bodies[t.name]), 3)
     for t in targets:
         print(f"  one 50-event stream: {t.name}", flush=True)
         time.sleep(1)  # let background work (e.g. dump writing) settle
         results[t.name]["sse_1"] = streams(
-            t.port, 1, pid=t.proc.pid if t.proc else None, bridge=bool(t.extra.get("bridge"))
+            t.port,
+            1,
+            pid=t.proc.pid if t.proc else None,
+            bridge=bool(t.extra.get("bridge")),
+            headers=t.extra.get("headers"),
         )
     for t in targets:
         print(f"  {ns.streams} concurrent streams: {t.name}", flush=True)
         time.sleep(1)
+        before = usage_rows(t.extra["database"]) if t.extra.get("database") else 0
         results[t.name]["sse_many"] = streams(
             t.port,
             ns.streams,
             pid=t.proc.pid if t.proc else None,
             bridge=bool(t.extra.get("bridge")),
+            headers=t.extra.get("headers"),
         )
+        if t.extra.get("database"):
+            # Every stream must leave exactly one usage row (written off the event loop).
+            deadline = time.monotonic() + 60
+            rows = 0
+            while time.monotonic() < deadline:
+                rows = usage_rows(t.extra["database"]) - before
+                if rows >= ns.streams:
+                    break
+                time.sleep(0.5)
+            results[t.name]["sse_many"]["usage_rows"] = rows
     return results
 
 
@@ -481,6 +571,11 @@ def add_ratios(results: dict[str, dict[str, Any]]) -> None:
             "lag_p99_minus_ours_ms": _minus(
                 _get(r, "sse_1", "lag_p99_ms"), _get(ours, "sse_1", "lag_p99_ms")
             ),
+            # The gateway's own cost (auth, quota check, key pool, ledger) over the strict proxy.
+            "p50_c1_minus_ours_ms": _minus(
+                _get(r, "wrk_c1", "p50_ms"), _get(ours, "wrk_c1", "p50_ms")
+            ),
+            "rps_c32_vs_ours": ratio(_get(r, "wrk_c32", "rps"), _get(ours, "wrk_c32", "rps")),
         }
 
 
@@ -500,6 +595,8 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         ),
         ("req/s 32 conns vs bare mitmdump", lambda r: r["ratios"]["rps_c32_vs_mitmdump"]),
         ("req/s 32 conns vs direct", lambda r: r["ratios"]["rps_c32_vs_direct"]),
+        ("req/s 32 conns vs ours", lambda r: r["ratios"]["rps_c32_vs_ours"]),
+        ("p50 1 conn - ours, ms", lambda r: r["ratios"]["p50_c1_minus_ours_ms"]),
         ("8 MB body, s", lambda r: r["body_8mb_s"]),
         ("8 MB body vs bare mitmdump", lambda r: r["ratios"]["body_8mb_vs_mitmdump"]),
         ("1 stream: first event, ms", lambda r: r["sse_1"]["first_event_p50_ms"]),
@@ -514,6 +611,10 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
             lambda r: f"{r['sse_many']['ok']} / {r['sse_many']['failed']}",
         ),
         (f"{meta['streams']} streams: wall s", lambda r: r["sse_many"]["wall_s"]),
+        (
+            f"{meta['streams']} streams: usage rows",
+            lambda r: r["sse_many"].get("usage_rows", "-"),
+        ),
         (
             f"{meta['streams']} streams: first event p99, ms",
             lambda r: r["sse_many"]["first_event_p99_ms"],
@@ -547,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="rounds of each wrk/8 MB run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.md/.json go")
     parser.add_argument(
-        "--targets", default="direct,mitmdump,reference,ours,ours+dumps,ours+bridge"
+        "--targets", default="direct,mitmdump,reference,ours,ours+dumps,ours+bridge,gateway"
     )
     ns = parser.parse_args(argv)
     if shutil.which("wrk") is None:

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from addons import keyholder
+from addons.versions import codex_cli_version
 from tests.fake_upstream import FakeUpstream
+from tests.pg_cluster import PgCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 #: A recognisable fake key: leak checks grep for it everywhere.
@@ -46,6 +48,27 @@ def loaded_key() -> Iterator[str]:
 def upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream() as up:
         yield up
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A started throwaway PostgreSQL server shared by the session (``tests/pg_cluster.py``),
+    destroyed at the end. Skipped when the server binaries are missing, but a failure under
+    ``CI=true``: CI must really test PostgreSQL."""
+    if PgCluster.available() is None:
+        reason = (
+            "PostgreSQL server binaries not installed (/usr/lib/postgresql/*/bin; "
+            "./run.sh test installs Debian's postgresql when run as root)"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}, and CI=true requires them")
+        pytest.skip(reason)
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
 
 
 @dataclass
@@ -226,3 +249,29 @@ def codex_binary() -> str | None:
     if local.exists():
         return str(local)
     return shutil.which("codex")
+
+
+@pytest.fixture
+def codex() -> str:
+    path = codex_binary()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("the Codex CLI is missing in CI: ./run.sh test installs it with npm")
+        pytest.skip("Codex CLI not installed (./run.sh test installs it)")
+    version = subprocess.run(
+        [path, "--version"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    ).stdout.split()
+    # The one the tests are about: package.json's, not whatever else is on PATH.
+    assert version[-1:] == [codex_cli_version()], f"{path} is {version}"
+    return path
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[object]:
+    """An initialised SQLite gateway deployment in ``tmp_path`` (tests/gateway_harness.py)."""
+    from tests.gateway_harness import Gateway
+
+    gw = Gateway(tmp_path)
+    gw.admin("init")
+    yield gw
+    gw.stop()

@@ -202,6 +202,9 @@ class FakeUpstream:
         compression: codings the stream may be compressed with, in order of preference
             (``"zstd"``, ``"gzip"``); the first one the request's ``Accept-Encoding`` names is
             used, flushed after every event as a real server must for SSE. ``()``: never.
+        key_status: ``{upstream key: status}``: requests carrying ``Bearer <key>`` get that
+            status (JSON error, with ``Retry-After: key_retry_after`` on a 429), as a rate
+            limited or revoked OpenAI key would; other keys are served normally.
     """
 
     def __init__(self) -> None:
@@ -224,6 +227,8 @@ class FakeUpstream:
         self.json_reply: Any = None
         self.headers_delay = 0.0
         self.ssl_context: Any = None
+        self.key_status: dict[str, int] = {}
+        self.key_retry_after = "7"
         self.port = 0
         self._server: ThreadedServer | None = None
         self._counter = 0
@@ -245,9 +250,17 @@ class FakeUpstream:
                 body,
             )
         )
-        if request.method != "POST" or not request.path.endswith("/responses"):
+        if request.method != "POST" or not request.path.endswith(
+            ("/responses", "/responses/compact")
+        ):
             return web.json_response({"error": {"message": "not found"}}, status=404)
         cookies = CIMultiDict(("Set-Cookie", c) for c in self.set_cookies)
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if token in self.key_status:
+            status = self.key_status[token]
+            if status == 429:
+                cookies["Retry-After"] = self.key_retry_after
+            return web.json_response(self.error_body, status=status, headers=cookies)
         if self.status >= 300:
             return web.json_response(self.error_body, status=self.status, headers=cookies)
         try:

@@ -30,7 +30,7 @@ def test_benchmark_smoke_run(tmp_path):
             "--repeat",
             "1",
             "--targets",
-            "direct,mitmdump,ours+dumps,ours+bridge",
+            "direct,mitmdump,ours+dumps,ours+bridge,gateway",
             "--out",
             str(tmp_path),
         ],
@@ -42,10 +42,12 @@ def test_benchmark_smoke_run(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     data = json.loads((tmp_path / "latest.json").read_text())
     results = data["results"]
-    assert set(results) == {"direct", "mitmdump", "ours+dumps", "ours+bridge"}
+    assert set(results) == {"direct", "mitmdump", "ours+dumps", "ours+bridge", "gateway"}
     for name, r in results.items():
         assert r["wrk_c32"]["rps"] > 0 and r["wrk_c32"]["errors"] == 0, name
         assert r["sse_many"]["ok"] == 20 and r["sse_many"]["failed"] == 0, name
     assert results["ours+dumps"]["ratios"]["rps_c32_vs_mitmdump"] is not None
+    # The gateway metered every one of the concurrent streams.
+    assert results["gateway"]["sse_many"]["usage_rows"] == 20
     assert "| req/s, 32 conns |" in (tmp_path / "latest.md").read_text()
     assert results["ours+bridge"]["sse_1"]["ok"] == 1  # the chat-bridge stream was read back

@@ -12,8 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from addons.versions import codex_cli_version
-from tests.conftest import TEST_KEY, codex_binary
+from tests.conftest import TEST_KEY
 
 pytestmark = pytest.mark.e2e
 
@@ -86,21 +85,6 @@ def run_codex(
         cwd=workdir,
         env=env,
     )
-
-
-@pytest.fixture
-def codex() -> str:
-    path = codex_binary()
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("the Codex CLI is missing in CI: ./run.sh test installs it with npm")
-        pytest.skip("Codex CLI not installed (./run.sh test installs it)")
-    version = subprocess.run(
-        [path, "--version"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
-    ).stdout.split()
-    # The one the tests are about: package.json's, not whatever else is on PATH.
-    assert version[-1:] == [codex_cli_version()], f"{path} is {version}"
-    return path
 
 
 @pytest.mark.codex

@@ -11,7 +11,7 @@ import pytest
 
 from addons.replay import Exchange, chunks_of, differences, load_recording
 from tests.conftest import ROOT, TEST_KEY, wait_for
-from tests.test_clients import codex, printed_codex_config, run_codex  # noqa: F401
+from tests.test_clients import printed_codex_config, run_codex
 from tests.test_leaks import UPSTREAM_COOKIES, assert_no_marker
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +56,7 @@ def start_replay(tmp_path, recording, *args: str) -> tuple[subprocess.Popen[byte
 
 @pytest.mark.codex
 @pytest.mark.parametrize("coding", [None, "zstd", "gzip"])
-def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path, coding):  # noqa: F811
+def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path, coding):
     """Also with an upstream that compresses its stream: Codex 0.171 asks for zstd/gzip."""
     record = tmp_path / "recording"
     upstream.event_delay = 0.01

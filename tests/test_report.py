@@ -13,7 +13,7 @@ from addons.common import ALLOWED, REFUSED
 from addons.recorder import Recorder
 from addons.report import render_report
 from tests.conftest import ROOT
-from tests.test_clients import codex, printed_codex_config, run_codex  # noqa: F401
+from tests.test_clients import printed_codex_config, run_codex
 from tests.test_recorder import sse_flow
 from tests.test_web import chrome
 
@@ -99,7 +99,7 @@ def test_recorder_writes_the_report_with_refusals(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.codex
-def test_report_of_a_recorded_codex_session_in_chromium(upstream, start_proxy, codex, tmp_path):  # noqa: F811
+def test_report_of_a_recorded_codex_session_in_chromium(upstream, start_proxy, codex, tmp_path):
     record = tmp_path / "rec"
     upstream.event_delay = 0.01
     proxy = start_proxy(upstream.url, "--record", str(record), dumps=False)

@@ -18,7 +18,7 @@ import pytest
 from addons.web import free_port
 from bench.bench import tree_pids as proc_tree
 from tests.conftest import ROOT, TEST_KEY, open_stream, wait_for
-from tests.test_clients import codex, printed_codex_config, run_codex  # noqa: F401
+from tests.test_clients import printed_codex_config, run_codex
 from tests.test_leaks import (
     CLIENT_API_KEY,
     CLIENT_COOKIE,
@@ -124,7 +124,7 @@ def chrome():
 
 
 @pytest.mark.codex
-def test_mitmweb_front_shows_codex_flows_without_the_key(upstream, codex, tmp_path):  # noqa: F811
+def test_mitmweb_front_shows_codex_flows_without_the_key(upstream, codex, tmp_path):
     upstream.gate = threading.Event()
     web = WebProxy(tmp_path, upstream.url, "--set", "codex_web_max_flows=50")
     driver = None

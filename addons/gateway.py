@@ -1,0 +1,57 @@
+"""Entry script for gateway mode: ``mitmdump -s addons/gateway.py`` (and ``./run.sh gateway
+serve``).
+
+Only lists the addons, in hook order: the strict proxy's shared addons and the gateway's own
+(``addons/gateway_mode/``). State that must survive a hot reload (the upstream keys) lives in
+``addons.gateway_mode.keypool``, an imported module.
+"""
+
+from addons.allowlist import Allowlist
+from addons.contentviews import CodexContentviews
+from addons.dumps import DumpWriter
+from addons.error_replies import JsonErrorReplies
+from addons.gateway_mode.accounting import UsageAccounting
+from addons.gateway_mode.auth import MemberAuth
+from addons.gateway_mode.codex_filter import CodexFilter
+from addons.gateway_mode.connect import RetryingConnect
+from addons.gateway_mode.cookies import NoCookies
+from addons.gateway_mode.core import GatewayClose, GatewayCore, GatewayOptions
+from addons.gateway_mode.forward import PoolForwarder
+from addons.gateway_mode.local_routes import LocalRoutes
+from addons.gateway_mode.quota import QuotaGate
+from addons.gateway_mode.tls import ListenTls
+from addons.guard import OptionGuard
+from addons.recorder import Recorder
+from addons.redaction import HeaderRedaction
+from addons.server_info import ServerInfo
+from addons.shutdown import HttpShutdown
+from addons.sse_stream import SseStreaming
+from addons.websocket_refusal import WebSocketRefusal
+
+core = GatewayCore()
+forwarder = PoolForwarder(core)
+
+addons = [
+    OptionGuard(),
+    ListenTls(),
+    GatewayOptions(core),
+    CodexContentviews(),
+    JsonErrorReplies(),
+    ServerInfo(),
+    HttpShutdown(),
+    WebSocketRefusal(),
+    LocalRoutes(core),  # GET /health, GET /metrics
+    Allowlist(),  # POST /v1/responses (+ /v1/responses/compact via codex_extra_routes)
+    MemberAuth(core),  # 401 unless a live member key; removes it from the flow
+    NoCookies(),
+    CodexFilter(core),  # request: 403 for non-Codex clients
+    QuotaGate(core),  # request: 429/503 before anything goes upstream
+    forwarder,  # requestheaders: route; request: pick and inject an upstream key last
+    SseStreaming(),
+    HeaderRedaction(),
+    DumpWriter(),
+    Recorder(),
+    UsageAccounting(core, forwarder),
+    RetryingConnect(core),
+    GatewayClose(core),  # last: its done() runs after accounting has queued the last rows
+]

@@ -1,0 +1,19 @@
+"""Gateway mode: one team, many Codex users, a pool of upstream keys.
+
+The entry script is ``addons/gateway.py`` (the manifest of addons, as ``addons/proxy.py`` is
+for the strict proxy); the launcher is ``./run.sh gateway`` (:mod:`addons.gateway_mode.cli`).
+This package holds only what the gateway adds; what it shares with the strict proxy
+(allowlist, SSE streaming, redaction, dumps, recording, WebSocket 426, error replies) is
+imported from ``addons/``.
+
+- ``schema``, ``migrations/``, ``database``: the SQLAlchemy Core tables, their Alembic
+  migrations and every query (SQLite or PostgreSQL).
+- ``members``: member keys (``sk-codex-gw-...``), their hashes, name rules.
+- ``keypool``: the upstream key pool (keys from stdin, in memory only; health, cooldown).
+- ``windows``: quota window arithmetic (pure).
+- ``ledger``: the usage ledger's writer thread and its spool (no row lost).
+- ``core``: the state the gateway's addons share, and the addon that owns its options.
+- ``auth``, ``codex_filter``, ``quota``, ``cookies``, ``forward``, ``accounting``,
+  ``local_routes``, ``metrics``, ``tls``: one mitmproxy addon (or its helpers) each.
+- ``config``, ``cli``: ``config/gateway.yaml`` and the command line.
+"""

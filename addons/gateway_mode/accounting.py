@@ -1,0 +1,180 @@
+"""Usage accounting: one ledger row per forwarded request, written when the exchange ends."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from mitmproxy import http
+
+from addons.body_decode import decode_body
+from addons.common import KEY_INJECTED
+from addons.gateway_mode.core import (
+    ATTEMPTS,
+    MEMBER,
+    ROUTE,
+    UPSTREAM_KEY,
+    GatewayCore,
+    request_info,
+    route_label,
+)
+from addons.gateway_mode.forward import PoolForwarder
+from addons.gateway_mode.windows import MICRO
+from addons.responses_turn import usage_of
+from addons.sse_events import completed_response, decode_sse
+from addons.sse_stream import is_event_stream
+
+logger = logging.getLogger(__name__)
+
+USAGE_KINDS = ("input", "cached", "output", "reasoning", "total")
+
+
+def reply_usage(response: http.Response | None) -> tuple[dict[str, int] | None, int, str | None]:
+    """``(usage, events, status text)`` of an upstream reply: usage from the SSE stream's
+    ``response.completed`` (or a JSON body's ``usage``), the number of SSE events, and the
+    final ``response.status`` when there is one. Never raises."""
+    if response is None or not response.raw_content:
+        return None, 0, None
+    encoding = response.headers.get("content-encoding")
+    if is_event_stream(response):
+        events, _ = decode_sse(response.raw_content, encoding)
+        completed = completed_response(events)
+        status = completed.get("status") if isinstance(completed, dict) else None
+        return usage_of(completed), len(events), status if isinstance(status, str) else None
+    try:
+        body = json.loads(decode_body(response.raw_content, encoding).data)
+    except ValueError:
+        return None, 0, None
+    return usage_of(body), 0, None
+
+
+class UsageAccounting:
+    """Writes the usage row of every forwarded member request (``response`` or ``error``,
+    whichever ends it, also when Codex hangs up right after ``response.completed``; at
+    shutdown for flows still open), charges it in credits with the rate card as it is now,
+    updates ``/metrics``, and gives back the flow's concurrency slot and upstream key.
+
+    Runs after the SSE tee restored the body. The row goes to the ledger's queue (no database
+    work on the event loop). Row: time, member, key id, upstream key name, model, route,
+    status, input / cached / output / reasoning / total tokens, credits and the rate-card
+    entry, service tier, duration, time to first byte, events, attempts, error.
+    """
+
+    def __init__(self, core: GatewayCore, forwarder: PoolForwarder) -> None:
+        self.core = core
+        self.forwarder = forwarder
+        self._open: dict[str, http.HTTPFlow] = {}
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(KEY_INJECTED) and MEMBER in flow.metadata and flow.response is None:
+            self._open[flow.id] = flow
+            self.core.metrics.in_flight.inc()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def done(self) -> None:
+        for flow in list(self._open.values()):
+            self._finish(flow, "gateway stopped before the exchange ended")
+
+    def _finish(self, flow: http.HTTPFlow, forced_error: str | None = None) -> None:
+        self._release(flow)
+        if self._open.pop(flow.id, None) is None:
+            self.core.metrics.requests.labels(
+                route_label(flow.request.path),
+                str(flow.response.status_code if flow.response else 0),
+            ).inc()
+            return
+        self.core.metrics.in_flight.dec()
+        try:
+            row = self.row(flow, forced_error)
+        except Exception as e:  # never lose the row to a parsing bug: keep what we know
+            logger.error("usage row for %s incomplete (%s)", flow.id, type(e).__name__)
+            row = self.row(flow, f"accounting error: {type(e).__name__}", parse=False)
+        ledger = self.core.ledger
+        if ledger is None:
+            logger.error("usage row lost: the gateway's database is closed")
+            return
+        ledger.add(row)
+        self._observe(flow, row)
+
+    def _release(self, flow: http.HTTPFlow) -> None:
+        self.forwarder.finished(flow)
+        lease = self.core.leases.pop(flow.id, None)
+        if lease and self.core.db is not None:
+            self.core.executor.submit(self.core.db.release_leases, [lease])
+
+    def row(
+        self, flow: http.HTTPFlow, forced_error: str | None = None, parse: bool = True
+    ) -> dict[str, Any]:
+        """The ledger row of an ended member flow (``usage`` table columns)."""
+        member = flow.metadata[MEMBER]
+        info = request_info(flow)
+        response = flow.response
+        usage, events, turn_status = reply_usage(response) if parse else (None, 0, None)
+        tokens = {kind: (usage or {}).get(kind, 0) for kind in USAGE_KINDS}
+        if usage and not tokens["total"]:
+            tokens["total"] = tokens["input"] + tokens["output"]
+        charge = (
+            self.core.card.charge(info["model"], usage, info["service_tier"]) if parse else None
+        )
+        if self.core.card.accounting == "tokens" and usage is None:
+            charge = None
+        error = forced_error
+        if error is None and flow.error is not None:
+            error = flow.error.msg
+            if usage is not None:
+                error = f"after response.completed: {error}"
+        if error is None and turn_status and turn_status != "completed":
+            error = f"response {turn_status}"
+        started = flow.request.timestamp_start
+        ended = (
+            response.timestamp_end if response and response.timestamp_end else None
+        ) or time.time()
+        ttfb = None
+        if response is not None and flow.request.timestamp_end:
+            ttfb = max(0, int((response.timestamp_start - flow.request.timestamp_end) * 1000))
+        return {
+            "row_id": str(uuid.uuid4()),
+            "ts_ms": int(started * 1000),
+            "member_id": member["member_id"],
+            "key_id": member["key_id"],
+            "upstream_key": flow.metadata.get(UPSTREAM_KEY),
+            "model": (info["model"] or None) and info["model"][:200],
+            "route": str(flow.metadata.get(ROUTE) or "/v1/responses")[:64],
+            "status": response.status_code if response is not None else None,
+            "input_tokens": tokens["input"],
+            "cached_tokens": tokens["cached"],
+            "output_tokens": tokens["output"],
+            "reasoning_tokens": tokens["reasoning"],
+            "total_tokens": tokens["total"],
+            "credits_micro": int(charge.credits * MICRO) if charge is not None else None,
+            "rate": charge.rate if charge is not None else None,
+            "service_tier": (info["service_tier"] or None) and info["service_tier"][:32],
+            "duration_ms": max(0, int((ended - started) * 1000)),
+            "ttfb_ms": ttfb,
+            "events": events,
+            "attempts": int(flow.metadata.get(ATTEMPTS) or 1),
+            "error": error[:500] if error else None,
+            "instance": self.core.instance,
+        }
+
+    def _observe(self, flow: http.HTTPFlow, row: dict[str, Any]) -> None:
+        m = self.core.metrics
+        member = flow.metadata[MEMBER]["member"]
+        m.requests.labels(row["route"], str(row["status"] or 0)).inc()
+        for kind in USAGE_KINDS:
+            amount = row[f"{kind}_tokens"]
+            if amount:
+                m.tokens.labels(member, kind).inc(amount)
+        if row["credits_micro"]:
+            m.credits.labels(member, (row["model"] or "")[:64]).inc(row["credits_micro"] / MICRO)
+        m.duration.labels(row["route"]).observe(row["duration_ms"] / 1000)
+        if row["ttfb_ms"] is not None:
+            m.ttfb.labels(row["route"]).observe(row["ttfb_ms"] / 1000)

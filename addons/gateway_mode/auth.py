@@ -1,0 +1,74 @@
+"""Member authentication: ``Authorization: Bearer sk-codex-gw-...`` or 401, nothing forwarded."""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+
+from addons.common import ALLOWED, fail_closed
+from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse
+from addons.gateway_mode.members import bearer_member_key, key_hash
+
+logger = logging.getLogger(__name__)
+
+
+class MemberAuth:
+    """Checks the member key of every allowlisted request in ``requestheaders``.
+
+    Cases: no ``Authorization``, more than one, another scheme or a malformed key → 401
+    ``missing_member_key``; a well-formed key that is unknown or revoked → 401
+    ``invalid_member_key``. Either way the header is removed from the flow first, so the
+    member key never reaches the upstream, a dump, a flow file, HAR or mitmweb; logs name
+    the key id only. Accepted flows get ``flow.metadata[MEMBER]``; the pool forwarder injects
+    an upstream key only into flows with both that and the allowlist mark.
+    """
+
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+
+    @fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        if flow.metadata.get(ALLOWED) is not True:
+            return
+        headers = flow.request.headers
+        values = headers.get_all("authorization")
+        headers.pop("authorization", None)
+        headers.pop("proxy-authorization", None)
+        token = bearer_member_key(values[0]) if len(values) == 1 else None
+        if token is None:
+            self.core.metrics.refused.labels("missing_member_key").inc()
+            refuse(
+                flow,
+                "member-auth",
+                gateway_error(
+                    401,
+                    "missing_member_key",
+                    "send your gateway member key: Authorization: Bearer sk-codex-gw-...",
+                    {"www-authenticate": 'Bearer realm="codex-gateway"'},
+                ),
+            )
+            return
+        entry = await self.core.find_member(key_hash(token))
+        del token
+        if entry is None:
+            self.core.metrics.refused.labels("invalid_member_key").inc()
+            refuse(
+                flow,
+                "member-auth",
+                gateway_error(
+                    401,
+                    "invalid_member_key",
+                    "unknown or revoked member key",
+                    {"www-authenticate": 'Bearer realm="codex-gateway", error="invalid_token"'},
+                ),
+            )
+            return
+        flow.metadata[MEMBER] = {
+            "member": entry["member"],
+            "member_id": entry["member_id"],
+            "key_id": entry["key_id"],
+        }
+        self.core.touch(entry["key_id"])

@@ -1,0 +1,490 @@
+"""``./run.sh gateway [--config FILE] [--database URL] COMMAND``: admin commands and ``serve``.
+
+Admin commands talk to the database directly and print for people (``usage --json`` for
+programs). ``serve`` reads the upstream keys from stdin (before listening; they never touch
+disk), then runs mitmproxy's ``mitmdump`` in this process with ``addons/gateway.py``.
+Exit codes: 0 ok; 1 key or database errors at ``serve`` start; 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from addons.cli import _port, _set_spec
+from addons.credits import RateCard
+from addons.forward import parse_upstream_url
+from addons.gateway_mode import keypool
+from addons.gateway_mode.config import DEFAULT_GATEWAY_CONFIG, GatewayConfig, load_gateway_config
+from addons.gateway_mode.database import Database, DatabaseError, now_ms
+from addons.gateway_mode.tls import listen_policy
+from addons.gateway_mode.windows import MICRO, iso, parse_since
+from addons.hardening import HardeningError, harden_process
+
+EXIT_ERROR, EXIT_USAGE = 1, 2
+SCRIPT_PATH = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gateway.py"
+)
+
+
+def _count(value: str) -> int:
+    try:
+        number = int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 (0 = unlimited)")
+    return number
+
+
+def _credits(value: str) -> int:
+    """Credits as given (``12.5``) to integer micro-credits."""
+    try:
+        number = Decimal(value)
+    except ArithmeticError:
+        raise argparse.ArgumentTypeError(f"expected a number of credits, got {value!r}") from None
+    if not number.is_finite() or number < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 (0 = unlimited)")
+    micro = number * MICRO
+    if micro != micro.to_integral_value():
+        raise argparse.ArgumentTypeError("credits have at most 6 decimals")
+    return int(micro)
+
+
+def _member_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--five-hour-quota",
+        type=_count,
+        metavar="TOKENS",
+        help="tokens per rolling 5 hours (0 = unlimited)",
+    )
+    parser.add_argument(
+        "--weekly-quota",
+        type=_count,
+        metavar="TOKENS",
+        help="tokens per rolling 7 days (0 = unlimited)",
+    )
+    parser.add_argument(
+        "--five-hour-credits",
+        type=_credits,
+        metavar="C",
+        help="Codex credits per rolling 5 hours (0 = unlimited)",
+    )
+    parser.add_argument(
+        "--weekly-credits",
+        type=_credits,
+        metavar="C",
+        help="Codex credits per rolling 7 days (0 = unlimited)",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=_count,
+        metavar="N",
+        help="requests in flight at once (0 = unlimited)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The gateway's command line (names fixed by issue 8: scripts drive them)."""
+    parser = argparse.ArgumentParser(
+        prog="./run.sh gateway",
+        description="Codex gateway: member keys, usage and quotas in tokens and credits, and an "
+        "upstream key pool, in front of the OpenAI Responses API.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=DEFAULT_GATEWAY_CONFIG,
+        help="YAML config (default: config/gateway.yaml)",
+    )
+    parser.add_argument(
+        "--database", metavar="URL", help="sqlite:///path.db or postgresql://user@host/db"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("init", help="create or migrate the schema (idempotent)")
+    add = sub.add_parser("add-member", help="add a member")
+    add.add_argument("name")
+    _member_options(add)
+    setm = sub.add_parser("set-member", help="change a member's limits (0 = unlimited)")
+    setm.add_argument("name")
+    _member_options(setm)
+    sub.add_parser("list-members", help="members and their limits")
+    key = sub.add_parser("add-key", help="a new member key, printed once as stdout's last line")
+    key.add_argument("name")
+    lk = sub.add_parser("list-keys", help="key ids, members, created, last used, revoked")
+    lk.add_argument("name", nargs="?")
+    rk = sub.add_parser("revoke-key", help="revoke a member key by id")
+    rk.add_argument("key_id")
+    us = sub.add_parser("usage", help="tokens, credits and USD per member")
+    us.add_argument("--member", metavar="NAME")
+    us.add_argument("--since", default="7d", help="5h, 7d, 30m or an ISO-8601 time (default 7d)")
+    us.add_argument("--json", action="store_true", help="machine-readable output")
+    serve = sub.add_parser(
+        "serve", help="run the gateway (upstream keys on stdin: NAME KEY or KEY per line)"
+    )
+    serve.add_argument("--port", type=_port)
+    serve.add_argument("--server-info", metavar="FILE")
+    serve.add_argument("--http-shutdown", action="store_true", default=None)
+    serve.add_argument("--upstream-url", metavar="URL")
+    serve.add_argument("--dump-dir", metavar="DIR")
+    serve.add_argument("--record", metavar="DIR")
+    serve.add_argument("--listen-host", metavar="HOST")
+    serve.add_argument(
+        "--insecure-listen",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback listen host without TLS",
+    )
+    serve.add_argument(
+        "--set",
+        dest="setoptions",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        type=_set_spec,
+    )
+    return parser
+
+
+def member_settings(ns: argparse.Namespace) -> dict[str, int | None]:
+    """``add-member`` / ``set-member`` flags as member columns (absent flags: ``None``)."""
+    return {
+        "five_hour_quota": ns.five_hour_quota,
+        "weekly_quota": ns.weekly_quota,
+        "five_hour_credits_micro": ns.five_hour_credits,
+        "weekly_credits_micro": ns.weekly_credits,
+        "max_concurrent": ns.max_concurrent,
+    }
+
+
+def _credits_text(micro: int) -> str:
+    return f"{(Decimal(micro) / MICRO).normalize():f}" if micro else "0"
+
+
+def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any]:
+    """Per member and total: requests, errors, token kinds, credits (exact, as a number with
+    at most 6 decimals), USD, unpriced requests (no rate-card entry at the time)."""
+
+    def empty() -> dict[str, Any]:
+        return {
+            "requests": 0,
+            "errors": 0,
+            "input_tokens": 0,
+            "cached_tokens": 0,
+            "output_tokens": 0,
+            "reasoning_tokens": 0,
+            "total_tokens": 0,
+            "credits_micro": 0,
+            "unpriced": 0,
+        }
+
+    per: dict[str, dict[str, Any]] = {}
+    total = empty()
+    for row in rows:
+        for bucket in (per.setdefault(row["member"], empty()), total):
+            bucket["requests"] += 1
+            bucket["errors"] += 1 if row["error"] or (row["status"] or 0) >= 400 else 0
+            for kind in ("input", "cached", "output", "reasoning", "total"):
+                bucket[f"{kind}_tokens"] += row[f"{kind}_tokens"]
+            if row["credits_micro"] is None:
+                bucket["unpriced"] += 1
+            else:
+                bucket["credits_micro"] += row["credits_micro"]
+
+    def finish(bucket: dict[str, Any]) -> dict[str, Any]:
+        credits = Decimal(bucket.pop("credits_micro")) / MICRO
+        bucket["credits"] = float(credits)
+        bucket["usd"] = float(card.usd(credits))
+        return bucket
+
+    return {
+        "members": [{"member": name, **finish(b)} for name, b in sorted(per.items())],
+        "total": finish(total),
+    }
+
+
+def _table(rows: list[list[str]], out: Any) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write(
+            "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() + "\n"
+        )
+
+
+def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
+    """Run one admin command. Raises ``ValueError`` / :class:`DatabaseError` / SQLAlchemy
+    errors for :func:`main` to report."""
+    db = Database(ns.database or config.database_url())
+    try:
+        if ns.command == "init":
+            revision = db.migrate()
+            out.write(f"database ready (schema {revision}): {db!r}\n")
+            return 0
+        db.check_schema()
+        if ns.command == "add-member":
+            db.add_member(
+                ns.name, **{k: v for k, v in member_settings(ns).items() if v is not None}
+            )
+            out.write(f"member {ns.name} added\n")
+        elif ns.command == "set-member":
+            changes = {k: v for k, v in member_settings(ns).items() if v is not None}
+            if not changes:
+                raise ValueError("set-member: give at least one limit to change")
+            db.set_member(ns.name, **changes)
+            out.write(f"member {ns.name} updated\n")
+        elif ns.command == "list-members":
+            rows = [
+                [
+                    "member",
+                    "5h tokens",
+                    "weekly tokens",
+                    "5h credits",
+                    "weekly credits",
+                    "max concurrent",
+                ]
+            ]
+            for m in db.members():
+                rows.append(
+                    [
+                        m["name"],
+                        str(m["five_hour_quota"] or "-"),
+                        str(m["weekly_quota"] or "-"),
+                        _credits_text(m["five_hour_credits_micro"])
+                        if m["five_hour_credits_micro"]
+                        else "-",
+                        _credits_text(m["weekly_credits_micro"])
+                        if m["weekly_credits_micro"]
+                        else "-",
+                        str(m["max_concurrent"] or "-"),
+                    ]
+                )
+            _table(rows, out)
+        elif ns.command == "add-key":
+            key_id, key = db.add_key(ns.name)
+            sys.stderr.write(
+                f"member key {key_id} for {ns.name}; shown once, on the next line of stdout:\n"
+            )
+            sys.stderr.flush()
+            out.write(key + "\n")
+        elif ns.command == "list-keys":
+            rows = [["id", "member", "created", "last used", "revoked"]]
+            for k in db.list_keys(ns.name):
+                rows.append(
+                    [
+                        k["id"],
+                        k["member"],
+                        iso(k["created_ms"]) or "-",
+                        iso(k["last_used_ms"]) or "never",
+                        iso(k["revoked_ms"]) or "no",
+                    ]
+                )
+            _table(rows, out)
+        elif ns.command == "revoke-key":
+            db.revoke_key(ns.key_id)
+            out.write(f"key {ns.key_id} revoked (the gateway refuses it within a second)\n")
+        elif ns.command == "usage":
+            now = now_ms()
+            since = parse_since(ns.since, now)
+            summary = summarize_usage(db.usage_rows(since, ns.member), config.rate_card())
+            if ns.json:
+                out.write(
+                    json.dumps({"since": iso(since), "until": iso(now), **summary}, indent=2) + "\n"
+                )
+            else:
+                rows = [
+                    [
+                        "member",
+                        "requests",
+                        "input",
+                        "cached",
+                        "output",
+                        "reasoning",
+                        "total",
+                        "credits",
+                        "USD",
+                        "unpriced",
+                    ]
+                ]
+                for m in [*summary["members"], {"member": "TOTAL", **summary["total"]}]:
+                    rows.append(
+                        [
+                            m["member"],
+                            str(m["requests"]),
+                            str(m["input_tokens"]),
+                            str(m["cached_tokens"]),
+                            str(m["output_tokens"]),
+                            str(m["reasoning_tokens"]),
+                            str(m["total_tokens"]),
+                            f"{m['credits']:.6f}".rstrip("0").rstrip("."),
+                            f"{m['usd']:.4f}",
+                            str(m["unpriced"]),
+                        ]
+                    )
+                out.write(f"usage since {iso(since)}\n")
+                _table(rows, out)
+                if summary["total"]["unpriced"]:
+                    out.write(
+                        f"{summary['total']['unpriced']} request(s) unpriced: their model had no "
+                        "rate-card entry (credits.rates) when they ran\n"
+                    )
+        return 0
+    finally:
+        db.dispose()
+
+
+def serve_args(ns: argparse.Namespace, config: GatewayConfig, database_url: str) -> list[str]:
+    """Arguments for ``mitmdump``: reverse mode to the upstream's origin, our script, options."""
+    upstream = parse_upstream_url(config.upstream_url)
+    host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+    values: dict[str, list[str]] = {}
+
+    def put(name: str, value: Any) -> None:
+        if isinstance(value, list):
+            values[name] = [str(v) for v in value]
+        elif isinstance(value, bool):
+            values[name] = ["true" if value else "false"]
+        elif value is not None:
+            values[name] = [str(value)]
+
+    put("listen_host", config.listen_host)
+    put("listen_port", config.port if config.port is not None else 0)
+    put("keep_host_header", True)
+    for name, value in config.mitmproxy.items():
+        put(name, value)
+    put("codex_upstream_url", upstream.url)
+    put("codex_extra_routes", ["/v1/responses/compact"])
+    put("codex_gateway_config", config.path)
+    put("codex_gateway_database", database_url)
+    put("codex_http_shutdown", config.http_shutdown)
+    put("codex_redact_headers", config.redact_headers)
+    put("codex_gateway_insecure_listen", config.insecure_listen)
+    if (
+        listen_policy(
+            config.listen_host, list(config.mitmproxy.get("certs") or []), config.insecure_listen
+        )
+        != "loopback"
+    ):
+        put("codex_allow_remote", True)
+    if config.server_info:
+        put("codex_server_info", os.path.abspath(config.server_info))
+    if config.dump_dir:
+        put("codex_dump_dir", os.path.abspath(config.dump_dir))
+    if config.record_dir:
+        record = os.path.abspath(config.record_dir)
+        os.makedirs(record, mode=0o700, exist_ok=True)
+        put("codex_record_dir", record)
+        put("save_stream_file", os.path.join(record, "flows.mitm"))
+        put("hardump", os.path.join(record, "session.har"))
+    for spec in ns.setoptions:
+        name, value = spec.split("=", 1)
+        values.setdefault(f"user:{name}", []).append(value)
+    args = ["--mode", f"reverse:http://{host}:{upstream.port}", "-s", SCRIPT_PATH]
+    user = {k[5:]: v for k, v in values.items() if k.startswith("user:")}
+    ours = {k: v for k, v in values.items() if not k.startswith("user:") and k not in user}
+    for name, vals in [*ours.items(), *user.items()]:
+        for value in vals:
+            args += ["--set", f"{name}={value}"]
+    return args
+
+
+def apply_serve_flags(ns: argparse.Namespace, config: GatewayConfig) -> None:
+    """Flags over the YAML config."""
+    for flag, attr in (
+        ("port", "port"),
+        ("server_info", "server_info"),
+        ("upstream_url", "upstream_url"),
+        ("dump_dir", "dump_dir"),
+        ("listen_host", "listen_host"),
+    ):
+        value = getattr(ns, flag)
+        if value is not None:
+            setattr(config, attr, value)
+    if ns.http_shutdown:
+        config.http_shutdown = True
+    if ns.insecure_listen:
+        config.insecure_listen = True
+    if ns.record is not None:
+        config.record_dir = ns.record
+        if config.dump_dir is None:
+            config.dump_dir = os.path.join(ns.record, "dumps")
+
+
+def serve(
+    ns: argparse.Namespace,
+    config: GatewayConfig,
+    stdin: Any,
+    harden: Callable[[], None],
+    err: Any,
+) -> int:
+    """Check the database, read the upstream keys, run mitmdump. Returns the exit code."""
+    apply_serve_flags(ns, config)
+    database_url = ns.database or config.database_url()
+    parse_upstream_url(config.upstream_url)
+    listen_policy(
+        config.listen_host, list(config.mitmproxy.get("certs") or []), config.insecure_listen
+    )
+    db = Database(database_url)
+    try:
+        db.check_schema()
+    finally:
+        db.dispose()
+    try:
+        harden()
+    except HardeningError as e:
+        err.write(f"Error: {e}\n")
+        return EXIT_ERROR
+    try:
+        keys = keypool.read_upstream_keys(stdin)
+    except keypool.UpstreamKeyError as e:
+        err.write(f"Error: {e}\n")
+        return EXIT_ERROR
+    keypool.POOL.set_keys(keys)
+    err.write(f"gateway: {len(keys)} upstream key(s): {', '.join(k.name for k in keys)}\n")
+    from mitmproxy.tools.main import mitmdump
+
+    try:
+        mitmdump(serve_args(ns, config, database_url))
+    except SystemExit as e:
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        keypool.POOL.clear()
+    return 0
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    stdin: Any = None,
+    out: Any = None,
+    harden: Callable[[], None] = harden_process,
+) -> int:
+    """Run one gateway command; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    out = out or sys.stdout
+    try:
+        config = load_gateway_config(ns.config)
+        if ns.command == "serve":
+            return serve(
+                ns, config, stdin if stdin is not None else sys.stdin.buffer, harden, sys.stderr
+            )
+        return run_admin(ns, config, out)
+    except (ValueError, DatabaseError) as e:
+        sys.stderr.write(f"{parser.prog}: error: {e}\n")
+        return EXIT_USAGE
+    except SQLAlchemyError as e:
+        sys.stderr.write(
+            f"{parser.prog}: database error: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
+        )
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

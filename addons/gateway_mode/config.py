@@ -1,0 +1,128 @@
+"""``config/gateway.yaml``: the gateway's settings and its Codex rate card (no secrets).
+
+Flags of ``./run.sh gateway`` override the file. Relative paths (``database``'s SQLite file,
+``spool``) are read beside the config file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from addons.credits import RateCard, parse_rate_card
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_GATEWAY_CONFIG = os.path.join(ROOT, "config", "gateway.yaml")
+
+_KEYS: dict[str, tuple[type, ...]] = {
+    "database": (str, type(None)),
+    "upstream_url": (str,),
+    "listen_host": (str,),
+    "port": (int, type(None)),
+    "server_info": (str, type(None)),
+    "http_shutdown": (bool,),
+    "dump_dir": (str, type(None)),
+    "insecure_listen": (bool,),
+    "require_codex_client": (bool,),
+    "max_attempts": (int,),
+    "cooldown_seconds": (int,),
+    "lease_seconds": (int,),
+    "spool": (str, type(None)),
+    "redact_headers": (list,),
+    "credits": (dict,),
+    "mitmproxy": (dict, type(None)),
+}
+
+
+@dataclass
+class GatewayConfig:
+    """The gateway's settings (see ``config/gateway.yaml`` for each key's meaning)."""
+
+    path: str = DEFAULT_GATEWAY_CONFIG
+    database: str | None = None
+    upstream_url: str = "https://api.openai.com/v1/responses"
+    listen_host: str = "127.0.0.1"
+    port: int | None = None
+    server_info: str | None = None
+    http_shutdown: bool = False
+    dump_dir: str | None = None
+    record_dir: str | None = None
+    insecure_listen: bool = False
+    require_codex_client: bool = True
+    max_attempts: int = 3
+    cooldown_seconds: int = 30
+    lease_seconds: int = 60
+    spool: str | None = None
+    redact_headers: list[str] = field(default_factory=lambda: ["api-key", "x-api-key"])
+    credits: dict[str, Any] = field(default_factory=dict)
+    mitmproxy: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def directory(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path))
+
+    def database_url(self) -> str:
+        """``database``, else ``sqlite:///gateway.db`` beside the config file."""
+        if self.database:
+            return self.database
+        return "sqlite:///" + os.path.join(self.directory, "gateway.db")
+
+    def spool_path(self) -> str:
+        """Where rows the database could not take are kept across a restart."""
+        return os.path.join(self.directory, self.spool or "gateway-spool.jsonl")
+
+    def rate_card(self) -> RateCard:
+        """The parsed ``credits`` section. Raises ``ValueError`` naming the file."""
+        return parse_rate_card(self.credits, f"{self.path}: credits")
+
+
+def parse_gateway_config(text: str, path: str) -> GatewayConfig:
+    """Parse the YAML text of a gateway config read from ``path``.
+
+    Unknown keys and wrong types are errors; a key named like a secret gets a hint (upstream
+    keys come on stdin only; database passwords belong in ``~/.pgpass``).
+
+    Raises:
+        ValueError: naming ``path`` and the problem.
+    """
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping")
+    config = GatewayConfig(path=path)
+    value: Any
+    for key, value in data.items():
+        if key not in _KEYS:
+            hint = " (upstream keys are only read from stdin)" if "key" in str(key) else ""
+            raise ValueError(f"{path}: unknown key {key!r}{hint}")
+        if type(value) not in _KEYS[key]:  # exact: a bool is not an int here
+            raise ValueError(f"{path}: {key} has the wrong type ({type(value).__name__})")
+        if key in ("max_attempts", "cooldown_seconds", "lease_seconds") and value < 1:
+            raise ValueError(f"{path}: {key} must be >= 1")
+        if key == "port" and value is not None and not 0 <= value <= 65535:
+            raise ValueError(f"{path}: port {value} is out of range")
+        if key == "mitmproxy":
+            value = dict(value or {})
+        setattr(config, key, value)
+    config.rate_card()  # a bad card stops start-up (and every admin command)
+    return config
+
+
+def load_gateway_config(path: str) -> GatewayConfig:
+    """Read and parse a gateway config file.
+
+    Raises:
+        ValueError: unreadable or invalid.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read config: {e.strerror}") from None
+    return parse_gateway_config(text, os.path.abspath(path))

@@ -1,0 +1,335 @@
+"""What the gateway's addons share: the database, the ledger, the member directory, the rate
+card and the policies; and :class:`GatewayOptions`, the addon that owns their options.
+
+The manifest (``addons/gateway.py``) makes one :class:`GatewayCore` and hands it to each
+gateway addon. Flow markers the gateway adds to ``flow.metadata`` (plain values only: they
+are written into flow files) are defined here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+
+from addons.body_decode import decode_body
+from addons.common import ALLOWED, LOCAL_REPLY_HEADER, REFUSED, SERVER_NAME
+from addons.credits import RateCard
+from addons.gateway_mode import keypool
+from addons.gateway_mode.config import DEFAULT_GATEWAY_CONFIG, load_gateway_config
+from addons.gateway_mode.database import Database
+from addons.gateway_mode.ledger import UsageLedger
+from addons.gateway_mode.members import same_hash
+from addons.gateway_mode.metrics import GatewayMetrics
+
+logger = logging.getLogger(__name__)
+
+#: ``{"member": name, "member_id": n, "key_id": id}`` once the member key was accepted.
+MEMBER = "codex_gateway.member"
+#: ``{"model", "service_tier", "session"}`` read from the request (body and headers).
+REQUEST_INFO = "codex_gateway.request"
+#: The upstream key *name* used (last attempt), and the number of attempts.
+UPSTREAM_KEY = "codex_gateway.upstream_key"
+ATTEMPTS = "codex_gateway.attempts"
+#: The gateway route the member asked for (``/v1/responses`` or ``/v1/responses/compact``),
+#: kept before the URL is rewritten to the upstream's.
+ROUTE = "codex_gateway.route"
+#: Route labels for metrics: the gateway's own routes, everything else ``other`` (a label
+#: per path a client invents would grow without bound).
+KNOWN_ROUTES = frozenset({"/v1/responses", "/v1/responses/compact", "/health", "/metrics"})
+
+
+def route_label(path: str) -> str:
+    """``path`` when it is one of :data:`KNOWN_ROUTES`, else ``"other"``."""
+    return path if path in KNOWN_ROUTES else "other"
+
+
+#: Codex's session header (CODEX.md); keeps a session on one upstream key.
+SESSION_HEADERS = ("session-id", "session_id", "thread-id")
+
+
+def gateway_error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **fields: Any
+) -> http.Response:
+    """A local JSON reply in the OpenAI error shape, with extra ``fields`` in ``error``
+    (``limit``, ``used``, ``resets_at``...). ``message`` must never hold a secret."""
+    body = json.dumps(
+        {"error": {"type": "codex_gateway", "code": code, "message": message, **fields}},
+        ensure_ascii=False,
+    ).encode()
+    return http.Response.make(
+        status,
+        body,
+        {
+            "content-type": "application/json",
+            "server": SERVER_NAME,
+            LOCAL_REPLY_HEADER: code,
+            **(headers or {}),
+        },
+    )
+
+
+def refuse(flow: http.HTTPFlow, reason: str, response: http.Response) -> None:
+    """Answer ``flow`` locally: it loses the allowlist mark (nothing is forwarded, no key)."""
+    flow.metadata.pop(ALLOWED, None)
+    flow.metadata[REFUSED] = reason
+    flow.response = response
+
+
+def request_info(flow: http.HTTPFlow) -> dict[str, Any]:
+    """``model``, ``service_tier``, ``session`` of a member request, read once (the body may
+    be compressed: Codex can send zstd) and kept in ``flow.metadata[REQUEST_INFO]``."""
+    info = flow.metadata.get(REQUEST_INFO)
+    if isinstance(info, dict):
+        return info
+    body: Any = None
+    raw = flow.request.raw_content
+    if raw:
+        decoded = decode_body(raw, flow.request.headers.get("content-encoding"))
+        try:
+            body = json.loads(decoded.data)
+        except ValueError:
+            body = None
+    body = body if isinstance(body, dict) else {}
+    model = body.get("model")
+    tier = body.get("service_tier")
+    session = next(
+        (flow.request.headers[h] for h in SESSION_HEADERS if h in flow.request.headers), None
+    )
+    info = {
+        "model": model if isinstance(model, str) else None,
+        "service_tier": tier if isinstance(tier, str) else None,
+        "session": session[:200] if session else None,
+    }
+    flow.metadata[REQUEST_INFO] = info
+    return info
+
+
+class MemberDirectory:
+    """Live member keys by hash, refreshed from the database on the ledger thread every
+    ``refresh_s`` (a revoked key stops working within that time) and on a miss."""
+
+    def __init__(self) -> None:
+        self._by_hash: dict[str, dict[str, Any]] = {}
+        self._by_id: dict[str, dict[str, Any]] = {}
+        self.loaded_at = 0.0
+        self._lock = threading.Lock()
+
+    def load(self, rows: list[dict[str, Any]]) -> None:
+        by_hash = {row["key_hash"]: row for row in rows}
+        by_id = {row["key_id"]: row for row in rows}
+        with self._lock:
+            self._by_hash, self._by_id = by_hash, by_id
+            self.loaded_at = time.monotonic()
+
+    def find(self, digest: str) -> dict[str, Any] | None:
+        entry = self._by_hash.get(digest)
+        if entry is not None and same_hash(entry["key_hash"], digest):
+            return entry
+        return None
+
+    def by_key_id(self, key_id: str) -> dict[str, Any] | None:
+        """The live entry of a key id (its member's current settings), ``None`` if revoked."""
+        return self._by_id.get(key_id)
+
+
+class GatewayCore:
+    """Shared state of one gateway process (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.db: Database | None = None
+        self.ledger: UsageLedger | None = None
+        self.card = RateCard()
+        self.pool = keypool.POOL
+        self.directory = MemberDirectory()
+        self.metrics = GatewayMetrics()
+        self.instance = f"{os.uname().nodename[:40]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.require_codex_client = True
+        self.max_attempts = 3
+        self.cooldown_s = 30
+        self.lease_ms = 60_000
+        self.refresh_s = 1.0
+        self.executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="gateway-db")
+        self.leases: dict[str, str] = {}  # flow id -> lease id
+        self._last_used: dict[str, int] = {}
+        self._miss_lock = asyncio.Lock()
+        self._last_miss_refresh = 0.0
+
+    @property
+    def database_ok(self) -> bool:
+        return self.ledger is not None and self.ledger.healthy
+
+    async def run_db(self, fn: Any, *args: Any) -> Any:
+        """Run a blocking database call on the gateway's worker threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def refresh_directory(self) -> None:
+        assert self.db is not None
+        self.directory.load(self.db.directory())
+
+    async def find_member(self, digest: str) -> dict[str, Any] | None:
+        """The directory entry for a key hash; on a miss, one refresh from the database (at
+        most every 0.2 s, so unknown keys cannot flood it) for keys added since."""
+        entry = self.directory.find(digest)
+        if entry is not None or self.db is None:
+            return entry
+        async with self._miss_lock:
+            if time.monotonic() - self._last_miss_refresh > 0.2:
+                self._last_miss_refresh = time.monotonic()
+                await self.run_db(self.refresh_directory)
+        return self.directory.find(digest)
+
+    def touch(self, key_id: str) -> None:
+        self._last_used[key_id] = int(time.time() * 1000)
+
+    def _touch_keys(self) -> None:
+        used, self._last_used = self._last_used, {}
+        assert self.db is not None
+        self.db.touch_keys(used)
+
+    def _renew_leases(self) -> None:
+        assert self.db is not None
+        self.db.renew_leases(list(self.leases.values()), self.lease_ms)
+
+    def _record_key_states(self) -> None:
+        if not self.pool.changed.is_set():
+            return
+        self.pool.changed.clear()
+        assert self.db is not None
+        self.db.record_key_states(self.pool.states(), self.instance)
+
+    def start(self, database_url: str, spool_path: str | None) -> None:
+        """Open the database (schema must be initialised), load the directory, start the
+        ledger thread. Raises ``ValueError`` / :class:`DatabaseError` for the operator."""
+        self.stop()
+        self.db = Database(database_url)
+        self.db.check_schema()
+        self.refresh_directory()
+        self.ledger = UsageLedger(self.db, spool_path)
+        self.ledger.tasks = [
+            (self.refresh_s, self.refresh_directory),
+            (1.0, self._touch_keys),
+            (max(1.0, self.lease_ms / 3000), self._renew_leases),
+            (0.5, self._record_key_states),
+        ]
+        self.pool.changed.set()
+        self.ledger.start()
+
+    def stop(self) -> None:
+        if self.ledger is not None:
+            self.ledger.stop()
+            self.ledger = None
+        if self.db is not None:
+            if self.leases:
+                try:
+                    self.db.release_leases(list(self.leases.values()))
+                except Exception as e:
+                    logger.warning("could not release leases at exit (%s)", type(e).__name__)
+                self.leases.clear()
+            self.db.dispose()
+            self.db = None
+
+
+class GatewayOptions:
+    """Owns the gateway's options and opens its database (``configure`` fails start-up on a
+    bad URL, an uninitialised schema, a bad rate card or no upstream keys)."""
+
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "codex_gateway_config",
+            str,
+            DEFAULT_GATEWAY_CONFIG,
+            "The gateway's YAML config (rate card, policies, default database).",
+        )
+        loader.add_option(
+            "codex_gateway_database",
+            str,
+            "",
+            "Database URL (sqlite:///path.db or postgresql://user@host/db; no password in "
+            "it). Empty: the config's.",
+        )
+        loader.add_option(
+            "codex_gateway_keys_file",
+            str,
+            "",
+            "Read upstream keys (NAME KEY or KEY per line) from this file ('-': stdin) when the "
+            "launcher has not loaded them; for plain `mitmdump -s addons/gateway.py`.",
+        )
+        loader.add_option(
+            "codex_gateway_refresh_ms",
+            int,
+            1000,
+            "Milliseconds between member directory refreshes (a revoked key stops working "
+            "within this time).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        names = {
+            "codex_gateway_config",
+            "codex_gateway_database",
+            "codex_gateway_keys_file",
+            "codex_gateway_refresh_ms",
+        }
+        if not names & updated:
+            return
+        opts = ctx.options
+        try:
+            config = load_gateway_config(opts.codex_gateway_config)
+            if opts.codex_gateway_refresh_ms < 100:
+                raise ValueError("codex_gateway_refresh_ms must be >= 100")
+            if opts.codex_gateway_keys_file and not self.core.pool.is_set:
+                self._load_keys(opts.codex_gateway_keys_file)
+            core = self.core
+            core.card = config.rate_card()
+            core.require_codex_client = config.require_codex_client
+            core.max_attempts = config.max_attempts
+            core.cooldown_s = config.cooldown_seconds
+            core.lease_ms = config.lease_seconds * 1000
+            core.refresh_s = opts.codex_gateway_refresh_ms / 1000
+            core.start(opts.codex_gateway_database or config.database_url(), config.spool_path())
+        except exceptions.OptionsError:
+            raise
+        except Exception as e:  # ValueError, DatabaseError, SQLAlchemy errors
+            raise exceptions.OptionsError(f"gateway: {e}") from None
+
+    def _load_keys(self, path: str) -> None:
+        import sys
+
+        try:
+            if path == "-":
+                keys = keypool.read_upstream_keys(sys.stdin.buffer)
+            else:
+                with open(path, "rb") as f:
+                    keys = keypool.read_upstream_keys(f)
+        except OSError as e:
+            raise ValueError(f"codex_gateway_keys_file: {e.strerror}") from None
+        self.core.pool.set_keys(keys)
+
+    def running(self) -> None:
+        if not self.core.pool.is_set:
+            logger.error(
+                "no upstream keys loaded: start through ./run.sh gateway serve (keys on stdin) "
+                "or set codex_gateway_keys_file"
+            )
+
+
+class GatewayClose:
+    """Last in the manifest: at shutdown, after every addon's ``done`` (accounting queues the
+    rows of flows still open), flushes the ledger, releases leases, closes the database."""
+
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+
+    def done(self) -> None:
+        self.core.stop()

@@ -1,0 +1,487 @@
+"""Every query of the gateway, through SQLAlchemy Core, for SQLite and PostgreSQL alike.
+
+The schema is :mod:`addons.gateway_mode.schema`, created and migrated by Alembic
+(:meth:`Database.migrate`). Methods are synchronous and thread-safe (one pooled connection per
+call); the serving addons call them from worker threads, never on the event loop.
+
+Dialect differences handled here, and nowhere else:
+- SQLite: WAL journal, ``busy_timeout``, foreign keys on, and every transaction ``BEGIN
+  IMMEDIATE`` (so a lease count and its insert are one serialised step).
+- PostgreSQL: the member's row is locked (``SELECT ... FOR UPDATE``) around a lease count and
+  insert, so several gateway instances never hand out more slots than ``max_concurrent``.
+- Re-sent usage rows are inserted with ``ON CONFLICT (row_id) DO NOTHING`` on both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+
+from addons.gateway_mode import members as member_rules
+from addons.gateway_mode.schema import leases, member_keys, members, upstream_keys, usage
+from addons.gateway_mode.windows import FIVE_HOURS_MS, LIMIT_COLUMNS, WEEK_MS
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+MEMBER_SETTINGS = (*tuple(column for column, _, _ in LIMIT_COLUMNS), "max_concurrent")
+
+
+class DatabaseError(RuntimeError):
+    """A usage error the operator must fix (unknown member, schema not initialised...); the
+    message is for the command line. Connection failures stay SQLAlchemy's
+    ``OperationalError``."""
+
+
+def now_ms() -> int:
+    """The current time in epoch milliseconds."""
+    return int(time.time() * 1000)
+
+
+def parse_database_url(value: str) -> URL:
+    """A ``sqlite:///path.db`` or ``postgresql://...`` URL, ready for SQLAlchemy
+    (``postgresql://`` means psycopg 3).
+
+    Raises:
+        ValueError: for another scheme, or a password in the URL (put it in ``~/.pgpass`` or
+            ``PGPASSWORD``: the URL is an option mitmproxy shows and logs).
+    """
+    try:
+        url = make_url(value)
+    except Exception:  # SQLAlchemy raises ArgumentError
+        raise ValueError(
+            "database: not a database URL (sqlite:///path.db or postgresql://...)"
+        ) from None
+    if url.password:
+        raise ValueError("database: the URL must not carry a password; use ~/.pgpass or PGPASSWORD")
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        if url.drivername not in ("sqlite", "sqlite+pysqlite"):
+            raise ValueError(f"database: unsupported SQLite driver {url.drivername!r}")
+        return url
+    if backend == "postgresql":
+        if url.drivername in ("postgresql", "postgresql+psycopg"):
+            return url.set(drivername="postgresql+psycopg")
+        raise ValueError("database: PostgreSQL URLs use psycopg 3 (postgresql://...)")
+    raise ValueError(f"database: unsupported database {backend!r} (sqlite or postgresql)")
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Database:
+    """The gateway's database. ``url``: see :func:`parse_database_url`.
+
+    Raises ``ValueError`` for a bad URL; methods raise :class:`DatabaseError` for operator
+    errors and SQLAlchemy's ``OperationalError`` when the server cannot be reached.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = parse_database_url(url)
+        self.dialect = self.url.get_backend_name()
+        if self.dialect == "sqlite":
+            path = self.url.database
+            if path and path != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+            self.engine = sa.create_engine(
+                self.url, connect_args={"timeout": 30, "check_same_thread": False}
+            )
+            _sqlite_setup(self.engine)
+        else:
+            self.engine = sa.create_engine(
+                self.url,
+                pool_pre_ping=True,
+                pool_size=8,
+                max_overflow=8,
+                connect_args={"connect_timeout": 5},
+            )
+
+    def __repr__(self) -> str:
+        return f"<Database {self.url.render_as_string(hide_password=True)}>"
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def _alembic_config(self, connection: sa.Connection) -> Any:
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", MIGRATIONS)
+        config.attributes["connection"] = connection
+        return config
+
+    def migrate(self) -> str:
+        """Create or migrate the schema to the newest revision (idempotent). Returns it."""
+        from alembic import command
+
+        with self.engine.begin() as connection:
+            command.upgrade(self._alembic_config(connection), "head")
+        return self.revision() or ""
+
+    def revision(self) -> str | None:
+        """The schema's current Alembic revision, ``None`` before ``init``."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    def head(self) -> str:
+        """The newest revision this code knows."""
+        from alembic.script import ScriptDirectory
+
+        with self.engine.connect() as connection:
+            script = ScriptDirectory.from_config(self._alembic_config(connection))
+        head = script.get_current_head()
+        assert head is not None
+        return head
+
+    def check_schema(self) -> None:
+        """Raises :class:`DatabaseError` unless the schema is at the newest revision."""
+        current = self.revision()
+        if current != self.head():
+            raise DatabaseError(
+                f"database schema is at {current or 'nothing'}, not {self.head()}: "
+                "run `./run.sh gateway init` first"
+            )
+
+    def ping(self) -> bool:
+        """Whether a trivial query succeeds now."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(sa.text("SELECT 1"))
+            return True
+        except sa.exc.SQLAlchemyError:
+            return False
+
+    # -- members and keys --------------------------------------------------------------------
+
+    def add_member(self, name: str, **settings: int) -> int:
+        """Insert a member; ``settings`` are :data:`MEMBER_SETTINGS` (absent: 0). Returns id.
+
+        Raises:
+            ValueError: bad name or negative setting.
+            DatabaseError: the name exists.
+        """
+        member_rules.check_name(name)
+        values = {column: 0 for column in MEMBER_SETTINGS}
+        values.update(_settings(settings))
+        with self.engine.begin() as conn:
+            exists = conn.execute(sa.select(members.c.id).where(members.c.name == name)).first()
+            if exists:
+                raise DatabaseError(f"member {name!r} already exists (use set-member)")
+            result = conn.execute(members.insert().values(name=name, created_ms=now_ms(), **values))
+            key = result.inserted_primary_key
+            assert key is not None
+            return int(key[0])
+
+    def set_member(self, name: str, **settings: int) -> None:
+        """Change some of a member's settings (0 = unlimited).
+
+        Raises:
+            DatabaseError: unknown member.
+        """
+        values = _settings(settings)
+        with self.engine.begin() as conn:
+            result = conn.execute(members.update().where(members.c.name == name).values(values))
+            if result.rowcount == 0:
+                raise DatabaseError(f"no member named {name!r}")
+
+    def member(self, name: str) -> dict[str, Any] | None:
+        """A member row as a dict, or ``None``."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(members).where(members.c.name == name)).first()
+        return dict(row._mapping) if row else None
+
+    def members(self) -> list[dict[str, Any]]:
+        """Every member row, by name."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(members).order_by(members.c.name)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def add_key(self, name: str) -> tuple[str, str]:
+        """A new member key for member ``name``: ``(key_id, key)``. Only the hash is stored.
+
+        Raises:
+            DatabaseError: unknown member.
+        """
+        key = member_rules.new_member_key()
+        key_id = member_rules.new_key_id()
+        with self.engine.begin() as conn:
+            member_id = conn.execute(sa.select(members.c.id).where(members.c.name == name)).scalar()
+            if member_id is None:
+                raise DatabaseError(f"no member named {name!r}")
+            conn.execute(
+                member_keys.insert().values(
+                    id=key_id,
+                    member_id=member_id,
+                    key_hash=member_rules.key_hash(key),
+                    created_ms=now_ms(),
+                )
+            )
+        return key_id, key
+
+    def list_keys(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Key rows (``id, member, created_ms, last_used_ms, revoked_ms``), never the hash.
+
+        Raises:
+            DatabaseError: ``name`` given and unknown.
+        """
+        query = (
+            sa.select(
+                member_keys.c.id,
+                members.c.name.label("member"),
+                member_keys.c.created_ms,
+                member_keys.c.last_used_ms,
+                member_keys.c.revoked_ms,
+            )
+            .join(members, members.c.id == member_keys.c.member_id)
+            .order_by(members.c.name, member_keys.c.created_ms)
+        )
+        with self.engine.connect() as conn:
+            if name is not None:
+                if (
+                    conn.execute(sa.select(members.c.id).where(members.c.name == name)).first()
+                    is None
+                ):
+                    raise DatabaseError(f"no member named {name!r}")
+                query = query.where(members.c.name == name)
+            return [dict(r._mapping) for r in conn.execute(query).all()]
+
+    def revoke_key(self, key_id: str) -> None:
+        """Revoke a key by id (idempotent for a revoked key).
+
+        Raises:
+            DatabaseError: unknown id.
+        """
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(member_keys.c.revoked_ms).where(member_keys.c.id == key_id)
+            ).first()
+            if row is None:
+                raise DatabaseError(f"no key with id {key_id!r}")
+            if row.revoked_ms is None:
+                conn.execute(
+                    member_keys.update()
+                    .where(member_keys.c.id == key_id)
+                    .values(revoked_ms=now_ms())
+                )
+
+    def directory(self) -> list[dict[str, Any]]:
+        """Every live (not revoked) key with its member's settings: ``key_id, key_hash,
+        member_id, member`` and :data:`MEMBER_SETTINGS`. What the gateway authenticates with."""
+        query = (
+            sa.select(
+                member_keys.c.id.label("key_id"),
+                member_keys.c.key_hash,
+                members.c.id.label("member_id"),
+                members.c.name.label("member"),
+                *(members.c[column] for column in MEMBER_SETTINGS),
+            )
+            .join(members, members.c.id == member_keys.c.member_id)
+            .where(member_keys.c.revoked_ms.is_(None))
+        )
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query).all()]
+
+    def touch_keys(self, last_used: dict[str, int]) -> None:
+        """Record when keys were last used (``{key_id: ms}``; only ever moves forward)."""
+        if not last_used:
+            return
+        with self.engine.begin() as conn:
+            for key_id, ms in last_used.items():
+                conn.execute(
+                    member_keys.update()
+                    .where(member_keys.c.id == key_id)
+                    .where(
+                        sa.or_(
+                            member_keys.c.last_used_ms.is_(None), member_keys.c.last_used_ms < ms
+                        )
+                    )
+                    .values(last_used_ms=ms)
+                )
+
+    # -- usage ledger ------------------------------------------------------------------------
+
+    def insert_usage(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert ledger rows (``usage`` columns, ``row_id`` set); a row already present
+        (same ``row_id``) is skipped, so a batch re-sent after an outage lands once."""
+        if not rows:
+            return
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+        statement = insert(usage).on_conflict_do_nothing(index_elements=["row_id"])
+        with self.engine.begin() as conn:
+            conn.execute(statement, list(rows))
+
+    def window_usage(self, member_id: int, now: int) -> dict[str, dict[str, int]]:
+        """Usage of one member in the rolling windows ending ``now`` (ms):
+        ``{"five_hour": {"tokens": n, "credits": micro}, "weekly": {...}}``."""
+        five = now - FIVE_HOURS_MS
+        week = now - WEEK_MS
+
+        def in_window(column: Any, since: int) -> Any:
+            return sa.func.coalesce(
+                sa.func.sum(sa.case((usage.c.ts_ms > since, column), else_=0)), 0
+            )
+
+        query = sa.select(
+            in_window(usage.c.total_tokens, five),
+            in_window(sa.func.coalesce(usage.c.credits_micro, 0), five),
+            in_window(usage.c.total_tokens, week),
+            in_window(sa.func.coalesce(usage.c.credits_micro, 0), week),
+        ).where(usage.c.member_id == member_id, usage.c.ts_ms > week)
+        with self.engine.connect() as conn:
+            t5, c5, tw, cw = conn.execute(query).one()
+        return {
+            "five_hour": {"tokens": int(t5), "credits": int(c5)},
+            "weekly": {"tokens": int(tw), "credits": int(cw)},
+        }
+
+    def window_rows(self, member_id: int, since: int, kind: str) -> list[tuple[int, int]]:
+        """``(ts_ms, amount)`` of a member's rows after ``since``; amount is ``total_tokens``
+        (``kind="tokens"``) or micro-credits (``kind="credits"``)."""
+        column = usage.c.total_tokens if kind == "tokens" else usage.c.credits_micro
+        query = (
+            sa.select(usage.c.ts_ms, column)
+            .where(usage.c.member_id == member_id, usage.c.ts_ms > since)
+            .where(column.is_not(None), column > 0)
+        )
+        with self.engine.connect() as conn:
+            return [(int(ts), int(amount)) for ts, amount in conn.execute(query).all()]
+
+    def usage_rows(self, since: int, name: str | None = None) -> list[dict[str, Any]]:
+        """Ledger rows after ``since`` (ms), oldest first, with the member's name.
+
+        Raises:
+            DatabaseError: ``name`` given and unknown.
+        """
+        query = (
+            sa.select(usage, members.c.name.label("member"))
+            .join(members, members.c.id == usage.c.member_id)
+            .where(usage.c.ts_ms > since)
+            .order_by(usage.c.ts_ms, usage.c.id)
+        )
+        with self.engine.connect() as conn:
+            if name is not None:
+                if (
+                    conn.execute(sa.select(members.c.id).where(members.c.name == name)).first()
+                    is None
+                ):
+                    raise DatabaseError(f"no member named {name!r}")
+                query = query.where(members.c.name == name)
+            return [dict(r._mapping) for r in conn.execute(query).all()]
+
+    # -- concurrency leases ------------------------------------------------------------------
+
+    def acquire_lease(
+        self, member_id: int, limit: int, instance: str, ttl_ms: int
+    ) -> tuple[str | None, int]:
+        """Take one of a member's ``limit`` concurrency slots for ``ttl_ms``.
+
+        Returns ``(lease_id, active)``: ``lease_id`` is ``None`` when ``active`` (unexpired
+        leases of the member, across every instance) already reached ``limit``. Expired
+        leases (a crashed instance's) are deleted first. Serialised per member (see module).
+        """
+        now = now_ms()
+        with self.engine.begin() as conn:
+            if self.dialect != "sqlite":
+                conn.execute(
+                    sa.select(members.c.id).where(members.c.id == member_id).with_for_update()
+                )
+            conn.execute(
+                leases.delete().where(leases.c.member_id == member_id, leases.c.expires_ms <= now)
+            )
+            active = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(leases)
+                .where(leases.c.member_id == member_id)
+            ).scalar_one()
+            if active >= limit:
+                return None, int(active)
+            lease_id = str(uuid.uuid4())
+            conn.execute(
+                leases.insert().values(
+                    id=lease_id, member_id=member_id, instance=instance, expires_ms=now + ttl_ms
+                )
+            )
+            return lease_id, int(active) + 1
+
+    def renew_leases(self, lease_ids: Iterable[str], ttl_ms: int) -> None:
+        """Push the expiry of live leases ``ttl_ms`` into the future."""
+        ids = list(lease_ids)
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                leases.update().where(leases.c.id.in_(ids)).values(expires_ms=now_ms() + ttl_ms)
+            )
+
+    def release_leases(self, lease_ids: Iterable[str]) -> None:
+        """Give slots back (unknown ids are ignored)."""
+        ids = list(lease_ids)
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(leases.delete().where(leases.c.id.in_(ids)))
+
+    # -- upstream key health -----------------------------------------------------------------
+
+    def record_key_states(self, states: Sequence[dict[str, Any]], instance: str) -> None:
+        """Store upstream key health by name (``name, state, cooling_until_ms, reason``)."""
+        if not states:
+            return
+        with self.engine.begin() as conn:
+            for state in states:
+                values = {
+                    "state": state["state"],
+                    "cooling_until_ms": state.get("cooling_until_ms"),
+                    "reason": (state.get("reason") or None),
+                    "instance": instance,
+                    "updated_ms": now_ms(),
+                }
+                updated = conn.execute(
+                    upstream_keys.update()
+                    .where(upstream_keys.c.name == state["name"])
+                    .values(values)
+                )
+                if updated.rowcount == 0:
+                    conn.execute(upstream_keys.insert().values(name=state["name"], **values))
+
+
+def _settings(settings: Mapping[str, int | None]) -> dict[str, int]:
+    values: dict[str, int] = {}
+    for column, value in settings.items():
+        if column not in MEMBER_SETTINGS:
+            raise ValueError(f"unknown member setting {column!r}")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{column} must be a whole number >= 0")
+        values[column] = value
+    return values

@@ -1,0 +1,86 @@
+"""``GET /metrics``: the gateway's Prometheus metrics, from ``prometheus_client``.
+
+One :class:`GatewayMetrics` per gateway (its own registry, so a hot reload or a test never
+registers a metric twice). Labels are member names, model names, routes, statuses and
+upstream key *names*; no key value ever reaches a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from addons.gateway_mode.keypool import COOLING, DISABLED, HEALTHY, KeyPool
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class GatewayMetrics:
+    """The metric families (names prefixed ``codex_gateway_``)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "codex_gateway_requests",
+            "Requests answered, by route and status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "codex_gateway_refused", "Requests refused locally, by reason.", ["reason"], registry=r
+        )
+        self.tokens = Counter(
+            "codex_gateway_tokens",
+            "Tokens used, by member and kind (input includes cached; output includes reasoning).",
+            ["member", "kind"],
+            registry=r,
+        )
+        self.credits = Counter(
+            "codex_gateway_credits",
+            "Codex credits charged, by member and model.",
+            ["member", "model"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "codex_gateway_in_flight", "Forwarded requests (streams) in flight.", registry=r
+        )
+        self.key_state = Gauge(
+            "codex_gateway_upstream_key_state",
+            "1 for each upstream key's current state.",
+            ["name", "state"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "codex_gateway_upstream_retries",
+            "Requests sent again on another key, by cause.",
+            ["cause"],
+            registry=r,
+        )
+        self.pending_rows = Gauge(
+            "codex_gateway_ledger_pending_rows", "Usage rows not yet in the database.", registry=r
+        )
+        self.duration = Histogram(
+            "codex_gateway_request_duration_seconds",
+            "Forwarded request duration.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "codex_gateway_time_to_first_byte_seconds",
+            "From the request's end to the upstream's response headers.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def render(self, pool: KeyPool, pending_rows: int) -> bytes:
+        """The text exposition of every metric, key states and pending rows sampled now."""
+        for state in pool.states():
+            for candidate in (HEALTHY, COOLING, DISABLED):
+                self.key_state.labels(str(state["name"]), candidate).set(
+                    1 if state["state"] == candidate else 0
+                )
+        self.pending_rows.set(pending_rows)
+        return generate_latest(self.registry)

@@ -1,0 +1,106 @@
+"""The gateway's tables (SQLAlchemy Core), shared by SQLite and PostgreSQL.
+
+Times are integer milliseconds since the Unix epoch (``*_ms``); credits are integer
+micro-credits (``*_micro``: 1 credit = 1 000 000), exact on both dialects. The migrations in
+``addons/gateway_mode/migrations`` create exactly these tables; ``tests/test_gateway_db.py``
+checks that they agree.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+)
+
+#: SQLite only auto-increments an ``INTEGER PRIMARY KEY``; PostgreSQL gets a BIGINT identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData()
+
+#: A team member. Quotas: 0 = unlimited. Token quotas count ``total_tokens``.
+members = Table(
+    "members",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("five_hour_quota", BigInteger, nullable=False, default=0),
+    Column("weekly_quota", BigInteger, nullable=False, default=0),
+    Column("five_hour_credits_micro", BigInteger, nullable=False, default=0),
+    Column("weekly_credits_micro", BigInteger, nullable=False, default=0),
+    Column("max_concurrent", Integer, nullable=False, default=0),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+#: A member key: only its SHA-256 (hex) is stored; ``id`` is public (``list-keys``).
+member_keys = Table(
+    "member_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("member_id", BigId, ForeignKey("members.id"), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("last_used_ms", BigInteger, nullable=True),
+    Column("revoked_ms", BigInteger, nullable=True),
+)
+
+#: The usage ledger: one row per forwarded request. ``row_id`` (a UUID made by the gateway)
+#: makes a re-sent row (after a database outage) land once.
+usage = Table(
+    "usage",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("row_id", String(36), nullable=False, unique=True),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("member_id", BigId, ForeignKey("members.id"), nullable=False),
+    Column("key_id", String(32), nullable=False),
+    Column("upstream_key", String(64), nullable=True),
+    Column("model", String(200), nullable=True),
+    Column("route", String(64), nullable=False),
+    Column("status", Integer, nullable=True),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    Column("total_tokens", BigInteger, nullable=False, default=0),
+    #: ``NULL``: unpriced (the rate card has no entry for the model).
+    Column("credits_micro", BigInteger, nullable=True),
+    Column("rate", String(200), nullable=True),
+    Column("service_tier", String(32), nullable=True),
+    Column("duration_ms", Integer, nullable=True),
+    Column("ttfb_ms", Integer, nullable=True),
+    Column("events", Integer, nullable=False, default=0),
+    Column("attempts", Integer, nullable=False, default=1),
+    Column("error", String(500), nullable=True),
+    Column("instance", String(64), nullable=False),
+    Index("usage_member_ts", "member_id", "ts_ms"),
+)
+
+#: Concurrency slots: one row per request in flight; a crashed instance's rows expire.
+leases = Table(
+    "leases",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("member_id", BigId, ForeignKey("members.id"), nullable=False),
+    Column("instance", String(64), nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Index("leases_member", "member_id"),
+)
+
+#: Upstream key health by name (the keys themselves never reach the database).
+upstream_keys = Table(
+    "upstream_keys",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("cooling_until_ms", BigInteger, nullable=True),
+    Column("reason", String(200), nullable=True),
+    Column("instance", String(64), nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+)

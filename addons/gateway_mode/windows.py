@@ -1,0 +1,112 @@
+"""Quota windows: rolling 5-hour and 7-day sums and when enough usage leaves them (pure).
+
+A limit admits a request while the member's usage inside the window is below the limit
+(``used < limit``). Requests already in flight are not counted until they end, so a window
+can be overshot by what the member's concurrent requests use (README, "Gateway quotas").
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+HOUR_MS = 3_600_000
+FIVE_HOURS_MS = 5 * HOUR_MS
+WEEK_MS = 7 * 24 * HOUR_MS
+MICRO = 1_000_000
+
+_SINCE = re.compile(r"(\d+)\s*([smhdw])")
+_UNIT_MS = {"s": 1000, "m": 60_000, "h": HOUR_MS, "d": 24 * HOUR_MS, "w": 7 * 24 * HOUR_MS}
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One of a member's limits: ``column`` of the member row (``five_hour_quota``...),
+    ``kind`` (``tokens`` or ``credits``), ``window_ms``, and ``limit`` in tokens or
+    micro-credits (0 = unlimited, never built)."""
+
+    column: str
+    kind: str
+    window_ms: int
+    limit: int
+
+    @property
+    def label(self) -> str:
+        window = "5-hour" if self.window_ms == FIVE_HOURS_MS else "weekly"
+        return f"{window} {'credit' if self.kind == 'credits' else 'token'} quota"
+
+
+LIMIT_COLUMNS = (
+    ("five_hour_quota", "tokens", FIVE_HOURS_MS),
+    ("weekly_quota", "tokens", WEEK_MS),
+    ("five_hour_credits_micro", "credits", FIVE_HOURS_MS),
+    ("weekly_credits_micro", "credits", WEEK_MS),
+)
+
+
+def limits_of(member: dict[str, int]) -> list[Limit]:
+    """The non-zero limits of a member row (a mapping with the ``LIMIT_COLUMNS`` keys)."""
+    return [
+        Limit(column, kind, window, int(member[column]))
+        for column, kind, window in LIMIT_COLUMNS
+        if member.get(column)
+    ]
+
+
+def reset_in_ms(rows: Iterable[tuple[int, int]], limit: int, window_ms: int, now_ms: int) -> int:
+    """Milliseconds until usage in the window drops below ``limit``.
+
+    ``rows`` are ``(ts_ms, amount)`` inside the window, in any order. Oldest rows leave first,
+    each at ``ts_ms + window_ms``. Returns at least 1000 (a Retry-After of 1 s); when even an
+    empty window would not suffice (cannot happen for ``limit > 0``), the whole window.
+    """
+    ordered = sorted(rows)
+    remaining = sum(amount for _, amount in ordered)
+    for ts, amount in ordered:
+        if remaining < limit:
+            break
+        remaining -= amount
+        if remaining < limit:
+            return max(1000, ts + window_ms - now_ms)
+    if remaining < limit:
+        return 1000
+    return window_ms
+
+
+def retry_after_seconds(ms: int) -> int:
+    """A ``Retry-After`` value: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(ms / 1000))
+
+
+def parse_since(value: str, now_ms: int) -> int:
+    """``--since``: ``5h``, ``7d``, ``30m``, ``2w``, ``90s`` before ``now_ms``, or an ISO-8601
+    time (naive means UTC). Returns epoch milliseconds.
+
+    Raises:
+        ValueError: for anything else.
+    """
+    text = value.strip()
+    match = _SINCE.fullmatch(text)
+    if match:
+        return now_ms - int(match.group(1)) * _UNIT_MS[match.group(2)]
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"--since: expected e.g. 5h, 7d or an ISO-8601 time, got {value!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def iso(ms: int | None) -> str | None:
+    """Epoch milliseconds as ISO-8601 UTC (seconds precision), ``None`` passes through."""
+    if ms is None:
+        return None
+    return (
+        dt.datetime.fromtimestamp(ms / 1000, dt.UTC).replace(microsecond=0).isoformat()
+    ).replace("+00:00", "Z")

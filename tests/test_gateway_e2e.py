@@ -1,0 +1,384 @@
+"""Gateway mode end to end: the real ``./run.sh gateway`` processes, a fake upstream that
+answers per upstream key, real clients (http.client, the Codex CLI), SQLite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from mitmproxy import io as mitm_io
+
+from tests.conftest import ROOT, open_stream, wait_for
+from tests.gateway_harness import CODEX_HEADERS, UPSTREAM_KEYS, Gateway, bearer
+
+pytestmark = pytest.mark.e2e
+
+CODEX_MODEL = {"model": "gpt-5.3-codex", "stream": True, "input": "hi"}
+#: The fake upstream's default stream: usage of one request (tests/fake_upstream.py).
+TOKENS = {"input": 42, "cached": 8, "output": 17, "reasoning": 5, "total": 59}
+#: gpt-5.3-codex: ((42-8)*43.75 + 8*4.375 + 17*350) / 1e6 credits.
+CREDITS = (34 * 43.75 + 8 * 4.375 + 17 * 350) / 1e6
+
+
+def members(gw: Gateway, *specs: tuple[str, ...]) -> dict[str, str]:
+    keys = {}
+    for name, *flags in specs:
+        gw.admin("add-member", name, *flags)
+        keys[name] = gw.add_key(name)
+    return keys
+
+
+def error_of(body: bytes) -> dict:
+    return json.loads(body)["error"]
+
+
+def test_member_keys_are_required_and_never_forwarded(gateway, upstream):
+    keys = members(gateway, ("alice",))
+    server = gateway.serve(upstream.url)
+    revoked_key = gateway.add_key("alice")
+    cases = {
+        "none": {},
+        "other scheme": {"authorization": "Basic YWxpY2U6eA=="},
+        "malformed": {"authorization": "Bearer sk-codex-gw-short"},
+        "sql": {"authorization": "Bearer sk-codex-gw-' OR 1=1; DROP TABLE members; --"},
+        "oversized": {"authorization": "Bearer sk-codex-gw-" + "A" * 60_000},
+        "unknown": {"authorization": "Bearer sk-codex-gw-" + "B" * 43},
+        "two": {"authorization": f"Bearer {keys['alice']}, Bearer {keys['alice']}"},
+    }
+    for what, headers in cases.items():
+        status, _, body = server.post_json(CODEX_MODEL, {**CODEX_HEADERS, **headers})
+        assert status in (400, 401, 431), what
+        if status == 401:
+            assert error_of(body)["code"] in ("missing_member_key", "invalid_member_key"), what
+    assert upstream.requests == []
+    # A key works, then is revoked: refused within the refresh interval.
+    assert server.post_json(CODEX_MODEL, bearer(revoked_key))[0] == 200
+    key_id = gateway.admin("list-keys", "alice").stdout.splitlines()[-1].split()[0]
+    gateway.admin("revoke-key", key_id)
+    wait_for(lambda: server.post_json(CODEX_MODEL, bearer(revoked_key))[0] == 401, 10, "revocation")
+    assert server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
+    for request in upstream.requests:
+        assert request.header_values("authorization")[0] in {
+            f"Bearer {v}" for v in UPSTREAM_KEYS.values()
+        }
+        assert "sk-codex-gw" not in json.dumps(request.headers)
+
+
+def test_routes_and_the_codex_only_filter(gateway, upstream):
+    keys = members(gateway, ("alice",))
+    server = gateway.serve(upstream.url)
+    auth = bearer(keys["alice"])
+    for method, target in [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/responses?x=1"),
+        ("POST", "/v1/chat/completions"),
+    ]:
+        assert server.request(method, target, b"{}", auth)[0] == 403
+    assert upstream.requests == []
+    # /v1/responses/compact is a gateway route.
+    status, _, _ = server.request(
+        "POST", "/v1/responses/compact", json.dumps({"model": "gpt-5.3-codex"}).encode(), auth
+    )
+    assert status == 200 and upstream.requests[-1].path_qs == "/v1/responses/compact"
+    plain = {"authorization": f"Bearer {keys['alice']}", "user-agent": "curl/8"}
+    status, _, body = server.post_json({"model": "gpt-4o", "stream": True}, plain)
+    assert status == 403 and error_of(body)["code"] == "not_codex"
+    # Any one sign is enough: the model's name, or Codex's session header.
+    assert server.post_json({"model": "gpt-5-codex", "stream": True}, plain)[0] == 200
+    assert server.post_json({"model": "gpt-4o"}, {**plain, "session-id": "s"})[0] == 200
+
+
+def test_token_quota_429_with_retry_after_while_others_are_served(gateway, upstream):
+    keys = members(gateway, ("alice", "--five-hour-quota", "100"), ("bob",))
+    server = gateway.serve(upstream.url)
+    for _ in range(2):
+        assert server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
+    status, headers, body = server.post_json(CODEX_MODEL, bearer(keys["alice"]))
+    assert status == 429
+    error = error_of(body)
+    assert error["code"] == "quota_exceeded" and error["limit"] == "five_hour_quota"
+    assert error["used"] == 2 * TOKENS["total"] and error["allowed"] == 100
+    assert 5 * 3600 - 60 <= int(headers["retry-after"]) <= 5 * 3600
+    assert "5-hour token quota" in error["message"] and error["resets_at"].endswith("Z")
+    assert len(upstream.requests) == 2  # refused before anything went upstream
+    assert server.post_json(CODEX_MODEL, bearer(keys["bob"]))[0] == 200
+    gateway.admin("set-member", "alice", "--five-hour-quota", "0")
+    wait_for(lambda: server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200, 10, "lift")
+
+
+def test_credit_quota_priority_costs_twice_and_usage_shows_credits(gateway, upstream):
+    keys = members(gateway, ("carol", "--five-hour-credits", "0.02"), ("dave",))
+    server = gateway.serve(upstream.url)
+    assert server.post_json(CODEX_MODEL, bearer(keys["carol"]))[0] == 200
+    priority = {**CODEX_MODEL, "service_tier": "priority"}
+    assert server.post_json(priority, bearer(keys["carol"]))[0] == 200
+    # CREDITS + 2 x CREDITS = 0.0224 >= 0.02 (at 1x it would be 0.0149 and pass).
+    wait_for(lambda: gateway.usage()["total"]["requests"] == 2, 10, "rows")
+    status, headers, body = server.post_json(CODEX_MODEL, bearer(keys["carol"]))
+    assert status == 429 and int(headers["retry-after"]) > 0
+    error = error_of(body)
+    assert error["kind"] == "credits" and error["limit"] == "five_hour_credits"
+    assert error["used"] == pytest.approx(3 * CREDITS, abs=5e-6) and error["allowed"] == 0.02
+    assert "credit quota" in error["message"]
+    assert server.post_json(CODEX_MODEL, bearer(keys["dave"]))[0] == 200
+    # A model the card cannot price is refused for a member with a credit quota, not free.
+    status, _, body = server.post_json({"model": "codex-unknown"}, bearer(keys["carol"]))
+    assert status == 403 and "credits.rates" in error_of(body)["message"]
+    assert server.post_json({"model": "codex-unknown"}, bearer(keys["dave"]))[0] == 200
+    wait_for(lambda: gateway.usage()["total"]["requests"] == 4, 10, "rows")
+    usage = {m["member"]: m for m in gateway.usage()["members"]}
+    assert usage["carol"]["credits"] == pytest.approx(3 * CREDITS, abs=5e-6)
+    assert usage["carol"]["usd"] == pytest.approx(3 * CREDITS * 0.04, abs=1e-4)
+    assert usage["dave"]["unpriced"] == 1 and usage["dave"]["requests"] == 2
+    assert usage["carol"]["total_tokens"] == 2 * TOKENS["total"]
+    total = gateway.usage()["total"]
+    assert total["credits"] == pytest.approx(4 * CREDITS, abs=5e-6)
+    text = gateway.admin("usage").stdout
+    assert "carol" in text and "1 request(s) unpriced" in text
+
+
+def test_concurrency_limit(gateway, upstream):
+    import threading
+
+    keys = members(gateway, ("erin", "--max-concurrent", "1"), ("frank",))
+    server = gateway.serve(upstream.url)
+    upstream.gate = threading.Event()
+    conn, first = open_stream(server.port, CODEX_MODEL, headers=bearer(keys["erin"]))
+    try:
+        assert first.status == 200
+        status, _, body = server.post_json(CODEX_MODEL, bearer(keys["erin"]))
+        assert status == 429 and error_of(body)["code"] == "concurrency_limit"
+        upstream.gate.set()
+        assert b"response.completed" in first.read()
+    finally:
+        conn.close()
+    wait_for(lambda: server.post_json(CODEX_MODEL, bearer(keys["erin"]))[0] == 200, 10, "slot")
+
+
+def test_key_pool_retries_cools_down_disables_and_runs_out(gateway, upstream):
+    keys = members(gateway, ("alice",))
+    server = gateway.serve(
+        upstream.url, keys="alpha " + UPSTREAM_KEYS["alpha"] + "\n" + UPSTREAM_KEYS["beta"] + "\n"
+    )
+    upstream.key_status = {UPSTREAM_KEYS["alpha"]: 429}
+    upstream.key_retry_after = "30"
+    status, _, body = server.post_json(CODEX_MODEL, bearer(keys["alice"]))
+    assert status == 200 and b"response.completed" in body  # the same request, on key-2
+    used = [r.header_values("authorization")[0].split()[1] for r in upstream.requests]
+    assert used == [UPSTREAM_KEYS["alpha"], UPSTREAM_KEYS["beta"]]
+    health = json.loads(server.request("GET", "/health")[2])
+    assert health["upstream_keys"] == {"healthy": ["key-2"], "cooling": ["alpha"], "disabled": []}
+    # The cooling key is not tried again: one upstream request per client request.
+    assert server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
+    assert len(upstream.requests) == 3
+    # key-2 starts answering 401: disabled; alpha still cooling -> 503 with Retry-After.
+    upstream.key_status[UPSTREAM_KEYS["beta"]] = 401
+    status, headers, body = server.post_json(CODEX_MODEL, bearer(keys["alice"]))
+    assert status == 401  # the upstream's reply: no other key to try
+    status, headers, body = server.post_json(CODEX_MODEL, bearer(keys["alice"]))
+    assert status == 503 and error_of(body)["code"] == "no_upstream_key"
+    assert 1 <= int(headers["retry-after"]) <= 30
+    health = json.loads(server.request("GET", "/health")[2])
+    assert health["ok"] is False and health["upstream_keys"]["disabled"] == ["key-2"]
+    log = server.output()
+    assert "key-2 disabled" in log and "alpha cooling down" in log
+    wait_for(lambda: gateway.usage()["total"]["requests"] == 3, 10, "rows")
+    rows = {r["upstream_key"] for r in _rows(gateway)}
+    assert rows == {"key-2"}
+
+
+def _rows(gw: Gateway) -> list[dict]:
+    from addons.gateway_mode.database import Database
+
+    db = Database(gw.database)
+    try:
+        return db.usage_rows(0)
+    finally:
+        db.dispose()
+
+
+def test_a_stream_that_started_is_never_retried(gateway, upstream):
+    keys = members(gateway, ("alice",))
+    server = gateway.serve(upstream.url)
+    upstream.fault, upstream.fault_after = "truncate", 3
+    conn, response = open_stream(server.port, CODEX_MODEL, headers=bearer(keys["alice"]))
+    try:
+        assert response.status == 200
+        with pytest.raises(Exception):  # noqa: B017 - http.client's IncompleteRead
+            response.read()
+    finally:
+        conn.close()
+    wait_for(lambda: gateway.usage()["total"]["requests"] == 1, 10, "row")
+    assert len(upstream.requests) == 1
+    (row,) = _rows(gateway)
+    assert row["error"] and row["attempts"] == 1 and row["total_tokens"] == 0
+
+
+def test_health_metrics_and_the_usage_row(gateway, upstream):
+    keys = members(gateway, ("alice",))
+    server = gateway.serve(upstream.url)
+    assert server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
+    status, headers, body = server.request("GET", "/health")
+    assert status == 200 and json.loads(body)["database"] is True
+    wait_for(lambda: gateway.usage()["total"]["requests"] == 1, 10, "row")
+    (row,) = _rows(gateway)
+    assert row["member"] == "alice" and row["model"] == "gpt-5.3-codex"
+    assert (row["input_tokens"], row["cached_tokens"], row["output_tokens"]) == (42, 8, 17)
+    assert (row["reasoning_tokens"], row["total_tokens"], row["status"]) == (5, 59, 200)
+    assert row["credits_micro"] == round(CREDITS * 1e6) and row["rate"] == "gpt-5.3-codex"
+    assert row["events"] > 5 and row["duration_ms"] >= 0 and row["ttfb_ms"] is not None
+    assert row["key_id"].startswith("mk_") and row["upstream_key"] in UPSTREAM_KEYS
+    status, headers, body = server.request("GET", "/metrics")
+    text = body.decode()
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert 'codex_gateway_tokens_total{kind="total",member="alice"} 59.0' in text
+    assert 'codex_gateway_credits_total{member="alice",model="gpt-5.3-codex"}' in text
+    assert 'codex_gateway_requests_total{route="/v1/responses",status="200"} 1.0' in text
+    assert "codex_gateway_upstream_key_state" in text and "codex_gateway_in_flight 0.0" in text
+
+
+def test_no_key_appears_in_any_artifact(gateway, upstream, tmp_path):
+    keys = members(gateway, ("alice",))
+    record = tmp_path / "rec"
+    server = gateway.serve(upstream.url, "--record", str(record), "--set", "flow_detail=4")
+    upstream.key_status = {UPSTREAM_KEYS["alpha"]: 429}
+    for _ in range(3):
+        assert server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
+    server.post_json(CODEX_MODEL, {"authorization": "Bearer sk-codex-gw-" + "Z" * 43})
+    metrics = server.request("GET", "/metrics")[2]
+    assert server.shutdown() == 0
+    places = {str(p): p.read_bytes() for p in record.rglob("*") if p.is_file()}
+    places["stdout"] = server.stdout_path.read_bytes()
+    places["stderr"] = server.stderr_path.read_bytes()
+    places["metrics"] = metrics
+    places["usage"] = gateway.admin("usage", "--json").stdout.encode()
+    places["usage table"] = gateway.admin("usage").stdout.encode()
+    places["list-keys"] = gateway.admin("list-keys").stdout.encode()
+    places["database"] = (tmp_path / "gateway.db").read_bytes() + b"".join(
+        p.read_bytes() for p in tmp_path.glob("gateway.db-*")
+    )
+    secrets = [*UPSTREAM_KEYS.values(), keys["alice"], "Z" * 43]
+    assert any(p.endswith("flows.mitm") for p in places) and any(p.endswith(".har") for p in places)
+    for name, data in places.items():
+        for secret in secrets:
+            assert secret.encode() not in data, f"a key in {name}"
+    with open(record / "flows.mitm", "rb") as f:
+        flows = [fl for fl in mitm_io.FlowReader(f).stream() if fl.request.method == "POST"]
+    assert flows and all(
+        fl.request.headers.get("authorization") in (None, "[REDACTED]") for fl in flows
+    )
+
+
+def test_serve_refuses_bad_upstream_keys_and_an_uninitialised_database(tmp_path):
+    gw = Gateway(tmp_path)
+    proc = subprocess.run(
+        gw.cmd("serve", "--upstream-url", "http://127.0.0.1:9/v1/responses"),
+        input=b"k sk-x\n",
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2 and b"gateway init" in proc.stderr
+    gw.admin("init")
+    for keys, message in [(b"", b"must be provided"), (b"n sk-SECRET$\n", b"may only contain")]:
+        proc = subprocess.run(
+            gw.cmd("serve", "--upstream-url", "http://127.0.0.1:9/v1/responses"),
+            input=keys,
+            capture_output=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 1 and message in proc.stderr and b"SECRET" not in proc.stderr
+    proc = subprocess.run(
+        gw.cmd("serve", "--listen-host", "0.0.0.0"),
+        input=b"k sk-x\n",
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2 and b"--insecure-listen" in proc.stderr
+
+
+def test_add_key_prints_the_key_alone_as_the_last_line(gateway):
+    gateway.admin("add-member", "alice")
+    proc = gateway.admin("add-key", "alice")
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sk-codex-gw-")
+    assert lines[0] not in gateway.admin("list-keys").stdout
+    assert gateway.admin("add-member", "x;rm -rf /", check=False).returncode == 2
+    assert gateway.admin("add-key", "nobody", check=False).returncode == 2
+
+
+@pytest.mark.codex
+def test_codex_cli_with_a_member_key(gateway, upstream, codex, tmp_path):
+    keys = members(gateway, ("alice",))
+    server = gateway.serve(upstream.url)
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    config = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "addons.codex_config",
+            "--server-info",
+            str(server.info_path),
+            "--model",
+            "gpt-5.3-codex",
+            "--gateway",
+            "--toml-only",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    assert 'env_key = "CODEX_GATEWAY_KEY"' in config and "supports_websockets = false" in config
+    (home / "config.toml").write_text(config)
+    result = _run_codex_with_key(codex, home, work, keys["alice"])
+    out = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, out + result.stderr.decode(errors="replace")
+    assert upstream.text in out
+    assert upstream.requests, "nothing reached the upstream"
+    for request in upstream.requests:
+        assert request.header_values("authorization")[0] in {
+            f"Bearer {v}" for v in UPSTREAM_KEYS.values()
+        }
+        assert keys["alice"].encode() not in request.body
+        assert keys["alice"] not in json.dumps(request.headers)
+    wait_for(lambda: gateway.usage()["total"]["requests"] == len(upstream.requests), 10, "rows")
+    total = gateway.usage("--member", "alice")["total"]
+    assert total["total_tokens"] == TOKENS["total"] * len(upstream.requests)
+    assert total["credits"] > 0
+
+
+def _run_codex_with_key(binary: str, home, work, key: str):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
+    env["CODEX_HOME"] = str(home)
+    env["CODEX_GATEWAY_KEY"] = key
+    return subprocess.run(
+        [binary, "exec", "--skip-git-repo-check", "--json", "Say hello"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=180,
+        cwd=work,
+        env=env,
+    )
+
+
+def test_usage_since_and_member_filters(gateway, upstream):
+    keys = members(gateway, ("alice",), ("bob",))
+    server = gateway.serve(upstream.url)
+    assert server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
+    wait_for(lambda: gateway.usage()["total"]["requests"] == 1, 10, "row")
+    assert gateway.usage("--member", "bob")["total"]["requests"] == 0
+    assert gateway.usage("--since", "2099-01-01T00:00:00Z")["total"]["requests"] == 0
+    assert gateway.usage("--since", "5h")["members"][0]["member"] == "alice"
+    assert gateway.admin("usage", "--member", "zed", check=False).returncode == 2
+    time.sleep(0)

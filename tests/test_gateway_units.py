@@ -1,0 +1,503 @@
+"""Gateway mode, unit level: member keys, windows, the key pool, the database, config."""
+
+from __future__ import annotations
+
+import io
+from decimal import Decimal
+from fractions import Fraction
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from addons.gateway_mode import keypool, members, windows
+from addons.gateway_mode.config import load_gateway_config, parse_gateway_config
+from addons.gateway_mode.database import Database, DatabaseError, parse_database_url
+from addons.gateway_mode.schema import metadata
+from tests.conftest import ROOT
+
+# -- member keys --------------------------------------------------------------------------------
+
+
+def test_new_member_keys_have_the_documented_shape_and_differ() -> None:
+    keys = {members.new_member_key() for _ in range(50)}
+    assert len(keys) == 50
+    assert all(members.KEY_PATTERN.fullmatch(k) for k in keys)
+    assert all(k.startswith("sk-codex-gw-") and len(k) == 55 for k in keys)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        "",
+        "Bearer",
+        "Basic sk-codex-gw-" + "a" * 43,
+        "Bearer sk-codex-gw-" + "a" * 42,
+        "Bearer sk-codex-gw-" + "a" * 44,
+        "Bearer sk-codex-gw-" + "a" * 42 + "'",
+        "Bearer sk-codex-gw-' OR '1'='1'; DROP TABLE members; --",
+        "Bearer sk-codex-gw-" + "a" * 43 + " extra",
+        "Bearer  sk-codex-gw-" + "a" * 43,
+        "Bearer sk-codex-gw-" + "a" * 5000,
+        "Bearer sk-test-other-key",
+    ],
+)
+def test_malformed_member_keys_are_not_keys(value: str | None) -> None:
+    assert members.bearer_member_key(value) is None
+
+
+def test_a_well_formed_member_key_is_read_in_any_scheme_case() -> None:
+    key = members.new_member_key()
+    assert members.bearer_member_key(f"Bearer {key}") == key
+    assert members.bearer_member_key(f"bearer {key}") == key
+
+
+def test_key_hash_is_sha256_hex_and_compared_in_constant_time() -> None:
+    digest = members.key_hash("sk-codex-gw-x")
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    assert members.same_hash(digest, members.key_hash("sk-codex-gw-x"))
+    assert not members.same_hash(digest, members.key_hash("sk-codex-gw-y"))
+
+
+@pytest.mark.parametrize(
+    "name", ["", "-x", "a b", "a;b", "x" * 65, "robert'); DROP TABLE members;--", "é", "a\nb"]
+)
+def test_hostile_member_names_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid member name"):
+        members.check_name(name)
+
+
+@pytest.mark.parametrize("name", ["alice", "ci-runner.7", "bob@example.com", "A" * 64])
+def test_member_names(name: str) -> None:
+    assert members.check_name(name) == name
+
+
+# -- quota windows ------------------------------------------------------------------------------
+
+
+def test_reset_is_when_the_oldest_rows_have_left_the_window() -> None:
+    now = 10 * windows.HOUR_MS
+    rows = [(now - 4 * windows.HOUR_MS, 60), (now - 1 * windows.HOUR_MS, 50)]
+    # 110 used, limit 100: the first row (60) must leave: at its time + 5 h = now + 1 h.
+    assert windows.reset_in_ms(rows, 100, windows.FIVE_HOURS_MS, now) == windows.HOUR_MS
+    # limit 40: both must leave; the second leaves at now + 4 h.
+    assert windows.reset_in_ms(rows, 40, windows.FIVE_HOURS_MS, now) == 4 * windows.HOUR_MS
+    assert windows.retry_after_seconds(1) == 1
+    assert windows.retry_after_seconds(3_600_001) == 3601
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, windows.FIVE_HOURS_MS - 1), st.integers(1, 10_000)), max_size=30
+    ),
+    st.integers(1, 50_000),
+)
+def test_after_the_reset_time_usage_is_below_the_limit(
+    rows: list[tuple[int, int]], limit: int
+) -> None:
+    now = windows.FIVE_HOURS_MS
+    wait = windows.reset_in_ms(rows, limit, windows.FIVE_HOURS_MS, now)
+    later = now + wait
+    left = sum(a for ts, a in rows if ts + windows.FIVE_HOURS_MS > later)
+    assert left < limit or wait == windows.FIVE_HOURS_MS
+    assert wait >= 1000
+
+
+def test_since_values() -> None:
+    now = 1_000 * windows.WEEK_MS
+    assert windows.parse_since("5h", now) == now - windows.FIVE_HOURS_MS
+    assert windows.parse_since("7d", now) == now - windows.WEEK_MS
+    assert windows.parse_since("2026-12-01T00:00:00Z", now) == 1_796_083_200_000
+    assert windows.parse_since("2026-12-01T00:00:00", now) == 1_796_083_200_000
+    with pytest.raises(ValueError, match="--since"):
+        windows.parse_since("yesterday", now)
+
+
+# -- upstream key pool --------------------------------------------------------------------------
+
+
+def test_upstream_keys_from_stdin_named_or_bare() -> None:
+    keys = keypool.read_upstream_keys(
+        io.BytesIO(b"main sk-a_1\n\n# comment\nsk-b-2\r\nspare sk-c\n")
+    )
+    assert [k.name for k in keys] == ["main", "key-2", "spare"]
+    assert keys[0].header_value() == "Bearer sk-a_1"
+    assert "sk-a_1" not in repr(keys[0]) and "sk-a_1" not in str(keys)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "must be provided"),
+        (b"\n\n", "must be provided"),
+        (b"a b c\n", "line 1: expected NAME KEY"),
+        (b"ok sk-1\nbad! sk-SECRETVALUE\n", "line 2: a key name"),
+        (b"n sk-SECRET$VALUE\n", "line 1: API key may only contain"),
+        (b"n " + b"k" * 1017 + b"\n", "longer than 1016"),
+        (b"n sk-1\nn sk-2\n", "duplicate key name 'n'"),
+    ],
+)
+def test_bad_key_lists_are_refused_without_echoing_them(data: bytes, message: str) -> None:
+    with pytest.raises(keypool.UpstreamKeyError, match=message) as info:
+        keypool.read_upstream_keys(io.BytesIO(data))
+    assert "SECRET" not in str(info.value)
+
+
+def _pool(*names: str) -> keypool.KeyPool:
+    pool = keypool.KeyPool()
+    pool.set_keys([keypool.UpstreamKey(n, bytearray(b"sk-" + n.encode())) for n in names])
+    return pool
+
+
+def test_pick_prefers_the_least_busy_key_and_keeps_a_session_on_its_key() -> None:
+    pool = _pool("a", "b")
+    first = pool.pick("s1")
+    assert first is not None
+    other = pool.pick("s2")
+    assert other is not None and other.name != first.name  # least in flight
+    again = pool.pick("s1")
+    assert again is not None and again.name == first.name  # sticky while healthy
+    pool.cool_down(first, 30, "429")
+    moved = pool.pick("s1")
+    assert moved is not None and moved.name == other.name
+    assert pool.status().cooling == [first.name]
+
+
+def test_disabled_and_cooling_keys_are_not_picked_and_cooling_ends() -> None:
+    pool = _pool("a", "b")
+    pool.disable(pool.keys[0], "401")
+    pool.cool_down(pool.keys[1], 0.05, "429")
+    assert pool.pick(None) is None
+    status = pool.status()
+    assert status.disabled == ["a"] and status.cooling == ["b"] and status.next_ready_s
+    import time
+
+    time.sleep(0.06)
+    picked = pool.pick(None)
+    assert picked is not None and picked.name == "b"
+    assert pool.pick(None, exclude={"b"}) is None
+
+
+# -- database -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db(tmp_path) -> Database:
+    database = Database(f"sqlite:///{tmp_path / 'g.db'}")
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+def test_migrations_build_exactly_the_declared_schema(db: Database) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == []
+    assert db.migrate() == "0001"  # idempotent
+
+
+def test_an_uninitialised_database_is_refused_with_the_fix(tmp_path) -> None:
+    fresh = Database(f"sqlite:///{tmp_path / 'new.db'}")
+    with pytest.raises(DatabaseError, match="gateway init"):
+        fresh.check_schema()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://u:secret@h/db", "must not carry a password"),
+        ("mysql://u@h/db", "unsupported database"),
+        ("nonsense", "not a database URL"),
+    ],
+)
+def test_database_urls(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        parse_database_url(url)
+    assert "secret" not in str(info.value)
+    assert parse_database_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
+
+
+def test_members_keys_and_revocation(db: Database) -> None:
+    db.add_member("alice", five_hour_quota=10)
+    with pytest.raises(DatabaseError, match="already exists"):
+        db.add_member("alice")
+    key_id, key = db.add_key("alice")
+    (entry,) = db.directory()
+    assert entry["key_hash"] == members.key_hash(key) and entry["five_hour_quota"] == 10
+    with db.engine.connect() as conn:
+        stored = conn.execute(sa.text("select * from member_keys")).all()
+    assert key not in repr(stored)
+    db.revoke_key(key_id)
+    assert db.directory() == []
+    assert db.list_keys("alice")[0]["revoked_ms"] is not None
+    with pytest.raises(DatabaseError, match="no key"):
+        db.revoke_key("mk_nope")
+    with pytest.raises(DatabaseError, match="no member"):
+        db.add_key("bob")
+
+
+def test_leases_cap_concurrency_and_expire(db: Database) -> None:
+    member_id = db.add_member("carol", max_concurrent=2)
+    a, _ = db.acquire_lease(member_id, 2, "i1", 60_000)
+    b, _ = db.acquire_lease(member_id, 2, "i2", 60_000)
+    assert a and b
+    assert db.acquire_lease(member_id, 2, "i1", 60_000) == (None, 2)
+    db.release_leases([a])
+    c, active = db.acquire_lease(member_id, 2, "i1", 1)  # expires at once
+    assert c and active == 2
+    import time
+
+    time.sleep(0.01)
+    d, active = db.acquire_lease(member_id, 2, "i1", 60_000)
+    assert d and active == 2  # c expired (a crashed instance's slot) and was reclaimed
+
+
+def _row(member_id: int, row_id: str, ts: int, total: int, credits: int | None) -> dict:
+    return {
+        "row_id": row_id,
+        "ts_ms": ts,
+        "member_id": member_id,
+        "key_id": "k",
+        "route": "/v1/responses",
+        "input_tokens": 0,
+        "cached_tokens": 0,
+        "output_tokens": 0,
+        "reasoning_tokens": 0,
+        "total_tokens": total,
+        "credits_micro": credits,
+        "events": 0,
+        "attempts": 1,
+        "instance": "t",
+    }
+
+
+def test_usage_rows_land_once_and_sum_per_window(db: Database) -> None:
+    member_id = db.add_member("dave")
+    now = 100 * windows.WEEK_MS
+    rows = [
+        _row(member_id, "r1", now - 1000, 10, 5),
+        _row(member_id, "r2", now - 6 * windows.HOUR_MS, 20, None),  # weekly only, unpriced
+        _row(member_id, "r3", now - 8 * 24 * windows.HOUR_MS, 40, 7),  # outside both
+    ]
+    db.insert_usage(rows)
+    db.insert_usage(rows)  # re-sent after an outage: no duplicates
+    assert len(db.usage_rows(0)) == 3
+    assert db.window_usage(member_id, now) == {
+        "five_hour": {"tokens": 10, "credits": 5},
+        "weekly": {"tokens": 30, "credits": 5},
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 10**7), st.integers(0, 10**6), st.integers(0, 10**6)),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_credits_stored_as_micro_credits_sum_without_drift(
+    usages: list[tuple[int, int, int]],
+) -> None:
+    from addons.credits import parse_rate_card
+
+    card = parse_rate_card(
+        {"rates": {"m": {"input": 43.75, "cached_input": 4.375, "output": 350.0}}}
+    )
+    micro = []
+    exact = Fraction(0)
+    for inp, cached, out in usages:
+        cached = min(cached, inp)
+        charge = card.charge("m", {"input": inp, "cached": cached, "output": out}, None)
+        assert charge is not None
+        micro.append(int(charge.credits * windows.MICRO))
+        exact += Fraction(charge.credits)
+    # integer micro-credits add up to exactly the sum of the per-row Decimal charges
+    assert Fraction(sum(micro), windows.MICRO) == exact
+    assert Decimal(sum(micro)) / windows.MICRO == sum(
+        (Fraction(m, windows.MICRO) for m in micro), Fraction(0)
+    )
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+def test_shipped_gateway_config_carries_todays_rate_card() -> None:
+    import yaml
+
+    config = load_gateway_config(str(ROOT / "config" / "gateway.yaml"))
+    shipped = yaml.safe_load((ROOT / "config" / "codex-rate-card.yaml").read_text())
+    assert config.credits["rates"] == shipped["rates"]
+    assert config.credits["fast_mode_multiplier"] == shipped["fast_mode_multiplier"]
+    assert config.credits["usd_per_credit"] == shipped["usd_per_credit"]
+    assert config.database_url().endswith("config/gateway.db")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("upstream_key: sk-x\n", "only read from stdin"),
+        ("max_attempts: 0\n", "max_attempts must be >= 1"),
+        ("max_attempts: true\n", "wrong type"),
+        ("credits: {rates: {m: {input: 1}}}\n", "needs exactly"),
+    ],
+)
+def test_bad_gateway_configs(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_gateway_config(text, "/x/gateway.yaml")
+
+
+# -- addons, with mitmproxy's test helpers ------------------------------------------------------
+
+
+def test_listen_policy_requires_tls_or_an_explicit_opt_in() -> None:
+    from addons.gateway_mode.tls import listen_policy
+
+    assert listen_policy("127.0.0.1", [], False) == "loopback"
+    assert listen_policy("::1", [], False) == "loopback"
+    assert listen_policy("0.0.0.0", ["*=/c.pem"], False) == "tls"
+    assert listen_policy("10.0.0.5", [], True) == "insecure"
+    with pytest.raises(ValueError, match="--insecure-listen"):
+        listen_policy("", [], False)
+
+
+def test_plain_http_is_refused_when_the_gateway_listens_with_tls() -> None:
+    from mitmproxy.test import taddons, tflow
+
+    from addons.gateway_mode.tls import ListenTls
+
+    addon = ListenTls()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, listen_host="0.0.0.0", certs=["*=/nonexistent.pem"])
+        assert addon.policy == "tls"
+        flow = tflow.tflow()
+        flow.request.headers["authorization"] = "Bearer sk-codex-gw-" + "a" * 43
+        flow.client_conn.timestamp_tls_setup = None
+        addon.requestheaders(flow)
+        assert flow.response is not None and flow.response.status_code == 403
+        assert "authorization" not in flow.request.headers
+        ok = tflow.tflow()
+        ok.client_conn.timestamp_tls_setup = 1.0
+        addon.requestheaders(ok)
+        assert ok.response is None
+
+
+@pytest.mark.parametrize(
+    ("ua", "headers", "model", "codex"),
+    [
+        ("codex_exec/0.171.0", {}, "gpt-4o", True),
+        ("curl/8", {"session-id": "s"}, "gpt-4o", True),
+        ("curl/8", {"thread-id": "t"}, None, True),
+        ("curl/8", {}, "GPT-5-Codex", True),
+        ("curl/8", {}, "gpt-4o", False),
+        (None, {}, None, False),
+    ],
+)
+def test_the_codex_client_rule(ua, headers, model, codex) -> None:
+    from mitmproxy.test import tflow
+
+    from addons.gateway_mode.codex_filter import looks_like_codex
+
+    request = tflow.tflow().request
+    if ua:
+        request.headers["user-agent"] = ua
+    for k, v in headers.items():
+        request.headers[k] = v
+    assert looks_like_codex(request, model) is codex
+
+
+@pytest.mark.parametrize(
+    ("upstream", "path", "url"),
+    [
+        (
+            "https://api.openai.com/v1/responses",
+            "/v1/responses",
+            "https://api.openai.com/v1/responses",
+        ),
+        (
+            "https://api.openai.com/v1/responses",
+            "/v1/responses/compact",
+            "https://api.openai.com/v1/responses/compact",
+        ),
+        (
+            "https://x.openai.azure.com/openai/responses?api-version=2025-04-01",
+            "/v1/responses/compact",
+            "https://x.openai.azure.com/openai/responses/compact?api-version=2025-04-01",
+        ),
+    ],
+)
+def test_route_urls(upstream: str, path: str, url: str) -> None:
+    from addons.gateway_mode.forward import route_url
+
+    assert route_url(upstream, path) == url
+
+
+def test_retry_after_is_read_in_seconds_and_bounded() -> None:
+    from mitmproxy.test import tutils
+
+    from addons.gateway_mode.forward import retry_after_s
+
+    response = tutils.tresp()
+    assert retry_after_s(response, 30) == 30
+    response.headers["retry-after"] = "12"
+    assert retry_after_s(response, 30) == 12
+    response.headers["retry-after"] = "99999"
+    assert retry_after_s(response, 30) == 3600
+    response.headers["retry-after"] = "Wed, 21 Oct 2015 07:28:00 GMT"
+    assert retry_after_s(response, 30) == 30
+    response.headers["retry-after"] = "nan"
+    assert retry_after_s(response, 30) == 30
+
+
+def test_reply_usage_from_sse_json_and_garbage() -> None:
+    import json as _json
+
+    from mitmproxy.test import tutils
+
+    from addons.gateway_mode.accounting import reply_usage
+    from tests.fake_upstream import encode_event, response_object, responses_sse_events
+
+    sse = tutils.tresp(headers=[(b"content-type", b"text/event-stream")])
+    sse.content = b"".join(encode_event(k, p) for k, p in responses_sse_events("hi", "m", "r1"))
+    usage, events, status = reply_usage(sse)
+    assert usage is not None and usage["total"] == 59 and events > 3 and status == "completed"
+    js = tutils.tresp(headers=[(b"content-type", b"application/json")])
+    js.content = _json.dumps(response_object("r2", "m", "hi")).encode()
+    assert reply_usage(js)[0] == usage
+    bad = tutils.tresp(headers=[(b"content-type", b"application/json")])
+    bad.content = b"{not json"
+    assert reply_usage(bad) == (None, 0, None)
+    assert reply_usage(None) == (None, 0, None)
+
+
+def test_member_auth_removes_the_key_and_answers_401(tmp_path) -> None:
+    import asyncio
+
+    from mitmproxy.test import taddons, tflow
+
+    from addons.common import ALLOWED
+    from addons.gateway_mode.auth import MemberAuth
+    from addons.gateway_mode.core import MEMBER, GatewayCore
+
+    core = GatewayCore()
+    key = members.new_member_key()
+    core.directory.load(
+        [{"key_id": "mk_1", "key_hash": members.key_hash(key), "member_id": 1, "member": "a"}]
+    )
+    addon = MemberAuth(core)
+    with taddons.context(addon):
+        for value, status in [(f"Bearer {key}", None), ("Bearer nope", 401), (None, 401)]:
+            flow = tflow.tflow()
+            flow.metadata[ALLOWED] = True
+            if value:
+                flow.request.headers["authorization"] = value
+            asyncio.run(addon.requestheaders(flow))
+            assert "authorization" not in flow.request.headers
+            assert (flow.response.status_code if flow.response else None) == status
+            assert (MEMBER in flow.metadata) is (status is None)
+            assert (ALLOWED in flow.metadata) is (status is None)
