@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and GET /v1/models (ours; off by default, as in the reference)",
     )
     parser.add_argument(
+        "--workers",
+        metavar="N",
+        default="1",
+        help="worker processes sharing the port (a number, or auto = the usable cores; "
+        "default 1: one process, as the reference)",
+    )
+    parser.add_argument(
         "--config",
         metavar="FILE",
         default=DEFAULT_CONFIG_PATH,
@@ -211,6 +218,9 @@ def main(
     try:
         config = resolve_config(ns)
         upstream = parse_upstream_url(config.upstream_url)
+        from addons.workers.supervisor import worker_count
+
+        workers = worker_count(ns.workers)
     except ValueError as e:
         parser.exit(EXIT_ARGS, f"{parser.prog}: error: {e}\n")
 
@@ -226,6 +236,17 @@ def main(
     except keyholder.ApiKeyError as e:
         sys.stderr.write(f"Error: {e}\n")
         return EXIT_KEY
+
+    if workers > 1:
+        from addons.workers import supervisor
+
+        secret = keyholder.API_KEY.secret_line()
+        keyholder.API_KEY.clear()  # the supervisor only keeps the line it hands each worker
+        return supervisor.run(
+            supervisor.Plan(
+                workers, "strict", mitmdump_args(config, upstream, ns.setoptions), secret
+            )
+        )
 
     from mitmproxy.tools.main import mitmdump
 

@@ -34,6 +34,23 @@ from addons.redaction import DEFAULT_EXTRA, extra_names, redact_fields
 logger = logging.getLogger(__name__)
 
 
+def next_seq(directory: str, start: int, step: int) -> int:
+    """The first free sequence number of the class ``start`` mod ``step`` in a dump directory:
+    after the highest ``NNNNNN-`` file of that class (a replaced worker's), else ``start``."""
+    highest = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return start
+    for name in names:
+        head = name.split("-", 1)[0]
+        if len(head) >= 6 and head.isdigit():
+            seq = int(head)
+            if seq % step == start % step:
+                highest = max(highest, seq)
+    return highest + step if highest >= start else start
+
+
 class _NonFinite(float):
     """NaN/Infinity read from a body. orjson refuses float subclasses (and would write plain
     NaN/inf as null), so a document holding one is rendered by the json module instead."""
@@ -286,6 +303,19 @@ class DumpWriter:
             "directory; created with mode 0700.",
         )
         loader.add_option(
+            "codex_dump_seq_start",
+            int,
+            1,
+            "First dump sequence number (set by --workers: worker i of N starts at i+1).",
+        )
+        loader.add_option(
+            "codex_dump_seq_step",
+            int,
+            1,
+            "Step between this process's dump sequence numbers (set by --workers: N, so each "
+            "worker has its own residue class and a replacement resumes after its predecessor).",
+        )
+        loader.add_option(
             "codex_dump_required",
             bool,
             False,
@@ -309,6 +339,13 @@ class DumpWriter:
                     self._thread = DumpThread(self._count)
             else:
                 self.directory = ""
+        if {"codex_dump_dir", "codex_dump_seq_start", "codex_dump_seq_step"} & updated:
+            start, step = ctx.options.codex_dump_seq_start, ctx.options.codex_dump_seq_step
+            if start < 1 or step < 1:
+                raise exceptions.OptionsError("codex_dump_seq_start and _step must be >= 1")
+            if step > 1 and self.directory:
+                start = next_seq(self.directory, start, step)
+            self._seq = itertools.count(start, step)
 
     # Hooks -------------------------------------------------------------------------------
 

@@ -145,6 +145,17 @@ class ApiKey:
             raise LookupError("no API key loaded")
         return self._header.decode("ascii")
 
+    def secret_line(self) -> bytearray:
+        """The key and a newline, as read from stdin: what ``--workers`` hands each worker
+        over its pipe (the caller zeroes it).
+
+        Raises:
+            LookupError: when no key has been set.
+        """
+        if not self._header:
+            raise LookupError("no API key loaded")
+        return bytearray(self._header[len(BEARER_PREFIX) :]) + b"\n"
+
     def matches(self, value: str) -> bool:
         """Whether ``value`` is exactly the header value we inject (used for redaction)."""
         return bool(self._header) and value.encode("ascii", "replace") == bytes(self._header)

@@ -163,6 +163,59 @@ def dump_links(record_dir: str, dump_dir: str) -> dict[int, tuple[str, str]]:
     return links
 
 
+def add_usd(summary: dict[str, Any], rate_card: RateCard | None) -> None:
+    """With a rate card, totals always carry credits (``"0"`` when nothing was priced) and
+    USD; without one, ``credits`` stays ``None``: no pricing."""
+    totals = summary["totals"]
+    if rate_card is not None:
+        totals["credits"] = totals.get("credits") or "0"
+        totals["usd"] = str(rate_card.usd(Decimal(totals["credits"])))
+
+
+def write_summary(
+    directory: str,
+    records: list[RequestRecord],
+    refused: list[dict[str, Any]],
+    rate_card: RateCard | None,
+    dump_dir: str,
+) -> None:
+    """Write ``summary.json``, ``summary.txt`` and ``report.html`` of a session into
+    ``directory`` and log the summary. Raises ``OSError`` when a file cannot be written."""
+    summary = summarize(records)
+    summary["refused"] = refused
+    add_usd(summary, rate_card)
+    write_file_atomically(
+        directory,
+        "summary.json",
+        (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode(),
+    )
+    text = human_summary(summary)
+    write_file_atomically(directory, "summary.txt", text.encode())
+    logger.warning("%s", text.rstrip())
+    full = summarize(records, keep_event_ms=True)
+    add_usd(full, rate_card)
+    page = render_report(full, refused, dump_links(directory, dump_dir))
+    write_file_atomically(directory, "report.html", page.encode())
+
+
+def append_line(path: str, line: str) -> None:
+    """Append one line with a single ``write(2)`` on an ``O_APPEND`` descriptor, so lines
+    from several worker processes never interleave. Raises ``OSError``."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        data = line.encode()
+        written = os.write(fd, data)
+        while written < len(data):  # regular files take it all at once; be safe anyway
+            written += os.write(fd, data[written:])
+    finally:
+        os.close(fd)
+
+
+#: In a worker's recording (``codex_record_part``), refusals go here as they happen; the
+#: supervisor merges them into the one summary.
+REFUSED_PART = ".refused.jsonl"
+
+
 class Recorder:
     """Writes the usage ledger and the session summary of a ``--record`` session.
 
@@ -187,6 +240,13 @@ class Recorder:
             str,
             "",
             "Write usage.jsonl while running and summary.json/summary.txt at exit here.",
+        )
+        loader.add_option(
+            "codex_record_part",
+            str,
+            "",
+            "Set by --workers: this worker writes usage.jsonl lines and refusals only; the "
+            "supervisor writes the one summary and report at exit.",
         )
         loader.add_option(
             "codex_rate_card",
@@ -218,45 +278,33 @@ class Recorder:
         response = flow.response
         if self.directory and flow.metadata.get(REFUSED) and response is not None:
             if response.status_code >= 400:  # not the 200 of GET /shutdown, also local
-                self.refused.append(refusal_of(flow))
+                refusal = refusal_of(flow)
+                self.refused.append(refusal)
+                if ctx.options.codex_record_part:
+                    try:
+                        append_line(
+                            os.path.join(self.directory, REFUSED_PART), json.dumps(refusal) + "\n"
+                        )
+                    except OSError as e:
+                        logger.error("record: cannot append a refusal: %s", e)
         self._record(flow, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._record(flow, flow.error.msg if flow.error else "error")
 
     def done(self) -> None:
-        if not self.directory:
+        if not self.directory or ctx.options.codex_record_part:
             return
-        summary = summarize(self.records)
-        summary["refused"] = self.refused
-        self._add_usd(summary)
         try:
-            write_file_atomically(
+            write_summary(
                 self.directory,
-                "summary.json",
-                (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode(),
-            )
-            text = human_summary(summary)
-            write_file_atomically(self.directory, "summary.txt", text.encode())
-            logger.warning("%s", text.rstrip())
-            full = summarize(self.records, keep_event_ms=True)
-            self._add_usd(full)
-            page = render_report(
-                full,
+                self.records,
                 self.refused,
-                dump_links(self.directory, getattr(ctx.options, "codex_dump_dir", "")),
+                self.rate_card,
+                getattr(ctx.options, "codex_dump_dir", ""),
             )
-            write_file_atomically(self.directory, "report.html", page.encode())
         except OSError as e:
             logger.error("record: cannot write the summary or report: %s", e)
-
-    def _add_usd(self, summary: dict[str, Any]) -> None:
-        """With a rate card, totals always carry credits (``"0"`` when nothing was priced)
-        and USD; without one, ``credits`` stays ``None``: no pricing."""
-        totals = summary["totals"]
-        if self.rate_card is not None:
-            totals["credits"] = totals.get("credits") or "0"
-            totals["usd"] = str(self.rate_card.usd(Decimal(totals["credits"])))
 
     def _record(self, flow: http.HTTPFlow, error: str | None) -> None:
         if not self.directory or flow.metadata.get(ALLOWED) is not True:
@@ -273,8 +321,10 @@ class Recorder:
             return
         self.records.append(record)
         try:
-            with open(os.path.join(self.directory, "usage.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+            append_line(
+                os.path.join(self.directory, "usage.jsonl"),
+                json.dumps(asdict(record), ensure_ascii=False) + "\n",
+            )
         except OSError as e:
             logger.error("record: cannot append to usage.jsonl: %s", e)
 

@@ -69,6 +69,8 @@ def inner_command(ns: argparse.Namespace, info_path: str, inner_sets: Sequence[s
         cmd.append("--dump-required")
     if ns.chat_bridge:
         cmd.append("--chat-bridge")
+    if ns.workers != "1":  # the front stays one process; the key-holding proxy may have more
+        cmd += ["--workers", ns.workers]
     for spec in inner_sets:
         cmd += ["--set", spec]
     return cmd

@@ -3,8 +3,9 @@
 Targets: ``direct`` (client to upstream, the physical limit), ``mitmdump`` (bare mitmdump in
 reverse mode, no addons, SSE streamed with ``stream_large_bodies=1``: our engine's limit),
 ``reference`` (OpenAI's Rust ``codex responses-api-proxy`` from ``@openai/codex``), ``ours``,
-``ours+dumps``, ``ours+bridge`` and ``gateway`` (gateway mode on SQLite, every request metered;
-its 1 000-stream run also counts the usage rows written). Figures per target: requests/s and
+``ours+dumps``, ``ours+bridge``, ``ours-x2`` (``--workers 2``; the issue's "ours x2") and
+``gateway`` (gateway mode on SQLite, every request metered; its 1 000-stream run also counts
+the usage rows written). Figures per target: requests/s and
 p50/p99 latency at 1 and 32 connections (wrk), an 8 MB request body (median of 3), time to
 first SSE event and per-event lag (arrival minus the upstream's schedule) for one 50-event
 stream and for 1 000 concurrent ones (success count, wall time, peak RSS of the target's
@@ -37,6 +38,8 @@ from addons.web import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+#: The strict proxy with ``--workers 2`` (issue 11's "ours x2", typeable).
+WORKERS_TARGET = "ours-x2"
 BENCH_KEY = b"sk-bench-0123456789abcdefghijklmnopqrstuvwxyz\n"
 
 WRK_SCRIPT = """
@@ -212,7 +215,7 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
         proc.stdin.close()
         port = wait_file(info, proc)["port"]
         return Target(name, port, proc, f"Rust codex responses-api-proxy {codex_cli_version()}")
-    if name in ("ours", "ours+dumps", "ours+bridge"):
+    if name in ("ours", "ours+dumps", "ours+bridge", WORKERS_TARGET):
         info = tmp / f"{name}-info.json"
         cmd = [
             sys.executable,
@@ -228,6 +231,8 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
             cmd += ["--dump-dir", str(tmp / "dumps")]
         if name == "ours+bridge":
             cmd.append("--chat-bridge")
+        if name == WORKERS_TARGET:
+            cmd += ["--workers", "2"]
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -239,7 +244,11 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
         proc.stdin.write(BENCH_KEY)
         proc.stdin.close()
         port = wait_file(info, proc)["port"]
-        notes = {"ours+dumps": ", dumps on", "ours+bridge": ", streams through the chat bridge"}
+        notes = {
+            "ours+dumps": ", dumps on",
+            "ours+bridge": ", streams through the chat bridge",
+            WORKERS_TARGET: ", --workers 2",
+        }
         return Target(
             name,
             port,
@@ -576,6 +585,18 @@ def add_ratios(results: dict[str, dict[str, Any]]) -> None:
                 _get(r, "wrk_c1", "p50_ms"), _get(ours, "wrk_c1", "p50_ms")
             ),
             "rps_c32_vs_ours": ratio(_get(r, "wrk_c32", "rps"), _get(ours, "wrk_c32", "rps")),
+            # --workers: the same 1 000 streams against one worker.
+            "many_first_p99_vs_ours": ratio(
+                _get(r, "sse_many", "first_event_p99_ms"),
+                _get(ours, "sse_many", "first_event_p99_ms"),
+            ),
+            "many_lag_p99_vs_ours": ratio(
+                _get(r, "sse_many", "lag_p99_ms"), _get(ours, "sse_many", "lag_p99_ms")
+            ),
+            "many_first_p99_vs_mitmdump": ratio(
+                _get(r, "sse_many", "first_event_p99_ms"),
+                _get(bare, "sse_many", "first_event_p99_ms"),
+            ),
         }
 
 
@@ -621,6 +642,18 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         ),
         (f"{meta['streams']} streams: lag p99, ms", lambda r: r["sse_many"]["lag_p99_ms"]),
         (
+            f"{meta['streams']} streams: first event p99 vs ours",
+            lambda r: r["ratios"]["many_first_p99_vs_ours"],
+        ),
+        (
+            f"{meta['streams']} streams: first event p99 vs bare mitmdump",
+            lambda r: r["ratios"]["many_first_p99_vs_mitmdump"],
+        ),
+        (
+            f"{meta['streams']} streams: lag p99 vs ours",
+            lambda r: r["ratios"]["many_lag_p99_vs_ours"],
+        ),
+        (
             f"{meta['streams']} streams: lag p99 - direct, ms",
             lambda r: r["ratios"]["many_lag_p99_minus_direct_ms"],
         ),
@@ -648,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="rounds of each wrk/8 MB run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.md/.json go")
     parser.add_argument(
-        "--targets", default="direct,mitmdump,reference,ours,ours+dumps,ours+bridge,gateway"
+        "--targets", default="direct,mitmdump,reference,ours,ours-x2,ours+dumps,ours+bridge,gateway"
     )
     ns = parser.parse_args(argv)
     if shutil.which("wrk") is None:

@@ -30,7 +30,7 @@ def test_benchmark_smoke_run(tmp_path):
             "--repeat",
             "1",
             "--targets",
-            "direct,mitmdump,ours+dumps,ours+bridge,gateway",
+            "direct,mitmdump,ours+dumps,ours+bridge,ours-x2,gateway",
             "--out",
             str(tmp_path),
         ],
@@ -42,7 +42,7 @@ def test_benchmark_smoke_run(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     data = json.loads((tmp_path / "latest.json").read_text())
     results = data["results"]
-    assert set(results) == {"direct", "mitmdump", "ours+dumps", "ours+bridge", "gateway"}
+    assert set(results) == {"direct", "mitmdump", "ours+dumps", "ours+bridge", "ours-x2", "gateway"}
     for name, r in results.items():
         assert r["wrk_c32"]["rps"] > 0 and r["wrk_c32"]["errors"] == 0, name
         assert r["sse_many"]["ok"] == 20 and r["sse_many"]["failed"] == 0, name

@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--record", metavar="DIR")
     serve.add_argument("--listen-host", metavar="HOST")
     serve.add_argument(
+        "--workers",
+        metavar="N",
+        default="1",
+        help="worker processes sharing the port (a number or auto; default 1)",
+    )
+    serve.add_argument(
         "--insecure-listen",
         action="store_true",
         default=None,
@@ -427,6 +433,9 @@ def serve(
     apply_serve_flags(ns, config)
     database_url = ns.database or config.database_url()
     parse_upstream_url(config.upstream_url)
+    from addons.workers.supervisor import worker_count
+
+    workers = worker_count(ns.workers)
     listen_policy(
         config.listen_host, list(config.mitmproxy.get("certs") or []), config.insecure_listen
     )
@@ -447,6 +456,25 @@ def serve(
         return EXIT_ERROR
     keypool.POOL.set_keys(keys)
     err.write(f"gateway: {len(keys)} upstream key(s): {', '.join(k.name for k in keys)}\n")
+    if workers > 1:
+        from addons.workers import supervisor
+
+        secret = bytearray().join(key.line() for key in keys)
+        keypool.POOL.clear()
+        spool = config.spool_path()
+        try:
+            return supervisor.run(
+                supervisor.Plan(
+                    workers,
+                    "gateway",
+                    serve_args(ns, config, database_url),
+                    secret,
+                    lambda i: {"codex_gateway_spool": f"{spool}.{i}"},
+                )
+            )
+        finally:
+            for i in range(len(secret)):
+                secret[i] = 0
     from mitmproxy.tools.main import mitmdump
 
     try:

@@ -267,6 +267,13 @@ class GatewayOptions:
             "launcher has not loaded them; for plain `mitmdump -s addons/gateway.py`.",
         )
         loader.add_option(
+            "codex_gateway_spool",
+            str,
+            "",
+            "Where usage rows the database could not take are kept at exit (empty: the "
+            "config's spool; --workers gives each worker its own).",
+        )
+        loader.add_option(
             "codex_gateway_refresh_ms",
             int,
             1000,
@@ -280,6 +287,7 @@ class GatewayOptions:
             "codex_gateway_database",
             "codex_gateway_keys_file",
             "codex_gateway_refresh_ms",
+            "codex_gateway_spool",
         }
         if not names & updated:
             return
@@ -297,7 +305,10 @@ class GatewayOptions:
             core.cooldown_s = config.cooldown_seconds
             core.lease_ms = config.lease_seconds * 1000
             core.refresh_s = opts.codex_gateway_refresh_ms / 1000
-            core.start(opts.codex_gateway_database or config.database_url(), config.spool_path())
+            core.start(
+                opts.codex_gateway_database or config.database_url(),
+                opts.codex_gateway_spool or config.spool_path(),
+            )
         except exceptions.OptionsError:
             raise
         except Exception as e:  # ValueError, DatabaseError, SQLAlchemy errors

@@ -73,6 +73,11 @@ class UpstreamKey:
         """``Bearer <key>`` for the outgoing request."""
         return self._header.decode("ascii")
 
+    def line(self) -> bytearray:
+        """``NAME KEY`` and a newline, as on stdin: what ``--workers`` hands each worker over
+        its pipe (the caller zeroes it)."""
+        return bytearray(self.name.encode()) + b" " + self._header[len(BEARER_PREFIX) :] + b"\n"
+
     def matches(self, value: str) -> bool:
         """Whether ``value`` is this key's header value (for redaction)."""
         return value.encode("ascii", "replace") == bytes(self._header)
