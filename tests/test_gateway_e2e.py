@@ -382,3 +382,78 @@ def test_usage_since_and_member_filters(gateway, upstream):
     assert gateway.usage("--since", "5h")["members"][0]["member"] == "alice"
     assert gateway.admin("usage", "--member", "zed", check=False).returncode == 2
     time.sleep(0)
+
+
+def test_a_row_is_written_when_codex_hangs_up_after_response_completed(gateway, upstream):
+    from tests.fake_upstream import responses_sse_events
+
+    keys = members(gateway, ("alice",))
+    server = gateway.serve(upstream.url)
+    events = responses_sse_events(upstream.text, "gpt-5.3-codex", "resp_hangup")
+    upstream.events = [*events, ("response.output_text.delta", {"delta": "never sent"})]
+    upstream.fault, upstream.fault_after = "stall", len(events)  # silent after completed
+    conn, response = open_stream(server.port, CODEX_MODEL, headers=bearer(keys["alice"]))
+    try:
+        seen = b""
+        while b"response.completed" not in seen:
+            line = response.fp.readline()
+            assert line, "the stream ended before response.completed"
+            seen += line
+    finally:
+        conn.close()  # as Codex does, before the upstream has finished
+    wait_for(lambda: gateway.usage()["total"]["requests"] == 1, 30, "the row")
+    (row,) = _rows(gateway)
+    assert row["total_tokens"] == TOKENS["total"] and row["credits_micro"]
+    assert row["error"] and row["error"].startswith("after response.completed")
+
+
+def test_plain_mitmdump_with_the_gateway_script(gateway, upstream, tmp_path):
+    from pathlib import Path
+
+    keys = members(gateway, ("alice",))
+    info = tmp_path / "plain-info.json"
+    cmd = [
+        str(Path(sys.executable).with_name("mitmdump")),
+        "-s",
+        str(ROOT / "addons" / "gateway.py"),
+        "--mode",
+        f"reverse:{upstream.url.rsplit('/v1/', 1)[0]}",
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        "0",
+    ]
+    for spec in (
+        "keep_host_header=true",
+        "connection_strategy=lazy",
+        "codex_gateway_keys_file=-",
+        f"codex_gateway_config={gateway.config_path}",
+        f"codex_gateway_database={gateway.database}",
+        "codex_extra_routes=/v1/responses/compact",
+        f"codex_upstream_url={upstream.url}",
+        f"codex_server_info={info}",
+        "codex_http_shutdown=true",
+    ):
+        cmd += ["--set", spec]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
+    )
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(f"main {UPSTREAM_KEYS['alpha']}\n".encode())
+        proc.stdin.close()
+        wait_for(lambda: info.exists() or proc.poll() is not None, 60, "server-info")
+        port = json.loads(info.read_text())["port"]
+        from tests.conftest import ProxyProcess
+
+        handle = ProxyProcess(proc, port, info, tmp_path / "x", tmp_path / "y", None, True)
+        assert handle.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
+        assert handle.post_json(CODEX_MODEL, {"authorization": "Bearer x"})[0] == 401
+        assert upstream.requests[-1].header_values("authorization") == [
+            f"Bearer {UPSTREAM_KEYS['alpha']}"
+        ]
+        assert handle.shutdown() == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    wait_for(lambda: gateway.usage()["total"]["requests"] == 1, 10, "row")

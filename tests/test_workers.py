@@ -302,3 +302,27 @@ def test_gateway_with_two_workers_meters_every_request_once(upstream, tmp_path):
         db.dispose()
     assert len(rows) == 10 and len({r["row_id"] for r in rows}) == 10
     assert len({r["instance"] for r in rows}) == 2, "both workers served and metered"
+
+
+async def test_worker_listeners_set_tcp_nodelay_on_accepted_connections() -> None:
+    import asyncio
+
+    accepted: list[socket.socket] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer.get_extra_info("socket"))
+        writer.close()
+
+    sock = reuseport_socket("127.0.0.1", 0, listen=True)
+    server = await asyncio.start_server(handle, sock=sock)
+    port = sock.getsockname()[1]
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(100):
+            if accepted:
+                break
+            await asyncio.sleep(0.01)
+        assert accepted and accepted[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        writer.close()
+    finally:
+        server.close()

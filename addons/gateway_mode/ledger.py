@@ -30,7 +30,7 @@ from addons.gateway_mode.database import Database
 logger = logging.getLogger(__name__)
 
 #: Seconds between flushes when rows wait, and between retries after a failure.
-FLUSH_INTERVAL_S = 0.05
+FLUSH_INTERVAL_S = 0.25
 RETRY_INTERVAL_S = 1.0
 BATCH = 500
 
