@@ -151,13 +151,10 @@ def mitmproxy_options(
     if config.dump_dir:
         put("codex_dump_dir", os.path.abspath(config.dump_dir))
     if config.record_dir:
-        record = os.path.abspath(config.record_dir)
-        os.makedirs(record, mode=0o700, exist_ok=True)
-        put("codex_record_dir", record)
+        for name, value in record_options(config.record_dir).items():
+            put(name, value)
         if config.rate_card:
             put("codex_rate_card", config.rate_card)
-        put("save_stream_file", os.path.join(record, "flows.mitm"))
-        put("hardump", os.path.join(record, "session.har"))
 
     user: dict[str, list[str]] = {}
     for spec in user_sets:
@@ -165,6 +162,30 @@ def mitmproxy_options(
         user.setdefault(name, []).append(value)
     values.update(user)
     return [f"{name}={value}" for name, vals in values.items() for value in vals]
+
+
+def record_options(record_dir: str) -> dict[str, str]:
+    """The mitmproxy options of ``--record DIR`` (the directory is created, mode 0700): our
+    recorder, and mitmproxy's own flow file and HAR in it. Raises ``OSError``."""
+    record = os.path.abspath(record_dir)
+    os.makedirs(record, mode=0o700, exist_ok=True)
+    return {
+        "codex_record_dir": record,
+        "save_stream_file": os.path.join(record, "flows.mitm"),
+        "hardump": os.path.join(record, "session.har"),
+    }
+
+
+def run_mitmdump(args: Sequence[str]) -> int:
+    """Run mitmproxy's ``mitmdump`` in this process; its exit code (0 after a clean stop)."""
+    from mitmproxy.tools.main import mitmdump
+
+    try:
+        mitmdump(list(args))
+    except SystemExit as e:
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
 
 
 def mitmdump_args(config: ProxyConfig, upstream: Upstream, user_sets: Sequence[str]) -> list[str]:
@@ -248,16 +269,10 @@ def main(
             )
         )
 
-    from mitmproxy.tools.main import mitmdump
-
     try:
-        mitmdump(mitmdump_args(config, upstream, ns.setoptions))
-    except SystemExit as e:
-        code = e.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
+        return run_mitmdump(mitmdump_args(config, upstream, ns.setoptions))
     finally:
         keyholder.API_KEY.clear()
-    return 0
 
 
 if __name__ == "__main__":

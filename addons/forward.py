@@ -91,6 +91,16 @@ def strip_hop_by_hop(headers: http.Headers) -> None:
         headers.pop(name, None)
 
 
+def route_to_upstream(request: http.Request, url: str, host_header: str) -> None:
+    """Prepare an allowlisted request for the upstream, in place: hop-by-hop headers and every
+    client credential removed, ``url`` (used exactly, query included) and Host set."""
+    strip_hop_by_hop(request.headers)
+    for name in CLIENT_CREDENTIALS:
+        request.headers.pop(name, None)
+    request.url = url
+    request.host_header = host_header
+
+
 class UpstreamForwarder:
     """Routes allowlisted flows upstream and injects ``Authorization: Bearer <key>``.
 
@@ -162,11 +172,7 @@ class UpstreamForwarder:
             )
             return
         request = flow.request
-        strip_hop_by_hop(request.headers)
-        for name in CLIENT_CREDENTIALS:
-            request.headers.pop(name, None)
-        request.url = self.upstream.url
-        request.host_header = self.upstream.host_header
+        route_to_upstream(request, self.upstream.url, self.upstream.host_header)
         self._injected[flow.id] = flow
         try:
             request.headers["authorization"] = keyholder.API_KEY.header_value()

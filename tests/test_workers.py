@@ -285,10 +285,19 @@ def test_gateway_with_two_workers_meters_every_request_once(upstream, tmp_path):
                 data = Path(f"/proc/{pid}/{name}").read_bytes()
                 for secret in [*UPSTREAM_KEYS.values(), key]:
                     assert secret.encode() not in data
-        statuses = []
-        for _ in range(12):
-            statuses.append(post(server.port, STREAM, bearer(key)))
-            time.sleep(0.1)  # let each row reach the shared database before the next check
+        from addons.gateway_mode.database import Database
+
+        db = Database(gw.database)
+        statuses: list[int] = []
+        try:
+            for _ in range(12):
+                statuses.append(post(server.port, STREAM, bearer(key)))
+                # Each worker counts the other's usage once written (the ledger flushes every
+                # 250 ms): wait for it, so the quota is checked against every earlier row.
+                done = statuses.count(200)
+                wait_for(lambda n=done: len(db.usage_rows(0)) == n, 10, "the row in the database")
+        finally:
+            db.dispose()
         assert statuses[:10] == [200] * 10 and 429 in statuses[10:]
         assert server.shutdown() == 0
     finally:

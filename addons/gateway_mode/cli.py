@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from addons.cli import _port, _set_spec
+from addons.cli import _port, _set_spec, record_options, run_mitmdump
 from addons.credits import RateCard
 from addons.forward import parse_upstream_url
 from addons.gateway_mode import keypool
@@ -383,11 +383,8 @@ def serve_args(ns: argparse.Namespace, config: GatewayConfig, database_url: str)
     if config.dump_dir:
         put("codex_dump_dir", os.path.abspath(config.dump_dir))
     if config.record_dir:
-        record = os.path.abspath(config.record_dir)
-        os.makedirs(record, mode=0o700, exist_ok=True)
-        put("codex_record_dir", record)
-        put("save_stream_file", os.path.join(record, "flows.mitm"))
-        put("hardump", os.path.join(record, "session.har"))
+        for name, value in record_options(config.record_dir).items():
+            put(name, value)
     for spec in ns.setoptions:
         name, value = spec.split("=", 1)
         values.setdefault(f"user:{name}", []).append(value)
@@ -475,16 +472,10 @@ def serve(
         finally:
             for i in range(len(secret)):
                 secret[i] = 0
-    from mitmproxy.tools.main import mitmdump
-
     try:
-        mitmdump(serve_args(ns, config, database_url))
-    except SystemExit as e:
-        code = e.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
+        return run_mitmdump(serve_args(ns, config, database_url))
     finally:
         keypool.POOL.clear()
-    return 0
 
 
 def main(

@@ -263,11 +263,7 @@ class Database:
         )
         with self.engine.connect() as conn:
             if name is not None:
-                if (
-                    conn.execute(sa.select(members.c.id).where(members.c.name == name)).first()
-                    is None
-                ):
-                    raise DatabaseError(f"no member named {name!r}")
+                _member_id(conn, name)
                 query = query.where(members.c.name == name)
             return [dict(r._mapping) for r in conn.execute(query).all()]
 
@@ -389,11 +385,7 @@ class Database:
         )
         with self.engine.connect() as conn:
             if name is not None:
-                if (
-                    conn.execute(sa.select(members.c.id).where(members.c.name == name)).first()
-                    is None
-                ):
-                    raise DatabaseError(f"no member named {name!r}")
+                _member_id(conn, name)
                 query = query.where(members.c.name == name)
             return [dict(r._mapping) for r in conn.execute(query).all()]
 
@@ -472,6 +464,14 @@ class Database:
                 )
                 if updated.rowcount == 0:
                     conn.execute(upstream_keys.insert().values(name=state["name"], **values))
+
+
+def _member_id(conn: sa.Connection, name: str) -> int:
+    """The id of member ``name``. Raises :class:`DatabaseError` when there is none."""
+    member_id = conn.execute(sa.select(members.c.id).where(members.c.name == name)).scalar()
+    if member_id is None:
+        raise DatabaseError(f"no member named {name!r}")
+    return int(member_id)
 
 
 def _settings(settings: Mapping[str, int | None]) -> dict[str, int]:

@@ -20,11 +20,10 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.common import ALLOWED, KEY_INJECTED, REFUSED, fail_closed
 from addons.forward import (
-    CLIENT_CREDENTIALS,
     DEFAULT_UPSTREAM_URL,
     Upstream,
     parse_upstream_url,
-    strip_hop_by_hop,
+    route_to_upstream,
 )
 from addons.gateway_mode.core import (
     ATTEMPTS,
@@ -129,11 +128,9 @@ class PoolForwarder:
             return
         request = flow.request
         flow.metadata[ROUTE] = request.path
-        strip_hop_by_hop(request.headers)
-        for name in CLIENT_CREDENTIALS:
-            request.headers.pop(name, None)
-        request.url = route_url(self.upstream.url, request.path)
-        request.host_header = self.upstream.host_header
+        route_to_upstream(
+            request, route_url(self.upstream.url, request.path), self.upstream.host_header
+        )
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:

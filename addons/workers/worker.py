@@ -51,14 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from addons.workers.reuseport import patch_listen
 
     patch_listen()
-    from mitmproxy.tools.main import mitmdump
+    from addons.cli import run_mitmdump
 
-    try:
-        mitmdump(args)
-    except SystemExit as e:
-        code = e.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    return 0
+    return run_mitmdump(args)
 
 
 if __name__ == "__main__":
