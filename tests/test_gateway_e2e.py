@@ -250,6 +250,10 @@ def test_no_key_appears_in_any_artifact(gateway, upstream, tmp_path):
     server.post_json(CODEX_MODEL, {"authorization": "Bearer sk-codex-gw-" + "Z" * 43})
     metrics = server.request("GET", "/metrics")[2]
     assert server.shutdown() == 0
+    # The recording is priced with the gateway's own rate card.
+    totals = json.loads((record / "summary.json").read_text())["totals"]
+    assert float(totals["credits"]) == pytest.approx(3 * CREDITS, abs=5e-6) and "usd" in totals
+    assert "credits" in (record / "report.html").read_text().lower()
     places = {str(p): p.read_bytes() for p in record.rglob("*") if p.is_file()}
     places["stdout"] = server.stdout_path.read_bytes()
     places["stderr"] = server.stderr_path.read_bytes()

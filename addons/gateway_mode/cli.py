@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
+import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
 from addons.cli import _port, _set_spec, record_options, run_mitmdump
@@ -385,6 +386,12 @@ def serve_args(ns: argparse.Namespace, config: GatewayConfig, database_url: str)
     if config.record_dir:
         for name, value in record_options(config.record_dir).items():
             put(name, value)
+        # The recording prices its requests with the gateway's own card (the config's
+        # `credits:` section, no secrets), kept beside the recording.
+        card_path = os.path.join(os.path.abspath(config.record_dir), "rate-card.yaml")
+        with open(card_path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(config.credits, f, sort_keys=False)
+        put("codex_rate_card", card_path)
     for spec in ns.setoptions:
         name, value = spec.split("=", 1)
         values.setdefault(f"user:{name}", []).append(value)
