@@ -114,21 +114,39 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+class OptionSpecs:
+    """The ``--set name=value`` specs a launcher hands mitmdump (the strict proxy's and the
+    gateway's): :meth:`put` our values, then :meth:`specs` with the user's ``--set``."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[str]] = {}
+
+    def put(self, name: str, value: Any) -> None:
+        """Our value for ``name`` (a list for sequence options; ``None``: leave it unset)."""
+        if isinstance(value, list):
+            self.values[name] = [_format_value(v) for v in value]
+        elif value is not None:
+            self.values[name] = [_format_value(value)]
+
+    def specs(self, user_sets: Sequence[str]) -> list[str]:
+        """Every ``name=value``. A user's ``--set`` for a name replaces every value we would
+        pass for it (mitmproxy refuses two values for one scalar option in a single start-up).
+        """
+        user: dict[str, list[str]] = {}
+        for spec in user_sets:
+            name, value = spec.split("=", 1)
+            user.setdefault(name, []).append(value)
+        values = {**self.values, **user}
+        return [f"{name}={value}" for name, vals in values.items() for value in vals]
+
+
 def mitmproxy_options(
     config: ProxyConfig, upstream: Upstream, user_sets: Sequence[str]
 ) -> list[str]:
-    """The ``--set name=value`` specs for mitmdump, from the config and the user's ``--set``.
-
-    A user's ``--set`` for a name replaces every value we would pass for it (mitmproxy refuses
-    two values for one scalar option in a single start-up).
-    """
-    values: dict[str, list[str]] = {}
-
-    def put(name: str, value: Any) -> None:
-        if isinstance(value, list):
-            values[name] = [_format_value(v) for v in value]
-        elif value is not None:
-            values[name] = [_format_value(value)]
+    """The ``--set name=value`` specs for mitmdump, from the config and the user's ``--set``
+    (which win; see :meth:`OptionSpecs.specs`)."""
+    options = OptionSpecs()
+    put = options.put
 
     put("listen_host", "127.0.0.1")
     put("listen_port", config.port if config.port is not None else 0)
@@ -156,12 +174,7 @@ def mitmproxy_options(
         if config.rate_card:
             put("codex_rate_card", config.rate_card)
 
-    user: dict[str, list[str]] = {}
-    for spec in user_sets:
-        name, value = spec.split("=", 1)
-        user.setdefault(name, []).append(value)
-    values.update(user)
-    return [f"{name}={value}" for name, vals in values.items() for value in vals]
+    return options.specs(user_sets)
 
 
 def record_options(record_dir: str) -> dict[str, str]:

@@ -41,14 +41,20 @@ SERVER_NAME = "codex-responses-api-proxy"
 LOCAL_REPLY_HEADER = "x-codex-proxy-error"
 
 
-def json_response(status: int, code: str, message: str, **headers: str) -> http.Response:
-    """A small local JSON error reply in the OpenAI error shape.
-
-    Body: ``{"error": {"type": "codex_proxy", "code": code, "message": message}}`` (UTF-8).
-    ``message`` must never contain a secret; callers pass fixed texts or request-derived data.
-    """
+def error_response(
+    status: int,
+    error_type: str,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    fields: dict[str, Any] | None = None,
+) -> http.Response:
+    """A local JSON error reply in the OpenAI error shape: ``{"error": {"type": error_type,
+    "code": code, "message": message, **fields}}`` (UTF-8), marked with
+    :data:`LOCAL_REPLY_HEADER`. ``message`` must never contain a secret; callers pass fixed
+    texts or request-derived data."""
     body = json.dumps(
-        {"error": {"type": "codex_proxy", "code": code, "message": message}},
+        {"error": {"type": error_type, "code": code, "message": message, **(fields or {})}},
         ensure_ascii=False,
     ).encode()
     return http.Response.make(
@@ -58,9 +64,15 @@ def json_response(status: int, code: str, message: str, **headers: str) -> http.
             "content-type": "application/json",
             "server": SERVER_NAME,
             LOCAL_REPLY_HEADER: code,
-            **headers,
+            **(headers or {}),
         },
     )
+
+
+def json_response(status: int, code: str, message: str, **headers: str) -> http.Response:
+    """The strict proxy's local error reply: :func:`error_response` with type
+    ``codex_proxy`` and ``headers`` as keyword arguments."""
+    return error_response(status, "codex_proxy", code, message, headers)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -12,6 +12,20 @@ def hook_data(port: int) -> server_hooks.ServerConnectionHookData:
     return server_hooks.ServerConnectionHookData(server=server, client=tflow.tclient_conn())
 
 
+def drain_accepted(listener: socket.socket) -> int:
+    """Accept and close every connection waiting on ``listener``; how many there were."""
+    listener.setblocking(False)
+    accepted = 0
+    try:
+        while True:
+            conn, _ = listener.accept()
+            conn.close()
+            accepted += 1
+    except BlockingIOError:
+        pass
+    return accepted
+
+
 async def test_refused_upstream_names_the_cause():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,15 +51,7 @@ async def test_reachable_upstream_is_probed_once_per_burst():
                 data = hook_data(port)
                 await addon.server_connect(data)
                 assert data.server.error is None
-            listener.setblocking(False)
-            accepted = 0
-            try:
-                while True:
-                    conn, _ = listener.accept()
-                    conn.close()
-                    accepted += 1
-            except BlockingIOError:
-                pass
+            accepted = drain_accepted(listener)
             assert accepted == 1
     finally:
         listener.close()
@@ -73,15 +79,7 @@ async def test_simultaneous_connects_share_one_probe():
             burst = [hook_data(port) for _ in range(50)]
             await asyncio.gather(*(addon.server_connect(d) for d in burst))
             assert all(d.server.error is None for d in burst)
-            listener.setblocking(False)
-            accepted = 0
-            try:
-                while True:
-                    conn, _ = listener.accept()
-                    conn.close()
-                    accepted += 1
-            except BlockingIOError:
-                pass
+            accepted = drain_accepted(listener)
             assert accepted == 1  # before: one probe per connect of the burst
     finally:
         listener.close()

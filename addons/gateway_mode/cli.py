@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
-from addons.cli import _port, _set_spec, record_options, run_mitmdump
+from addons.cli import OptionSpecs, _port, _set_spec, record_options, run_mitmdump
 from addons.credits import RateCard
 from addons.forward import parse_upstream_url
 from addons.gateway_mode import keypool
@@ -350,15 +350,8 @@ def serve_args(ns: argparse.Namespace, config: GatewayConfig, database_url: str)
     """Arguments for ``mitmdump``: reverse mode to the upstream's origin, our script, options."""
     upstream = parse_upstream_url(config.upstream_url)
     host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
-    values: dict[str, list[str]] = {}
-
-    def put(name: str, value: Any) -> None:
-        if isinstance(value, list):
-            values[name] = [str(v) for v in value]
-        elif isinstance(value, bool):
-            values[name] = ["true" if value else "false"]
-        elif value is not None:
-            values[name] = [str(value)]
+    options = OptionSpecs()
+    put = options.put
 
     put("listen_host", config.listen_host)
     put("listen_port", config.port if config.port is not None else 0)
@@ -392,15 +385,9 @@ def serve_args(ns: argparse.Namespace, config: GatewayConfig, database_url: str)
         with open(card_path, "w", encoding="utf-8") as f:
             yaml.safe_dump(config.credits, f, sort_keys=False)
         put("codex_rate_card", card_path)
-    for spec in ns.setoptions:
-        name, value = spec.split("=", 1)
-        values.setdefault(f"user:{name}", []).append(value)
     args = ["--mode", f"reverse:http://{host}:{upstream.port}", "-s", SCRIPT_PATH]
-    user = {k[5:]: v for k, v in values.items() if k.startswith("user:")}
-    ours = {k: v for k, v in values.items() if not k.startswith("user:") and k not in user}
-    for name, vals in [*ours.items(), *user.items()]:
-        for value in vals:
-            args += ["--set", f"{name}={value}"]
+    for spec in options.specs(ns.setoptions):
+        args += ["--set", spec]
     return args
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from addons.body_decode import decode_body
-from addons.common import ALLOWED, LOCAL_REPLY_HEADER, REFUSED, SERVER_NAME
+from addons.common import ALLOWED, REFUSED, error_response
 from addons.credits import RateCard
 from addons.gateway_mode import keypool
 from addons.gateway_mode.config import DEFAULT_GATEWAY_CONFIG, load_gateway_config
@@ -59,22 +59,10 @@ SESSION_HEADERS = ("session-id", "session_id", "thread-id")
 def gateway_error(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, **fields: Any
 ) -> http.Response:
-    """A local JSON reply in the OpenAI error shape, with extra ``fields`` in ``error``
-    (``limit``, ``used``, ``resets_at``...). ``message`` must never hold a secret."""
-    body = json.dumps(
-        {"error": {"type": "codex_gateway", "code": code, "message": message, **fields}},
-        ensure_ascii=False,
-    ).encode()
-    return http.Response.make(
-        status,
-        body,
-        {
-            "content-type": "application/json",
-            "server": SERVER_NAME,
-            LOCAL_REPLY_HEADER: code,
-            **(headers or {}),
-        },
-    )
+    """A local JSON reply in the OpenAI error shape (:func:`addons.common.error_response`, type
+    ``codex_gateway``), with extra ``fields`` in ``error`` (``limit``, ``used``,
+    ``resets_at``...). ``message`` must never hold a secret."""
+    return error_response(status, "codex_gateway", code, message, headers, fields)
 
 
 def refuse(flow: http.HTTPFlow, reason: str, response: http.Response) -> None:
@@ -120,7 +108,6 @@ class MemberDirectory:
     def __init__(self) -> None:
         self._by_hash: dict[str, dict[str, Any]] = {}
         self._by_id: dict[str, dict[str, Any]] = {}
-        self.loaded_at = 0.0
         self._lock = threading.Lock()
 
     def load(self, rows: list[dict[str, Any]]) -> None:
@@ -128,7 +115,6 @@ class MemberDirectory:
         by_id = {row["key_id"]: row for row in rows}
         with self._lock:
             self._by_hash, self._by_id = by_hash, by_id
-            self.loaded_at = time.monotonic()
 
     def find(self, digest: str) -> dict[str, Any] | None:
         entry = self._by_hash.get(digest)

@@ -210,12 +210,6 @@ class Database:
             if result.rowcount == 0:
                 raise DatabaseError(f"no member named {name!r}")
 
-    def member(self, name: str) -> dict[str, Any] | None:
-        """A member row as a dict, or ``None``."""
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(members).where(members.c.name == name)).first()
-        return dict(row._mapping) if row else None
-
     def members(self) -> list[dict[str, Any]]:
         """Every member row, by name."""
         with self.engine.connect() as conn:

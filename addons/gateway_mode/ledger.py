@@ -53,8 +53,6 @@ class UsageLedger:
         self.tasks: list[tuple[float, Callable[[], None]]] = []
         self._last_run: dict[int, float] = {}
         self.healthy = True
-        self.written = 0
-        self.last_error = ""
 
     # -- producers (the event loop) -----------------------------------------------------------
 
@@ -114,12 +112,10 @@ class UsageLedger:
                     "usage ledger: database write failed (%s); rows kept", type(e).__name__
                 )
             self.healthy = False
-            self.last_error = type(e).__name__
             return False
         with self._lock:
             for _ in batch:
                 self._rows.popleft()
-        self.written += len(batch)
         if not self.healthy:
             logger.warning("usage ledger: database back; %d rows written", len(batch))
         self.healthy = True

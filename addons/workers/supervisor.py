@@ -18,7 +18,6 @@ dumps stay paired and unique; a recording is merged into one at exit (:mod:`.mer
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -273,9 +272,3 @@ class Supervisor:
 def run(plan: Plan) -> int:
     """Run ``plan`` to the end; returns the exit code (0 after ``GET /shutdown``/SIGTERM)."""
     return Supervisor(plan).run()
-
-
-def read_info(path: str) -> dict[str, int]:
-    """A server-info file's content (for tests and the front)."""
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
