@@ -40,6 +40,11 @@ class RecordedRequest:
         return [v for k, v in self.headers if k.lower() == name.lower()]
 
 
+# One creation time per process: tests that build the same stand-in stream twice and compare the
+# two must not fail when a second ticks between the builds.
+CREATED_AT = int(time.time())
+
+
 def usage_block() -> dict[str, Any]:
     return {
         "input_tokens": 42,
@@ -57,7 +62,7 @@ def response_object(
     return {
         "id": response_id,
         "object": "response",
-        "created_at": int(time.time()),
+        "created_at": CREATED_AT,
         "status": status,
         "model": model,
         "output": [
