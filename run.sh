@@ -125,6 +125,22 @@ ensure_wrk() {
     command -v wrk >/dev/null 2>&1 || { log "error: wrk is needed for the benchmark"; exit 1; }
 }
 
+ensure_nginx() {
+    # nginx and its echo module (Debian) are the benchmark's upstream (bench/upstreams.py).
+    if [[ -x /usr/sbin/nginx && -e /usr/lib/nginx/modules/ngx_http_echo_module.so ]]; then
+        return 0
+    fi
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing nginx and libnginx-mod-http-echo (Debian packages)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q nginx libnginx-mod-http-echo </dev/null >&2 \
+            || { apt-get update -q </dev/null >&2 \
+                 && apt-get install -y -q nginx libnginx-mod-http-echo </dev/null >&2; }
+    fi
+    [[ -x /usr/sbin/nginx && -e /usr/lib/nginx/modules/ngx_http_echo_module.so ]] \
+        || { log "error: nginx and libnginx-mod-http-echo are needed for the benchmark"; exit 1; }
+}
+
 ensure_postgresql() {
     # Debian's PostgreSQL server binaries for the tests that need a real, throwaway cluster
     # (tests/pg_cluster.py runs initdb/pg_ctl from /usr/lib/postgresql/<ver>/bin).
@@ -159,6 +175,7 @@ case "$cmd" in
         ensure_venv
         ensure_codex
         ensure_wrk
+        ensure_nginx
         cd "$ROOT"
         exec "$VENV/bin/python" -m bench.bench "$@" </dev/null
         ;;
@@ -194,6 +211,7 @@ case "$cmd" in
         ensure_codex
         ensure_chromium
         ensure_wrk
+        ensure_nginx
         ensure_postgresql
         cd "$ROOT"
         exec "$VENV/bin/python" -m pytest "$@" </dev/null

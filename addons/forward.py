@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import url as mitm_url
+from mitmproxy.utils.strutils import always_str
 
 from addons import keyholder
 from addons.common import ALLOWED, KEY_INJECTED, REFUSED, fail_closed, json_response
@@ -77,27 +79,50 @@ def parse_upstream_url(value: str) -> Upstream:
     )
 
 
-def strip_hop_by_hop(headers: http.Headers) -> None:
-    """Remove hop-by-hop headers, including those named in ``Connection``, in place."""
+_HOP_BY_HOP_B = frozenset(name.encode() for name in HOP_BY_HOP)
+_CLIENT_CREDENTIALS_B = frozenset(name.encode() for name in CLIENT_CREDENTIALS)
+#: Never removed because ``Connection`` names them: framing and Host are mitmproxy's to redo.
+_KEPT_B = frozenset({b"transfer-encoding", b"content-length", b"host"})
+
+
+def drop_headers(headers: http.Headers, names: frozenset[bytes]) -> None:
+    """Remove every field whose lower-cased name is in ``names`` (lower-case bytes), in place
+    and in one pass (``Headers.pop`` scans the fields twice per name)."""
+    fields = headers.fields
+    kept = tuple(field for field in fields if field[0].lower() not in names)
+    if len(kept) != len(fields):
+        headers.fields = kept
+
+
+def strip_hop_by_hop(headers: http.Headers, also: frozenset[bytes] = frozenset()) -> None:
+    """Remove hop-by-hop headers, including those named in ``Connection``, and the names in
+    ``also`` (lower-case bytes), in place."""
     named = {
-        token.strip().lower()
+        token.strip().lower().encode("latin-1", "replace")
         for value in headers.get_all("connection")
         for token in value.split(",")
         if token.strip()
     }
-    for name in HOP_BY_HOP | named:
-        if name in ("transfer-encoding", "content-length", "host"):
-            continue
-        headers.pop(name, None)
+    drop_headers(headers, _HOP_BY_HOP_B | also | (named - _KEPT_B))
+
+
+@functools.lru_cache(maxsize=64)
+def _url_parts(url: str) -> tuple[bytes, str, int, bytes]:
+    """``(scheme, host, port, path)`` of an absolute URL, as ``Request.url``'s setter stores
+    them (parsed once per URL: the parse costs more than the rest of the routing)."""
+    scheme, host, port, path = mitm_url.parse(url)
+    return scheme, always_str(host, "idna", "strict"), port, path
 
 
 def route_to_upstream(request: http.Request, url: str, host_header: str) -> None:
     """Prepare an allowlisted request for the upstream, in place: hop-by-hop headers and every
-    client credential removed, ``url`` (used exactly, query included) and Host set."""
-    strip_hop_by_hop(request.headers)
-    for name in CLIENT_CREDENTIALS:
-        request.headers.pop(name, None)
-    request.url = url
+    client credential removed, ``url`` (used exactly, query included) and Host set.
+
+    Same result as ``request.url = url`` followed by ``request.host_header = host_header``
+    (Host, and the HTTP/2 authority, end up as ``host_header``), with the URL parsed once."""
+    strip_hop_by_hop(request.headers, _CLIENT_CREDENTIALS_B)
+    data = request.data
+    data.scheme, data.host, data.port, data.path = _url_parts(url)
     request.host_header = host_header
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from addons.versions import codex_cli_version
 from addons.web import free_port
+from bench.upstreams import EVENTS, INTERVAL_MS, NginxUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -368,29 +369,28 @@ def big_body_seconds(
 async def _one_stream(
     session: Any,
     port: int,
-    events: int,
-    interval_ms: int,
     bridge: bool = False,
     headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One stream; lag = arrival - the upstream's schedule. ``bridge``: the same stream asked
-    through ``/v1/chat/completions`` and read back from the translated chunks (the schedule
-    rides in each text delta; the response.completed event has no chunk of its own, so a
-    bridged stream counts ``events - 1`` deltas)."""
+    """One stream of :data:`EVENTS` events; lag = arrival - the upstream's send time.
+    ``bridge``: the same stream asked through ``/v1/chat/completions`` and read back from the
+    translated chunks (the send time rides in each text delta; the response.completed event
+    has no chunk of its own, so a bridged stream counts ``EVENTS - 1`` deltas). The upstream
+    streams to requests that accept ``text/event-stream``, as Codex's and the SDK's do."""
     started = time.time()
     lags, first = [], None
-    bench = {"bench_events": events, "bench_interval_ms": interval_ms}
+    events = EVENTS
     if bridge:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         payload: dict[str, Any] = {
             "model": "bench",
             "stream": True,
             "messages": [{"role": "user", "content": "bench"}],
-            "metadata": {k: str(v) for k, v in bench.items()},
         }
     else:
         url = f"http://127.0.0.1:{port}/v1/responses"
-        payload = {"model": "bench", "stream": True, **bench}
+        payload = {"model": "bench", "stream": True}
+    headers = {"Accept": "text/event-stream", **(headers or {})}
     async with session.post(url, json=payload, headers=headers) as resp:
         if resp.status != 200:
             return {"ok": False}
@@ -425,14 +425,12 @@ def percentile(values: list[float], p: float) -> float:
 def streams(
     port: int,
     count: int,
-    events: int = 50,
-    interval_ms: int = 20,
     pid: int | None = None,
     bridge: bool = False,
     headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """``count`` concurrent SSE streams of ``events`` events every ``interval_ms``: success
-    count, wall time, first-event and per-event lag percentiles (ms), peak RSS (MB)."""
+    """``count`` concurrent SSE streams of :data:`EVENTS` events every :data:`INTERVAL_MS`:
+    success count, wall time, first-event and per-event lag percentiles (ms), peak RSS (MB)."""
     import aiohttp
 
     async def run() -> list[dict[str, Any] | BaseException]:
@@ -441,10 +439,7 @@ def streams(
             connector=connector, timeout=aiohttp.ClientTimeout(total=600)
         ) as session:
             return await asyncio.gather(
-                *(
-                    _one_stream(session, port, events, interval_ms, bridge, headers)
-                    for _ in range(count)
-                ),
+                *(_one_stream(session, port, bridge, headers) for _ in range(count)),
                 return_exceptions=True,
             )
 
@@ -667,8 +662,8 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"{meta['date']}, {meta['cpus']} cores, wrk {meta['seconds']} s per run, "
-        f"medians of {meta['repeat']} interleaved rounds, streams of 50 events every "
-        f"20 ms; `./run.sh bench`."
+        f"medians of {meta['repeat']} interleaved rounds, streams of {EVENTS} events every "
+        f"{INTERVAL_MS} ms from nginx; `./run.sh bench`."
     )
     return "\n".join(lines) + "\n"
 
@@ -691,13 +686,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmpdir)
         script = tmp / "post.lua"
         script.write_text(WRK_SCRIPT)
-        info = tmp / "upstream.json"
-        upstream = subprocess.Popen(
-            [sys.executable, "-m", "bench.upstreams", "--info", str(info)], cwd=ROOT
-        )
+        upstream = NginxUpstream(tmp / "nginx", free_port())
         targets: list[Target] = []
         try:
-            up_port = wait_file(info, upstream)["port"]
+            up_port = upstream.start()
+            wait_listening(up_port, upstream.proc)
             for name in ns.targets.split(","):
                 print(f"starting {name}", flush=True)
                 targets.append(start_target(name, up_port, tmp))
@@ -705,8 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for target in targets:
                 target.stop()
-            upstream.terminate()
-            upstream.wait(10)
+            upstream.stop()
     add_ratios(results)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

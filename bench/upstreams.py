@@ -1,83 +1,137 @@
-"""Benchmark upstream: small JSON replies for request-rate runs, and SSE streams on a schedule.
+"""Benchmark upstream: nginx (Debian's package, with its echo module), so that the upstream is
+never the bottleneck of a ratio.
 
-``python -m bench.upstreams --info FILE`` starts it on 127.0.0.1 (ephemeral port) and writes
-``{"port": N, "pid": N}`` to FILE. A ``POST /v1/responses`` whose JSON body has
-``"stream": true`` gets ``bench_events`` SSE events (default 50), one every
-``bench_interval_ms`` (default 20; both may also come in ``metadata``, which the Chat
-Completions bridge passes through), each carrying ``"t"``: the wall-clock time (s) it was
-scheduled to leave, so a client can compute per-event lag; the text delta is ``"[t]"`` too, so
-the lag survives translation into Chat Completions chunks. Anything else gets a small JSON reply
-(with the request body's length, for the 8 MB run).
+A Python upstream on the same two cores would spend a core of its own on 1 000 streams and pull
+every ratio toward 1; nginx answers a request in microseconds. :class:`NginxUpstream` writes a
+config into a temporary directory and runs ``nginx -g 'daemon off;'`` there on 127.0.0.1 (as any
+user; nothing outside the directory is touched). ``POST /v1/responses``:
+
+- ``Accept: text/event-stream`` -> an SSE stream of :data:`EVENTS` events, one every
+  :data:`INTERVAL_MS` ms (the last ``response.completed``), each carrying ``"t"``: nginx's clock
+  (s, ms resolution) when it left, so a client computes per-event lag as arrival - ``t``; the
+  text delta is ``"[t]"`` too, so the lag survives translation into Chat Completions chunks;
+- anything else -> a small JSON reply, after the whole request body was read (with its length,
+  for the 8 MB run).
+
+Raises :class:`RuntimeError` from :meth:`NginxUpstream.start` when nginx or its echo module is
+missing (``./run.sh bench`` and ``./run.sh test`` install both).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import os
-import time
+import shutil
+import subprocess
+from pathlib import Path
 
-from aiohttp import web
+#: Events per stream and the gap between them (ms).
+EVENTS = 50
+INTERVAL_MS = 20
+#: The small JSON reply (nginx fills in ``$content_length``).
+JSON_REPLY = (
+    '{"id":"resp_bench","object":"response","status":"completed","received_bytes":$content_length}'
+)
+ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    """Small JSON reply, or a scheduled SSE stream when the body asks ``"stream": true``."""
-    raw = await request.read()
-    try:
-        body = json.loads(raw) if len(raw) < 65536 else {}
-    except ValueError:
-        body = {}
-    if not (isinstance(body, dict) and body.get("stream")):
-        return web.json_response(
-            {
-                "id": "resp_bench",
-                "object": "response",
-                "status": "completed",
-                "received_bytes": len(raw),
-            }
-        )
-    params = {**(body.get("metadata") or {}), **body}
-    events = int(params.get("bench_events", 50))
-    interval = float(params.get("bench_interval_ms", 20)) / 1000
-    reply = web.StreamResponse(headers={"content-type": "text/event-stream"})
-    reply.enable_chunked_encoding()
-    await reply.prepare(request)
-    loop = asyncio.get_running_loop()
-    start_wall, start_loop = time.time(), loop.time()
+def nginx_binary() -> str | None:
+    """The nginx executable (``/usr/sbin`` is often not on a user's PATH), or ``None``."""
+    found = shutil.which("nginx")
+    if found:
+        return found
+    return "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+
+
+def sse_directives(events: int = EVENTS, interval_ms: int = INTERVAL_MS) -> str:
+    """The echo-module directives of one stream: each event, flushed, then a pause."""
+    lines = []
     for i in range(events):
-        delay = start_loop + i * interval - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
         kind = "response.completed" if i == events - 1 else "response.output_text.delta"
-        t = start_wall + i * interval
-        payload = {"type": kind, "i": i, "t": t, "delta": f"[{t:.6f}]"}
-        await reply.write(f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
-    await reply.write_eof()
-    return reply
+        payload = f'{{"type":"{kind}","i":{i},"t":${{msec}},"delta":"[${{msec}}]"}}'
+        lines += [f"echo 'event: {kind}';", f"echo 'data: {payload}';", "echo;", "echo_flush;"]
+        if i < events - 1:
+            lines.append(f"echo_sleep {interval_ms / 1000:.3f};")
+    return "\n            ".join(lines)
 
 
-def main() -> None:
-    """Serve until killed; the port goes to the ``--info`` file."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--info", required=True)
-    ns = parser.parse_args()
+def nginx_config(
+    root: Path, port: int, events: int = EVENTS, interval_ms: int = INTERVAL_MS
+) -> str:
+    """nginx.conf for the benchmark upstream on 127.0.0.1:``port``, every path under ``root``."""
+    temp = "\n    ".join(
+        f"{name}_temp_path {root / name};"
+        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""
+load_module {ECHO_MODULE};
+worker_processes 1;
+error_log {root / "error.log"} warn;
+pid {root / "nginx.pid"};
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    {temp}
+    keepalive_requests 100000000;
+    keepalive_timeout 600s;
+    client_max_body_size 64m;
+    client_body_buffer_size 16m;
+    postpone_output 0;
+    map $http_accept $bench_route {{
+        "~*text/event-stream" /bench-sse;
+        default /bench-json;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /v1/responses {{
+            rewrite ^ $bench_route last;
+        }}
+        location = /bench-json {{
+            internal;
+            default_type application/json;
+            echo_read_request_body;
+            echo '{JSON_REPLY}';
+        }}
+        location = /bench-sse {{
+            internal;
+            default_type text/event-stream;
+            echo_read_request_body;
+            {sse_directives(events, interval_ms)}
+        }}
+    }}
+}}
+"""
 
-    async def run() -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/responses", handle)
-        runner = web.AppRunner(app, access_log=None, auto_decompress=False)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, backlog=4096).start()
-        port = runner.addresses[0][1]
-        tmp = ns.info + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"port": port, "pid": os.getpid()}, f)
-        os.replace(tmp, ns.info)
-        await asyncio.Event().wait()
 
-    asyncio.run(run())
+class NginxUpstream:
+    """The running benchmark upstream: ``start()`` -> port; ``stop()`` ends nginx."""
 
+    def __init__(self, root: Path, port: int) -> None:
+        self.root = root
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
 
-if __name__ == "__main__":
-    main()
+    def start(self) -> int:
+        """Write the config, start nginx; returns the port. Raises RuntimeError."""
+        binary = nginx_binary()
+        if binary is None or not ECHO_MODULE.exists():
+            raise RuntimeError(
+                "the benchmark upstream needs nginx and its echo module (Debian: nginx "
+                "libnginx-mod-http-echo; ./run.sh bench installs them)"
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        conf = self.root / "nginx.conf"
+        conf.write_text(nginx_config(self.root, self.port))
+        self.proc = subprocess.Popen(
+            [binary, "-p", str(self.root), "-c", str(conf), "-g", "daemon off;"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        return self.port
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

@@ -8,16 +8,26 @@ import sys
 
 import pytest
 
+from bench.upstreams import ECHO_MODULE, nginx_binary
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 
 
 def test_benchmark_smoke_run(tmp_path):
-    if shutil.which("wrk") is None:
+    missing = [
+        name
+        for name, present in (
+            ("wrk", shutil.which("wrk") is not None),
+            ("nginx", nginx_binary() is not None),
+            ("libnginx-mod-http-echo", ECHO_MODULE.exists()),
+        )
+        if not present
+    ]
+    if missing:
         if os.environ.get("CI"):
-            pytest.fail("wrk is missing in CI: ./run.sh test installs it")
-        pytest.skip("wrk not installed (./run.sh test installs it)")
+            pytest.fail(f"{', '.join(missing)} missing in CI: ./run.sh test installs them")
+        pytest.skip(f"{', '.join(missing)} not installed (./run.sh test installs them)")
     result = subprocess.run(
         [
             sys.executable,

@@ -7,10 +7,13 @@ import logging
 from mitmproxy import http
 
 from addons.common import ALLOWED, fail_closed
+from addons.forward import drop_headers
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse
 from addons.gateway_mode.members import bearer_member_key, key_hash
 
 logger = logging.getLogger(__name__)
+
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"proxy-authorization"})
 
 
 class MemberAuth:
@@ -35,8 +38,7 @@ class MemberAuth:
             return
         headers = flow.request.headers
         values = headers.get_all("authorization")
-        headers.pop("authorization", None)
-        headers.pop("proxy-authorization", None)
+        drop_headers(headers, CREDENTIAL_HEADERS)
         token = bearer_member_key(values[0]) if len(values) == 1 else None
         if token is None:
             self.core.metrics.refused.labels("missing_member_key").inc()

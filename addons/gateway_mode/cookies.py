@@ -5,7 +5,11 @@ from __future__ import annotations
 from mitmproxy import http
 
 from addons.common import fail_closed
+from addons.forward import drop_headers
 from addons.gateway_mode.core import MEMBER
+
+REQUEST_COOKIES = frozenset({b"cookie", b"cookie2"})
+RESPONSE_COOKIES = frozenset({b"set-cookie", b"set-cookie2"})
 
 
 class NoCookies:
@@ -22,12 +26,10 @@ class NoCookies:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or MEMBER not in flow.metadata:
             return
-        flow.request.headers.pop("cookie", None)
-        flow.request.headers.pop("cookie2", None)
+        drop_headers(flow.request.headers, REQUEST_COOKIES)
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or MEMBER not in flow.metadata:
             return
-        flow.response.headers.pop("set-cookie", None)
-        flow.response.headers.pop("set-cookie2", None)
+        drop_headers(flow.response.headers, RESPONSE_COOKIES)
