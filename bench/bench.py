@@ -116,6 +116,21 @@ def tree_rss_mb(pid: int | None) -> float | None:
     return round(total / 1024, 1)
 
 
+def tree_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) used so far by a process and its descendants (Linux
+    ``/proc/<pid>/stat``); ``None`` without a pid."""
+    if pid is None:
+        return None
+    ticks = 0
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 class RssSampler:
     """Peak RSS (MB) of a process tree, sampled every 50 ms on a thread."""
 
@@ -465,6 +480,8 @@ def streams(
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-field median of repeated wrk runs (errors summed)."""
     out = {k: round(statistics.median(r[k] for r in runs), 2) for k in ("rps", "p50_ms", "p99_ms")}
+    cpu = [r["cpu_ms_per_req"] for r in runs if "cpu_ms_per_req" in r]
+    out["cpu_ms_per_req"] = round(statistics.median(cpu), 3) if cpu else None
     out["errors"] = sum(r["errors"] for r in runs)
     out["runs"] = len(runs)
     return out
@@ -489,7 +506,16 @@ def measure_all(targets: list[Target], ns: argparse.Namespace, script: Path) -> 
         for rnd in range(ns.repeat):
             for t in targets:
                 print(f"  wrk {conns} conn(s), round {rnd + 1}: {t.name}", flush=True)
-                runs[t.name].append(run_wrk(t.port, conns, ns.seconds, scripts[t.name]))
+                pid = t.proc.pid if t.proc else None
+                cpu_before = tree_cpu_s(pid)
+                run = run_wrk(t.port, conns, ns.seconds, scripts[t.name])
+                cpu_after = tree_cpu_s(pid)
+                served = run["rps"] * ns.seconds
+                if cpu_before is not None and cpu_after is not None and served:
+                    # The target's own CPU per request: what our code adds, whatever the
+                    # machine's scheduling did to the request rate.
+                    run["cpu_ms_per_req"] = round((cpu_after - cpu_before) * 1000 / served, 3)
+                runs[t.name].append(run)
         for t in targets:
             results[t.name][f"wrk_c{conns}"] = median_of(runs[t.name])
     bodies: dict[str, list[float]] = {t.name: [] for t in targets}
@@ -580,6 +606,12 @@ def add_ratios(results: dict[str, dict[str, Any]]) -> None:
                 _get(r, "wrk_c1", "p50_ms"), _get(ours, "wrk_c1", "p50_ms")
             ),
             "rps_c32_vs_ours": ratio(_get(r, "wrk_c32", "rps"), _get(ours, "wrk_c32", "rps")),
+            "cpu_c32_vs_ours": ratio(
+                _get(r, "wrk_c32", "cpu_ms_per_req"), _get(ours, "wrk_c32", "cpu_ms_per_req")
+            ),
+            "cpu_c32_vs_mitmdump": ratio(
+                _get(r, "wrk_c32", "cpu_ms_per_req"), _get(bare, "wrk_c32", "cpu_ms_per_req")
+            ),
             # --workers: the same 1 000 streams against one worker.
             "many_first_p99_vs_ours": ratio(
                 _get(r, "sse_many", "first_event_p99_ms"),
@@ -613,6 +645,9 @@ def markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         ("req/s 32 conns vs direct", lambda r: r["ratios"]["rps_c32_vs_direct"]),
         ("req/s 32 conns vs ours", lambda r: r["ratios"]["rps_c32_vs_ours"]),
         ("p50 1 conn - ours, ms", lambda r: r["ratios"]["p50_c1_minus_ours_ms"]),
+        ("CPU ms per request, 32 conns", lambda r: r["wrk_c32"]["cpu_ms_per_req"]),
+        ("CPU per request vs bare mitmdump", lambda r: r["ratios"]["cpu_c32_vs_mitmdump"]),
+        ("CPU per request vs ours", lambda r: r["ratios"]["cpu_c32_vs_ours"]),
         ("8 MB body, s", lambda r: r["body_8mb_s"]),
         ("8 MB body vs bare mitmdump", lambda r: r["ratios"]["body_8mb_vs_mitmdump"]),
         ("1 stream: first event, ms", lambda r: r["sse_1"]["first_event_p50_ms"]),
@@ -673,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run.sh bench", description=__doc__)
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration per run")
     parser.add_argument("--streams", type=int, default=1000, help="concurrent streams")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of each wrk/8 MB run")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of each wrk/8 MB run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.md/.json go")
     parser.add_argument(
         "--targets", default="direct,mitmdump,reference,ours,ours-x2,ours+dumps,ours+bridge,gateway"

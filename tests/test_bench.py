@@ -57,6 +57,10 @@ def test_benchmark_smoke_run(tmp_path):
         assert r["wrk_c32"]["rps"] > 0 and r["wrk_c32"]["errors"] == 0, name
         assert r["sse_many"]["ok"] == 20 and r["sse_many"]["failed"] == 0, name
     assert results["ours+dumps"]["ratios"]["rps_c32_vs_mitmdump"] is not None
+    # The targets' own CPU per request is measured from their process trees.
+    assert results["gateway"]["wrk_c32"]["cpu_ms_per_req"] > 0
+    assert results["direct"]["wrk_c32"]["cpu_ms_per_req"] is None
+    assert results["gateway"]["ratios"]["cpu_c32_vs_mitmdump"] is not None
     # The gateway metered every one of the concurrent streams.
     assert results["gateway"]["sse_many"]["usage_rows"] == 20
     assert "| req/s, 32 conns |" in (tmp_path / "latest.md").read_text()
