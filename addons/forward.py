@@ -80,7 +80,8 @@ def parse_upstream_url(value: str) -> Upstream:
 
 
 _HOP_BY_HOP_B = frozenset(name.encode() for name in HOP_BY_HOP)
-_CLIENT_CREDENTIALS_B = frozenset(name.encode() for name in CLIENT_CREDENTIALS)
+#: :data:`CLIENT_CREDENTIALS` as lower-case field names, for :func:`drop_headers`.
+CLIENT_CREDENTIAL_FIELDS = frozenset(name.encode() for name in CLIENT_CREDENTIALS)
 #: Never removed because ``Connection`` names them: framing and Host are mitmproxy's to redo.
 _KEPT_B = frozenset({b"transfer-encoding", b"content-length", b"host"})
 
@@ -120,7 +121,7 @@ def route_to_upstream(request: http.Request, url: str, host_header: str) -> None
 
     Same result as ``request.url = url`` followed by ``request.host_header = host_header``
     (Host, and the HTTP/2 authority, end up as ``host_header``), with the URL parsed once."""
-    strip_hop_by_hop(request.headers, _CLIENT_CREDENTIALS_B)
+    strip_hop_by_hop(request.headers, CLIENT_CREDENTIAL_FIELDS)
     data = request.data
     data.scheme, data.host, data.port, data.path = _url_parts(url)
     request.host_header = host_header

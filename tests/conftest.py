@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +69,36 @@ def pg_cluster() -> Iterator[PgCluster]:
         yield cluster
     finally:
         cluster.destroy()
+
+
+def plain_mitmdump_command(
+    script: str, upstream_url: str, info: Path, sets: Iterable[str], *args: str
+) -> list[str]:
+    """``mitmdump -s addons/<script>`` as the README shows it: reverse mode to
+    ``upstream_url``'s origin, an ephemeral loopback port, server-info at ``info``, HTTP
+    shutdown on, then ``sets`` (``--set`` specs) and ``args``."""
+    cmd = [
+        str(Path(sys.executable).with_name("mitmdump")),
+        "-s",
+        str(ROOT / "addons" / script),
+        "--mode",
+        f"reverse:{upstream_url.rsplit('/v1/', 1)[0]}",
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        "0",
+        *args,
+    ]
+    for spec in (
+        "connection_strategy=lazy",
+        "keep_host_header=true",
+        f"codex_upstream_url={upstream_url}",
+        f"codex_server_info={info}",
+        "codex_http_shutdown=true",
+        *sets,
+    ):
+        cmd += ["--set", spec]
+    return cmd
 
 
 @dataclass

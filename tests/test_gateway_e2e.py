@@ -11,7 +11,7 @@ import time
 import pytest
 from mitmproxy import io as mitm_io
 
-from tests.conftest import ROOT, open_stream, wait_for
+from tests.conftest import ROOT, ProxyProcess, open_stream, plain_mitmdump_command, wait_for
 from tests.gateway_harness import CODEX_HEADERS, UPSTREAM_KEYS, Gateway, bearer
 
 pytestmark = pytest.mark.e2e
@@ -412,33 +412,19 @@ def test_a_row_is_written_when_codex_hangs_up_after_response_completed(gateway, 
 
 
 def test_plain_mitmdump_with_the_gateway_script(gateway, upstream, tmp_path):
-    from pathlib import Path
-
     keys = members(gateway, ("alice",))
     info = tmp_path / "plain-info.json"
-    cmd = [
-        str(Path(sys.executable).with_name("mitmdump")),
-        "-s",
-        str(ROOT / "addons" / "gateway.py"),
-        "--mode",
-        f"reverse:{upstream.url.rsplit('/v1/', 1)[0]}",
-        "--listen-host",
-        "127.0.0.1",
-        "--listen-port",
-        "0",
-    ]
-    for spec in (
-        "keep_host_header=true",
-        "connection_strategy=lazy",
-        "codex_gateway_keys_file=-",
-        f"codex_gateway_config={gateway.config_path}",
-        f"codex_gateway_database={gateway.database}",
-        "codex_extra_routes=/v1/responses/compact",
-        f"codex_upstream_url={upstream.url}",
-        f"codex_server_info={info}",
-        "codex_http_shutdown=true",
-    ):
-        cmd += ["--set", spec]
+    cmd = plain_mitmdump_command(
+        "gateway.py",
+        upstream.url,
+        info,
+        [
+            "codex_gateway_keys_file=-",
+            f"codex_gateway_config={gateway.config_path}",
+            f"codex_gateway_database={gateway.database}",
+            "codex_extra_routes=/v1/responses/compact",
+        ],
+    )
     proc = subprocess.Popen(
         cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
     )
@@ -448,8 +434,6 @@ def test_plain_mitmdump_with_the_gateway_script(gateway, upstream, tmp_path):
         proc.stdin.close()
         wait_for(lambda: info.exists() or proc.poll() is not None, 60, "server-info")
         port = json.loads(info.read_text())["port"]
-        from tests.conftest import ProxyProcess
-
         handle = ProxyProcess(proc, port, info, tmp_path / "x", tmp_path / "y", None, True)
         assert handle.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
         assert handle.post_json(CODEX_MODEL, {"authorization": "Bearer x"})[0] == 401

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -13,7 +12,14 @@ import pytest
 from mitmproxy import io as mitm_io
 
 from bench.bench import tree_pids as proc_tree
-from tests.conftest import ROOT, TEST_KEY, ProxyProcess, open_stream, wait_for
+from tests.conftest import (
+    ROOT,
+    TEST_KEY,
+    ProxyProcess,
+    open_stream,
+    plain_mitmdump_command,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -108,30 +114,14 @@ SECRET_HEADERS = {"Cookie": CLIENT_COOKIE, "X-Api-Key": CLIENT_API_KEY}
 def start_plain_mitmdump(tmp_path: Path, upstream_url: str, *sets: str) -> ProxyProcess:
     """``mitmdump -s addons/proxy.py`` as the README shows it, key on stdin, ``-w`` flow file."""
     info, out, err = tmp_path / "md-info.json", tmp_path / "md-out.log", tmp_path / "md-err.log"
-    cmd = [
-        str(Path(sys.executable).with_name("mitmdump")),
-        "-s",
-        str(ROOT / "addons" / "proxy.py"),
-        "--mode",
-        f"reverse:{upstream_url.rsplit('/v1/', 1)[0]}",
-        "--listen-host",
-        "127.0.0.1",
-        "--listen-port",
-        "0",
+    cmd = plain_mitmdump_command(
+        "proxy.py",
+        upstream_url,
+        info,
+        ["codex_key_file=-", f"codex_dump_dir={tmp_path / 'plain-dumps'}", *sets],
         "-w",
         str(tmp_path / "plain.mitm"),
-    ]
-    for spec in (
-        "connection_strategy=lazy",
-        "keep_host_header=true",
-        "codex_key_file=-",
-        f"codex_upstream_url={upstream_url}",
-        f"codex_server_info={info}",
-        "codex_http_shutdown=true",
-        f"codex_dump_dir={tmp_path / 'plain-dumps'}",
-        *sets,
-    ):
-        cmd += ["--set", spec]
+    )
     with open(out, "wb") as fo, open(err, "wb") as fe:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=fo, stderr=fe, cwd=ROOT)
     assert proc.stdin is not None

@@ -5,11 +5,20 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow
 
 from addons.upstream_connect import UpstreamConnect
+from addons.web import free_port
 
 
 def hook_data(port: int) -> server_hooks.ServerConnectionHookData:
     server = connection.Server(address=("127.0.0.1", port))
     return server_hooks.ServerConnectionHookData(server=server, client=tflow.tclient_conn())
+
+
+def listening_socket(backlog: int) -> socket.socket:
+    """A socket listening on an ephemeral 127.0.0.1 port (the caller closes it)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(backlog)
+    return listener
 
 
 def drain_accepted(listener: socket.socket) -> int:
@@ -27,9 +36,7 @@ def drain_accepted(listener: socket.socket) -> int:
 
 
 async def test_refused_upstream_names_the_cause():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     addon = UpstreamConnect()
     with taddons.context(addon):
         data = hook_data(port)
@@ -40,9 +47,7 @@ async def test_refused_upstream_names_the_cause():
 
 
 async def test_reachable_upstream_is_probed_once_per_burst():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
+    listener = listening_socket(16)
     port = listener.getsockname()[1]
     addon = UpstreamConnect()
     try:
@@ -69,9 +74,7 @@ async def test_zero_disables_the_probe():
 async def test_simultaneous_connects_share_one_probe():
     import asyncio
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(256)
+    listener = listening_socket(256)
     port = listener.getsockname()[1]
     addon = UpstreamConnect()
     try:
@@ -88,9 +91,7 @@ async def test_simultaneous_connects_share_one_probe():
 async def test_simultaneous_connects_to_a_dead_upstream_all_get_the_cause():
     import asyncio
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     addon = UpstreamConnect()
     with taddons.context(addon):
         burst = [hook_data(port) for _ in range(5)]

@@ -7,13 +7,11 @@ import logging
 from mitmproxy import http
 
 from addons.common import ALLOWED, fail_closed
-from addons.forward import drop_headers
+from addons.forward import CLIENT_CREDENTIAL_FIELDS, drop_headers
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse
 from addons.gateway_mode.members import bearer_member_key, key_hash
 
 logger = logging.getLogger(__name__)
-
-CREDENTIAL_HEADERS = frozenset({b"authorization", b"proxy-authorization"})
 
 
 class MemberAuth:
@@ -38,7 +36,7 @@ class MemberAuth:
             return
         headers = flow.request.headers
         values = headers.get_all("authorization")
-        drop_headers(headers, CREDENTIAL_HEADERS)
+        drop_headers(headers, CLIENT_CREDENTIAL_FIELDS)
         token = bearer_member_key(values[0]) if len(values) == 1 else None
         if token is None:
             self.core.metrics.refused.labels("missing_member_key").inc()
