@@ -98,61 +98,58 @@ ensure_codex() {
     (cd "$ROOT" && npm install --no-audit --no-fund --loglevel=error </dev/null >&2)
 }
 
+can_apt() {
+    # Debian packages can be installed here: root, with apt-get.
+    [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1
+}
+
+apt_install() {
+    # Install Debian packages (a plain install first; if that fails, `apt-get update` and again).
+    log "installing $* (Debian packages)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q "$@" </dev/null >&2 \
+        || { apt-get update -q </dev/null >&2 && apt-get install -y -q "$@" </dev/null >&2; }
+}
+
 ensure_chromium() {
     # Headless Chromium + ChromeDriver from Debian for the mitmweb UI test.
     if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
         return 0
     fi
-    if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    if ! can_apt; then
         log "warning: chromium/chromedriver missing and cannot apt-get them; the UI test will not run"
         return 0
     fi
-    log "installing chromium and chromium-driver (Debian packages)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q chromium chromium-driver </dev/null >&2 \
-        || { apt-get update -q </dev/null >&2 && apt-get install -y -q chromium chromium-driver </dev/null >&2; } \
+    apt_install chromium chromium-driver \
         || log "warning: could not install chromium; the UI test will not run"
 }
 
 ensure_wrk() {
     command -v wrk >/dev/null 2>&1 && return 0
-    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        log "installing wrk (Debian package)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk </dev/null >&2 \
-            || { apt-get update -q </dev/null >&2 \
-                 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk </dev/null >&2; }
-    fi
+    can_apt && apt_install wrk || true
     command -v wrk >/dev/null 2>&1 || { log "error: wrk is needed for the benchmark"; exit 1; }
+}
+
+have_nginx() {
+    [[ -x /usr/sbin/nginx && -e /usr/lib/nginx/modules/ngx_http_echo_module.so ]]
 }
 
 ensure_nginx() {
     # nginx and its echo module (Debian) are the benchmark's upstream (bench/upstreams.py).
-    if [[ -x /usr/sbin/nginx && -e /usr/lib/nginx/modules/ngx_http_echo_module.so ]]; then
-        return 0
-    fi
-    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        log "installing nginx and libnginx-mod-http-echo (Debian packages)"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q nginx libnginx-mod-http-echo </dev/null >&2 \
-            || { apt-get update -q </dev/null >&2 \
-                 && apt-get install -y -q nginx libnginx-mod-http-echo </dev/null >&2; }
-    fi
-    [[ -x /usr/sbin/nginx && -e /usr/lib/nginx/modules/ngx_http_echo_module.so ]] \
-        || { log "error: nginx and libnginx-mod-http-echo are needed for the benchmark"; exit 1; }
+    have_nginx && return 0
+    can_apt && apt_install nginx libnginx-mod-http-echo || true
+    have_nginx || { log "error: nginx and libnginx-mod-http-echo are needed for the benchmark"; exit 1; }
 }
 
 ensure_postgresql() {
     # Debian's PostgreSQL server binaries for the tests that need a real, throwaway cluster
     # (tests/pg_cluster.py runs initdb/pg_ctl from /usr/lib/postgresql/<ver>/bin).
     compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null && return 0
-    if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    if ! can_apt; then
         log "warning: postgresql missing and cannot apt-get it; the PostgreSQL tests will not run"
         return 0
     fi
-    log "installing postgresql (Debian package)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q postgresql </dev/null >&2 \
-        || { apt-get update -q </dev/null >&2 && apt-get install -y -q postgresql </dev/null >&2; } \
+    apt_install postgresql \
         || log "warning: could not install postgresql; the PostgreSQL tests will not run"
 }
 
