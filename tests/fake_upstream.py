@@ -48,7 +48,7 @@ CREATED_AT = int(time.time())
 def usage_block() -> dict[str, Any]:
     return {
         "input_tokens": 42,
-        "input_tokens_details": {"cached_tokens": 8},
+        "input_tokens_details": {"cached_tokens": 8, "cache_write_tokens": 3},
         "output_tokens": 17,
         "output_tokens_details": {"reasoning_tokens": 5},
         "total_tokens": 59,

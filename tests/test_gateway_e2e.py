@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 CODEX_MODEL = {"model": "gpt-5.3-codex", "stream": True, "input": "hi"}
 #: The fake upstream's default stream: usage of one request (tests/fake_upstream.py).
-TOKENS = {"input": 42, "cached": 8, "output": 17, "reasoning": 5, "total": 59}
+TOKENS = {"input": 42, "cached": 8, "cache_write": 3, "output": 17, "reasoning": 5, "total": 59}
 #: gpt-5.3-codex: ((42-8)*43.75 + 8*4.375 + 17*350) / 1e6 credits.
 CREDITS = (34 * 43.75 + 8 * 4.375 + 17 * 350) / 1e6
 

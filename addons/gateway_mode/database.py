@@ -326,8 +326,11 @@ class Database:
         else:
             from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
         statement = insert(usage).on_conflict_do_nothing(index_elements=["row_id"])
+        # A row spooled by an older release lacks the columns added since (one INSERT takes
+        # its keys from the first row): those get the column's default.
+        defaults = {"cache_write_tokens": 0}
         with self.engine.begin() as conn:
-            conn.execute(statement, list(rows))
+            conn.execute(statement, [{**defaults, **row} for row in rows])
 
     def window_usage(self, member_id: int, now: int) -> dict[str, dict[str, int]]:
         """Usage of one member in the rolling windows ending ``now`` (ms):
