@@ -207,6 +207,8 @@ class FakeUpstream:
         compression: codings the stream may be compressed with, in order of preference
             (``"zstd"``, ``"gzip"``); the first one the request's ``Accept-Encoding`` names is
             used, flushed after every event as a real server must for SSE. ``()``: never.
+        reply_headers: headers added to every streamed reply (as OpenAI's backend adds its
+            ``x-codex-*`` rate-limit headers about the account).
         key_status: ``{upstream key: status}``: requests carrying ``Bearer <key>`` get that
             status (JSON error, with ``Retry-After: key_retry_after`` on a 429), as a rate
             limited or revoked OpenAI key would; other keys are served normally.
@@ -233,6 +235,7 @@ class FakeUpstream:
         self.headers_delay = 0.0
         self.ssl_context: Any = None
         self.key_status: dict[str, int] = {}
+        self.reply_headers: dict[str, str] = {}
         self.key_retry_after = "7"
         self.port = 0
         self._server: ThreadedServer | None = None
@@ -297,6 +300,7 @@ class FakeUpstream:
             }
         )
         headers.extend(cookies)
+        headers.update(self.reply_headers)
         compressor = StreamCompressor.negotiate(
             self.compression, request.headers.get("accept-encoding", "")
         )

@@ -312,8 +312,8 @@ def test_usage_rows_land_once_and_sum_per_window(db: Database) -> None:
     db.insert_usage(rows)  # re-sent after an outage: no duplicates
     assert [r["cache_write_tokens"] for r in db.usage_rows(0)] == [4, 0, 0, 0]
     assert db.window_usage(member_id, now) == {
-        "five_hour": {"tokens": 10, "credits": 5},
-        "weekly": {"tokens": 30, "credits": 5},
+        "five_hour": {"tokens": 10, "credits": 5, "oldest": now - 1000},
+        "weekly": {"tokens": 30, "credits": 5, "oldest": now - 6 * windows.HOUR_MS},
     }
 
 
