@@ -124,6 +124,16 @@ ensure_chromium() {
         || log "warning: could not install chromium; the UI test will not run"
 }
 
+ensure_tmux() {
+    # tmux drives Codex's TUI in the gateway test (tests/test_gateway_codex.py).
+    command -v tmux >/dev/null 2>&1 && return 0
+    if ! can_apt; then
+        log "warning: tmux missing and cannot apt-get it; the Codex TUI test will not run"
+        return 0
+    fi
+    apt_install tmux || log "warning: could not install tmux; the Codex TUI test will not run"
+}
+
 ensure_wrk() {
     command -v wrk >/dev/null 2>&1 && return 0
     can_apt && apt_install wrk || true
@@ -207,6 +217,7 @@ case "$cmd" in
         ensure_venv
         ensure_codex
         ensure_chromium
+        ensure_tmux
         ensure_wrk
         ensure_nginx
         ensure_postgresql
