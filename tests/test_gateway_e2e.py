@@ -332,7 +332,11 @@ def test_add_key_prints_the_key_alone_as_the_last_line(gateway):
 
 @pytest.mark.codex
 def test_codex_cli_with_a_member_key(gateway, upstream, codex, tmp_path):
-    keys = members(gateway, ("alice",))
+    """Codex with its defaults (codex-config names no model) through a gateway whose operator
+    priced Codex's default model like gpt-5.5: a member with a credit quota is served and
+    metered in credits, and Codex knows its model (no fallback-metadata warning)."""
+    set_rates(gateway, **{CODEX_DEFAULT: {"same_as": "gpt-5.5"}})
+    keys = members(gateway, ("alice", "--weekly-credits", "100"))
     server = gateway.serve(upstream.url)
     home, work = tmp_path / "codex-home", tmp_path / "work"
     home.mkdir()
@@ -344,8 +348,6 @@ def test_codex_cli_with_a_member_key(gateway, upstream, codex, tmp_path):
             "addons.codex_config",
             "--server-info",
             str(server.info_path),
-            "--model",
-            "gpt-5.5",
             "--gateway",
             "--toml-only",
         ],
@@ -356,11 +358,13 @@ def test_codex_cli_with_a_member_key(gateway, upstream, codex, tmp_path):
         cwd=ROOT,
     ).stdout
     assert 'env_key = "CODEX_GATEWAY_KEY"' in config and "supports_websockets = false" in config
+    assert "model =" not in config  # the model is left to Codex
     (home / "config.toml").write_text(config)
     result = _run_codex_with_key(codex, home, work, keys["alice"])
-    out = result.stdout.decode(errors="replace")
-    assert result.returncode == 0, out + result.stderr.decode(errors="replace")
+    out = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
+    assert result.returncode == 0, out
     assert upstream.text in out
+    assert "Model metadata for" not in out and "fallback metadata" not in out
     assert upstream.requests, "nothing reached the upstream"
     for request in upstream.requests:
         assert request.header_values("authorization")[0] in {
@@ -368,10 +372,13 @@ def test_codex_cli_with_a_member_key(gateway, upstream, codex, tmp_path):
         }
         assert keys["alice"].encode() not in request.body
         assert keys["alice"] not in json.dumps(request.headers)
-    wait_for(lambda: gateway.usage()["total"]["requests"] == len(upstream.requests), 10, "rows")
+        assert json.loads(request.body)["model"] == CODEX_DEFAULT
+    n = len(upstream.requests)
+    wait_for(lambda: gateway.usage()["total"]["requests"] == n, 10, "rows")
     total = gateway.usage("--member", "alice")["total"]
-    assert total["total_tokens"] == TOKENS["total"] * len(upstream.requests)
-    assert total["credits"] > 0
+    assert total["total_tokens"] == TOKENS["total"] * n and total["unpriced"] == 0
+    assert total["credits"] == pytest.approx(n * CREDITS, abs=5e-6)  # gpt-5.5's rates
+    assert {row["rate"] for row in _rows(gateway)} == {CODEX_DEFAULT}
 
 
 def _run_codex_with_key(binary: str, home, work, key: str):
