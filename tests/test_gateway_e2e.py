@@ -152,6 +152,9 @@ def test_credit_quota_priority_costs_twice_and_usage_shows_credits(gateway, upst
     assert total["credits"] == pytest.approx(4 * CREDITS, abs=5e-6)
     text = gateway.admin("usage").stdout
     assert "carol" in text and "1 request(s) unpriced" in text
+    # Both codex-unknown requests are counted: carol's refused one and dave's unpriced row.
+    metrics = server.request("GET", "/metrics")[2].decode()
+    assert 'codex_gateway_unpriced_requests_total{model="codex-unknown"} 2.0' in metrics
 
 
 def test_concurrency_limit(gateway, upstream):

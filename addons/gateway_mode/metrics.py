@@ -44,8 +44,9 @@ class GatewayMetrics:
         )
         self.unpriced = Counter(
             "codex_gateway_unpriced_requests",
-            "Forwarded requests whose model the rate card cannot price, by model (add the "
-            "model, a same_as or a default entry under credits.rates).",
+            "Requests whose model the rate card cannot price (forwarded unpriced, or refused "
+            "to a member with a credit quota), by model: add the model, a same_as or a "
+            "default entry under credits.rates.",
             ["model"],
             registry=r,
         )

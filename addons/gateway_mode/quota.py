@@ -80,6 +80,7 @@ class QuotaGate:
             is None
         ):
             core.metrics.refused.labels("unpriced_model").inc()
+            core.metrics.unpriced.labels(str(info["model"] or "")[:64]).inc()
             refuse(
                 flow,
                 "unpriced-model",
