@@ -8,6 +8,7 @@
 #   ./run.sh web [FLAGS] [--web-port N]   the proxy behind mitmweb (key on stdin)
 #   ./run.sh gateway [--config F] [--database URL] COMMAND   gateway mode: init, add-member,
 #       set-member, add-key, list-keys, revoke-key, usage, serve (upstream keys on stdin)
+#   ./run.sh refresh-models [--check]   rewrite config/codex-models.yaml from the pinned Codex
 #   ./run.sh bench [--seconds N] [--streams N]   benchmark against direct, mitmdump, the reference
 #   ./run.sh [FLAGS]       the proxy; the API key is read from stdin:
 #       printenv OPENAI_API_KEY | env -u OPENAI_API_KEY ./run.sh --server-info /tmp/info.json
@@ -176,6 +177,13 @@ case "$cmd" in
         ensure_venv
         cd "$ROOT"
         exec "$VENV/bin/python" -m addons.codex_config "$@" </dev/null
+        ;;
+    refresh-models)
+        shift
+        ensure_venv
+        ensure_codex
+        cd "$ROOT"
+        exec "$VENV/bin/python" -m addons.codex_models "$@" </dev/null
         ;;
     bench)
         shift
