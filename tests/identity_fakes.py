@@ -25,7 +25,7 @@ from addons.workload_identity import ISSUED_TOKEN_TYPE
 
 #: The GitHub request token the tests pipe to the proxy (the runner's
 #: ACTIONS_ID_TOKEN_REQUEST_TOKEN); alphabet of the reference's rule.
-REQUEST_TOKEN = "ghreq-REQLEAKCHECK.0123456789~abc+def/ghi="
+REQUEST_TOKEN = "ghreq-REQLEAKCHECK.0123456789~abc+def/ghi="  # noqa: S105 - a fake
 JWT_MARK = "JWTLEAKCHECK"
 ACCESS_MARK = "ATLEAKCHECK"
 
