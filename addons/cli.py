@@ -357,11 +357,6 @@ def main(
 
         workers = worker_count(ns.workers)
         identity = identity_settings(ns)
-        if identity is not None and workers > 1:
-            raise ValueError(
-                "--github-oidc runs in one process: --workers above 1 is not supported in "
-                "the keyless mode yet"
-            )
     except ValueError as e:
         parser.exit(EXIT_ARGS, f"{parser.prog}: error: {e}\n")
 
@@ -378,8 +373,16 @@ def main(
         except workload_identity.WorkloadIdentityError as e:
             sys.stderr.write(f"Error: {e}\n")
             return EXIT_KEY
+        args = mitmdump_args(config, upstream, ns.setoptions, identity)
         try:
-            return run_mitmdump(mitmdump_args(config, upstream, ns.setoptions, identity))
+            if workers > 1:
+                from addons.workers import supervisor
+                from addons.workers.identity_feed import IdentityFeed
+
+                # One identity for all: the supervisor renews, the workers follow.
+                plan = supervisor.Plan(workers, "oidc", args, bytearray(), feed=IdentityFeed())
+                return supervisor.run(plan)
+            return run_mitmdump(args)
         finally:
             workload_identity.IDENTITY.clear()
 

@@ -314,36 +314,66 @@ async def exchange_jwt(
     return parse_exchange_reply(doc)
 
 
+@dataclass(frozen=True)
+class _Current:
+    """The current token as one value (replaced by one assignment, so a reader on another
+    thread never sees a new token with an old lifetime)."""
+
+    header: bytearray
+    issued_at: float
+    lifetime_s: int
+
+    def usable_until(self) -> float:
+        margin = min(EXPIRY_MARGIN_MAX_S, self.lifetime_s * 0.1)
+        return self.issued_at + self.lifetime_s - margin
+
+
+_NONE = _Current(bytearray(), 0.0, 0)
+
+
 class WorkloadIdentity:
     """Holder of the keyless mode's state: settings, request token, current access token.
 
     ``repr``/``str`` never show a secret. :meth:`header_value` hands out ``Bearer <access
     token>`` while it is valid (until :data:`EXPIRY_MARGIN_MAX_S` or a tenth of its lifetime
     before expiry), else raises :class:`IdentityUnavailable`. :meth:`renew` fetches a new JWT
-    and exchanges it (one attempt). ``clock`` is ``time.monotonic`` (a seam for tests).
+    and exchanges it (one attempt). A ``--workers`` worker holds no request token: it is a
+    *follower* (:meth:`follow`) that gets each token from the supervisor
+    (:meth:`share_line` / :meth:`install_shared`). ``clock`` is ``time.monotonic`` (a seam).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.settings: IdentitySettings | None = None
+        self.follower = False
         self._request_token = bytearray()
-        self._header = bytearray()
+        self._current = _NONE
         self._previous = bytearray()  # the last token: flows injected with it are still scrubbed
-        self.lifetime_s = 0
-        self.issued_at = 0.0
         self.renewals = 0
         self.locked = False
 
     def __repr__(self) -> str:
-        state = "active" if self.settings is not None else "off"
-        token = "token" if self._header else "no token"
+        state = "follower" if self.follower else ("active" if self.settings else "off")
+        token = "token" if self._current.header else "no token"
         return f"<WorkloadIdentity {state} {token} {REDACTED}>"
 
     __str__ = __repr__
 
     @property
     def active(self) -> bool:
-        return self.settings is not None
+        return self.settings is not None or self.follower
+
+    @property
+    def can_renew(self) -> bool:
+        return self.settings is not None and bool(self._request_token)
+
+    @property
+    def lifetime_s(self) -> int:
+        return self._current.lifetime_s
+
+    @property
+    def issued_at(self) -> float:
+        return self._current.issued_at
 
     def configure(self, settings: IdentitySettings, request_token: bytearray) -> None:
         """Take the settings and ownership of a checked request token (zeroes the argument)."""
@@ -353,21 +383,53 @@ class WorkloadIdentity:
         _zero(request_token)
         self.locked = _mlock(self._request_token)
 
-    def install(self, token: AccessToken) -> None:
-        """Make ``token`` the current one (zeroes ``token.token`` and the one before last)."""
+    def follow(self) -> None:
+        """Become a follower: active, no request token, tokens come from :meth:`install_shared`."""
+        self.clear()
+        self.follower = True
+
+    def install(self, token: AccessToken, issued_at: float | None = None) -> None:
+        """Make ``token`` the current one (zeroes ``token.token`` and the one before last).
+        ``issued_at``: clock time of issue (default: now)."""
         header = bytearray(BEARER_PREFIX) + token.token
         _zero(token.token)
         _mlock(header)
         _zero(self._previous)
-        self._previous, self._header = self._header, header
-        self.lifetime_s = token.expires_in
-        self.issued_at = self.clock()
+        self._previous = self._current.header
+        when = self.clock() if issued_at is None else issued_at
+        self._current = _Current(header, when, token.expires_in)
         self.renewals += 1
+
+    def share_line(self) -> bytearray:
+        """The current token for a follower: ``<ms since issue> <lifetime s> <token>\\n`` (the
+        caller zeroes it; an empty array when there is no token)."""
+        current = self._current
+        if not current.header:
+            return bytearray()
+        age_ms = max(0, int((self.clock() - current.issued_at) * 1000))
+        head = f"{age_ms} {current.lifetime_s} ".encode()
+        return bytearray(head) + current.header[len(BEARER_PREFIX) :] + b"\n"
+
+    def install_shared(self, line: bytearray) -> None:
+        """Install a :meth:`share_line` (zeroes ``line``).
+
+        Raises:
+            WorkloadIdentityError: :data:`MSG_UNREADABLE` for a malformed line.
+        """
+        try:
+            age_b, lifetime_b, token = bytes(line).rstrip(b"\n").split(b" ", 2)
+            age_ms, lifetime = int(age_b), int(lifetime_b)
+        except ValueError:
+            raise WorkloadIdentityError(MSG_UNREADABLE) from None
+        finally:
+            _zero(line)
+        if not token or lifetime <= 0 or age_ms < 0:
+            raise WorkloadIdentityError(MSG_UNREADABLE)
+        self.install(AccessToken(bytearray(token), lifetime), self.clock() - age_ms / 1000)
 
     def usable_until(self) -> float:
         """Clock time after which the current token is no longer handed out."""
-        margin = min(EXPIRY_MARGIN_MAX_S, self.lifetime_s * 0.1)
-        return self.issued_at + self.lifetime_s - margin
+        return self._current.usable_until()
 
     def header_value(self) -> str:
         """``Bearer <access token>`` for the outgoing request.
@@ -375,14 +437,15 @@ class WorkloadIdentity:
         Raises:
             IdentityUnavailable: no token yet, or it is about to expire (renewal failing).
         """
-        if not self._header or self.clock() >= self.usable_until():
+        current = self._current
+        if not current.header or self.clock() >= current.usable_until():
             raise IdentityUnavailable(MSG_UNAVAILABLE)
-        return self._header.decode("ascii")
+        return current.header.decode("ascii")
 
     def matches(self, value: str) -> bool:
         """Whether ``value`` is the current or the previous injected header value."""
         raw = value.encode("ascii", "replace")
-        return any(held and raw == bytes(held) for held in (self._header, self._previous))
+        return any(held and raw == bytes(held) for held in (self._current.header, self._previous))
 
     def next_renewal_in(self) -> float:
         """Seconds until the next renewal: 80 % of the lifetime after issue, +-5 % jitter."""
@@ -415,11 +478,12 @@ class WorkloadIdentity:
         self.install(token)
 
     def clear(self) -> None:
-        for buf in (self._request_token, self._header, self._previous):
+        for buf in (self._request_token, self._current.header, self._previous):
             _zero(buf)
-        self._request_token, self._header, self._previous = bytearray(), bytearray(), bytearray()
+        self._request_token, self._previous = bytearray(), bytearray()
+        self._current = _NONE
         self.settings = None
-        self.lifetime_s = 0
+        self.follower = False
         self.locked = False
 
 
@@ -449,6 +513,41 @@ def start(settings: IdentitySettings, request_token: bytearray) -> None:
     except BaseException:
         IDENTITY.clear()
         raise
+
+
+async def renew_forever(
+    identity: WorkloadIdentity, on_renewed: Callable[[], None] | None = None
+) -> None:
+    """Renew ``identity`` at ~80 % of each lifetime until cancelled or cleared; on failure
+    retry with backoff (:meth:`WorkloadIdentity.retry_delay`), logging the cause (one of the
+    ``MSG_*`` texts, never a secret). ``on_renewed`` runs after each renewal (the
+    ``--workers`` supervisor hands the new token to its workers there)."""
+    while identity.can_renew:
+        await asyncio.sleep(identity.next_renewal_in())
+        attempt = 0
+        while identity.can_renew:
+            attempt += 1
+            try:
+                await identity.renew()
+            except (WorkloadIdentityError, IdentityUnavailable) as e:
+                delay = identity.retry_delay(attempt)
+                logger.warning(
+                    "workload identity renewal failed (%s); retry %d in %.1f s", e, attempt, delay
+                )
+                await asyncio.sleep(delay)
+                continue
+            except Exception as e:  # never let the renewal task die silently
+                logger.error("workload identity renewal error (%s)", type(e).__name__)
+                await asyncio.sleep(identity.retry_delay(attempt))
+                continue
+            logger.info(
+                "workload identity renewed (lifetime %d s, renewal %d)",
+                identity.lifetime_s,
+                identity.renewals,
+            )
+            if on_renewed is not None:
+                on_renewed()
+            break
 
 
 class WorkloadIdentityRenewal:
@@ -521,37 +620,8 @@ class WorkloadIdentityRenewal:
             raise exceptions.OptionsError(f"codex_github_oidc: {e}") from None
 
     def running(self) -> None:
-        if IDENTITY.active and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._renew_forever())
-
-    async def _renew_forever(self) -> None:
-        while IDENTITY.active:
-            await asyncio.sleep(IDENTITY.next_renewal_in())
-            attempt = 0
-            while IDENTITY.active:
-                attempt += 1
-                try:
-                    await IDENTITY.renew()
-                except (WorkloadIdentityError, IdentityUnavailable) as e:
-                    delay = IDENTITY.retry_delay(attempt)
-                    logger.warning(
-                        "workload identity renewal failed (%s); retry %d in %.1f s",
-                        e,
-                        attempt,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-                    continue
-                except Exception as e:  # never let the renewal task die silently
-                    logger.error("workload identity renewal error (%s)", type(e).__name__)
-                    await asyncio.sleep(IDENTITY.retry_delay(attempt))
-                    continue
-                logger.info(
-                    "workload identity renewed (lifetime %d s, renewal %d)",
-                    IDENTITY.lifetime_s,
-                    IDENTITY.renewals,
-                )
-                break
+        if IDENTITY.can_renew and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(renew_forever(IDENTITY))
 
     def done(self) -> None:
         if self._task is not None:

@@ -220,6 +220,41 @@ def test_renewal_is_due_at_about_80_percent_and_retries_back_off_within_the_life
     assert all(holder.retry_delay(10) <= 1.2 for _ in range(20))  # 3 s lifetime: cap 1 s
 
 
+def test_a_follower_gets_each_token_over_the_pipe():
+    """``--workers``: the supervisor's feed writes the current token at attach and each
+    renewed one; the worker's follower installs them, keeping the age of the token."""
+    from addons.workers.identity_feed import IdentityFeed, follow
+
+    clock = Clock()
+    leader, follower = wi.WorkloadIdentity(clock), wi.WorkloadIdentity(clock)
+    leader.configure(SETTINGS, bytearray(b"ghreq"))
+    leader.install(wi.AccessToken(bytearray(b"at-feed-1"), 100))
+    clock.now += 30
+    feed = IdentityFeed(leader)
+    read_end, write_end = os.pipe()
+    feed.attach(0, write_end)
+    follow(read_end, follower)
+    assert follower.active and not follower.can_renew
+    assert follower.header_value() == "Bearer at-feed-1"
+    assert follower.usable_until() == pytest.approx(leader.usable_until(), abs=0.01)
+    leader.install(wi.AccessToken(bytearray(b"at-feed-2"), 100))
+    feed.publish()
+    wait_for(lambda: follower.matches("Bearer at-feed-2"), 10, "the renewed token")
+    assert follower.header_value() == "Bearer at-feed-2"
+    assert "feed" not in repr(follower) and "at-" not in repr(feed)
+    feed.stop()
+    follower.clear()
+
+
+def test_a_malformed_feed_line_is_refused_and_zeroed():
+    holder = wi.WorkloadIdentity()
+    holder.follow()
+    line = bytearray(b"nonsense at-secret\n")
+    with pytest.raises(wi.WorkloadIdentityError):
+        holder.install_shared(line)
+    assert line == bytearray(len(line))
+
+
 # ---------------------------------------------------------------- the forwarder
 
 
@@ -268,19 +303,6 @@ def test_forwarder_answers_503_without_a_valid_token_and_sends_nothing():
         ["--oidc-audience", "a"],
         ["--identity-provider-id", "i"],
         ["--github-oidc", "--oidc-audience", "a"],
-        [
-            "--github-oidc",
-            "--oidc-audience",
-            "a",
-            "--identity-provider-id",
-            "i",
-            "--service-account-id",
-            "s",
-            "--github-oidc-request-url",
-            "https://h/t",
-            "--workers",
-            "2",
-        ],
     ],
 )
 def test_flag_errors_exit_2_before_reading_stdin(argv):
@@ -688,6 +710,61 @@ def test_plain_mitmdump_reads_the_request_token_file(tmp_path, fakes, upstream):
         handle.stop()
     data = log.read_bytes()
     assert REQUEST_TOKEN.encode() not in data and ACCESS_MARK.encode() not in data
+
+
+@pytest.mark.e2e
+def test_two_workers_share_one_identity(tmp_path, fakes, upstream, keyless):
+    # The first token lasts 15 s (renewal due after 12 s), so the count below is read before
+    # any renewal: both workers listen after one exchange, not one each.
+    fakes.lifetime = 15
+    proxy = start_keyless(tmp_path, fakes, upstream.url, "--workers", "2")
+    keyless.append(proxy)
+    assert len(fakes.exchanges()) == 1
+    fakes.lifetime = 3
+    statuses: list[int] = []
+
+    def renewed_twice() -> bool:
+        statuses.append(proxy.post_json({"model": "m", "stream": True})[0])
+        return len(fakes.access_tokens) >= 3 and len(set(bearer_tokens(upstream))) >= 3
+
+    wait_for(renewed_twice, 60, "two renewals seen upstream")
+    # Past two renewals of a 3 s token, every request of both workers succeeded: the
+    # followers got each renewed token (an unrenewed one expires and answers 503).
+    assert set(statuses) == {200}, statuses
+    assert set(bearer_tokens(upstream)) <= set(fakes.access_tokens)
+    assert len(fakes.exchanges()) == len(fakes.access_tokens) == len(fakes.jwts)
+    from tests.test_workers import children
+
+    workers = children(proxy.proc.pid)
+    for pid in workers:
+        for name in ("cmdline", "environ"):
+            data = Path(f"/proc/{pid}/{name}").read_bytes()
+            assert not any(secret.encode() in data for secret in fakes.secrets())
+    # A replacement worker gets the current token at spawn and serves with it.
+    victim = min(workers)
+    os.kill(victim, 9)
+    wait_for(
+        lambda: victim not in children(proxy.proc.pid) and len(children(proxy.proc.pid)) >= 2,
+        30,
+        "a replacement worker",
+    )
+    issued = len(fakes.access_tokens)
+    statuses.clear()
+    wait_for(
+        lambda: (
+            statuses.append(proxy.post_json({"model": "m"})[0]) is None
+            and len(fakes.access_tokens) >= issued + 1
+            and len(statuses) >= 10
+        ),
+        60,
+        "a renewal after the replacement",
+    )
+    assert set(statuses) == {200}, statuses
+    assert proxy.shutdown() == 0
+    numbers = {int(p.name[:6]) for p in proxy.dump_files() if p.name[:6].isdigit()}
+    assert {n % 2 for n in numbers} == {0, 1}, "both workers served requests"
+    for secret in fakes.secrets():
+        assert secret not in proxy.output()
 
 
 # ---------------------------------------------------------------- the real Codex CLI
