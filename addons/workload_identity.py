@@ -600,6 +600,8 @@ class WorkloadIdentityRenewal:
                 "(--github-oidc, token on stdin) or set codex_oidc_request_token_file"
             )
         settings = settings_from_options(ctx.options)
+        if not settings.token_url.lower().startswith("https://"):
+            raise exceptions.OptionsError("codex_oidc_token_url must be an https URL")
         try:
             validate_settings(settings)
             from addons.hardening import HardeningError, harden_process

@@ -294,6 +294,30 @@ def test_forwarder_answers_503_without_a_valid_token_and_sends_nothing():
     assert f.request.headers.get("authorization") == "Bearer client-side"  # never routed
 
 
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({}, "codex_oidc_request_token_file"),
+        ({"codex_oidc_request_token_file": "-", "codex_oidc_token_url": "http://h/t"}, "https"),
+        ({"codex_oidc_request_token_file": "-", "codex_oidc_audience": ""}, "nonempty"),
+    ],
+)
+def test_plain_mitmdump_options_are_checked_at_start_up(options, needle):
+    from mitmproxy import exceptions
+
+    addon = wi.WorkloadIdentityRenewal()
+    base = {
+        "codex_oidc_audience": "a",
+        "codex_identity_provider_id": "i",
+        "codex_service_account_id": "s",
+        "codex_github_oidc_request_url": "https://h/t",
+    }
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=needle):
+            tctx.configure(addon, codex_github_oidc=True, **{**base, **options})
+    assert not wi.IDENTITY.active
+
+
 # ---------------------------------------------------------------- the launcher's flags
 
 
@@ -813,3 +837,54 @@ def test_start_runs_on_a_helper_thread_inside_a_running_loop(fakes, monkeypatch)
     asyncio.run(inside_a_loop())
     assert wi.IDENTITY.header_value() == f"Bearer {fakes.access_tokens[0]}"
     assert sys.modules["addons.workload_identity"].IDENTITY is wi.IDENTITY
+
+
+@pytest.mark.e2e
+@pytest.mark.codex
+def test_codex_shows_the_503_and_rides_out_a_token_outage(
+    tmp_path, fakes, upstream, keyless, codex
+):
+    """During an outage Codex gets the JSON 503, shows its message while it retries, and the
+    turn succeeds once the token endpoint is back."""
+    from tests.test_clients import printed_codex_config
+
+    fakes.lifetime = 3
+    proxy = start_keyless(tmp_path, fakes, upstream.url)
+    keyless.append(proxy)
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "config.toml").write_text(printed_codex_config(proxy, "--toml-only"))
+    fakes.exchange_status = 503
+    wait_for(lambda: proxy.post_json({"model": "m"})[0] == 503, 60, "the outage")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
+    env["CODEX_HOME"] = str(home)
+    proc = subprocess.Popen(
+        [codex, "exec", "--skip-git-repo-check", "--json", "Say hello"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=work,
+        env=env,
+    )
+    events = []
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            event = json.loads(raw) if raw.startswith(b"{") else {}
+            events.append(event)
+            if "Reconnecting... 1/5" in event.get("message", ""):
+                assert wi.MSG_UNAVAILABLE in event["message"]
+                fakes.exchange_status = 200
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert fakes.exchange_status == 200, "Codex never reported the 503"
+    assert events[-1]["type"] == "turn.completed"
+    assert any(upstream.text in json.dumps(e) for e in events)
+    assert bearer_tokens(upstream) and bearer_tokens(upstream)[-1] in fakes.access_tokens
+    assert proxy.shutdown() == 0
