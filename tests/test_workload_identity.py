@@ -351,6 +351,15 @@ def test_mitmdump_args_carry_the_settings_not_the_secrets():
     assert sets.count("codex_oidc_token_url=https://127.0.0.1:1/oauth/token") == 1
 
 
+def test_run_sh_web_hands_the_keyless_flags_to_the_credential_holding_proxy():
+    from addons import web
+
+    argv = oidc_argv("https://h/t?x=1")
+    ns = web.build_parser().parse_args(argv)
+    cmd = web.inner_command(ns, "info.json", [])
+    assert cmd[cmd.index("--github-oidc") :] == argv
+
+
 # ---------------------------------------------------------------- against the reference binary
 
 
