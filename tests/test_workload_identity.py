@@ -805,7 +805,9 @@ def test_two_workers_share_one_identity(tmp_path, fakes, upstream, keyless):
 
 @pytest.mark.e2e
 @pytest.mark.codex
-def test_codex_exec_in_the_keyless_mode_across_a_renewal(tmp_path, fakes, upstream, keyless, codex):
+def test_codex_session_in_the_keyless_mode_across_a_renewal(
+    tmp_path, fakes, upstream, keyless, codex
+):
     from tests.test_clients import printed_codex_config, run_codex
 
     fakes.lifetime = 3
@@ -819,8 +821,12 @@ def test_codex_exec_in_the_keyless_mode_across_a_renewal(tmp_path, fakes, upstre
     assert first.returncode == 0, first.stdout.decode() + first.stderr.decode()
     issued = len(fakes.access_tokens)
     wait_for(lambda: len(fakes.access_tokens) > issued, 30, "a renewal between the turns")
-    second = run_codex(codex, home, work, extra=[], prompt="Say hello again")
+    # The second turn of the same session, after the renewal.
+    second = run_codex(codex, home, work, extra=["resume", "--last"], prompt="Say hello again")
     assert second.returncode == 0, second.stdout.decode() + second.stderr.decode()
+    last = json.loads(upstream.requests[-1].body)
+    assert "Say hello again" in json.dumps(last["input"])
+    assert upstream.text in json.dumps(last["input"])  # the first turn's reply: one session
     for result in (first, second):
         assert upstream.text in result.stdout.decode()
     seen = bearer_tokens(upstream)
