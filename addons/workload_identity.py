@@ -39,7 +39,9 @@ import aiohttp
 import yarl
 from mitmproxy import ctx, exceptions
 
-from addons.keyholder import BEARER_PREFIX, REDACTED, _mlock, _zero
+from addons.keyholder import BEARER_PREFIX, REDACTED
+from addons.keyholder import mlock as _mlock
+from addons.keyholder import zero as _zero
 
 logger = logging.getLogger(__name__)
 

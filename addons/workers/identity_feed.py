@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 
-from addons.keyholder import _zero
+from addons.keyholder import zero as _zero
 from addons.workload_identity import (
     IDENTITY,
     MSG_UNREADABLE,
