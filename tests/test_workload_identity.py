@@ -360,6 +360,15 @@ def test_run_sh_web_hands_the_keyless_flags_to_the_credential_holding_proxy():
     assert cmd[cmd.index("--github-oidc") :] == argv
 
 
+def test_replay_refuses_the_keyless_flags_before_loading_anything(capsys):
+    from addons import replay
+
+    with pytest.raises(SystemExit) as info:
+        replay.main(["no-such-recording", *oidc_argv("https://h/t")])
+    assert info.value.code == 2
+    assert "drop --github-oidc" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- against the reference binary
 
 
