@@ -34,9 +34,10 @@ from typing import Any
 
 import yaml
 
+from addons.defaults import default_file
 from addons.versions import ROOT, codex_cli_version
 
-SNAPSHOT = os.path.join(ROOT, "config", "codex-models.yaml")
+SNAPSHOT = default_file("codex-models.yaml")
 CODEX_BIN = os.path.join(ROOT, "node_modules", ".bin", "codex")
 
 HEADER = """\

@@ -8,9 +8,9 @@ from typing import Any
 
 import yaml
 
-DEFAULT_CONFIG_PATH = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "proxy.yaml"
-)
+from addons.defaults import default_file
+
+DEFAULT_CONFIG_PATH = default_file("proxy.yaml")
 
 _KEYS = {
     "upstream_url": (str, type(None)),

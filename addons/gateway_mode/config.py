@@ -14,9 +14,9 @@ import yaml
 
 from addons.codex_models import Catalog, catalog
 from addons.credits import RateCard, parse_rate_card
+from addons.defaults import default_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_GATEWAY_CONFIG = os.path.join(ROOT, "config", "gateway.yaml")
+DEFAULT_GATEWAY_CONFIG = default_file("gateway.yaml")
 
 _KEYS: dict[str, tuple[type, ...]] = {
     "database": (str, type(None)),
