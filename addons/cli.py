@@ -18,28 +18,20 @@ from typing import Any
 from addons import keyholder, workload_identity
 from addons.config import DEFAULT_CONFIG_PATH, ProxyConfig, load_config
 from addons.forward import DEFAULT_UPSTREAM_URL, Upstream, parse_upstream_url
-from addons.hardening import HardeningError, harden_process
+from addons.hardening import harden_process
+from addons.launch import (
+    OptionSpecs,
+    Secret,
+    launch,
+    port_number,
+    record_options,
+    reverse_mode,
+    set_spec,
+)
 
-EXIT_ARGS = 2  # argument errors, as clap in the reference proxy
-EXIT_KEY = 1  # key errors, as the reference proxy
+EXIT_ARGS = 2  # argument errors, as clap in the reference proxy (key errors: launch.EXIT_SECRET)
 
 SCRIPT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proxy.py")
-
-
-def _port(value: str) -> int:
-    try:
-        port = int(value, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is out of range 0-65535")
-    return port
-
-
-def _set_spec(value: str) -> str:
-    if "=" not in value or not value.split("=", 1)[0]:
-        raise argparse.ArgumentTypeError(f"expected name=value, got {value!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Strict reverse proxy for the OpenAI Responses API. Reads the API key from "
         "stdin: printenv OPENAI_API_KEY | env -u OPENAI_API_KEY codex-responses-api-proxy",
     )
-    parser.add_argument("--port", type=_port, help="port to listen on (default: ephemeral)")
+    parser.add_argument("--port", type=port_number, help="port to listen on (default: ephemeral)")
     parser.add_argument(
         "--server-info", metavar="FILE", help='write {"port":N,"pid":N} to FILE once listening'
     )
@@ -130,42 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         action="append",
         default=[],
-        type=_set_spec,
+        type=set_spec,
         help="set a mitmproxy option (repeatable); overrides everything else",
     )
     return parser
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-class OptionSpecs:
-    """The ``--set name=value`` specs a launcher hands mitmdump (the strict proxy's and the
-    gateway's): :meth:`put` our values, then :meth:`specs` with the user's ``--set``."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, list[str]] = {}
-
-    def put(self, name: str, value: Any) -> None:
-        """Our value for ``name`` (a list for sequence options; ``None``: leave it unset)."""
-        if isinstance(value, list):
-            self.values[name] = [_format_value(v) for v in value]
-        elif value is not None:
-            self.values[name] = [_format_value(value)]
-
-    def specs(self, user_sets: Sequence[str]) -> list[str]:
-        """Every ``name=value``. A user's ``--set`` for a name replaces every value we would
-        pass for it (mitmproxy refuses two values for one scalar option in a single start-up).
-        """
-        user: dict[str, list[str]] = {}
-        for spec in user_sets:
-            name, value = spec.split("=", 1)
-            user.setdefault(name, []).append(value)
-        values = {**self.values, **user}
-        return [f"{name}={value}" for name, vals in values.items() for value in vals]
 
 
 def mitmproxy_options(
@@ -215,30 +175,6 @@ def mitmproxy_options(
     return options.specs(user_sets)
 
 
-def record_options(record_dir: str) -> dict[str, str]:
-    """The mitmproxy options of ``--record DIR`` (the directory is created, mode 0700): our
-    recorder, and mitmproxy's own flow file and HAR in it. Raises ``OSError``."""
-    record = os.path.abspath(record_dir)
-    os.makedirs(record, mode=0o700, exist_ok=True)
-    return {
-        "codex_record_dir": record,
-        "save_stream_file": os.path.join(record, "flows.mitm"),
-        "hardump": os.path.join(record, "session.har"),
-    }
-
-
-def run_mitmdump(args: Sequence[str]) -> int:
-    """Run mitmproxy's ``mitmdump`` in this process; its exit code (0 after a clean stop)."""
-    from mitmproxy.tools.main import mitmdump
-
-    try:
-        mitmdump(list(args))
-    except SystemExit as e:
-        code = e.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    return 0
-
-
 def mitmdump_args(
     config: ProxyConfig,
     upstream: Upstream,
@@ -246,10 +182,8 @@ def mitmdump_args(
     identity: workload_identity.IdentitySettings | None = None,
 ) -> list[str]:
     """Arguments for ``mitmproxy.tools.main.mitmdump``: reverse mode to the upstream's origin
-    over plain TCP (each flow is routed to the exact URL by the forwarder; a ``reverse:https``
-    spec would also open a UDP/HTTP3 listener), our script, and the option specs."""
-    host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
-    args = ["--mode", f"reverse:http://{host}:{upstream.port}", "-s", SCRIPT_PATH]
+    (:func:`addons.launch.reverse_mode`), our script, and the option specs."""
+    args = reverse_mode(upstream.host, upstream.port, SCRIPT_PATH)
     for spec in mitmproxy_options(config, upstream, user_sets, identity):
         args += ["--set", spec]
     return args
@@ -360,53 +294,45 @@ def main(
     except ValueError as e:
         parser.exit(EXIT_ARGS, f"{parser.prog}: error: {e}\n")
 
-    try:
-        harden()
-    except HardeningError as e:
-        sys.stderr.write(f"Error: {e}\n")
-        return EXIT_KEY
-
     stream = stdin if stdin is not None else sys.stdin.buffer
     if identity is not None:
-        try:
-            start_identity(config, identity, stream)
-        except workload_identity.WorkloadIdentityError as e:
-            sys.stderr.write(f"Error: {e}\n")
-            return EXIT_KEY
-        args = mitmdump_args(config, upstream, ns.setoptions, identity)
-        try:
-            if workers > 1:
-                from addons.workers import supervisor
-                from addons.workers.identity_feed import IdentityFeed
-
-                # One identity for all: the supervisor renews, the workers follow.
-                plan = supervisor.Plan(workers, "oidc", args, bytearray(), feed=IdentityFeed())
-                return supervisor.run(plan)
-            return run_mitmdump(args)
-        finally:
-            workload_identity.IDENTITY.clear()
-
-    try:
-        keyholder.load_from_stream(stream)
-    except keyholder.ApiKeyError as e:
-        sys.stderr.write(f"Error: {e}\n")
-        return EXIT_KEY
-
-    if workers > 1:
-        from addons.workers import supervisor
-
-        secret = keyholder.API_KEY.secret_line()
-        keyholder.API_KEY.clear()  # the supervisor only keeps the line it hands each worker
-        return supervisor.run(
-            supervisor.Plan(
-                workers, "strict", mitmdump_args(config, upstream, ns.setoptions), secret
-            )
+        settings = identity
+        secret = Secret(
+            "oidc",
+            load=lambda: start_identity(config, settings, stream),
+            take=bytearray,  # the workers follow the supervisor's renewals (one identity)
+            clear=workload_identity.IDENTITY.clear,
+            feed=identity_feed,
         )
+    else:
+        secret = Secret(
+            "strict",
+            load=lambda: keyholder.load_from_stream(stream),
+            take=take_key,
+            clear=keyholder.API_KEY.clear,
+        )
+    return launch(
+        secret,
+        lambda: mitmdump_args(config, upstream, ns.setoptions, identity),
+        workers,
+        harden,
+        sys.stderr,
+    )
 
-    try:
-        return run_mitmdump(mitmdump_args(config, upstream, ns.setoptions))
-    finally:
-        keyholder.API_KEY.clear()
+
+def take_key() -> bytearray:
+    """``--workers``: the key line each worker reads from its pipe; the holder is cleared (the
+    supervisor only keeps the line it hands each worker)."""
+    line = keyholder.API_KEY.secret_line()
+    keyholder.API_KEY.clear()
+    return line
+
+
+def identity_feed() -> Any:
+    """``--github-oidc --workers N``: the supervisor renews, the workers follow."""
+    from addons.workers.identity_feed import IdentityFeed
+
+    return IdentityFeed()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pytest
 from mitmproxy import io as mitm_io
 from mitmproxy.test import taddons, tflow
 
-from addons import cli, keyholder
+from addons import cli, keyholder, launch
 from addons import workload_identity as wi
 from addons.common import ALLOWED, KEY_INJECTED, REFUSED
 from addons.forward import UpstreamForwarder
@@ -485,7 +485,7 @@ def test_startup_exchange_follows_the_protocol(fakes, upstream, monkeypatch, cap
         ran.append(list(args))
         return 0
 
-    monkeypatch.setattr(cli, "run_mitmdump", fake_run)
+    monkeypatch.setattr(launch, "run_mitmdump", fake_run)
     stdin = io.BytesIO(REQUEST_TOKEN.encode() + b"\n")
     assert cli.main(keyless_argv(fakes, upstream.url), stdin=stdin, harden=lambda: None) == 0
     github, exchange = fakes.seen
@@ -519,7 +519,7 @@ def test_startup_exchange_follows_the_protocol(fakes, upstream, monkeypatch, cap
 )
 def test_startup_failures_exit_1_before_listening(fakes, monkeypatch, capsys, steer, message):
     monkeypatch.setenv("SSL_CERT_FILE", str(fakes.ca_file))
-    monkeypatch.setattr(cli, "run_mitmdump", lambda args: pytest.fail("must not start"))
+    monkeypatch.setattr(launch, "run_mitmdump", lambda args: pytest.fail("must not start"))
     for name, value in steer.items():
         setattr(fakes, name, value)
     stdin = io.BytesIO(REQUEST_TOKEN.encode())

@@ -19,7 +19,6 @@ from typing import Any
 import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
-from addons.cli import OptionSpecs, _port, _set_spec, record_options, run_mitmdump
 from addons.credits import RateCard
 from addons.forward import parse_upstream_url
 from addons.gateway_mode import keypool
@@ -33,7 +32,16 @@ from addons.gateway_mode.config import (
 from addons.gateway_mode.database import Database, DatabaseError, now_ms
 from addons.gateway_mode.tls import listen_policy
 from addons.gateway_mode.windows import MICRO, iso, parse_since
-from addons.hardening import HardeningError, harden_process
+from addons.hardening import harden_process
+from addons.launch import (
+    OptionSpecs,
+    Secret,
+    launch,
+    port_number,
+    record_options,
+    reverse_mode,
+    set_spec,
+)
 from addons.responses_turn import USAGE_KINDS
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
@@ -137,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve", help="run the gateway (upstream keys on stdin: NAME KEY or KEY per line)"
     )
-    serve.add_argument("--port", type=_port)
+    serve.add_argument("--port", type=port_number)
     serve.add_argument("--server-info", metavar="FILE")
     serve.add_argument("--http-shutdown", action="store_true", default=None)
     serve.add_argument("--upstream-url", metavar="URL")
@@ -162,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         action="append",
         default=[],
-        type=_set_spec,
+        type=set_spec,
     )
     return parser
 
@@ -362,7 +370,6 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
 def serve_args(ns: argparse.Namespace, config: GatewayConfig, database_url: str) -> list[str]:
     """Arguments for ``mitmdump``: reverse mode to the upstream's origin, our script, options."""
     upstream = parse_upstream_url(config.upstream_url)
-    host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
     options = OptionSpecs()
     put = options.put
 
@@ -398,7 +405,7 @@ def serve_args(ns: argparse.Namespace, config: GatewayConfig, database_url: str)
         with open(card_path, "w", encoding="utf-8") as f:
             yaml.safe_dump(config.credits, f, sort_keys=False)
         put("codex_rate_card", card_path)
-    args = ["--mode", f"reverse:http://{host}:{upstream.port}", "-s", SCRIPT_PATH]
+    args = reverse_mode(upstream.host, upstream.port, SCRIPT_PATH)
     for spec in options.specs(ns.setoptions):
         args += ["--set", spec]
     return args
@@ -448,41 +455,32 @@ def serve(
         db.check_schema()
     finally:
         db.dispose()
-    try:
-        harden()
-    except HardeningError as e:
-        err.write(f"Error: {e}\n")
-        return EXIT_ERROR
-    try:
-        keys = keypool.read_upstream_keys(stdin)
-    except keypool.UpstreamKeyError as e:
-        err.write(f"Error: {e}\n")
-        return EXIT_ERROR
-    keypool.POOL.set_keys(keys)
-    err.write(f"gateway: {len(keys)} upstream key(s): {', '.join(k.name for k in keys)}\n")
-    if workers > 1:
-        from addons.workers import supervisor
+    spool = config.spool_path()
+    keys: list[keypool.UpstreamKey] = []
 
+    def load() -> None:
+        keys.extend(keypool.read_upstream_keys(stdin))
+        keypool.POOL.set_keys(keys)
+        err.write(f"gateway: {len(keys)} upstream key(s): {', '.join(k.name for k in keys)}\n")
+
+    def take() -> bytearray:
         secret = bytearray().join(key.line() for key in keys)
         keypool.POOL.clear()
-        spool = config.spool_path()
-        try:
-            return supervisor.run(
-                supervisor.Plan(
-                    workers,
-                    "gateway",
-                    serve_args(ns, config, database_url),
-                    secret,
-                    lambda i: {"codex_gateway_spool": f"{spool}.{i}"},
-                )
-            )
-        finally:
-            for i in range(len(secret)):
-                secret[i] = 0
-    try:
-        return run_mitmdump(serve_args(ns, config, database_url))
-    finally:
-        keypool.POOL.clear()
+        return secret
+
+    return launch(
+        Secret(
+            "gateway",
+            load=load,
+            take=take,
+            clear=keypool.POOL.clear,
+            per_worker=lambda i: {"codex_gateway_spool": f"{spool}.{i}"},
+        ),
+        lambda: serve_args(ns, config, database_url),
+        workers,
+        harden,
+        err,
+    )
 
 
 def main(

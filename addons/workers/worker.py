@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from addons.workers.reuseport import patch_listen
 
     patch_listen()
-    from addons.cli import run_mitmdump
+    from addons.launch import run_mitmdump
 
     return run_mitmdump(args)
 
