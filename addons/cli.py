@@ -17,7 +17,6 @@ from typing import Any
 
 from addons import keyholder, workload_identity
 from addons.config import DEFAULT_CONFIG_PATH, ProxyConfig, load_config
-from addons.forward import DEFAULT_UPSTREAM_URL, Upstream, parse_upstream_url
 from addons.hardening import harden_process
 from addons.launch import (
     OptionSpecs,
@@ -28,6 +27,7 @@ from addons.launch import (
     reverse_mode,
     set_spec,
 )
+from addons.routing import DEFAULT_UPSTREAM_URL, Upstream, parse_upstream_url
 
 EXIT_ARGS = 2  # argument errors, as clap in the reference proxy (key errors: launch.EXIT_SECRET)
 

@@ -4,7 +4,7 @@ import pytest
 
 from addons import cli, keyholder
 from addons.config import ProxyConfig
-from addons.forward import parse_upstream_url
+from addons.routing import parse_upstream_url
 
 
 def sets(args):

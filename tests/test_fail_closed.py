@@ -56,7 +56,7 @@ async def test_healthy_chain_injects_the_key(loaded_key):
     "target",
     [
         "addons.allowlist.refusal_reason",
-        "addons.forward.strip_hop_by_hop",
+        "addons.routing.strip_hop_by_hop",
         "addons.keyholder.ApiKey.header_value",
         "addons.websocket_refusal.is_websocket_upgrade",
     ],

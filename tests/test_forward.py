@@ -4,7 +4,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons import keyholder
 from addons.common import ALLOWED, KEY_INJECTED
-from addons.forward import UpstreamForwarder, parse_upstream_url, strip_hop_by_hop
+from addons.forward import UpstreamForwarder
 from tests.conftest import TEST_KEY
 
 BEARER = f"Bearer {TEST_KEY}"
@@ -20,60 +20,6 @@ def allowed_flow(**headers: str) -> http.HTTPFlow:
         f.request.headers.add(name.replace("_", "-"), value)
     f.metadata[ALLOWED] = True
     return f
-
-
-@pytest.mark.parametrize(
-    ("url", "host_header", "port"),
-    [
-        ("https://api.openai.com/v1/responses", "api.openai.com", 443),
-        ("http://127.0.0.1:8080/v1/responses", "127.0.0.1:8080", 8080),
-        (
-            "https://x.openai.azure.com/openai/responses?api-version=2025-04-01-preview",
-            "x.openai.azure.com",
-            443,
-        ),
-        ("https://example.com:8443/r", "example.com:8443", 8443),
-        ("http://example.com:80/r", "example.com", 80),
-        ("http://[::1]:9000/v1/responses", "[::1]:9000", 9000),
-    ],
-)
-def test_parse_upstream_url(url, host_header, port):
-    up = parse_upstream_url(url)
-    assert up.url == url and up.host_header == host_header and up.port == port
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "/v1/responses",
-        "ftp://x/y",
-        "https://",
-        "https://user:pw@host/v1/responses",
-        "https://host/v1/responses#frag",
-        "not a url",
-    ],
-)
-def test_parse_upstream_url_rejects(url):
-    with pytest.raises(ValueError):
-        parse_upstream_url(url)
-
-
-def test_strip_hop_by_hop_including_connection_tokens():
-    h = http.Headers(
-        [
-            (b"Connection", b"keep-alive, X-Secret-Hop"),
-            (b"Keep-Alive", b"timeout=5"),
-            (b"TE", b"trailers"),
-            (b"Trailer", b"x"),
-            (b"Upgrade", b"h2c"),
-            (b"Proxy-Connection", b"keep-alive"),
-            (b"X-Secret-Hop", b"1"),
-            (b"Content-Length", b"3"),
-            (b"X-Keep", b"yes"),
-        ]
-    )
-    strip_hop_by_hop(h)
-    assert sorted(k.lower() for k in h.keys()) == ["content-length", "x-keep"]
 
 
 def test_injects_exactly_one_key_and_routes(loaded_key):

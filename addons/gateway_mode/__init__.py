@@ -3,8 +3,8 @@
 The entry script is ``addons/gateway.py`` (the manifest of addons, as ``addons/proxy.py`` is
 for the strict proxy); the launcher is ``./run.sh gateway`` (:mod:`addons.gateway_mode.cli`).
 This package holds only what the gateway adds; what it shares with the strict proxy
-(allowlist, SSE streaming, redaction, dumps, recording, WebSocket 426, error replies) is
-imported from ``addons/``.
+(allowlist, upstream routing, SSE streaming, redaction, dumps, recording, WebSocket 426,
+error replies, launching) is imported from ``addons/``.
 
 - ``schema``, ``migrations/``, ``database``: the SQLAlchemy Core tables, their Alembic
   migrations and every query (SQLite or PostgreSQL).

@@ -7,9 +7,9 @@ import logging
 from mitmproxy import http
 
 from addons.common import ALLOWED, fail_closed
-from addons.forward import CLIENT_CREDENTIAL_FIELDS, drop_headers
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse
 from addons.gateway_mode.members import bearer_member_key, key_hash
+from addons.routing import CLIENT_CREDENTIAL_FIELDS, drop_headers
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
 from addons.credits import RateCard
-from addons.forward import parse_upstream_url
 from addons.gateway_mode import keypool
 from addons.gateway_mode.config import (
     DEFAULT_GATEWAY_CONFIG,
@@ -43,6 +42,7 @@ from addons.launch import (
     set_spec,
 )
 from addons.responses_turn import USAGE_KINDS
+from addons.routing import parse_upstream_url
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
 SCRIPT_PATH = os.path.join(

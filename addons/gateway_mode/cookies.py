@@ -5,8 +5,8 @@ from __future__ import annotations
 from mitmproxy import http
 
 from addons.common import fail_closed
-from addons.forward import drop_headers
 from addons.gateway_mode.core import MEMBER
+from addons.routing import drop_headers
 
 REQUEST_COOKIES = frozenset({b"cookie", b"cookie2"})
 RESPONSE_COOKIES = frozenset({b"set-cookie", b"set-cookie2"})

@@ -16,15 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import http
 
 from addons.common import ALLOWED, KEY_INJECTED, REFUSED, fail_closed
-from addons.forward import (
-    DEFAULT_UPSTREAM_URL,
-    Upstream,
-    parse_upstream_url,
-    route_to_upstream,
-)
 from addons.gateway_mode.core import (
     ATTEMPTS,
     MEMBER,
@@ -37,6 +31,7 @@ from addons.gateway_mode.core import (
 )
 from addons.gateway_mode.keypool import UpstreamKey
 from addons.keyholder import REDACTED
+from addons.routing import Upstream, UpstreamRoute, route_to_upstream
 
 logger = logging.getLogger(__name__)
 
@@ -95,25 +90,16 @@ class PoolForwarder:
 
     def __init__(self, core: GatewayCore) -> None:
         self.core = core
-        self.upstream: Upstream = parse_upstream_url(DEFAULT_UPSTREAM_URL)
+        self.route = UpstreamRoute()
+        #: Child addons: the owner of ``codex_upstream_url``.
+        self.addons = [self.route]
         self.attempts: dict[str, Attempt] = {}
         self._session: aiohttp.ClientSession | None = None
 
-    def load(self, loader) -> None:
-        if "codex_upstream_url" not in ctx.options:
-            loader.add_option(
-                "codex_upstream_url",
-                str,
-                DEFAULT_UPSTREAM_URL,
-                "Absolute URL that member requests are forwarded to (query included).",
-            )
-
-    def configure(self, updated: set[str]) -> None:
-        if "codex_upstream_url" in updated:
-            try:
-                self.upstream = parse_upstream_url(ctx.options.codex_upstream_url)
-            except ValueError as e:
-                raise exceptions.OptionsError(f"codex_upstream_url: {e}") from e
+    @property
+    def upstream(self) -> Upstream:
+        """Where member flows go (``codex_upstream_url``, parsed)."""
+        return self.route.upstream
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
