@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from addons.keyholder import REDACTED
+from addons.secret_memory import REDACTED
 
 ROOT = Path(__file__).resolve().parent.parent
 

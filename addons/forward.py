@@ -11,6 +11,7 @@ from addons import keyholder, workload_identity
 from addons.common import ALLOWED, KEY_INJECTED, REFUSED, fail_closed, json_response
 from addons.hardening import HardeningError, harden_process
 from addons.routing import Upstream, UpstreamRoute, route_to_upstream
+from addons.secret_memory import REDACTED
 
 logger = logging.getLogger(__name__)
 
@@ -146,4 +147,4 @@ class UpstreamForwarder:
         if value is not None and (
             keyholder.API_KEY.matches(value) or workload_identity.IDENTITY.matches(value)
         ):
-            headers["authorization"] = keyholder.REDACTED
+            headers["authorization"] = REDACTED

@@ -11,11 +11,11 @@ error messages never echo the input.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import re
 from typing import BinaryIO
+
+from addons.secret_memory import REDACTED, mlock, zero
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ MSG_EMPTY = (
 MSG_CHARSET = "API key may only contain ASCII letters, numbers, '-' or '_'"
 MSG_TOO_LARGE = f"API key is too large to fit in the {REFERENCE_BUFFER_BYTES}-byte buffer"
 
-REDACTED = "[REDACTED]"
-
 
 class ApiKeyError(ValueError):
     """The key read from stdin breaks one of the reference proxy's rules.
@@ -44,11 +42,6 @@ class ApiKeyError(ValueError):
     The message is one of ``MSG_EMPTY``, ``MSG_CHARSET``, ``MSG_TOO_LARGE`` (the reference
     proxy's own wording) and never contains any byte of the input.
     """
-
-
-def _zero(buf: bytearray) -> None:
-    for i in range(len(buf)):
-        buf[i] = 0
 
 
 def read_api_key(stream: BinaryIO) -> bytearray:
@@ -83,32 +76,11 @@ def read_api_key(stream: BinaryIO) -> bytearray:
             raise ApiKeyError(MSG_EMPTY)
         key = bytearray(buf[:end])
         if KEY_PATTERN.fullmatch(key) is None:
-            _zero(key)
+            zero(key)
             raise ApiKeyError(MSG_CHARSET)
         return key
     finally:
-        _zero(buf)
-
-
-def _mlock(buf: bytearray) -> bool:
-    """Best effort ``mlock(2)`` of a bytearray's storage so it is not swapped out.
-
-    Returns whether the lock succeeded; failure (no libc, RLIMIT_MEMLOCK) is not an error.
-    """
-    if not buf:
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
-        return libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(len(buf))) == 0
-    except (OSError, AttributeError, TypeError, ValueError):
-        return False
-
-
-#: Public names of the two helpers for the other secret holders (the workload identity and the
-#: ``--workers`` identity feed): zero a bytearray in place; best-effort ``mlock`` it.
-zero = _zero
-mlock = _mlock
+        zero(buf)
 
 
 class ApiKey:
@@ -137,9 +109,9 @@ class ApiKey:
         """Take ownership of a validated key (from :func:`read_api_key`) and zero the argument."""
         self.clear()
         header = bytearray(BEARER_PREFIX) + key
-        _zero(key)
+        zero(key)
         self._header = header
-        self.locked = _mlock(self._header)
+        self.locked = mlock(self._header)
 
     def header_value(self) -> str:
         """The ``Authorization`` value ``Bearer <key>``.
@@ -167,7 +139,7 @@ class ApiKey:
         return bool(self._header) and value.encode("ascii", "replace") == bytes(self._header)
 
     def clear(self) -> None:
-        _zero(self._header)
+        zero(self._header)
         self._header = bytearray()
         self.locked = False
 

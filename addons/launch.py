@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from addons.hardening import HardeningError
+from addons.secret_memory import zero
 
 #: Hardening and secret errors at start-up: the reference proxy's exit code (one line on stderr).
 EXIT_SECRET = 1
@@ -164,8 +165,7 @@ def launch(
                     plan.feed = secret.feed()
                 return supervisor.run(plan)
             finally:
-                for i in range(len(line)):
-                    line[i] = 0
+                zero(line)
         return run_mitmdump(args())
     finally:
         secret.clear()

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from mitmproxy import ctx, http
 
 from addons.common import fail_closed
-from addons.keyholder import REDACTED
+from addons.secret_memory import REDACTED
 from addons.sse_stream import Tee, restore_teed_body
 
 ALWAYS_REDACTED = frozenset({"authorization", "proxy-authorization"})

@@ -18,7 +18,8 @@ from mitmproxy import ctx, exceptions, hooks, http
 from addons.common import CHUNK_TIMING, LOCAL_REPLY_HEADER
 from addons.contentviews import CodexContentviews
 from addons.guard import OptionGuard
-from addons.redaction import REDACTED, HeaderRedaction
+from addons.redaction import HeaderRedaction
+from addons.secret_memory import REDACTED
 from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
 from addons.sse_events import stream_completed

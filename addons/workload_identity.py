@@ -39,9 +39,8 @@ import aiohttp
 import yarl
 from mitmproxy import ctx, exceptions
 
-from addons.keyholder import BEARER_PREFIX, REDACTED
-from addons.keyholder import mlock as _mlock
-from addons.keyholder import zero as _zero
+from addons.keyholder import BEARER_PREFIX
+from addons.secret_memory import REDACTED, mlock, zero
 
 logger = logging.getLogger(__name__)
 
@@ -175,11 +174,11 @@ def read_request_token(stream: BinaryIO) -> bytearray:
             raise WorkloadIdentityError(MSG_INVALID_CREDENTIAL)
         token = bytearray(buf[:end])
         if REQUEST_TOKEN_PATTERN.fullmatch(token) is None:
-            _zero(token)
+            zero(token)
             raise WorkloadIdentityError(MSG_INVALID_CREDENTIAL)
         return token
     finally:
-        _zero(buf)
+        zero(buf)
 
 
 def github_request_url(request_url: str, audience: str) -> str:
@@ -382,8 +381,8 @@ class WorkloadIdentity:
         self.clear()
         self.settings = settings
         self._request_token = bytearray(request_token)
-        _zero(request_token)
-        self.locked = _mlock(self._request_token)
+        zero(request_token)
+        self.locked = mlock(self._request_token)
 
     def follow(self) -> None:
         """Become a follower: active, no request token, tokens come from :meth:`install_shared`."""
@@ -394,9 +393,9 @@ class WorkloadIdentity:
         """Make ``token`` the current one (zeroes ``token.token`` and the one before last).
         ``issued_at``: clock time of issue (default: now)."""
         header = bytearray(BEARER_PREFIX) + token.token
-        _zero(token.token)
-        _mlock(header)
-        _zero(self._previous)
+        zero(token.token)
+        mlock(header)
+        zero(self._previous)
         self._previous = self._current.header
         when = self.clock() if issued_at is None else issued_at
         self._current = _Current(header, when, token.expires_in)
@@ -424,7 +423,7 @@ class WorkloadIdentity:
         except ValueError:
             raise WorkloadIdentityError(MSG_UNREADABLE) from None
         finally:
-            _zero(line)
+            zero(line)
         if not token or lifetime <= 0 or age_ms < 0:
             raise WorkloadIdentityError(MSG_UNREADABLE)
         self.install(AccessToken(bytearray(token), lifetime), self.clock() - age_ms / 1000)
@@ -476,12 +475,12 @@ class WorkloadIdentity:
             try:
                 token = await exchange_jwt(session, settings, jwt)
             finally:
-                _zero(jwt)
+                zero(jwt)
         self.install(token)
 
     def clear(self) -> None:
         for buf in (self._request_token, self._current.header, self._previous):
-            _zero(buf)
+            zero(buf)
         self._request_token, self._previous = bytearray(), bytearray()
         self._current = _NONE
         self.settings = None

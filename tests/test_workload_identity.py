@@ -18,10 +18,11 @@ import pytest
 from mitmproxy import io as mitm_io
 from mitmproxy.test import taddons, tflow
 
-from addons import cli, keyholder, launch
+from addons import cli, launch
 from addons import workload_identity as wi
 from addons.common import ALLOWED, KEY_INJECTED, REFUSED
 from addons.forward import UpstreamForwarder
+from addons.secret_memory import REDACTED
 from tests.conftest import ROOT, START_TIMEOUT, ProxyProcess, launcher_cmd, wait_for
 from tests.identity_fakes import ACCESS_MARK, JWT_MARK, REQUEST_TOKEN, IdentityFakes
 
@@ -277,7 +278,7 @@ def test_forwarder_injects_the_access_token_and_scrubs_it():
         assert f.request.headers.get_all("authorization") == ["Bearer at-forward-1"]
         wi.IDENTITY.install(wi.AccessToken(bytearray(b"at-forward-2"), 3600))  # renewed
         addon.responseheaders(f)
-        assert f.request.headers.get_all("authorization") == [keyholder.REDACTED]
+        assert f.request.headers.get_all("authorization") == [REDACTED]
 
 
 def test_forwarder_answers_503_without_a_valid_token_and_sends_nothing():
@@ -705,9 +706,7 @@ def test_no_secret_in_logs_dumps_flows_or_har(tmp_path, fakes, upstream, keyless
             assert mark.encode() not in data, f"{mark} found in {name}"
     with open(record / "flows.mitm", "rb") as f:
         flows = [fl for fl in mitm_io.FlowReader(f).stream() if fl.request.port == upstream.port]
-    assert flows and all(
-        fl.request.headers.get_all("authorization") == [keyholder.REDACTED] for fl in flows
-    )
+    assert flows and all(fl.request.headers.get_all("authorization") == [REDACTED] for fl in flows)
 
 
 @pytest.mark.e2e

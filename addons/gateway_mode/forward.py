@@ -30,8 +30,8 @@ from addons.gateway_mode.core import (
     request_info,
 )
 from addons.gateway_mode.keypool import UpstreamKey
-from addons.keyholder import REDACTED
 from addons.routing import Upstream, UpstreamRoute, route_to_upstream
+from addons.secret_memory import REDACTED
 
 logger = logging.getLogger(__name__)
 

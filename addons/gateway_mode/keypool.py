@@ -25,14 +25,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from addons.keyholder import (
-    BEARER_PREFIX,
-    KEY_PATTERN,
-    MAX_KEY_CHARS,
-    REDACTED,
-    _mlock,
-    _zero,
-)
+from addons.keyholder import BEARER_PREFIX, KEY_PATTERN, MAX_KEY_CHARS
+from addons.secret_memory import REDACTED, mlock, zero
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +50,8 @@ class UpstreamKey:
     def __init__(self, name: str, key: bytearray) -> None:
         self.name = name
         self._header = bytearray(BEARER_PREFIX) + key
-        _zero(key)
-        self.locked = _mlock(self._header)
+        zero(key)
+        self.locked = mlock(self._header)
         self.state = HEALTHY
         self.cooling_until = 0.0
         self.reason = ""
@@ -83,7 +77,7 @@ class UpstreamKey:
         return value.encode("ascii", "replace") == bytes(self._header)
 
     def clear(self) -> None:
-        _zero(self._header)
+        zero(self._header)
         self._header = bytearray()
 
 
@@ -104,9 +98,9 @@ def read_upstream_keys(stream: BinaryIO) -> list[UpstreamKey]:
         names: set[str] = set()
         for number, raw_line in enumerate(data.split(b"\n"), start=1):
             line = bytearray(raw_line.strip(b" \t\r"))
-            _zero(raw_line)
+            zero(raw_line)
             if not line or line.startswith(b"#"):
-                _zero(line)
+                zero(line)
                 continue
             parts = line.split()
             if len(parts) == 1:
@@ -134,14 +128,14 @@ def read_upstream_keys(stream: BinaryIO) -> list[UpstreamKey]:
                 raise UpstreamKeyError(f"stdin line {number}: duplicate key name {text_name!r}")
             names.add(text_name)
             keys.append(UpstreamKey(text_name, bytearray(key)))
-            _zero(line)
+            zero(line)
         if not keys:
             raise UpstreamKeyError(
                 "upstream keys must be provided via stdin, one per line (NAME KEY or KEY)"
             )
         return keys
     finally:
-        _zero(data)
+        zero(data)
 
 
 @dataclass

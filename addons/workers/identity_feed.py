@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 
-from addons.keyholder import zero as _zero
+from addons.secret_memory import zero
 from addons.workload_identity import (
     IDENTITY,
     MSG_UNREADABLE,
@@ -63,7 +63,7 @@ class IdentityFeed:
                 else:
                     os.close(fd)
             finally:
-                _zero(line)
+                zero(line)
 
     def publish(self) -> None:
         """Write the current token to every worker; drop the pipes of workers gone."""
@@ -75,7 +75,7 @@ class IdentityFeed:
                         os.close(fd)
                         del self._pipes[index]
             finally:
-                _zero(line)
+                zero(line)
 
     @staticmethod
     def _write(fd: int, line: bytearray) -> bool:
@@ -141,19 +141,19 @@ class _LineReader:
         """
         while b"\n" not in self._buf:
             if len(self._buf) > MAX_LINE_BYTES:
-                _zero(self._buf)
+                zero(self._buf)
                 raise WorkloadIdentityError(MSG_UNREADABLE)
             n = self._file.readinto(self._chunk)
             if not n:
-                _zero(self._buf)
+                zero(self._buf)
                 self._file.close()
                 return None
             self._buf += self._chunk[:n]
-            _zero(self._chunk)
+            zero(self._chunk)
         end = self._buf.index(b"\n") + 1
         line = bytearray(self._buf[:end])
         rest = bytearray(self._buf[end:])
-        _zero(self._buf)
+        zero(self._buf)
         self._buf = rest
         return line
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from addons.secret_memory import zero
 from addons.server_info import server_info_line, write_atomically
 from addons.workers.reuseport import reuseport_socket
 
@@ -205,8 +206,7 @@ class Supervisor:
                 self.plan.feed.stop()
             for s, handler in old.items():
                 signal.signal(s, handler)
-            for i in range(len(self.plan.secret)):
-                self.plan.secret[i] = 0
+            zero(self.plan.secret)
             reserve.close()
             if self.record_dir:
                 from addons.workers.merge import merge_recording
