@@ -1,7 +1,7 @@
 """An aiohttp server on 127.0.0.1 in a background thread with its own event loop.
 
 Used by the replay upstream (``addons/replay.py``) and by the tests' and demo's Responses
-stand-in (``tests/fake_upstream.py``): both must serve HTTP next to code that is not async
+stand-in (``addons/standin.py``): both must serve HTTP next to code that is not async
 (mitmproxy's own loop, pytest), without hand-written HTTP.
 """
 

@@ -1,6 +1,6 @@
 """``./run.sh demo``: the whole proxy on real input, with no API key and no network.
 
-Starts the local Responses stand-in (``tests/fake_upstream.py``) on 127.0.0.1, starts the real
+Starts the local Responses stand-in (:mod:`addons.standin`) on 127.0.0.1, starts the real
 launcher in front of it with a throwaway key piped on stdin, streams one request through it with
 the ``openai`` SDK (printing the text as the SSE events arrive), shows what the upstream saw of
 the injected header (redacted), shows a refused request and a refused WebSocket upgrade, shuts
@@ -56,17 +56,16 @@ def mask(value: str) -> str:
 
 def main() -> int:
     """Run the demo; returns 0 when every check it prints passed, else 1."""
-    sys.path.insert(0, str(ROOT))
     import openai
 
-    from tests.fake_upstream import FakeUpstream
+    from addons.standin import ResponsesStandIn
 
     work = Path(tempfile.mkdtemp(prefix="codex-proxy-demo-"))
     dump_dir = work / "dumps"
     info = work / "server-info.json"
     demo_key = "sk-demo-" + secrets.token_urlsafe(24).replace("=", "")
 
-    upstream = FakeUpstream()
+    upstream = ResponsesStandIn()
     upstream.event_delay = 0.04
     upstream.start()
     _say(f"1. Local Responses stand-in listening at {upstream.url}")

@@ -168,3 +168,10 @@ def test_request_through_the_installed_proxy(installed: Path, tmp_path: Path) ->
     summary = json.loads((record / "summary.json").read_text())
     assert summary["totals"]["requests"] == 1
     assert summary["totals"]["credits"] not in (None, "0")  # priced: the rate card was found
+
+
+def test_demo_runs_from_the_installed_package(installed: Path, tmp_path: Path) -> None:
+    """The demo's stand-in is product code: the wheel has no tests/, and the demo still runs."""
+    demo = run([str(installed / "python"), "-m", "addons.demo"], tmp_path)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "Local Responses stand-in listening" in demo.stdout

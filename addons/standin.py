@@ -1,0 +1,390 @@
+"""A local stand-in for the OpenAI Responses API, for ``./run.sh demo`` and the tests (which
+import it through ``tests/fake_upstream.py``, where it is named ``FakeUpstream``).
+
+An aiohttp server on 127.0.0.1 (ephemeral port) in a background thread. It records every
+request it gets and answers ``POST .../responses`` with a realistic Responses SSE stream (or a
+JSON response object when the request does not ask for ``"stream": true``). Tests steer it
+through attributes: ``status``, ``error_body``, ``events``, ``event_delay``, ``gate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from addons.aio_server import ThreadedServer
+
+DEFAULT_TEXT = "Hello from the local Responses stand-in! Each word is its own SSE event."
+
+
+@dataclass
+class RecordedRequest:
+    """What reached the upstream: ``headers`` keep order, case and duplicates."""
+
+    method: str
+    path_qs: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    received_at: float = field(default_factory=time.monotonic)
+
+    def header_values(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+# One creation time per process: tests that build the same stand-in stream twice and compare the
+# two must not fail when a second ticks between the builds.
+CREATED_AT = int(time.time())
+
+
+def usage_block() -> dict[str, Any]:
+    """The usage of every stand-in reply (59 tokens: 42 in, 8 of them cached, 17 out)."""
+    return {
+        "input_tokens": 42,
+        "input_tokens_details": {"cached_tokens": 8, "cache_write_tokens": 3},
+        "output_tokens": 17,
+        "output_tokens_details": {"reasoning_tokens": 5},
+        "total_tokens": 59,
+    }
+
+
+def response_object(
+    response_id: str, model: str, text: str, status: str = "completed"
+) -> dict[str, Any]:
+    """A Responses ``response`` object as the API returns it: one assistant message of
+    ``text`` and :func:`usage_block` when ``status`` is ``completed``, else no output."""
+    done = status == "completed"
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": CREATED_AT,
+        "status": status,
+        "model": model,
+        "output": [
+            {
+                "id": "msg_" + response_id,
+                "type": "message",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ]
+        if done
+        else [],
+        "usage": usage_block() if done else None,
+    }
+
+
+def responses_sse_events(
+    text: str = DEFAULT_TEXT, model: str = "test-model", response_id: str = "resp_standin"
+) -> list[tuple[str, dict[str, Any]]]:
+    """A realistic Responses API event sequence for an assistant message saying ``text``:
+    created, in_progress, output_item.added, content_part.added, one output_text.delta per
+    word, output_text.done, content_part.done, output_item.done, completed (with usage)."""
+    item_id = "msg_" + response_id
+    seq = iter(range(1_000_000))
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    def add(kind: str, **payload: Any) -> None:
+        events.append((kind, {"type": kind, "sequence_number": next(seq), **payload}))
+
+    add("response.created", response=response_object(response_id, model, "", "in_progress"))
+    add("response.in_progress", response=response_object(response_id, model, "", "in_progress"))
+    item = {
+        "id": item_id,
+        "type": "message",
+        "role": "assistant",
+        "status": "in_progress",
+        "content": [],
+    }
+    add("response.output_item.added", output_index=0, item=item)
+    add(
+        "response.content_part.added",
+        item_id=item_id,
+        output_index=0,
+        content_index=0,
+        part={"type": "output_text", "text": "", "annotations": []},
+    )
+    words = text.split(" ")
+    for i, word in enumerate(words):
+        delta = word if i == 0 else " " + word
+        add(
+            "response.output_text.delta",
+            item_id=item_id,
+            output_index=0,
+            content_index=0,
+            delta=delta,
+            logprobs=[],
+        )
+    add(
+        "response.output_text.done",
+        item_id=item_id,
+        output_index=0,
+        content_index=0,
+        text=text,
+        logprobs=[],
+    )
+    part = {"type": "output_text", "text": text, "annotations": []}
+    add("response.content_part.done", item_id=item_id, output_index=0, content_index=0, part=part)
+    done_item = {
+        "id": item_id,
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [part],
+    }
+    add("response.output_item.done", output_index=0, item=done_item)
+    add("response.completed", response=response_object(response_id, model, text))
+    return events
+
+
+def encode_event(kind: str, payload: dict[str, Any]) -> bytes:
+    """One SSE event on the wire: ``event: kind``, ``data: <JSON>`` and the blank line."""
+    return f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+class StreamCompressor:
+    """Compresses an SSE stream event by event: each event's bytes are flushed at once (zstd
+    ``FLUSH_BLOCK``, zlib ``Z_SYNC_FLUSH``), so a decoder can show it before the next one is
+    sent; :meth:`end` closes the zstd frame / gzip member."""
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        if coding == "zstd":
+            import zstandard  # a test dependency: the demo never compresses
+
+            self._zstd = zstandard.ZstdCompressor().compressobj()
+            self._block = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+        elif coding == "gzip":
+            self._zlib = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+        else:
+            raise ValueError(f"unsupported coding {coding!r}")
+
+    @classmethod
+    def negotiate(cls, offered: tuple[str, ...], accept_encoding: str) -> StreamCompressor | None:
+        """The first of ``offered`` that ``accept_encoding`` names (q-values ignored)."""
+        accepted = {part.split(";")[0].strip().lower() for part in accept_encoding.split(",")}
+        coding = next((c for c in offered if c in accepted), None)
+        return cls(coding) if coding else None
+
+    def event(self, data: bytes) -> bytes:
+        if self.coding == "zstd":
+            return self._zstd.compress(data) + self._zstd.flush(self._block)
+        return self._zlib.compress(data) + self._zlib.flush(zlib.Z_SYNC_FLUSH)
+
+    def end(self) -> bytes:
+        return self._zstd.flush() if self.coding == "zstd" else self._zlib.flush()
+
+
+def compress_stream(parts: list[bytes], coding: str, finish: bool = True) -> bytes:
+    """``parts`` compressed as :class:`StreamCompressor` sends them (``finish=False``: cut
+    before the end of the zstd frame / gzip member)."""
+    compressor = StreamCompressor(coding)
+    return b"".join(compressor.event(p) for p in parts) + (compressor.end() if finish else b"")
+
+
+class ResponsesStandIn:
+    """The stand-in server. ``start()`` returns the port; ``url`` is its ``/v1/responses``.
+
+    Attributes a test may set before a request:
+        status: HTTP status of the reply (non-2xx replies carry ``error_body`` as JSON).
+        events: SSE events to send (default: :func:`responses_sse_events` for the model asked).
+        event_delay: seconds between events.
+        gate: when set, after the first event wait (at most ``gate_timeout`` s) until the gate
+            is set before sending the rest; ``gate_timed_out`` tells whether it ran out.
+        text: the assistant text of the default stream.
+        fault: after ``fault_after`` events, ``"reset"`` (abort the connection, RST),
+            ``"truncate"`` (close without the final chunk) or ``"stall"`` (go silent).
+        responder: ``f(request body) -> events`` choosing each stream's events (a tool round
+            trip answers a call first, then text); overrides ``events``.
+        json_reply: ``f(request body) -> response object`` for non-streamed requests.
+        set_cookies: ``Set-Cookie`` values added to every reply (as api.openai.com's edge sets
+            ``__cf_bm`` / ``_cfuvid``), one header each.
+        compression: codings the stream may be compressed with, in order of preference
+            (``"zstd"``, ``"gzip"``); the first one the request's ``Accept-Encoding`` names is
+            used, flushed after every event as a real server must for SSE. ``()``: never.
+        reply_headers: headers added to every streamed reply (as OpenAI's backend adds its
+            ``x-codex-*`` rate-limit headers about the account).
+        key_status: ``{upstream key: status}``: requests carrying ``Bearer <key>`` get that
+            status (JSON error, with ``Retry-After: key_retry_after`` on a 429), as a rate
+            limited or revoked OpenAI key would; other keys are served normally.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[RecordedRequest] = []
+        self.status = 200
+        self.error_body: dict[str, Any] = {"error": {"message": "stand-in error", "type": "x"}}
+        self.events: list[tuple[str, dict[str, Any]]] | None = None
+        self.event_delay = 0.0
+        self.text = DEFAULT_TEXT
+        self.gate: threading.Event | None = None
+        self.gate_timeout = 10.0
+        self.gate_timed_out: bool | None = None
+        self.fault: str | None = None
+        #: Set as soon as a request head arrives (before its body is read).
+        self.headers_seen = threading.Event()
+        self.fault_after = 2
+        self.compression: tuple[str, ...] = ()
+        self.set_cookies: list[str] = []
+        self.responder: Any = None
+        self.json_reply: Any = None
+        self.headers_delay = 0.0
+        self.ssl_context: Any = None
+        self.key_status: dict[str, int] = {}
+        self.reply_headers: dict[str, str] = {}
+        self.key_retry_after = "7"
+        self.port = 0
+        self._server: ThreadedServer | None = None
+        self._counter = 0
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/v1/responses"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.headers_seen.set()
+        body = await request.read()
+        self.requests.append(
+            RecordedRequest(
+                request.method,
+                request.path_qs,
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
+                body,
+            )
+        )
+        if request.method != "POST" or not request.path.endswith(
+            ("/responses", "/responses/compact")
+        ):
+            return web.json_response({"error": {"message": "not found"}}, status=404)
+        cookies = CIMultiDict(("Set-Cookie", c) for c in self.set_cookies)
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if token in self.key_status:
+            status = self.key_status[token]
+            if status == 429:
+                cookies["Retry-After"] = self.key_retry_after
+            return web.json_response(self.error_body, status=status, headers=cookies)
+        if self.status >= 300:
+            return web.json_response(self.error_body, status=self.status, headers=cookies)
+        try:
+            parsed = json.loads(body or b"{}")
+        except ValueError:
+            parsed = {}
+        model = str(parsed.get("model", "test-model")) if isinstance(parsed, dict) else "x"
+        with self._lock:
+            self._counter += 1
+            response_id = f"resp_standin_{self._counter}"
+        if not (isinstance(parsed, dict) and parsed.get("stream")):
+            reply = (
+                self.json_reply(parsed)
+                if self.json_reply
+                else response_object(response_id, model, self.text)
+            )
+            return web.json_response(reply, headers=cookies)
+        if self.responder is not None:
+            events = self.responder(parsed)
+        else:
+            events = self.events or responses_sse_events(self.text, model, response_id)
+        if self.headers_delay:
+            await asyncio.sleep(self.headers_delay)
+        headers = CIMultiDict(
+            {
+                "content-type": "text/event-stream",
+                "cache-control": "no-cache",
+                "x-request-id": "req_" + response_id,
+            }
+        )
+        headers.extend(cookies)
+        headers.update(self.reply_headers)
+        compressor = StreamCompressor.negotiate(
+            self.compression, request.headers.get("accept-encoding", "")
+        )
+        if compressor is not None:
+            headers["content-encoding"] = compressor.coding
+        reply = web.StreamResponse(status=self.status, headers=headers)
+        reply.enable_chunked_encoding()
+        await reply.prepare(request)
+        for i, (kind, payload) in enumerate(events):
+            if self.fault and i == self.fault_after:
+                transport = request.transport
+                if self.fault == "stall":
+                    await asyncio.sleep(3600)
+                if transport is not None:
+                    if self.fault == "reset":
+                        sock = transport.get_extra_info("socket")
+                        if sock is not None:
+                            sock.setsockopt(
+                                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                            )
+                        transport.abort()
+                    else:
+                        transport.close()
+                return reply
+            if i and self.event_delay:
+                await asyncio.sleep(self.event_delay)
+            data = encode_event(kind, payload)
+            await reply.write(compressor.event(data) if compressor else data)
+            if i == 0 and self.gate is not None:
+                gate = self.gate
+                opened = await asyncio.get_running_loop().run_in_executor(
+                    None, gate.wait, self.gate_timeout
+                )
+                self.gate_timed_out = not opened
+        if compressor is not None:
+            await reply.write(compressor.end())
+        await reply.write_eof()
+        return reply
+
+    def start(self) -> int:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # auto_decompress off: record request bodies exactly as they arrived (zstd too).
+        self._server = ThreadedServer(
+            app,
+            "fake-upstream",
+            port=self.port,
+            ssl_context=self.ssl_context,
+            auto_decompress=False,
+        )
+        self.port = self._server.start()
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> ResponsesStandIn:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main() -> None:
+    """Run the stand-in in the foreground: ``python -m addons.standin [PORT]``."""
+    import sys
+
+    up = ResponsesStandIn()
+    up.port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    up.start()
+    print(json.dumps({"url": up.url}), flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        up.stop()
+
+
+if __name__ == "__main__":
+    main()
