@@ -7,6 +7,7 @@ Only lists the addons, in hook order: the strict proxy's shared addons and the g
 """
 
 from addons.allowlist import Allowlist
+from addons.body_decode import DecodeLimitOptions
 from addons.contentviews import CodexContentviews
 from addons.dumps import DumpWriter
 from addons.error_replies import JsonErrorReplies
@@ -15,7 +16,7 @@ from addons.gateway_mode.auth import MemberAuth
 from addons.gateway_mode.codex_filter import CodexFilter
 from addons.gateway_mode.connect import RetryingConnect
 from addons.gateway_mode.cookies import NoCookies
-from addons.gateway_mode.core import GatewayClose, GatewayCore, GatewayOptions
+from addons.gateway_mode.core import GatewayClose, GatewayCore, GatewayOptions, RequestFacts
 from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.local_routes import LocalRoutes
 from addons.gateway_mode.quota import QuotaGate
@@ -33,6 +34,7 @@ forwarder = PoolForwarder(core)
 
 addons = [
     OptionGuard(),
+    DecodeLimitOptions(),  # how far a body may expand when read (dumps, views, facts)
     ListenTls(),
     GatewayOptions(core),
     CodexContentviews(),
@@ -44,6 +46,7 @@ addons = [
     Allowlist(),  # POST /v1/responses (+ /v1/responses/compact via codex_extra_routes)
     MemberAuth(core),  # 401 unless a live member key; removes it from the flow
     NoCookies(),
+    RequestFacts(core),  # request: model/service_tier off the loop; 413 bomb, 400 deep JSON
     CodexFilter(core),  # request: 403 for non-Codex clients
     QuotaGate(core),  # request: 429/503 before anything goes upstream
     forwarder,  # requestheaders: route; request: pick and inject an upstream key last

@@ -5,6 +5,7 @@ key) lives in ``addons.keyholder``, an imported module.
 """
 
 from addons.allowlist import Allowlist
+from addons.body_decode import DecodeLimitOptions
 from addons.bridge.addons import ChatBridge, ChatReplies
 from addons.contentviews import CodexContentviews
 from addons.dumps import DumpWriter
@@ -22,6 +23,7 @@ from addons.websocket_refusal import WebSocketRefusal
 
 addons = [
     OptionGuard(),
+    DecodeLimitOptions(),  # how far a body may expand when read (dumps, views, facts)
     CodexContentviews(),
     JsonErrorReplies(),
     ServerInfo(),

@@ -18,7 +18,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.body_decode import decode_body
+from addons.body_decode import decode_body, fence_undecodable, loads_json
 from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ, REFUSED
 from addons.credits import RateCard, load_rate_card
 from addons.dumps import write_file_atomically
@@ -288,9 +288,23 @@ class Recorder:
                     except OSError as e:
                         logger.error("record: cannot append a refusal: %s", e)
         self._record(flow, None)
+        self._fence(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._record(flow, flow.error.msg if flow.error else "error")
+        self._fence(flow)
+
+    def _fence(self, flow: http.HTTPFlow) -> None:
+        """Before the HAR export reads them: bodies that decode past the limit stay as
+        received there (:func:`addons.body_decode.fence_undecodable`)."""
+        if not (self.directory or getattr(ctx.options, "hardump", "")):
+            return
+        try:
+            for message in (flow.request, flow.response):
+                if message is not None:
+                    fence_undecodable(message)
+        except Exception:
+            logger.exception("record: cannot check a body against the decode limit")
 
     def done(self) -> None:
         if not self.directory or ctx.options.codex_record_part:
@@ -335,7 +349,7 @@ class Recorder:
             flow.request.raw_content or b"", flow.request.headers.get("content-encoding")
         )
         try:
-            body = json.loads(request_body.data or b"{}")
+            body = loads_json(request_body.data or b"{}")
             if isinstance(body, dict) and isinstance(body.get("model"), str):
                 model = body["model"]
             if isinstance(body, dict) and isinstance(body.get("service_tier"), str):
@@ -365,7 +379,7 @@ class Recorder:
                 decoded = decode_body(raw, content_encoding)
                 decode_error = decoded.error
                 try:
-                    payload = json.loads(decoded.data)
+                    payload = loads_json(decoded.data)
                     usage = usage_of(payload)
                     completed = isinstance(payload, dict) and payload.get("status") == "completed"
                 except ValueError:

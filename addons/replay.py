@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from addons.body_decode import loads_json
 from addons.redaction import REDACTED
 from addons.sse_events import completed_response, parse_sse_text
 
@@ -175,8 +176,8 @@ class ReplayUpstream:
 
         raw = await request.read()
         try:
-            incoming = json.loads(raw or b"null")
-        except ValueError:
+            incoming = loads_json(raw or b"null")
+        except ValueError:  # not JSON, or nested too deep
             incoming = raw.decode("utf-8", "replace")
         with self._lock:
             index = self.next_index

@@ -11,7 +11,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from addons.allowlist import refusal_reason
-from addons.body_decode import decode_body
+from addons.body_decode import JsonTooDeep, decode_body, loads_json
 from addons.bridge.efforts import DEFAULT_MODELS, ModelEfforts, model_ids, parse_models
 from addons.bridge.stream import DONE, ChunkTranslator, sse_data
 from addons.bridge.translate import BridgeError, chat_error, chat_to_responses, responses_to_chat
@@ -140,8 +140,12 @@ class ChatBridge:
         request = flow.request
         raw = decode_body(request.raw_content or b"", request.headers.get("content-encoding"))
         try:
+            if raw.over_limit:
+                raise BridgeError("body", f"is not readable: {raw.error}")
             try:
-                body = json.loads(raw.data)
+                body = loads_json(raw.data)
+            except JsonTooDeep as e:
+                raise BridgeError("body", f"is {e}") from None
             except ValueError:
                 raise BridgeError("body", "is not valid JSON") from None
             translated, context = chat_to_responses(body, self.models)
@@ -235,7 +239,7 @@ class ChatReplies:
         if status != 200:
             return chat_error(status, data)
         try:
-            return json.dumps(responses_to_chat(json.loads(data), context)).encode()
+            return json.dumps(responses_to_chat(loads_json(data), context)).encode()
         except ValueError:
             return chat_error(502, b"the upstream reply is not a Responses object")
 

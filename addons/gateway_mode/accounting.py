@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -10,7 +9,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from addons.body_decode import decode_body
+from addons.body_decode import decode_body, loads_json
 from addons.common import KEY_INJECTED
 from addons.gateway_mode.core import (
     ATTEMPTS,
@@ -45,7 +44,7 @@ def reply_usage(response: http.Response | None) -> tuple[dict[str, int] | None, 
         status = completed.get("status") if isinstance(completed, dict) else None
         return usage_of(completed), len(events), status if isinstance(status, str) else None
     try:
-        body = json.loads(decode_body(response.raw_content, encoding).data)
+        body = loads_json(decode_body(response.raw_content, encoding).data)
     except ValueError:
         return None, 0, None
     return usage_of(body), 0, None
