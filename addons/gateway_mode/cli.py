@@ -35,24 +35,49 @@ SCRIPT_PATH = os.path.join(
 )
 
 
+#: The largest quota a member may have, in tokens or micro-credits: the ``BIGINT`` columns'
+#: range (and far past any real use: 9.2e18 tokens, 9.2e12 credits).
+MAX_AMOUNT = 2**63 - 1
+#: The largest ``max_concurrent`` (an ``INTEGER`` column).
+MAX_CONCURRENT = 1_000_000
+
+
+def _whole(value: str, maximum: int) -> int:
+    """A whole number ``0..maximum`` given in decimal digits (``1e3``, ``1.0``, ``inf`` are
+    refused), for argparse (its error becomes exit 2 with the message)."""
+    text = value.strip()
+    if not text.isdigit() or not text.isascii():
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 0 (0 = unlimited), got {value[:40]!r}"
+        )
+    if len(text.lstrip("0")) > len(str(maximum)) or int(text, 10) > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value[:40]}")
+    return int(text, 10)
+
+
 def _count(value: str) -> int:
-    try:
-        number = int(value, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError("must be >= 0 (0 = unlimited)")
-    return number
+    """Tokens: a whole number ``0..MAX_AMOUNT``."""
+    return _whole(value, MAX_AMOUNT)
+
+
+def _concurrency(value: str) -> int:
+    """Requests in flight: a whole number ``0..MAX_CONCURRENT``."""
+    return _whole(value, MAX_CONCURRENT)
 
 
 def _credits(value: str) -> int:
-    """Credits as given (``12.5``) to integer micro-credits."""
+    """Credits as given (``12.5``) to integer micro-credits, ``0..MAX_AMOUNT``; ``NaN``,
+    infinities, exponents past the range and more than 6 decimals are refused."""
+    if len(value) > 64:
+        raise argparse.ArgumentTypeError(f"expected a number of credits, got {value[:40]!r}...")
     try:
-        number = Decimal(value)
+        number = Decimal(value.strip())
     except ArithmeticError:
         raise argparse.ArgumentTypeError(f"expected a number of credits, got {value!r}") from None
     if not number.is_finite() or number < 0:
-        raise argparse.ArgumentTypeError("must be >= 0 (0 = unlimited)")
+        raise argparse.ArgumentTypeError("must be a finite number >= 0 (0 = unlimited)")
+    if number.adjusted() > 18 or number * MICRO > MAX_AMOUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {Decimal(MAX_AMOUNT) / MICRO} credits")
     micro = number * MICRO
     if micro != micro.to_integral_value():
         raise argparse.ArgumentTypeError("credits have at most 6 decimals")
@@ -86,7 +111,7 @@ def _member_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-concurrent",
-        type=_count,
+        type=_concurrency,
         metavar="N",
         help="requests in flight at once (0 = unlimited)",
     )
