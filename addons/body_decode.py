@@ -389,23 +389,35 @@ def parse_limits(max_mib: int, max_ratio: int) -> DecodeLimits:
 FENCED = "x-codex-undecoded"
 
 
-def fence_undecodable(message: Any, limits: DecodeLimits | None = None) -> bool:
-    """Keep mitmproxy's own readers from expanding a decompression bomb: when the body of
-    ``message`` (a mitmproxy ``http.Request`` / ``Response``, already forwarded) decodes past
-    ``limits``, its ``Content-Encoding`` in the flow object becomes
-    ``x-codex-undecoded (<original>; decoding stopped at the proxy's limit)``, a coding
-    mitmproxy does not know, so the HAR export and mitmweb keep the bytes as received instead of
-    decoding them whole. Call it only after the message went over the wire and was saved to the
-    flow file (the ``response`` / ``error`` hooks of a script addon: mitmproxy's ``save`` and
-    ``savehar`` are default addons and run first).
-    Returns whether it fenced the body."""
+def needs_fence(message: Any, limits: DecodeLimits | None = None) -> bool:
+    """Whether the body of ``message`` (a mitmproxy ``http.Request`` / ``Response``) decodes
+    past ``limits`` (``None``: the process's): a decompression bomb. Decodes at most the
+    limit; thread-safe (reads only)."""
     encoding = message.headers.get("content-encoding")
     raw = message.raw_content
     if not raw or not parse_codings(encoding) or encoding.startswith(FENCED):
         return False
-    if not decode_body(raw, encoding, limits).over_limit:
-        return False
+    return decode_body(raw, encoding, limits).over_limit
+
+
+def fence(message: Any) -> None:
+    """Keep mitmproxy's own readers from expanding a decompression bomb (see
+    :func:`needs_fence`): the ``Content-Encoding`` of ``message`` in the flow object becomes
+    ``x-codex-undecoded (<original>; decoding stopped at the proxy's limit)``, a coding
+    mitmproxy does not know, so the HAR export and mitmweb keep the bytes as received instead of
+    decoding them whole (a HAR then holds at most 6 bytes per received byte: non-UTF-8 bytes
+    escape as ``\\udcXX``). Call it only after the message went over the wire and was saved to
+    the flow file (the ``response`` / ``error`` hooks of a script addon: mitmproxy's ``save``
+    and ``savehar`` are default addons and run first)."""
+    encoding = message.headers.get("content-encoding")
     message.headers["content-encoding"] = (
         f"{FENCED} ({encoding}; decoding stopped at the proxy's limit)"
     )
+
+
+def fence_undecodable(message: Any, limits: DecodeLimits | None = None) -> bool:
+    """:func:`fence` the message when :func:`needs_fence`; returns whether it did."""
+    if not needs_fence(message, limits):
+        return False
+    fence(message)
     return True

@@ -8,6 +8,8 @@ exit).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -18,7 +20,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.body_decode import decode_body, fence_undecodable, loads_json
+from addons.body_decode import decode_body, fence, loads_json, needs_fence, parse_codings
 from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ, REFUSED
 from addons.credits import RateCard, load_rate_card
 from addons.dumps import write_file_atomically
@@ -29,6 +31,8 @@ from addons.sse_stream import is_event_stream
 
 logger = logging.getLogger(__name__)
 
+#: Compressed bodies larger than this (bytes, as received) are decoded off the event loop.
+HEAVY_BYTES = 64 * 1024
 USAGE_FIELDS = ("input", "cached", "output", "reasoning", "total")
 
 
@@ -233,6 +237,7 @@ class Recorder:
         self.records: list[RequestRecord] = []
         #: Requests answered locally (allowlist 403, WebSocket 426, errors), for the report.
         self.refused: list[dict[str, Any]] = []
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -274,7 +279,7 @@ class Recorder:
                     raise exceptions.OptionsError(f"codex_record_dir: {path!r} not writable")
             self.directory = os.path.abspath(path) if path else ""
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Any:
         response = flow.response
         if self.directory and flow.metadata.get(REFUSED) and response is not None:
             if response.status_code >= 400:  # not the 200 of GET /shutdown, also local
@@ -287,26 +292,63 @@ class Recorder:
                         )
                     except OSError as e:
                         logger.error("record: cannot append a refusal: %s", e)
-        self._record(flow, None)
-        self._fence(flow)
+        return self._finish(flow, None)
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._record(flow, flow.error.msg if flow.error else "error")
-        self._fence(flow)
+    def error(self, flow: http.HTTPFlow) -> Any:
+        return self._finish(flow, flow.error.msg if flow.error else "error")
 
-    def _fence(self, flow: http.HTTPFlow) -> None:
-        """Before the HAR export reads them: bodies that decode past the limit stay as
-        received there (:func:`addons.body_decode.fence_undecodable`)."""
+    def _finish(self, flow: http.HTTPFlow, error: str | None) -> Any:
+        """Record the flow and fence its bodies; a flow carrying a large compressed body (up to
+        the decode limit of work: ~100 ms for 32 MiB) is handled on this addon's one thread, so
+        the event loop never decodes it (mitmproxy awaits the returned coroutine)."""
+        if self._heavy(flow):
+            return self._finish_off_loop(flow, error)
+        self._record(flow, error)
+        for message in self._to_fence(flow):
+            fence(message)
+        return None
+
+    @staticmethod
+    def _heavy(flow: http.HTTPFlow) -> bool:
+        return any(
+            message is not None
+            and parse_codings(message.headers.get("content-encoding"))
+            and len(message.raw_content or b"") > HEAVY_BYTES
+            for message in (flow.request, flow.response)
+        )
+
+    async def _finish_off_loop(self, flow: http.HTTPFlow, error: str | None) -> None:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="record-decode"
+            )
+
+        def work() -> list[Any]:
+            self._record(flow, error)
+            return self._to_fence(flow)
+
+        for message in await asyncio.get_running_loop().run_in_executor(self._executor, work):
+            fence(message)  # headers change on the loop, where mitmproxy reads them
+
+    def _to_fence(self, flow: http.HTTPFlow) -> list[Any]:
+        """Before the HAR export reads them: the messages whose bodies decode past the limit
+        (:func:`addons.body_decode.fence_undecodable` keeps them as received there)."""
         if not (self.directory or getattr(ctx.options, "hardump", "")):
-            return
+            return []
         try:
-            for message in (flow.request, flow.response):
-                if message is not None:
-                    fence_undecodable(message)
+            return [
+                message
+                for message in (flow.request, flow.response)
+                if message is not None and needs_fence(message)
+            ]
         except Exception:
             logger.exception("record: cannot check a body against the decode limit")
+            return []
 
     def done(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         if not self.directory or ctx.options.codex_record_part:
             return
         try:

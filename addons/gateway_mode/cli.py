@@ -25,6 +25,7 @@ from addons.forward import parse_upstream_url
 from addons.gateway_mode import keypool
 from addons.gateway_mode.config import DEFAULT_GATEWAY_CONFIG, GatewayConfig, load_gateway_config
 from addons.gateway_mode.database import Database, DatabaseError, now_ms
+from addons.gateway_mode.ledger import IN_FLIGHT
 from addons.gateway_mode.tls import listen_policy
 from addons.gateway_mode.windows import MICRO, iso, parse_since
 from addons.hardening import HardeningError, harden_process
@@ -202,7 +203,9 @@ def _credits_text(micro: int) -> str:
 
 def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any]:
     """Per member and total: requests, errors, token kinds, credits (exact, as a number with
-    at most 6 decimals), USD, unpriced requests (no rate-card entry at the time)."""
+    at most 6 decimals), USD, unpriced requests (no rate-card entry at the time), and
+    ``in_flight``: forwarded requests with no end recorded (still running, or the gateway was
+    killed while they ran; not in ``requests``)."""
 
     def empty() -> dict[str, Any]:
         return {
@@ -215,11 +218,17 @@ def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any
             "total_tokens": 0,
             "credits_micro": 0,
             "unpriced": 0,
+            "in_flight": 0,
         }
 
     per: dict[str, dict[str, Any]] = {}
     total = empty()
     for row in rows:
+        if row.get("duration_ms") is None and row.get("error") == IN_FLIGHT:
+            # Forwarded, no end recorded yet: running now, or the gateway was killed.
+            for bucket in (per.setdefault(row["member"], empty()), total):
+                bucket["in_flight"] += 1
+            continue
         for bucket in (per.setdefault(row["member"], empty()), total):
             bucket["requests"] += 1
             bucket["errors"] += 1 if row["error"] or (row["status"] or 0) >= 400 else 0
@@ -361,6 +370,11 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
                     )
                 out.write(f"usage since {iso(since)}\n")
                 _table(rows, out)
+                if summary["total"]["in_flight"]:
+                    out.write(
+                        f"{summary['total']['in_flight']} request(s) forwarded with no end "
+                        "recorded: still running, or the gateway was killed while they ran\n"
+                    )
                 if summary["total"]["unpriced"]:
                     out.write(
                         f"{summary['total']['unpriced']} request(s) unpriced: their model had no "

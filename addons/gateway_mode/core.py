@@ -247,6 +247,9 @@ class GatewayCore:
         self.refresh_s = 1.0
         self.executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="gateway-db")
         self.leases: dict[str, str] = {}  # flow id -> lease id
+        #: Failed connect attempts for a client connection's current request, by its id
+        #: (:class:`addons.gateway_mode.connect.RetryingConnect`; counted in ``attempts``).
+        self.connect_retries: dict[str, int] = {}
         self._last_used: dict[str, int] = {}
         self._miss_lock = asyncio.Lock()
         self._last_miss_refresh = 0.0
@@ -294,14 +297,18 @@ class GatewayCore:
         assert self.db is not None
         self.db.record_key_states(self.pool.states(), self.instance)
 
-    def start(self, database_url: str, spool_path: str | None) -> None:
-        """Open the database (schema must be initialised), load the directory, start the
-        ledger thread. Raises ``ValueError`` / :class:`DatabaseError` for the operator."""
+    def start(
+        self, database_url: str, spool_path: str | None, spool_base: str | None = None
+    ) -> None:
+        """Open the database (schema must be initialised; a SQLite file is never created
+        here), load the directory, start the ledger thread, which first replays every spool
+        of ``spool_base`` (the deployment's spool option; default ``spool_path``). Raises
+        ``ValueError`` / :class:`DatabaseError` for the operator."""
         self.stop()
-        self.db = Database(database_url)
+        self.db = Database(database_url, create=False)
         self.db.check_schema()
         self.refresh_directory()
-        self.ledger = UsageLedger(self.db, spool_path)
+        self.ledger = UsageLedger(self.db, spool_path, spool_base)
         self.ledger.tasks = [
             (self.refresh_s, self.refresh_directory),
             (1.0, self._touch_keys),
@@ -396,6 +403,7 @@ class GatewayOptions:
             core.start(
                 opts.codex_gateway_database or config.database_url(),
                 opts.codex_gateway_spool or config.spool_path(),
+                config.spool_path(),
             )
         except exceptions.OptionsError:
             raise
