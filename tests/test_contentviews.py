@@ -51,7 +51,7 @@ def test_text_turn_with_usage_and_timing():
     text = result.text
     assert "status: completed" in text
     assert "── assistant text ──\nHello there\n" in text
-    assert "tokens: input 42 (cached 8), output 17 (reasoning 5), total 59" in text
+    assert "tokens: input 42 (cached 8, cache writes 3), output 17 (reasoning 5), total 59" in text
     # created, in_progress, item added, part added, delta, delta: the first text is event 5.
     assert "timing: first event 5 ms, first text 45 ms, total " in text
     assert "output_text.delta 2" in text and "events: 10 (" in text

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 CODEX_MODEL = {"model": "gpt-5.3-codex", "stream": True, "input": "hi"}
 #: The fake upstream's default stream: usage of one request (tests/fake_upstream.py).
-TOKENS = {"input": 42, "cached": 8, "output": 17, "reasoning": 5, "total": 59}
+TOKENS = {"input": 42, "cached": 8, "cache_write": 3, "output": 17, "reasoning": 5, "total": 59}
 #: gpt-5.3-codex: ((42-8)*43.75 + 8*4.375 + 17*350) / 1e6 credits.
 CREDITS = (34 * 43.75 + 8 * 4.375 + 17 * 350) / 1e6
 
@@ -50,15 +50,20 @@ def test_member_keys_are_required_and_never_forwarded(gateway, upstream):
     }
     for what, headers in cases.items():
         status, _, body = server.post_json(CODEX_MODEL, {**CODEX_HEADERS, **headers})
-        assert status in (400, 401, 431), what
-        if status == 401:
+        assert status in (400, 431), what  # Codex: 400 ends its turn at once (not 401)
+        if status == 400:
             assert error_of(body)["code"] in ("missing_member_key", "invalid_member_key"), what
     assert upstream.requests == []
     # A key works, then is revoked: refused within the refresh interval.
     assert server.post_json(CODEX_MODEL, bearer(revoked_key))[0] == 200
     key_id = gateway.admin("list-keys", "alice").stdout.splitlines()[-1].split()[0]
     gateway.admin("revoke-key", key_id)
-    wait_for(lambda: server.post_json(CODEX_MODEL, bearer(revoked_key))[0] == 401, 10, "revocation")
+    wait_for(lambda: server.post_json(CODEX_MODEL, bearer(revoked_key))[0] == 400, 10, "revocation")
+    status, _, body = server.post_json(CODEX_MODEL, bearer(revoked_key))
+    assert error_of(body)["code"] == "invalid_member_key"
+    # Any other client keeps the HTTP status of the refusal.
+    plain = {"authorization": f"Bearer {revoked_key}", "user-agent": "curl/8"}
+    assert server.post_json({"model": "gpt-5-codex"}, plain)[0] == 401
     assert server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
     for request in upstream.requests:
         assert request.header_values("authorization")[0] in {
@@ -76,7 +81,9 @@ def test_routes_and_the_codex_only_filter(gateway, upstream):
         ("POST", "/v1/responses?x=1"),
         ("POST", "/v1/chat/completions"),
     ]:
-        assert server.request(method, target, b"{}", auth)[0] == 403
+        assert server.request(method, target, b"{}", auth)[0] == 400  # Codex: ends the turn
+        other = {"authorization": auth["authorization"], "user-agent": "curl/8"}
+        assert server.request(method, target, b"{}", other)[0] == 403
     assert upstream.requests == []
     # /v1/responses/compact is a gateway route.
     status, _, _ = server.request(
@@ -96,13 +103,22 @@ def test_token_quota_429_with_retry_after_while_others_are_served(gateway, upstr
     server = gateway.serve(upstream.url)
     for _ in range(2):
         assert server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
+    started = time.time()
     status, headers, body = server.post_json(CODEX_MODEL, bearer(keys["alice"]))
     assert status == 429
     error = error_of(body)
+    # Codex's own shape (it ends the turn at once), our fields beside it.
+    assert error["type"] == "usage_limit_reached"
     assert error["code"] == "quota_exceeded" and error["limit"] == "five_hour_quota"
     assert error["used"] == 2 * TOKENS["total"] and error["allowed"] == 100
     assert 5 * 3600 - 60 <= int(headers["retry-after"]) <= 5 * 3600
-    assert "5-hour token quota" in error["message"] and error["resets_at"].endswith("Z")
+    assert started + 5 * 3600 - 60 <= error["resets_at"] <= time.time() + 5 * 3600 + 1
+    assert "5-hour token quota" in error["message"]
+    # The member's window in Codex's headers: 118 of 100 tokens, reset when back under.
+    assert headers["x-codex-primary-used-percent"] == "118"
+    assert headers["x-codex-primary-window-minutes"] == "300"
+    assert int(headers["x-codex-primary-reset-at"]) == error["resets_at"]
+    assert "x-codex-secondary-used-percent" not in headers
     assert len(upstream.requests) == 2  # refused before anything went upstream
     assert server.post_json(CODEX_MODEL, bearer(keys["bob"]))[0] == 200
     gateway.admin("set-member", "alice", "--five-hour-quota", "0")
@@ -126,7 +142,7 @@ def test_credit_quota_priority_costs_twice_and_usage_shows_credits(gateway, upst
     assert server.post_json(CODEX_MODEL, bearer(keys["dave"]))[0] == 200
     # A model the card cannot price is refused for a member with a credit quota, not free.
     status, _, body = server.post_json({"model": "codex-unknown"}, bearer(keys["carol"]))
-    assert status == 403 and "credits.rates" in error_of(body)["message"]
+    assert status == 400 and "credits.rates" in error_of(body)["message"]  # 403 but to Codex
     assert server.post_json({"model": "codex-unknown"}, bearer(keys["dave"]))[0] == 200
     wait_for(lambda: gateway.usage()["total"]["requests"] == 4, 10, "rows")
     usage = {m["member"]: m for m in gateway.usage()["members"]}

@@ -92,6 +92,7 @@ def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path
     assert ledger[0]["usage"] == {
         "input": 42,
         "cached": 8,
+        "cache_write": 3,
         "output": 17,
         "reasoning": 5,
         "total": 59,

@@ -14,13 +14,20 @@ def test_usage_of():
         {
             "usage": {
                 "input_tokens": 3,
-                "input_tokens_details": {"cached_tokens": 1},
+                "input_tokens_details": {"cached_tokens": 1, "cache_write_tokens": 2},
                 "output_tokens": 4,
                 "output_tokens_details": {"reasoning_tokens": 2},
                 "total_tokens": 7,
             }
         }
-    ) == {"input": 3, "cached": 1, "output": 4, "reasoning": 2, "total": 7}
+    ) == {
+        "input": 3,
+        "cached": 1,
+        "cache_write": 2,
+        "output": 4,
+        "reasoning": 2,
+        "total": 7,
+    }
     assert usage_of({"usage": None}) is None
 
 
@@ -57,6 +64,7 @@ def test_ledger_and_summary(tmp_path):
         assert first["usage"] == {
             "input": 42,
             "cached": 8,
+            "cache_write": 3,
             "output": 17,
             "reasoning": 5,
             "total": 59,

@@ -23,13 +23,12 @@ from addons.gateway_mode.core import (
 from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.ledger import IN_FLIGHT
 from addons.gateway_mode.windows import MICRO
-from addons.responses_turn import usage_of
+from addons.responses_turn import USAGE_KINDS, usage_of
 from addons.sse_events import completed_response, decode_sse
 from addons.sse_stream import is_event_stream
 
 logger = logging.getLogger(__name__)
 
-USAGE_KINDS = ("input", "cached", "output", "reasoning", "total")
 #: The flow's usage ``row_id`` (one UUID for its in-flight and its finished row).
 ROW_ID = "codex_gateway.row_id"
 
@@ -61,8 +60,8 @@ class UsageAccounting:
 
     Runs after the SSE tee restored the body. The row goes to the ledger's queue (no database
     work on the event loop). Row: time, member, key id, upstream key name, model, route,
-    status, input / cached / output / reasoning / total tokens, credits and the rate-card
-    entry, service tier, duration, time to first byte, events, attempts, error.
+    status, input / cached / cache-write / output / reasoning / total tokens, credits and the
+    rate-card entry, service tier, duration, time to first byte, events, attempts, error.
     """
 
     def __init__(self, core: GatewayCore, forwarder: PoolForwarder) -> None:
@@ -173,6 +172,7 @@ class UsageAccounting:
             "status": response.status_code if response is not None and finished else None,
             "input_tokens": tokens["input"],
             "cached_tokens": tokens["cached"],
+            "cache_write_tokens": tokens["cache_write"],
             "output_tokens": tokens["output"],
             "reasoning_tokens": tokens["reasoning"],
             "total_tokens": tokens["total"],

@@ -29,6 +29,7 @@ from addons.gateway_mode.ledger import IN_FLIGHT
 from addons.gateway_mode.tls import listen_policy
 from addons.gateway_mode.windows import MICRO, iso, parse_since
 from addons.hardening import HardeningError, harden_process
+from addons.responses_turn import USAGE_KINDS
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
 SCRIPT_PATH = os.path.join(
@@ -213,6 +214,7 @@ def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any
             "errors": 0,
             "input_tokens": 0,
             "cached_tokens": 0,
+            "cache_write_tokens": 0,
             "output_tokens": 0,
             "reasoning_tokens": 0,
             "total_tokens": 0,
@@ -232,7 +234,7 @@ def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any
         for bucket in (per.setdefault(row["member"], empty()), total):
             bucket["requests"] += 1
             bucket["errors"] += 1 if row["error"] or (row["status"] or 0) >= 400 else 0
-            for kind in ("input", "cached", "output", "reasoning", "total"):
+            for kind in USAGE_KINDS:
                 bucket[f"{kind}_tokens"] += row[f"{kind}_tokens"]
             if row["credits_micro"] is None:
                 bucket["unpriced"] += 1
@@ -345,6 +347,7 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
                         "requests",
                         "input",
                         "cached",
+                        "cache writes",
                         "output",
                         "reasoning",
                         "total",
@@ -360,6 +363,7 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
                             str(m["requests"]),
                             str(m["input_tokens"]),
                             str(m["cached_tokens"]),
+                            str(m["cache_write_tokens"]),
                             str(m["output_tokens"]),
                             str(m["reasoning_tokens"]),
                             str(m["total_tokens"]),
