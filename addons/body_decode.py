@@ -413,11 +413,3 @@ def fence(message: Any) -> None:
     message.headers["content-encoding"] = (
         f"{FENCED} ({encoding}; decoding stopped at the proxy's limit)"
     )
-
-
-def fence_undecodable(message: Any, limits: DecodeLimits | None = None) -> bool:
-    """:func:`fence` the message when :func:`needs_fence`; returns whether it did."""
-    if not needs_fence(message, limits):
-        return False
-    fence(message)
-    return True

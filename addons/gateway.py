@@ -8,6 +8,7 @@ Only lists the addons, in hook order: the strict proxy's shared addons and the g
 
 from addons.allowlist import Allowlist
 from addons.body_decode import DecodeLimitOptions
+from addons.bomb_fence import BombFence
 from addons.contentviews import CodexContentviews
 from addons.dumps import DumpWriter
 from addons.error_replies import JsonErrorReplies
@@ -58,6 +59,7 @@ addons = [
     HeaderRedaction(),
     DumpWriter(),
     Recorder(),
+    BombFence(),  # after Recorder: bodies past the decode limit stay as received in HAR/mitmweb
     UsageAccounting(core, forwarder),
     RetryingConnect(core),
     GatewayClose(core),  # last: its done() runs after accounting has queued the last rows

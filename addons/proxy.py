@@ -6,6 +6,7 @@ key) lives in ``addons.keyholder``, an imported module.
 
 from addons.allowlist import Allowlist
 from addons.body_decode import DecodeLimitOptions
+from addons.bomb_fence import BombFence
 from addons.bridge.addons import ChatBridge, ChatReplies
 from addons.contentviews import CodexContentviews
 from addons.dumps import DumpWriter
@@ -37,6 +38,7 @@ addons = [
     RequestStreaming(),
     DumpWriter(),
     Recorder(),
+    BombFence(),  # after Recorder: bodies past the decode limit stay as received in HAR/mitmweb
     UpstreamForwarder(),
     UpstreamConnect(),
 ]

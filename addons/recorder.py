@@ -20,7 +20,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.body_decode import decode_body, fence, loads_json, needs_fence, parse_codings
+from addons.body_decode import decode_body, loads_json, parse_codings
 from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ, REFUSED
 from addons.credits import RateCard, load_rate_card
 from addons.dumps import write_file_atomically
@@ -297,14 +297,12 @@ class Recorder:
         return self._finish(flow, flow.error.msg if flow.error else "error")
 
     def _finish(self, flow: http.HTTPFlow, error: str | None) -> Any:
-        """Record the flow and fence its bodies; a flow carrying a large compressed body (up to
-        the decode limit of work: ~100 ms for 32 MiB) is handled on this addon's one thread, so
-        the event loop never decodes it (mitmproxy awaits the returned coroutine)."""
+        """Record the flow; a flow carrying a large compressed body (decoding it to the limit
+        takes up to ~100 ms for 32 MiB) is recorded on this addon's one thread, so the event
+        loop never decodes it (mitmproxy awaits the returned coroutine)."""
         if self._heavy(flow):
-            return self._finish_off_loop(flow, error)
+            return self._record_off_loop(flow, error)
         self._record(flow, error)
-        for message in self._to_fence(flow):
-            fence(message)
         return None
 
     @staticmethod
@@ -316,33 +314,14 @@ class Recorder:
             for message in (flow.request, flow.response)
         )
 
-    async def _finish_off_loop(self, flow: http.HTTPFlow, error: str | None) -> None:
+    async def _record_off_loop(self, flow: http.HTTPFlow, error: str | None) -> None:
+        if not self.directory or flow.metadata.get(ALLOWED) is not True:
+            return
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="record-decode"
             )
-
-        def work() -> list[Any]:
-            self._record(flow, error)
-            return self._to_fence(flow)
-
-        for message in await asyncio.get_running_loop().run_in_executor(self._executor, work):
-            fence(message)  # headers change on the loop, where mitmproxy reads them
-
-    def _to_fence(self, flow: http.HTTPFlow) -> list[Any]:
-        """Before the HAR export reads them: the messages whose bodies decode past the limit
-        (:func:`addons.body_decode.fence_undecodable` keeps them as received there)."""
-        if not (self.directory or getattr(ctx.options, "hardump", "")):
-            return []
-        try:
-            return [
-                message
-                for message in (flow.request, flow.response)
-                if message is not None and needs_fence(message)
-            ]
-        except Exception:
-            logger.exception("record: cannot check a body against the decode limit")
-            return []
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._record, flow, error)
 
     def done(self) -> None:
         if self._executor is not None:

@@ -164,3 +164,28 @@ def test_json_depth_limit_is_an_error_not_a_recursion():
     ]
     with pytest.raises(ValueError):
         loads_json(b"not json")
+
+
+def test_a_bomb_is_fenced_so_mitmproxy_keeps_it_as_received():
+    from mitmproxy.test import tutils
+
+    from addons.body_decode import DecodeLimits, fence, needs_fence
+
+    bomb = gzip.compress(bytes(MIB), 9) * 64  # 64 MiB in ~67 KB
+    request = tutils.treq(content=b"")
+    request.headers["content-encoding"] = "gzip"
+    request.raw_content = bomb
+    limits = DecodeLimits(max_bytes=8 * MIB)
+    assert needs_fence(request, limits)
+    fence(request)
+    assert request.headers["content-encoding"].startswith("x-codex-undecoded (gzip;")
+    # mitmproxy's own readers (HAR export, mitmweb) now keep the bytes as received.
+    assert request.get_content(strict=False) == bomb
+    assert not needs_fence(request, limits)  # once
+    small = tutils.treq(content=b"")
+    small.headers["content-encoding"] = "gzip"
+    small.raw_content = gzip.compress(b'{"model": "m"}')
+    assert not needs_fence(small, limits)
+
+
+MIB = 1024 * 1024

@@ -239,3 +239,20 @@ def test_rows_added_while_the_thread_flushes_are_all_written(url: str) -> None:
     ledger.stop()
     assert len(stored(db)) == 2000
     db.dispose()
+
+
+def test_a_finished_row_takes_the_place_of_its_waiting_in_flight_row(url: str) -> None:
+    db = open_db(url)
+    ledger = UsageLedger(db)
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    ledger.add(row(a, finished=False))
+    ledger.add(row(a, finished=True, total=11))  # a short request: one row waits, not two
+    assert ledger.pending() == 1
+    ledger.add(row(b, finished=False))
+    assert ledger.flush() and ledger.pending() == 0  # b's in-flight row is written
+    ledger.add(row(b, finished=True, total=13))  # queued apart, then completes it
+    assert ledger.pending() == 1 and ledger.flush()
+    by_id = {r["row_id"]: r for r in stored(db)}
+    assert by_id[a]["total_tokens"] == 11 and by_id[b]["total_tokens"] == 13
+    assert by_id[b]["error"] is None and len(by_id) == 2
+    db.dispose()

@@ -98,6 +98,8 @@ class UsageLedger:
         self.spool_path = spool_path
         self.spool_base = spool_base or spool_path
         self._rows: deque[dict[str, Any]] = deque()
+        #: In-flight rows still waiting in ``_rows``, by ``row_id`` (see :meth:`add`).
+        self._in_flight: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -111,9 +113,20 @@ class UsageLedger:
     # -- producers (the event loop) -----------------------------------------------------------
 
     def add(self, row: dict[str, Any]) -> None:
-        """Queue one row (``usage`` columns). Never blocks, never raises."""
+        """Queue one row (``usage`` columns). A finished row whose in-flight row still waits
+        (the request took less than a flush interval) takes its place: one row written, not
+        two. Never blocks, never raises."""
         with self._lock:
+            waiting = None
+            if row.get("duration_ms") is not None:
+                waiting = self._in_flight.pop(row["row_id"], None)
+            if waiting is not None:
+                waiting.clear()
+                waiting.update(row)
+                return
             self._rows.append(row)
+            if row.get("duration_ms") is None:
+                self._in_flight[row["row_id"]] = row
         # No wake-up per row: the thread looks every FLUSH_INTERVAL_S, so rows are written in
         # batches (one transaction for many rows) instead of one transaction per request.
 
@@ -156,6 +169,9 @@ class UsageLedger:
         nothing was waiting)."""
         with self._lock:
             batch = [self._rows[i] for i in range(min(BATCH, len(self._rows)))]
+            for row in batch:  # from now on a finished row is queued apart, not merged in
+                if self._in_flight.get(row["row_id"]) is row:
+                    del self._in_flight[row["row_id"]]
         if not batch:
             return True
         if not self._file_ok():
