@@ -6,6 +6,12 @@ chunk by chunk, so a stream cut off mid-way (the client left, the upstream dropp
 everything that arrived before the cut. mitmproxy's own ``mitmproxy.net.encoding.decode`` is all
 or nothing: since 12.3 a truncated zstd body raises, and it keeps no state between chunks.
 
+Every decode is bounded (:class:`DecodeLimits`: decoded bytes, and bytes per received byte;
+options ``codex_decode_max_mib`` / ``codex_decode_max_ratio``), so a decompression bomb costs
+at most the limit in memory and work, and :func:`loads_json` parses JSON with a depth limit.
+mitmproxy's own readers (HAR export, mitmweb) decode whole; :func:`fence` keeps a bomb from
+them (used by :mod:`addons.bomb_fence`).
+
 The codecs are the ones mitmproxy itself depends on (``zlib``, ``brotli``, ``backports.zstd`` /
 stdlib ``compression.zstd`` on Python 3.14+), declared in our own ``pyproject.toml`` as well.
 """

@@ -256,3 +256,32 @@ def test_a_finished_row_takes_the_place_of_its_waiting_in_flight_row(url: str) -
     assert by_id[a]["total_tokens"] == 11 and by_id[b]["total_tokens"] == 13
     assert by_id[b]["error"] is None and len(by_id) == 2
     db.dispose()
+
+
+def test_while_the_database_is_away_a_request_still_waits_as_one_row(url: str) -> None:
+    a = str(uuid.uuid4())
+    ledger: UsageLedger
+
+    class Away(Database):
+        def insert_usage(self, rows):  # type: ignore[override]
+            ledger.add(row(a, finished=True, total=5))  # the request ends during the attempt
+            raise OperationalError("insert", {}, Exception("down"))
+
+    away = Away(url, create=False)
+    away.check_schema()
+    ledger = UsageLedger(away)
+    ledger.add(row(a, finished=False))
+    assert not ledger.flush() and not ledger.healthy
+    assert ledger.pending() == 1  # the finished row replaced its in-flight row
+    b = str(uuid.uuid4())
+    ledger.db = FailingDatabase(url, create=False)
+    ledger.add(row(b, finished=False))
+    assert not ledger.flush()
+    ledger.add(row(b, finished=True, total=6))  # merged after the failed attempt
+    assert ledger.pending() == 2
+    db = open_db(url)
+    ledger.db = db
+    assert ledger.flush() and ledger.pending() == 0
+    assert {r["row_id"]: r["total_tokens"] for r in stored(db)} == {a: 5, b: 6}
+    away.dispose()
+    db.dispose()

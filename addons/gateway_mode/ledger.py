@@ -98,8 +98,11 @@ class UsageLedger:
         self.spool_path = spool_path
         self.spool_base = spool_base or spool_path
         self._rows: deque[dict[str, Any]] = deque()
-        #: In-flight rows still waiting in ``_rows``, by ``row_id`` (see :meth:`add`).
+        #: In-flight rows still waiting in ``_rows``, by ``row_id`` (see :meth:`add`); those of
+        #: the batch being written; the ids whose finished row was queued meanwhile.
         self._in_flight: dict[str, dict[str, Any]] = {}
+        self._in_batch: dict[str, dict[str, Any]] = {}
+        self._finished_meanwhile: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -114,21 +117,22 @@ class UsageLedger:
 
     def add(self, row: dict[str, Any]) -> None:
         """Queue one row (``usage`` columns). A finished row whose in-flight row still waits
-        (the request took less than a flush interval) takes its place: one row written, not
-        two. Never blocks, never raises."""
+        (a request shorter than a flush interval, or the database away) takes its place: one
+        row written, not two. Never blocks, never raises."""
         with self._lock:
-            waiting = None
-            if row.get("duration_ms") is not None:
-                waiting = self._in_flight.pop(row["row_id"], None)
+            row_id = row["row_id"]
+            if row.get("duration_ms") is None:
+                self._rows.append(row)
+                self._in_flight[row_id] = row
+                return
+            waiting = self._in_flight.pop(row_id, None)
             if waiting is not None:
                 waiting.clear()
                 waiting.update(row)
                 return
+            if row_id in self._in_batch:  # its in-flight row is being written right now
+                self._finished_meanwhile.add(row_id)
             self._rows.append(row)
-            if row.get("duration_ms") is None:
-                self._in_flight[row["row_id"]] = row
-        # No wake-up per row: the thread looks every FLUSH_INTERVAL_S, so rows are written in
-        # batches (one transaction for many rows) instead of one transaction per request.
 
     def pending(self) -> int:
         with self._lock:
@@ -169,15 +173,34 @@ class UsageLedger:
         nothing was waiting)."""
         with self._lock:
             batch = [self._rows[i] for i in range(min(BATCH, len(self._rows)))]
-            for row in batch:  # from now on a finished row is queued apart, not merged in
+            for row in batch:  # while written, a finished row is queued apart, not merged in
                 if self._in_flight.get(row["row_id"]) is row:
-                    del self._in_flight[row["row_id"]]
+                    self._in_batch[row["row_id"]] = self._in_flight.pop(row["row_id"])
         if not batch:
             return True
-        if not self._file_ok():
+        if not self._file_ok() or not self._insert(batch):
+            self._batch_failed()
             return False
+        if not self._file_ok():
+            # The file went away during the batch: it may have landed in the unlinked file.
+            # Keep the rows; they land once (row_id) in the database that comes back.
+            self._batch_failed()
+            return False
+        with self._lock:
+            for _ in batch:
+                self._rows.popleft()
+            self._in_batch.clear()
+            self._finished_meanwhile.clear()
+        self._committed(batch)
+        if not self.healthy:
+            logger.warning("usage ledger: database back; %d rows written", len(batch))
+        self.healthy = True
+        return True
+
+    def _insert(self, batch: list[dict[str, Any]]) -> bool:
         try:
             self.db.insert_usage(batch)
+            return True
         except SQLAlchemyError as e:
             if self.healthy:
                 logger.error(
@@ -185,18 +208,21 @@ class UsageLedger:
                 )
             self.healthy = False
             return False
-        if not self._file_ok():
-            # The file went away during the batch: it may have landed in the unlinked file.
-            # Keep the rows; they land once (row_id) in the database that comes back.
-            return False
+
+    def _batch_failed(self) -> None:
+        """The batch stays queued: its in-flight rows can be merged into again, or, when their
+        finished row was queued meanwhile, are dropped (the finished row replaces them)."""
         with self._lock:
-            for _ in batch:
-                self._rows.popleft()
-        self._committed(batch)
-        if not self.healthy:
-            logger.warning("usage ledger: database back; %d rows written", len(batch))
-        self.healthy = True
-        return True
+            for row_id, row in self._in_batch.items():
+                if row_id in self._finished_meanwhile:
+                    for index, queued in enumerate(self._rows):
+                        if queued is row:
+                            del self._rows[index]
+                            break
+                else:
+                    self._in_flight[row_id] = row
+            self._in_batch.clear()
+            self._finished_meanwhile.clear()
 
     def _file_ok(self) -> bool:
         """Whether the SQLite file is still the one opened (always for PostgreSQL); when it is
