@@ -321,26 +321,27 @@ MAX_JSON_DEPTH = 1024
 def loads_json(data: bytes | str, exact: bool = False, **json_kwargs: Any) -> Any:
     """Parse JSON with a depth limit, never raising ``RecursionError``.
 
-    orjson parses first (fast, and it refuses nesting past :data:`MAX_JSON_DEPTH`). With
-    ``exact`` (integers beyond 64 bits kept, ``NaN``/``Infinity`` read through ``json_kwargs``
-    such as ``parse_constant``), or when orjson refuses something the json module accepts, the
-    json module parses it, any ``RecursionError`` turned into :class:`JsonTooDeep`.
+    By default orjson parses (fast; it refuses nesting past :data:`MAX_JSON_DEPTH`), and the
+    json module only what orjson refuses otherwise (``NaN``, integers beyond 64 bits). With
+    ``exact`` the json module parses (integers beyond 64 bits kept, ``NaN``/``Infinity`` read
+    through ``json_kwargs`` such as ``parse_constant``): its depth limit is the interpreter's
+    recursion limit, past which it is the same :class:`JsonTooDeep`.
 
     Raises:
-        JsonTooDeep: nested deeper than :data:`MAX_JSON_DEPTH`.
+        JsonTooDeep: nested too deep.
         ValueError: not JSON.
     """
-    try:
-        value = orjson.loads(data)
-        if not exact:
-            return value
-    except orjson.JSONDecodeError as e:
-        if "depth limit" in str(e) or "recursion" in str(e):
-            raise JsonTooDeep(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if not exact:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as e:
+            if "depth limit" in str(e) or "recursion" in str(e):
+                raise JsonTooDeep(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     try:
         return json.loads(data, **json_kwargs)
     except RecursionError:
-        raise JsonTooDeep(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+        limit = f"{MAX_JSON_DEPTH} levels" if not exact else "the parser's recursion limit"
+        raise JsonTooDeep(f"JSON nested deeper than {limit}") from None
 
 
 class DecodeLimitOptions:
