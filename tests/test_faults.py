@@ -432,15 +432,18 @@ def _sigkill_run(gw: Gateway, upstream: FakeUpstream, db: Database) -> None:
     server = gw.serve(upstream.url)
     before = len(rows())
     burst = 8
+    started = time.monotonic()
     for _ in range(burst):
         assert server.post_json(STREAM, alice)[0] == 200
+    took = time.monotonic() - started
     server.proc.kill()
     server.proc.wait(10)
     lost = len(upstream.requests) - len(rows())
     print(
         f"\nSIGKILL ({db.dialect}): in-flight rows visible {visible * 1000:.0f} ms after their "
-        f"requests reached the upstream; killed right after {burst} replies: {lost} of "
-        f"{len(rows()) - before + lost} rows lost (the rows queued since the last flush)"
+        f"requests reached the upstream; killed right after {burst} replies in "
+        f"{took * 1000:.0f} ms: {lost} of {len(rows()) - before + lost} rows lost (the rows "
+        "queued since the last flush)"
     )
     assert 0 <= lost <= burst
 
