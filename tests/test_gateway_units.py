@@ -582,3 +582,33 @@ def test_admin_numbers_at_the_edges_are_stored_exactly(tmp_path):
     db.dispose()
     assert member["five_hour_quota"] == 2**63 - 1
     assert member["weekly_credits_micro"] == 2**63 - 1
+
+
+# -- request facts: bombs and deep JSON (issue 20) --------------------------------------------
+
+
+def test_request_facts_refuse_bombs_and_deep_json_naming_the_limit() -> None:
+    import gzip
+
+    from addons.body_decode import DecodeLimits
+    from addons.gateway_mode.core import BodyRefused, parse_request_body
+
+    body = b'{"model": "gpt-5.3-codex", "service_tier": "flex", "input": "hi"}'
+    assert parse_request_body(gzip.compress(body), "gzip") == {
+        "model": "gpt-5.3-codex",
+        "service_tier": "flex",
+    }
+    assert parse_request_body(b"not json", None) == {"model": None, "service_tier": None}
+    bomb = gzip.compress(bytes(64 * 1024 * 1024))
+    with pytest.raises(BodyRefused) as refused:
+        parse_request_body(bomb, "gzip", DecodeLimits(max_bytes=8 * 1024 * 1024))
+    assert refused.value.status == 413 and refused.value.code == "request_too_large"
+    assert refused.value.limit == "codex_decode_max_ratio"  # ~65 KB x 100 < 8 MiB
+    assert "codex_decode_max_ratio" in str(refused.value)
+    with pytest.raises(BodyRefused) as refused:
+        parse_request_body(bomb, "gzip", DecodeLimits(max_bytes=2 * 1024 * 1024))
+    assert refused.value.limit == "codex_decode_max_mib" and "2 MiB" in str(refused.value)
+    with pytest.raises(BodyRefused) as refused:
+        parse_request_body(b"[" * 50_000 + b"]" * 50_000, None)
+    assert refused.value.status == 400 and refused.value.code == "json_too_deep"
+    assert "1024 levels" in str(refused.value)
