@@ -580,3 +580,46 @@ def test_outcomes():
 )
 def test_percentile_is_nearest_rank(values, p50, p95):
     assert compare.percentile(values, 50) == p50 and compare.percentile(values, 95) == p95
+
+
+@pytest.mark.parametrize(
+    "new, label, code",
+    [("same", "false", 0), ("tools", "false", 1), ("tools", "true", 0), ("broken", "true", 2)],
+)
+def test_the_github_actions_gate_step_runs_as_documented(recordings, tmp_path, new, label, code):
+    """The example workflow's compare step, run by bash as the runner would: a regression
+    fails it unless the pull request carries the accept label; an unreadable one always."""
+    import yaml
+
+    from tests.test_examples import EXAMPLE
+
+    steps = yaml.safe_load(EXAMPLE.read_text())["jobs"]["codex-smoke"]["steps"]
+    script = next(s["run"] for s in steps if "run.sh compare" in s.get("run", ""))
+    runner = tmp_path / "runner"
+    runner.mkdir()
+    shutil.copytree(recordings["base"], runner / "codex-baseline")
+    if new == "broken":
+        (runner / "codex-recording").mkdir()
+    else:
+        shutil.copytree(recordings[new], runner / "codex-recording")
+    (tmp_path / ".proxy").symlink_to(ROOT)
+    summary = tmp_path / "step-summary.md"
+    env = {"RUNNER_TEMP": str(runner), "GITHUB_STEP_SUMMARY": str(summary), "ACCEPT": label}
+    proc = subprocess.run(
+        ["bash", "-e", "-c", script],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == code, proc.stderr
+    if new == "tools":
+        assert "tool apply_patch calls" in summary.read_text()
+        assert ("Accepted with the accept-codex-change label" in summary.read_text()) == (
+            label == "true"
+        )
+        assert (runner / "codex-recording" / "compare.html").exists()
+    if new == "broken":
+        assert "not a recording" in proc.stderr
