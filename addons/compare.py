@@ -624,7 +624,10 @@ def _cell(value: Any) -> str:
 
 
 def _mark(f: Figure) -> str:
-    return "REGRESSION" if f.regression else ("changed" if f.changed else "")
+    """``REGRESSION``; ``changed`` (not for an ungated timing figure: timing always moves)."""
+    if f.regression:
+        return "REGRESSION"
+    return "changed" if f.changed and not (f.timing and not f.rule) else ""
 
 
 def as_text(c: Comparison) -> str:
@@ -824,17 +827,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{parser.prog}: error: {e}\n")
         return 2
     result = compare(runs[0], runs[1], thresholds)
-    if ns.markdown != "-" and ns.json != "-":
-        sys.stdout.write(as_text(result))
-    if ns.markdown:
-        _write(ns.markdown, as_markdown(result), append=True)
-    if ns.json:
-        _write(ns.json, json.dumps(as_json(result), indent=2, ensure_ascii=False) + "\n")
     page = ns.html or os.path.join(ns.new, "compare.html")
     try:
+        if ns.markdown != "-" and ns.json != "-":
+            sys.stdout.write(as_text(result))
+        if ns.markdown:
+            _write(ns.markdown, as_markdown(result), append=True)
+        if ns.json:
+            _write(ns.json, json.dumps(as_json(result), indent=2, ensure_ascii=False) + "\n")
         _write(page, as_html(result))
     except OSError as e:
-        sys.stderr.write(f"{parser.prog}: warning: cannot write {page}: {e}\n")
+        sys.stderr.write(f"{parser.prog}: error: cannot write the comparison: {e}\n")
+        return 2
     return result.exit_code
 
 

@@ -389,6 +389,12 @@ def test_a_bad_threshold_exits_2(recordings, tmp_path, capsys, spec, message):
     assert message in capsys.readouterr().err
 
 
+def test_an_output_that_cannot_be_written_exits_2(recordings, tmp_path, capsys):
+    args = [str(recordings["base"]), str(recordings["same"]), "--html", str(tmp_path / "c.html")]
+    assert compare.main([*args, "--json", str(tmp_path / "missing" / "c.json")]) == 2
+    assert "cannot write the comparison" in capsys.readouterr().err
+
+
 def test_the_shipped_thresholds_file_names_every_threshold_with_timing_off():
     thresholds = compare.load_thresholds(compare.DEFAULT_CONFIG)
     assert set(thresholds) == set(compare.THRESHOLDS)
