@@ -561,6 +561,9 @@ def turn_rows(base: Run, new: Run, pairs: list[tuple[int | None, int | None]]) -
                 notes.append(f"outcome {a.outcome} → {b.outcome}")
             if _tools_text(a) != _tools_text(b):
                 notes.append("tool calls differ")
+            totals = [(t.record.usage or {}).get("total", 0) for t in (a, b)]
+            if totals[0] != totals[1]:
+                notes.append(f"tokens {_pct_text(_pct(totals[0], totals[1]))}")
         rows.append(
             TurnRow(
                 None if i is None else i + 1,

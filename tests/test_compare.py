@@ -289,6 +289,10 @@ def test_turn_table_names_the_added_turn_and_the_failed_one(recordings, tmp_path
     turns = json.loads(texts["json"])["turns"]
     assert turns[1]["note"] == "outcome completed → failed"
     assert "outcome completed → failed" in texts["text"]
+    _, texts = run_compare(recordings["base"], recordings["tokens"], tmp_path)
+    turns = json.loads(texts["json"])["turns"]
+    assert [t["note"] for t in turns] == ["", "tokens +36.8%"]  # 117 → 160 in turn 2
+    assert turns[1]["tokens"] == "117 → 160"
     assert not re.search(r"\badded$", texts["text"], re.MULTILINE)
 
 
