@@ -415,16 +415,20 @@ def tool_counts(run: Run) -> tuple[Counter[str], dict[str, set[str]]]:
     return counts, keys
 
 
-def run_figures(
-    base: Run, new: Run, th: dict[str, Any], pairs: list[tuple[int | None, int | None]]
-) -> list[Figure]:
-    """Every run-level figure of the comparison, gated by the thresholds ``th``."""
-    figs: list[Figure] = []
+#: A group of figures: ``(BASE, NEW, thresholds, aligned turn pairs) -> figures``.
+FigureGroup = Callable[
+    [Run, Run, dict[str, Any], list[tuple[int | None, int | None]]], list[Figure]
+]
+
+
+def token_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[Figure]:
+    """Tokens per kind (``cached`` reported, not gated), credits and USD, cache hit ratio."""
     kinds = token_kinds(base, new)
     bt, nt = token_totals(base, kinds), token_totals(new, kinds)
-    for k in kinds:
-        limit = None if k == "cached" else th["tokens_pct"]
-        figs.append(_increase(f"tokens {k}", bt[k], nt[k], limit))
+    figs = [
+        _increase(f"tokens {k}", bt[k], nt[k], None if k == "cached" else th["tokens_pct"])
+        for k in kinds
+    ]
     if base.credits is not None and new.credits is not None:
         figs.append(_increase("credits", base.credits, new.credits, th["credits_pct"]))
         figs.append(_increase("USD", base.usd, new.usd, None))
@@ -441,18 +445,21 @@ def run_figures(
         limit = th["cache_hit_drop_points"]
         hit.rule = f"-{limit:g} pt" if limit is not None else ""
         hit.regression = limit is not None and bh - nh > limit
-    figs.append(hit)
-    figs.append(
+    return [*figs, hit]
+
+
+def request_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[Figure]:
+    """Requests (turns and refusals), turns, outcomes, HTTP statuses of the turns."""
+    figs = [
         _increase(
             "requests",
             len(base.turns) + len(base.refused),
             len(new.turns) + len(new.refused),
             th["requests_pct"],
-        )
-    )
-    figs.append(_count("turns", len(base.turns), len(new.turns), None))
-    bo = Counter(t.outcome for t in base.turns)
-    no = Counter(t.outcome for t in new.turns)
+        ),
+        _count("turns", len(base.turns), len(new.turns), None),
+    ]
+    bo, no = Counter(t.outcome for t in base.turns), Counter(t.outcome for t in new.turns)
     for outcome in OUTCOMES:
         if bo[outcome] or no[outcome]:
             allowed = None if outcome == "completed" else th["failed_turns"]
@@ -461,27 +468,39 @@ def run_figures(
     ns = Counter(str(t.record.status) for t in new.turns)
     for status in sorted(bs.keys() | ns.keys()):
         fig = _count(f"HTTP {status}", bs[status], ns[status], None)
-        if status.isdigit() and int(status) >= 400 and th["new_error_status"] and not bs[status]:
-            fig.rule, fig.regression = "new error status", True
+        if status.isdigit() and int(status) >= 400 and not bs[status]:
+            fig.change = "new status"
+            if th["new_error_status"]:
+                fig.rule, fig.regression = "new error status", True
         figs.append(fig)
+    return figs
+
+
+def refusal_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[Figure]:
+    """Refused requests per kind; a kind BASE never had is called out."""
+    figs = []
     br, nr = refusal_kinds(base), refusal_kinds(new)
     for kind in sorted(br.keys() | nr.keys()):
         fig = _count(f"refusals {kind}", br[kind], nr[kind], th["refusals_increase"])
         if not br[kind]:
             fig.change = "new kind"
-            fig.rule = "new kind" if th["new_refusal_kind"] else fig.rule
-            fig.regression = th["new_refusal_kind"] or fig.regression
+            if th["new_refusal_kind"]:
+                fig.rule, fig.regression = "new kind", True
         figs.append(fig)
+    return figs
+
+
+def tool_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[Figure]:
+    """Calls per tool (new and vanished tools called out) and each tool's argument key set."""
+    figs = []
     (bc, bk), (nc, nk) = tool_counts(base), tool_counts(new)
     for name in sorted(bc.keys() | nc.keys()):
         fig = _increase(f"tool {name} calls", bc[name], nc[name], th["tool_calls_pct"])
-        if not bc[name]:
-            fig.change, fig.rule, fig.regression = "new tool", "", th["new_tool"]
-            fig.rule = "new tool" if th["new_tool"] else ""
-        elif not nc[name]:
-            fig.change = "vanished"
-            fig.rule = "vanished tool" if th["vanished_tool"] else ""
-            fig.regression = th["vanished_tool"]
+        if not bc[name] or not nc[name]:
+            flag = "new_tool" if not bc[name] else "vanished_tool"
+            fig.change = "new tool" if not bc[name] else "vanished"
+            fig.rule = flag.replace("_", " ") if th[flag] else ""
+            fig.regression = th[flag]
         figs.append(fig)
         if bc[name] and nc[name]:
             old_keys, new_keys = sorted(bk[name]), sorted(nk[name])
@@ -494,21 +513,55 @@ def run_figures(
                 fig.rule = "changed" if th["tool_arguments_changed"] else ""
                 fig.regression = th["tool_arguments_changed"]
             figs.append(fig)
-    added = sum(1 for i, j in pairs if i is None)
-    missing = sum(1 for i, j in pairs if j is None)
-    figs.append(_count("turns added", 0, added, th["turns_added"]))
-    figs.append(_count("turns missing", 0, missing, th["turns_missing"]))
+    return figs
+
+
+def alignment_figures(
+    _base: Run, _new: Run, th: dict[str, Any], pairs: list[tuple[int | None, int | None]]
+) -> list[Figure]:
+    """Turns added to / missing from NEW (:func:`align`)."""
+    added = sum(1 for i, _ in pairs if i is None)
+    missing = sum(1 for _, j in pairs if j is None)
+    return [
+        _count("turns added", 0, added, th["turns_added"]),
+        _count("turns missing", 0, missing, th["turns_missing"]),
+    ]
+
+
+def timing_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[Figure]:
+    """Time to first event and duration of the turns (ms), p50 and p95."""
+    figs = []
     for label, attr in (("first event", "first_event_ms"), ("duration", "duration_ms")):
-        key = label.replace(" ", "_")
-        bv = [getattr(t.record, attr) for t in base.turns if getattr(t.record, attr) is not None]
-        nv = [getattr(t.record, attr) for t in new.turns if getattr(t.record, attr) is not None]
+        bv, nv = (
+            [v for t in run.turns if (v := getattr(t.record, attr)) is not None]
+            for run in (base, new)
+        )
         for p in (50, 95):
             a, b = percentile(bv, p), percentile(nv, p)
+            limit = th[f"{label.replace(' ', '_')}_p{p}_pct"]
             if a is None or b is None:
                 figs.append(Figure(f"{label} p{p} ms", a, b, "", "", False, True))
             else:
-                figs.append(_increase(f"{label} p{p} ms", a, b, th[f"{key}_p{p}_pct"], True))
+                figs.append(_increase(f"{label} p{p} ms", a, b, limit, True))
     return figs
+
+
+#: The figures of a comparison, in the order shown.
+FIGURE_GROUPS: tuple[FigureGroup, ...] = (
+    token_figures,
+    request_figures,
+    refusal_figures,
+    tool_figures,
+    alignment_figures,
+    timing_figures,
+)
+
+
+def run_figures(
+    base: Run, new: Run, th: dict[str, Any], pairs: list[tuple[int | None, int | None]]
+) -> list[Figure]:
+    """Every run-level figure of the comparison (:data:`FIGURE_GROUPS`), gated by ``th``."""
+    return [fig for group in FIGURE_GROUPS for fig in group(base, new, th, pairs)]
 
 
 @dataclass

@@ -94,6 +94,7 @@ SCENARIOS: dict[str, list[Step]] = {
         ("post", body(1), ending(text(), "response.failed", error={"code": "server_error"}), None),
     ],
     "cut": [BASE[0], ("post", body(1), text(), "truncate")],
+    "http_error": [BASE[0], ("post", body(1), None, 500)],
     "added": [BASE[0], ("post", body(1), shell_call(), None), ("post", body(2), text(), None)],
 }
 
@@ -130,11 +131,13 @@ def play(proxy: ProxyProcess, upstream: FakeUpstream | None, steps: list[Step]) 
             continue
         _, payload, events, fault = step
         if upstream is not None:
-            upstream.events, upstream.fault, upstream.fault_after = events, fault, 3
+            upstream.events, upstream.fault_after = events, 3
+            upstream.status = fault if isinstance(fault, int) else 200
+            upstream.fault = fault if isinstance(fault, str) else None
         try:
             proxy.post_json(payload)
         except (OSError, http.client.HTTPException):  # a cut stream: an incomplete body
-            assert fault
+            assert fault == "truncate"
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +225,12 @@ DIFFERENCES = {
     "refusal": ("refusals not-allowlisted (403)", "new kind", [], ["new_refusal_kind=false"]),
     "failed": ("turns failed", "+1", [], ["failed_turns=1"]),
     "cut": ("turns cut", "+1", [], ["failed_turns=1", "tokens_pct=null", "credits_pct=null"]),
+    "http_error": (
+        "HTTP 500",
+        "new status",
+        ["failed_turns=1"],
+        ["failed_turns=1", "new_error_status=false"],
+    ),
     # An added turn costs tokens (gated as such); turns_added gates the turn itself.
     "added": (
         "turns added",
