@@ -31,11 +31,6 @@ logger = logging.getLogger(__name__)
 
 USAGE_FIELDS = ("input", "cached", "output", "reasoning", "total")
 
-#: The layout of ``summary.json`` (its ``format_version``). A recording written before the field
-#: existed has the same layout and reads as version 1; a reader refuses a newer version than it
-#: knows (``./run.sh compare`` exits 2). Bump it when a field changes meaning or goes away.
-SUMMARY_FORMAT_VERSION = 1
-
 
 @dataclass
 class RequestRecord:
@@ -175,6 +170,12 @@ def add_usd(summary: dict[str, Any], rate_card: RateCard | None) -> None:
     if rate_card is not None:
         totals["credits"] = totals.get("credits") or "0"
         totals["usd"] = str(rate_card.usd(Decimal(totals["credits"])))
+
+
+#: The layout of ``summary.json`` (its ``format_version``). A recording written before the field
+#: existed has the same layout and reads as version 1; a reader refuses a newer version than it
+#: knows (``./run.sh compare`` exits 2). Bump it when a field changes meaning or goes away.
+SUMMARY_FORMAT_VERSION = 1
 
 
 def write_summary(
