@@ -66,7 +66,8 @@ def text(**usage: int) -> list:
     return with_usage(responses_sse_events("Fixed it.", MODEL), **usage)
 
 
-#: A step: ("post", request body, events, fault) or ("refuse",): GET /v1/models (403).
+#: A step: ("post", request body, events, fault or upstream status), ("refuse",): GET /v1/models
+#: (403), or ("websocket",): a WebSocket upgrade (426).
 Step = tuple[Any, ...]
 BASE: list[Step] = [("post", body(0), shell_call(), None), ("post", body(1), text(), None)]
 SCENARIOS: dict[str, list[Step]] = {
@@ -88,7 +89,7 @@ SCENARIOS: dict[str, list[Step]] = {
         ),
         BASE[1],
     ],
-    "refusal": [*BASE, ("refuse",)],
+    "refusal": [*BASE, ("refuse",), ("websocket",)],
     "failed": [
         BASE[0],
         ("post", body(1), ending(text(), "response.failed", error={"code": "server_error"}), None),
@@ -128,6 +129,10 @@ def play(proxy: ProxyProcess, upstream: FakeUpstream | None, steps: list[Step]) 
     for step in steps:
         if step[0] == "refuse":
             assert proxy.request("GET", "/v1/models")[0] == 403
+            continue
+        if step[0] == "websocket":  # Codex with supports_websockets = true
+            upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+            assert proxy.request("GET", "/v1/responses", headers=upgrade)[0] == 426
             continue
         _, payload, events, fault = step
         if upstream is not None:
@@ -222,7 +227,12 @@ DIFFERENCES = {
     "tokens": ("tokens output", "+126.5%", [], ["tokens_pct=200", "credits_pct=200"]),
     "cache": ("cache hit ratio %", "-30.0 pt", [], ["cache_hit_drop_points=30"]),
     "tools": ("tool apply_patch calls", "new tool", [], ["new_tool=false"]),
-    "refusal": ("refusals not-allowlisted (403)", "new kind", [], ["new_refusal_kind=false"]),
+    "refusal": (
+        "refusals not-allowlisted (403)",
+        "new kind",
+        [],
+        ["new_refusal_kind=false", "requests_pct=100"],
+    ),
     "failed": ("turns failed", "+1", [], ["failed_turns=1"]),
     "cut": ("turns cut", "+1", [], ["failed_turns=1", "tokens_pct=null", "credits_pct=null"]),
     "http_error": (
@@ -263,6 +273,9 @@ def test_each_difference_is_named_and_gated_by_its_threshold(recordings, tmp_pat
     assert figure["changed"] and not figure["regression"]
     for fmt in ("text", "markdown", "html"):
         assert name in texts[fmt], fmt
+    if scenario == "refusal":  # both new kinds, each named
+        figures = {f["name"]: f for f in json.loads(texts["json"])["figures"]}
+        assert figures["refusals websocket (426)"]["change"] == "new kind"
 
 
 def test_tool_argument_keys_are_reported_and_gated_only_when_asked(recordings, tmp_path):
