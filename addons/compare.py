@@ -236,7 +236,7 @@ def load_run(path: str | Path) -> Run:
     try:
         records = read_ledger(str(root))
     except (OSError, ValueError) as e:
-        raise Unreadable(f"{root / 'usage.jsonl'}: {e}") from None
+        raise Unreadable(f"{root}: {e}") from None
     if len(records) != len(summary["requests"]):
         raise Unreadable(
             f"{root / 'usage.jsonl'}: {len(records)} line(s) but summary.json has "

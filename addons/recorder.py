@@ -2,8 +2,9 @@
 
 The recording directory gets (the launcher sets the other parts up): ``dumps/`` (the dump pairs),
 ``flows.mitm`` (mitmproxy flow file), ``session.har``, and from this addon ``usage.jsonl`` (one
-line per request as it finishes), ``summary.json``, ``summary.txt`` and ``report.html`` (at
-exit).
+line per request as it finishes), ``summary.json`` (with its :data:`SUMMARY_FORMAT_VERSION`),
+``summary.txt`` and ``report.html`` (at exit). ``./run.sh compare`` (``addons/compare.py``)
+reads them back.
 """
 
 from __future__ import annotations

@@ -346,7 +346,7 @@ def broken(recordings: dict[str, Path], tmp_path: Path, how: str) -> tuple[Path,
     if how == "truncated-ledger":
         data = (rec / "usage.jsonl").read_bytes()
         (rec / "usage.jsonl").write_bytes(data[: len(data) - 40])
-        return rec, r"usage\.jsonl: usage\.jsonl line 2: not JSON"
+        return rec, r": usage\.jsonl line 2: not JSON"
     if how == "lost-line":
         lines = (rec / "usage.jsonl").read_text().splitlines(keepends=True)
         (rec / "usage.jsonl").write_text(lines[0])
