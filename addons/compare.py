@@ -431,7 +431,8 @@ def token_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[
     ]
     if base.credits is not None and new.credits is not None:
         figs.append(_increase("credits", base.credits, new.credits, th["credits_pct"]))
-        figs.append(_increase("USD", base.usd, new.usd, None))
+        # Rounded to cents' hundredths in the summary: its own change would mislead.
+        figs.append(Figure("USD", base.usd, new.usd, "as credits" if base.usd != new.usd else ""))
     else:
         figs.append(Figure("credits", base.credits, new.credits, "not priced"))
     bh, nh = cache_hit(bt), cache_hit(nt)

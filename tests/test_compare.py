@@ -657,3 +657,29 @@ def test_the_github_actions_gate_step_runs_as_documented(recordings, tmp_path, n
         assert (runner / "codex-recording" / "compare.html").exists()
     if new == "broken":
         assert "not a recording" in proc.stderr
+
+
+@pytest.mark.e2e
+def test_compare_html_in_chromium_shows_both_runs_side_by_side(recordings, tmp_path):
+    """The page as a reviewer opens it from a downloaded artifact (screenshot kept in
+    test-artifacts/compare.png)."""
+    from tests.test_web import chrome
+
+    run_compare(recordings["base"], recordings["added"], tmp_path, "--set", "turns_added=0")
+    driver = chrome()
+    try:
+        driver.set_window_size(1200, 1600)
+        driver.get((tmp_path / "compare.html").as_uri())
+        verdict = driver.find_element("css selector", "p").text
+        pair = driver.find_elements("css selector", "table.pair")
+        charts = [len(t.find_elements("css selector", "td.chart svg")) for t in pair]
+        regressions = [row.text for row in driver.find_elements("css selector", "tr.fail")]
+        artifacts = ROOT / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        driver.save_screenshot(str(artifacts / "compare.png"))
+    finally:
+        driver.quit()
+    assert verdict.startswith("REGRESSION") and "turns added" in verdict
+    assert charts == [2, 2]  # tokens and event arrival, BASE beside NEW
+    assert any("turns added" in row for row in regressions)
+    assert (ROOT / "test-artifacts" / "compare.png").stat().st_size > 10_000
