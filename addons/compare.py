@@ -39,13 +39,11 @@ import yaml
 from addons.recorder import SUMMARY_FORMAT_VERSION, RequestRecord, read_ledger
 from addons.replay import DumpPair, read_dump_pairs, request_shape
 from addons.report import CSS, arrival_chart, chart_scale, tokens_chart
-from addons.responses_turn import turn_of_reply
+from addons.responses_turn import USAGE_KINDS, turn_of_reply
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "compare.yaml"
 
-#: The token kinds in the order shown; any other kind a recording holds follows, sorted.
-KIND_ORDER = ("input", "cached", "cache_write", "output", "reasoning", "total")
 #: Turn outcomes (:func:`outcome_of`); all but ``completed`` count against ``failed_turns``.
 OUTCOMES = ("completed", "incomplete", "failed", "cut")
 
@@ -384,9 +382,9 @@ def percentile(values: Sequence[float], p: float) -> float | None:
 
 
 def token_kinds(*runs: Run) -> list[str]:
-    """Every token kind the runs' usage holds, in :data:`KIND_ORDER` then by name."""
+    """Every token kind the runs' usage holds, in :data:`USAGE_KINDS` then by name."""
     kinds = {k for run in runs for t in run.turns for k in (t.record.usage or {})}
-    return [k for k in KIND_ORDER if k in kinds] + sorted(kinds - set(KIND_ORDER))
+    return [k for k in USAGE_KINDS if k in kinds] + sorted(kinds - set(USAGE_KINDS))
 
 
 def token_totals(run: Run, kinds: Sequence[str]) -> dict[str, int]:

@@ -96,7 +96,9 @@ def render_turn(turn: Turn, decode_error: str | None = None) -> str:
     if turn.usage:
         u = turn.usage
         lines.append(
-            f"tokens: input {u['input']} (cached {u['cached']}), output {u['output']} "
+            f"tokens: input {u['input']} (cached {u['cached']}"
+            + (f", cache writes {u['cache_write']}" if u.get("cache_write") else "")
+            + f"), output {u['output']} "
             f"(reasoning {u['reasoning']}), total {u['total']}"
         )
     timing = []

@@ -13,6 +13,7 @@ from addons.error_replies import JsonErrorReplies
 from addons.gateway_mode.accounting import UsageAccounting
 from addons.gateway_mode.auth import MemberAuth
 from addons.gateway_mode.codex_filter import CodexFilter
+from addons.gateway_mode.codex_replies import CodexReplies
 from addons.gateway_mode.connect import RetryingConnect
 from addons.gateway_mode.cookies import NoCookies
 from addons.gateway_mode.core import GatewayClose, GatewayCore, GatewayOptions
@@ -47,6 +48,9 @@ addons = [
     CodexFilter(core),  # request: 403 for non-Codex clients
     QuotaGate(core),  # request: 429/503 before anything goes upstream
     forwarder,  # requestheaders: route; request: pick and inject an upstream key last
+    # After every refusal and the forwarder's retries: statuses Codex acts on, and the
+    # member's windows in Codex's rate-limit headers (upstream x-codex-* removed).
+    CodexReplies(core),
     SseStreaming(),
     HeaderRedaction(),
     DumpWriter(),

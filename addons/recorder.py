@@ -24,13 +24,11 @@ from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ, REFUSED
 from addons.credits import RateCard, load_rate_card
 from addons.dumps import write_file_atomically
 from addons.report import render_report
-from addons.responses_turn import assemble_turn, usage_of
+from addons.responses_turn import USAGE_KINDS, assemble_turn, usage_of
 from addons.sse_events import timeline
 from addons.sse_stream import is_event_stream
 
 logger = logging.getLogger(__name__)
-
-USAGE_FIELDS = ("input", "cached", "output", "reasoning", "total")
 
 
 @dataclass
@@ -79,7 +77,7 @@ def summarize(records: list[RequestRecord], keep_event_ms: bool = False) -> dict
     request says whether it ``failed``. ``keep_event_ms`` keeps each request's event arrival
     times (for the report; ``summary.json`` leaves them to ``usage.jsonl``)."""
     totals: dict[str, Any] = {"requests": len(records), "failed": 0, "events": 0}
-    totals.update({k: 0 for k in USAGE_FIELDS})
+    totals.update({k: 0 for k in USAGE_KINDS})
     credits = sum((Decimal(r.credits) for r in records if r.credits is not None), Decimal(0))
     totals["credits"] = str(credits) if any(r.credits is not None for r in records) else None
     totals["unpriced"] = sum(1 for r in records if r.credits is None and r.usage is not None)
@@ -87,7 +85,7 @@ def summarize(records: list[RequestRecord], keep_event_ms: bool = False) -> dict
         totals["events"] += r.events
         if is_failure(r):
             totals["failed"] += 1
-        for k in USAGE_FIELDS:
+        for k in USAGE_KINDS:
             totals[k] += (r.usage or {}).get(k, 0)
     reqs = []
     for r in records:
@@ -105,11 +103,11 @@ def human_summary(summary: dict[str, Any]) -> str:
     lines = ["codex-responses-api-proxy session summary", ""]
     lines.append(
         f"{'seq':>4} {'status':>6} {'ms':>7} {'events':>6}  model / tokens in,cached,"
-        "out,reasoning,total"
+        "cache_write,out,reasoning,total"
     )
     for r in summary["requests"]:
         u = r["usage"] or {}
-        tokens = ",".join(str(u.get(k, "-")) for k in USAGE_FIELDS)
+        tokens = ",".join(str(u.get(k, "-")) for k in USAGE_KINDS)
         status = r["status"] if r["status"] is not None else "-"
         note = ""
         if r["error"]:
@@ -124,7 +122,7 @@ def human_summary(summary: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"{t['requests']} request(s), {t['failed']} failed, {t['events']} events; tokens: "
-        + ", ".join(f"{k} {t[k]}" for k in USAGE_FIELDS)
+        + ", ".join(f"{k} {t[k]}" for k in USAGE_KINDS)
     )
     if t.get("credits") is not None:
         unpriced = f" ({t['unpriced']} request(s) unpriced)" if t.get("unpriced") else ""

@@ -291,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns, proxy_args = parser.parse_known_args(argv)
     if "--upstream-url" in proxy_args:
         parser.exit(2, f"{parser.prog}: error: --upstream-url makes no sense here\n")
+    if "--github-oidc" in proxy_args:  # a keyless workflow's flags, copied to its replay step
+        parser.exit(2, f"{parser.prog}: error: a replay needs no credential: drop --github-oidc\n")
     try:
         exchanges = load_recording(ns.recording)
     except (OSError, ValueError) as e:

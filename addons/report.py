@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from addons.responses_turn import USAGE_KINDS
+
 #: Stream colours (chart lines, legend), cycled.
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563")
 TOKEN_COLOURS = {"input": "#93c5fd", "cached": "#2563eb", "output": "#f59e0b"}
@@ -161,7 +163,7 @@ def render_report(
     links = dump_links or {}
     t = summary.get("totals", {})
     requests = summary.get("requests", [])
-    kinds = ("input", "cached", "output", "reasoning", "total")
+    kinds = USAGE_KINDS
     head = "".join(f"<th>{k}</th>" for k in kinds)
     totals_row = "".join(f"<td>{_e(t.get(k, 0))}</td>" for k in kinds)
     priced = t.get("credits") is not None

@@ -27,11 +27,17 @@ TERMINAL = {
 }
 
 
+#: The token kinds :func:`usage_of` reads, in the order tables show them.
+USAGE_KINDS = ("input", "cached", "cache_write", "output", "reasoning", "total")
+
+
 def usage_of(response_obj: Any) -> dict[str, int] | None:
     """Token usage from a Responses API ``response`` object (``response.completed`` carries
-    it): input, cached (input_tokens_details.cached_tokens), output, reasoning
-    (output_tokens_details.reasoning_tokens), total. ``None`` when absent. As in the API,
-    cached is part of input and reasoning part of output."""
+    it): input, cached (input_tokens_details.cached_tokens), cache_write
+    (input_tokens_details.cache_write_tokens, reported since 2026 and shown by Codex 0.171 as
+    ``cache_write_input_tokens``), output, reasoning (output_tokens_details.reasoning_tokens),
+    total. ``None`` when absent. As in the API, cached is part of input and reasoning part of
+    output; cache_write is kept as reported (no credit rate applies to it)."""
     if not isinstance(response_obj, dict) or not isinstance(response_obj.get("usage"), dict):
         return None
     u = response_obj["usage"]
@@ -39,11 +45,18 @@ def usage_of(response_obj: Any) -> dict[str, int] | None:
     def num(value: Any) -> int:
         return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
+    input_details = u.get("input_tokens_details")
+    if not isinstance(input_details, dict):
+        input_details = {}
+    output_details = u.get("output_tokens_details")
+    if not isinstance(output_details, dict):
+        output_details = {}
     return {
         "input": num(u.get("input_tokens")),
-        "cached": num((u.get("input_tokens_details") or {}).get("cached_tokens")),
+        "cached": num(input_details.get("cached_tokens")),
+        "cache_write": num(input_details.get("cache_write_tokens")),
         "output": num(u.get("output_tokens")),
-        "reasoning": num((u.get("output_tokens_details") or {}).get("reasoning_tokens")),
+        "reasoning": num(output_details.get("reasoning_tokens")),
         "total": num(u.get("total_tokens")),
     }
 

@@ -48,7 +48,7 @@ CREATED_AT = int(time.time())
 def usage_block() -> dict[str, Any]:
     return {
         "input_tokens": 42,
-        "input_tokens_details": {"cached_tokens": 8},
+        "input_tokens_details": {"cached_tokens": 8, "cache_write_tokens": 3},
         "output_tokens": 17,
         "output_tokens_details": {"reasoning_tokens": 5},
         "total_tokens": 59,
@@ -207,6 +207,8 @@ class FakeUpstream:
         compression: codings the stream may be compressed with, in order of preference
             (``"zstd"``, ``"gzip"``); the first one the request's ``Accept-Encoding`` names is
             used, flushed after every event as a real server must for SSE. ``()``: never.
+        reply_headers: headers added to every streamed reply (as OpenAI's backend adds its
+            ``x-codex-*`` rate-limit headers about the account).
         key_status: ``{upstream key: status}``: requests carrying ``Bearer <key>`` get that
             status (JSON error, with ``Retry-After: key_retry_after`` on a 429), as a rate
             limited or revoked OpenAI key would; other keys are served normally.
@@ -233,6 +235,7 @@ class FakeUpstream:
         self.headers_delay = 0.0
         self.ssl_context: Any = None
         self.key_status: dict[str, int] = {}
+        self.reply_headers: dict[str, str] = {}
         self.key_retry_after = "7"
         self.port = 0
         self._server: ThreadedServer | None = None
@@ -297,6 +300,7 @@ class FakeUpstream:
             }
         )
         headers.extend(cookies)
+        headers.update(self.reply_headers)
         compressor = StreamCompressor.negotiate(
             self.compression, request.headers.get("accept-encoding", "")
         )

@@ -95,3 +95,44 @@ def test_pull_requests_are_gated_on_compare_with_the_default_branch_baseline():
     assert "accept-codex-change" in gate["env"]["ACCEPT"]
     assert '[ "$status" = 1 ] && [ "$ACCEPT" = true ]' in run and 'exit "$status"' in run
     assert "accept-codex-change" in EXAMPLE.read_text().split("name:")[0]  # the header says how
+
+
+def test_keyless_variant_holds_no_secret_and_uses_the_reference_flags():
+    """The ``--github-oidc`` job: ``id-token: write``, no OpenAI secret anywhere, the runner's
+    request token on the proxy's stdin only, a command line our launcher accepts."""
+    import shlex
+
+    from addons import cli
+
+    job = yaml.safe_load(EXAMPLE.read_text())["jobs"]["codex-smoke-keyless"]
+    assert job["permissions"]["id-token"] == "write"
+    assert "secrets." not in json.dumps(job)
+    steps = job["steps"]
+    proxy = next(s for s in steps if s.get("name", "").startswith("Start the proxy"))
+    agent = next(s for s in steps if s.get("name", "").startswith("Run the Codex agent"))
+    run = proxy["run"]
+    assert run.startswith(
+        "printenv ACTIONS_ID_TOKEN_REQUEST_TOKEN | env -u ACTIONS_ID_TOKEN_REQUEST_TOKEN"
+    )
+    assert '--github-oidc-request-url "$ACTIONS_ID_TOKEN_REQUEST_URL"' in run
+    # The launcher's own parser takes the command line (variables filled in).
+    command = run.split("run.sh record", 1)[1].split(">", 1)[0].replace("\\\n", " ")
+    filled = {
+        "$RUNNER_TEMP": "runner-temp",
+        "$OIDC_AUDIENCE": "api://openai",
+        "$IDENTITY_PROVIDER_ID": "idp_1",
+        "$SERVICE_ACCOUNT_ID": "sa_1",
+        "$ACTIONS_ID_TOKEN_REQUEST_URL": "https://runner.test/token?api-version=2.0",
+    }
+    for name, value in filled.items():
+        command = command.replace(name, value)
+    argv = shlex.split(command)[1:]  # after the recording directory
+    settings = cli.identity_settings(cli.build_parser().parse_args(argv))
+    assert settings is not None and settings.request_url.startswith("https://runner.test/")
+    assert set(proxy["env"]) == {"OIDC_AUDIENCE", "IDENTITY_PROVIDER_ID", "SERVICE_ACCOUNT_ID"}
+    assert all(v.startswith("${{ vars.") for v in proxy["env"].values())
+    # The agent runs without the runner's request variables.
+    assert "env -u ACTIONS_ID_TOKEN_REQUEST_TOKEN -u ACTIONS_ID_TOKEN_REQUEST_URL" in agent["run"]
+    assert "env" not in agent and "run.sh codex-config" in agent["run"]
+    assert any("/shutdown" in s.get("run", "") for s in steps)
+    assert any(s.get("uses", "").startswith("actions/upload-artifact") for s in steps)

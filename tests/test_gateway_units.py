@@ -11,8 +11,16 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from addons.codex_models import parse as parse_catalog
+from addons.codex_models import trim
+from addons.credits import parse_rate_card
 from addons.gateway_mode import keypool, members, windows
-from addons.gateway_mode.config import load_gateway_config, parse_gateway_config
+from addons.gateway_mode.config import (
+    load_gateway_config,
+    parse_gateway_config,
+    rate_card_gap_lines,
+    rate_card_gaps,
+)
 from addons.gateway_mode.database import Database, DatabaseError, parse_database_url
 from addons.gateway_mode.schema import metadata
 from tests.conftest import ROOT
@@ -198,7 +206,29 @@ def test_migrations_build_exactly_the_declared_schema(db: Database) -> None:
     with db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
-    assert db.migrate() == "0001"  # idempotent
+    assert db.migrate() == db.head()  # idempotent
+
+
+def test_a_0001_ledger_upgrades_with_its_rows_kept(tmp_path) -> None:
+    from alembic import command
+
+    old = Database(f"sqlite:///{tmp_path / 'old.db'}")
+    with old.engine.begin() as conn:
+        command.upgrade(old._alembic_config(conn), "0001")
+        conn.exec_driver_sql(
+            "INSERT INTO members (name, five_hour_quota, weekly_quota, five_hour_credits_micro,"
+            " weekly_credits_micro, max_concurrent, created_ms) VALUES ('a', 0, 0, 0, 0, 0, 1)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO usage (row_id, ts_ms, member_id, key_id, route, input_tokens,"
+            " cached_tokens, output_tokens, reasoning_tokens, total_tokens, events, attempts,"
+            " instance) VALUES ('r1', 5, 1, 'k', '/v1/responses', 3, 1, 2, 0, 5, 0, 1, 'i')"
+        )
+    assert old.revision() == "0001"
+    assert old.migrate() == old.head()
+    (row,) = old.usage_rows(0)
+    assert row["total_tokens"] == 5 and row["cache_write_tokens"] == 0
+    old.dispose()
 
 
 def test_an_uninitialised_database_is_refused_with_the_fix(tmp_path) -> None:
@@ -283,13 +313,15 @@ def test_usage_rows_land_once_and_sum_per_window(db: Database) -> None:
         _row(member_id, "r1", now - 1000, 10, 5),
         _row(member_id, "r2", now - 6 * windows.HOUR_MS, 20, None),  # weekly only, unpriced
         _row(member_id, "r3", now - 8 * 24 * windows.HOUR_MS, 40, 7),  # outside both
+        # A row of this release (cache writes) after rows spooled by an older one (none).
+        {**_row(member_id, "r4", now - 9 * 24 * windows.HOUR_MS, 1, 1), "cache_write_tokens": 4},
     ]
     db.insert_usage(rows)
     db.insert_usage(rows)  # re-sent after an outage: no duplicates
-    assert len(db.usage_rows(0)) == 3
+    assert [r["cache_write_tokens"] for r in db.usage_rows(0)] == [4, 0, 0, 0]
     assert db.window_usage(member_id, now) == {
-        "five_hour": {"tokens": 10, "credits": 5},
-        "weekly": {"tokens": 30, "credits": 5},
+        "five_hour": {"tokens": 10, "credits": 5, "oldest": now - 1000},
+        "weekly": {"tokens": 30, "credits": 5, "oldest": now - 6 * windows.HOUR_MS},
     }
 
 
@@ -501,3 +533,46 @@ def test_member_auth_removes_the_key_and_answers_401(tmp_path) -> None:
             assert (flow.response.status_code if flow.response else None) == status
             assert (MEMBER in flow.metadata) is (status is None)
             assert (ALLOWED in flow.metadata) is (status is None)
+
+
+CATALOG = parse_catalog(
+    trim(
+        {
+            "models": [
+                {"slug": "m-hidden", "visibility": "hide", "priority": 0},
+                {"slug": "m-default", "visibility": "list", "priority": 1},
+                {"slug": "m-priced", "visibility": "list", "priority": 2},
+            ]
+        },
+        "9.9.9",
+    )
+)
+
+
+def test_rate_card_gaps_name_each_unpriced_catalog_model_with_its_key() -> None:
+    card = parse_rate_card({"rates": {"m-priced": {"input": 1, "cached_input": 1, "output": 1}}})
+    gaps = rate_card_gaps(card, CATALOG)
+    assert gaps == [
+        {"model": "m-hidden", "yaml_key": "credits.rates.m-hidden", "codex_default": False},
+        {"model": "m-default", "yaml_key": "credits.rates.m-default", "codex_default": True},
+    ]
+    lines = rate_card_gap_lines(gaps, "/etc/gw.yaml", card)
+    assert "cannot price 2 model(s)" in lines[0] and "/etc/gw.yaml" in lines[0]
+    assert "  credits.rates.m-default  (Codex's default model)" in lines
+    assert lines[-1].startswith("  e.g. credits.rates.m-default: {same_as: m-priced}")
+    mapped = parse_rate_card(
+        {
+            "rates": {
+                "m-priced": {"input": 1, "cached_input": 1, "output": 1},
+                "default": {"same_as": "m-priced"},
+            }
+        }
+    )
+    assert rate_card_gaps(mapped, CATALOG) == [] and rate_card_gap_lines([], "x", mapped) == []
+    averages = parse_rate_card(
+        {"accounting": "message_average", "message_average": {"m-hidden": 1}}
+    )
+    assert [g["yaml_key"] for g in rate_card_gaps(averages, CATALOG)] == [
+        "credits.message_average.m-default",
+        "credits.message_average.m-priced",
+    ]

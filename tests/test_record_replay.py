@@ -12,7 +12,7 @@ import pytest
 from addons import compare
 from addons.replay import Exchange, chunks_of, differences, load_recording
 from tests.conftest import ROOT, TEST_KEY, wait_for
-from tests.test_clients import printed_codex_config, run_codex
+from tests.test_clients import CATALOG_MODEL, printed_codex_config, run_codex
 from tests.test_leaks import UPSTREAM_COOKIES, assert_no_marker
 
 pytestmark = pytest.mark.e2e
@@ -89,10 +89,11 @@ def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path
             assert TEST_KEY.encode() not in path.read_bytes(), path
     assert_no_marker({str(p): p.read_bytes() for p in record.rglob("*") if p.is_file()})
     ledger = [json.loads(x) for x in (record / "usage.jsonl").read_text().splitlines()]
-    assert len(ledger) == 1 and ledger[0]["model"] == "test-model"
+    assert len(ledger) == 1 and ledger[0]["model"] == CATALOG_MODEL
     assert ledger[0]["usage"] == {
         "input": 42,
         "cached": 8,
+        "cache_write": 3,
         "output": 17,
         "reasoning": 5,
         "total": 59,

@@ -364,7 +364,7 @@ def test_mitmweb_front_with_the_chat_bridge(upstream, tmp_path):
         ) as client:
             chunks = list(
                 client.chat.completions.create(
-                    model="gpt-5-codex-low",
+                    model="gpt-6.2-sol-low",
                     messages=[{"role": "user", "content": "hi"}],
                     stream=True,
                 )
@@ -381,7 +381,7 @@ def test_mitmweb_front_with_the_chat_bridge(upstream, tmp_path):
             return doc["text"] if "text" in doc else json.dumps(doc)
 
         request_view = view("request", "chat%20completions%20request")
-        assert "model: gpt-5-codex\n" in request_view and "reasoning effort: low" in request_view
+        assert "model: gpt-6.2-sol\n" in request_view and "reasoning effort: low" in request_view
         reply_view = view("response", "chat%20completions%20stream")
         assert f"── assistant text ──\n{upstream.text}" in reply_view
     finally:

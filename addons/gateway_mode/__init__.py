@@ -13,7 +13,9 @@ imported from ``addons/``.
 - ``windows``: quota window arithmetic (pure).
 - ``ledger``: the usage ledger's writer thread and its spool (no row lost).
 - ``core``: the state the gateway's addons share, and the addon that owns its options.
-- ``auth``, ``codex_filter``, ``quota``, ``cookies``, ``forward``, ``accounting``,
-  ``local_routes``, ``metrics``, ``tls``: one mitmproxy addon (or its helpers) each.
+- ``auth``, ``codex_filter``, ``quota``, ``cookies``, ``forward``, ``codex_replies``,
+  ``accounting``, ``local_routes``, ``metrics``, ``tls``: one mitmproxy addon (or its helpers)
+  each. ``codex_replies`` speaks Codex's language to members: its rate-limit headers and the
+  refusal statuses it acts on.
 - ``config``, ``cli``: ``config/gateway.yaml`` and the command line.
 """

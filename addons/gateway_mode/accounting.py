@@ -23,13 +23,11 @@ from addons.gateway_mode.core import (
 )
 from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.windows import MICRO
-from addons.responses_turn import usage_of
+from addons.responses_turn import USAGE_KINDS, usage_of
 from addons.sse_events import completed_response, decode_sse
 from addons.sse_stream import is_event_stream
 
 logger = logging.getLogger(__name__)
-
-USAGE_KINDS = ("input", "cached", "output", "reasoning", "total")
 
 
 def reply_usage(response: http.Response | None) -> tuple[dict[str, int] | None, int, str | None]:
@@ -59,8 +57,8 @@ class UsageAccounting:
 
     Runs after the SSE tee restored the body. The row goes to the ledger's queue (no database
     work on the event loop). Row: time, member, key id, upstream key name, model, route,
-    status, input / cached / output / reasoning / total tokens, credits and the rate-card
-    entry, service tier, duration, time to first byte, events, attempts, error.
+    status, input / cached / cache-write / output / reasoning / total tokens, credits and the
+    rate-card entry, service tier, duration, time to first byte, events, attempts, error.
     """
 
     def __init__(self, core: GatewayCore, forwarder: PoolForwarder) -> None:
@@ -151,6 +149,7 @@ class UsageAccounting:
             "status": response.status_code if response is not None else None,
             "input_tokens": tokens["input"],
             "cached_tokens": tokens["cached"],
+            "cache_write_tokens": tokens["cache_write"],
             "output_tokens": tokens["output"],
             "reasoning_tokens": tokens["reasoning"],
             "total_tokens": tokens["total"],
@@ -175,6 +174,8 @@ class UsageAccounting:
                 m.tokens.labels(member, kind).inc(amount)
         if row["credits_micro"]:
             m.credits.labels(member, (row["model"] or "")[:64]).inc(row["credits_micro"] / MICRO)
+        elif row["credits_micro"] is None and not self.core.card.prices(row["model"]):
+            m.unpriced.labels((row["model"] or "")[:64]).inc()
         m.duration.labels(row["route"]).observe(row["duration_ms"] / 1000)
         if row["ttfb_ms"] is not None:
             m.ttfb.labels(row["route"]).observe(row["ttfb_ms"] / 1000)

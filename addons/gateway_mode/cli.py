@@ -23,11 +23,18 @@ from addons.cli import OptionSpecs, _port, _set_spec, record_options, run_mitmdu
 from addons.credits import RateCard
 from addons.forward import parse_upstream_url
 from addons.gateway_mode import keypool
-from addons.gateway_mode.config import DEFAULT_GATEWAY_CONFIG, GatewayConfig, load_gateway_config
+from addons.gateway_mode.config import (
+    DEFAULT_GATEWAY_CONFIG,
+    GatewayConfig,
+    load_gateway_config,
+    rate_card_gap_lines,
+    rate_card_gaps,
+)
 from addons.gateway_mode.database import Database, DatabaseError, now_ms
 from addons.gateway_mode.tls import listen_policy
 from addons.gateway_mode.windows import MICRO, iso, parse_since
 from addons.hardening import HardeningError, harden_process
+from addons.responses_turn import USAGE_KINDS
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
 SCRIPT_PATH = os.path.join(
@@ -185,6 +192,7 @@ def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any
             "errors": 0,
             "input_tokens": 0,
             "cached_tokens": 0,
+            "cache_write_tokens": 0,
             "output_tokens": 0,
             "reasoning_tokens": 0,
             "total_tokens": 0,
@@ -198,7 +206,7 @@ def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any
         for bucket in (per.setdefault(row["member"], empty()), total):
             bucket["requests"] += 1
             bucket["errors"] += 1 if row["error"] or (row["status"] or 0) >= 400 else 0
-            for kind in ("input", "cached", "output", "reasoning", "total"):
+            for kind in USAGE_KINDS:
                 bucket[f"{kind}_tokens"] += row[f"{kind}_tokens"]
             if row["credits_micro"] is None:
                 bucket["unpriced"] += 1
@@ -299,11 +307,12 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
         elif ns.command == "usage":
             now = now_ms()
             since = parse_since(ns.since, now)
-            summary = summarize_usage(db.usage_rows(since, ns.member), config.rate_card())
+            card = config.rate_card()
+            summary = summarize_usage(db.usage_rows(since, ns.member), card)
+            gaps = rate_card_gaps(card)
             if ns.json:
-                out.write(
-                    json.dumps({"since": iso(since), "until": iso(now), **summary}, indent=2) + "\n"
-                )
+                doc = {"since": iso(since), "until": iso(now), **summary, "unpriced_models": gaps}
+                out.write(json.dumps(doc, indent=2) + "\n")
             else:
                 rows = [
                     [
@@ -311,6 +320,7 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
                         "requests",
                         "input",
                         "cached",
+                        "cache writes",
                         "output",
                         "reasoning",
                         "total",
@@ -326,6 +336,7 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
                             str(m["requests"]),
                             str(m["input_tokens"]),
                             str(m["cached_tokens"]),
+                            str(m["cache_write_tokens"]),
                             str(m["output_tokens"]),
                             str(m["reasoning_tokens"]),
                             str(m["total_tokens"]),
@@ -341,6 +352,8 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
                         f"{summary['total']['unpriced']} request(s) unpriced: their model had no "
                         "rate-card entry (credits.rates) when they ran\n"
                     )
+                for line in rate_card_gap_lines(gaps, config.path, card):
+                    out.write(line + "\n")
         return 0
     finally:
         db.dispose()

@@ -326,31 +326,49 @@ class Database:
         else:
             from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
         statement = insert(usage).on_conflict_do_nothing(index_elements=["row_id"])
+        # A row spooled by an older release lacks the columns added since (one INSERT takes
+        # its keys from the first row): those get the column's default.
+        defaults = {"cache_write_tokens": 0}
         with self.engine.begin() as conn:
-            conn.execute(statement, list(rows))
+            conn.execute(statement, [{**defaults, **row} for row in rows])
 
-    def window_usage(self, member_id: int, now: int) -> dict[str, dict[str, int]]:
-        """Usage of one member in the rolling windows ending ``now`` (ms):
-        ``{"five_hour": {"tokens": n, "credits": micro}, "weekly": {...}}``."""
+    def window_usage(self, member_id: int, now: int) -> dict[str, dict[str, Any]]:
+        """Usage of one member in the rolling windows ending ``now`` (ms): ``{"five_hour":
+        {"tokens": n, "credits": micro, "oldest": ts_ms | None}, "weekly": {...}}``, where
+        ``oldest`` is the time of the window's oldest row that used tokens or credits."""
         five = now - FIVE_HOURS_MS
         week = now - WEEK_MS
+        used = sa.or_(usage.c.total_tokens > 0, usage.c.credits_micro > 0)
 
         def in_window(column: Any, since: int) -> Any:
             return sa.func.coalesce(
                 sa.func.sum(sa.case((usage.c.ts_ms > since, column), else_=0)), 0
             )
 
+        def oldest(since: int) -> Any:
+            return sa.func.min(sa.case((sa.and_(usage.c.ts_ms > since, used), usage.c.ts_ms)))
+
         query = sa.select(
             in_window(usage.c.total_tokens, five),
             in_window(sa.func.coalesce(usage.c.credits_micro, 0), five),
+            oldest(five),
             in_window(usage.c.total_tokens, week),
             in_window(sa.func.coalesce(usage.c.credits_micro, 0), week),
+            oldest(week),
         ).where(usage.c.member_id == member_id, usage.c.ts_ms > week)
         with self.engine.connect() as conn:
-            t5, c5, tw, cw = conn.execute(query).one()
+            t5, c5, o5, tw, cw, ow = conn.execute(query).one()
         return {
-            "five_hour": {"tokens": int(t5), "credits": int(c5)},
-            "weekly": {"tokens": int(tw), "credits": int(cw)},
+            "five_hour": {
+                "tokens": int(t5),
+                "credits": int(c5),
+                "oldest": None if o5 is None else int(o5),
+            },
+            "weekly": {
+                "tokens": int(tw),
+                "credits": int(cw),
+                "oldest": None if ow is None else int(ow),
+            },
         }
 
     def window_rows(self, member_id: int, since: int, kind: str) -> list[tuple[int, int]]:

@@ -1,9 +1,11 @@
 """Quotas per member: rolling 5-hour and weekly windows in tokens and in Codex credits, and a
-maximum of concurrent requests; refused with 429 before anything goes upstream."""
+maximum of concurrent requests; refused with 429 before anything goes upstream. The windows
+are also read for Codex's rate-limit headers on every reply (``codex_replies``)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from decimal import Decimal
 from typing import Any
@@ -11,11 +13,13 @@ from typing import Any
 from mitmproxy import http
 from sqlalchemy.exc import SQLAlchemyError
 
-from addons.common import fail_closed
+from addons.common import error_response, fail_closed
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse, request_info
 from addons.gateway_mode.windows import (
     MICRO,
     Limit,
+    LimitUsage,
+    codex_rate_limit_headers,
     iso,
     limits_of,
     reset_in_ms,
@@ -36,18 +40,62 @@ def amount_text(kind: str, amount: int) -> str:
     return f"{amount} tokens"
 
 
+#: The member's windows in Codex's rate-limit headers (``{name: value}``), read by the quota
+#: check and sent on the reply by :class:`addons.gateway_mode.codex_replies.CodexReplies`.
+CODEX_LIMITS = "codex_gateway.codex_limits"
+
+
+def limit_usages(core: GatewayCore, member_id: int, limits: list[Limit]) -> list[LimitUsage]:
+    """On a worker thread: the member's usage against each limit, read now (database rows
+    plus this instance's rows not written yet), with its reset time (see :class:`LimitUsage`).
+
+    Raises:
+        SQLAlchemyError: the database could not be read.
+    """
+    assert core.db is not None and core.ledger is not None
+    now = int(time.time() * 1000)
+    windows = core.db.window_usage(member_id, now)
+    usages = []
+    for limit in limits:
+        window = windows["five_hour" if limit.window_ms < 6 * 3_600_000 else "weekly"]
+        since = now - limit.window_ms
+        # This instance's rows not written yet count at once (and in the reset time).
+        pending = core.ledger.pending_rows(member_id, since, limit.kind)
+        used = window[limit.kind] + sum(amount for _, amount in pending)
+        resets_at: int | None
+        if used >= limit.limit:
+            rows = core.db.window_rows(member_id, since, limit.kind) + pending
+            resets_at = now + reset_in_ms(rows, limit.limit, limit.window_ms, now)
+        else:
+            times = [ts for ts, _ in pending]
+            if window["oldest"] is not None:
+                times.append(window["oldest"])
+            resets_at = min(times) + limit.window_ms if times else None
+        usages.append(LimitUsage(limit, used, resets_at))
+    return usages
+
+
+def codex_limits(core: GatewayCore, member_id: int, limits: list[Limit]) -> dict[str, str]:
+    """On a worker thread: :func:`codex_rate_limit_headers` of the member's usage now."""
+    return codex_rate_limit_headers(limit_usages(core, member_id, limits))
+
+
 class QuotaGate:
     """Admits a member request or answers it locally, in ``request`` (the body is complete,
-    nothing has gone upstream).
+    nothing has gone upstream), and reads the member's windows for Codex's rate-limit headers
+    (:data:`CODEX_LIMITS`).
 
     In order: the usage ledger cannot write (database away) → 503 (fail closed); the member
     has a credit quota and the rate card cannot price the model → 403 naming the model and the
-    setting (never silently free); all of the member's ``max_concurrent`` slots are taken
-    (counted across instances by leases in the database) → 429; usage inside a window has
-    reached a limit → 429 with ``Retry-After`` (seconds until enough usage leaves the window)
-    and ``error.limit`` / ``used`` / ``resets_at``. The member's settings are read from the
-    directory (refreshed every second), usage from the database plus this instance's rows
-    not yet written. Members without limits cost no database round trip.
+    setting (never silently free); usage inside a window has reached a limit → 429 in Codex's
+    own shape (``type: usage_limit_reached``, ``resets_at`` in Unix seconds: Codex 0.171 ends
+    the turn at once with "You've hit your usage limit. Try again at …", where any other 429
+    makes it wait out ``Retry-After``), with our ``code`` / ``limit`` / ``kind`` / ``used`` /
+    ``allowed`` beside them; all of the member's ``max_concurrent`` slots are taken (counted
+    across instances by leases in the database) → 429 ``concurrency_limit`` with a 1 s
+    ``Retry-After`` (Codex retries it). The member's settings are read from the directory
+    (refreshed every second), usage from the database plus this instance's rows not yet
+    written. Members without limits cost no database round trip.
     """
 
     def __init__(self, core: GatewayCore) -> None:
@@ -71,80 +119,15 @@ class QuotaGate:
             )
             return
         limits = limits_of(entry)
-        info = request_info(flow)
-        if (
-            any(limit.kind == "credits" for limit in limits)
-            and core.card.charge(
-                info["model"], {"input": 0, "cached": 0, "output": 0, "total": 0}, None
-            )
-            is None
-        ):
-            core.metrics.refused.labels("unpriced_model").inc()
-            refuse(
-                flow,
-                "unpriced-model",
-                gateway_error(
-                    403,
-                    "unpriced_model",
-                    f"model {info['model']!r} has no entry in the gateway's rate card, and "
-                    f"member {member['member']!r} has a credit quota: add the model (or a "
-                    "'default' entry) under credits.rates in the gateway config",
-                    model=info["model"],
-                ),
-            )
-            return
         try:
-            if entry["max_concurrent"]:
-                lease, active = await core.run_db(
-                    core.db.acquire_lease,
-                    member["member_id"],
-                    entry["max_concurrent"],
-                    core.instance,
-                    core.lease_ms,
-                )
-                if lease is None:
-                    core.metrics.refused.labels("concurrency").inc()
-                    refuse(
-                        flow,
-                        "concurrency",
-                        gateway_error(
-                            429,
-                            "concurrency_limit",
-                            f"member {member['member']!r} already has {active} requests in "
-                            f"flight (max_concurrent {entry['max_concurrent']})",
-                            {"retry-after": str(CONCURRENCY_RETRY_S)},
-                            limit="max_concurrent",
-                            used=active,
-                            allowed=entry["max_concurrent"],
-                        ),
-                    )
-                    return
-                core.leases[flow.id] = lease
+            usages = []
             if limits:
-                over = await core.run_db(self._over_limit, member["member_id"], limits)
-                if over is not None:
-                    self._release(flow)
-                    limit, used, reset_ms = over
-                    core.metrics.refused.labels("quota").inc()
-                    retry = retry_after_seconds(reset_ms)
-                    resets_at = iso(int(time.time() * 1000) + reset_ms)
-                    refuse(
-                        flow,
-                        "quota",
-                        gateway_error(
-                            429,
-                            "quota_exceeded",
-                            f"member {member['member']!r} used {amount_text(limit.kind, used)} "
-                            f"of its {limit.label} of {amount_text(limit.kind, limit.limit)}; "
-                            f"enough leaves the window at {resets_at} (in {retry} s)",
-                            {"retry-after": str(retry)},
-                            limit=limit.column.replace("_micro", ""),
-                            kind=limit.kind,
-                            used=_shown(limit.kind, used),
-                            allowed=_shown(limit.kind, limit.limit),
-                            resets_at=resets_at,
-                        ),
-                    )
+                usages = await core.run_db(limit_usages, core, member["member_id"], limits)
+                flow.metadata[CODEX_LIMITS] = codex_rate_limit_headers(usages)
+            if self._unpriced(flow, limits) or self._over_quota(flow, usages):
+                return
+            if entry["max_concurrent"]:
+                await self._take_slot(flow, entry["max_concurrent"])
         except SQLAlchemyError as e:
             logger.error("quota check failed: database error (%s)", type(e).__name__)
             self._release(flow)
@@ -152,22 +135,98 @@ class QuotaGate:
                 core.ledger.healthy = False
             self._unavailable(flow)
 
-    def _over_limit(self, member_id: int, limits: list[Limit]) -> tuple[Limit, int, int] | None:
-        """On a worker thread: the first limit reached, with usage and ms until it resets."""
-        core = self.core
-        assert core.db is not None and core.ledger is not None
+    def _unpriced(self, flow: http.HTTPFlow, limits: list[Limit]) -> bool:
+        """403 when the member has a credit quota and the rate card cannot price the model."""
+        info = request_info(flow)
+        if not any(limit.kind == "credits" for limit in limits) or (
+            self.core.card.charge(
+                info["model"], {"input": 0, "cached": 0, "output": 0, "total": 0}, None
+            )
+            is not None
+        ):
+            return False
+        self.core.metrics.refused.labels("unpriced_model").inc()
+        self.core.metrics.unpriced.labels(str(info["model"] or "")[:64]).inc()
+        refuse(
+            flow,
+            "unpriced-model",
+            gateway_error(
+                403,
+                "unpriced_model",
+                f"model {info['model']!r} has no entry in the gateway's rate card, and "
+                f"member {flow.metadata[MEMBER]['member']!r} has a credit quota: add the model "
+                "(its own rates or {same_as: <priced model>}, or a 'default' entry) under "
+                "credits.rates in the gateway config",
+                model=info["model"],
+            ),
+        )
+        return True
+
+    def _over_quota(self, flow: http.HTTPFlow, usages: list[LimitUsage]) -> bool:
+        """429 ``usage_limit_reached`` when a limit is reached; it names the limit the member
+        waits longest for, and ``resets_at`` is when every limit is under again."""
+        over = [u for u in usages if u.over]
+        if not over:
+            return False
         now = int(time.time() * 1000)
-        windows = core.db.window_usage(member_id, now)
-        for limit in limits:
-            window = windows["five_hour" if limit.window_ms < 6 * 3_600_000 else "weekly"]
-            since = now - limit.window_ms
-            # This instance's rows not written yet count at once (and in the reset time).
-            pending = core.ledger.pending_rows(member_id, since, limit.kind)
-            used = window[limit.kind] + sum(amount for _, amount in pending)
-            if used >= limit.limit:
-                rows = core.db.window_rows(member_id, since, limit.kind) + pending
-                return limit, used, reset_in_ms(rows, limit.limit, limit.window_ms, now)
-        return None
+        binding = max(over, key=lambda u: u.resets_at_ms or 0)
+        limit, used = binding.limit, binding.used
+        resets_at_ms = binding.resets_at_ms or now + limit.window_ms
+        retry = retry_after_seconds(resets_at_ms - now)
+        resets_at = iso(resets_at_ms)
+        self.core.metrics.refused.labels("quota").inc()
+        refuse(
+            flow,
+            "quota",
+            error_response(
+                429,
+                "usage_limit_reached",
+                "quota_exceeded",
+                f"member {flow.metadata[MEMBER]['member']!r} used "
+                f"{amount_text(limit.kind, used)} of its {limit.label} of "
+                f"{amount_text(limit.kind, limit.limit)}; enough leaves the window at "
+                f"{resets_at} (in {retry} s)",
+                {"retry-after": str(retry)},
+                {
+                    "resets_at": math.ceil(resets_at_ms / 1000),
+                    "limit": limit.column.replace("_micro", ""),
+                    "kind": limit.kind,
+                    "used": _shown(limit.kind, used),
+                    "allowed": _shown(limit.kind, limit.limit),
+                },
+            ),
+        )
+        return True
+
+    async def _take_slot(self, flow: http.HTTPFlow, max_concurrent: int) -> None:
+        """A concurrency lease for the flow, or 429 ``concurrency_limit`` (Retry-After 1 s)."""
+        core = self.core
+        member = flow.metadata[MEMBER]
+        lease, active = await core.run_db(
+            core.db.acquire_lease,  # type: ignore[union-attr]
+            member["member_id"],
+            max_concurrent,
+            core.instance,
+            core.lease_ms,
+        )
+        if lease is not None:
+            core.leases[flow.id] = lease
+            return
+        core.metrics.refused.labels("concurrency").inc()
+        refuse(
+            flow,
+            "concurrency",
+            gateway_error(
+                429,
+                "concurrency_limit",
+                f"member {member['member']!r} already has {active} requests in "
+                f"flight (max_concurrent {max_concurrent})",
+                {"retry-after": str(CONCURRENCY_RETRY_S)},
+                limit="max_concurrent",
+                used=active,
+                allowed=max_concurrent,
+            ),
+        )
 
     def _release(self, flow: http.HTTPFlow) -> None:
         lease = self.core.leases.pop(flow.id, None)

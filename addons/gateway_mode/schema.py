@@ -66,6 +66,8 @@ usage = Table(
     Column("status", Integer, nullable=True),
     Column("input_tokens", BigInteger, nullable=False, default=0),
     Column("cached_tokens", BigInteger, nullable=False, default=0),
+    #: Prompt-cache writes (``input_tokens_details.cache_write_tokens``; part of input).
+    Column("cache_write_tokens", BigInteger, nullable=False, default=0, server_default="0"),
     Column("output_tokens", BigInteger, nullable=False, default=0),
     Column("reasoning_tokens", BigInteger, nullable=False, default=0),
     Column("total_tokens", BigInteger, nullable=False, default=0),

@@ -110,3 +110,72 @@ def iso(ms: int | None) -> str | None:
     return (
         dt.datetime.fromtimestamp(ms / 1000, dt.UTC).replace(microsecond=0).isoformat()
     ).replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class LimitUsage:
+    """A member's usage against one :class:`Limit`, read for one request.
+
+    ``used`` is in the limit's unit (tokens or micro-credits), this instance's unwritten rows
+    included. ``resets_at_ms`` (epoch ms) is when the member is back under the limit when it
+    is reached (:func:`reset_in_ms`), or else when the oldest usage counted in the window
+    leaves it; ``None`` when nothing is counted.
+    """
+
+    limit: Limit
+    used: int
+    resets_at_ms: int | None
+
+    @property
+    def over(self) -> bool:
+        return self.used >= self.limit.limit
+
+    @property
+    def percent(self) -> float:
+        return self.used * 100 / self.limit.limit
+
+
+#: Codex's names of our two windows (the ``x-codex-primary-*`` / ``-secondary-*`` headers
+#: that OpenAI's backend sends and Codex records as its session's ``rate_limits``).
+CODEX_WINDOWS = (("primary", FIVE_HOURS_MS), ("secondary", WEEK_MS))
+
+
+def _decimal_text(value: float) -> str:
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def codex_rate_limit_headers(usages: Iterable[LimitUsage]) -> dict[str, str]:
+    """The member's windows in Codex's rate-limit headers (checked on Codex 0.171: it parses
+    them from any provider's reply and records them in its session, CODEX.md).
+
+    ``primary`` is the 5-hour window, ``secondary`` the weekly one; a window without a limit
+    sends nothing. ``used-percent``: the highest of the window's token and credit usage over
+    its limit, times 100 (may exceed 100). ``window-minutes``: 300 / 10080. ``reset-at`` (Unix
+    seconds, rounded up): over a limit, when the member is back under every limit of the
+    window; under, when the oldest counted usage leaves the window; absent when nothing is
+    counted. With a weekly credit limit, ``x-codex-credits-*`` give the weekly credits left
+    as the balance (a decimal, never below 0).
+    """
+    usages = list(usages)
+    headers: dict[str, str] = {}
+    for name, window_ms in CODEX_WINDOWS:
+        mine = [u for u in usages if u.limit.window_ms == window_ms]
+        if not mine:
+            continue
+        prefix = f"x-codex-{name}"
+        headers[f"{prefix}-used-percent"] = _decimal_text(max(u.percent for u in mine))
+        headers[f"{prefix}-window-minutes"] = str(window_ms // 60_000)
+        over = [u.resets_at_ms for u in mine if u.over and u.resets_at_ms is not None]
+        under = [u.resets_at_ms for u in mine if not u.over and u.resets_at_ms is not None]
+        reset = max(over) if over else min(under) if under else None
+        if reset is not None:
+            headers[f"{prefix}-reset-at"] = str(math.ceil(reset / 1000))
+    weekly_credits = next(
+        (u for u in usages if u.limit.kind == "credits" and u.limit.window_ms == WEEK_MS), None
+    )
+    if weekly_credits is not None:
+        left = max(0, weekly_credits.limit.limit - weekly_credits.used)
+        headers["x-codex-credits-has-credits"] = "true" if left > 0 else "false"
+        headers["x-codex-credits-unlimited"] = "false"
+        headers["x-codex-credits-balance"] = _decimal_text(left / MICRO)
+    return headers
