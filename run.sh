@@ -5,9 +5,12 @@
 #   ./run.sh codex-config --server-info FILE | --port N    Codex's provider config
 #   ./run.sh record DIR [FLAGS]   the proxy, recording the session into DIR (key on stdin)
 #   ./run.sh replay DIR [--pace original|fast] [FLAGS]   serve a recording offline, no key
+#   ./run.sh compare BASE NEW [--set name=value] [--markdown [F]] [--json [F]]   judge a
+#       recording against the last good one: exit 0 pass, 1 regression, 2 unreadable
 #   ./run.sh web [FLAGS] [--web-port N]   the proxy behind mitmweb (key on stdin)
 #   ./run.sh gateway [--config F] [--database URL] COMMAND   gateway mode: init, add-member,
 #       set-member, add-key, list-keys, revoke-key, usage, serve (upstream keys on stdin)
+#   ./run.sh refresh-models [--check]   rewrite config/codex-models.yaml from the pinned Codex
 #   ./run.sh bench [--seconds N] [--streams N]   benchmark against direct, mitmdump, the reference
 #   ./run.sh [FLAGS]       the proxy; the API key is read from stdin:
 #       printenv OPENAI_API_KEY | env -u OPENAI_API_KEY ./run.sh --server-info /tmp/info.json
@@ -124,6 +127,16 @@ ensure_chromium() {
         || log "warning: could not install chromium; the UI test will not run"
 }
 
+ensure_tmux() {
+    # tmux drives Codex's TUI in the gateway test (tests/test_gateway_codex.py).
+    command -v tmux >/dev/null 2>&1 && return 0
+    if ! can_apt; then
+        log "warning: tmux missing and cannot apt-get it; the Codex TUI test will not run"
+        return 0
+    fi
+    apt_install tmux || log "warning: could not install tmux; the Codex TUI test will not run"
+}
+
 ensure_wrk() {
     command -v wrk >/dev/null 2>&1 && return 0
     can_apt && apt_install wrk || true
@@ -167,6 +180,13 @@ case "$cmd" in
         cd "$ROOT"
         exec "$VENV/bin/python" -m addons.codex_config "$@" </dev/null
         ;;
+    refresh-models)
+        shift
+        ensure_venv
+        ensure_codex
+        cd "$ROOT"
+        exec "$VENV/bin/python" -m addons.codex_models "$@" </dev/null
+        ;;
     bench)
         shift
         ensure_venv
@@ -185,6 +205,11 @@ case "$cmd" in
         shift
         ensure_venv
         exec "$VENV/bin/python" -m addons.replay "$@" </dev/null
+        ;;
+    compare)
+        shift
+        ensure_venv
+        exec "$VENV/bin/python" -m addons.compare "$@" </dev/null
         ;;
     gateway)
         shift
@@ -207,6 +232,7 @@ case "$cmd" in
         ensure_venv
         ensure_codex
         ensure_chromium
+        ensure_tmux
         ensure_wrk
         ensure_nginx
         ensure_postgresql

@@ -15,9 +15,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from addons import keyholder
+from addons import keyholder, workload_identity
 from addons.config import DEFAULT_CONFIG_PATH, ProxyConfig, load_config
-from addons.forward import Upstream, parse_upstream_url
+from addons.forward import DEFAULT_UPSTREAM_URL, Upstream, parse_upstream_url
 from addons.hardening import HardeningError, harden_process
 
 EXIT_ARGS = 2  # argument errors, as clap in the reference proxy
@@ -90,6 +90,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes sharing the port (a number, or auto = the usable cores; "
         "default 1: one process, as the reference)",
     )
+    oidc = parser.add_argument_group(
+        "GitHub Actions workload identity (keyless; the reference's --github-oidc)"
+    )
+    oidc.add_argument(
+        "--github-oidc",
+        action="store_true",
+        help="authenticate with GitHub Actions workload identity: stdin supplies the GitHub "
+        "OIDC request token (ACTIONS_ID_TOKEN_REQUEST_TOKEN), not an API key",
+    )
+    oidc.add_argument(
+        "--oidc-audience",
+        metavar="AUDIENCE",
+        help="audience configured on the OpenAI workload identity provider",
+    )
+    oidc.add_argument(
+        "--identity-provider-id", metavar="ID", help="OpenAI workload identity provider ID"
+    )
+    oidc.add_argument(
+        "--service-account-id",
+        metavar="ID",
+        help="OpenAI service account ID selected by the provider mapping",
+    )
+    oidc.add_argument(
+        "--github-oidc-request-url",
+        metavar="URL",
+        help="HTTPS token-request URL from the runner's ACTIONS_ID_TOKEN_REQUEST_URL (use the "
+        "value from the trusted runner environment only: the request token is sent to it)",
+    )
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -141,10 +169,13 @@ class OptionSpecs:
 
 
 def mitmproxy_options(
-    config: ProxyConfig, upstream: Upstream, user_sets: Sequence[str]
+    config: ProxyConfig,
+    upstream: Upstream,
+    user_sets: Sequence[str],
+    identity: workload_identity.IdentitySettings | None = None,
 ) -> list[str]:
-    """The ``--set name=value`` specs for mitmdump, from the config and the user's ``--set``
-    (which win; see :meth:`OptionSpecs.specs`)."""
+    """The ``--set name=value`` specs for mitmdump, from the config, the keyless mode's
+    settings and the user's ``--set`` (which win; see :meth:`OptionSpecs.specs`)."""
     options = OptionSpecs()
     put = options.put
 
@@ -173,6 +204,13 @@ def mitmproxy_options(
             put(name, value)
         if config.rate_card:
             put("codex_rate_card", config.rate_card)
+    if identity is not None:
+        put("codex_github_oidc", True)
+        put("codex_oidc_audience", identity.audience)
+        put("codex_identity_provider_id", identity.identity_provider_id)
+        put("codex_service_account_id", identity.service_account_id)
+        put("codex_github_oidc_request_url", identity.request_url)
+        put("codex_oidc_token_url", identity.token_url)
 
     return options.specs(user_sets)
 
@@ -201,13 +239,18 @@ def run_mitmdump(args: Sequence[str]) -> int:
     return 0
 
 
-def mitmdump_args(config: ProxyConfig, upstream: Upstream, user_sets: Sequence[str]) -> list[str]:
+def mitmdump_args(
+    config: ProxyConfig,
+    upstream: Upstream,
+    user_sets: Sequence[str],
+    identity: workload_identity.IdentitySettings | None = None,
+) -> list[str]:
     """Arguments for ``mitmproxy.tools.main.mitmdump``: reverse mode to the upstream's origin
     over plain TCP (each flow is routed to the exact URL by the forwarder; a ``reverse:https``
     spec would also open a UDP/HTTP3 listener), our script, and the option specs."""
     host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
     args = ["--mode", f"reverse:http://{host}:{upstream.port}", "-s", SCRIPT_PATH]
-    for spec in mitmproxy_options(config, upstream, user_sets):
+    for spec in mitmproxy_options(config, upstream, user_sets, identity):
         args += ["--set", spec]
     return args
 
@@ -236,6 +279,64 @@ def resolve_config(ns: argparse.Namespace) -> ProxyConfig:
     return config
 
 
+OIDC_FLAGS = (
+    ("oidc_audience", "--oidc-audience"),
+    ("identity_provider_id", "--identity-provider-id"),
+    ("service_account_id", "--service-account-id"),
+    ("github_oidc_request_url", "--github-oidc-request-url"),
+)
+
+
+def identity_settings(ns: argparse.Namespace) -> workload_identity.IdentitySettings | None:
+    """The keyless mode's settings from the flags (``None`` without ``--github-oidc``); the
+    token endpoint from ``--set codex_oidc_token_url=`` (a test seam, last one wins).
+
+    Raises:
+        ValueError: one of the four flags without ``--github-oidc``, or ``--github-oidc``
+            without all four (argument errors, exit 2, as clap in the reference).
+    """
+    given = [flag for attr, flag in OIDC_FLAGS if getattr(ns, attr) is not None]
+    if not ns.github_oidc:
+        if given:
+            raise ValueError(f"{given[0]} requires --github-oidc")
+        return None
+    missing = [flag for attr, flag in OIDC_FLAGS if getattr(ns, attr) is None]
+    if missing:
+        raise ValueError("--github-oidc requires " + ", ".join(missing))
+    token_url = workload_identity.DEFAULT_TOKEN_URL
+    for spec in ns.setoptions:
+        name, value = spec.split("=", 1)
+        if name == "codex_oidc_token_url":
+            token_url = value
+    if not token_url.lower().startswith("https://"):
+        raise ValueError("codex_oidc_token_url must be an https URL")
+    return workload_identity.IdentitySettings(
+        audience=ns.oidc_audience,
+        identity_provider_id=ns.identity_provider_id,
+        service_account_id=ns.service_account_id,
+        request_url=ns.github_oidc_request_url,
+        token_url=token_url,
+    )
+
+
+def start_identity(
+    config: ProxyConfig, identity: workload_identity.IdentitySettings, stream: Any
+) -> None:
+    """The keyless mode's start-up, in the reference's order: the default upstream (the
+    ``--upstream-url`` flag or the YAML's; the ``codex_upstream_url`` option is a test seam),
+    the four values, the request URL, the request token from ``stream``, then the GitHub
+    OIDC fetch and the token exchange (:func:`workload_identity.start`).
+
+    Raises:
+        workload_identity.WorkloadIdentityError: the reference's message.
+    """
+    if config.upstream_url != DEFAULT_UPSTREAM_URL:
+        raise workload_identity.WorkloadIdentityError(workload_identity.MSG_DEFAULT_UPSTREAM)
+    workload_identity.validate_settings(identity)
+    token = workload_identity.read_request_token(stream)
+    workload_identity.start(identity, token)
+
+
 def main(
     argv: Sequence[str] | None = None,
     stdin: Any = None,
@@ -255,6 +356,7 @@ def main(
         from addons.workers.supervisor import worker_count
 
         workers = worker_count(ns.workers)
+        identity = identity_settings(ns)
     except ValueError as e:
         parser.exit(EXIT_ARGS, f"{parser.prog}: error: {e}\n")
 
@@ -265,6 +367,25 @@ def main(
         return EXIT_KEY
 
     stream = stdin if stdin is not None else sys.stdin.buffer
+    if identity is not None:
+        try:
+            start_identity(config, identity, stream)
+        except workload_identity.WorkloadIdentityError as e:
+            sys.stderr.write(f"Error: {e}\n")
+            return EXIT_KEY
+        args = mitmdump_args(config, upstream, ns.setoptions, identity)
+        try:
+            if workers > 1:
+                from addons.workers import supervisor
+                from addons.workers.identity_feed import IdentityFeed
+
+                # One identity for all: the supervisor renews, the workers follow.
+                plan = supervisor.Plan(workers, "oidc", args, bytearray(), feed=IdentityFeed())
+                return supervisor.run(plan)
+            return run_mitmdump(args)
+        finally:
+            workload_identity.IDENTITY.clear()
+
     try:
         keyholder.load_from_stream(stream)
     except keyholder.ApiKeyError as e:

@@ -102,7 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--server-info", metavar="FILE", help="the proxy's --server-info file")
     where.add_argument("--port", type=int, help="the proxy's port")
-    parser.add_argument("--model", help='also set the top-level model (e.g. "gpt-5-codex")')
+    parser.add_argument(
+        "--model",
+        help='also set the top-level model, one of Codex\'s catalog (e.g. "gpt-6.2-sol"; '
+        "config/codex-models.yaml lists them); without it Codex uses its catalog's default",
+    )
     parser.add_argument("--toml-only", action="store_true", help="print only the TOML")
     parser.add_argument(
         "--gateway",

@@ -13,10 +13,17 @@ cached-input and output tokens per model. The rule, with the Responses API's ``u
 Credits are :class:`decimal.Decimal` (no float drift over many rows), quantized to 1e-6 credit.
 A model is priced by its exact name, else by the longest card name that is a prefix of it, else
 by the card's ``default`` entry if any; else it is unpriced (``None``), never silently free.
+
+The shipped card holds only OpenAI's published rates. An operator prices a model the card does
+not list by pointing it at another entry's rates, ``gpt-6.2-sol: {same_as: gpt-5.5}`` (in
+``rates`` or ``message_average``), or by a ``default`` entry (rates of its own, or ``same_as``).
+A ``same_as`` target must be an entry of the same table; chains are followed; an unknown target
+or a cycle stops the config load with a message naming the entry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -52,13 +59,33 @@ class Charge:
 class RateCard:
     """A parsed card: ``rates`` by model name, ``message_average`` credits per request by model
     (used when ``accounting`` is ``message_average``), ``fast_mode_multiplier``,
-    ``usd_per_credit``."""
+    ``usd_per_credit``; ``same_as``: each ``same_as`` entry of the priced table and the entry
+    whose figures it took (chains resolved), for reports."""
 
     rates: dict[str, Rate] = field(default_factory=dict)
     accounting: str = "tokens"
     message_average: dict[str, Decimal] = field(default_factory=dict)
     fast_mode_multiplier: Decimal = Decimal(2)
     usd_per_credit: Decimal = Decimal("0.04")
+    same_as: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def table(self) -> dict[str, Any]:
+        """The table that prices requests under this card's ``accounting``."""
+        return self.message_average if self.accounting == "message_average" else self.rates
+
+    @property
+    def table_key(self) -> str:
+        """The YAML key of :attr:`table` (``rates`` or ``message_average``)."""
+        return "message_average" if self.accounting == "message_average" else "rates"
+
+    def prices(self, model: str | None) -> bool:
+        """Whether a request for ``model`` gets a charge (usage permitting)."""
+        return self.entry(model, self.table) is not None
+
+    def unpriced(self, models: Iterable[str]) -> list[str]:
+        """Those of ``models`` (in their order) that this card cannot price."""
+        return [m for m in models if not self.prices(m)]
 
     def entry(self, model: str | None, table: dict[str, Any]) -> str | None:
         """The card name pricing ``model`` in ``table``: exact, longest prefix, ``default``."""
@@ -113,13 +140,54 @@ def _decimal(value: Any, where: str) -> Decimal:
     return number
 
 
+def _alias(value: Any, where: str, aliases: dict[str, str], name: str) -> bool:
+    """Record ``{same_as: target}`` in ``aliases``; ``False`` for any other value."""
+    if not isinstance(value, dict) or "same_as" not in value:
+        return False
+    if set(value) != {"same_as"} or not isinstance(value["same_as"], str):
+        raise ValueError(f"{where}: same_as takes one entry name and nothing beside it")
+    aliases[name] = value["same_as"]
+    return True
+
+
+def _resolve_aliases(table: dict[str, Any], aliases: dict[str, str], where: str) -> dict[str, str]:
+    """Give each ``same_as`` entry its target's figures (chains followed) in ``table``; returns
+    ``{entry: final target}``.
+
+    Raises:
+        ValueError: naming the entry, for a target that is no entry of ``table`` or a cycle.
+    """
+    same_as: dict[str, str] = {}
+    for name in aliases:
+        chain = [name]
+        target = aliases[name]
+        while target in aliases:
+            if target in chain:
+                cycle = " -> ".join([*chain[chain.index(target) :], target])
+                raise ValueError(f"{where}: same_as cycle: {cycle}")
+            chain.append(target)
+            target = aliases[target]
+        if target not in table:
+            known = ", ".join(sorted(table)) or "none"
+            raise ValueError(
+                f"{where}.{chain[-1]}: same_as {target!r} is not an entry of this table "
+                f"(entries with their own figures: {known})"
+            )
+        same_as[name] = target
+    for name, target in same_as.items():
+        table[name] = table[target]
+    return same_as
+
+
 def parse_rate_card(data: Any, source: str = "<rate card>") -> RateCard:
     """A card from its YAML mapping (the ``shared/codex-rate-card.yaml`` keys: ``rates``,
     ``fast_mode_multiplier``, ``usd_per_credit``; plus ``accounting`` and
-    ``message_average``).
+    ``message_average``). An entry of ``rates`` or ``message_average`` may be
+    ``{same_as: <entry>}`` instead of figures (the module docstring).
 
     Raises:
-        ValueError: naming ``source`` and the problem (unknown keys, bad numbers).
+        ValueError: naming ``source`` and the problem (unknown keys, bad numbers, a ``same_as``
+            to no entry of its table, a ``same_as`` cycle).
     """
     if not isinstance(data, dict):
         raise ValueError(f"{source}: the rate card must be a mapping")
@@ -133,18 +201,35 @@ def parse_rate_card(data: Any, source: str = "<rate card>") -> RateCard:
     if unknown:
         raise ValueError(f"{source}: unknown rate card key(s): {', '.join(sorted(unknown))}")
     card = RateCard()
-    for name, rate in (data.get("rates") or {}).items():
+    aliases: dict[str, str] = {}
+    rates = data.get("rates") or {}
+    if not isinstance(rates, dict):
+        raise ValueError(f"{source}: rates must map model names to rates")
+    for name, rate in rates.items():
+        if _alias(rate, f"{source}: rates.{name}", aliases, str(name)):
+            continue
         if not isinstance(rate, dict) or set(rate) != set(KINDS):
-            raise ValueError(f"{source}: rates.{name} needs exactly {', '.join(KINDS)}")
+            raise ValueError(
+                f"{source}: rates.{name} needs exactly {', '.join(KINDS)} (or same_as: <entry>)"
+            )
         card.rates[str(name)] = Rate(
             *(_decimal(rate[k], f"{source}: rates.{name}.{k}") for k in KINDS)
         )
-    for name, credits in (data.get("message_average") or {}).items():
+    rate_aliases = _resolve_aliases(card.rates, aliases, f"{source}: rates")
+    averages = data.get("message_average") or {}
+    if not isinstance(averages, dict):
+        raise ValueError(f"{source}: message_average must map model names to credits")
+    aliases = {}
+    for name, credits in averages.items():
+        if _alias(credits, f"{source}: message_average.{name}", aliases, str(name)):
+            continue
         card.message_average[str(name)] = _decimal(credits, f"{source}: message_average.{name}")
+    average_aliases = _resolve_aliases(card.message_average, aliases, f"{source}: message_average")
     accounting = data.get("accounting", "tokens")
     if accounting not in ("tokens", "message_average"):
         raise ValueError(f"{source}: accounting must be tokens or message_average")
     card.accounting = accounting
+    card.same_as = average_aliases if accounting == "message_average" else rate_aliases
     if "fast_mode_multiplier" in data:
         card.fast_mode_multiplier = _decimal(data["fast_mode_multiplier"], f"{source}: fast")
     if "usd_per_credit" in data:

@@ -10,7 +10,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import url as mitm_url
 from mitmproxy.utils.strutils import always_str
 
-from addons import keyholder
+from addons import keyholder, workload_identity
 from addons.common import ALLOWED, KEY_INJECTED, REFUSED, fail_closed, json_response
 from addons.hardening import HardeningError, harden_process
 
@@ -128,7 +128,9 @@ def route_to_upstream(request: http.Request, url: str, host_header: str) -> None
 
 
 class UpstreamForwarder:
-    """Routes allowlisted flows upstream and injects ``Authorization: Bearer <key>``.
+    """Routes allowlisted flows upstream and injects ``Authorization: Bearer <key>`` (or, in
+    the keyless mode, the current workload identity access token: :mod:`.workload_identity`;
+    while none is valid the flow is answered 503 here and nothing goes upstream).
 
     In ``requestheaders`` (before a streamed request head could leave, see MITMPROXY.md), for
     flows carrying the allowlist mark only: drop every client ``Authorization`` and
@@ -179,7 +181,7 @@ class UpstreamForwarder:
     def running(self) -> None:
         # An error logged during start-up makes mitmdump exit 1. Until then any allowlisted
         # flow fails closed (500): header_value() raises without a key.
-        if not keyholder.API_KEY.is_set:
+        if not keyholder.API_KEY.is_set and not workload_identity.IDENTITY.active:
             logger.error(
                 "no API key loaded: start through the launcher (key on stdin) or set "
                 "codex_key_file (a path, or - for stdin)"
@@ -197,11 +199,27 @@ class UpstreamForwarder:
                 "request was not allowlisted; this proxy only forwards POST /v1/responses",
             )
             return
+        identity = workload_identity.IDENTITY
+        if identity.active:
+            try:
+                credential = identity.header_value()
+            except workload_identity.IdentityUnavailable:
+                flow.metadata[REFUSED] = "workload-identity-unavailable"
+                flow.request.stream = False  # a local reply and a streamed request cannot coexist
+                flow.response = json_response(
+                    503,
+                    "workload_identity_unavailable",
+                    workload_identity.MSG_UNAVAILABLE,
+                    **{"retry-after": "1"},
+                )
+                return
+        else:
+            credential = keyholder.API_KEY.header_value()
         request = flow.request
         route_to_upstream(request, self.upstream.url, self.upstream.host_header)
         self._injected[flow.id] = flow
         try:
-            request.headers["authorization"] = keyholder.API_KEY.header_value()
+            request.headers["authorization"] = credential
             flow.metadata[KEY_INJECTED] = True
         except BaseException:
             # Fail closed without leaving the key in the flow object (fail_closed answers 500).
@@ -241,5 +259,8 @@ class UpstreamForwarder:
         if self._injected.pop(flow.id, None) is None:
             return
         headers = flow.request.headers
-        if "authorization" in headers and keyholder.API_KEY.matches(headers["authorization"]):
+        value = headers.get("authorization")
+        if value is not None and (
+            keyholder.API_KEY.matches(value) or workload_identity.IDENTITY.matches(value)
+        ):
             headers["authorization"] = keyholder.REDACTED

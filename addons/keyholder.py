@@ -105,6 +105,12 @@ def _mlock(buf: bytearray) -> bool:
         return False
 
 
+#: Public names of the two helpers for the other secret holders (the workload identity and the
+#: ``--workers`` identity feed): zero a bytearray in place; best-effort ``mlock`` it.
+zero = _zero
+mlock = _mlock
+
+
 class ApiKey:
     """Holder for the ``Authorization`` header value ``Bearer <key>``.
 

@@ -1,7 +1,8 @@
 """Entry script for ``mitmdump -s addons/proxy.py`` (and for the launcher).
 
 Only lists the addons, in hook order. State that must survive a hot reload of this script (the
-key) lives in ``addons.keyholder``, an imported module.
+key, the workload identity) lives in ``addons.keyholder`` / ``addons.workload_identity``,
+imported modules.
 """
 
 from addons.allowlist import Allowlist
@@ -21,6 +22,7 @@ from addons.shutdown import HttpShutdown
 from addons.sse_stream import SseStreaming
 from addons.upstream_connect import UpstreamConnect
 from addons.websocket_refusal import WebSocketRefusal
+from addons.workload_identity import WorkloadIdentityRenewal
 
 addons = [
     OptionGuard(),
@@ -39,6 +41,7 @@ addons = [
     DumpWriter(),
     Recorder(),
     BombFence(),  # after Recorder: bodies past the decode limit stay as received in HAR/mitmweb
+    WorkloadIdentityRenewal(),  # before the forwarder: the keyless mode's token it injects
     UpstreamForwarder(),
     UpstreamConnect(),
 ]

@@ -2,8 +2,9 @@
 
 The recording directory gets (the launcher sets the other parts up): ``dumps/`` (the dump pairs),
 ``flows.mitm`` (mitmproxy flow file), ``session.har``, and from this addon ``usage.jsonl`` (one
-line per request as it finishes), ``summary.json``, ``summary.txt`` and ``report.html`` (at
-exit).
+line per request as it finishes), ``summary.json`` (with its :data:`SUMMARY_FORMAT_VERSION`),
+``summary.txt`` and ``report.html`` (at exit). ``./run.sh compare`` (``addons/compare.py``)
+reads them back.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from decimal import Decimal
 from typing import Any
 
@@ -175,6 +176,12 @@ def add_usd(summary: dict[str, Any], rate_card: RateCard | None) -> None:
         totals["usd"] = str(rate_card.usd(Decimal(totals["credits"])))
 
 
+#: The layout of ``summary.json`` (its ``format_version``). A recording written before the field
+#: existed has the same layout and reads as version 1; a reader refuses a newer version than it
+#: knows (``./run.sh compare`` exits 2). Bump it when a field changes meaning or goes away.
+SUMMARY_FORMAT_VERSION = 1
+
+
 def write_summary(
     directory: str,
     records: list[RequestRecord],
@@ -184,7 +191,7 @@ def write_summary(
 ) -> None:
     """Write ``summary.json``, ``summary.txt`` and ``report.html`` of a session into
     ``directory`` and log the summary. Raises ``OSError`` when a file cannot be written."""
-    summary = summarize(records)
+    summary = {"format_version": SUMMARY_FORMAT_VERSION, **summarize(records)}
     summary["refused"] = refused
     add_usd(summary, rate_card)
     write_file_atomically(
@@ -199,6 +206,37 @@ def write_summary(
     add_usd(full, rate_card)
     page = render_report(full, refused, dump_links(directory, dump_dir))
     write_file_atomically(directory, "report.html", page.encode())
+
+
+def read_ledger(directory: str) -> list[RequestRecord]:
+    """Every ``usage.jsonl`` line of a recording as a :class:`RequestRecord`, oldest first (by
+    ``started``); ``[]`` when there is no ledger. Fields a newer writer added are ignored; a
+    usage dict keeps every token kind it holds.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: a line is not a JSON object (e.g. a ledger cut mid-line), naming the line.
+    """
+    path = os.path.join(directory, "usage.jsonl")
+    names = {f.name for f in fields(RequestRecord)}
+    records = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    data = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"usage.jsonl line {number}: not JSON ({e})") from None
+                try:
+                    if not isinstance(data, dict):
+                        raise TypeError(type(data).__name__)
+                    records.append(RequestRecord(**{k: v for k, v in data.items() if k in names}))
+                except TypeError as e:
+                    raise ValueError(f"usage.jsonl line {number}: not a ledger line: {e}") from None
+    records.sort(key=lambda r: r.started)
+    return records
 
 
 def append_line(path: str, line: str) -> None:

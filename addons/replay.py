@@ -62,6 +62,45 @@ class Exchange:
         return next((v for k, v in self.headers if k.lower() == "content-type"), "")
 
 
+@dataclass
+class DumpPair:
+    """One dump pair as written (``addons/dumps.py``): the request and response documents,
+    ``{"method", "url", "headers", "body"}`` and ``{"status", "headers", "body"[, "error"]}``."""
+
+    seq: int
+    request: dict[str, Any]
+    response: dict[str, Any]
+
+
+def read_dump_pairs(directory: str | Path) -> list[DumpPair]:
+    """Every complete dump pair of ``DIR/dumps/`` (or of dumps directly in ``DIR``), by
+    sequence number, failed exchanges included. A request without its response file is left
+    out (the proxy stopped before the exchange finished).
+
+    Raises:
+        OSError: a file cannot be read.
+        ValueError: a dump file is not a JSON object (the message names it).
+    """
+    root = Path(directory)
+    dumps = root / "dumps" if (root / "dumps").is_dir() else root
+    pairs = []
+    for req_path in sorted(dumps.glob("*-request.json")):
+        resp_path = req_path.with_name(req_path.name.replace("-request.json", "-response.json"))
+        if not resp_path.exists() or not req_path.name[:6].isdigit():
+            continue
+        docs = []
+        for path in (req_path, resp_path):
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ValueError(f"{path}: not JSON ({e})") from None
+            if not isinstance(doc, dict):
+                raise ValueError(f"{path}: not a dump (a JSON object)")
+            docs.append(doc)
+        pairs.append(DumpPair(int(req_path.name[:6]), docs[0], docs[1]))
+    return pairs
+
+
 def load_recording(directory: str | Path) -> list[Exchange]:
     """Read ``DIR/dumps/*`` pairs (or dumps directly in ``DIR``) and ``DIR/usage.jsonl``.
 
@@ -69,7 +108,6 @@ def load_recording(directory: str | Path) -> list[Exchange]:
         ValueError: when there is no complete pair to replay.
     """
     root = Path(directory)
-    dumps = root / "dumps" if (root / "dumps").is_dir() else root
     timing: dict[int, list[list[int]]] = {}
     ledger = root / "usage.jsonl"
     if ledger.exists():
@@ -81,27 +119,24 @@ def load_recording(directory: str | Path) -> list[Exchange]:
             if isinstance(rec.get("seq"), int):
                 timing[rec["seq"]] = rec.get("chunk_timing") or []
     exchanges = []
-    for req_path in sorted(dumps.glob("*-request.json")):
-        resp_path = req_path.with_name(req_path.name.replace("-request.json", "-response.json"))
-        if not resp_path.exists():
-            continue
-        req, resp = json.loads(req_path.read_text()), json.loads(resp_path.read_text())
+    for pair in read_dump_pairs(root):
+        req, resp = pair.request, pair.response
         body = resp.get("body", "")
         completed = isinstance(body, str) and completed_response(parse_sse_text(body)) is not None
         if resp.get("status") is None or (resp.get("error") and not completed):
             continue  # an exchange that failed while recording is not replayed
-        seq = int(req_path.name.split("-", 1)[0])
         exchanges.append(
             Exchange(
-                seq=seq,
+                seq=pair.seq,
                 request=req.get("body"),
                 status=int(resp["status"]),
                 headers=[(h["name"], h["value"]) for h in resp.get("headers", [])],
                 body=body,
-                chunk_timing=timing.get(seq, []),
+                chunk_timing=timing.get(pair.seq, []),
             )
         )
     if not exchanges:
+        dumps = root / "dumps" if (root / "dumps").is_dir() else root
         raise ValueError(f"no complete request/response dump pair in {dumps}")
     return exchanges
 
@@ -249,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="run.sh replay",
         description="Serve a recorded session offline on the proxy's CLI/server-info contract. "
-        "Other flags (--port, --server-info, --http-shutdown, --dump-dir, --set) go to the proxy.",
+        "Other flags (--port, --server-info, --http-shutdown, --dump-dir, --record, --set) go to "
+        "the proxy; --record NEW re-records the replay (for ./run.sh compare).",
     )
     parser.add_argument("recording", help="a --record directory (or a --dump-dir)")
     parser.add_argument(
@@ -259,8 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="stream SSE at the recorded pace or as fast as possible",
     )
     ns, proxy_args = parser.parse_known_args(argv)
-    if "--upstream-url" in proxy_args or "--record" in proxy_args:
-        parser.exit(2, f"{parser.prog}: error: --upstream-url/--record make no sense here\n")
+    if "--upstream-url" in proxy_args:
+        parser.exit(2, f"{parser.prog}: error: --upstream-url makes no sense here\n")
+    if "--github-oidc" in proxy_args:  # a keyless workflow's flags, copied to its replay step
+        parser.exit(2, f"{parser.prog}: error: a replay needs no credential: drop --github-oidc\n")
     try:
         exchanges = load_recording(ns.recording)
     except (OSError, ValueError) as e:

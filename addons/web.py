@@ -9,8 +9,8 @@ Two processes on loopback, so the one that shows flows never holds the key:
    token (printed at start-up) or ``--set web_password=...``.
 
 ``--server-info`` and ``--http-shutdown`` apply to the front (the port Codex talks to);
-``--dump-dir``, ``--dump-required``, ``--record``, ``--upstream-url`` and ``--config`` go to
-the key-holding proxy.
+``--dump-dir``, ``--dump-required``, ``--record``, ``--upstream-url``, ``--config`` and the
+keyless mode's ``--github-oidc`` flags go to the key-holding proxy.
 """
 
 from __future__ import annotations
@@ -62,6 +62,16 @@ def inner_command(ns: argparse.Namespace, info_path: str, inner_sets: Sequence[s
         ("--upstream-url", ns.upstream_url),
         ("--dump-dir", ns.dump_dir),
         ("--record", ns.record),
+    ):
+        if value is not None:
+            cmd += [flag, value]
+    if ns.github_oidc:  # the keyless mode: stdin carries the GitHub request token
+        cmd.append("--github-oidc")
+    for flag, value in (
+        ("--oidc-audience", ns.oidc_audience),
+        ("--identity-provider-id", ns.identity_provider_id),
+        ("--service-account-id", ns.service_account_id),
+        ("--github-oidc-request-url", ns.github_oidc_request_url),
     ):
         if value is not None:
             cmd += [flag, value]

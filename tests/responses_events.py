@@ -21,7 +21,7 @@ class _Seq:
 
 def tool_call_events(
     calls: list[tuple[str, dict[str, Any]]],
-    model: str = "gpt-5-codex",
+    model: str = "gpt-6.2-sol",
     response_id: str = "resp_tools",
     reasoning: str | None = None,
     fragment: int = 7,

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from mitmproxy import contentviews
 from mitmproxy.test import taddons, tflow, tutils
 
+from addons import codex_models
 from addons.bridge.addons import ChatReplies
 from addons.bridge.efforts import DEFAULT_MODELS, model_ids, parse_models, resolve
 from addons.bridge.stream import DONE, ChunkTranslator
@@ -38,8 +39,8 @@ MODELS = DEFAULT_MODELS
         ({"model": "gpt-5.1-high"}, ("gpt-5.1", "high")),
         ({"model": "gpt-5-codex-mini-low"}, ("gpt-5-codex-mini", "medium")),
         ({"model": "gpt-5.1"}, ("gpt-5.1", "low")),
-        ({"model": "gpt-5-codex"}, ("gpt-5-codex", None)),
-        ({"model": "gpt-5-codex", "reasoning_effort": "xhigh"}, ("gpt-5-codex", "high")),
+        ({"model": "gpt-5"}, ("gpt-5", None)),
+        ({"model": "gpt-5", "reasoning_effort": "xhigh"}, ("gpt-5", "high")),
         ({"model": "gpt-5.1-codex-max-xhigh"}, ("gpt-5.1-codex-max", "xhigh")),
         ({"model": "gpt-5.1", "reasoning_effort": "none"}, ("gpt-5.1", "low")),
         ({"model": "gpt-5.1-low", "reasoning": {"effort": "high"}}, ("gpt-5.1", "high")),
@@ -50,6 +51,57 @@ MODELS = DEFAULT_MODELS
 )
 def test_effort_resolution_follows_the_go_bridge(body, expected):
     assert resolve(body, MODELS) == expected
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        # Codex 0.171's catalog (config/codex-models.yaml): suffixes up to -max and -ultra,
+        # clamped per model to its supported levels, the catalog's default when none is given.
+        ("gpt-6.2-sol", ("gpt-6.2-sol", "low")),
+        ("gpt-6.2-sol-max", ("gpt-6.2-sol", "max")),
+        ("gpt-6.2-sol-ultra", ("gpt-6.2-sol", "ultra")),
+        ("gpt-6.2-sol-minimal", ("gpt-6.2-sol", "low")),
+        ("gpt-6-sol", ("gpt-6-sol", "medium")),
+        ("gpt-6-luna-ultra", ("gpt-6-luna", "max")),
+        ("gpt-5.6-luna-ultra", ("gpt-5.6-luna", "max")),
+        ("gpt-5.6-terra-xhigh", ("gpt-5.6-terra", "xhigh")),
+        ("gpt-5.5", ("gpt-5.5", "medium")),
+        ("gpt-5.5-max", ("gpt-5.5", "xhigh")),
+        ("gpt-5.5-ultra", ("gpt-5.5", "xhigh")),
+        ("gpt-daybreak-red-latest-ultra", ("gpt-daybreak-red-latest", "ultra")),  # hidden
+        # A model whose own name ends in an effort stays itself.
+        ("gpt-5.1-codex-max", ("gpt-5.1-codex-max", "low")),
+        ("gpt-5.1-codex-max-max", ("gpt-5.1-codex-max", "xhigh")),
+        ("gpt-7-nova-max", ("gpt-7-nova-max", None)),  # not in the table: unchanged
+    ],
+)
+def test_catalog_suffixes_and_clamping(model, expected):
+    assert resolve({"model": model}, MODELS) == expected
+
+
+@pytest.mark.parametrize(
+    ("effort", "expected"), [("ultra", "max"), ("none", "low"), ("max", "max")]
+)
+def test_explicit_effort_is_clamped_to_the_catalog_model(effort, expected):
+    assert resolve({"model": "gpt-6-luna", "reasoning_effort": effort}, MODELS) == (
+        "gpt-6-luna",
+        expected,
+    )
+
+
+def test_built_in_table_is_the_snapshot_then_the_go_table():
+    snapshot = codex_models.catalog()
+    names = list(MODELS)
+    assert names[: len(snapshot.models)] == snapshot.slugs()
+    for m in snapshot.models:
+        assert MODELS[m.slug].allowed == m.supported_reasoning_levels, m.slug
+        assert MODELS[m.slug].default == m.default_reasoning_level, m.slug
+    assert MODELS["gpt-5.1"].allowed == ("low", "medium", "high")  # the Go bridge's, kept
+    ids = model_ids(MODELS)
+    assert "gpt-6.2-sol-ultra" in ids and "gpt-6-luna-max" in ids
+    assert "gpt-6-luna-ultra" not in ids and "gpt-5.5-max" not in ids
+    assert not any(i.startswith("codex-auto-review") for i in ids)  # hidden in Codex's picker
 
 
 def test_effort_table_validation_and_model_list():
@@ -65,7 +117,7 @@ def test_effort_table_validation_and_model_list():
         with pytest.raises(ValueError):
             parse_models(bad)
     with pytest.raises(ValueError, match="reasoning_effort"):
-        resolve({"model": "gpt-5", "reasoning_effort": "max"}, MODELS)
+        resolve({"model": "gpt-5", "reasoning_effort": "turbo"}, MODELS)
     ids = model_ids(table)
     assert ids == ["m", "m-medium", "m-high"]
 
@@ -178,16 +230,16 @@ def test_request_translation():
     ],
 )
 def test_unsupported_fields_are_400_naming_the_field(extra, param):
-    body = {"model": "gpt-5-codex", "messages": [{"role": "user", "content": "hi"}], **extra}
+    body = {"model": "gpt-6.2-sol", "messages": [{"role": "user", "content": "hi"}], **extra}
     with pytest.raises(BridgeError) as e:
         chat_to_responses(body, MODELS)
     assert e.value.param == param
 
 
 def test_whole_reply_translation():
-    context = {"model": "gpt-5-codex-high"}
-    text = responses_to_chat(response_object("r1", "gpt-5-codex", "Hello"), context)
-    assert text["object"] == "chat.completion" and text["model"] == "gpt-5-codex-high"
+    context = {"model": "gpt-6.2-sol-high"}
+    text = responses_to_chat(response_object("r1", "gpt-6.2-sol", "Hello"), context)
+    assert text["object"] == "chat.completion" and text["model"] == "gpt-6.2-sol-high"
     choice = text["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "Hello"}
     assert choice["finish_reason"] == "stop"
@@ -236,7 +288,7 @@ def finish_reasons(chunks: list[dict | str]) -> list[str]:
 
 
 def test_stream_text_usage_and_done():
-    chunks = run_stream(responses_sse_events("Hi there", "gpt-5-codex", "resp_9"))
+    chunks = run_stream(responses_sse_events("Hi there", "gpt-6.2-sol", "resp_9"))
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[0]["id"] == "chatcmpl-resp_9" and chunks[0]["object"] == "chat.completion.chunk"
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:-3])
@@ -340,7 +392,7 @@ MESSAGE = st.one_of(
 
 @given(st.lists(MESSAGE, min_size=1, max_size=12))
 def test_messages_keep_their_order_and_count(messages):
-    out, _ = chat_to_responses({"model": "gpt-5-codex", "messages": messages}, MODELS)
+    out, _ = chat_to_responses({"model": "gpt-6.2-sol", "messages": messages}, MODELS)
     non_system = [m for m in messages if m["role"] != "system"]
     assert len(out["input"]) == len(non_system)
     for msg, item in zip(non_system, out["input"], strict=True):
@@ -424,13 +476,17 @@ def test_sdk_streams_a_codex_model_with_usage(upstream, bridge):
 def test_sdk_whole_reply_and_models(upstream, bridge):
     with sdk(bridge) as client:
         reply = client.chat.completions.create(
-            model="gpt-5-codex", messages=[{"role": "user", "content": "hi"}]
+            model="gpt-6.2-sol-max", messages=[{"role": "user", "content": "hi"}]
         )
         models = [m.id for m in client.models.list()]
     assert reply.choices[0].message.content == upstream.text
     assert reply.choices[0].finish_reason == "stop" and reply.usage.total_tokens == 59
-    assert "gpt-5.1-codex-max-xhigh" in models and "gpt-5-codex" in models
+    assert reply.model == "gpt-6.2-sol-max"
+    assert "gpt-5.1-codex-max-xhigh" in models and "gpt-6.2-sol-ultra" in models
+    assert models.index("gpt-6.2-sol") < models.index("gpt-5.5") < models.index("gpt-5")
     assert len(upstream.requests) == 1  # /v1/models was answered locally
+    sent = json.loads(upstream.requests[0].body)
+    assert sent["model"] == "gpt-6.2-sol" and sent["reasoning"] == {"effort": "max"}
 
 
 @pytest.mark.e2e
@@ -456,7 +512,7 @@ def test_sdk_tool_round_trip(upstream, bridge):
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     with sdk(bridge) as client:
         first = client.chat.completions.create(
-            model="gpt-5-codex", messages=messages, tools=tools, stream=True
+            model="gpt-6.2-sol", messages=messages, tools=tools, stream=True
         )
         calls: dict[int, dict] = {}
         finish = None
@@ -485,7 +541,7 @@ def test_sdk_tool_round_trip(upstream, bridge):
             },
             {"role": "tool", "tool_call_id": "call_0", "content": "12 C"},
         ]
-        second = client.chat.completions.create(model="gpt-5-codex", messages=messages, tools=tools)
+        second = client.chat.completions.create(model="gpt-6.2-sol", messages=messages, tools=tools)
     assert second.choices[0].message.content == "It is 12 degrees."
     upstream_input = sent_upstream(upstream, 1)["input"]
     assert [i["type"] for i in upstream_input] == [
@@ -501,7 +557,7 @@ def test_sdk_json_schema_and_refusals(upstream, bridge):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     with sdk(bridge) as client:
         client.chat.completions.create(
-            model="gpt-5-codex",
+            model="gpt-6.2-sol",
             messages=[{"role": "user", "content": "give a"}],
             response_format={
                 "type": "json_schema",
@@ -513,7 +569,7 @@ def test_sdk_json_schema_and_refusals(upstream, bridge):
         }
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(
-                model="gpt-5-codex", messages=[{"role": "user", "content": "x"}], n=2
+                model="gpt-6.2-sol", messages=[{"role": "user", "content": "x"}], n=2
             )
         assert refused.value.body["param"] == "n"
         assert len(upstream.requests) == 1  # the refused one never went upstream
@@ -526,7 +582,7 @@ def test_sdk_json_schema_and_refusals(upstream, bridge):
         with pytest.raises(openai.APIError, match="upstream broke"):
             list(
                 client.chat.completions.create(
-                    model="gpt-5-codex", messages=[{"role": "user", "content": "x"}], stream=True
+                    model="gpt-6.2-sol", messages=[{"role": "user", "content": "x"}], stream=True
                 )
             )
         upstream.events = None
@@ -536,7 +592,7 @@ def test_sdk_json_schema_and_refusals(upstream, bridge):
         }
         with pytest.raises(openai.RateLimitError) as limited:
             client.chat.completions.create(
-                model="gpt-5-codex", messages=[{"role": "user", "content": "x"}]
+                model="gpt-6.2-sol", messages=[{"role": "user", "content": "x"}]
             )
         assert limited.value.body["code"] == "rate_limit_exceeded"
 
@@ -550,7 +606,7 @@ def test_each_event_becomes_its_chunk_at_once(upstream, bridge):
         "POST",
         "/v1/chat/completions",
         json.dumps(
-            {"model": "gpt-5-codex", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+            {"model": "gpt-6.2-sol", "stream": True, "messages": [{"role": "user", "content": "x"}]}
         ),
         {"content-type": "application/json"},
     )
@@ -615,7 +671,7 @@ def test_sdk_parallel_calls_reasoning_and_incomplete(upstream, start_proxy):
     reasoning = ""
     with sdk(proxy) as client:
         for chunk in client.chat.completions.create(
-            model="gpt-5-codex", messages=[{"role": "user", "content": "look"}], stream=True
+            model="gpt-6.2-sol", messages=[{"role": "user", "content": "look"}], stream=True
         ):
             if not chunk.choices:
                 continue
@@ -641,7 +697,7 @@ def test_sdk_parallel_calls_reasoning_and_incomplete(upstream, start_proxy):
         streamed = [
             c.choices[0].finish_reason
             for c in client.chat.completions.create(
-                model="gpt-5-codex",
+                model="gpt-6.2-sol",
                 messages=[{"role": "user", "content": "x"}],
                 stream=True,
                 max_tokens=3,
@@ -655,7 +711,7 @@ def test_sdk_parallel_calls_reasoning_and_incomplete(upstream, start_proxy):
             "incomplete_details": {"reason": "max_output_tokens"},
         }
         whole = client.chat.completions.create(
-            model="gpt-5-codex", messages=[{"role": "user", "content": "x"}], max_tokens=3
+            model="gpt-6.2-sol", messages=[{"role": "user", "content": "x"}], max_tokens=3
         )
         assert whole.choices[0].finish_reason == "length"
         assert whole.choices[0].message.content == "Once upon"

@@ -14,6 +14,11 @@ import pytest
 
 from tests.conftest import TEST_KEY
 
+#: A model of the pinned Codex's catalog (config/codex-models.yaml), not its default: the
+#: printed config's --model reaches the upstream, and Codex knows the model (no fallback
+#: metadata warning).
+CATALOG_MODEL = "gpt-6-luna"
+
 pytestmark = pytest.mark.e2e
 
 
@@ -61,7 +66,7 @@ def printed_codex_config(proxy, *extra: str) -> str:
             "--server-info",
             str(proxy.info_path),
             "--model",
-            "test-model",
+            CATALOG_MODEL,
             *extra,
         ],
         capture_output=True,
@@ -99,11 +104,13 @@ def test_codex_exec_through_the_proxy(upstream, start_proxy, codex, tmp_path):
     assert result.returncode == 0, out + result.stderr.decode(errors="replace")
     messages = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert any(upstream.text in json.dumps(m) for m in messages), out
+    # A catalog model: Codex has its metadata (no "Model metadata for ... not found" item).
+    assert not [m for m in messages if m.get("item", {}).get("type") == "error"], out
     assert len(upstream.requests) == 1
     got = upstream.requests[0]
     assert got.header_values("authorization") == [f"Bearer {TEST_KEY}"]
     assert got.header_values("user-agent")[0].startswith("codex_exec/")
-    assert json.loads(got.body)["model"] == "test-model"
+    assert json.loads(got.body)["model"] == CATALOG_MODEL
     assert proxy.shutdown() == 0
     files = proxy.dump_files()
     assert len(files) == 2
@@ -127,4 +134,4 @@ def test_codex_exec_with_the_printed_one_liner(upstream, start_proxy, codex, tmp
     out = result.stdout.decode(errors="replace")
     assert result.returncode == 0, out + result.stderr.decode(errors="replace")
     assert upstream.text in out
-    assert json.loads(upstream.requests[0].body)["model"] == "test-model"
+    assert json.loads(upstream.requests[0].body)["model"] == CATALOG_MODEL

@@ -39,7 +39,7 @@ def test_main_requires_a_port_source(capsys):
 
 def test_whole_stdout_is_valid_toml(capsys):
     """``./run.sh codex-config ... > config.toml`` must give a file Codex can read."""
-    assert main(["--port", "7000", "--model", "gpt-5-codex"]) == 0
+    assert main(["--port", "7000", "--model", "gpt-6.2-sol"]) == 0
     out = capsys.readouterr().out
     doc = tomllib.loads(out)
     assert doc["model_providers"]["codex-proxy"]["base_url"] == "http://127.0.0.1:7000/v1"

@@ -28,7 +28,7 @@ def sse_flow(body: bytes, encoding: str | None = None, timing=None) -> http.HTTP
     f = tflow.tflow(resp=tutils.tresp(headers=headers, content=b""))
     f.request.path = "/v1/responses"
     f.request.headers["content-type"] = "application/json"
-    f.request.content = json.dumps({"model": "gpt-5-codex", "stream": True}).encode()
+    f.request.content = json.dumps({"model": "gpt-6.2-sol", "stream": True}).encode()
     f.response.raw_content = body
     if timing is not None:
         f.metadata[CHUNK_TIMING] = timing
@@ -41,7 +41,7 @@ def shown(f: http.HTTPFlow, message=None) -> contentviews.ContentviewResult:
 
 
 def test_text_turn_with_usage_and_timing():
-    parts = [encode_event(k, p) for k, p in responses_sse_events("Hello there", "gpt-5-codex")]
+    parts = [encode_event(k, p) for k, p in responses_sse_events("Hello there", "gpt-6.2-sol")]
     timing, size = [], 0
     for i, part in enumerate(parts):
         size += len(part)
@@ -60,7 +60,7 @@ def test_text_turn_with_usage_and_timing():
 def test_parallel_tool_calls_and_reasoning():
     body = b"".join(
         [
-            ev("response.created", response={"id": "resp_1", "model": "gpt-5-codex"}),
+            ev("response.created", response={"id": "resp_1", "model": "gpt-6.2-sol"}),
             ev("response.output_item.added", item={"id": "rs_1", "type": "reasoning"}),
             ev(
                 "response.reasoning_summary_text.delta",
@@ -91,7 +91,7 @@ def test_parallel_tool_calls_and_reasoning():
             ),
             ev("response.function_call_arguments.delta", item_id="fc_2", delta='{"patch": "x"}'),
             ev("response.function_call_arguments.delta", item_id="fc_1", delta=' "-la"]}'),
-            ev("response.completed", response=response_object("resp_1", "gpt-5-codex", "")),
+            ev("response.completed", response=response_object("resp_1", "gpt-6.2-sol", "")),
         ]
     )
     text = shown(sse_flow(body)).text
@@ -143,7 +143,7 @@ def test_partial_and_cut_zstd_stream_render_what_arrived():
 
 def test_request_view_on_a_zstd_codex_request():
     body = {
-        "model": "gpt-5-codex",
+        "model": "gpt-6.2-sol",
         "instructions": "You are Codex.\n\nBe brief.\n" + "x" * 500,
         "reasoning": {"effort": "high", "summary": "auto"},
         "tools": [{"type": "function", "name": "shell"}, {"type": "web_search"}],
@@ -170,7 +170,7 @@ def test_request_view_on_a_zstd_codex_request():
     result = shown(f, f.request)
     assert result.view_name == "Responses request"
     text = result.text
-    assert "model: gpt-5-codex" in text and "reasoning effort: high (summary: auto)" in text
+    assert "model: gpt-6.2-sol" in text and "reasoning effort: high (summary: auto)" in text
     assert "instructions: 526 characters\n  | You are Codex.\n  | Be brief." in text
     assert "tools (2): shell, web_search" in text
     assert "input (4 items):" in text
@@ -194,7 +194,7 @@ def test_views_leave_other_flows_alone():
 @pytest.mark.e2e
 def test_flow_detail_3_prints_the_turn(upstream, start_proxy):
     proxy = start_proxy(upstream.url, "--set", "flow_detail=3")
-    assert proxy.post_json({"model": "gpt-5-codex", "stream": True, "input": "hi"})[0] == 200
+    assert proxy.post_json({"model": "gpt-6.2-sol", "stream": True, "input": "hi"})[0] == 200
     assert proxy.shutdown() == 0
     out = proxy.output()
     assert "input (1 items):" in out and "message/user: hi" in out

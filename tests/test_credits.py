@@ -64,6 +64,75 @@ def test_prefix_matching_default_and_unknown():
     assert CARD.charge("gpt-5.4", None) is None
 
 
+RATE_55 = {"input": 125.0, "cached_input": 12.5, "output": 750.0}
+
+
+def test_same_as_prices_a_model_with_another_entrys_rates():
+    card = parse_rate_card({"rates": {"gpt-5.5": RATE_55, "gpt-6.2-sol": {"same_as": "gpt-5.5"}}})
+    sol = card.charge("gpt-6.2-sol", usage(1000, 600, 300), "priority")
+    ref = card.charge("gpt-5.5", usage(1000, 600, 300), "priority")
+    assert sol is not None and ref is not None
+    # (400 * 125 + 600 * 12.5 + 300 * 750) / 1e6 * 2 = 0.565 credits, on gpt-5.5's rates.
+    assert sol.credits == ref.credits == Decimal("0.565") and sol.fast
+    assert sol.rate == "gpt-6.2-sol" and card.same_as == {"gpt-6.2-sol": "gpt-5.5"}
+    assert card.charge("gpt-6.2-sol-2027-01", usage(1, 0, 1)).rate == "gpt-6.2-sol"  # prefix
+    assert card.charge("gpt-6.2-astra", usage(1, 0, 1)) is None  # still unpriced
+    assert card.unpriced(["gpt-6.2-sol", "gpt-6.2-astra", "gpt-5.5"]) == ["gpt-6.2-astra"]
+
+
+@pytest.mark.parametrize(
+    "default",
+    [{"same_as": "gpt-5.5"}, RATE_55, {"same_as": "sol"}],  # own figures, direct, a chain
+)
+def test_default_entry_prices_every_other_model(default):
+    card = parse_rate_card(
+        {"rates": {"gpt-5.5": RATE_55, "sol": {"same_as": "gpt-5.5"}, "default": default}}
+    )
+    charge = card.charge("gpt-6.2-astra", usage(1_000_000, 0, 0))
+    assert charge is not None and charge.rate == "default" and charge.credits == 125
+    assert card.charge(None, usage(1_000_000, 0, 0)).rate == "default"  # no model at all
+    assert card.unpriced(["gpt-6.2-sol", "anything"]) == []
+
+
+def test_shipped_card_has_no_default_and_misses_the_new_catalog():
+    """The shipped card keeps only published rates: Codex 0.171's default model is unpriced
+    until the operator maps it (the gateway names it at start-up)."""
+    assert "default" not in CARD.rates and not CARD.same_as
+    assert "gpt-6.2-sol" in CARD.unpriced(["gpt-6.2-sol", "gpt-5.5"])
+    assert CARD.unpriced(["gpt-5.5"]) == []
+
+
+def test_same_as_in_message_average_accounting():
+    card = parse_rate_card(
+        {
+            "accounting": "message_average",
+            "message_average": {"gpt-5.5": 4, "gpt-6-sol": {"same_as": "gpt-5.5"}},
+        }
+    )
+    assert card.charge("gpt-6-sol", None).credits == 4 and card.same_as == {"gpt-6-sol": "gpt-5.5"}
+    assert card.table_key == "message_average" and card.unpriced(["x", "gpt-6-sol"]) == ["x"]
+
+
+@pytest.mark.parametrize(
+    ("rates", "message"),
+    [
+        ({"a": {"same_as": "nowhere"}}, r"rates\.a: same_as 'nowhere' is not an entry"),
+        ({"a": {"same_as": "b"}, "b": {"same_as": "a"}}, "same_as cycle: a -> b -> a"),
+        ({"a": {"same_as": "a"}}, "same_as cycle: a -> a"),
+        (
+            {"a": {"same_as": "b"}, "b": {"same_as": "c"}, "c": {"same_as": "b"}},
+            "same_as cycle: b -> c -> b",
+        ),
+        ({"a": {"same_as": "gpt-5.5", "input": 1}, "gpt-5.5": RATE_55}, "nothing beside it"),
+        ({"a": {"same_as": 5}}, "one entry name"),
+    ],
+)
+def test_same_as_errors_name_the_entry(rates, message):
+    with pytest.raises(ValueError, match=message) as e:
+        parse_rate_card({"rates": rates}, "gateway.yaml: credits")
+    assert str(e.value).startswith("gateway.yaml: credits: rates")
+
+
 def test_message_average_accounting():
     card = parse_rate_card(
         {

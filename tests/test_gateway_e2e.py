@@ -5,22 +5,31 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 
 import pytest
+import yaml
 from mitmproxy import io as mitm_io
 
+from addons import codex_models
 from tests.conftest import ROOT, ProxyProcess, open_stream, plain_mitmdump_command, wait_for
-from tests.gateway_harness import CODEX_HEADERS, UPSTREAM_KEYS, Gateway, bearer
+from tests.gateway_harness import (
+    CODEX_HEADERS,
+    UPSTREAM_KEYS,
+    Gateway,
+    bearer,
+    member_codex_home,
+    run_member_codex,
+)
 
 pytestmark = pytest.mark.e2e
 
-CODEX_MODEL = {"model": "gpt-5.3-codex", "stream": True, "input": "hi"}
+CODEX_MODEL = {"model": "gpt-5.5", "stream": True, "input": "hi"}
 #: The fake upstream's default stream: usage of one request (tests/fake_upstream.py).
 TOKENS = {"input": 42, "cached": 8, "cache_write": 3, "output": 17, "reasoning": 5, "total": 59}
-#: gpt-5.3-codex: ((42-8)*43.75 + 8*4.375 + 17*350) / 1e6 credits.
-CREDITS = (34 * 43.75 + 8 * 4.375 + 17 * 350) / 1e6
+#: gpt-5.5 (a model of Codex's catalog, on the published card): ((42-8)*125 + 8*12.5 + 17*750)
+#: / 1e6 = 0.0171 credits.
+CREDITS = (34 * 125 + 8 * 12.5 + 17 * 750) / 1e6
 
 
 def members(gw: Gateway, *specs: tuple[str, ...]) -> dict[str, str]:
@@ -33,6 +42,17 @@ def members(gw: Gateway, *specs: tuple[str, ...]) -> dict[str, str]:
 
 def error_of(body: bytes) -> dict:
     return json.loads(body)["error"]
+
+
+def set_rates(gw: Gateway, **rates: dict) -> None:
+    """Add entries under ``credits.rates`` of the deployment's gateway.yaml."""
+    data = yaml.safe_load(gw.config_path.read_text())
+    data["credits"]["rates"].update(rates)
+    gw.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+#: The model Codex sends when config.toml names none (config/codex-models.yaml).
+CODEX_DEFAULT = codex_models.catalog().default_model
 
 
 def test_member_keys_are_required_and_never_forwarded(gateway, upstream):
@@ -87,14 +107,14 @@ def test_routes_and_the_codex_only_filter(gateway, upstream):
     assert upstream.requests == []
     # /v1/responses/compact is a gateway route.
     status, _, _ = server.request(
-        "POST", "/v1/responses/compact", json.dumps({"model": "gpt-5.3-codex"}).encode(), auth
+        "POST", "/v1/responses/compact", json.dumps({"model": "gpt-5.5"}).encode(), auth
     )
     assert status == 200 and upstream.requests[-1].path_qs == "/v1/responses/compact"
     plain = {"authorization": f"Bearer {keys['alice']}", "user-agent": "curl/8"}
     status, _, body = server.post_json({"model": "gpt-4o", "stream": True}, plain)
     assert status == 403 and error_of(body)["code"] == "not_codex"
     # Any one sign is enough: the model's name, or Codex's session header.
-    assert server.post_json({"model": "gpt-5-codex", "stream": True}, plain)[0] == 200
+    assert server.post_json({"model": "codex-auto-review", "stream": True}, plain)[0] == 200
     assert server.post_json({"model": "gpt-4o"}, {**plain, "session-id": "s"})[0] == 200
 
 
@@ -126,18 +146,18 @@ def test_token_quota_429_with_retry_after_while_others_are_served(gateway, upstr
 
 
 def test_credit_quota_priority_costs_twice_and_usage_shows_credits(gateway, upstream):
-    keys = members(gateway, ("carol", "--five-hour-credits", "0.02"), ("dave",))
+    keys = members(gateway, ("carol", "--five-hour-credits", "0.04"), ("dave",))
     server = gateway.serve(upstream.url)
     assert server.post_json(CODEX_MODEL, bearer(keys["carol"]))[0] == 200
     priority = {**CODEX_MODEL, "service_tier": "priority"}
     assert server.post_json(priority, bearer(keys["carol"]))[0] == 200
-    # CREDITS + 2 x CREDITS = 0.0224 >= 0.02 (at 1x it would be 0.0149 and pass).
+    # CREDITS + 2 x CREDITS = 0.0513 >= 0.04 (at 1x it would be 0.0342 and pass).
     wait_for(lambda: gateway.usage()["total"]["requests"] == 2, 10, "rows")
     status, headers, body = server.post_json(CODEX_MODEL, bearer(keys["carol"]))
     assert status == 429 and int(headers["retry-after"]) > 0
     error = error_of(body)
     assert error["kind"] == "credits" and error["limit"] == "five_hour_credits"
-    assert error["used"] == pytest.approx(3 * CREDITS, abs=5e-6) and error["allowed"] == 0.02
+    assert error["used"] == pytest.approx(3 * CREDITS, abs=5e-6) and error["allowed"] == 0.04
     assert "credit quota" in error["message"]
     assert server.post_json(CODEX_MODEL, bearer(keys["dave"]))[0] == 200
     # A model the card cannot price is refused for a member with a credit quota, not free.
@@ -154,6 +174,9 @@ def test_credit_quota_priority_costs_twice_and_usage_shows_credits(gateway, upst
     assert total["credits"] == pytest.approx(4 * CREDITS, abs=5e-6)
     text = gateway.admin("usage").stdout
     assert "carol" in text and "1 request(s) unpriced" in text
+    # Both codex-unknown requests are counted: carol's refused one and dave's unpriced row.
+    metrics = server.request("GET", "/metrics")[2].decode()
+    assert 'codex_gateway_unpriced_requests_total{model="codex-unknown"} 2.0' in metrics
 
 
 def test_concurrency_limit(gateway, upstream):
@@ -241,17 +264,17 @@ def test_health_metrics_and_the_usage_row(gateway, upstream):
     assert status == 200 and json.loads(body)["database"] is True
     wait_for(lambda: gateway.usage()["total"]["requests"] == 1, 10, "row")
     (row,) = _rows(gateway)
-    assert row["member"] == "alice" and row["model"] == "gpt-5.3-codex"
+    assert row["member"] == "alice" and row["model"] == "gpt-5.5"
     assert (row["input_tokens"], row["cached_tokens"], row["output_tokens"]) == (42, 8, 17)
     assert (row["reasoning_tokens"], row["total_tokens"], row["status"]) == (5, 59, 200)
-    assert row["credits_micro"] == round(CREDITS * 1e6) and row["rate"] == "gpt-5.3-codex"
+    assert row["credits_micro"] == round(CREDITS * 1e6) and row["rate"] == "gpt-5.5"
     assert row["events"] > 5 and row["duration_ms"] >= 0 and row["ttfb_ms"] is not None
     assert row["key_id"].startswith("mk_") and row["upstream_key"] in UPSTREAM_KEYS
     status, headers, body = server.request("GET", "/metrics")
     text = body.decode()
     assert status == 200 and headers["content-type"].startswith("text/plain")
     assert 'codex_gateway_tokens_total{kind="total",member="alice"} 59.0' in text
-    assert 'codex_gateway_credits_total{member="alice",model="gpt-5.3-codex"}' in text
+    assert 'codex_gateway_credits_total{member="alice",model="gpt-5.5"}' in text
     assert 'codex_gateway_requests_total{route="/v1/responses",status="200"} 1.0' in text
     assert "codex_gateway_upstream_key_state" in text and "codex_gateway_in_flight 0.0" in text
 
@@ -334,35 +357,19 @@ def test_add_key_prints_the_key_alone_as_the_last_line(gateway):
 
 @pytest.mark.codex
 def test_codex_cli_with_a_member_key(gateway, upstream, codex, tmp_path):
-    keys = members(gateway, ("alice",))
+    """Codex with its defaults (codex-config names no model) through a gateway whose operator
+    priced Codex's default model like gpt-5.5: a member with a credit quota is served and
+    metered in credits, and Codex knows its model (no fallback-metadata warning)."""
+    set_rates(gateway, **{CODEX_DEFAULT: {"same_as": "gpt-5.5"}})
+    keys = members(gateway, ("alice", "--weekly-credits", "100"))
     server = gateway.serve(upstream.url)
-    home, work = tmp_path / "codex-home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    config = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "addons.codex_config",
-            "--server-info",
-            str(server.info_path),
-            "--model",
-            "gpt-5.3-codex",
-            "--gateway",
-            "--toml-only",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        cwd=ROOT,
-    ).stdout
+    home, work, config = member_codex_home(tmp_path, server)
     assert 'env_key = "CODEX_GATEWAY_KEY"' in config and "supports_websockets = false" in config
-    (home / "config.toml").write_text(config)
-    result = _run_codex_with_key(codex, home, work, keys["alice"])
-    out = result.stdout.decode(errors="replace")
-    assert result.returncode == 0, out + result.stderr.decode(errors="replace")
+    assert "model =" not in config  # the model is left to Codex
+    code, out, _ = run_member_codex(codex, home, work, keys["alice"])
+    assert code == 0, out
     assert upstream.text in out
+    assert "Model metadata for" not in out and "fallback metadata" not in out
     assert upstream.requests, "nothing reached the upstream"
     for request in upstream.requests:
         assert request.header_values("authorization")[0] in {
@@ -370,26 +377,13 @@ def test_codex_cli_with_a_member_key(gateway, upstream, codex, tmp_path):
         }
         assert keys["alice"].encode() not in request.body
         assert keys["alice"] not in json.dumps(request.headers)
-    wait_for(lambda: gateway.usage()["total"]["requests"] == len(upstream.requests), 10, "rows")
+        assert json.loads(request.body)["model"] == CODEX_DEFAULT
+    n = len(upstream.requests)
+    wait_for(lambda: gateway.usage()["total"]["requests"] == n, 10, "rows")
     total = gateway.usage("--member", "alice")["total"]
-    assert total["total_tokens"] == TOKENS["total"] * len(upstream.requests)
-    assert total["credits"] > 0
-
-
-def _run_codex_with_key(binary: str, home, work, key: str):
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
-    env["CODEX_HOME"] = str(home)
-    env["CODEX_GATEWAY_KEY"] = key
-    return subprocess.run(
-        [binary, "exec", "--skip-git-repo-check", "--json", "Say hello"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=180,
-        cwd=work,
-        env=env,
-    )
+    assert total["total_tokens"] == TOKENS["total"] * n and total["unpriced"] == 0
+    assert total["credits"] == pytest.approx(n * CREDITS, abs=5e-6)  # gpt-5.5's rates
+    assert {row["rate"] for row in _rows(gateway)} == {CODEX_DEFAULT}
 
 
 def test_usage_since_and_member_filters(gateway, upstream):
@@ -409,7 +403,7 @@ def test_a_row_is_written_when_codex_hangs_up_after_response_completed(gateway, 
 
     keys = members(gateway, ("alice",))
     server = gateway.serve(upstream.url)
-    events = responses_sse_events(upstream.text, "gpt-5.3-codex", "resp_hangup")
+    events = responses_sse_events(upstream.text, "gpt-5.5", "resp_hangup")
     upstream.events = [*events, ("response.output_text.delta", {"delta": "never sent"})]
     upstream.fault, upstream.fault_after = "stall", len(events)  # silent after completed
     conn, response = open_stream(server.port, CODEX_MODEL, headers=bearer(keys["alice"]))
@@ -461,3 +455,62 @@ def test_plain_mitmdump_with_the_gateway_script(gateway, upstream, tmp_path):
         if proc.poll() is None:
             proc.kill()
     wait_for(lambda: gateway.usage()["total"]["requests"] == 1, 10, "row")
+
+
+def test_unpriced_catalog_models_are_named_at_start_up_in_usage_and_metrics(gateway, upstream):
+    keys = members(gateway, ("alice",))
+    server = gateway.serve(upstream.url)
+    key = f"credits.rates.{CODEX_DEFAULT}  (Codex's default model)"
+    wait_for(lambda: key in server.output(), 10, "the start-up warning")
+    log = server.output()
+    assert "the rate card cannot price" in log and str(gateway.config_path) in log
+    assert "credits.rates.gpt-5.5\n" not in log  # priced by the shipped card
+    for _ in range(2):
+        assert (
+            server.post_json({**CODEX_MODEL, "model": CODEX_DEFAULT}, bearer(keys["alice"]))[0]
+            == 200
+        )
+    assert server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
+    wait_for(lambda: gateway.usage()["total"]["requests"] == 3, 10, "rows")
+    text = server.request("GET", "/metrics")[2].decode()
+    assert f'codex_gateway_unpriced_requests_total{{model="{CODEX_DEFAULT}"}} 2.0' in text
+    assert 'codex_gateway_unpriced_requests_total{model="gpt-5.5"}' not in text
+    usage = gateway.usage()
+    assert usage["total"]["unpriced"] == 2
+    gaps = {g["model"]: g for g in usage["unpriced_models"]}
+    assert gaps[CODEX_DEFAULT] == {
+        "model": CODEX_DEFAULT,
+        "yaml_key": f"credits.rates.{CODEX_DEFAULT}",
+        "codex_default": True,
+    }
+    assert "gpt-5.5" not in gaps
+    assert key in gateway.admin("usage").stdout
+
+
+def test_a_mapped_default_model_is_no_longer_named_and_is_charged(gateway, upstream):
+    set_rates(gateway, **{CODEX_DEFAULT: {"same_as": "gpt-5.5"}, "default": {"same_as": "gpt-5.5"}})
+    keys = members(gateway, ("alice", "--weekly-credits", "10"))
+    server = gateway.serve(upstream.url)
+    assert (
+        server.post_json({**CODEX_MODEL, "model": CODEX_DEFAULT}, bearer(keys["alice"]))[0] == 200
+    )
+    wait_for(lambda: gateway.usage()["total"]["requests"] == 1, 10, "row")
+    assert "the rate card cannot price" not in server.output()
+    (row,) = _rows(gateway)
+    assert row["credits_micro"] == round(CREDITS * 1e6) and row["rate"] == CODEX_DEFAULT
+    assert gateway.usage()["unpriced_models"] == []
+    assert "unpriced_requests_total{" not in server.request("GET", "/metrics")[2].decode()
+
+
+@pytest.mark.parametrize(
+    ("rates", "message"),
+    [
+        ({"gpt-6.2-sol": {"same_as": "gpt-9"}}, "same_as 'gpt-9' is not an entry"),
+        ({"a": {"same_as": "b"}, "b": {"same_as": "a"}}, "same_as cycle: a -> b -> a"),
+    ],
+)
+def test_a_bad_same_as_stops_every_command(gateway, rates, message):
+    set_rates(gateway, **rates)
+    proc = gateway.admin("usage", check=False)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert str(gateway.config_path) in proc.stderr

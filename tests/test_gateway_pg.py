@@ -22,7 +22,7 @@ from tests.pg_cluster import PgCluster
 
 pytestmark = pytest.mark.e2e
 
-STREAM = {"model": "gpt-5.3-codex", "stream": True}
+STREAM = {"model": "gpt-5.5", "stream": True}
 #: total_tokens of the fake upstream's default stream.
 TOKENS_PER_REQUEST = 59
 #: Seconds for rows to reach the database, leases to be released, health to change.

@@ -11,8 +11,16 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from addons.codex_models import parse as parse_catalog
+from addons.codex_models import trim
+from addons.credits import parse_rate_card
 from addons.gateway_mode import keypool, members, windows
-from addons.gateway_mode.config import load_gateway_config, parse_gateway_config
+from addons.gateway_mode.config import (
+    load_gateway_config,
+    parse_gateway_config,
+    rate_card_gap_lines,
+    rate_card_gaps,
+)
 from addons.gateway_mode.database import Database, DatabaseError, parse_database_url
 from addons.gateway_mode.schema import metadata
 from tests.conftest import ROOT
@@ -612,3 +620,46 @@ def test_request_facts_refuse_bombs_and_deep_json_naming_the_limit() -> None:
         parse_request_body(b"[" * 50_000 + b"]" * 50_000, None)
     assert refused.value.status == 400 and refused.value.code == "json_too_deep"
     assert "1024 levels" in str(refused.value)
+
+
+CATALOG = parse_catalog(
+    trim(
+        {
+            "models": [
+                {"slug": "m-hidden", "visibility": "hide", "priority": 0},
+                {"slug": "m-default", "visibility": "list", "priority": 1},
+                {"slug": "m-priced", "visibility": "list", "priority": 2},
+            ]
+        },
+        "9.9.9",
+    )
+)
+
+
+def test_rate_card_gaps_name_each_unpriced_catalog_model_with_its_key() -> None:
+    card = parse_rate_card({"rates": {"m-priced": {"input": 1, "cached_input": 1, "output": 1}}})
+    gaps = rate_card_gaps(card, CATALOG)
+    assert gaps == [
+        {"model": "m-hidden", "yaml_key": "credits.rates.m-hidden", "codex_default": False},
+        {"model": "m-default", "yaml_key": "credits.rates.m-default", "codex_default": True},
+    ]
+    lines = rate_card_gap_lines(gaps, "/etc/gw.yaml", card)
+    assert "cannot price 2 model(s)" in lines[0] and "/etc/gw.yaml" in lines[0]
+    assert "  credits.rates.m-default  (Codex's default model)" in lines
+    assert lines[-1].startswith("  e.g. credits.rates.m-default: {same_as: m-priced}")
+    mapped = parse_rate_card(
+        {
+            "rates": {
+                "m-priced": {"input": 1, "cached_input": 1, "output": 1},
+                "default": {"same_as": "m-priced"},
+            }
+        }
+    )
+    assert rate_card_gaps(mapped, CATALOG) == [] and rate_card_gap_lines([], "x", mapped) == []
+    averages = parse_rate_card(
+        {"accounting": "message_average", "message_average": {"m-hidden": 1}}
+    )
+    assert [g["yaml_key"] for g in rate_card_gaps(averages, CATALOG)] == [
+        "credits.message_average.m-default",
+        "credits.message_average.m-priced",
+    ]

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
+from addons import compare
 from addons.replay import Exchange, chunks_of, differences, load_recording
 from tests.conftest import ROOT, TEST_KEY, wait_for
-from tests.test_clients import printed_codex_config, run_codex
+from tests.test_clients import CATALOG_MODEL, printed_codex_config, run_codex
 from tests.test_leaks import UPSTREAM_COOKIES, assert_no_marker
 
 pytestmark = pytest.mark.e2e
@@ -88,7 +89,7 @@ def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path
             assert TEST_KEY.encode() not in path.read_bytes(), path
     assert_no_marker({str(p): p.read_bytes() for p in record.rglob("*") if p.is_file()})
     ledger = [json.loads(x) for x in (record / "usage.jsonl").read_text().splitlines()]
-    assert len(ledger) == 1 and ledger[0]["model"] == "test-model"
+    assert len(ledger) == 1 and ledger[0]["model"] == CATALOG_MODEL
     assert ledger[0]["usage"] == {
         "input": 42,
         "cached": 8,
@@ -114,7 +115,10 @@ def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path
 
     # Offline: the upstream is gone; the replay serves the same turn.
     upstream.stop()
-    replay, port, log = start_replay(tmp_path, record, "--pace", "original")
+    rerecorded = tmp_path / "rerecorded"
+    replay, port, log = start_replay(
+        tmp_path, record, "--pace", "original", "--record", str(rerecorded)
+    )
     try:
         home2 = tmp_path / "codex-home-2"
         home2.mkdir()
@@ -132,6 +136,11 @@ def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path
         conn.close()
         assert replay.wait(30) == 0
         log.close()
+    # The gate is deterministic: the replay, re-recorded, compares equal to the recording.
+    thresholds = compare.load_thresholds(compare.DEFAULT_CONFIG)
+    result = compare.compare(compare.load_run(record), compare.load_run(rerecorded), thresholds)
+    assert result.exit_code == 0, compare.as_text(result)
+    assert [f.name for f in result.figures if f.changed and not f.timing] == []
 
 
 def test_replay_mismatch_is_409_saying_what_differed(upstream, start_proxy, tmp_path):

@@ -127,22 +127,22 @@ def test_requests_priced_in_credits_with_the_rate_card(tmp_path):
         )
         priced = sse_flow(1)
         priced.request.content = json.dumps(
-            {"model": "gpt-5.3-codex", "stream": True, "service_tier": "priority"}
+            {"model": "gpt-5.5", "stream": True, "service_tier": "priority"}
         ).encode()
         addon.response(priced)
         addon.response(sse_flow(2))  # gpt-r: not on the card
         addon.done()
     first, second = (json.loads(x) for x in (tmp_path / "usage.jsonl").read_text().splitlines())
-    # usage 42 in (8 cached), 17 out: (34*43.75 + 8*4.375 + 17*350) / 1e6, fast mode x2.
-    assert first["credits"] == "0.014945" and first["rate"] == "gpt-5.3-codex"
+    # usage 42 in (8 cached), 17 out: (34*125 + 8*12.5 + 17*750) / 1e6, fast mode x2.
+    assert first["credits"] == "0.034200" and first["rate"] == "gpt-5.5"
     assert first["service_tier"] == "priority"
     assert second["credits"] is None and second["rate"] is None
     totals = json.loads((tmp_path / "summary.json").read_text())["totals"]
-    assert totals["credits"] == "0.014945" and totals["usd"] == "0.0006"
+    assert totals["credits"] == "0.034200" and totals["usd"] == "0.0014"
     assert totals["unpriced"] == 1
     assert (
-        "Codex credits: 0.014945, USD 0.0006 (1 request(s) unpriced)"
+        "Codex credits: 0.034200, USD 0.0014 (1 request(s) unpriced)"
         in (tmp_path / "summary.txt").read_text()
     )
     page = (tmp_path / "report.html").read_text()
-    assert "0.014945 (fast x2)" in page and "unpriced" in page and "<td>0.0006</td>" in page
+    assert "0.034200 (fast x2)" in page and "unpriced" in page and "<td>0.0014</td>" in page

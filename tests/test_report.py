@@ -12,8 +12,8 @@ from mitmproxy.test import taddons, tflow
 from addons.common import ALLOWED, REFUSED
 from addons.recorder import Recorder
 from addons.report import render_report
-from tests.conftest import ROOT
-from tests.test_clients import printed_codex_config, run_codex
+from tests.conftest import ROOT, wait_for
+from tests.test_clients import CATALOG_MODEL, printed_codex_config, run_codex
 from tests.test_recorder import sse_flow
 from tests.test_web import chrome
 
@@ -28,7 +28,7 @@ def sample_summary() -> dict:
             {
                 "seq": 1,
                 "started": 1_764_000_000.5,
-                "model": "gpt-5-codex<script>",
+                "model": "gpt-6.2-sol<script>",
                 "status": 200,
                 "turn_status": "completed",
                 "usage": usage,
@@ -41,7 +41,7 @@ def sample_summary() -> dict:
             {
                 "seq": 2,
                 "started": 1_764_000_003.0,
-                "model": "gpt-5-codex",
+                "model": "gpt-6.2-sol",
                 "status": 200,
                 "turn_status": None,
                 "error": "Client disconnected.",
@@ -68,7 +68,7 @@ def test_page_is_self_contained_escaped_and_complete():
     ]
     links = {1: ("dumps/000001-1-request.json", "dumps/000001-1-response.json")}
     page = render_report(sample_summary(), refused, links)
-    assert "<script" not in page and "gpt-5-codex&lt;script&gt;" in page
+    assert "<script" not in page and "gpt-6.2-sol&lt;script&gt;" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing from a network
     assert '<a href="dumps/000001-1-request.json">request</a>' in page
     assert page.count("<rect") == 6  # 2 turns x (uncached, cached, output)
@@ -114,14 +114,16 @@ def test_report_of_a_recorded_codex_session_in_chromium(upstream, start_proxy, c
     driver = chrome()
     try:
         driver.get(report.as_uri())
+        # A loaded machine was seen handing back an empty page source right after get().
+        wait_for(lambda: CATALOG_MODEL in driver.page_source, 30, "the report page")
         page = driver.page_source
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "recording-report.png"))
         links = [a.get_attribute("href") for a in driver.find_elements("css selector", "a")]
     finally:
         driver.quit()
-    assert "test-model" in page and "completed" in page and "/v1/models" in page
-    assert "1 request(s) unpriced" in page  # test-model is not on the shipped rate card
+    assert CATALOG_MODEL in page and "completed" in page and "/v1/models" in page
+    assert "1 request(s) unpriced" in page  # gpt-6-luna is not on the shipped rate card
     assert "/shutdown" not in page  # answered locally with 200: not a refusal
     assert len(links) == 2 and all(link.startswith(record.as_uri() + "/dumps/") for link in links)
     for link in links:

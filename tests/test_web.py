@@ -239,7 +239,7 @@ def test_mitmweb_front_shows_codex_flows_without_the_key(upstream, codex, tmp_pa
         assert upstream.text in page and "Responses stream" in page
         # The status bar shows the front's real listen address, not mitmweb's default.
         assert f"127.0.0.1:{web.port}" in page
-        assert "status: completed" in page and "tokens: input 42 (cached 8)" in page
+        assert "status: completed" in page and "tokens: input 42 (cached 8, cache writes 3)" in page
         assert TEST_KEY not in driver.page_source
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "mitmweb-codex-flow.png"))
@@ -364,7 +364,7 @@ def test_mitmweb_front_with_the_chat_bridge(upstream, tmp_path):
         ) as client:
             chunks = list(
                 client.chat.completions.create(
-                    model="gpt-5-codex-low",
+                    model="gpt-6.2-sol-low",
                     messages=[{"role": "user", "content": "hi"}],
                     stream=True,
                 )
@@ -381,7 +381,7 @@ def test_mitmweb_front_with_the_chat_bridge(upstream, tmp_path):
             return doc["text"] if "text" in doc else json.dumps(doc)
 
         request_view = view("request", "chat%20completions%20request")
-        assert "model: gpt-5-codex\n" in request_view and "reasoning effort: low" in request_view
+        assert "model: gpt-6.2-sol\n" in request_view and "reasoning effort: low" in request_view
         reply_view = view("response", "chat%20completions%20stream")
         assert f"── assistant text ──\n{upstream.text}" in reply_view
     finally:

@@ -22,7 +22,7 @@ from bench.bench import tree_pids
 from tests.conftest import ROOT, TEST_KEY, wait_for
 from tests.gateway_harness import UPSTREAM_KEYS, Gateway, bearer
 
-STREAM = {"model": "gpt-5.3-codex", "stream": True}
+STREAM = {"model": "gpt-5.5", "stream": True}
 
 
 # -- units ------------------------------------------------------------------------------------

@@ -99,7 +99,8 @@ class ChatBridge:
             "",
             'JSON {"model": {"efforts": [...], "default": effort|null}}: the models '
             "GET /v1/models lists and how reasoning effort is clamped per model "
-            "(empty: the built-in table).",
+            "(empty: the built-in table, the pinned Codex's model catalog then the Go "
+            "bridge's older models).",
         )
         loader.add_option(
             "codex_chat_bridge_reasoning_content",

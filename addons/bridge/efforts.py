@@ -2,9 +2,13 @@
 
 The rule of the Go codex-proxy's README (``shared/seeds/codex-proxy.md``): an effort comes from
 ``reasoning_effort``, else ``reasoning.effort``, else a ``-minimal`` / ``-low`` / ``-medium`` /
-``-high`` / ``-xhigh`` suffix on the model name (stripped from it); ``none`` counts as ``low``;
-the value is then clamped to the model's allowed range, and a model's default applies when none
-was given. The per-model table is configuration (``chat_bridge_models``), not code.
+``-high`` / ``-xhigh`` / ``-max`` / ``-ultra`` suffix on the model name (stripped from it);
+``none`` counts as ``low``; the value is then clamped to the model's allowed range, and a
+model's default applies when none was given. The per-model table is configuration
+(``chat_bridge_models``), not code; without one, the built-in table is the pinned Codex's
+catalog (``config/codex-models.yaml``, :mod:`addons.codex_models`: each model's supported
+reasoning levels and default, ``max`` and ``ultra`` included) followed by the Go bridge's table
+for the older API models Codex's catalog no longer lists.
 """
 
 from __future__ import annotations
@@ -13,18 +17,22 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-#: Efforts from least to most.
-ORDER = ("minimal", "low", "medium", "high", "xhigh")
+from addons.codex_models import Catalog, catalog
+
+#: Efforts from least to most (``max`` and ``ultra``: Codex 0.171's catalog).
+ORDER = ("minimal", "low", "medium", "high", "xhigh", "max", "ultra")
 ALIASES = {"none": "low"}
 
 
 @dataclass(frozen=True)
 class ModelEfforts:
     """A model's allowed efforts (a contiguous range of :data:`ORDER`) and its default (``None``:
-    send none and let the upstream decide)."""
+    send none and let the upstream decide); ``listed``: ``GET /v1/models`` shows it (a model
+    the catalog hides still resolves and clamps)."""
 
     allowed: tuple[str, ...]
     default: str | None = None
+    listed: bool = True
 
     def clamp(self, effort: str) -> str:
         """``effort`` moved into the allowed range (below it: the lowest; above: the highest)."""
@@ -35,8 +43,8 @@ class ModelEfforts:
         return ORDER[min(ranks)] if rank < min(ranks) else ORDER[max(ranks)]
 
 
-#: The Go bridge's table, used when the configuration names none.
-DEFAULT_MODELS: dict[str, ModelEfforts] = {
+#: The Go bridge's table (older API models), after the catalog's in the built-in table.
+GO_BRIDGE_MODELS: dict[str, ModelEfforts] = {
     "gpt-5": ModelEfforts(("minimal", "low", "medium", "high")),
     "gpt-5-codex": ModelEfforts(("minimal", "low", "medium", "high")),
     "gpt-5.1": ModelEfforts(("low", "medium", "high"), "low"),
@@ -44,6 +52,34 @@ DEFAULT_MODELS: dict[str, ModelEfforts] = {
     "gpt-5.1-codex-max": ModelEfforts(("low", "medium", "high", "xhigh"), "low"),
     "gpt-5-codex-mini": ModelEfforts(("medium", "high"), "medium"),
     "gpt-5.1-codex-mini": ModelEfforts(("medium", "high"), "medium"),
+}
+
+
+def catalog_models(snapshot: Catalog) -> dict[str, ModelEfforts]:
+    """The catalog's models (in its order) as effort specs: the supported reasoning levels that
+    are efforts of :data:`ORDER`, its default level, listed unless the catalog hides it.
+
+    Raises:
+        ValueError: when a model's levels are no contiguous range of :data:`ORDER` (a catalog
+            this module must learn first).
+    """
+    out = {}
+    for m in snapshot.models:
+        levels = [e for e in m.supported_reasoning_levels if e in ORDER]
+        if not levels:
+            continue
+        ranks = sorted(ORDER.index(e) for e in levels)
+        if ranks != list(range(ranks[0], ranks[-1] + 1)):
+            raise ValueError(f"{m.slug}: catalog efforts {levels} are not a contiguous range")
+        default = m.default_reasoning_level if m.default_reasoning_level in levels else None
+        out[m.slug] = ModelEfforts(tuple(ORDER[r] for r in ranks), default, m.listed)
+    return out
+
+
+#: The built-in table: the pinned Codex's catalog, then the Go bridge's older models.
+DEFAULT_MODELS: dict[str, ModelEfforts] = {
+    **catalog_models(catalog()),
+    **{k: v for k, v in GO_BRIDGE_MODELS.items() if k not in catalog().slugs()},
 }
 
 
@@ -93,9 +129,9 @@ def normalize(effort: Any, field: str) -> str:
 def resolve(body: dict[str, Any], models: dict[str, ModelEfforts]) -> tuple[str, str | None]:
     """``(model to send upstream, effort or None)`` for a Chat Completions body.
 
-    A suffix is stripped only when what remains is a configured model (``gpt-5.1-codex-high``
-    -> ``gpt-5.1-codex`` + ``high``); an unknown model keeps its name and any explicit effort,
-    unclamped.
+    A suffix is stripped only when the whole name is no configured model and what remains is
+    one (``gpt-6.2-sol-max`` -> ``gpt-6.2-sol`` + ``max``; ``gpt-5.1-codex-max`` stays a model
+    of its own); an unknown model keeps its name and any explicit effort, unclamped.
 
     Raises:
         ValueError: for a missing model or an invalid effort.
@@ -105,7 +141,7 @@ def resolve(body: dict[str, Any], models: dict[str, ModelEfforts]) -> tuple[str,
         raise ValueError("model: required (a string)")
     suffix = None
     base, _, tail = model.rpartition("-")
-    if tail in ORDER and base in models:
+    if model not in models and tail in ORDER and base in models:
         model, suffix = base, tail
     effort = None
     if body.get("reasoning_effort") is not None:
@@ -121,9 +157,11 @@ def resolve(body: dict[str, Any], models: dict[str, ModelEfforts]) -> tuple[str,
 
 
 def model_ids(models: dict[str, ModelEfforts]) -> list[str]:
-    """What ``GET /v1/models`` lists: each model, then its ``-effort`` variants."""
+    """What ``GET /v1/models`` lists: each listed model, then its ``-effort`` variants."""
     ids = []
     for name, spec in models.items():
+        if not spec.listed:
+            continue
         ids.append(name)
         ids += [f"{name}-{e}" for e in spec.allowed]
     return ids

@@ -197,6 +197,8 @@ class UsageAccounting:
                 m.tokens.labels(member, kind).inc(amount)
         if row["credits_micro"]:
             m.credits.labels(member, (row["model"] or "")[:64]).inc(row["credits_micro"] / MICRO)
+        elif row["credits_micro"] is None and not self.core.card.prices(row["model"]):
+            m.unpriced.labels((row["model"] or "")[:64]).inc()
         m.duration.labels(row["route"]).observe(row["duration_ms"] / 1000)
         if row["ttfb_ms"] is not None:
             m.ttfb.labels(row["route"]).observe(row["ttfb_ms"] / 1000)

@@ -23,7 +23,13 @@ from addons.cli import OptionSpecs, _port, _set_spec, record_options, run_mitmdu
 from addons.credits import RateCard
 from addons.forward import parse_upstream_url
 from addons.gateway_mode import keypool
-from addons.gateway_mode.config import DEFAULT_GATEWAY_CONFIG, GatewayConfig, load_gateway_config
+from addons.gateway_mode.config import (
+    DEFAULT_GATEWAY_CONFIG,
+    GatewayConfig,
+    load_gateway_config,
+    rate_card_gap_lines,
+    rate_card_gaps,
+)
 from addons.gateway_mode.database import Database, DatabaseError, now_ms
 from addons.gateway_mode.ledger import IN_FLIGHT
 from addons.gateway_mode.tls import listen_policy
@@ -335,11 +341,12 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
         elif ns.command == "usage":
             now = now_ms()
             since = parse_since(ns.since, now)
-            summary = summarize_usage(db.usage_rows(since, ns.member), config.rate_card())
+            card = config.rate_card()
+            summary = summarize_usage(db.usage_rows(since, ns.member), card)
+            gaps = rate_card_gaps(card)
             if ns.json:
-                out.write(
-                    json.dumps({"since": iso(since), "until": iso(now), **summary}, indent=2) + "\n"
-                )
+                doc = {"since": iso(since), "until": iso(now), **summary, "unpriced_models": gaps}
+                out.write(json.dumps(doc, indent=2) + "\n")
             else:
                 rows = [
                     [
@@ -384,6 +391,8 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
                         f"{summary['total']['unpriced']} request(s) unpriced: their model had no "
                         "rate-card entry (credits.rates) when they ran\n"
                     )
+                for line in rate_card_gap_lines(gaps, config.path, card):
+                    out.write(line + "\n")
         return 0
     finally:
         db.dispose()

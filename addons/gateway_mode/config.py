@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from addons.codex_models import Catalog, catalog
 from addons.credits import RateCard, parse_rate_card
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -126,3 +127,42 @@ def load_gateway_config(path: str) -> GatewayConfig:
     except OSError as e:
         raise ValueError(f"{path}: cannot read config: {e.strerror}") from None
     return parse_gateway_config(text, os.path.abspath(path))
+
+
+def rate_card_gaps(card: RateCard, snapshot: Catalog | None = None) -> list[dict[str, Any]]:
+    """The pinned Codex's catalog models (``config/codex-models.yaml``, in catalog order, hidden
+    ones included: Codex may send them) that ``card`` cannot price, each as ``{"model",
+    "yaml_key" (e.g. ``credits.rates.gpt-6.2-sol``), "codex_default" (bool)}``."""
+    snapshot = snapshot or catalog()
+    return [
+        {
+            "model": model,
+            "yaml_key": f"credits.{card.table_key}.{model}",
+            "codex_default": model == snapshot.default_model,
+        }
+        for model in card.unpriced(snapshot.slugs())
+    ]
+
+
+def rate_card_gap_lines(gaps: list[dict[str, Any]], path: str, card: RateCard) -> list[str]:
+    """What the gateway says about ``gaps`` (:func:`rate_card_gaps`) at start-up and in
+    ``usage``: which models are unpriced, the YAML key to set for each, and an example."""
+    if not gaps:
+        return []
+    version = catalog().codex_version
+    example = next((g["model"] for g in gaps if g["codex_default"]), gaps[0]["model"])
+    target = next(iter(card.table), None)
+    mapping = f"{{same_as: {target}}}" if target else "{input: ..., cached_input: ..., output: ...}"
+    lines = [
+        f"the rate card cannot price {len(gaps)} model(s) of Codex {version}'s catalog: their "
+        "requests are unpriced, and refused to members with a credit quota. Set in "
+        f"{path}:",
+    ]
+    for gap in gaps:
+        note = "  (Codex's default model)" if gap["codex_default"] else ""
+        lines.append(f"  {gap['yaml_key']}{note}")
+    lines.append(
+        f"  e.g. credits.{card.table_key}.{example}: {mapping} (another entry's rates), "
+        f"or credits.{card.table_key}.default: {mapping} for every model the card lacks"
+    )
+    return lines

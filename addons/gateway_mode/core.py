@@ -24,7 +24,12 @@ from addons.body_decode import DecodeLimits, JsonTooDeep, decode_body, loads_jso
 from addons.common import ALLOWED, REFUSED, error_response, fail_closed
 from addons.credits import RateCard
 from addons.gateway_mode import keypool
-from addons.gateway_mode.config import DEFAULT_GATEWAY_CONFIG, load_gateway_config
+from addons.gateway_mode.config import (
+    DEFAULT_GATEWAY_CONFIG,
+    load_gateway_config,
+    rate_card_gap_lines,
+    rate_card_gaps,
+)
 from addons.gateway_mode.database import Database
 from addons.gateway_mode.ledger import UsageLedger
 from addons.gateway_mode.members import same_hash
@@ -395,6 +400,9 @@ class GatewayOptions:
                 self._load_keys(opts.codex_gateway_keys_file)
             core = self.core
             core.card = config.rate_card()
+            gaps = rate_card_gap_lines(rate_card_gaps(core.card), config.path, core.card)
+            if gaps:
+                logger.warning("gateway: %s", "\n".join(gaps))
             core.require_codex_client = config.require_codex_client
             core.max_attempts = config.max_attempts
             core.cooldown_s = config.cooldown_seconds

@@ -42,6 +42,14 @@ class GatewayMetrics:
             ["member", "model"],
             registry=r,
         )
+        self.unpriced = Counter(
+            "codex_gateway_unpriced_requests",
+            "Requests whose model the rate card cannot price (forwarded unpriced, or refused "
+            "to a member with a credit quota), by model: add the model, a same_as or a "
+            "default entry under credits.rates.",
+            ["model"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "codex_gateway_in_flight", "Forwarded requests (streams) in flight.", registry=r
         )

@@ -146,6 +146,7 @@ class QuotaGate:
         ):
             return False
         self.core.metrics.refused.labels("unpriced_model").inc()
+        self.core.metrics.unpriced.labels(str(info["model"] or "")[:64]).inc()
         refuse(
             flow,
             "unpriced-model",
@@ -154,7 +155,8 @@ class QuotaGate:
                 "unpriced_model",
                 f"model {info['model']!r} has no entry in the gateway's rate card, and "
                 f"member {flow.metadata[MEMBER]['member']!r} has a credit quota: add the model "
-                "(or a 'default' entry) under credits.rates in the gateway config",
+                "(its own rates or {same_as: <priced model>}, or a 'default' entry) under "
+                "credits.rates in the gateway config",
                 model=info["model"],
             ),
         )

@@ -7,4 +7,6 @@ replay, gateway).
 - ``worker``: one worker process: hardened, reads the secret from its pipe, runs mitmdump.
 - ``reuseport``: the one seam patched in mitmproxy: listening with ``SO_REUSEPORT``.
 - ``merge``: one recording from N workers (ledger, summary, report, flows, HAR).
+- ``identity_feed``: ``--github-oidc``: the supervisor renews the one workload identity and
+  writes each access token to every worker over its pipe.
 """

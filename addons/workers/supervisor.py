@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from addons.server_info import server_info_line, write_atomically
 from addons.workers.reuseport import reuseport_socket
@@ -83,9 +84,9 @@ def set_value(args: list[str], name: str) -> str | None:
 
 @dataclass
 class Plan:
-    """What to run: ``count`` workers of ``kind`` (``strict`` / ``gateway``), the mitmdump
-    ``args`` a single process would get, and ``secret`` (the bytes the worker reads as if
-    from stdin; zeroed by :func:`run` when it returns)."""
+    """What to run: ``count`` workers of ``kind`` (``strict`` / ``gateway`` / ``oidc``), the
+    mitmdump ``args`` a single process would get, and ``secret`` (the bytes the worker reads
+    as if from stdin; zeroed by :func:`run` when it returns)."""
 
     count: int
     kind: str
@@ -93,6 +94,9 @@ class Plan:
     secret: bytearray
     #: Per-worker option changes beyond the ones :func:`run` makes (e.g. the gateway's spool).
     per_worker: Callable[[int], dict[str, str]] = field(default=lambda _i: {})
+    #: The keyless mode's :class:`~addons.workers.identity_feed.IdentityFeed`: each worker's
+    #: pipe stays open and carries every renewed access token.
+    feed: Any = None
 
 
 @dataclass
@@ -160,10 +164,13 @@ class Supervisor:
             )
         finally:
             os.close(read_end)
-        try:
-            os.write(write_end, bytes(self.plan.secret))
-        finally:
-            os.close(write_end)
+        if self.plan.feed is not None:
+            self.plan.feed.attach(index, write_end)  # writes the current token, keeps the pipe
+        else:
+            try:
+                os.write(write_end, bytes(self.plan.secret))
+            finally:
+                os.close(write_end)
         logger.info("worker %d started (pid %d)", index, proc.pid)
         return _Worker(index, proc, info)
 
@@ -177,6 +184,8 @@ class Supervisor:
         try:
             for index in range(self.plan.count):
                 self.workers.append(self.spawn(index))
+            if self.plan.feed is not None:
+                self.plan.feed.start()
             if not self._wait_started():
                 return self.exit_code
             if self.server_info:
@@ -192,6 +201,8 @@ class Supervisor:
             return self.exit_code
         finally:
             self._stop_all()
+            if self.plan.feed is not None:
+                self.plan.feed.stop()
             for s, handler in old.items():
                 signal.signal(s, handler)
             for i in range(len(self.plan.secret)):

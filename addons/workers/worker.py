@@ -1,4 +1,4 @@
-"""One worker process: ``python -m addons.workers.worker --secret-fd FD --kind strict|gateway
+"""One worker process: ``python -m addons.workers.worker --secret-fd FD --kind strict|gateway|oidc
 -- MITMDUMP_ARGS...`` (started by :mod:`addons.workers.supervisor`, never by hand).
 
 Hardened first (as the single-process launcher is), then it reads the secret from the pipe the
@@ -16,11 +16,18 @@ from collections.abc import Sequence
 
 
 def load_secret(kind: str, fd: int) -> None:
-    """Read the secret of ``kind`` from ``fd`` into its holder module, then close ``fd``.
+    """Read the secret of ``kind`` from ``fd`` into its holder module, then close ``fd``
+    (``oidc``: the first access token; ``fd`` stays open for the renewed ones).
 
     Raises:
-        ValueError: the secret breaks its rules (``ApiKeyError`` / ``UpstreamKeyError``).
+        ValueError: the secret breaks its rules (``ApiKeyError`` / ``UpstreamKeyError`` /
+            ``WorkloadIdentityError``).
     """
+    if kind == "oidc":
+        from addons.workers.identity_feed import follow
+
+        follow(fd)
+        return
     with os.fdopen(fd, "rb", buffering=0) as pipe:
         if kind == "gateway":
             from addons.gateway_mode import keypool
@@ -36,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one worker; returns its exit code."""
     parser = argparse.ArgumentParser(prog="codex-proxy-worker")
     parser.add_argument("--secret-fd", type=int, required=True)
-    parser.add_argument("--kind", choices=["strict", "gateway"], required=True)
+    parser.add_argument("--kind", choices=["strict", "gateway", "oidc"], required=True)
     parser.add_argument("mitmdump_args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     args = ns.mitmdump_args[1:] if ns.mitmdump_args[:1] == ["--"] else ns.mitmdump_args
