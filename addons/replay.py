@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from addons.body_decode import decode_body, loads_json
 from addons.redaction import REDACTED
 from addons.sse_events import completed_response, parse_sse_text
 
@@ -209,10 +210,15 @@ class ReplayUpstream:
         from aiohttp import web
 
         raw = await request.read()
+        # Decoded here, within the decode limits (the server's own decompression is off: it
+        # has no bound on what a bomb expands to).
+        decoded = decode_body(raw, request.headers.get("content-encoding"))
         try:
-            incoming = json.loads(raw or b"null")
-        except ValueError:
-            incoming = raw.decode("utf-8", "replace")
+            incoming = loads_json(decoded.data or b"null")
+        except ValueError:  # not JSON, or nested too deep
+            incoming = decoded.data.decode("utf-8", "replace")
+        if decoded.error:
+            incoming = f"(request body not readable: {decoded.error})"
         with self._lock:
             index = self.next_index
             if index >= len(self.exchanges):
@@ -263,7 +269,7 @@ class ReplayUpstream:
 
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_route("POST", "/v1/responses", self._handle)
-        self._server = ThreadedServer(app, "replay-upstream")
+        self._server = ThreadedServer(app, "replay-upstream", auto_decompress=False)
         self.port = self._server.start()
         return self.port
 

@@ -162,6 +162,15 @@ def test_replay_mismatch_is_409_saying_what_differed(upstream, start_proxy, tmp_
             conn.close()
             return out
 
+        # A decompression bomb is read within the decode limits (issue 20): a mismatch.
+        import gzip as gzip_module
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        bomb = gzip_module.compress(bytes(1024 * 1024), 9) * 512  # 512 MiB in ~540 KB
+        conn.request("POST", "/v1/responses", bomb, {"content-encoding": "gzip"})
+        resp = conn.getresponse()
+        assert resp.status == 409 and b"replay_mismatch" in resp.read()
+        conn.close()
         status, body = post({"model": "gpt-b", "input": "hi", "stream": True})
         assert status == 409
         message = json.loads(body)["error"]["message"]
