@@ -5,6 +5,8 @@
 #   ./run.sh codex-config --server-info FILE | --port N    Codex's provider config
 #   ./run.sh record DIR [FLAGS]   the proxy, recording the session into DIR (key on stdin)
 #   ./run.sh replay DIR [--pace original|fast] [FLAGS]   serve a recording offline, no key
+#   ./run.sh compare BASE NEW [--set name=value] [--markdown [F]] [--json [F]]   judge a
+#       recording against the last good one: exit 0 pass, 1 regression, 2 unreadable
 #   ./run.sh web [FLAGS] [--web-port N]   the proxy behind mitmweb (key on stdin)
 #   ./run.sh gateway [--config F] [--database URL] COMMAND   gateway mode: init, add-member,
 #       set-member, add-key, list-keys, revoke-key, usage, serve (upstream keys on stdin)
@@ -203,6 +205,11 @@ case "$cmd" in
         shift
         ensure_venv
         exec "$VENV/bin/python" -m addons.replay "$@" </dev/null
+        ;;
+    compare)
+        shift
+        ensure_venv
+        exec "$VENV/bin/python" -m addons.compare "$@" </dev/null
         ;;
     gateway)
         shift

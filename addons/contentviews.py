@@ -17,7 +17,6 @@ in mitmweb's "View" menu:
 
 from __future__ import annotations
 
-import json
 import logging
 import textwrap
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 from mitmproxy import contentviews, http
 from mitmproxy.contentviews import Metadata
 
+from addons.body_decode import loads_json
 from addons.common import CHUNK_TIMING
 from addons.responses_turn import Turn, assemble_turn, excerpt, input_items, tool_names
 from addons.sse_events import Timeline, timeline
@@ -137,7 +137,7 @@ class ResponsesRequestContentview(contentviews.Contentview):
 
     def prettify(self, data: bytes, metadata: Metadata) -> str:
         """Render; raises ``ValueError`` for a body that is not a JSON object."""
-        return render_request(json.loads(data))
+        return render_request(loads_json(data))
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         """High for the JSON body of a request to ``/v1/responses``; else not for this data."""

@@ -20,7 +20,8 @@ from typing import Any
 import orjson
 from mitmproxy import ctx, exceptions, http
 
-from addons.body_decode import decode_body
+from addons import body_decode
+from addons.body_decode import DecodeLimits, JsonTooDeep, decode_body, loads_json
 from addons.common import (
     ALLOWED,
     BRIDGE_CLIENT_BODY,
@@ -59,32 +60,50 @@ class _NonFinite(float):
         return super().__new__(cls, float(literal))
 
 
-def _parse_body(data: bytes) -> Any:
+def _parse_body(data: bytes) -> tuple[Any, str | None]:
+    """``(body, note)``: parsed JSON when the whole body parses, else the text; ``note`` says
+    why a JSON-looking body was kept as text (nested too deep)."""
     text = data.decode("utf-8", "replace")
     if text.strip():
         try:
-            # json, not orjson: orjson turns integers beyond 64 bits into floats.
-            return json.loads(text, parse_constant=_NonFinite)
+            # exact: the json module keeps integers beyond 64 bits (orjson makes them floats).
+            return loads_json(text, exact=True, parse_constant=_NonFinite), None
+        except JsonTooDeep as e:
+            return text, f"{e}; kept as text"
         except ValueError:
             pass
-    return text
+    return text, None
 
 
-def render_body_fields(raw: bytes, content_encoding: str | None) -> dict[str, Any]:
+def render_body_fields(
+    raw: bytes, content_encoding: str | None, limits: DecodeLimits | None = None
+) -> dict[str, Any]:
     """The body fields of a dump document: ``{"body": ...}``, plus marks for an encoded body.
 
     The body is decoded from gzip/br/zstd/deflate when it says so (for the dump only; the wire
-    keeps the bytes), by the shared :mod:`addons.body_decode`, then parsed JSON when the whole
-    body parses, else a UTF-8 string (invalid bytes replaced); an SSE stream is one string (the
-    reference proxy's rule, plus decoding). An encoded body adds ``"body_decoded_from"`` (the
-    codings as applied, e.g. ``"zstd"``). When it cannot be decoded completely (a truncated
-    stream, invalid data, an unknown coding), ``"body"`` holds what could be decoded (the raw
-    bytes as text when nothing could, as mitmproxy's ``get_content(strict=False)`` does),
-    ``"body_decode_error"`` says why and ``"body_raw_base64"`` keeps the raw bytes.
+    keeps the bytes), by the shared :mod:`addons.body_decode` within ``limits`` (``None``: the
+    process's), then parsed JSON when the whole body parses (at most
+    :data:`addons.body_decode.MAX_JSON_DEPTH` deep), else a UTF-8 string (invalid bytes
+    replaced); an SSE stream is one string (the reference proxy's rule, plus decoding). An
+    encoded body adds ``"body_decoded_from"`` (the codings as applied, e.g. ``"zstd"``). When it
+    cannot be decoded completely (a truncated stream, invalid data, an unknown coding),
+    ``"body"`` holds what could be decoded (the raw bytes as text when nothing could, as
+    mitmproxy's ``get_content(strict=False)`` does), ``"body_decode_error"`` says why and
+    ``"body_raw_base64"`` keeps the raw bytes. Past the decode limit (a decompression bomb)
+    ``"body"`` is ``null``: the body is kept only as received, base64, with
+    ``"body_content_encoding"`` naming its coding and ``"body_decode_error"`` the limit. A JSON
+    body nested too deep is kept as text with ``"body_note"`` saying so.
     """
-    decoded = decode_body(raw, content_encoding)
-    shown = decoded.data if decoded.data or decoded.error is None else raw
-    fields: dict[str, Any] = {"body": _parse_body(shown)}
+    decoded = decode_body(raw, content_encoding, limits)
+    fields: dict[str, Any]
+    if decoded.over_limit:
+        fields = {"body": None, "body_content_encoding": content_encoding}
+    else:
+        shown = decoded.data if decoded.data or decoded.error is None else raw
+        body, note = _parse_body(shown)
+        fields = {"body": body}
+        if note:
+            fields["body_note"] = note
     if decoded.codings:
         fields["body_decoded_from"] = ", ".join(decoded.codings)
     if decoded.error is not None:
@@ -98,7 +117,11 @@ def render_document(doc: dict[str, Any]) -> bytes:
 
     Rendered by orjson (50x faster than the json module's indented encoder, byte-identical
     output; ``tests/test_dumps.py`` checks that property), falling back to ``json`` for what
-    orjson cannot encode (NaN, integers beyond 64 bits).
+    orjson cannot encode (NaN, integers beyond 64 bits, nesting past its 255 levels).
+
+    Raises:
+        RecursionError: a body nested too deep for the json module as well (callers keep it
+            as text, see :func:`render_and_write`).
     """
     try:
         return orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
@@ -139,14 +162,22 @@ def write_file_atomically(directory: str, name: str, data: bytes) -> str:
 
 def render_and_write(directory: str, name: str, doc: dict[str, Any]) -> str | None:
     """Render one dump document and write it; runs on the :class:`DumpThread`, or in the
-    worker process for large bodies. ``doc["body"]`` may be ``(raw bytes, content-encoding)``,
-    rendered here by :func:`render_body_fields`. Returns ``None`` on success, else the error text
-    (never raises, so the caller can count and log failures)."""
+    worker process for large bodies. ``doc["body"]`` may be ``(raw bytes, content-encoding,
+    decode limits)``, rendered here by :func:`render_body_fields`. A parsed body too deep to
+    render is written as its text. Returns ``None`` on success, else the error text (never
+    raises, so the caller can count and log failures)."""
     try:
         body = doc.get("body")
         if isinstance(body, tuple):
             doc = {**doc, **render_body_fields(*body)}
-        write_file_atomically(directory, name, render_document(doc))
+        try:
+            data = render_document(doc)
+        except RecursionError:
+            raw, encoding, limits = body if isinstance(body, tuple) else (b"", None, None)
+            text = decode_body(raw, encoding, limits).data.decode("utf-8", "replace")
+            doc = {**doc, "body": text, "body_note": "JSON nested too deep to render; kept as text"}
+            data = render_document(doc)
+        write_file_atomically(directory, name, data)
         return None
     except Exception as e:
         return f"{type(e).__name__}: {e}"
@@ -235,8 +266,8 @@ def _client_side(text: Any) -> Any:
     if not isinstance(text, str):
         return None
     try:
-        return json.loads(text)
-    except ValueError:
+        return loads_json(text)
+    except ValueError:  # not JSON, or nested too deep
         return text
 
 
@@ -434,7 +465,7 @@ class DumpWriter:
             "method": exchange.method,
             "url": exchange.url,
             "headers": exchange.headers,
-            "body": (raw, content_encoding),
+            "body": (raw, content_encoding, body_decode.LIMITS),
         }
         if client_body is not None:  # the Chat Completions bridge: what the client sent
             doc["client_body"] = client_body
@@ -478,7 +509,11 @@ class DumpWriter:
             doc = {
                 "status": response.status_code,
                 "headers": redact_fields(response.headers.fields, self.extra_redact),
-                "body": (response.raw_content or b"", response.headers.get("content-encoding")),
+                "body": (
+                    response.raw_content or b"",
+                    response.headers.get("content-encoding"),
+                    body_decode.LIMITS,
+                ),
             }
         if error is not None:
             doc["error"] = error

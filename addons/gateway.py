@@ -7,6 +7,8 @@ Only lists the addons, in hook order: the strict proxy's shared addons and the g
 """
 
 from addons.allowlist import Allowlist
+from addons.body_decode import DecodeLimitOptions
+from addons.bomb_fence import BombFence
 from addons.contentviews import CodexContentviews
 from addons.dumps import DumpWriter
 from addons.error_replies import JsonErrorReplies
@@ -16,7 +18,7 @@ from addons.gateway_mode.codex_filter import CodexFilter
 from addons.gateway_mode.codex_replies import CodexReplies
 from addons.gateway_mode.connect import RetryingConnect
 from addons.gateway_mode.cookies import NoCookies
-from addons.gateway_mode.core import GatewayClose, GatewayCore, GatewayOptions
+from addons.gateway_mode.core import GatewayClose, GatewayCore, GatewayOptions, RequestFacts
 from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.local_routes import LocalRoutes
 from addons.gateway_mode.quota import QuotaGate
@@ -34,6 +36,7 @@ forwarder = PoolForwarder(core)
 
 addons = [
     OptionGuard(),
+    DecodeLimitOptions(),  # how far a body may expand when read (dumps, views, facts)
     ListenTls(),
     GatewayOptions(core),
     CodexContentviews(),
@@ -45,6 +48,7 @@ addons = [
     Allowlist(),  # POST /v1/responses (+ /v1/responses/compact via codex_extra_routes)
     MemberAuth(core),  # 401 unless a live member key; removes it from the flow
     NoCookies(),
+    RequestFacts(core),  # request: model/service_tier off the loop; 413 bomb, 400 deep JSON
     CodexFilter(core),  # request: 403 for non-Codex clients
     QuotaGate(core),  # request: 429/503 before anything goes upstream
     forwarder,  # requestheaders: route; request: pick and inject an upstream key last
@@ -55,6 +59,7 @@ addons = [
     HeaderRedaction(),
     DumpWriter(),
     Recorder(),
+    BombFence(),  # after Recorder: bodies past the decode limit stay as received in HAR/mitmweb
     UsageAccounting(core, forwarder),
     RetryingConnect(core),
     GatewayClose(core),  # last: its done() runs after accounting has queued the last rows

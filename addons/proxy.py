@@ -6,6 +6,8 @@ imported modules.
 """
 
 from addons.allowlist import Allowlist
+from addons.body_decode import DecodeLimitOptions
+from addons.bomb_fence import BombFence
 from addons.bridge.addons import ChatBridge, ChatReplies
 from addons.contentviews import CodexContentviews
 from addons.dumps import DumpWriter
@@ -24,6 +26,7 @@ from addons.workload_identity import WorkloadIdentityRenewal
 
 addons = [
     OptionGuard(),
+    DecodeLimitOptions(),  # how far a body may expand when read (dumps, views, facts)
     CodexContentviews(),
     JsonErrorReplies(),
     ServerInfo(),
@@ -37,6 +40,7 @@ addons = [
     RequestStreaming(),
     DumpWriter(),
     Recorder(),
+    BombFence(),  # after Recorder: bodies past the decode limit stay as received in HAR/mitmweb
     WorkloadIdentityRenewal(),  # before the forwarder: the keyless mode's token it injects
     UpstreamForwarder(),
     UpstreamConnect(),

@@ -2,23 +2,26 @@
 
 The recording directory gets (the launcher sets the other parts up): ``dumps/`` (the dump pairs),
 ``flows.mitm`` (mitmproxy flow file), ``session.har``, and from this addon ``usage.jsonl`` (one
-line per request as it finishes), ``summary.json``, ``summary.txt`` and ``report.html`` (at
-exit).
+line per request as it finishes), ``summary.json`` (with its :data:`SUMMARY_FORMAT_VERSION`),
+``summary.txt`` and ``report.html`` (at exit). ``./run.sh compare`` (``addons/compare.py``)
+reads them back.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from decimal import Decimal
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.body_decode import decode_body
+from addons.body_decode import decode_body, loads_json, parse_codings
 from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ, REFUSED
 from addons.credits import RateCard, load_rate_card
 from addons.dumps import write_file_atomically
@@ -28,6 +31,9 @@ from addons.sse_events import timeline
 from addons.sse_stream import is_event_stream
 
 logger = logging.getLogger(__name__)
+
+#: Compressed bodies larger than this (bytes, as received) are decoded off the event loop.
+HEAVY_BYTES = 64 * 1024
 
 
 @dataclass
@@ -170,6 +176,12 @@ def add_usd(summary: dict[str, Any], rate_card: RateCard | None) -> None:
         totals["usd"] = str(rate_card.usd(Decimal(totals["credits"])))
 
 
+#: The layout of ``summary.json`` (its ``format_version``). A recording written before the field
+#: existed has the same layout and reads as version 1; a reader refuses a newer version than it
+#: knows (``./run.sh compare`` exits 2). Bump it when a field changes meaning or goes away.
+SUMMARY_FORMAT_VERSION = 1
+
+
 def write_summary(
     directory: str,
     records: list[RequestRecord],
@@ -179,7 +191,7 @@ def write_summary(
 ) -> None:
     """Write ``summary.json``, ``summary.txt`` and ``report.html`` of a session into
     ``directory`` and log the summary. Raises ``OSError`` when a file cannot be written."""
-    summary = summarize(records)
+    summary = {"format_version": SUMMARY_FORMAT_VERSION, **summarize(records)}
     summary["refused"] = refused
     add_usd(summary, rate_card)
     write_file_atomically(
@@ -194,6 +206,37 @@ def write_summary(
     add_usd(full, rate_card)
     page = render_report(full, refused, dump_links(directory, dump_dir))
     write_file_atomically(directory, "report.html", page.encode())
+
+
+def read_ledger(directory: str) -> list[RequestRecord]:
+    """Every ``usage.jsonl`` line of a recording as a :class:`RequestRecord`, oldest first (by
+    ``started``); ``[]`` when there is no ledger. Fields a newer writer added are ignored; a
+    usage dict keeps every token kind it holds.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: a line is not a JSON object (e.g. a ledger cut mid-line), naming the line.
+    """
+    path = os.path.join(directory, "usage.jsonl")
+    names = {f.name for f in fields(RequestRecord)}
+    records = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    data = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"usage.jsonl line {number}: not JSON ({e})") from None
+                try:
+                    if not isinstance(data, dict):
+                        raise TypeError(type(data).__name__)
+                    records.append(RequestRecord(**{k: v for k, v in data.items() if k in names}))
+                except TypeError as e:
+                    raise ValueError(f"usage.jsonl line {number}: not a ledger line: {e}") from None
+    records.sort(key=lambda r: r.started)
+    return records
 
 
 def append_line(path: str, line: str) -> None:
@@ -231,6 +274,7 @@ class Recorder:
         self.records: list[RequestRecord] = []
         #: Requests answered locally (allowlist 403, WebSocket 426, errors), for the report.
         self.refused: list[dict[str, Any]] = []
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -272,7 +316,7 @@ class Recorder:
                     raise exceptions.OptionsError(f"codex_record_dir: {path!r} not writable")
             self.directory = os.path.abspath(path) if path else ""
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Any:
         response = flow.response
         if self.directory and flow.metadata.get(REFUSED) and response is not None:
             if response.status_code >= 400:  # not the 200 of GET /shutdown, also local
@@ -285,12 +329,42 @@ class Recorder:
                         )
                     except OSError as e:
                         logger.error("record: cannot append a refusal: %s", e)
-        self._record(flow, None)
+        return self._finish(flow, None)
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._record(flow, flow.error.msg if flow.error else "error")
+    def error(self, flow: http.HTTPFlow) -> Any:
+        return self._finish(flow, flow.error.msg if flow.error else "error")
+
+    def _finish(self, flow: http.HTTPFlow, error: str | None) -> Any:
+        """Record the flow; a flow carrying a large compressed body (decoding it to the limit
+        takes up to ~100 ms for 32 MiB) is recorded on this addon's one thread, so the event
+        loop never decodes it (mitmproxy awaits the returned coroutine)."""
+        if self._heavy(flow):
+            return self._record_off_loop(flow, error)
+        self._record(flow, error)
+        return None
+
+    @staticmethod
+    def _heavy(flow: http.HTTPFlow) -> bool:
+        return any(
+            message is not None
+            and parse_codings(message.headers.get("content-encoding"))
+            and len(message.raw_content or b"") > HEAVY_BYTES
+            for message in (flow.request, flow.response)
+        )
+
+    async def _record_off_loop(self, flow: http.HTTPFlow, error: str | None) -> None:
+        if not self.directory or flow.metadata.get(ALLOWED) is not True:
+            return
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="record-decode"
+            )
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._record, flow, error)
 
     def done(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         if not self.directory or ctx.options.codex_record_part:
             return
         try:
@@ -333,7 +407,7 @@ class Recorder:
             flow.request.raw_content or b"", flow.request.headers.get("content-encoding")
         )
         try:
-            body = json.loads(request_body.data or b"{}")
+            body = loads_json(request_body.data or b"{}")
             if isinstance(body, dict) and isinstance(body.get("model"), str):
                 model = body["model"]
             if isinstance(body, dict) and isinstance(body.get("service_tier"), str):
@@ -363,7 +437,7 @@ class Recorder:
                 decoded = decode_body(raw, content_encoding)
                 decode_error = decoded.error
                 try:
-                    payload = json.loads(decoded.data)
+                    payload = loads_json(decoded.data)
                     usage = usage_of(payload)
                     completed = isinstance(payload, dict) and payload.get("status") == "completed"
                 except ValueError:

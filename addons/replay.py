@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from addons.body_decode import decode_body, loads_json
 from addons.redaction import REDACTED
 from addons.sse_events import completed_response, parse_sse_text
 
@@ -61,6 +62,45 @@ class Exchange:
         return next((v for k, v in self.headers if k.lower() == "content-type"), "")
 
 
+@dataclass
+class DumpPair:
+    """One dump pair as written (``addons/dumps.py``): the request and response documents,
+    ``{"method", "url", "headers", "body"}`` and ``{"status", "headers", "body"[, "error"]}``."""
+
+    seq: int
+    request: dict[str, Any]
+    response: dict[str, Any]
+
+
+def read_dump_pairs(directory: str | Path) -> list[DumpPair]:
+    """Every complete dump pair of ``DIR/dumps/`` (or of dumps directly in ``DIR``), by
+    sequence number, failed exchanges included. A request without its response file is left
+    out (the proxy stopped before the exchange finished).
+
+    Raises:
+        OSError: a file cannot be read.
+        ValueError: a dump file is not a JSON object (the message names it).
+    """
+    root = Path(directory)
+    dumps = root / "dumps" if (root / "dumps").is_dir() else root
+    pairs = []
+    for req_path in sorted(dumps.glob("*-request.json")):
+        resp_path = req_path.with_name(req_path.name.replace("-request.json", "-response.json"))
+        if not resp_path.exists() or not req_path.name[:6].isdigit():
+            continue
+        docs = []
+        for path in (req_path, resp_path):
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ValueError(f"{path}: not JSON ({e})") from None
+            if not isinstance(doc, dict):
+                raise ValueError(f"{path}: not a dump (a JSON object)")
+            docs.append(doc)
+        pairs.append(DumpPair(int(req_path.name[:6]), docs[0], docs[1]))
+    return pairs
+
+
 def load_recording(directory: str | Path) -> list[Exchange]:
     """Read ``DIR/dumps/*`` pairs (or dumps directly in ``DIR``) and ``DIR/usage.jsonl``.
 
@@ -68,7 +108,6 @@ def load_recording(directory: str | Path) -> list[Exchange]:
         ValueError: when there is no complete pair to replay.
     """
     root = Path(directory)
-    dumps = root / "dumps" if (root / "dumps").is_dir() else root
     timing: dict[int, list[list[int]]] = {}
     ledger = root / "usage.jsonl"
     if ledger.exists():
@@ -80,27 +119,24 @@ def load_recording(directory: str | Path) -> list[Exchange]:
             if isinstance(rec.get("seq"), int):
                 timing[rec["seq"]] = rec.get("chunk_timing") or []
     exchanges = []
-    for req_path in sorted(dumps.glob("*-request.json")):
-        resp_path = req_path.with_name(req_path.name.replace("-request.json", "-response.json"))
-        if not resp_path.exists():
-            continue
-        req, resp = json.loads(req_path.read_text()), json.loads(resp_path.read_text())
+    for pair in read_dump_pairs(root):
+        req, resp = pair.request, pair.response
         body = resp.get("body", "")
         completed = isinstance(body, str) and completed_response(parse_sse_text(body)) is not None
         if resp.get("status") is None or (resp.get("error") and not completed):
             continue  # an exchange that failed while recording is not replayed
-        seq = int(req_path.name.split("-", 1)[0])
         exchanges.append(
             Exchange(
-                seq=seq,
+                seq=pair.seq,
                 request=req.get("body"),
                 status=int(resp["status"]),
                 headers=[(h["name"], h["value"]) for h in resp.get("headers", [])],
                 body=body,
-                chunk_timing=timing.get(seq, []),
+                chunk_timing=timing.get(pair.seq, []),
             )
         )
     if not exchanges:
+        dumps = root / "dumps" if (root / "dumps").is_dir() else root
         raise ValueError(f"no complete request/response dump pair in {dumps}")
     return exchanges
 
@@ -174,10 +210,15 @@ class ReplayUpstream:
         from aiohttp import web
 
         raw = await request.read()
+        # Decoded here, within the decode limits (the server's own decompression is off: it
+        # has no bound on what a bomb expands to).
+        decoded = decode_body(raw, request.headers.get("content-encoding"))
         try:
-            incoming = json.loads(raw or b"null")
-        except ValueError:
-            incoming = raw.decode("utf-8", "replace")
+            incoming = loads_json(decoded.data or b"null")
+        except ValueError:  # not JSON, or nested too deep
+            incoming = decoded.data.decode("utf-8", "replace")
+        if decoded.error:
+            incoming = f"(request body not readable: {decoded.error})"
         with self._lock:
             index = self.next_index
             if index >= len(self.exchanges):
@@ -228,7 +269,7 @@ class ReplayUpstream:
 
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_route("POST", "/v1/responses", self._handle)
-        self._server = ThreadedServer(app, "replay-upstream")
+        self._server = ThreadedServer(app, "replay-upstream", auto_decompress=False)
         self.port = self._server.start()
         return self.port
 
@@ -243,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="run.sh replay",
         description="Serve a recorded session offline on the proxy's CLI/server-info contract. "
-        "Other flags (--port, --server-info, --http-shutdown, --dump-dir, --set) go to the proxy.",
+        "Other flags (--port, --server-info, --http-shutdown, --dump-dir, --record, --set) go to "
+        "the proxy; --record NEW re-records the replay (for ./run.sh compare).",
     )
     parser.add_argument("recording", help="a --record directory (or a --dump-dir)")
     parser.add_argument(
@@ -253,8 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="stream SSE at the recorded pace or as fast as possible",
     )
     ns, proxy_args = parser.parse_known_args(argv)
-    if "--upstream-url" in proxy_args or "--record" in proxy_args:
-        parser.exit(2, f"{parser.prog}: error: --upstream-url/--record make no sense here\n")
+    if "--upstream-url" in proxy_args:
+        parser.exit(2, f"{parser.prog}: error: --upstream-url makes no sense here\n")
     if "--github-oidc" in proxy_args:  # a keyless workflow's flags, copied to its replay step
         parser.exit(2, f"{parser.prog}: error: a replay needs no credential: drop --github-oidc\n")
     try:

@@ -51,10 +51,29 @@ def _credits(r: dict[str, Any], priced: bool) -> str:
     return f"{r['credits']}{fast}"
 
 
-def tokens_chart(requests: Sequence[dict[str, Any]], width: int = 760, height: int = 220) -> str:
-    """SVG stacked bars per request: uncached input, cached input, output tokens."""
+def chart_scale(requests: Sequence[dict[str, Any]]) -> tuple[int, int, int]:
+    """``(most tokens in a turn, longest stream in ms, most events in a stream)`` of
+    ``requests``, each at least 1: the axes of :func:`tokens_chart` and :func:`arrival_chart`
+    (the max of two runs' scales puts their charts on the same axes)."""
+    tokens = [(r.get("usage") or {}) for r in requests]
+    streams = [r.get("event_ms") or [] for r in requests]
+    return (
+        max([u.get("input", 0) + u.get("output", 0) for u in tokens] + [1]),
+        max([ms[-1] for ms in streams if ms] + [1]),
+        max([len(ms) for ms in streams] + [1]),
+    )
+
+
+def tokens_chart(
+    requests: Sequence[dict[str, Any]],
+    width: int = 760,
+    height: int = 220,
+    top: int | None = None,
+) -> str:
+    """SVG stacked bars per request: uncached input, cached input, output tokens. ``top``:
+    the y axis's top in tokens (default: this run's largest turn)."""
     bars = [(r.get("seq"), r.get("usage") or {}) for r in requests]
-    top = max([u.get("input", 0) + u.get("output", 0) for _, u in bars] + [1])
+    top = top or chart_scale(requests)[0]
     left, bottom, plot_h = 60, 30, height - 50
     step = (width - left - 10) / max(1, len(bars))
     out = [f'<svg role="img" aria-label="tokens per turn" width="{width}" height="{height}">']
@@ -88,13 +107,18 @@ def tokens_chart(requests: Sequence[dict[str, Any]], width: int = 760, height: i
     return "".join(out) + f'<div class="muted">{legend.replace("input", "input (uncached)")}</div>'
 
 
-def arrival_chart(requests: Sequence[dict[str, Any]], width: int = 760, height: int = 240) -> str:
-    """SVG: for each stream, events received (y) against ms since its response headers (x)."""
+def arrival_chart(
+    requests: Sequence[dict[str, Any]],
+    width: int = 760,
+    height: int = 240,
+    scale: tuple[int, int] | None = None,
+) -> str:
+    """SVG: for each stream, events received (y) against ms since its response headers (x).
+    ``scale``: ``(ms, events)`` at the axes' ends (default: this run's longest stream)."""
     streams = [(r.get("seq"), r.get("event_ms") or []) for r in requests if r.get("event_ms")]
     if not streams:
         return '<p class="muted">No streamed replies with timing.</p>'
-    max_ms = max([ms[-1] for _, ms in streams] + [1])
-    max_n = max(len(ms) for _, ms in streams)
+    max_ms, max_n = scale or chart_scale(requests)[1:]
     left, bottom, right, top_pad = 60, 30, 10, 20
     plot_w, plot_h = width - left - right, height - bottom - top_pad
     out = [f'<svg role="img" aria-label="event arrival" width="{width}" height="{height}">']

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from addons.sse_events import SseEvent
+from addons.sse_events import SseEvent, parse_sse_text
 
 #: The terminal events of a Responses stream and the status each one means.
 TERMINAL = {
@@ -184,6 +184,34 @@ def assemble_turn(events: Sequence[tuple[int | None, SseEvent]]) -> Turn:
     turn.text = "".join(texts.values())
     turn.calls = list(calls.values())
     turn.reasoning = [summaries[k] for k in sorted(summaries)]
+    return turn
+
+
+def turn_of_reply(body: Any) -> Turn:
+    """A :class:`Turn` from a reply body as a dump file holds it (``addons/dumps.py``): an SSE
+    body (a decoded string) through :func:`assemble_turn` (no timing), or a JSON ``response``
+    object (a non-streamed reply): its status, usage and ``function_call`` output items.
+    Anything else is an empty turn with no status."""
+    if isinstance(body, str):
+        return assemble_turn([(None, ev) for ev in parse_sse_text(body)])
+    turn = Turn()
+    if not isinstance(body, dict):
+        return turn
+    turn.response_id, turn.model = body.get("id"), body.get("model")
+    status = body.get("status")
+    turn.status = status if status in ("completed", "incomplete", "failed") else None
+    turn.usage = usage_of(body)
+    for item in body.get("output") or []:
+        if isinstance(item, dict) and item.get("type") == "function_call":
+            arguments = item.get("arguments")
+            turn.calls.append(
+                FunctionCall(
+                    str(item.get("id", "")),
+                    str(item.get("name") or ""),
+                    str(item.get("call_id") or ""),
+                    arguments if isinstance(arguments, str) else "",
+                )
+            )
     return turn
 
 

@@ -12,7 +12,6 @@ through untouched, and this runs on the copy.
 from __future__ import annotations
 
 import codecs
-import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,7 +19,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from addons.body_decode import BodyDecoder
+from addons.body_decode import BodyDecoder, loads_json
 from addons.sse_stream import is_event_stream
 
 _EOL = re.compile(r"\r\n|\r|\n")
@@ -40,8 +39,8 @@ class SseEvent:
     def payload(self) -> Any:
         """``data`` parsed as JSON, or ``None`` when it is not JSON."""
         try:
-            return json.loads(self.data)
-        except ValueError:
+            return loads_json(self.data)
+        except ValueError:  # not JSON, or nested too deep
             return None
 
     @property

@@ -15,6 +15,8 @@ import time
 
 from mitmproxy import ctx, exceptions, hooks, http
 
+from addons.body_decode import DecodeLimitOptions
+from addons.bomb_fence import BombFence
 from addons.common import CHUNK_TIMING, LOCAL_REPLY_HEADER
 from addons.contentviews import CodexContentviews
 from addons.guard import OptionGuard
@@ -208,6 +210,7 @@ class FlowCap:
 # first refresh pushes the flow to the browser.
 addons = [
     OptionGuard(),
+    DecodeLimitOptions(),
     CodexContentviews(),
     ServerInfo(),
     HttpShutdown(),
@@ -215,4 +218,5 @@ addons = [
     HeaderRedaction(),
     FlowNotes(),
     FlowCap(),
+    BombFence(),  # a bomb that went through is shown as received, never decoded whole
 ]

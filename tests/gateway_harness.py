@@ -113,3 +113,59 @@ class Gateway:
 
 def bearer(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}", **CODEX_HEADERS}
+
+
+def member_codex_home(
+    tmp_path: Path, server: ProxyProcess, model: str | None = None
+) -> tuple[Path, Path, str]:
+    """A CODEX_HOME for a gateway member: ``(home, workdir, config.toml text)``, the config
+    being what ``./run.sh codex-config --gateway`` prints (``--model`` only when given)."""
+    home, work = tmp_path / f"codex-home-{model or 'default'}", tmp_path / "work"
+    home.mkdir()
+    work.mkdir(exist_ok=True)
+    config = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "addons.codex_config",
+            "--server-info",
+            str(server.info_path),
+            *(["--model", model] if model else []),
+            "--gateway",
+            "--toml-only",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    (home / "config.toml").write_text(config)
+    return home, work, config
+
+
+def member_codex_command(binary: str, home: Path, key: str) -> tuple[list[str], dict[str, str]]:
+    """``codex exec`` of one "Say hello" turn as a member (key in ``CODEX_GATEWAY_KEY``) and
+    its environment (no OPENAI_/CODEX_ variable of ours leaks in)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
+    env["CODEX_HOME"] = str(home)
+    env["CODEX_GATEWAY_KEY"] = key
+    return [binary, "exec", "--skip-git-repo-check", "--json", "Say hello"], env
+
+
+def run_member_codex(
+    binary: str, home: Path, work: Path, key: str, timeout: float = 180
+) -> tuple[int, str, float]:
+    """Run one member turn; returns (exit code, stdout + stderr, seconds), and prints what
+    Codex showed and how long it took."""
+    import time
+
+    args, env = member_codex_command(binary, home, key)
+    started = time.monotonic()
+    result = subprocess.run(
+        args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, cwd=work, env=env
+    )
+    seconds = time.monotonic() - started
+    out = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
+    print(f"codex exit {result.returncode} after {seconds:.1f} s:\n{out[-1500:]}")
+    return result.returncode, out, seconds

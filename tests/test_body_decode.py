@@ -98,3 +98,95 @@ def test_any_chunking_decodes_to_the_same_bytes(parts, cuts, coding):
     out = b"".join(decoder.feed(raw[a:b]) for a, b in itertools.pairwise(bounds))
     out += decoder.finish()
     assert out == b"".join(parts) and decoder.error is None
+
+
+# -- limits: decompression bombs --------------------------------------------------------------
+
+ZEROS = 64 * 1024 * 1024
+
+
+@pytest.mark.parametrize("coding", sorted(ENCODERS))
+def test_a_bomb_stops_at_the_limit_without_expanding(coding):
+    from addons.body_decode import DecodeLimits
+
+    raw = ENCODERS[coding](bytes(ZEROS))
+    limits = DecodeLimits(max_bytes=8 * 1024 * 1024, max_ratio=100, floor=1024 * 1024)
+    decoded = decode_body(raw, coding, limits)
+    assert decoded.over_limit and decoded.data == b""
+    assert decoded.error is not None and decoded.error.startswith("decoding stopped at the limit")
+    # Incrementally: never more than the limit handed out, whatever the chunking.
+    decoder = BodyDecoder(coding, limits)
+    out = sum(len(decoder.feed(raw[i : i + 4096])) for i in range(0, len(raw), 4096))
+    assert out <= limits.for_wire(len(raw)) and decoder.over_limit
+
+
+def test_the_ratio_limit_names_itself_and_small_bodies_pass():
+    from addons.body_decode import DecodeLimits
+
+    limits = DecodeLimits(max_bytes=32 * 1024 * 1024, max_ratio=10, floor=1024 * 1024)
+    raw = gzip.compress(bytes(4 * 1024 * 1024))  # ~4 KB -> 4 MiB: past max(1 MiB, 10 x 4 KB)
+    decoded = decode_body(raw, "gzip", limits)
+    assert decoded.over_limit and "codex_decode_max_ratio" in (decoded.error or "")
+    fine = gzip.compress(bytes(1024 * 1024))  # exactly the floor: decodes
+    assert decode_body(fine, "gzip", limits).data == bytes(1024 * 1024)
+    assert limits.for_wire(10) == 1024 * 1024 and limits.for_wire(10**9) == 32 * 1024 * 1024
+
+
+def test_chained_bomb_stops_too():
+    from addons.body_decode import DecodeLimits
+
+    raw = brotli.compress(gzip.compress(bytes(ZEROS)))
+    decoded = decode_body(raw, "gzip, br", DecodeLimits(max_bytes=1024 * 1024))
+    assert decoded.over_limit and decoded.data == b""
+
+
+@pytest.mark.parametrize(("mib", "ratio"), [(0, 100), (5000, 100), (32, 0), (32, 10**6)])
+def test_limit_options_are_range_checked(mib, ratio):
+    from addons.body_decode import parse_limits
+
+    with pytest.raises(ValueError):
+        parse_limits(mib, ratio)
+
+
+def test_json_depth_limit_is_an_error_not_a_recursion():
+    from addons.body_decode import JsonTooDeep, loads_json
+
+    for deep in (b"[" * 100_000, b'{"a":' * 100_000, "[" * 1025 + "]" * 1025):
+        with pytest.raises(JsonTooDeep, match="1024 levels"):
+            loads_json(deep)
+        if len(deep) > 10_000:  # exact: the json module's own limit, far past 1024
+            with pytest.raises(JsonTooDeep, match="recursion limit"):
+                loads_json(deep, exact=True)
+    with pytest.raises(JsonTooDeep):  # orjson refuses NaN first, json goes too deep
+        loads_json(b"[NaN, " + b"[" * 100_000, exact=True, parse_constant=float)
+    assert loads_json(b"[" * 500 + b"]" * 500) is not None
+    assert loads_json(b"[123456789012345678901234567890]", exact=True) == [
+        123456789012345678901234567890
+    ]
+    with pytest.raises(ValueError):
+        loads_json(b"not json")
+
+
+def test_a_bomb_is_fenced_so_mitmproxy_keeps_it_as_received():
+    from mitmproxy.test import tutils
+
+    from addons.body_decode import DecodeLimits, fence, needs_fence
+
+    bomb = gzip.compress(bytes(MIB), 9) * 64  # 64 MiB in ~67 KB
+    request = tutils.treq(content=b"")
+    request.headers["content-encoding"] = "gzip"
+    request.raw_content = bomb
+    limits = DecodeLimits(max_bytes=8 * MIB)
+    assert needs_fence(request, limits)
+    fence(request)
+    assert request.headers["content-encoding"].startswith("x-codex-undecoded (gzip;")
+    # mitmproxy's own readers (HAR export, mitmweb) now keep the bytes as received.
+    assert request.get_content(strict=False) == bomb
+    assert not needs_fence(request, limits)  # once
+    small = tutils.treq(content=b"")
+    small.headers["content-encoding"] = "gzip"
+    small.raw_content = gzip.compress(b'{"model": "m"}')
+    assert not needs_fence(small, limits)
+
+
+MIB = 1024 * 1024

@@ -793,3 +793,20 @@ def test_chat_views_show_the_upstream_request_and_the_assembled_reply():
             "refuses this request (400): n:"
             in contentviews.prettify_message(refused.request, refused).text
         )
+
+
+@pytest.mark.e2e
+def test_a_bomb_or_deep_json_is_a_400_and_never_goes_upstream(upstream, bridge):
+    import gzip
+
+    bomb = gzip.compress(bytes(1024 * 1024), 9) * 256  # 256 MiB in ~270 KB
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    status, _, body = bridge.request("POST", "/v1/chat/completions", bomb, headers)
+    assert status == 400 and b"decoding stopped at the limit" in body
+    deep = b'{"model": "m", "messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    status, _, body = bridge.request(
+        "POST", "/v1/chat/completions", deep, {"content-type": "application/json"}
+    )
+    assert status == 400 and b"nested deeper" in body
+    assert upstream.requests == []
+    assert bridge.post_json({"model": "m", "input": "hi"})[0] == 200  # still serving

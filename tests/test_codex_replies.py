@@ -109,6 +109,7 @@ def refused_flow(status: int, headers: dict[str, str]) -> tflow.HTTPFlow:
         (401, CODEX, 400),  # Codex would retry a 401 five times, then give up anyway
         (403, CODEX, 400),
         (404, CODEX, 400),
+        (413, CODEX, 400),  # request_too_large: the same body would be refused again
         (401, {"user-agent": "curl/8"}, 401),  # other clients keep the HTTP status
         (403, {"user-agent": "openai-python/3"}, 403),
         (429, CODEX, 429),  # transient and quota refusals keep theirs

@@ -391,3 +391,56 @@ async def test_idle_large_body_worker_exits(tmp_path, monkeypatch):
         assert addon._large_executor is None
         addon.done()
     assert addon.written == 4 and addon.lost == 0  # two pairs, closed at shutdown
+
+
+# -- hostile bodies: decompression bombs and deep JSON ----------------------------------------
+
+
+@pytest.mark.parametrize("workers", ["auto", "thread"])
+async def test_a_bomb_is_dumped_as_received_with_a_note(tmp_path, workers):
+    bomb = gzip.compress(bytes(256 * 1024 * 1024), compresslevel=9)  # ~255 KB -> 256 MiB
+    addon = DumpWriter(workers)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path))
+        f = accepted_flow()
+        f.request.headers["content-encoding"] = "gzip"
+        # One gzip member stays under LARGE_BODY (the thread); two go to the worker process.
+        f.request.raw_content = bomb if workers == "thread" else bomb * 2
+        raw = f.request.raw_content
+        addon.requestheaders(f)
+        await addon.request(f)
+        f.response = tutils.tresp(content=b'{"ok": 1}')
+        await addon.response(f)
+        addon.done()
+    (req,) = [p for p in tmp_path.iterdir() if p.name.endswith("-request.json")]
+    assert len([p for p in tmp_path.iterdir() if p.name.endswith("-response.json")]) == 1
+    doc = json.loads(req.read_text())
+    assert doc["body"] is None and doc["body_content_encoding"] == "gzip"
+    assert doc["body_decode_error"].startswith("decoding stopped at the limit of")
+    assert base64.b64decode(doc["body_raw_base64"]) == raw
+    # The stated bound (README): a body's dump is at most 6 x the decode limit + 4/3 x the wire
+    # bytes + 4 KiB; past the limit, only the base64 of what was received.
+    assert req.stat().st_size <= len(raw) * 4 // 3 + 4096
+    assert addon.lost == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000, b"[" * 100_000 + b"]" * 100_000, b"[" * 1000 + b"]" * 1000],
+    ids=["unclosed", "deep", "deep-for-the-renderer"],
+)
+async def test_deep_json_is_dumped_as_text(tmp_path, body):
+    addon = DumpWriter("thread")
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_dump_dir=str(tmp_path))
+        f = accepted_flow()
+        f.request.raw_content = body
+        addon.requestheaders(f)
+        await addon.request(f)
+        f.response = tutils.tresp(content=body)
+        await addon.response(f)
+        addon.done()
+    docs = [json.loads(p.read_text()) for p in sorted(tmp_path.iterdir())]
+    assert len(docs) == 2 and addon.lost == 0
+    for doc in docs:
+        assert doc["body"] == body.decode()

@@ -31,7 +31,7 @@ def test_workflow_separates_the_key_from_the_agent():
 
 def test_run_sh_knows_the_subcommands_used():
     run_sh = (ROOT / "run.sh").read_text()
-    for sub in ("record)", "replay)", "codex-config)", "web)", "demo)", "test)"):
+    for sub in ("record)", "replay)", "compare)", "codex-config)", "web)", "demo)", "test)"):
         assert f"    {sub}" in run_sh
 
 
@@ -61,6 +61,40 @@ def test_example_installs_the_pinned_codex():
     install = next(s["run"] for s in steps if "Codex CLI" in s.get("name", ""))
     assert "package.json" in install
     assert 'npm install -g "@openai/codex@$version"' in install
+
+
+def test_pull_requests_are_gated_on_compare_with_the_default_branch_baseline():
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    triggers = doc[True]  # YAML 1.1 reads the key `on` as true
+    assert "pull_request" in triggers and triggers["push"]["branches"]
+    steps = doc["jobs"]["codex-smoke"]["steps"]
+    names = [s.get("name", "") for s in steps]
+    stop = names.index(next(n for n in names if n.startswith("Stop the proxy")))
+    assert "summary.json" in steps[stop]["run"]  # compare needs the summary the stop writes
+    restore = next(s for s in steps if s.get("uses", "").startswith("actions/cache/restore"))
+    save = next(s for s in steps if s.get("uses", "").startswith("actions/cache/save"))
+    gate = next(s for s in steps if "run.sh compare" in s.get("run", ""))
+    keep = next(s for s in steps if s.get("name", "").startswith("Keep this recording"))
+    baseline = "${{ runner.temp }}/codex-baseline"
+    assert restore["with"]["path"] == save["with"]["path"] == baseline
+    # The newest baseline saved by a default-branch run (keys are unique per run).
+    assert save["with"]["key"].startswith(restore["with"]["restore-keys"])
+    assert "github.run_id" in save["with"]["key"]
+    assert restore["if"] == gate["if"] == "github.event_name == 'pull_request'"
+    for step in (keep, save):
+        assert "github.event_name == 'push'" in step["if"] and "success()" in step["if"]
+    assert "codex-recording" in keep["run"] and "codex-baseline" in keep["run"]
+    # Order: record and stop, restore, compare, then keep and save, all before the upload.
+    upload = names.index(next(n for n in names if n.startswith("Upload")))
+    order = [steps.index(s) for s in (restore, gate, keep, save)]
+    assert stop < order[0] and order == sorted(order) and order[-1] < upload
+    run = gate["run"]
+    assert '"$RUNNER_TEMP/codex-baseline" "$RUNNER_TEMP/codex-recording"' in run
+    assert '--markdown "$GITHUB_STEP_SUMMARY"' in run
+    # Accepting an intended change: a label turns exit 1 (regression) into a pass, never 2.
+    assert "accept-codex-change" in gate["env"]["ACCEPT"]
+    assert '[ "$status" = 1 ] && [ "$ACCEPT" = true ]' in run and 'exit "$status"' in run
+    assert "accept-codex-change" in EXAMPLE.read_text().split("name:")[0]  # the header says how
 
 
 def test_keyless_variant_holds_no_secret_and_uses_the_reference_flags():

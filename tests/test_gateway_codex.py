@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, open_stream, wait_for
-from tests.gateway_harness import bearer
+from tests.gateway_harness import (
+    bearer,
+    member_codex_command,
+    member_codex_home,
+    run_member_codex,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.codex]
 
@@ -26,50 +30,8 @@ TOKENS_PER_REQUEST = 59  # tests/fake_upstream.py's usage block
 
 
 def codex_home(tmp_path: Path, server, model: str = MODEL) -> tuple[Path, Path]:
-    """A CODEX_HOME whose config.toml is what `./run.sh codex-config --gateway` prints."""
-    home, work = tmp_path / f"codex-home-{model}", tmp_path / "work"
-    home.mkdir()
-    work.mkdir(exist_ok=True)
-    config = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "addons.codex_config",
-            "--server-info",
-            str(server.info_path),
-            "--model",
-            model,
-            "--gateway",
-            "--toml-only",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        cwd=ROOT,
-    ).stdout
-    (home / "config.toml").write_text(config)
+    home, work, _ = member_codex_home(tmp_path, server, model)
     return home, work
-
-
-def codex_command(binary: str, home: Path, key: str) -> tuple[list[str], dict[str, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
-    env["CODEX_HOME"] = str(home)
-    env["CODEX_GATEWAY_KEY"] = key
-    return [binary, "exec", "--skip-git-repo-check", "--json", "Say hello"], env
-
-
-def run_codex(binary: str, home: Path, work: Path, key: str, timeout: float = 120):
-    """Run one `codex exec` turn; returns (exit code, stdout + stderr, seconds)."""
-    args, env = codex_command(binary, home, key)
-    started = time.monotonic()
-    result = subprocess.run(
-        args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, cwd=work, env=env
-    )
-    seconds = time.monotonic() - started
-    out = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
-    print(f"codex exit {result.returncode} after {seconds:.1f} s:\n{out[-1500:]}")
-    return result.returncode, out, seconds
 
 
 def refused(server, reason: str) -> float:
@@ -106,7 +68,7 @@ def test_a_spent_quota_ends_the_codex_turn_at_once(gateway, upstream, codex, tmp
     wait_for(lambda: gateway.usage()["total"]["requests"] == 2, 10, "rows")
     home, work = codex_home(tmp_path, server)
     before = len(upstream.requests)
-    code, out, _ = run_codex(codex, home, work, key, timeout=60)
+    code, out, _ = run_member_codex(codex, home, work, key, timeout=60)
     assert code != 0
     assert "You've hit your usage limit" in out.replace("\u2019", "'"), out
     assert "Try again at" in out
@@ -130,7 +92,7 @@ def test_codex_records_the_members_gateway_windows(gateway, upstream, codex, tmp
         assert server.post_json({"model": MODEL, "stream": True}, bearer(key))[0] == 200
     wait_for(lambda: gateway.usage()["total"]["requests"] == 2, 10, "rows")
     home, work = codex_home(tmp_path, server)
-    code, out, _ = run_codex(codex, home, work, key)
+    code, out, _ = run_member_codex(codex, home, work, key)
     assert code == 0, out
     limits = recorded_rate_limits(home)
     assert limits, "Codex recorded no rate_limits"
@@ -161,7 +123,7 @@ def test_a_busy_concurrency_slot_is_retried_by_codex_and_the_turn_succeeds(
     upstream.gate_timeout = 60
     conn, response = open_stream(server.port, {"model": MODEL, "stream": True}, headers=bearer(key))
     assert response.status == 200  # this stream holds carol's only slot
-    args, env = codex_command(codex, home, key)
+    args, env = member_codex_command(codex, home, key)
     started = time.monotonic()
     proc = subprocess.Popen(
         args,
@@ -203,7 +165,7 @@ def test_a_permanent_refusal_ends_the_codex_turn_with_its_cause(
         model = "gpt-unpriced-test"  # no rate-card entry, and dave has a credit quota
     home, work = codex_home(tmp_path, server, model)
     before = refused(server, reason)
-    code, out, _ = run_codex(codex, home, work, key, timeout=60)
+    code, out, _ = run_member_codex(codex, home, work, key, timeout=60)
     assert code != 0
     assert reason in out  # Codex prints the refusal's JSON: its code and message
     assert "Reconnecting" not in out
@@ -248,7 +210,7 @@ def test_the_codex_tui_with_a_gateway_member(gateway, upstream, codex, tmp_path)
     home, work = codex_home(tmp_path, server, model)
     with (home / "config.toml").open("a") as f:
         f.write('\n[tui]\nstatus_line = ["five-hour-limit", "weekly-limit"]\n')
-    _, env = codex_command(codex, home, key)
+    _, env = member_codex_command(codex, home, key)
     session = f"codex-gw-{os.getpid()}"
     env_args = [f"{k}={v}" for k, v in env.items() if k in ("CODEX_HOME", "CODEX_GATEWAY_KEY")]
     tmux(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +13,14 @@ from mitmproxy import io as mitm_io
 
 from addons import codex_models
 from tests.conftest import ROOT, ProxyProcess, open_stream, plain_mitmdump_command, wait_for
-from tests.gateway_harness import CODEX_HEADERS, UPSTREAM_KEYS, Gateway, bearer
+from tests.gateway_harness import (
+    CODEX_HEADERS,
+    UPSTREAM_KEYS,
+    Gateway,
+    bearer,
+    member_codex_home,
+    run_member_codex,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -357,31 +363,11 @@ def test_codex_cli_with_a_member_key(gateway, upstream, codex, tmp_path):
     set_rates(gateway, **{CODEX_DEFAULT: {"same_as": "gpt-5.5"}})
     keys = members(gateway, ("alice", "--weekly-credits", "100"))
     server = gateway.serve(upstream.url)
-    home, work = tmp_path / "codex-home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    config = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "addons.codex_config",
-            "--server-info",
-            str(server.info_path),
-            "--gateway",
-            "--toml-only",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        cwd=ROOT,
-    ).stdout
+    home, work, config = member_codex_home(tmp_path, server)
     assert 'env_key = "CODEX_GATEWAY_KEY"' in config and "supports_websockets = false" in config
     assert "model =" not in config  # the model is left to Codex
-    (home / "config.toml").write_text(config)
-    result = _run_codex_with_key(codex, home, work, keys["alice"])
-    out = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
-    assert result.returncode == 0, out
+    code, out, _ = run_member_codex(codex, home, work, keys["alice"])
+    assert code == 0, out
     assert upstream.text in out
     assert "Model metadata for" not in out and "fallback metadata" not in out
     assert upstream.requests, "nothing reached the upstream"
@@ -398,22 +384,6 @@ def test_codex_cli_with_a_member_key(gateway, upstream, codex, tmp_path):
     assert total["total_tokens"] == TOKENS["total"] * n and total["unpriced"] == 0
     assert total["credits"] == pytest.approx(n * CREDITS, abs=5e-6)  # gpt-5.5's rates
     assert {row["rate"] for row in _rows(gateway)} == {CODEX_DEFAULT}
-
-
-def _run_codex_with_key(binary: str, home, work, key: str):
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
-    env["CODEX_HOME"] = str(home)
-    env["CODEX_GATEWAY_KEY"] = key
-    return subprocess.run(
-        [binary, "exec", "--skip-git-repo-check", "--json", "Say hello"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=180,
-        cwd=work,
-        env=env,
-    )
 
 
 def test_usage_since_and_member_filters(gateway, upstream):

@@ -535,6 +535,93 @@ def test_member_auth_removes_the_key_and_answers_401(tmp_path) -> None:
             assert (ALLOWED in flow.metadata) is (status is None)
 
 
+# -- the admin CLI validates every number (issue 20) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["add-member", "z", "--five-hour-quota", "99999999999999999999999"],
+        ["add-member", "z", "--weekly-quota", "1e3"],
+        ["add-member", "z", "--weekly-quota", "1.5"],
+        ["add-member", "z", "--weekly-quota", "-1"],
+        ["add-member", "z", "--weekly-quota", "٣"],
+        ["add-member", "z", "--weekly-credits", "1e400"],
+        ["add-member", "z", "--weekly-credits", "nan"],
+        ["add-member", "z", "--weekly-credits", "Infinity"],
+        ["add-member", "z", "--five-hour-credits", "9223372036854.775808"],
+        ["add-member", "z", "--five-hour-credits", "0.0000001"],
+        ["add-member", "z", "--five-hour-credits", "1" * 5000],
+        ["add-member", "z", "--max-concurrent", "99999999999"],
+        ["set-member", "z", "--max-concurrent", "inf"],
+        ["usage", "--since", "99999999999999999999999d"],
+        ["usage", "--since", "0001-01-01"],
+        ["serve", "--workers", "1e3"],
+        ["serve", "--port", "99999999999999999999"],
+    ],
+)
+def test_admin_numbers_out_of_range_exit_2_with_a_message(tmp_path, capsys, args):
+    from addons.gateway_mode import cli
+
+    database = f"sqlite:///{tmp_path / 'g.db'}"
+    assert cli.main(["--database", database, "init"], out=io.StringIO()) == 0
+    assert cli.main(["--database", database, "add-member", "z"], out=io.StringIO()) == 0
+    capsys.readouterr()
+    try:
+        code = cli.main(["--database", database, *args], out=io.StringIO(), stdin=io.BytesIO())
+    except SystemExit as e:  # argparse's own exit for a bad argument
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "error:" in err and "Traceback" not in err
+
+
+def test_admin_numbers_at_the_edges_are_stored_exactly(tmp_path):
+    from addons.gateway_mode import cli
+    from addons.gateway_mode.database import Database
+
+    database = f"sqlite:///{tmp_path / 'g.db'}"
+    assert cli.main(["--database", database, "init"], out=io.StringIO()) == 0
+    args = ["--five-hour-quota", str(2**63 - 1), "--weekly-credits", "9223372036854.775807"]
+    assert cli.main(["--database", database, "add-member", "z", *args], out=io.StringIO()) == 0
+    assert cli.main(["--database", database, "usage", "--since", "5h"], out=io.StringIO()) == 0
+    db = Database(database)
+    (member,) = db.members()
+    db.dispose()
+    assert member["five_hour_quota"] == 2**63 - 1
+    assert member["weekly_credits_micro"] == 2**63 - 1
+
+
+# -- request facts: bombs and deep JSON (issue 20) --------------------------------------------
+
+
+def test_request_facts_refuse_bombs_and_deep_json_naming_the_limit() -> None:
+    import gzip
+
+    from addons.body_decode import DecodeLimits
+    from addons.gateway_mode.core import BodyRefused, parse_request_body
+
+    body = b'{"model": "gpt-5.3-codex", "service_tier": "flex", "input": "hi"}'
+    assert parse_request_body(gzip.compress(body), "gzip") == {
+        "model": "gpt-5.3-codex",
+        "service_tier": "flex",
+    }
+    assert parse_request_body(b"not json", None) == {"model": None, "service_tier": None}
+    bomb = gzip.compress(bytes(64 * 1024 * 1024))
+    with pytest.raises(BodyRefused) as refused:
+        parse_request_body(bomb, "gzip", DecodeLimits(max_bytes=8 * 1024 * 1024))
+    assert refused.value.status == 413 and refused.value.code == "request_too_large"
+    assert refused.value.limit == "codex_decode_max_ratio"  # ~65 KB x 100 < 8 MiB
+    assert "codex_decode_max_ratio" in str(refused.value)
+    with pytest.raises(BodyRefused) as refused:
+        parse_request_body(bomb, "gzip", DecodeLimits(max_bytes=2 * 1024 * 1024))
+    assert refused.value.limit == "codex_decode_max_mib" and "2 MiB" in str(refused.value)
+    with pytest.raises(BodyRefused) as refused:
+        parse_request_body(b"[" * 50_000 + b"]" * 50_000, None)
+    assert refused.value.status == 400 and refused.value.code == "json_too_deep"
+    assert "1024 levels" in str(refused.value)
+
+
 CATALOG = parse_catalog(
     trim(
         {

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from addons import compare
 from addons.replay import Exchange, chunks_of, differences, load_recording
 from tests.conftest import ROOT, TEST_KEY, wait_for
 from tests.test_clients import CATALOG_MODEL, printed_codex_config, run_codex
@@ -114,7 +115,10 @@ def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path
 
     # Offline: the upstream is gone; the replay serves the same turn.
     upstream.stop()
-    replay, port, log = start_replay(tmp_path, record, "--pace", "original")
+    rerecorded = tmp_path / "rerecorded"
+    replay, port, log = start_replay(
+        tmp_path, record, "--pace", "original", "--record", str(rerecorded)
+    )
     try:
         home2 = tmp_path / "codex-home-2"
         home2.mkdir()
@@ -132,6 +136,11 @@ def test_record_then_replay_codex_offline(upstream, start_proxy, codex, tmp_path
         conn.close()
         assert replay.wait(30) == 0
         log.close()
+    # The gate is deterministic: the replay, re-recorded, compares equal to the recording.
+    thresholds = compare.load_thresholds(compare.DEFAULT_CONFIG)
+    result = compare.compare(compare.load_run(record), compare.load_run(rerecorded), thresholds)
+    assert result.exit_code == 0, compare.as_text(result)
+    assert [f.name for f in result.figures if f.changed and not f.timing] == []
 
 
 def test_replay_mismatch_is_409_saying_what_differed(upstream, start_proxy, tmp_path):
@@ -153,6 +162,15 @@ def test_replay_mismatch_is_409_saying_what_differed(upstream, start_proxy, tmp_
             conn.close()
             return out
 
+        # A decompression bomb is read within the decode limits (issue 20): a mismatch.
+        import gzip as gzip_module
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        bomb = gzip_module.compress(bytes(1024 * 1024), 9) * 512  # 512 MiB in ~540 KB
+        conn.request("POST", "/v1/responses", bomb, {"content-encoding": "gzip"})
+        resp = conn.getresponse()
+        assert resp.status == 409 and b"replay_mismatch" in resp.read()
+        conn.close()
         status, body = post({"model": "gpt-b", "input": "hi", "stream": True})
         assert status == 409
         message = json.loads(body)["error"]["message"]

@@ -12,7 +12,7 @@ from mitmproxy.test import taddons, tflow
 from addons.common import ALLOWED, REFUSED
 from addons.recorder import Recorder
 from addons.report import render_report
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 from tests.test_clients import CATALOG_MODEL, printed_codex_config, run_codex
 from tests.test_recorder import sse_flow
 from tests.test_web import chrome
@@ -114,6 +114,8 @@ def test_report_of_a_recorded_codex_session_in_chromium(upstream, start_proxy, c
     driver = chrome()
     try:
         driver.get(report.as_uri())
+        # A loaded machine was seen handing back an empty page source right after get().
+        wait_for(lambda: CATALOG_MODEL in driver.page_source, 30, "the report page")
         page = driver.page_source
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "recording-report.png"))

@@ -239,7 +239,7 @@ def test_mitmweb_front_shows_codex_flows_without_the_key(upstream, codex, tmp_pa
         assert upstream.text in page and "Responses stream" in page
         # The status bar shows the front's real listen address, not mitmweb's default.
         assert f"127.0.0.1:{web.port}" in page
-        assert "status: completed" in page and "tokens: input 42 (cached 8)" in page
+        assert "status: completed" in page and "tokens: input 42 (cached 8, cache writes 3)" in page
         assert TEST_KEY not in driver.page_source
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "mitmweb-codex-flow.png"))

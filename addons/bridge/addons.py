@@ -4,6 +4,7 @@ redaction addons, whose stream callables it wraps."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from addons.allowlist import refusal_reason
-from addons.body_decode import decode_body
+from addons.body_decode import JsonTooDeep, decode_body, loads_json
 from addons.bridge.efforts import DEFAULT_MODELS, ModelEfforts, model_ids, parse_models
 from addons.bridge.stream import DONE, ChunkTranslator, sse_data
 from addons.bridge.translate import BridgeError, chat_error, chat_to_responses, responses_to_chat
@@ -135,17 +136,19 @@ class ChatBridge:
             flow.response = models_reply(self.models)
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if BRIDGE not in flow.metadata or flow.response or flow.error or not flow.live:
             return
         request = flow.request
-        raw = decode_body(request.raw_content or b"", request.headers.get("content-encoding"))
+        raw = request.raw_content or b""
+        encoding = request.headers.get("content-encoding")
         try:
-            try:
-                body = json.loads(raw.data)
-            except ValueError:
-                raise BridgeError("body", "is not valid JSON") from None
-            translated, context = chat_to_responses(body, self.models)
+            if encoding or len(raw) > OFF_LOOP_BYTES:  # decoding may take ~100 ms: not here
+                translated, context, client_text = await asyncio.get_running_loop().run_in_executor(
+                    None, read_chat_request, raw, encoding, self.models
+                )
+            else:
+                translated, context, client_text = read_chat_request(raw, encoding, self.models)
         except BridgeError as e:
             flow.metadata.pop(ALLOWED, None)
             flow.metadata[REFUSED] = "bridge-invalid-request"
@@ -153,10 +156,37 @@ class ChatBridge:
             return
         context["reasoning_content"] = self.reasoning_content
         flow.metadata[BRIDGE] = context
-        flow.metadata[BRIDGE_CLIENT_BODY] = raw.data.decode("utf-8", "replace")
+        flow.metadata[BRIDGE_CLIENT_BODY] = client_text
         request.headers.pop("content-encoding", None)
         request.headers["content-type"] = "application/json"
         request.content = json.dumps(translated, ensure_ascii=False).encode()
+
+
+#: Compressed or larger request bodies (bytes) are read off the event loop.
+OFF_LOOP_BYTES = 256 * 1024
+
+
+def read_chat_request(
+    raw: bytes, content_encoding: str | None, models: Any
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """A Chat Completions request body as received: ``(Responses request, translation context,
+    the client's body as text)``, decoded within the decode limits and parsed with the JSON
+    depth limit.
+
+    Raises:
+        BridgeError: past the decode limit, nested too deep, not JSON, or not translatable.
+    """
+    decoded = decode_body(raw, content_encoding)
+    if decoded.over_limit:
+        raise BridgeError("body", f"is not readable: {decoded.error}")
+    try:
+        body = loads_json(decoded.data)
+    except JsonTooDeep as e:
+        raise BridgeError("body", f"is {e}") from None
+    except ValueError:
+        raise BridgeError("body", "is not valid JSON") from None
+    translated, context = chat_to_responses(body, models)
+    return translated, context, decoded.data.decode("utf-8", "replace")
 
 
 class ChatReplies:
@@ -236,7 +266,7 @@ class ChatReplies:
         if status != 200:
             return chat_error(status, data)
         try:
-            return json.dumps(responses_to_chat(json.loads(data), context)).encode()
+            return json.dumps(responses_to_chat(loads_json(data), context)).encode()
         except ValueError:
             return chat_error(502, b"the upstream reply is not a Responses object")
 

@@ -12,12 +12,12 @@ Together with the Responses views of the key-holding proxy's flows (and the dump
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from mitmproxy import contentviews, http
 from mitmproxy.contentviews import Metadata
 
+from addons.body_decode import loads_json
 from addons.bridge.efforts import DEFAULT_MODELS
 from addons.bridge.translate import BridgeError, chat_to_responses
 from addons.contentviews import (
@@ -117,7 +117,7 @@ class ChatRequestContentview(contentviews.Contentview):
 
     def prettify(self, data: bytes, metadata: Metadata) -> str:
         """Render; raises ``ValueError`` for a body that is not JSON."""
-        return render_chat_request(json.loads(data))
+        return render_chat_request(loads_json(data))
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         """High for the JSON body of a request to ``/v1/chat/completions``."""

@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any
 
+from addons.body_decode import loads_json
 from addons.bridge.efforts import ModelEfforts, resolve
 from addons.responses_turn import usage_of
 
@@ -353,7 +354,7 @@ def chat_error(status: int, body: bytes) -> bytes:
     """An upstream error body in Chat Completions' error shape (OpenAI's ``{"error": {...}}``,
     which both APIs share; a body that is not one is wrapped)."""
     try:
-        doc = json.loads(body)
+        doc = loads_json(body)
         if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
             return json.dumps(doc).encode()
     except ValueError:

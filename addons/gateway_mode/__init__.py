@@ -12,7 +12,9 @@ error replies, launching) is imported from ``addons/``.
 - ``keypool``: the upstream key pool (keys from stdin, in memory only; health, cooldown).
 - ``windows``: quota window arithmetic (pure).
 - ``ledger``: the usage ledger's writer thread and its spool (no row lost).
-- ``core``: the state the gateway's addons share, and the addon that owns its options.
+- ``core``: the state the gateway's addons share, the addon that owns its options, and
+  ``RequestFacts`` (a request's model and service tier, read off the loop; 413/400 for bombs
+  and deep JSON).
 - ``auth``, ``codex_filter``, ``quota``, ``cookies``, ``forward``, ``codex_replies``,
   ``accounting``, ``local_routes``, ``metrics``, ``tls``: one mitmproxy addon (or its helpers)
   each. ``codex_replies`` speaks Codex's language to members: its rate-limit headers and the

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -10,7 +9,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from addons.body_decode import decode_body
+from addons.body_decode import decode_body, loads_json
 from addons.common import KEY_INJECTED
 from addons.gateway_mode.core import (
     ATTEMPTS,
@@ -22,12 +21,16 @@ from addons.gateway_mode.core import (
     route_label,
 )
 from addons.gateway_mode.forward import PoolForwarder
+from addons.gateway_mode.ledger import IN_FLIGHT
 from addons.gateway_mode.windows import MICRO
 from addons.responses_turn import USAGE_KINDS, usage_of
 from addons.sse_events import completed_response, decode_sse
 from addons.sse_stream import is_event_stream
 
 logger = logging.getLogger(__name__)
+
+#: The flow's usage ``row_id`` (one UUID for its in-flight and its finished row).
+ROW_ID = "codex_gateway.row_id"
 
 
 def reply_usage(response: http.Response | None) -> tuple[dict[str, int] | None, int, str | None]:
@@ -43,7 +46,7 @@ def reply_usage(response: http.Response | None) -> tuple[dict[str, int] | None, 
         status = completed.get("status") if isinstance(completed, dict) else None
         return usage_of(completed), len(events), status if isinstance(status, str) else None
     try:
-        body = json.loads(decode_body(response.raw_content, encoding).data)
+        body = loads_json(decode_body(response.raw_content, encoding).data)
     except ValueError:
         return None, 0, None
     return usage_of(body), 0, None
@@ -70,6 +73,14 @@ class UsageAccounting:
         if flow.metadata.get(KEY_INJECTED) and MEMBER in flow.metadata and flow.response is None:
             self._open[flow.id] = flow
             self.core.metrics.in_flight.inc()
+            # The in-flight row: what is left of this request if the gateway is killed before
+            # it ends (its finished row, same row_id, replaces it).
+            ledger = self.core.ledger
+            if ledger is not None:
+                try:
+                    ledger.add(self.row(flow, IN_FLIGHT, parse=False, finished=False))
+                except Exception as e:
+                    logger.error("in-flight row for %s not queued (%s)", flow.id, type(e).__name__)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -109,9 +120,15 @@ class UsageAccounting:
             self.core.executor.submit(self.core.db.release_leases, [lease])
 
     def row(
-        self, flow: http.HTTPFlow, forced_error: str | None = None, parse: bool = True
+        self,
+        flow: http.HTTPFlow,
+        forced_error: str | None = None,
+        parse: bool = True,
+        finished: bool = True,
     ) -> dict[str, Any]:
-        """The ledger row of an ended member flow (``usage`` table columns)."""
+        """The ledger row of a member flow (``usage`` table columns): of an ended flow, or with
+        ``finished=False`` its in-flight row (no status, ``duration_ms`` null). Both carry the
+        flow's one ``row_id`` (kept in ``flow.metadata``)."""
         member = flow.metadata[MEMBER]
         info = request_info(flow)
         response = flow.response
@@ -138,15 +155,21 @@ class UsageAccounting:
         ttfb = None
         if response is not None and flow.request.timestamp_end:
             ttfb = max(0, int((response.timestamp_start - flow.request.timestamp_end) * 1000))
+        row_id = flow.metadata.get(ROW_ID)
+        if not isinstance(row_id, str):
+            row_id = flow.metadata[ROW_ID] = str(uuid.uuid4())
+        connect_retries = self.core.connect_retries.get(flow.client_conn.id, 0)
+        if finished:
+            self.core.connect_retries.pop(flow.client_conn.id, None)
         return {
-            "row_id": str(uuid.uuid4()),
+            "row_id": row_id,
             "ts_ms": int(started * 1000),
             "member_id": member["member_id"],
             "key_id": member["key_id"],
             "upstream_key": flow.metadata.get(UPSTREAM_KEY),
             "model": (info["model"] or None) and info["model"][:200],
             "route": str(flow.metadata.get(ROUTE) or "/v1/responses")[:64],
-            "status": response.status_code if response is not None else None,
+            "status": response.status_code if response is not None and finished else None,
             "input_tokens": tokens["input"],
             "cached_tokens": tokens["cached"],
             "cache_write_tokens": tokens["cache_write"],
@@ -156,10 +179,10 @@ class UsageAccounting:
             "credits_micro": int(charge.credits * MICRO) if charge is not None else None,
             "rate": charge.rate if charge is not None else None,
             "service_tier": (info["service_tier"] or None) and info["service_tier"][:32],
-            "duration_ms": max(0, int((ended - started) * 1000)),
-            "ttfb_ms": ttfb,
+            "duration_ms": max(0, int((ended - started) * 1000)) if finished else None,
+            "ttfb_ms": ttfb if finished else None,
             "events": events,
-            "attempts": int(flow.metadata.get(ATTEMPTS) or 1),
+            "attempts": int(flow.metadata.get(ATTEMPTS) or 1) + connect_retries,
             "error": error[:500] if error else None,
             "instance": self.core.instance,
         }

@@ -29,6 +29,7 @@ from addons.gateway_mode.config import (
     rate_card_gaps,
 )
 from addons.gateway_mode.database import Database, DatabaseError, now_ms
+from addons.gateway_mode.ledger import IN_FLIGHT
 from addons.gateway_mode.tls import listen_policy
 from addons.gateway_mode.windows import MICRO, iso, parse_since
 from addons.hardening import harden_process
@@ -50,24 +51,49 @@ SCRIPT_PATH = os.path.join(
 )
 
 
+#: The largest quota a member may have, in tokens or micro-credits: the ``BIGINT`` columns'
+#: range (and far past any real use: 9.2e18 tokens, 9.2e12 credits).
+MAX_AMOUNT = 2**63 - 1
+#: The largest ``max_concurrent`` (an ``INTEGER`` column).
+MAX_CONCURRENT = 1_000_000
+
+
+def _whole(value: str, maximum: int) -> int:
+    """A whole number ``0..maximum`` given in decimal digits (``1e3``, ``1.0``, ``inf`` are
+    refused), for argparse (its error becomes exit 2 with the message)."""
+    text = value.strip()
+    if not text.isdigit() or not text.isascii():
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 0 (0 = unlimited), got {value[:40]!r}"
+        )
+    if len(text.lstrip("0")) > len(str(maximum)) or int(text, 10) > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value[:40]}")
+    return int(text, 10)
+
+
 def _count(value: str) -> int:
-    try:
-        number = int(value, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError("must be >= 0 (0 = unlimited)")
-    return number
+    """Tokens: a whole number ``0..MAX_AMOUNT``."""
+    return _whole(value, MAX_AMOUNT)
+
+
+def _concurrency(value: str) -> int:
+    """Requests in flight: a whole number ``0..MAX_CONCURRENT``."""
+    return _whole(value, MAX_CONCURRENT)
 
 
 def _credits(value: str) -> int:
-    """Credits as given (``12.5``) to integer micro-credits."""
+    """Credits as given (``12.5``) to integer micro-credits, ``0..MAX_AMOUNT``; ``NaN``,
+    infinities, exponents past the range and more than 6 decimals are refused."""
+    if len(value) > 64:
+        raise argparse.ArgumentTypeError(f"expected a number of credits, got {value[:40]!r}...")
     try:
-        number = Decimal(value)
+        number = Decimal(value.strip())
     except ArithmeticError:
         raise argparse.ArgumentTypeError(f"expected a number of credits, got {value!r}") from None
     if not number.is_finite() or number < 0:
-        raise argparse.ArgumentTypeError("must be >= 0 (0 = unlimited)")
+        raise argparse.ArgumentTypeError("must be a finite number >= 0 (0 = unlimited)")
+    if number.adjusted() > 18 or number * MICRO > MAX_AMOUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {Decimal(MAX_AMOUNT) / MICRO} credits")
     micro = number * MICRO
     if micro != micro.to_integral_value():
         raise argparse.ArgumentTypeError("credits have at most 6 decimals")
@@ -101,7 +127,7 @@ def _member_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-concurrent",
-        type=_count,
+        type=_concurrency,
         metavar="N",
         help="requests in flight at once (0 = unlimited)",
     )
@@ -192,7 +218,9 @@ def _credits_text(micro: int) -> str:
 
 def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any]:
     """Per member and total: requests, errors, token kinds, credits (exact, as a number with
-    at most 6 decimals), USD, unpriced requests (no rate-card entry at the time)."""
+    at most 6 decimals), USD, unpriced requests (no rate-card entry at the time), and
+    ``in_flight``: forwarded requests with no end recorded (still running, or the gateway was
+    killed while they ran; not in ``requests``)."""
 
     def empty() -> dict[str, Any]:
         return {
@@ -206,11 +234,17 @@ def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any
             "total_tokens": 0,
             "credits_micro": 0,
             "unpriced": 0,
+            "in_flight": 0,
         }
 
     per: dict[str, dict[str, Any]] = {}
     total = empty()
     for row in rows:
+        if row.get("duration_ms") is None and row.get("error") == IN_FLIGHT:
+            # Forwarded, no end recorded yet: running now, or the gateway was killed.
+            for bucket in (per.setdefault(row["member"], empty()), total):
+                bucket["in_flight"] += 1
+            continue
         for bucket in (per.setdefault(row["member"], empty()), total):
             bucket["requests"] += 1
             bucket["errors"] += 1 if row["error"] or (row["status"] or 0) >= 400 else 0
@@ -355,6 +389,11 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
                     )
                 out.write(f"usage since {iso(since)}\n")
                 _table(rows, out)
+                if summary["total"]["in_flight"]:
+                    out.write(
+                        f"{summary['total']['in_flight']} request(s) forwarded with no end "
+                        "recorded: still running, or the gateway was killed while they ran\n"
+                    )
                 if summary["total"]["unpriced"]:
                     out.write(
                         f"{summary['total']['unpriced']} request(s) unpriced: their model had no "

@@ -30,8 +30,9 @@ from addons.gateway_mode.windows import limits_of
 logger = logging.getLogger(__name__)
 
 #: Refusal statuses Codex retries although nothing will change (a bad key, a route that is
-#: not allowed, a model the rate card cannot price): answered 400 to Codex instead.
-PERMANENT_STATUSES = frozenset({401, 403, 404, 405})
+#: not allowed, a model the rate card cannot price, a body past the decode limit): answered
+#: 400 to Codex instead.
+PERMANENT_STATUSES = frozenset({401, 403, 404, 405, 413})
 #: Headers OpenAI's backend sends about *its* account's limits (the operator's): never
 #: passed to a member, whose own windows replace them.
 CODEX_HEADER_PREFIX = "x-codex-"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import os
 import threading
@@ -20,8 +19,9 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.body_decode import decode_body
-from addons.common import ALLOWED, REFUSED, error_response
+from addons import body_decode
+from addons.body_decode import DecodeLimits, JsonTooDeep, decode_body, loads_json
+from addons.common import ALLOWED, REFUSED, error_response, fail_closed
 from addons.credits import RateCard
 from addons.gateway_mode import keypool
 from addons.gateway_mode.config import (
@@ -77,33 +77,135 @@ def refuse(flow: http.HTTPFlow, reason: str, response: http.Response) -> None:
     flow.response = response
 
 
-def request_info(flow: http.HTTPFlow) -> dict[str, Any]:
-    """``model``, ``service_tier``, ``session`` of a member request, read once (the body may
-    be compressed: Codex can send zstd) and kept in ``flow.metadata[REQUEST_INFO]``."""
-    info = flow.metadata.get(REQUEST_INFO)
-    if isinstance(info, dict):
-        return info
+class BodyRefused(ValueError):
+    """A member request body the gateway will not read: ``status`` (413, 400), ``code`` and
+    ``limit`` (the limit's name) for the error reply; the message names the limit."""
+
+    def __init__(self, status: int, code: str, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.limit = status, code, limit
+
+
+def parse_request_body(
+    raw: bytes, content_encoding: str | None, limits: DecodeLimits | None = None
+) -> dict[str, Any]:
+    """``{"model", "service_tier"}`` of a member request body (bytes as received; Codex can
+    send zstd), decoded within ``limits`` (``None``: the process's) and parsed with the JSON
+    depth limit. A body that is no JSON object gives ``None`` for both.
+
+    Raises:
+        BodyRefused: 413 ``request_too_large`` past the decode limit (a decompression bomb),
+            400 ``json_too_deep`` past :data:`addons.body_decode.MAX_JSON_DEPTH`.
+    """
     body: Any = None
-    raw = flow.request.raw_content
     if raw:
-        decoded = decode_body(raw, flow.request.headers.get("content-encoding"))
+        limits = limits if limits is not None else body_decode.LIMITS
+        decoded = decode_body(raw, content_encoding, limits)
+        if decoded.over_limit:
+            raise BodyRefused(
+                413,
+                "request_too_large",
+                "codex_decode_max_mib"
+                if "max_mib" in (decoded.error or "")
+                else "codex_decode_max_ratio",
+                f"the request body ({len(raw)} bytes, {content_encoding}) decodes past the "
+                f"gateway's limit of {limits.describe(len(raw))}; nothing was sent upstream",
+            )
         try:
-            body = json.loads(decoded.data)
+            body = loads_json(decoded.data)
+        except JsonTooDeep as e:
+            raise BodyRefused(
+                400,
+                "json_too_deep",
+                "max_json_depth",
+                f"the request body is {e} (the gateway's limit); nothing was sent upstream",
+            ) from None
         except ValueError:
             body = None
     body = body if isinstance(body, dict) else {}
-    model = body.get("model")
-    tier = body.get("service_tier")
+    model, tier = body.get("model"), body.get("service_tier")
+    return {
+        "model": model if isinstance(model, str) else None,
+        "service_tier": tier if isinstance(tier, str) else None,
+    }
+
+
+def request_info(flow: http.HTTPFlow) -> dict[str, Any]:
+    """``model``, ``service_tier``, ``session`` of a member request, read once and kept in
+    ``flow.metadata[REQUEST_INFO]``: by :class:`RequestFacts` (off the event loop, refusing
+    bombs and deep JSON) before any other addon asks; read here only for a flow it did not see
+    (a body it would refuse reads as no facts)."""
+    info = flow.metadata.get(REQUEST_INFO)
+    if isinstance(info, dict):
+        return info
+    try:
+        facts = parse_request_body(
+            flow.request.raw_content or b"", flow.request.headers.get("content-encoding")
+        )
+    except BodyRefused:
+        facts = {"model": None, "service_tier": None}
+    return _keep_info(flow, facts)
+
+
+def _keep_info(flow: http.HTTPFlow, facts: dict[str, Any]) -> dict[str, Any]:
     session = next(
         (flow.request.headers[h] for h in SESSION_HEADERS if h in flow.request.headers), None
     )
-    info = {
-        "model": model if isinstance(model, str) else None,
-        "service_tier": tier if isinstance(tier, str) else None,
-        "session": session[:200] if session else None,
-    }
+    info = {**facts, "session": session[:200] if session else None}
     flow.metadata[REQUEST_INFO] = info
     return info
+
+
+class RequestFacts:
+    """Reads a member request's facts (:func:`parse_request_body`) in ``request``, before the
+    Codex filter and the quota gate ask for them, and refuses what it will not read: 413
+    ``request_too_large`` (decodes past ``codex_decode_max_mib`` / ``_ratio``) or 400
+    ``json_too_deep``, both naming the limit, before anything goes upstream.
+
+    A compressed or large body is decoded and parsed on this addon's own two threads, never
+    on the event loop (a 32 MiB decode takes ~100 ms; other members' streams go on meanwhile),
+    and two at a time at most, so concurrent bombs hold at most two decode limits of memory.
+    """
+
+    #: Plain bodies up to this size (bytes) are parsed on the loop (~50 us for Codex's 40 KB).
+    INLINE_BYTES = 256 * 1024
+
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or MEMBER not in flow.metadata:
+            return
+        raw = flow.request.raw_content or b""
+        encoding = flow.request.headers.get("content-encoding")
+        limits = body_decode.LIMITS
+        try:
+            if encoding or len(raw) > self.INLINE_BYTES:
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        2, thread_name_prefix="gateway-decode"
+                    )
+                facts = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, parse_request_body, raw, encoding, limits
+                )
+            else:
+                facts = parse_request_body(raw, encoding, limits)
+        except BodyRefused as e:
+            self.core.metrics.refused.labels(e.code).inc()
+            refuse(
+                flow,
+                e.code.replace("_", "-"),
+                gateway_error(e.status, e.code, str(e), limit=e.limit),
+            )
+            return
+        _keep_info(flow, facts)
+
+    def done(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
 
 class MemberDirectory:
@@ -150,6 +252,9 @@ class GatewayCore:
         self.refresh_s = 1.0
         self.executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="gateway-db")
         self.leases: dict[str, str] = {}  # flow id -> lease id
+        #: Failed connect attempts for a client connection's current request, by its id
+        #: (:class:`addons.gateway_mode.connect.RetryingConnect`; counted in ``attempts``).
+        self.connect_retries: dict[str, int] = {}
         self._last_used: dict[str, int] = {}
         self._miss_lock = asyncio.Lock()
         self._last_miss_refresh = 0.0
@@ -197,14 +302,18 @@ class GatewayCore:
         assert self.db is not None
         self.db.record_key_states(self.pool.states(), self.instance)
 
-    def start(self, database_url: str, spool_path: str | None) -> None:
-        """Open the database (schema must be initialised), load the directory, start the
-        ledger thread. Raises ``ValueError`` / :class:`DatabaseError` for the operator."""
+    def start(
+        self, database_url: str, spool_path: str | None, spool_base: str | None = None
+    ) -> None:
+        """Open the database (schema must be initialised; a SQLite file is never created
+        here), load the directory, start the ledger thread, which first replays every spool
+        of ``spool_base`` (the deployment's spool option; default ``spool_path``). Raises
+        ``ValueError`` / :class:`DatabaseError` for the operator."""
         self.stop()
-        self.db = Database(database_url)
+        self.db = Database(database_url, create=False)
         self.db.check_schema()
         self.refresh_directory()
-        self.ledger = UsageLedger(self.db, spool_path)
+        self.ledger = UsageLedger(self.db, spool_path, spool_base)
         self.ledger.tasks = [
             (self.refresh_s, self.refresh_directory),
             (1.0, self._touch_keys),
@@ -302,6 +411,7 @@ class GatewayOptions:
             core.start(
                 opts.codex_gateway_database or config.database_url(),
                 opts.codex_gateway_spool or config.spool_path(),
+                config.spool_path(),
             )
         except exceptions.OptionsError:
             raise

@@ -9,7 +9,13 @@ Dialect differences handled here, and nowhere else:
   IMMEDIATE`` (so a lease count and its insert are one serialised step).
 - PostgreSQL: the member's row is locked (``SELECT ... FOR UPDATE``) around a lease count and
   insert, so several gateway instances never hand out more slots than ``max_concurrent``.
-- Re-sent usage rows are inserted with ``ON CONFLICT (row_id) DO NOTHING`` on both.
+- Usage rows are written with ``INSERT ... ON CONFLICT (row_id) DO UPDATE ... WHERE`` the new
+  row is a finished one, on both: a re-sent row lands once, and a request's finished row
+  replaces its in-flight row (see :meth:`Database.insert_usage`).
+- SQLite only: the file is opened read-write, never created, except by ``init``
+  (``create=True``); its identity (device, inode) is remembered when the schema is checked, so
+  a file deleted or replaced under a running gateway is noticed (:meth:`Database.intact`) and
+  reopened when a database is back at the path (:meth:`Database.reopen`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -97,15 +104,26 @@ class Database:
     errors and SQLAlchemy's ``OperationalError`` when the server cannot be reached.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, create: bool = True) -> None:
         self.url = parse_database_url(url)
         self.dialect = self.url.get_backend_name()
+        #: SQLite: the database file's path, and its (device, inode) when the schema was checked.
+        self.path: str | None = None
+        self._identity: tuple[int, int] | None = None
         if self.dialect == "sqlite":
             path = self.url.database
-            if path and path != ":memory:":
-                os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+            engine_url = self.url
+            if path and path != ":memory:" and not path.startswith("file:"):
+                self.path = os.path.abspath(path)
+                if create:
+                    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                else:  # read-write, never create: a deleted file must not come back empty
+                    engine_url = self.url.set(
+                        database=f"file:{urllib.parse.quote(self.path)}",
+                        query={**self.url.query, "mode": "rw", "uri": "true"},
+                    )
             self.engine = sa.create_engine(
-                self.url, connect_args={"timeout": 30, "check_same_thread": False}
+                engine_url, connect_args={"timeout": 30, "check_same_thread": False}
             )
             _sqlite_setup(self.engine)
         else:
@@ -160,13 +178,44 @@ class Database:
         return head
 
     def check_schema(self) -> None:
-        """Raises :class:`DatabaseError` unless the schema is at the newest revision."""
+        """Raises :class:`DatabaseError` unless the schema is at the newest revision. Remembers
+        the SQLite file's identity (see :meth:`intact`)."""
+        identity = self._file_identity()
         current = self.revision()
         if current != self.head():
             raise DatabaseError(
                 f"database schema is at {current or 'nothing'}, not {self.head()}: "
                 "run `./run.sh gateway init` first"
             )
+        self._identity = identity
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def intact(self) -> bool:
+        """SQLite: whether the file checked by :meth:`check_schema` is still the one at its
+        path (not deleted, not replaced: connections to a deleted file would write into an
+        unlinked inode). One ``stat``. Always true for PostgreSQL."""
+        if self.path is None or self._identity is None:
+            return True
+        return self._file_identity() == self._identity
+
+    def reopen(self) -> bool:
+        """After :meth:`intact` turned false: close every pooled connection and, when a
+        database with the current schema is at the path again, adopt it. Returns whether it
+        did; never raises."""
+        self.engine.dispose()
+        try:
+            self.check_schema()
+        except (DatabaseError, sa.exc.SQLAlchemyError):
+            return False
+        return True
 
     def ping(self) -> bool:
         """Whether a trivial query succeeds now."""
@@ -317,20 +366,34 @@ class Database:
     # -- usage ledger ------------------------------------------------------------------------
 
     def insert_usage(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Insert ledger rows (``usage`` columns, ``row_id`` set); a row already present
-        (same ``row_id``) is skipped, so a batch re-sent after an outage lands once."""
+        """Write ledger rows (``usage`` columns, ``row_id`` set, every row the same keys).
+
+        A row whose ``row_id`` is present already replaces it only when it is a finished row
+        (``duration_ms`` set) — a request's in-flight row (``duration_ms`` null, written when it
+        starts) is completed by its finished row, whatever order they land in — and is
+        otherwise skipped: a batch re-sent after an outage, or a spool replayed twice, lands
+        once. One ``INSERT ... ON CONFLICT (row_id) DO UPDATE ... WHERE`` on both dialects.
+        """
         if not rows:
             return
+        rows = collapse_rows(rows)
         if self.dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert
         else:
             from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
-        statement = insert(usage).on_conflict_do_nothing(index_elements=["row_id"])
         # A row spooled by an older release lacks the columns added since (one INSERT takes
         # its keys from the first row): those get the column's default.
         defaults = {"cache_write_tokens": 0}
+        rows = [{**defaults, **row} for row in rows]
+        statement = insert(usage)
+        columns = [name for name in rows[0] if name not in ("id", "row_id")]
+        statement = statement.on_conflict_do_update(
+            index_elements=["row_id"],
+            set_={name: statement.excluded[name] for name in columns},
+            where=statement.excluded.duration_ms.is_not(None),
+        )
         with self.engine.begin() as conn:
-            conn.execute(statement, [{**defaults, **row} for row in rows])
+            conn.execute(statement, rows)
 
     def window_usage(self, member_id: int, now: int) -> dict[str, dict[str, Any]]:
         """Usage of one member in the rolling windows ending ``now`` (ms): ``{"five_hour":
@@ -476,6 +539,20 @@ class Database:
                 )
                 if updated.rowcount == 0:
                     conn.execute(upstream_keys.insert().values(name=state["name"], **values))
+
+
+def collapse_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per ``row_id``, in first-seen order: a finished row (``duration_ms`` set) wins
+    over the in-flight row of the same request, else the first. (One statement must not touch
+    a row twice: PostgreSQL refuses ``ON CONFLICT DO UPDATE`` hitting a row twice.)"""
+    chosen: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        current = chosen.get(row["row_id"])
+        if current is None or (
+            current.get("duration_ms") is None and row.get("duration_ms") is not None
+        ):
+            chosen[row["row_id"]] = row
+    return list(chosen.values())
 
 
 def _member_id(conn: sa.Connection, name: str) -> int:

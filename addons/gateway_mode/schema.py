@@ -51,7 +51,9 @@ member_keys = Table(
 )
 
 #: The usage ledger: one row per forwarded request. ``row_id`` (a UUID made by the gateway)
-#: makes a re-sent row (after a database outage) land once.
+#: makes a re-sent row (after a database outage) land once. A request's in-flight row
+#: (``duration_ms`` null, ``error`` "in flight"), written when it is forwarded, is replaced by its
+#: finished row (same ``row_id``); one left in-flight means the gateway was killed meanwhile.
 usage = Table(
     "usage",
     metadata,

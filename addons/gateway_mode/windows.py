@@ -91,16 +91,22 @@ def parse_since(value: str, now_ms: int) -> int:
     text = value.strip()
     match = _SINCE.fullmatch(text)
     if match:
-        return now_ms - int(match.group(1)) * _UNIT_MS[match.group(2)]
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"--since: expected e.g. 5h, 7d or an ISO-8601 time, got {value!r}"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return int(when.timestamp() * 1000)
+        digits = match.group(1)
+        # More than 15 digits of any unit reaches past 1970 (checked below) anyway.
+        since = -1 if len(digits) > 15 else now_ms - int(digits) * _UNIT_MS[match.group(2)]
+    else:
+        try:
+            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(
+                f"--since: expected e.g. 5h, 7d or an ISO-8601 time, got {value[:60]!r}"
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        since = int(when.timestamp() * 1000)
+    if since < 0:
+        raise ValueError("--since: reaches before 1970-01-01")
+    return since
 
 
 def iso(ms: int | None) -> str | None:

@@ -15,11 +15,10 @@ import json
 import logging
 import os
 import re
-from dataclasses import fields
 from typing import Any
 
 from addons.credits import RateCard, load_rate_card
-from addons.recorder import REFUSED_PART, RequestRecord, write_summary
+from addons.recorder import REFUSED_PART, read_ledger, write_summary
 
 logger = logging.getLogger(__name__)
 
@@ -30,21 +29,6 @@ def _by_index(paths: list[str]) -> list[str]:
         return int(match.group(1)) if match else 0
 
     return sorted(paths, key=index)
-
-
-def read_ledger(directory: str) -> list[RequestRecord]:
-    """Every ``usage.jsonl`` line of a recording as a :class:`RequestRecord`, oldest first."""
-    path = os.path.join(directory, "usage.jsonl")
-    names = {f.name for f in fields(RequestRecord)}
-    records = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    data = json.loads(line)
-                    records.append(RequestRecord(**{k: v for k, v in data.items() if k in names}))
-    records.sort(key=lambda r: r.started)
-    return records
 
 
 def merge_flows(directory: str) -> None:

@@ -1,0 +1,901 @@
+"""``./run.sh compare BASE NEW``: judge a recording against the last good one (a CI gate).
+
+Reads two ``--record`` directories (strict proxy or gateway) with the recording's own readers:
+the ledger (:func:`addons.recorder.read_ledger`), ``summary.json`` (totals, credits, USD,
+refusals), the dump pairs (:func:`addons.replay.read_dump_pairs`: each turn's request shape and,
+through :func:`addons.responses_turn.turn_of_reply`, its tool calls). It compares, run against
+run: tokens by kind, credits and USD, the prompt-cache hit ratio, requests and turns, turn
+outcomes (completed / incomplete / failed / cut), HTTP statuses, refusals by kind, tool calls
+(names, counts, argument key sets), and timing (time to first event and duration, p50 / p95).
+Turns are aligned by order and request shape (:func:`align`); an unmatched turn is *added* or
+*missing*. Thresholds come from ``config/compare.yaml`` (``--set name=value`` per run).
+
+Exit codes: 0 within thresholds, 1 a regression, 2 a recording unreadable or of an unknown
+format (the message names the file and why) or a bad option.
+
+Output: a terminal table on stdout; ``--markdown [FILE]`` (for ``$GITHUB_STEP_SUMMARY``),
+``--json [FILE]``; ``compare.html`` (into NEW unless ``--html FILE``), self-contained like
+``report.html``: inline CSS and SVG, no script, nothing fetched, both runs' charts side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from addons.recorder import SUMMARY_FORMAT_VERSION, RequestRecord, read_ledger
+from addons.replay import DumpPair, read_dump_pairs, request_shape
+from addons.report import CSS, arrival_chart, chart_scale, tokens_chart
+from addons.responses_turn import USAGE_KINDS, turn_of_reply
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "config" / "compare.yaml"
+
+#: Turn outcomes (:func:`outcome_of`); all but ``completed`` count against ``failed_turns``.
+OUTCOMES = ("completed", "incomplete", "failed", "cut")
+
+#: Threshold names and their kind: ``number`` (null: report only) or ``flag`` (true/false).
+THRESHOLDS: dict[str, str] = {
+    "tokens_pct": "number",
+    "credits_pct": "number",
+    "cache_hit_drop_points": "number",
+    "requests_pct": "number",
+    "failed_turns": "number",
+    "new_error_status": "flag",
+    "new_refusal_kind": "flag",
+    "refusals_increase": "number",
+    "new_tool": "flag",
+    "vanished_tool": "flag",
+    "tool_calls_pct": "number",
+    "tool_arguments_changed": "flag",
+    "turns_added": "number",
+    "turns_missing": "number",
+    "first_event_p50_pct": "number",
+    "first_event_p95_pct": "number",
+    "duration_p50_pct": "number",
+    "duration_p95_pct": "number",
+}
+
+
+class Unreadable(Exception):
+    """A recording (or the thresholds) cannot be read; the message says which file and why."""
+
+
+# ---------------------------------------------------------------- thresholds
+
+
+def _threshold_value(name: str, value: Any) -> Any:
+    kind = THRESHOLDS.get(name)
+    if kind is None:
+        raise ValueError(f"unknown threshold {name!r} (known: {', '.join(THRESHOLDS)})")
+    if kind == "flag":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"{name}: expected a number >= 0 or null, got {value!r}")
+    return value
+
+
+def load_thresholds(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Thresholds from the YAML file ``path`` (every name of :data:`THRESHOLDS` must be there),
+    then each ``name=value`` of ``overrides`` (the value read as YAML: ``40``, ``null``,
+    ``false``).
+
+    Raises:
+        Unreadable: the file cannot be read, or a name or value is wrong.
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise Unreadable(f"thresholds {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise Unreadable(f"thresholds {path}: not a mapping of threshold names")
+    try:
+        out = {str(k): _threshold_value(str(k), v) for k, v in data.items()}
+        missing = [k for k in THRESHOLDS if k not in out]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        for spec in overrides:
+            name, sep, text = spec.partition("=")
+            if not sep:
+                raise ValueError(f"--set {spec!r}: expected name=value")
+            out[name.strip()] = _threshold_value(name.strip(), yaml.safe_load(text))
+    except (ValueError, yaml.YAMLError) as e:
+        raise Unreadable(f"thresholds {path}: {e}") from None
+    return out
+
+
+# ---------------------------------------------------------------- reading a recording
+
+
+@dataclass
+class TurnFacts:
+    """One forwarded request of a run, as compare sees it. ``shape``: the request's model,
+    tool names and input item types (from its dump; ``None`` without one); ``calls``:
+    ``[(tool name, sorted argument keys)]`` of the reply."""
+
+    index: int
+    record: RequestRecord
+    shape: dict[str, Any] | None
+    calls: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+
+    @property
+    def outcome(self) -> str:
+        return outcome_of(self.record)
+
+    @property
+    def model(self) -> str | None:
+        return self.record.model
+
+    def keys(self) -> tuple[Hashable, Hashable]:
+        """Alignment keys, strongest first: (model, tools, input types), then input types."""
+        shape = self.shape or {}
+        inputs = json.dumps(shape.get("input"))
+        return ((self.model, json.dumps(shape.get("tools")), inputs), inputs)
+
+
+@dataclass
+class Run:
+    """A recording read for comparison."""
+
+    path: str
+    format_version: int
+    turns: list[TurnFacts]
+    refused: list[dict[str, Any]]
+    credits: Decimal | None
+    usd: Decimal | None
+    notes: list[str] = field(default_factory=list)
+
+
+def outcome_of(record: RequestRecord) -> str:
+    """``completed``, ``incomplete``, ``failed`` (a ``response.failed`` / ``error`` event, an
+    HTTP error status or no reply at all) or ``cut`` (a reply that ended without a terminal
+    event: upstream or client gone mid-stream)."""
+    if record.turn_status in OUTCOMES:
+        return record.turn_status
+    if record.completed:
+        return "completed"
+    if record.status is None or record.status >= 400:
+        return "failed"
+    return "cut"
+
+
+def _decimal(value: Any, where: str) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        return Decimal(str(value))
+    except InvalidOperation:
+        raise Unreadable(f"{where}: not a number: {value!r}") from None
+
+
+def _calls_of(pair: DumpPair | None) -> list[tuple[str, tuple[str, ...]]]:
+    if pair is None:
+        return []
+    turn = turn_of_reply(pair.response.get("body"))
+    out = []
+    for call in turn.calls:
+        try:
+            args = json.loads(call.arguments or "{}")
+        except ValueError:
+            args = None
+        keys = tuple(sorted(args)) if isinstance(args, dict) else ()
+        out.append((call.name or "?", keys))
+    return out
+
+
+def load_run(path: str | Path) -> Run:
+    """Read the recording in directory ``path``.
+
+    Raises:
+        Unreadable: not a directory or not a recording, ``summary.json`` missing, not JSON or
+            of a newer format than :data:`addons.recorder.SUMMARY_FORMAT_VERSION`,
+            ``usage.jsonl`` cut or disagreeing with the summary, a dump file not JSON.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise Unreadable(f"{root}: not a directory")
+    summary_path = root / "summary.json"
+    if not summary_path.exists():
+        if (root / "usage.jsonl").exists() or (root / "dumps").is_dir():
+            raise Unreadable(
+                f"{summary_path}: missing; the proxy writes it when it stops cleanly "
+                "(GET /shutdown with --http-shutdown, or SIGINT/SIGTERM)"
+            )
+        raise Unreadable(f"{root}: not a recording (no summary.json, usage.jsonl or dumps/)")
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise Unreadable(f"{summary_path}: not readable JSON ({e})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("requests"), list):
+        raise Unreadable(f"{summary_path}: not a recording summary (no requests list)")
+    version = summary.get("format_version", 1)
+    if not isinstance(version, int) or not 1 <= version <= SUMMARY_FORMAT_VERSION:
+        raise Unreadable(
+            f"{summary_path}: format version {version!r} is unknown to this compare "
+            f"(it reads 1 to {SUMMARY_FORMAT_VERSION}); update the proxy"
+        )
+    try:
+        records = read_ledger(str(root))
+    except (OSError, ValueError) as e:
+        raise Unreadable(f"{root}: {e}") from None
+    if len(records) != len(summary["requests"]):
+        raise Unreadable(
+            f"{root / 'usage.jsonl'}: {len(records)} line(s) but summary.json has "
+            f"{len(summary['requests'])} request(s) (a cut or mixed-up ledger)"
+        )
+    try:
+        pairs = {p.seq: p for p in read_dump_pairs(root)} if (root / "dumps").is_dir() else {}
+    except (OSError, ValueError) as e:
+        raise Unreadable(str(e)) from None
+    notes = []
+    turns = []
+    for i, record in enumerate(records, 1):
+        pair = pairs.get(record.seq) if isinstance(record.seq, int) else None
+        body = pair.request.get("body") if pair is not None else None
+        shape = request_shape(body) if isinstance(body, dict) else None
+        turns.append(TurnFacts(i, record, shape, _calls_of(pair)))
+    if records and not pairs:
+        notes.append("no dumps: tool calls and request shapes unknown")
+    totals = summary.get("totals")
+    totals = totals if isinstance(totals, dict) else {}
+    refused = [r for r in summary.get("refused") or [] if isinstance(r, dict)]
+    return Run(
+        str(path),
+        version,
+        turns,
+        refused,
+        _decimal(totals.get("credits"), f"{summary_path}: totals.credits"),
+        _decimal(totals.get("usd"), f"{summary_path}: totals.usd"),
+        notes,
+    )
+
+
+# ---------------------------------------------------------------- alignment
+
+
+def _lcs(a: Sequence[Hashable], b: Sequence[Hashable]) -> list[tuple[int, int]]:
+    """Index pairs of a longest common subsequence of ``a`` and ``b`` (dynamic programming,
+    O(len(a) * len(b)); a run has tens to hundreds of turns)."""
+    n, m = len(a), len(b)
+    table = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            table[i][j] = (
+                table[i + 1][j + 1] + 1 if a[i] == b[j] else max(table[i + 1][j], table[i][j + 1])
+            )
+    pairs, i, j = [], 0, 0
+    while i < n and j < m:
+        if a[i] == b[j]:
+            pairs.append((i, j))
+            i, j = i + 1, j + 1
+        elif table[i + 1][j] >= table[i][j + 1]:
+            i += 1
+        else:
+            j += 1
+    return pairs
+
+
+def align(
+    base: Sequence[Sequence[Hashable]], new: Sequence[Sequence[Hashable]]
+) -> list[tuple[int | None, int | None]]:
+    """Pair the turns of two runs: ``[(base index or None, new index or None), ...]`` in
+    order; ``(i, None)``: turn i is missing from NEW, ``(None, j)``: turn j was added.
+
+    Each turn is given by its keys, strongest first (:meth:`TurnFacts.keys`). Turns are
+    matched by a longest common subsequence of the first key; between two matches, the
+    unmatched stretches are matched by the next key, and so on; stretches of equal length
+    left after the last key are paired in order (the same turn, its shape changed); anything
+    else is added or missing. So a turn inserted into (removed from) a run is reported as
+    exactly one added (missing) turn.
+    """
+    out: list[tuple[int | None, int | None]] = []
+
+    def walk(bs: range, ns: range, level: int) -> None:
+        if not bs or not ns or level == len(base[bs[0]]):
+            if len(bs) == len(ns):
+                out.extend(zip(bs, ns, strict=True))
+            else:
+                out.extend((i, None) for i in bs)
+                out.extend((None, j) for j in ns)
+            return
+        matches = _lcs([base[i][level] for i in bs], [new[j][level] for j in ns])
+        bi, nj = bs.start, ns.start
+        for i, j in matches:
+            walk(range(bi, bs.start + i), range(nj, ns.start + j), level + 1)
+            out.append((bs.start + i, ns.start + j))
+            bi, nj = bs.start + i + 1, ns.start + j + 1
+        walk(range(bi, bs.stop), range(nj, ns.stop), level + 1)
+
+    walk(range(len(base)), range(len(new)), 0)
+    return out
+
+
+# ---------------------------------------------------------------- figures
+
+
+@dataclass
+class Figure:
+    """One compared figure. ``regression``: over its threshold; ``rule``: the threshold as
+    text (empty: not gated); ``timing``: noisy by nature (excluded from the replay check)."""
+
+    name: str
+    base: Any
+    new: Any
+    change: str = ""
+    rule: str = ""
+    regression: bool = False
+    timing: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return self.base != self.new
+
+
+def _pct(base: float, new: float) -> float:
+    if base == new:
+        return 0.0
+    return math.inf if base == 0 else (new - base) * 100.0 / base
+
+
+def _pct_text(value: float) -> str:
+    return "new" if math.isinf(value) else f"{value:+.1f}%"
+
+
+def _increase(name: str, base: Any, new: Any, limit: float | None, timing: bool = False) -> Figure:
+    """A figure gated on its relative increase: regression when over ``limit`` percent."""
+    change = _pct(float(base or 0), float(new or 0))
+    rule = f"+{limit:g}%" if limit is not None else ""
+    over = limit is not None and change > limit
+    return Figure(name, base, new, _pct_text(change), rule, over, timing)
+
+
+def _count(name: str, base: int, new: int, allowed: float | None) -> Figure:
+    """A count gated on how many more NEW may have."""
+    rule = f"+{allowed:g}" if allowed is not None else ""
+    over = allowed is not None and new - base > allowed
+    return Figure(name, base, new, f"{new - base:+d}", rule, over)
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile ``p`` (0-100) of ``values``; ``None`` when empty."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def token_kinds(*runs: Run) -> list[str]:
+    """Every token kind the runs' usage holds, in :data:`USAGE_KINDS` then by name."""
+    kinds = {k for run in runs for t in run.turns for k in (t.record.usage or {})}
+    return [k for k in USAGE_KINDS if k in kinds] + sorted(kinds - set(USAGE_KINDS))
+
+
+def token_totals(run: Run, kinds: Sequence[str]) -> dict[str, int]:
+    """The run's tokens per kind (a kind a request's usage lacks counts 0)."""
+    return {k: sum(int((t.record.usage or {}).get(k, 0)) for t in run.turns) for k in kinds}
+
+
+def cache_hit(totals: dict[str, int]) -> float | None:
+    """cached / input tokens in percent (``None`` without input tokens)."""
+    return totals.get("cached", 0) * 100.0 / totals["input"] if totals.get("input") else None
+
+
+def refusal_kinds(run: Run) -> Counter[str]:
+    """Refused requests by kind: ``reason (status)``, e.g. ``not-allowlisted (403)``."""
+    return Counter(f"{r.get('reason') or 'refused'} ({r.get('status')})" for r in run.refused)
+
+
+def tool_counts(run: Run) -> tuple[Counter[str], dict[str, set[str]]]:
+    """Calls per tool name, and the union of argument keys per tool name."""
+    counts: Counter[str] = Counter()
+    keys: dict[str, set[str]] = {}
+    for turn in run.turns:
+        for name, args in turn.calls:
+            counts[name] += 1
+            keys.setdefault(name, set()).update(args)
+    return counts, keys
+
+
+#: A group of figures: ``(BASE, NEW, thresholds, aligned turn pairs) -> figures``.
+FigureGroup = Callable[
+    [Run, Run, dict[str, Any], list[tuple[int | None, int | None]]], list[Figure]
+]
+
+
+def token_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[Figure]:
+    """Tokens per kind (``cached`` reported, not gated), credits and USD, cache hit ratio."""
+    kinds = token_kinds(base, new)
+    bt, nt = token_totals(base, kinds), token_totals(new, kinds)
+    figs = [
+        _increase(f"tokens {k}", bt[k], nt[k], None if k == "cached" else th["tokens_pct"])
+        for k in kinds
+    ]
+    if base.credits is not None and new.credits is not None:
+        figs.append(_increase("credits", base.credits, new.credits, th["credits_pct"]))
+        # Rounded to cents' hundredths in the summary: its own change would mislead.
+        figs.append(Figure("USD", base.usd, new.usd, "as credits" if base.usd != new.usd else ""))
+    else:
+        figs.append(Figure("credits", base.credits, new.credits, "not priced"))
+    bh, nh = cache_hit(bt), cache_hit(nt)
+    hit = Figure(
+        "cache hit ratio %",
+        None if bh is None else round(bh, 1),
+        None if nh is None else round(nh, 1),
+    )
+    if bh is not None and nh is not None:
+        hit.change = f"{nh - bh:+.1f} pt"
+        limit = th["cache_hit_drop_points"]
+        hit.rule = f"-{limit:g} pt" if limit is not None else ""
+        hit.regression = limit is not None and bh - nh > limit
+    return [*figs, hit]
+
+
+def request_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[Figure]:
+    """Requests (turns and refusals), turns, outcomes, HTTP statuses of the turns."""
+    figs = [
+        _increase(
+            "requests",
+            len(base.turns) + len(base.refused),
+            len(new.turns) + len(new.refused),
+            th["requests_pct"],
+        ),
+        _count("turns", len(base.turns), len(new.turns), None),
+    ]
+    bo, no = Counter(t.outcome for t in base.turns), Counter(t.outcome for t in new.turns)
+    for outcome in OUTCOMES:
+        if bo[outcome] or no[outcome]:
+            allowed = None if outcome == "completed" else th["failed_turns"]
+            figs.append(_count(f"turns {outcome}", bo[outcome], no[outcome], allowed))
+    bs = Counter(str(t.record.status) for t in base.turns)
+    ns = Counter(str(t.record.status) for t in new.turns)
+    for status in sorted(bs.keys() | ns.keys()):
+        fig = _count(f"HTTP {status}", bs[status], ns[status], None)
+        if status.isdigit() and int(status) >= 400 and not bs[status]:
+            fig.change = "new status"
+            if th["new_error_status"]:
+                fig.rule, fig.regression = "new error status", True
+        figs.append(fig)
+    return figs
+
+
+def refusal_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[Figure]:
+    """Refused requests per kind; a kind BASE never had is called out."""
+    figs = []
+    br, nr = refusal_kinds(base), refusal_kinds(new)
+    for kind in sorted(br.keys() | nr.keys()):
+        fig = _count(f"refusals {kind}", br[kind], nr[kind], th["refusals_increase"])
+        if not br[kind]:
+            fig.change = "new kind"
+            if th["new_refusal_kind"]:
+                fig.rule, fig.regression = "new kind", True
+        figs.append(fig)
+    return figs
+
+
+def tool_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[Figure]:
+    """Calls per tool (new and vanished tools called out) and each tool's argument key set."""
+    figs = []
+    (bc, bk), (nc, nk) = tool_counts(base), tool_counts(new)
+    for name in sorted(bc.keys() | nc.keys()):
+        fig = _increase(f"tool {name} calls", bc[name], nc[name], th["tool_calls_pct"])
+        if not bc[name] or not nc[name]:
+            flag = "new_tool" if not bc[name] else "vanished_tool"
+            fig.change = "new tool" if not bc[name] else "vanished"
+            fig.rule = flag.replace("_", " ") if th[flag] else ""
+            fig.regression = th[flag]
+        figs.append(fig)
+        if bc[name] and nc[name]:
+            old_keys, new_keys = sorted(bk[name]), sorted(nk[name])
+            fig = Figure(f"tool {name} argument keys", ",".join(old_keys), ",".join(new_keys))
+            if old_keys != new_keys:
+                fig.change = " ".join(
+                    [f"+{k}" for k in new_keys if k not in old_keys]
+                    + [f"-{k}" for k in old_keys if k not in new_keys]
+                )
+                fig.rule = "changed" if th["tool_arguments_changed"] else ""
+                fig.regression = th["tool_arguments_changed"]
+            figs.append(fig)
+    return figs
+
+
+def alignment_figures(
+    _base: Run, _new: Run, th: dict[str, Any], pairs: list[tuple[int | None, int | None]]
+) -> list[Figure]:
+    """Turns added to / missing from NEW (:func:`align`)."""
+    added = sum(1 for i, _ in pairs if i is None)
+    missing = sum(1 for _, j in pairs if j is None)
+    return [
+        _count("turns added", 0, added, th["turns_added"]),
+        _count("turns missing", 0, missing, th["turns_missing"]),
+    ]
+
+
+def timing_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[Figure]:
+    """Time to first event and duration of the turns (ms), p50 and p95."""
+    figs = []
+    for label, attr in (("first event", "first_event_ms"), ("duration", "duration_ms")):
+        bv, nv = (
+            [v for t in run.turns if (v := getattr(t.record, attr)) is not None]
+            for run in (base, new)
+        )
+        for p in (50, 95):
+            a, b = percentile(bv, p), percentile(nv, p)
+            limit = th[f"{label.replace(' ', '_')}_p{p}_pct"]
+            if a is None or b is None:
+                figs.append(Figure(f"{label} p{p} ms", a, b, "", "", False, True))
+            else:
+                figs.append(_increase(f"{label} p{p} ms", a, b, limit, True))
+    return figs
+
+
+#: The figures of a comparison, in the order shown.
+FIGURE_GROUPS: tuple[FigureGroup, ...] = (
+    token_figures,
+    request_figures,
+    refusal_figures,
+    tool_figures,
+    alignment_figures,
+    timing_figures,
+)
+
+
+def run_figures(
+    base: Run, new: Run, th: dict[str, Any], pairs: list[tuple[int | None, int | None]]
+) -> list[Figure]:
+    """Every run-level figure of the comparison (:data:`FIGURE_GROUPS`), gated by ``th``."""
+    return [fig for group in FIGURE_GROUPS for fig in group(base, new, th, pairs)]
+
+
+@dataclass
+class TurnRow:
+    """One line of the turn table: a matched pair, an added or a missing turn."""
+
+    base: int | None
+    new: int | None
+    model: str
+    outcome: str
+    tokens: str
+    tools: str
+    note: str
+
+
+def _tools_text(turn: TurnFacts | None) -> str:
+    if turn is None:
+        return ""
+    counts = Counter(name for name, _ in turn.calls)
+    return ",".join(f"{n}x{c}" if c > 1 else n for n, c in sorted(counts.items()))
+
+
+def turn_rows(base: Run, new: Run, pairs: list[tuple[int | None, int | None]]) -> list[TurnRow]:
+    """The turn table: per aligned pair, model, outcome, total tokens and tool calls in BASE
+    → NEW, and what differs (added, missing, shape, outcome, tools, tokens)."""
+    rows = []
+    for i, j in pairs:
+        a = base.turns[i] if i is not None else None
+        b = new.turns[j] if j is not None else None
+
+        def both(get: Callable[[TurnFacts], Any], a: Any = a, b: Any = b) -> str:
+            x = "" if a is None else str(get(a))
+            y = "" if b is None else str(get(b))
+            return x if x == y else f"{x or '-'} → {y or '-'}"
+
+        notes = []
+        if a is None:
+            notes.append("added")
+        elif b is None:
+            notes.append("missing")
+        else:
+            if a.keys() != b.keys():
+                diffs = [
+                    k
+                    for k in ("model", "tools", "input")
+                    if (a.shape or {}).get(k) != (b.shape or {}).get(k)
+                ]
+                notes.append("shape differs: " + ", ".join(diffs or ["model"]))
+            if a.outcome != b.outcome:
+                notes.append(f"outcome {a.outcome} → {b.outcome}")
+            if _tools_text(a) != _tools_text(b):
+                notes.append("tool calls differ")
+            totals = [(t.record.usage or {}).get("total", 0) for t in (a, b)]
+            if totals[0] != totals[1]:
+                notes.append(f"tokens {_pct_text(_pct(totals[0], totals[1]))}")
+        rows.append(
+            TurnRow(
+                None if i is None else i + 1,
+                None if j is None else j + 1,
+                both(lambda t: t.model or "-"),
+                both(lambda t: t.outcome),
+                both(lambda t: (t.record.usage or {}).get("total", 0)),
+                both(_tools_text),
+                "; ".join(notes),
+            )
+        )
+    return rows
+
+
+@dataclass
+class Comparison:
+    """The whole verdict: figures, turn table, thresholds used, exit code (0 or 1)."""
+
+    base: Run
+    new: Run
+    figures: list[Figure]
+    turns: list[TurnRow]
+    thresholds: dict[str, Any]
+
+    @property
+    def regressions(self) -> list[Figure]:
+        return [f for f in self.figures if f.regression]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.regressions else 0
+
+    @property
+    def verdict(self) -> str:
+        n = len(self.regressions)
+        if not n:
+            return "PASS: no figure over its threshold"
+        return f"REGRESSION: {n} figure(s) over threshold: " + "; ".join(
+            f"{f.name}: {f.change}" if f.change == f.rule else f"{f.name} {f.change} (> {f.rule})"
+            for f in self.regressions
+        )
+
+
+def compare(base: Run, new: Run, thresholds: dict[str, Any]) -> Comparison:
+    """Compare two read recordings (:func:`load_run`) under ``thresholds``."""
+    pairs = align([t.keys() for t in base.turns], [t.keys() for t in new.turns])
+    return Comparison(
+        base,
+        new,
+        run_figures(base, new, thresholds, pairs),
+        turn_rows(base, new, pairs),
+        thresholds,
+    )
+
+
+# ---------------------------------------------------------------- output
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _mark(f: Figure) -> str:
+    """``REGRESSION``; ``changed`` (not for an ungated timing figure: timing always moves)."""
+    if f.regression:
+        return "REGRESSION"
+    return "changed" if f.changed and not (f.timing and not f.rule) else ""
+
+
+def as_text(c: Comparison) -> str:
+    """The terminal table: the verdict first, then every figure, then the turns."""
+    lines = [c.verdict, f"BASE {c.base.path}", f"NEW  {c.new.path}", ""]
+    rows = [("figure", "BASE", "NEW", "change", "threshold", "")] + [
+        (f.name, _cell(f.base), _cell(f.new), f.change, f.rule, _mark(f)) for f in c.figures
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    for r in rows:
+        lines.append("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
+    lines += ["", "turns (BASE # / NEW #): model, outcome, total tokens, tool calls"]
+    for t in c.turns:
+        lines.append(
+            f"  {_cell(t.base):>4} {_cell(t.new):>4}  {t.model}  {t.outcome}  {t.tokens}  "
+            f"{t.tools or '-'}  {t.note}".rstrip()
+        )
+    for run, label in ((c.base, "BASE"), (c.new, "NEW")):
+        lines += [f"{label}: {n}" for n in run.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _md(value: Any) -> str:
+    return _cell(value).replace("|", "\\|")
+
+
+def as_markdown(c: Comparison) -> str:
+    """Markdown for ``$GITHUB_STEP_SUMMARY``: the verdict, the regressions, every figure,
+    the turns (folded)."""
+    icon = "❌" if c.exit_code else "✅"
+    out = [f"### {icon} Codex recording compare: {_md(c.verdict)}", ""]
+    out += [f"BASE `{c.base.path}` · NEW `{c.new.path}`", ""]
+    out += ["| figure | BASE | NEW | change | threshold | |", "|---|--:|--:|--:|--:|---|"]
+    ordered = c.regressions + [f for f in c.figures if not f.regression]
+    for f in ordered:
+        mark = "**REGRESSION**" if f.regression else _mark(f)
+        out.append(
+            f"| {_md(f.name)} | {_md(f.base)} | {_md(f.new)} | {_md(f.change)} | "
+            f"{_md(f.rule)} | {mark} |"
+        )
+    out += ["", "<details><summary>Turns</summary>", ""]
+    out += ["| BASE # | NEW # | model | outcome | tokens | tools | note |"]
+    out += ["|--:|--:|---|---|--:|---|---|"]
+    for t in c.turns:
+        out.append(
+            f"| {_md(t.base)} | {_md(t.new)} | {_md(t.model)} | {_md(t.outcome)} | "
+            f"{_md(t.tokens)} | {_md(t.tools)} | {_md(t.note)} |"
+        )
+    out += ["", "</details>", ""]
+    return "\n".join(out)
+
+
+def as_json(c: Comparison) -> dict[str, Any]:
+    """The comparison for tools: ``{"exit_code", "verdict", "base", "new", "figures": [{name,
+    base, new, change, threshold, regression, changed, timing}], "turns": [...],
+    "thresholds"}``."""
+
+    def plain(v: Any) -> Any:
+        return str(v) if isinstance(v, Decimal) else v
+
+    return {
+        "exit_code": c.exit_code,
+        "verdict": c.verdict,
+        "base": {"path": c.base.path, "format_version": c.base.format_version},
+        "new": {"path": c.new.path, "format_version": c.new.format_version},
+        "figures": [
+            {
+                "name": f.name,
+                "base": plain(f.base),
+                "new": plain(f.new),
+                "change": f.change,
+                "threshold": f.rule,
+                "regression": f.regression,
+                "changed": f.changed,
+                "timing": f.timing,
+            }
+            for f in c.figures
+        ],
+        "turns": [asdict(t) for t in c.turns],
+        "thresholds": c.thresholds,
+    }
+
+
+def _e(value: Any) -> str:
+    return html.escape(_cell(value), quote=True)
+
+
+def _chart_requests(run: Run) -> list[dict[str, Any]]:
+    return [
+        {"seq": t.index, "usage": t.record.usage, "event_ms": t.record.event_ms} for t in run.turns
+    ]
+
+
+def as_html(c: Comparison) -> str:
+    """``compare.html``: self-contained (inline CSS and SVG, no script, nothing fetched), the
+    verdict, every figure, the turns, and both runs' charts side by side on the same axes."""
+    colour = "#b91c1c" if c.exit_code else "#15803d"
+    figure_rows = "".join(
+        f'<tr class="{"fail" if f.regression else ""}"><td class=l>{_e(f.name)}</td>'
+        f"<td>{_e(f.base)}</td><td>{_e(f.new)}</td><td>{_e(f.change)}</td>"
+        f"<td>{_e(f.rule)}</td><td class=l>{_e(_mark(f))}</td></tr>"
+        for f in c.figures
+    )
+    turn_rows_html = "".join(
+        f'<tr class="{"fail" if t.note else ""}"><td>{_e(t.base)}</td><td>{_e(t.new)}</td>'
+        f"<td class=l>{_e(t.model)}</td><td class=l>{_e(t.outcome)}</td><td>{_e(t.tokens)}</td>"
+        f"<td class=l>{_e(t.tools)}</td><td class=l>{_e(t.note)}</td></tr>"
+        for t in c.turns
+    )
+    reqs = _chart_requests(c.base), _chart_requests(c.new)
+    scales = chart_scale(reqs[0]), chart_scale(reqs[1])
+    top = max(scales[0][0], scales[1][0])
+    arrival = (max(scales[0][1], scales[1][1]), max(scales[0][2], scales[1][2]))
+
+    def side_by_side(render: Callable[[list[dict[str, Any]]], str]) -> str:
+        return (
+            "<table class=pair><tr><th class=l>BASE</th><th class=l>NEW</th></tr><tr>"
+            + "".join(f'<td class="l chart">{render(r)}</td>' for r in reqs)
+            + "</tr></table>"
+        )
+
+    notes = "".join(
+        f"<p class=muted>{label}: {_e(n)}</p>"
+        for run, label in ((c.base, "BASE"), (c.new, "NEW"))
+        for n in run.notes
+    )
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>Codex recording compare</title><style>{CSS}"
+        ".pair td.chart{vertical-align:top;white-space:normal}</style></head><body>"
+        "<h1>Codex recording compare</h1>"
+        f'<p style="color:{colour};font-weight:600">{_e(c.verdict)}</p>'
+        f"<div class=muted>BASE {_e(c.base.path)} · NEW {_e(c.new.path)} · written "
+        f"{time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime())}</div>{notes}"
+        "<h2>Figures</h2><table><tr><th class=l>figure</th><th>BASE</th><th>NEW</th>"
+        f"<th>change</th><th>threshold</th><th class=l></th></tr>{figure_rows}</table>"
+        "<h2>Turns</h2><table><tr><th>BASE #</th><th>NEW #</th><th class=l>model</th>"
+        "<th class=l>outcome</th><th>total tokens</th><th class=l>tool calls</th>"
+        f"<th class=l>note</th></tr>{turn_rows_html}</table>"
+        "<h2>Tokens per turn</h2>"
+        + side_by_side(lambda r: tokens_chart(r, width=480, top=top))
+        + "<h2>Event arrival per stream</h2>"
+        + side_by_side(lambda r: arrival_chart(r, width=480, scale=arrival))
+        + "</body></html>\n"
+    )
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _write(target: str, text: str, append: bool = False) -> None:
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        with open(target, "a" if append else "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``compare BASE NEW [--config F] [--set name=value]... [--markdown [FILE]] [--json
+    [FILE]] [--html FILE]``; returns the exit code (0 pass, 1 regression, 2 unreadable)."""
+    parser = argparse.ArgumentParser(
+        prog="run.sh compare",
+        description="Compare a recording (NEW) with the last good one (BASE). Exit 0 within "
+        "the thresholds, 1 on a regression, 2 when a recording cannot be read.",
+    )
+    parser.add_argument("base", help="the last good recording (a --record directory)")
+    parser.add_argument("new", help="the recording to judge")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="thresholds (YAML)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="override a threshold"
+    )
+    parser.add_argument(
+        "--markdown",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="Markdown on stdout in place of the table, or appended to FILE "
+        '(--markdown "$GITHUB_STEP_SUMMARY")',
+    )
+    parser.add_argument(
+        "--json", nargs="?", const="-", metavar="FILE", help="JSON on stdout, or into FILE"
+    )
+    parser.add_argument(
+        "--html", metavar="FILE", help="where compare.html goes (default: NEW/compare.html)"
+    )
+    ns = parser.parse_args(argv)
+    try:
+        thresholds = load_thresholds(ns.config, ns.set)
+        runs = []
+        for label, path in (("BASE", ns.base), ("NEW", ns.new)):
+            try:
+                runs.append(load_run(path))
+            except Unreadable as e:
+                raise Unreadable(f"{label} {e}") from None
+    except Unreadable as e:
+        sys.stderr.write(f"{parser.prog}: error: {e}\n")
+        return 2
+    result = compare(runs[0], runs[1], thresholds)
+    page = ns.html or os.path.join(ns.new, "compare.html")
+    try:
+        if ns.markdown != "-" and ns.json != "-":
+            sys.stdout.write(as_text(result))
+        if ns.markdown:
+            _write(ns.markdown, as_markdown(result), append=True)
+        if ns.json:
+            _write(ns.json, json.dumps(as_json(result), indent=2, ensure_ascii=False) + "\n")
+        _write(page, as_html(result))
+    except OSError as e:
+        sys.stderr.write(f"{parser.prog}: error: cannot write the comparison: {e}\n")
+        return 2
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
