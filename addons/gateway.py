@@ -21,6 +21,7 @@ from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.local_routes import LocalRoutes
 from addons.gateway_mode.quota import QuotaGate
 from addons.gateway_mode.tls import ListenTls
+from addons.gateway_mode.websocket import WebSocketRoute, WebSocketTurns
 from addons.guard import OptionGuard
 from addons.recorder import Recorder
 from addons.redaction import HeaderRedaction
@@ -40,6 +41,7 @@ addons = [
     JsonErrorReplies(),
     ServerInfo(),
     HttpShutdown(),
+    WebSocketRoute(),  # --websockets: claims GET /v1/responses upgrades (else 426 below)
     WebSocketRefusal(),
     LocalRoutes(core),  # GET /health, GET /metrics
     Allowlist(),  # POST /v1/responses (+ /v1/responses/compact via codex_extra_routes)
@@ -48,6 +50,8 @@ addons = [
     CodexFilter(core),  # request: 403 for non-Codex clients
     QuotaGate(core),  # request: 429/503 before anything goes upstream
     forwarder,  # requestheaders: route; request: pick and inject an upstream key last
+    # After the forwarder (restores the upgrade headers it strips); meters each socket turn.
+    WebSocketTurns(core, forwarder),
     # After every refusal and the forwarder's retries: statuses Codex acts on, and the
     # member's windows in Codex's rate-limit headers (upstream x-codex-* removed).
     CodexReplies(core),

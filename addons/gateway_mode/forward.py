@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from mitmproxy import ctx, exceptions, http
 
-from addons.common import ALLOWED, KEY_INJECTED, REFUSED, fail_closed
+from addons.common import ALLOWED, KEY_INJECTED, REFUSED, WEBSOCKET, fail_closed
 from addons.forward import (
     DEFAULT_UPSTREAM_URL,
     Upstream,
@@ -176,6 +176,8 @@ class PoolForwarder:
         if attempt is None or flow.response is None:
             return
         if self._judge(attempt, flow.response) and self._can_retry(attempt):
+            if WEBSOCKET in flow.metadata:
+                return  # no POST retry for an upgrade: Codex retries it (key now cooled down)
             attempt.hold = True
             flow.response.stream = False  # small error reply: read it whole, send nothing yet
 
