@@ -223,6 +223,7 @@ class FakeUpstream:
         ws_reply: ``f(message) -> events | None`` overrides the events for a message.
         ws_close_after: close each socket after this many ``response.create`` messages, with
             close code ``ws_close_code`` (OpenAI closes a socket after 60 minutes).
+        ``gate`` holds a socket's turn after its first event too (not a warm-up's).
     """
 
     def __init__(self) -> None:
@@ -399,8 +400,14 @@ class FakeUpstream:
                 if parsed.get("type") != "response.create":
                     continue
                 creates += 1
-                for _, payload in self._ws_events(parsed):
+                for i, (_, payload) in enumerate(self._ws_events(parsed)):
                     await ws.send_str(json.dumps(payload))
+                    if i == 0 and self.gate is not None and parsed.get("generate") is not False:
+                        gate = self.gate
+                        opened = await asyncio.get_running_loop().run_in_executor(
+                            None, gate.wait, self.gate_timeout
+                        )
+                        self.gate_timed_out = not opened
                 if self.ws_close_after is not None and creates >= self.ws_close_after:
                     await ws.close(code=self.ws_close_code)
                     break

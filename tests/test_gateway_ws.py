@@ -21,6 +21,7 @@ from addons.gateway_mode.websocket import WebSocketRoute, error_event, is_respon
 from addons.gateway_mode.windows import Limit, LimitUsage
 from addons.websocket_refusal import WebSocketRefusal
 from tests.conftest import ROOT, wait_for
+from tests.fake_upstream import responses_sse_events
 from tests.gateway_harness import UPSTREAM_KEYS
 from tests.responses_events import tool_call_events
 
@@ -89,8 +90,6 @@ def test_the_quota_error_event_is_codexs_usage_limit_shape():
 
 
 # -- the real Codex CLI through the gateway -------------------------------------------------
-
-pytestmark_e2e = [pytest.mark.e2e, pytest.mark.codex]
 
 
 def codex_home(tmp_path: Path, server, name: str = "home") -> tuple[Path, Path]:
@@ -174,13 +173,8 @@ def test_codex_turns_use_the_socket_with_a_tool_call_metered_and_no_key_leaks(
             for item in body.get("input") or []
         )
         if called:
-            return [e for e in upstream_default(body)]
+            return responses_sse_events("All done over the socket.", MODEL, "resp_final")
         return tool_call_events([("exec_command", {"cmd": "echo ws-tool-ran"})], MODEL)
-
-    from tests.fake_upstream import responses_sse_events
-
-    def upstream_default(body: dict) -> list:
-        return responses_sse_events("All done over the socket.", MODEL, "resp_final")
 
     upstream.responder = responder
     home, work = codex_home(tmp_path, server)
@@ -293,3 +287,72 @@ def test_revoking_a_member_key_closes_its_open_socket(gateway, upstream, tmp_pat
     upgrades = len(upstream.requests)
     status = server.request("GET", "/v1/responses", headers={**headers, **UPGRADE})[0]
     assert status in (400, 401) and len(upstream.requests) == upgrades
+
+
+@pytest.mark.e2e
+@pytest.mark.codex
+def test_codex_reconnects_through_the_gateway_when_the_upstream_closes_its_socket(
+    gateway, upstream, codex, tmp_path
+):
+    """OpenAI closes a socket after 60 minutes; here the upstream closes after each message."""
+    gateway.admin("add-member", "dave")
+    key = gateway.add_key("dave")
+    server = gateway.serve(upstream.url, "--websockets")
+    upstream.ws_close_after = 1
+    home, work = codex_home(tmp_path, server)
+    code, out = run_codex(codex, home, work, key)
+    assert code == 0, out
+    assert upstream.text in out
+    assert upstream.ws_connections >= 2  # Codex opened a new socket through the gateway
+    assert not [r for r in upstream.requests if r.method == "POST"]
+    wait_for(lambda: len(rows(gateway)) == len(creates(upstream)), 10, "ledger rows")
+    metrics = server.request("GET", "/metrics")[2].decode()
+    assert "codex_gateway_websocket_open 0.0" in metrics
+
+
+@pytest.mark.e2e
+def test_concurrency_slots_count_open_turns_not_idle_sockets(gateway, upstream, tmp_path):
+    import asyncio
+    import threading
+
+    import aiohttp
+
+    gateway.admin("add-member", "erin", "--max-concurrent", "1")
+    key = gateway.add_key("erin")
+    server = gateway.serve(upstream.url, "--websockets")
+    headers = {"authorization": f"Bearer {key}", "user-agent": "codex_exec/0.171.0 (test)"}
+    upstream.gate = threading.Event()
+
+    async def scenario() -> tuple[list[dict], list[dict], list[dict]]:
+        async with aiohttp.ClientSession() as client:
+            url = f"ws://127.0.0.1:{server.port}/v1/responses"
+            async with (
+                client.ws_connect(url, headers=headers) as first,
+                client.ws_connect(url, headers=headers) as second,
+            ):
+                # Two idle sockets hold no slot; a turn on the first takes the one slot.
+                await first.send_str(json.dumps({"type": "response.create", "model": MODEL}))
+                held = [json.loads((await first.receive()).data)]
+                await second.send_str(json.dumps({"type": "response.create", "model": MODEL}))
+                refused = [json.loads((await second.receive()).data)]
+                assert upstream.gate is not None
+                upstream.gate.set()
+                async for msg in first:
+                    held.append(json.loads(msg.data))
+                    if held[-1]["type"] == "response.completed":
+                        break
+                # The turn ended: its slot is free for the other socket.
+                await second.send_str(json.dumps({"type": "response.create", "model": MODEL}))
+                served = []
+                async for msg in second:
+                    served.append(json.loads(msg.data))
+                    if served[-1]["type"] == "response.completed":
+                        break
+                return held, refused, served
+
+    held, refused, served = asyncio.run(scenario())
+    assert held[0]["type"] == "response.created" and held[-1]["type"] == "response.completed"
+    assert refused[0]["type"] == "error" and refused[0]["status"] == 429
+    assert refused[0]["error"]["code"] == "concurrency_limit"
+    assert served[-1]["type"] == "response.completed"
+    assert len(creates(upstream)) == 2  # the refused one never went upstream
