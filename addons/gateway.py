@@ -7,6 +7,7 @@ Only lists the addons, in hook order: the strict proxy's shared addons and the g
 """
 
 from addons.allowlist import Allowlist
+from addons.bridge.addons import ChatBridge, ChatReplies
 from addons.contentviews import CodexContentviews
 from addons.dumps import DumpWriter
 from addons.error_replies import JsonErrorReplies
@@ -44,6 +45,9 @@ addons = [
     WebSocketRoute(),  # --websockets: claims GET /v1/responses upgrades (else 426 below)
     WebSocketRefusal(),
     LocalRoutes(core),  # GET /health, GET /metrics
+    # --chat-bridge: claims POST /v1/chat/completions; its request hook translates the body
+    # before the Codex filter and the quota check read the model.
+    ChatBridge(),
     Allowlist(),  # POST /v1/responses (+ /v1/responses/compact via codex_extra_routes)
     MemberAuth(core),  # 401 unless a live member key; removes it from the flow
     NoCookies(),
@@ -57,6 +61,7 @@ addons = [
     CodexReplies(core),
     SseStreaming(),
     HeaderRedaction(),
+    ChatReplies(),  # after both: it wraps their stream callables; before accounting
     DumpWriter(),
     Recorder(),
     UsageAccounting(core, forwarder),

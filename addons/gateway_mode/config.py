@@ -29,6 +29,7 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "insecure_listen": (bool,),
     "require_codex_client": (bool,),
     "websockets": (bool,),
+    "chat_bridge": (bool,),
     "max_attempts": (int,),
     "cooldown_seconds": (int,),
     "lease_seconds": (int,),
@@ -55,6 +56,7 @@ class GatewayConfig:
     insecure_listen: bool = False
     require_codex_client: bool = True
     websockets: bool = False
+    chat_bridge: bool = False
     max_attempts: int = 3
     cooldown_seconds: int = 30
     lease_seconds: int = 60
