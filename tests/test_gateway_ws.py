@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -356,3 +357,111 @@ def test_concurrency_slots_count_open_turns_not_idle_sockets(gateway, upstream, 
     assert refused[0]["error"]["code"] == "concurrency_limit"
     assert served[-1]["type"] == "response.completed"
     assert len(creates(upstream)) == 2  # the refused one never went upstream
+
+
+# -- turn accounting, driven through the hooks ----------------------------------------------
+
+
+class _Ledger:
+    healthy = True
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+
+class _Forwarder:
+    """Stands in for the pool forwarder: records which flows gave their upstream key back."""
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+
+    def finished(self, flow) -> None:
+        self.ended.append(flow.id)
+
+
+def _turns():
+    from addons.gateway_mode.config import DEFAULT_GATEWAY_CONFIG, load_gateway_config
+    from addons.gateway_mode.core import GatewayCore
+    from addons.gateway_mode.websocket import WebSocketTurns
+
+    core = GatewayCore()
+    core.card = load_gateway_config(DEFAULT_GATEWAY_CONFIG).rate_card()
+    core.ledger = _Ledger()  # type: ignore[assignment]
+    core.db = object()  # type: ignore[assignment]  # no limits: never asked
+    core.directory.load(
+        [{"key_hash": "h", "key_id": "k1", "member": "alice", "member_id": 1, "max_concurrent": 0}]
+    )
+    forwarder = _Forwarder()
+    turns = WebSocketTurns(core, forwarder)  # type: ignore[arg-type]
+    return core, turns, forwarder
+
+
+def _ws_flow() -> http.HTTPFlow:
+    from addons.gateway_mode.core import MEMBER, UPSTREAM_KEY
+
+    flow = tflow.twebsocketflow(messages=False)
+    flow.metadata[WEBSOCKET] = True
+    flow.metadata[MEMBER] = {"member": "alice", "member_id": 1, "key_id": "k1"}
+    flow.metadata[UPSTREAM_KEY] = "alpha"
+    return flow
+
+
+async def _say(turns, flow, from_client: bool, payload: dict | bytes) -> None:
+    from mitmproxy.websocket import WebSocketMessage
+
+    content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    flow.websocket.messages.append(WebSocketMessage(1, from_client, content))
+    await turns.websocket_message(flow)
+
+
+async def test_each_turn_end_is_a_ledger_row_and_a_closed_socket_leaves_one_too():
+    from tests.fake_upstream import response_object
+
+    core, turns, forwarder = _turns()
+    with taddons.context(turns):
+        flow = _ws_flow()
+        turns.websocket_start(flow)
+        await _say(turns, flow, True, {"type": "response.create", "model": MODEL})
+        await _say(turns, flow, False, {"type": "response.created", "response": {}})
+        done = response_object("resp_1", MODEL, "hi")
+        await _say(turns, flow, False, {"type": "response.completed", "response": done})
+        await _say(turns, flow, True, {"type": "response.create", "model": MODEL})
+        await _say(turns, flow, False, {"type": "error", "status": 500, "error": {"code": "x"}})
+        await _say(turns, flow, True, {"type": "response.create", "model": MODEL})
+        await _say(turns, flow, True, b"\xff not json")
+        assert flow.websocket.messages[-1].dropped  # nothing unread goes upstream
+        assert not flow.websocket.messages[-2].dropped
+        flow.websocket.close_code = 1006
+        turns.websocket_end(flow)
+    rows_ = core.ledger.rows  # type: ignore[union-attr]
+    assert [r["route"] for r in rows_] == ["ws:/v1/responses"] * 3
+    first, second, third = rows_
+    assert first["total_tokens"] == 59 and first["events"] == 2 and first["error"] is None
+    assert first["upstream_key"] == "alpha" and first["credits_micro"]
+    assert second["status"] == 500 and second["error"] == "error event: x"
+    assert third["status"] is None and "socket closed (1006)" in third["error"]
+    assert forwarder.ended == [flow.id] and not turns.sockets
+
+
+async def test_a_revoked_key_is_answered_and_its_message_dropped():
+    core, turns, _ = _turns()
+    sent: list[bytes] = []
+    turns._inject = lambda flow, data: sent.append(data)  # type: ignore[method-assign]
+    closed: list = []
+    turns._drop_connection = closed.append  # type: ignore[method-assign]
+    with taddons.context(turns):
+        flow = _ws_flow()
+        turns.websocket_start(flow)
+        core.directory.load([])  # revoked
+        await _say(turns, flow, True, {"type": "response.create", "model": MODEL})
+        assert flow.websocket.messages[-1].dropped
+        assert json.loads(sent[0])["error"]["code"] == "invalid_member_key"
+        for _ in range(500):  # the connection is dropped just after the error event
+            if closed:
+                break
+            await asyncio.sleep(0.01)
+        assert closed == [flow]
+    assert core.ledger.rows == []  # type: ignore[union-attr]
