@@ -250,6 +250,45 @@ def test_a_spent_quota_on_the_socket_ends_the_codex_turn_at_once(
 
 
 @pytest.mark.e2e
+@pytest.mark.codex
+def test_revoking_a_member_key_mid_turn_ends_the_codex_turn_with_the_reason(
+    gateway, upstream, codex, tmp_path
+):
+    import threading
+
+    gateway.admin("add-member", "zed")
+    key = gateway.add_key("zed")
+    key_id = gateway.admin("list-keys", "zed").stdout.split("\n")[1].split()[0]
+    server = gateway.serve(upstream.url, "--websockets")
+    home, work = codex_home(tmp_path, server)
+    upstream.gate = threading.Event()  # the turn stays open upstream
+    proc = subprocess.Popen(
+        [codex, "exec", "--skip-git-repo-check", "--json", "Say hello"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=work,
+        env=codex_env(home, key),
+    )
+    try:
+        wait_for(lambda: len(creates(upstream)) >= 2, 60, "Codex's turn upstream")
+        gateway.admin("revoke-key", key_id)
+        out = proc.communicate(timeout=60)[0].decode(errors="replace")
+    finally:
+        upstream.gate.set()
+        if proc.poll() is None:
+            proc.kill()
+    print(out[-1500:])
+    assert proc.returncode != 0
+    assert "invalid_member_key" in out and "member key revoked" in out
+    assert "Reconnecting" not in out and upstream.text not in out
+    wait_for(lambda: upstream.ws_open == 0, 10, "the upstream side closed too")
+    wait_for(lambda: len(rows(gateway)) == 2, 10, "ledger rows")
+    warm_up, turn = rows(gateway)
+    assert warm_up["error"] is None and "socket closed" in turn["error"]
+
+
+@pytest.mark.e2e
 def test_revoking_a_member_key_closes_its_open_socket(gateway, upstream, tmp_path):
     import asyncio
 

@@ -382,7 +382,8 @@ class WebSocketTurns:
             return
         socket.closing = True
         self.core.metrics.refused.labels(code).inc()
-        self._inject(socket.flow, error_event(401, "invalid_request_error", code, text))
+        # 400: Codex ends the turn at once and shows the event (401 is retried, measured).
+        self._inject(socket.flow, error_event(400, "invalid_request_error", code, text))
         asyncio.get_running_loop().call_later(0.05, self._drop_connection, socket.flow)
 
     @staticmethod
