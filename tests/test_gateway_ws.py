@@ -504,3 +504,28 @@ async def test_a_revoked_key_is_answered_and_its_message_dropped():
             await asyncio.sleep(0.01)
         assert closed == [flow]
     assert core.ledger.rows == []  # type: ignore[union-attr]
+
+
+@pytest.mark.e2e
+@pytest.mark.codex
+@pytest.mark.parametrize("status", [429, 500, 401])
+def test_a_failed_handshake_is_retried_on_another_upstream_key(
+    gateway, upstream, codex, tmp_path, status
+):
+    """The upstream's 429 on the upgrade would end Codex's turn, and a 5xx would be retried on
+    the same key until Codex falls back to HTTP (measured): the member gets a local 503 and
+    its next upgrade another key."""
+    gateway.admin("add-member", "fay")
+    key = gateway.add_key("fay")
+    server = gateway.serve(upstream.url, "--websockets")
+    home, work = codex_home(tmp_path, server)
+    upstream.key_status = {v: status for name, v in UPSTREAM_KEYS.items() if name != "gamma"}
+    code, out = run_codex(codex, home, work, key)
+    assert code == 0, out
+    assert upstream.text in out and "Falling back" not in out
+    names = {f"Bearer {v}": name for name, v in UPSTREAM_KEYS.items()}
+    used = [(r.method, names[r.header_values("authorization")[0]]) for r in upstream.requests]
+    assert {method for method, _ in used} == {"GET"}  # every turn on the socket
+    assert used[-1] == ("GET", "gamma") and len(used) <= 3
+    wait_for(lambda: len(rows(gateway)) == len(creates(upstream)), 10, "ledger rows")
+    assert {r["upstream_key"] for r in rows(gateway)} == {"gamma"}
