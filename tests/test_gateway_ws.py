@@ -529,3 +529,23 @@ def test_a_failed_handshake_is_retried_on_another_upstream_key(
     assert used[-1] == ("GET", "gamma") and len(used) <= 3
     wait_for(lambda: len(rows(gateway)) == len(creates(upstream)), 10, "ledger rows")
     assert {r["upstream_key"] for r in rows(gateway)} == {"gamma"}
+
+
+async def test_a_check_that_raises_drops_the_message_and_says_so():
+    core, turns, _ = _turns()
+    sent: list[bytes] = []
+    turns._inject = lambda flow, data: sent.append(data)  # type: ignore[method-assign]
+
+    def broken(key_id):
+        raise RuntimeError("boom")
+
+    with taddons.context(turns):
+        flow = _ws_flow()
+        turns.websocket_start(flow)
+        core.directory.by_key_id = broken  # type: ignore[method-assign]
+        await _say(turns, flow, True, {"type": "response.create", "model": MODEL})
+        assert flow.websocket.messages[-1].dropped
+        assert json.loads(sent[0])["error"]["code"] == "gateway_internal_error"
+        unmetered = _ws_flow()  # a socket never registered: its messages never go upstream
+        await _say(turns, unmetered, True, {"type": "response.create", "model": MODEL})
+        assert unmetered.websocket.messages[-1].dropped

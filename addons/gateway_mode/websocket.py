@@ -162,12 +162,31 @@ class WebSocketTurns:
         self.core.metrics.ws_open.inc()
         self.sockets[flow.id] = Socket(flow)
 
-    @fail_closed
     async def websocket_message(self, flow: http.HTTPFlow) -> None:
-        socket = self.sockets.get(flow.id)
-        if socket is None or flow.websocket is None:
+        """Fails closed itself: ``fail_closed`` would kill the flow, which does not stop a
+        WebSocket message; a client message whose check raised is dropped instead."""
+        if flow.websocket is None or not flow.websocket.messages:
             return
         message = flow.websocket.messages[-1]
+        socket = self.sockets.get(flow.id)
+        if socket is None:
+            if WEBSOCKET in flow.metadata and message.from_client:
+                message.drop()  # a socket we do not meter carries nothing upstream
+            return
+        try:
+            await self._message(socket, message)
+        except Exception as e:
+            logger.error("websocket_message failed (%s); failing closed", type(e).__name__)
+            if message.from_client and not message.injected:
+                message.drop()
+                self.core.metrics.refused.labels("internal_error").inc()
+                self._inject(
+                    flow,
+                    error_event(500, "codex_gateway", "gateway_internal_error", "internal error"),
+                )
+
+    async def _message(self, socket: Socket, message: Any) -> None:
+        flow = socket.flow
         member = flow.metadata[MEMBER]
         self.core.metrics.ws_messages.labels(
             member["member"], "client" if message.from_client else "server"
@@ -175,7 +194,8 @@ class WebSocketTurns:
         if message.injected:
             return
         if not message.is_text:
-            message.drop()  # Codex sends text only; nothing unread goes upstream
+            if message.from_client:
+                message.drop()  # Codex sends text only; nothing unread goes upstream
             return
         try:
             body = json.loads(message.content)
