@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.common import ALLOWED, BRIDGE, REFUSED, fail_closed, json_response
+from addons.common import ALLOWED, BRIDGE, REFUSED, WEBSOCKET, fail_closed, json_response
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ class Allowlist:
         if flow.response or flow.error or not flow.live:
             return
         reason = refusal_reason(flow.request, self.routes)
-        if reason is None or BRIDGE in flow.metadata:  # the bridge checked its route the same way
+        # The bridge and the gateway's WebSocket route checked their route the same way.
+        if reason is None or BRIDGE in flow.metadata or WEBSOCKET in flow.metadata:
             flow.metadata[ALLOWED] = True
         else:
             self._refuse(flow, reason)

@@ -22,10 +22,12 @@ GATEWAY_PROVIDER_ID = "codex-gateway"
 GATEWAY_ENV_KEY = "CODEX_GATEWAY_KEY"
 
 
-def provider_toml(port: int, model: str | None = None, gateway: bool = False) -> str:
+def provider_toml(
+    port: int, model: str | None = None, gateway: bool = False, websockets: bool = False
+) -> str:
     """The ``config.toml`` text for a proxy (or, ``gateway``, a gateway) on 127.0.0.1:``port``."""
     if gateway:
-        return gateway_toml(port, model)
+        return gateway_toml(port, model, websockets)
     lines = []
     if model:
         lines.append(f"model = {json.dumps(model)}")
@@ -41,9 +43,10 @@ def provider_toml(port: int, model: str | None = None, gateway: bool = False) ->
     return "\n".join(lines) + "\n"
 
 
-def gateway_toml(port: int, model: str | None = None) -> str:
+def gateway_toml(port: int, model: str | None = None, websockets: bool = False) -> str:
     """The member's ``config.toml`` for a gateway on 127.0.0.1:``port``: Codex sends the
-    member key from ``$CODEX_GATEWAY_KEY``."""
+    member key from ``$CODEX_GATEWAY_KEY``. ``websockets``: ``supports_websockets = true``,
+    for a gateway started with ``--websockets`` (Codex then opens one socket per session)."""
     lines = [f"model = {json.dumps(model)}"] if model else []
     lines += [
         f'model_provider = "{GATEWAY_PROVIDER_ID}"',
@@ -53,7 +56,7 @@ def gateway_toml(port: int, model: str | None = None) -> str:
         f'base_url = "http://127.0.0.1:{port}/v1"',
         'wire_api = "responses"',
         f'env_key = "{GATEWAY_ENV_KEY}"',
-        "supports_websockets = false",
+        f"supports_websockets = {'true' if websockets else 'false'}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -113,7 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help=f"for a gateway (./run.sh gateway serve): the member's key from ${GATEWAY_ENV_KEY}",
     )
+    parser.add_argument(
+        "--websockets",
+        action="store_true",
+        help="with --gateway: supports_websockets = true (the gateway runs with --websockets)",
+    )
     ns = parser.parse_args(argv)
+    if ns.websockets and not ns.gateway:
+        parser.error("--websockets needs --gateway (the strict proxy answers upgrades 426)")
     try:
         port = ns.port if ns.port is not None else port_from_server_info(ns.server_info)
     except ValueError as e:
@@ -121,11 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 < port < 65536:
         parser.exit(2, f"{parser.prog}: error: port {port} out of range\n")
     if ns.toml_only:
-        sys.stdout.write(provider_toml(port, ns.model, ns.gateway))
+        sys.stdout.write(provider_toml(port, ns.model, ns.gateway, ns.websockets))
         return 0
     if ns.gateway:
         sys.stdout.write("# CODEX_HOME/config.toml of a gateway member (top-level keys first):\n")
-        sys.stdout.write(gateway_toml(port, ns.model))
+        sys.stdout.write(gateway_toml(port, ns.model, ns.websockets))
         sys.stdout.write(
             f"\n# then: export {GATEWAY_ENV_KEY}=sk-codex-gw-...  (./run.sh gateway add-key)\n"
         )

@@ -28,6 +28,9 @@ DUMP_SEQ = "codex_proxy.dump_seq"
 #: Set by the Chat Completions bridge on a ``POST /v1/chat/completions`` it claimed (the
 #: allowlist then allows it): ``{}``, then the reply context (model, stream, include_usage).
 BRIDGE = "codex_proxy.bridge"
+#: Set on a WebSocket upgrade of ``GET /v1/responses`` that a mode accepts (the gateway with
+#: ``--websockets``): the allowlist marks it allowed, the 426 refusal leaves it alone.
+WEBSOCKET = "codex_proxy.websocket"
 #: A bridged flow's request body as the client sent it (Chat Completions JSON text).
 BRIDGE_CLIENT_BODY = "codex_proxy.bridge_client_body"
 #: A bridged flow's reply as the client got it (Chat Completions JSON or chunk SSE text).

@@ -9,6 +9,7 @@ Only lists the addons, in hook order: the strict proxy's shared addons and the g
 from addons.allowlist import Allowlist
 from addons.body_decode import DecodeLimitOptions
 from addons.bomb_fence import BombFence
+from addons.bridge.addons import ChatBridge, ChatReplies
 from addons.contentviews import CodexContentviews
 from addons.dumps import DumpWriter
 from addons.error_replies import JsonErrorReplies
@@ -23,6 +24,7 @@ from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.local_routes import LocalRoutes
 from addons.gateway_mode.quota import QuotaGate
 from addons.gateway_mode.tls import ListenTls
+from addons.gateway_mode.websocket import WebSocketRoute, WebSocketTurns
 from addons.guard import OptionGuard
 from addons.recorder import Recorder
 from addons.redaction import HeaderRedaction
@@ -43,8 +45,12 @@ addons = [
     JsonErrorReplies(),
     ServerInfo(),
     HttpShutdown(),
+    WebSocketRoute(),  # --websockets: claims GET /v1/responses upgrades (else 426 below)
     WebSocketRefusal(),
     LocalRoutes(core),  # GET /health, GET /metrics
+    # --chat-bridge: claims POST /v1/chat/completions; its request hook translates the body
+    # before the Codex filter and the quota check read the model.
+    ChatBridge(),
     Allowlist(),  # POST /v1/responses (+ /v1/responses/compact via codex_extra_routes)
     MemberAuth(core),  # 401 unless a live member key; removes it from the flow
     NoCookies(),
@@ -52,11 +58,14 @@ addons = [
     CodexFilter(core),  # request: 403 for non-Codex clients
     QuotaGate(core),  # request: 429/503 before anything goes upstream
     forwarder,  # requestheaders: route; request: pick and inject an upstream key last
+    # After the forwarder (restores the upgrade headers it strips); meters each socket turn.
+    WebSocketTurns(core, forwarder),
     # After every refusal and the forwarder's retries: statuses Codex acts on, and the
     # member's windows in Codex's rate-limit headers (upstream x-codex-* removed).
     CodexReplies(core),
     SseStreaming(),
     HeaderRedaction(),
+    ChatReplies(),  # after both: it wraps their stream callables; before accounting
     DumpWriter(),
     Recorder(),
     BombFence(),  # after Recorder: bodies past the decode limit stay as received in HAR/mitmweb

@@ -19,6 +19,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -217,6 +218,17 @@ class ResponsesStandIn:
         key_status: ``{upstream key: status}``: requests carrying ``Bearer <key>`` get that
             status (JSON error, with ``Retry-After: key_retry_after`` on a 429), as a rate
             limited or revoked OpenAI key would; other keys are served normally.
+
+    WebSocket (``GET .../responses`` with ``Upgrade: websocket``, as OpenAI serves Codex):
+    each text message ``{"type": "response.create", ...}`` is answered with the same events as
+    the SSE stream, one JSON text message each (a warm-up with ``"generate": false`` gets
+    ``response.created`` + ``response.completed`` without output or usage). The upgrade is
+    recorded in ``requests``; the client's messages in ``ws_messages`` (parsed JSON, with the
+    connection's number in ``ws_connection``); ``ws_open`` counts open sockets.
+        ws_reply: ``f(message) -> events | None`` overrides the events for a message.
+        ws_close_after: close each socket after this many ``response.create`` messages, with
+            close code ``ws_close_code`` (OpenAI closes a socket after 60 minutes).
+        ``gate`` holds a socket's turn after its first event too (not a warm-up's).
     """
 
     def __init__(self) -> None:
@@ -242,6 +254,12 @@ class ResponsesStandIn:
         self.key_status: dict[str, int] = {}
         self.reply_headers: dict[str, str] = {}
         self.key_retry_after = "7"
+        self.ws_messages: list[dict[str, Any]] = []
+        self.ws_reply: Any = None
+        self.ws_close_after: int | None = None
+        self.ws_close_code = 1000
+        self.ws_open = 0
+        self.ws_connections = 0
         self.port = 0
         self._server: ThreadedServer | None = None
         self._counter = 0
@@ -254,6 +272,8 @@ class ResponsesStandIn:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.headers_seen.set()
+        if request.method == "GET" and request.headers.get("upgrade", "").lower() == "websocket":
+            return await self._websocket(request)
         body = await request.read()
         self.requests.append(
             RecordedRequest(
@@ -344,6 +364,78 @@ class ResponsesStandIn:
             await reply.write(compressor.end())
         await reply.write_eof()
         return reply
+
+    def _next_id(self) -> str:
+        with self._lock:
+            self._counter += 1
+            return f"resp_standin_{self._counter}"
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        """The WebSocket transport (see the class docstring)."""
+        self.requests.append(
+            RecordedRequest(
+                request.method,
+                request.path_qs,
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
+                b"",
+            )
+        )
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if token in self.key_status or self.status >= 300:
+            status = self.key_status.get(token, self.status)
+            return web.json_response(self.error_body, status=status)
+        ws = web.WebSocketResponse()
+        ws.headers.update(self.reply_headers)
+        await ws.prepare(request)
+        self.ws_connections += 1
+        number = self.ws_connections
+        self.ws_open += 1
+        creates = 0
+        try:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                try:
+                    parsed = json.loads(msg.data)
+                except ValueError:
+                    parsed = {"unparsed": msg.data}
+                if not isinstance(parsed, dict):
+                    parsed = {"unparsed": msg.data}
+                self.ws_messages.append({**parsed, "ws_connection": number})
+                if parsed.get("type") != "response.create":
+                    continue
+                creates += 1
+                for i, (_, payload) in enumerate(self._ws_events(parsed)):
+                    await ws.send_str(json.dumps(payload))
+                    if i == 0 and self.gate is not None and parsed.get("generate") is not False:
+                        gate = self.gate
+                        opened = await asyncio.get_running_loop().run_in_executor(
+                            None, gate.wait, self.gate_timeout
+                        )
+                        self.gate_timed_out = not opened
+                if self.ws_close_after is not None and creates >= self.ws_close_after:
+                    await ws.close(code=self.ws_close_code)
+                    break
+        finally:
+            self.ws_open -= 1
+        return ws
+
+    def _ws_events(self, message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        if self.ws_reply is not None:
+            events = self.ws_reply(message)
+            if events is not None:
+                return events
+        model = str(message.get("model", "test-model"))
+        response_id = self._next_id()
+        if message.get("generate") is False:
+            done = {**response_object(response_id, model, ""), "output": [], "usage": None}
+            return [
+                ("response.created", {"type": "response.created", "response": done}),
+                ("response.completed", {"type": "response.completed", "response": done}),
+            ]
+        if self.responder is not None:
+            return self.responder(message)
+        return self.events or responses_sse_events(self.text, model, response_id)
 
     def start(self) -> int:
         app = web.Application(client_max_size=64 * 1024 * 1024)

@@ -7,7 +7,7 @@ import logging
 from mitmproxy import http
 
 from addons.allowlist import DEFAULT_ROUTE
-from addons.common import ALLOWED, REFUSED, fail_closed, json_response
+from addons.common import ALLOWED, REFUSED, WEBSOCKET, fail_closed, json_response
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +27,14 @@ class WebSocketRefusal:
     Codex (with ``supports_websockets = true``) first tries ``GET /v1/responses`` with
     ``Upgrade: websocket``. On 426 it falls back to HTTP at once; on 403 it retries for ~6 s
     (verified, see CODEX.md). No WebSocket is ever opened upstream: the reply is local, made in
-    ``requestheaders``. Upgrades to other paths are left to the allowlist (403).
+    ``requestheaders``. Upgrades to other paths are left to the allowlist (403). An upgrade a
+    mode has accepted (``flow.metadata[WEBSOCKET]``, only the gateway with ``--websockets``)
+    is left alone.
     """
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live:
+        if flow.response or flow.error or not flow.live or WEBSOCKET in flow.metadata:
             return
         request = flow.request
         if request.path.split("?", 1)[0] != DEFAULT_ROUTE or not is_websocket_upgrade(request):

@@ -44,3 +44,15 @@ def test_whole_stdout_is_valid_toml(capsys):
     doc = tomllib.loads(out)
     assert doc["model_providers"]["codex-proxy"]["base_url"] == "http://127.0.0.1:7000/v1"
     assert "# codex exec -c " in out
+
+
+def test_websockets_flag_is_for_a_gateway_only(capsys):
+    assert main(["--port", "4321", "--gateway", "--websockets", "--toml-only"]) == 0
+    provider = tomllib.loads(capsys.readouterr().out)["model_providers"]["codex-gateway"]
+    assert provider["supports_websockets"] is True
+    assert main(["--port", "4321", "--gateway", "--toml-only"]) == 0
+    provider = tomllib.loads(capsys.readouterr().out)["model_providers"]["codex-gateway"]
+    assert provider["supports_websockets"] is False
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--port", "4321", "--websockets"])
+    assert exit_info.value.code == 2

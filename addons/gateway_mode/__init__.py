@@ -19,5 +19,7 @@ error replies, launching) is imported from ``addons/``.
   ``accounting``, ``local_routes``, ``metrics``, ``tls``: one mitmproxy addon (or its helpers)
   each. ``codex_replies`` speaks Codex's language to members: its rate-limit headers and the
   refusal statuses it acts on.
+- ``websocket``: Codex's WebSocket transport (``serve --websockets``): the upgrade claimed,
+  then each socket's turns checked against quotas and metered.
 - ``config``, ``cli``: ``config/gateway.yaml`` and the command line.
 """

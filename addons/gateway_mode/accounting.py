@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import http
 
 from addons.body_decode import decode_body, loads_json
-from addons.common import KEY_INJECTED
+from addons.common import KEY_INJECTED, WEBSOCKET
 from addons.gateway_mode.core import (
     ATTEMPTS,
     MEMBER,
@@ -70,6 +71,8 @@ class UsageAccounting:
         self._open: dict[str, http.HTTPFlow] = {}
 
     def request(self, flow: http.HTTPFlow) -> None:
+        if WEBSOCKET in flow.metadata:
+            return  # a socket's turns are rows of their own (gateway_mode.websocket)
         if flow.metadata.get(KEY_INJECTED) and MEMBER in flow.metadata and flow.response is None:
             self._open[flow.id] = flow
             self.core.metrics.in_flight.inc()
@@ -93,6 +96,8 @@ class UsageAccounting:
             self._finish(flow, "gateway stopped before the exchange ended")
 
     def _finish(self, flow: http.HTTPFlow, forced_error: str | None = None) -> None:
+        if flow.websocket is not None:
+            return  # an open socket keeps its upstream key until websocket_end
         self._release(flow)
         if self._open.pop(flow.id, None) is None:
             self.core.metrics.requests.labels(
@@ -129,25 +134,14 @@ class UsageAccounting:
         """The ledger row of a member flow (``usage`` table columns): of an ended flow, or with
         ``finished=False`` its in-flight row (no status, ``duration_ms`` null). Both carry the
         flow's one ``row_id`` (kept in ``flow.metadata``)."""
-        member = flow.metadata[MEMBER]
         info = request_info(flow)
         response = flow.response
         usage, events, turn_status = reply_usage(response) if parse else (None, 0, None)
-        tokens = {kind: (usage or {}).get(kind, 0) for kind in USAGE_KINDS}
-        if usage and not tokens["total"]:
-            tokens["total"] = tokens["input"] + tokens["output"]
-        charge = (
-            self.core.card.charge(info["model"], usage, info["service_tier"]) if parse else None
-        )
-        if self.core.card.accounting == "tokens" and usage is None:
-            charge = None
         error = forced_error
         if error is None and flow.error is not None:
             error = flow.error.msg
             if usage is not None:
                 error = f"after response.completed: {error}"
-        if error is None and turn_status and turn_status != "completed":
-            error = f"response {turn_status}"
         started = flow.request.timestamp_start
         ended = (
             response.timestamp_end if response and response.timestamp_end else None
@@ -161,44 +155,115 @@ class UsageAccounting:
         connect_retries = self.core.connect_retries.get(flow.client_conn.id, 0)
         if finished:
             self.core.connect_retries.pop(flow.client_conn.id, None)
-        return {
-            "row_id": row_id,
-            "ts_ms": int(started * 1000),
-            "member_id": member["member_id"],
-            "key_id": member["key_id"],
-            "upstream_key": flow.metadata.get(UPSTREAM_KEY),
-            "model": (info["model"] or None) and info["model"][:200],
-            "route": str(flow.metadata.get(ROUTE) or "/v1/responses")[:64],
-            "status": response.status_code if response is not None and finished else None,
-            "input_tokens": tokens["input"],
-            "cached_tokens": tokens["cached"],
-            "cache_write_tokens": tokens["cache_write"],
-            "output_tokens": tokens["output"],
-            "reasoning_tokens": tokens["reasoning"],
-            "total_tokens": tokens["total"],
-            "credits_micro": int(charge.credits * MICRO) if charge is not None else None,
-            "rate": charge.rate if charge is not None else None,
-            "service_tier": (info["service_tier"] or None) and info["service_tier"][:32],
-            "duration_ms": max(0, int((ended - started) * 1000)) if finished else None,
-            "ttfb_ms": ttfb if finished else None,
-            "events": events,
-            "attempts": int(flow.metadata.get(ATTEMPTS) or 1) + connect_retries,
-            "error": error[:500] if error else None,
-            "instance": self.core.instance,
-        }
+        return ledger_row(
+            self.core,
+            flow.metadata[MEMBER],
+            TurnFacts(
+                model=info["model"],
+                service_tier=info["service_tier"],
+                route=str(flow.metadata.get(ROUTE) or "/v1/responses"),
+                status=response.status_code if response is not None else None,
+                usage=usage,
+                priced=parse,
+                events=events,
+                turn_status=turn_status,
+                error=error,
+                started=started,
+                ended=ended,
+                ttfb_ms=ttfb,
+                upstream_key=flow.metadata.get(UPSTREAM_KEY),
+                attempts=int(flow.metadata.get(ATTEMPTS) or 1) + connect_retries,
+                row_id=row_id,
+                finished=finished,
+            ),
+        )
 
     def _observe(self, flow: http.HTTPFlow, row: dict[str, Any]) -> None:
-        m = self.core.metrics
-        member = flow.metadata[MEMBER]["member"]
-        m.requests.labels(row["route"], str(row["status"] or 0)).inc()
-        for kind in USAGE_KINDS:
-            amount = row[f"{kind}_tokens"]
-            if amount:
-                m.tokens.labels(member, kind).inc(amount)
-        if row["credits_micro"]:
-            m.credits.labels(member, (row["model"] or "")[:64]).inc(row["credits_micro"] / MICRO)
-        elif row["credits_micro"] is None and not self.core.card.prices(row["model"]):
-            m.unpriced.labels((row["model"] or "")[:64]).inc()
-        m.duration.labels(row["route"]).observe(row["duration_ms"] / 1000)
-        if row["ttfb_ms"] is not None:
-            m.ttfb.labels(row["route"]).observe(row["ttfb_ms"] / 1000)
+        observe_row(self.core, flow.metadata[MEMBER]["member"], row)
+
+
+@dataclass
+class TurnFacts:
+    """What one turn's ledger row is made of, whatever carried it (an HTTP exchange, a turn
+    on a WebSocket): ``usage`` as :func:`addons.responses_turn.usage_of` gives it (``None``
+    when the reply had none), times in Unix seconds, ``priced=False`` to skip the charge."""
+
+    model: str | None
+    service_tier: str | None
+    route: str
+    status: int | None
+    usage: dict[str, int] | None
+    events: int
+    turn_status: str | None
+    error: str | None
+    started: float
+    ended: float
+    ttfb_ms: int | None
+    upstream_key: str | None
+    attempts: int = 1
+    priced: bool = True
+    #: The row's id (an HTTP flow's in-flight and finished rows share one); new when None.
+    row_id: str | None = None
+    #: False for an in-flight row: no status, duration or time to first byte yet.
+    finished: bool = True
+
+
+def ledger_row(core: GatewayCore, member: dict[str, Any], facts: TurnFacts) -> dict[str, Any]:
+    """The ``usage`` table row of one member turn: tokens from ``facts.usage``, credits from
+    the rate card as it is now (``None`` when it cannot price the model, or in ``tokens``
+    accounting without usage), ``response <status>`` as the error of a turn that did not
+    complete. ``member`` is the flow's :data:`MEMBER` marker."""
+    usage = facts.usage
+    tokens = {kind: (usage or {}).get(kind, 0) for kind in USAGE_KINDS}
+    if usage and not tokens["total"]:
+        tokens["total"] = tokens["input"] + tokens["output"]
+    charge = core.card.charge(facts.model, usage, facts.service_tier) if facts.priced else None
+    if core.card.accounting == "tokens" and usage is None:
+        charge = None
+    error = facts.error
+    if error is None and facts.turn_status and facts.turn_status != "completed":
+        error = f"response {facts.turn_status}"
+    return {
+        "row_id": facts.row_id or str(uuid.uuid4()),
+        "ts_ms": int(facts.started * 1000),
+        "member_id": member["member_id"],
+        "key_id": member["key_id"],
+        "upstream_key": facts.upstream_key,
+        "model": (facts.model or None) and facts.model[:200],
+        "route": facts.route[:64],
+        "status": facts.status if facts.finished else None,
+        "input_tokens": tokens["input"],
+        "cached_tokens": tokens["cached"],
+        "cache_write_tokens": tokens["cache_write"],
+        "output_tokens": tokens["output"],
+        "reasoning_tokens": tokens["reasoning"],
+        "total_tokens": tokens["total"],
+        "credits_micro": int(charge.credits * MICRO) if charge is not None else None,
+        "rate": charge.rate if charge is not None else None,
+        "service_tier": (facts.service_tier or None) and facts.service_tier[:32],
+        "duration_ms": max(0, int((facts.ended - facts.started) * 1000))
+        if facts.finished
+        else None,
+        "ttfb_ms": facts.ttfb_ms if facts.finished else None,
+        "events": facts.events,
+        "attempts": facts.attempts,
+        "error": error[:500] if error else None,
+        "instance": core.instance,
+    }
+
+
+def observe_row(core: GatewayCore, member: str, row: dict[str, Any]) -> None:
+    """``/metrics`` for a written ledger row of ``member`` (its name)."""
+    m = core.metrics
+    m.requests.labels(row["route"], str(row["status"] or 0)).inc()
+    for kind in USAGE_KINDS:
+        amount = row[f"{kind}_tokens"]
+        if amount:
+            m.tokens.labels(member, kind).inc(amount)
+    if row["credits_micro"]:
+        m.credits.labels(member, (row["model"] or "")[:64]).inc(row["credits_micro"] / MICRO)
+    elif row["credits_micro"] is None and not core.card.prices(row["model"]):
+        m.unpriced.labels((row["model"] or "")[:64]).inc()
+    m.duration.labels(row["route"]).observe(row["duration_ms"] / 1000)
+    if row["ttfb_ms"] is not None:
+        m.ttfb.labels(row["route"]).observe(row["ttfb_ms"] / 1000)

@@ -191,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow a non-loopback listen host without TLS",
     )
     serve.add_argument(
+        "--websockets",
+        action="store_true",
+        default=None,
+        help="serve Codex's WebSocket transport to members (YAML websockets: true)",
+    )
+    serve.add_argument(
+        "--chat-bridge",
+        action="store_true",
+        default=None,
+        help="serve POST /v1/chat/completions to members, translated to the Responses "
+        "upstream (YAML chat_bridge: true)",
+    )
+    serve.add_argument(
         "--set",
         dest="setoptions",
         metavar="NAME=VALUE",
@@ -424,6 +437,8 @@ def serve_args(ns: argparse.Namespace, config: GatewayConfig, database_url: str)
     put("codex_http_shutdown", config.http_shutdown)
     put("codex_redact_headers", config.redact_headers)
     put("codex_gateway_insecure_listen", config.insecure_listen)
+    put("codex_gateway_websockets", config.websockets)
+    put("codex_chat_bridge", config.chat_bridge)
     if (
         listen_policy(
             config.listen_host, list(config.mitmproxy.get("certs") or []), config.insecure_listen
@@ -466,6 +481,10 @@ def apply_serve_flags(ns: argparse.Namespace, config: GatewayConfig) -> None:
         config.http_shutdown = True
     if ns.insecure_listen:
         config.insecure_listen = True
+    if ns.websockets:
+        config.websockets = True
+    if ns.chat_bridge:
+        config.chat_bridge = True
     if ns.record is not None:
         config.record_dir = ns.record
         if config.dump_dir is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from addons.common import fail_closed
+from addons.common import BRIDGE, fail_closed
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse, request_info
 
 #: Codex's session/turn headers (CODEX.md): present on every Codex request.
@@ -23,7 +23,9 @@ def looks_like_codex(request: http.Request, model: str | None) -> bool:
 
 class CodexFilter:
     """Answers 403 ``not_codex`` (in ``request``, once the body's model is known) to member
-    requests that do not look like Codex, when the config's ``require_codex_client`` is on."""
+    requests that do not look like Codex, when the config's ``require_codex_client`` is on.
+    ``POST /v1/chat/completions`` (``--chat-bridge``) is for other clients by design: not
+    filtered."""
 
     def __init__(self, core: GatewayCore) -> None:
         self.core = core
@@ -32,7 +34,7 @@ class CodexFilter:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or MEMBER not in flow.metadata:
             return
-        if not self.core.require_codex_client:
+        if not self.core.require_codex_client or BRIDGE in flow.metadata:
             return
         if looks_like_codex(flow.request, request_info(flow)["model"]):
             return

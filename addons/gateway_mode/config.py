@@ -28,6 +28,8 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "dump_dir": (str, type(None)),
     "insecure_listen": (bool,),
     "require_codex_client": (bool,),
+    "websockets": (bool,),
+    "chat_bridge": (bool,),
     "max_attempts": (int,),
     "cooldown_seconds": (int,),
     "lease_seconds": (int,),
@@ -53,6 +55,8 @@ class GatewayConfig:
     record_dir: str | None = None
     insecure_listen: bool = False
     require_codex_client: bool = True
+    websockets: bool = False
+    chat_bridge: bool = False
     max_attempts: int = 3
     cooldown_seconds: int = 30
     lease_seconds: int = 60

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from mitmproxy import http
 
-from addons.common import ALLOWED, KEY_INJECTED, REFUSED, fail_closed
+from addons.common import ALLOWED, KEY_INJECTED, REFUSED, WEBSOCKET, fail_closed
 from addons.gateway_mode.core import (
     ATTEMPTS,
     MEMBER,
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 #: Upstream statuses that move a request to another key (while nothing reached the client).
 RETRY_STATUSES = frozenset({401, 403, 429, 500, 502, 503, 504})
+#: Sessions remembered with the keys their WebSocket handshakes failed on (oldest dropped).
+MAX_AVOIDED_SESSIONS = 1000
 #: Response headers not copied from an aiohttp reply (framing is mitmproxy's to redo).
 _FRAMING = frozenset({"transfer-encoding", "connection", "keep-alive", "set-cookie", "set-cookie2"})
 
@@ -94,6 +96,9 @@ class PoolForwarder:
         #: Child addons: the owner of ``codex_upstream_url``.
         self.addons = [self.route]
         self.attempts: dict[str, Attempt] = {}
+        #: session -> upstream key names its WebSocket handshake failed on (see
+        #: :meth:`_upgrade_failed`); cleared when an upgrade of the session succeeds.
+        self.avoid: dict[str, set[str]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -124,8 +129,11 @@ class PoolForwarder:
             return
         if flow.metadata.get(ALLOWED) is not True:
             return
-        key = self.core.pool.pick(request_info(flow)["session"])
+        session = request_info(flow)["session"]
+        avoid = self.avoid.get(session, set()) if session and WEBSOCKET in flow.metadata else set()
+        key = self.core.pool.pick(session, exclude=avoid)
         if key is None:
+            self.avoid.pop(session or "", None)  # the next upgrade may try every key again
             self._no_key(flow)
             return
         self.attempts[flow.id] = Attempt(flow, key, {key.name})
@@ -161,6 +169,8 @@ class PoolForwarder:
         attempt = self.attempts.get(flow.id)
         if attempt is None or flow.response is None:
             return
+        if WEBSOCKET in flow.metadata and flow.response.status_code == 101:
+            self.avoid.pop(request_info(flow)["session"] or "", None)
         if self._judge(attempt, flow.response) and self._can_retry(attempt):
             attempt.hold = True
             flow.response.stream = False  # small error reply: read it whole, send nothing yet
@@ -186,6 +196,9 @@ class PoolForwarder:
         attempt = self.attempts.get(flow.id)
         if attempt is None or not attempt.hold or flow.response is None:
             return
+        if WEBSOCKET in flow.metadata:
+            self._upgrade_failed(flow, attempt)
+            return
         while attempt.hold:
             attempt.hold = False
             key = self.core.pool.pick(request_info(flow)["session"], exclude=attempt.tried)
@@ -210,6 +223,30 @@ class PoolForwarder:
             flow.response = reply
             if self._judge(attempt, reply) and self._can_retry(attempt):
                 attempt.hold = True
+
+    def _upgrade_failed(self, flow: http.HTTPFlow, attempt: Attempt) -> None:
+        """A WebSocket handshake failed on a key while another is healthy. An upgrade cannot be
+        sent again from here (mitmproxy owns the connection), so the member gets a local 503
+        with ``Retry-After: 0`` (Codex 0.171 retries an upgrade after a 5xx within ~0.1 s, where
+        the upstream's 429 ends its turn: measured), and the session's next upgrade avoids the
+        key (429 cools it down and 401/403 disable it anyway; a 5xx does neither)."""
+        attempt.hold = False
+        assert flow.response is not None
+        cause = str(flow.response.status_code)
+        session = request_info(flow)["session"]
+        if session:
+            self.avoid.setdefault(session, set()).add(attempt.key.name)
+            while len(self.avoid) > MAX_AVOIDED_SESSIONS:
+                self.avoid.pop(next(iter(self.avoid)))
+        self.core.metrics.retries.labels(cause).inc()
+        logger.info("WebSocket handshake failed on upstream key %s (%s)", attempt.key.name, cause)
+        flow.response = gateway_error(
+            503,
+            "upstream_retry",
+            f"the upstream refused the WebSocket handshake ({cause}); retry: the next attempt "
+            "uses another upstream key",
+            {"retry-after": "0"},
+        )
 
     async def _send(self, flow: http.HTTPFlow, key: UpstreamKey) -> http.Response | None:
         """One retry attempt with aiohttp; ``None`` on a connect failure (logged)."""

@@ -50,6 +50,21 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.ws_connections = Counter(
+            "codex_gateway_websocket_connections",
+            "WebSocket connections opened, by member.",
+            ["member"],
+            registry=r,
+        )
+        self.ws_messages = Counter(
+            "codex_gateway_websocket_messages",
+            "WebSocket messages, by member and sender (client or server).",
+            ["member", "sender"],
+            registry=r,
+        )
+        self.ws_open = Gauge(
+            "codex_gateway_websocket_open", "Member WebSocket connections open.", registry=r
+        )
         self.in_flight = Gauge(
             "codex_gateway_in_flight", "Forwarded requests (streams) in flight.", registry=r
         )

@@ -13,7 +13,7 @@ from typing import Any
 from mitmproxy import http
 from sqlalchemy.exc import SQLAlchemyError
 
-from addons.common import error_response, fail_closed
+from addons.common import WEBSOCKET, error_response, fail_closed
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse, request_info
 from addons.gateway_mode.windows import (
     MICRO,
@@ -124,6 +124,8 @@ class QuotaGate:
             if limits:
                 usages = await core.run_db(limit_usages, core, member["member_id"], limits)
                 flow.metadata[CODEX_LIMITS] = codex_rate_limit_headers(usages)
+            if WEBSOCKET in flow.metadata:
+                return  # the socket's addon checks each response.create, and holds no slot
             if self._unpriced(flow, limits) or self._over_quota(flow, usages):
                 return
             if entry["max_concurrent"]:
@@ -163,17 +165,11 @@ class QuotaGate:
         return True
 
     def _over_quota(self, flow: http.HTTPFlow, usages: list[LimitUsage]) -> bool:
-        """429 ``usage_limit_reached`` when a limit is reached; it names the limit the member
-        waits longest for, and ``resets_at`` is when every limit is under again."""
-        over = [u for u in usages if u.over]
-        if not over:
+        """429 ``usage_limit_reached`` when a limit is reached (:func:`usage_limit_error`)."""
+        refusal = usage_limit_error(flow.metadata[MEMBER]["member"], usages)
+        if refusal is None:
             return False
-        now = int(time.time() * 1000)
-        binding = max(over, key=lambda u: u.resets_at_ms or 0)
-        limit, used = binding.limit, binding.used
-        resets_at_ms = binding.resets_at_ms or now + limit.window_ms
-        retry = retry_after_seconds(resets_at_ms - now)
-        resets_at = iso(resets_at_ms)
+        retry, message, fields = refusal
         self.core.metrics.refused.labels("quota").inc()
         refuse(
             flow,
@@ -182,18 +178,9 @@ class QuotaGate:
                 429,
                 "usage_limit_reached",
                 "quota_exceeded",
-                f"member {flow.metadata[MEMBER]['member']!r} used "
-                f"{amount_text(limit.kind, used)} of its {limit.label} of "
-                f"{amount_text(limit.kind, limit.limit)}; enough leaves the window at "
-                f"{resets_at} (in {retry} s)",
+                message,
                 {"retry-after": str(retry)},
-                {
-                    "resets_at": math.ceil(resets_at_ms / 1000),
-                    "limit": limit.column.replace("_micro", ""),
-                    "kind": limit.kind,
-                    "used": _shown(limit.kind, used),
-                    "allowed": _shown(limit.kind, limit.limit),
-                },
+                fields,
             ),
         )
         return True
@@ -246,6 +233,37 @@ class QuotaGate:
                 {"retry-after": str(UNAVAILABLE_RETRY_S)},
             ),
         )
+
+
+def usage_limit_error(
+    member: str, usages: list[LimitUsage], now_ms: int | None = None
+) -> tuple[int, str, dict[str, Any]] | None:
+    """``(Retry-After seconds, message, error fields)`` when a limit in ``usages`` is reached,
+    else ``None``. It names the limit the member waits longest for; ``resets_at`` (Unix
+    seconds) is when every limit is under again. The fields go beside ``type:
+    usage_limit_reached`` / ``code: quota_exceeded`` in the error object, on HTTP (429 body)
+    and on the WebSocket (``error`` event), the shape Codex 0.171 ends a turn on."""
+    over = [u for u in usages if u.over]
+    if not over:
+        return None
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    binding = max(over, key=lambda u: u.resets_at_ms or 0)
+    limit, used = binding.limit, binding.used
+    resets_at_ms = binding.resets_at_ms or now + limit.window_ms
+    retry = retry_after_seconds(resets_at_ms - now)
+    message = (
+        f"member {member!r} used {amount_text(limit.kind, used)} of its {limit.label} of "
+        f"{amount_text(limit.kind, limit.limit)}; enough leaves the window at "
+        f"{iso(resets_at_ms)} (in {retry} s)"
+    )
+    fields = {
+        "resets_at": math.ceil(resets_at_ms / 1000),
+        "limit": limit.column.replace("_micro", ""),
+        "kind": limit.kind,
+        "used": _shown(limit.kind, used),
+        "allowed": _shown(limit.kind, limit.limit),
+    }
+    return retry, message, fields
 
 
 def _shown(kind: str, amount: int) -> Any:

@@ -1,0 +1,430 @@
+"""Codex's WebSocket transport through the gateway (``serve --websockets``; off by default).
+
+What Codex 0.171 sends with ``supports_websockets = true`` (checked against a loopback fake,
+README "WebSocket transport"): ``GET /v1/responses`` with ``Upgrade: websocket`` and its usual
+headers (``session-id``, ``x-codex-turn-metadata``...; ``Authorization`` from ``env_key``), then
+one JSON text message per request, ``{"type": "response.create", ...}`` with the POST body's
+fields (a warm-up with ``"generate": false`` first, then each turn with
+``previous_response_id``); the server answers with the SSE events' JSON, one per message.
+
+How the gateway serves it, reusing the HTTP path for the upgrade: :class:`WebSocketRoute`
+claims the upgrade (the allowlist then marks it, the strict 426 refusal leaves it alone), member
+auth removes and checks the key, the pool forwarder routes it with an upstream key and Host of
+the upstream, and :class:`WebSocketTurns` puts the upgrade headers back (they are hop-by-hop),
+then meters the socket message by message: each ``response.create`` is checked against the
+member's quotas before it goes upstream (a refused one is dropped and answered on the socket
+with an ``error`` event in the shape that ends Codex's turn), each terminal event
+(``response.completed`` / ``failed`` / ``incomplete``, ``error``) becomes a usage-ledger row,
+a concurrency slot is held per open turn (not per idle socket), and a member key revoked
+while its socket is open closes the socket within the directory refresh plus
+:data:`REVOKE_CHECK_S`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import ctx, http
+from sqlalchemy.exc import SQLAlchemyError
+
+from addons.body_decode import loads_json
+from addons.common import WEBSOCKET, fail_closed
+from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row
+from addons.gateway_mode.core import MEMBER, UPSTREAM_KEY, GatewayCore
+from addons.gateway_mode.forward import PoolForwarder
+from addons.gateway_mode.quota import limit_usages, usage_limit_error
+from addons.gateway_mode.windows import limits_of
+from addons.responses_turn import usage_of
+from addons.websocket_refusal import is_websocket_upgrade
+
+logger = logging.getLogger(__name__)
+
+#: The route served over WebSocket (Codex appends ``/responses`` to its ``base_url``).
+WS_ROUTE = "/v1/responses"
+#: The ``route`` of a WebSocket turn's ledger row.
+ROW_ROUTE = "ws:/v1/responses"
+#: Seconds between checks of open sockets against the member directory.
+REVOKE_CHECK_S = 0.2
+#: Server events that end a turn.
+TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
+
+
+def is_responses_upgrade(request: http.Request) -> bool:
+    """Whether ``request`` is exactly ``GET /v1/responses`` (raw target, no query, origin
+    form, as the allowlist's rule for POST) asking to switch to WebSocket."""
+    return (
+        request.data.method == b"GET"
+        and request.data.path == WS_ROUTE.encode()
+        and not (request.authority and not (request.is_http2 or request.is_http3))
+        and is_websocket_upgrade(request)
+    )
+
+
+def error_event(status: int, type_: str, code: str, message: str, **fields: Any) -> bytes:
+    """An ``error`` event for the socket: ``{"type": "error", "status": status, "error":
+    {"type", "code", "message", **fields}}``. With ``status`` 429 and ``type``
+    ``usage_limit_reached`` plus ``resets_at`` (Unix s), Codex 0.171 ends the turn at once with
+    "You've hit your usage limit. Try again at …" (measured; README "WebSocket transport")."""
+    error = {"type": type_, "code": code, "message": message, **fields}
+    return json.dumps({"type": "error", "status": status, "error": error}).encode()
+
+
+@dataclass
+class Turn:
+    """One ``response.create`` in flight on a socket."""
+
+    model: str | None
+    service_tier: str | None
+    started: float
+    lease_slot: str | None = None
+    first_event: float | None = None
+    events: int = 0
+
+
+@dataclass
+class Socket:
+    """An open member socket: its flow and its turns in order."""
+
+    flow: http.HTTPFlow
+    turns: list[Turn] = field(default_factory=list)
+    closing: bool = False
+    number: int = 0
+
+
+class WebSocketRoute:
+    """Claims ``GET /v1/responses`` WebSocket upgrades when ``codex_gateway_websockets`` is on
+    (placed before the allowlist and the 426 refusal, which then let it through); otherwise
+    the strict refusal answers 426 as before."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "codex_gateway_websockets",
+            bool,
+            False,
+            "Serve Codex's WebSocket transport (GET /v1/responses with Upgrade: websocket) to "
+            "members: metered and capped per response.create. Off: upgrades get 426.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "codex_gateway_websockets" in updated:
+            self.enabled = bool(ctx.options.codex_gateway_websockets)
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or not self.enabled:
+            return
+        if is_responses_upgrade(flow.request):
+            flow.metadata[WEBSOCKET] = True
+
+
+class WebSocketTurns:
+    """Meters and caps member sockets (see the module docstring). Placed after the pool
+    forwarder: its ``requestheaders`` restores the upgrade headers the forwarder stripped."""
+
+    def __init__(self, core: GatewayCore, forwarder: PoolForwarder) -> None:
+        self.core = core
+        self.forwarder = forwarder
+        self.sockets: dict[str, Socket] = {}
+        self._watch: asyncio.Task[None] | None = None
+        self._slots = 0
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or WEBSOCKET not in flow.metadata:
+            return
+        headers = flow.request.headers
+        headers["connection"] = "Upgrade"
+        headers["upgrade"] = "websocket"
+
+    def running(self) -> None:
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_revocations())
+
+    def done(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        for socket in list(self.sockets.values()):
+            self._end(socket, "gateway stopped with the socket open")
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        if WEBSOCKET not in flow.metadata or MEMBER not in flow.metadata:
+            return
+        member = flow.metadata[MEMBER]["member"]
+        self.core.metrics.ws_connections.labels(member).inc()
+        self.core.metrics.ws_open.inc()
+        self.sockets[flow.id] = Socket(flow)
+
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """Fails closed itself: ``fail_closed`` would kill the flow, which does not stop a
+        WebSocket message; a client message whose check raised is dropped instead."""
+        if flow.websocket is None or not flow.websocket.messages:
+            return
+        message = flow.websocket.messages[-1]
+        socket = self.sockets.get(flow.id)
+        if socket is None:
+            if WEBSOCKET in flow.metadata and message.from_client:
+                message.drop()  # a socket we do not meter carries nothing upstream
+            return
+        try:
+            await self._message(socket, message)
+        except Exception as e:
+            logger.error("websocket_message failed (%s); failing closed", type(e).__name__)
+            if message.from_client and not message.injected:
+                message.drop()
+                self.core.metrics.refused.labels("internal_error").inc()
+                self._inject(
+                    flow,
+                    error_event(500, "codex_gateway", "gateway_internal_error", "internal error"),
+                )
+
+    async def _message(self, socket: Socket, message: Any) -> None:
+        flow = socket.flow
+        member = flow.metadata[MEMBER]
+        self.core.metrics.ws_messages.labels(
+            member["member"], "client" if message.from_client else "server"
+        ).inc()
+        if message.injected:
+            return
+        if not message.is_text:
+            if message.from_client:
+                message.drop()  # Codex sends text only; nothing unread goes upstream
+            return
+        try:
+            body = loads_json(message.content)  # depth-limited: a deep message is dropped
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            if message.from_client:
+                message.drop()
+            return
+        if message.from_client:
+            if body.get("type") == "response.create":
+                await self._admit(socket, message, body)
+            return
+        self._server_event(socket, body)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        socket = self.sockets.get(flow.id)
+        if socket is not None:
+            code = flow.websocket.close_code if flow.websocket is not None else None
+            self._end(socket, f"socket closed ({code}) before the turn ended")
+
+    # -- turns --------------------------------------------------------------------------
+
+    async def _admit(self, socket: Socket, message: Any, body: dict[str, Any]) -> None:
+        """Let a ``response.create`` go upstream, or drop it and answer on the socket."""
+        core = self.core
+        member = socket.flow.metadata[MEMBER]
+        entry = core.directory.by_key_id(member["key_id"])
+        if entry is None:
+            message.drop()
+            self._close(socket, "invalid_member_key", "unknown or revoked member key")
+            return
+        if not core.database_ok or core.db is None:
+            self._refuse(
+                socket, message, 503, "codex_gateway", "usage_ledger_unavailable",
+                "the gateway cannot reach its database to check quotas and record usage; "
+                "try again shortly", "database_unavailable",
+            )  # fmt: skip
+            return
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        tier = body.get("service_tier") if isinstance(body.get("service_tier"), str) else None
+        limits = limits_of(entry)
+        try:
+            usages = (
+                await core.run_db(limit_usages, core, member["member_id"], limits) if limits else []
+            )
+        except SQLAlchemyError as e:
+            logger.error("quota check failed: database error (%s)", type(e).__name__)
+            if core.ledger is not None:
+                core.ledger.healthy = False
+            self._refuse(
+                socket, message, 503, "codex_gateway", "usage_ledger_unavailable",
+                "the gateway cannot reach its database; try again shortly",
+                "database_unavailable",
+            )  # fmt: skip
+            return
+        zero = {"input": 0, "cached": 0, "output": 0, "total": 0}
+        if any(limit.kind == "credits" for limit in limits) and (
+            core.card.charge(model, zero, None) is None
+        ):
+            core.metrics.unpriced.labels(str(model or "")[:64]).inc()
+            self._refuse(
+                socket, message, 400, "invalid_request_error", "unpriced_model",
+                f"model {model!r} has no entry in the gateway's rate card, and member "
+                f"{member['member']!r} has a credit quota", "unpriced_model", model=model,
+            )  # fmt: skip
+            return
+        refusal = usage_limit_error(member["member"], usages)
+        if refusal is not None:
+            _, text, fields = refusal
+            self._refuse(
+                socket, message, 429, "usage_limit_reached", "quota_exceeded", text, "quota",
+                **fields,
+            )  # fmt: skip
+            return
+        turn = Turn(model, tier, time.time())
+        if entry["max_concurrent"]:
+            lease, active = await core.run_db(
+                core.db.acquire_lease,
+                member["member_id"],
+                entry["max_concurrent"],
+                core.instance,
+                core.lease_ms,
+            )
+            if lease is None:
+                self._refuse(
+                    socket, message, 429, "codex_gateway", "concurrency_limit",
+                    f"member {member['member']!r} already has {active} requests in flight "
+                    f"(max_concurrent {entry['max_concurrent']})", "concurrency",
+                    limit="max_concurrent", used=active, allowed=entry["max_concurrent"],
+                )  # fmt: skip
+                return
+            self._slots += 1
+            turn.lease_slot = f"{socket.flow.id}:ws{self._slots}"
+            core.leases[turn.lease_slot] = lease
+        socket.turns.append(turn)
+        core.metrics.in_flight.inc()
+
+    def _refuse(
+        self,
+        socket: Socket,
+        message: Any,
+        status: int,
+        type_: str,
+        code: str,
+        text: str,
+        reason: str,
+        **fields: Any,
+    ) -> None:
+        message.drop()
+        self.core.metrics.refused.labels(reason).inc()
+        self._inject(socket.flow, error_event(status, type_, code, text, **fields))
+
+    def _server_event(self, socket: Socket, event: dict[str, Any]) -> None:
+        if not socket.turns:
+            return
+        turn = socket.turns[0]
+        turn.events += 1
+        if turn.first_event is None:
+            turn.first_event = time.time()
+        kind = event.get("type")
+        if kind not in TERMINAL:
+            return
+        socket.turns.pop(0)
+        response = event.get("response")
+        response = response if isinstance(response, dict) else None
+        error = None
+        status: int | None = 200
+        if kind == "error":
+            code = event.get("status")
+            status = code if isinstance(code, int) else None
+            detail = event.get("error")
+            detail = detail if isinstance(detail, dict) else {}
+            error = f"error event: {str(detail.get('code') or detail.get('type'))[:100]}"
+        turn_status = response.get("status") if response is not None else None
+        self._row(socket, turn, status, usage_of(response), turn_status, error)
+
+    def _row(
+        self,
+        socket: Socket,
+        turn: Turn,
+        status: int | None,
+        usage: dict[str, int] | None,
+        turn_status: Any,
+        error: str | None,
+    ) -> None:
+        core = self.core
+        self._release(turn)
+        core.metrics.in_flight.dec()
+        member = socket.flow.metadata[MEMBER]
+        row = ledger_row(
+            core,
+            member,
+            TurnFacts(
+                model=turn.model,
+                service_tier=turn.service_tier,
+                route=ROW_ROUTE,
+                status=status,
+                usage=usage,
+                events=turn.events,
+                turn_status=turn_status if isinstance(turn_status, str) else None,
+                error=error,
+                started=turn.started,
+                ended=time.time(),
+                ttfb_ms=(
+                    max(0, int((turn.first_event - turn.started) * 1000))
+                    if turn.first_event is not None
+                    else None
+                ),
+                upstream_key=socket.flow.metadata.get(UPSTREAM_KEY),
+            ),
+        )
+        if core.ledger is None:
+            logger.error("usage row lost: the gateway's database is closed")
+            return
+        core.ledger.add(row)
+        observe_row(core, member["member"], row)
+
+    def _release(self, turn: Turn) -> None:
+        if turn.lease_slot is None:
+            return
+        lease = self.core.leases.pop(turn.lease_slot, None)
+        turn.lease_slot = None
+        if lease and self.core.db is not None:
+            self.core.executor.submit(self.core.db.release_leases, [lease])
+
+    def _end(self, socket: Socket, error: str) -> None:
+        """The socket is gone: rows for turns still open, the upstream key given back."""
+        self.sockets.pop(socket.flow.id, None)
+        for turn in socket.turns:
+            self._row(socket, turn, None, None, None, error)
+        socket.turns.clear()
+        self.forwarder.finished(socket.flow)
+        self.core.metrics.ws_open.dec()
+
+    # -- closing ------------------------------------------------------------------------
+
+    def _inject(self, flow: http.HTTPFlow, data: bytes) -> None:
+        ctx.master.commands.call("inject.websocket", flow, True, data, True)
+
+    def _close(self, socket: Socket, code: str, text: str) -> None:
+        """Tell the member why, then close its socket (the upstream side follows)."""
+        if socket.closing:
+            return
+        socket.closing = True
+        self.core.metrics.refused.labels(code).inc()
+        # 400: Codex ends the turn at once and shows the event (401 is retried, measured).
+        self._inject(socket.flow, error_event(400, "invalid_request_error", code, text))
+        asyncio.get_running_loop().call_later(0.05, self._drop_connection, socket.flow)
+
+    @staticmethod
+    def _drop_connection(flow: http.HTTPFlow) -> None:
+        """Close the client connection of ``flow``: the WebSocket layer then closes the upstream
+        side and ``websocket_end`` runs. mitmproxy has no public command for this; its proxy
+        server's connection handler (``close_connection``) is the seam."""
+        server = ctx.master.addons.get("proxyserver")
+        handler = server.connections.get(flow.client_conn.id) if server is not None else None
+        if handler is not None:
+            handler.close_connection(flow.client_conn)
+
+    async def _watch_revocations(self) -> None:
+        while True:
+            await asyncio.sleep(REVOKE_CHECK_S)
+            try:
+                for socket in list(self.sockets.values()):
+                    key_id = socket.flow.metadata[MEMBER]["key_id"]
+                    if self.core.directory.by_key_id(key_id) is None:
+                        logger.info("member key %s revoked: closing its socket", key_id)
+                        self._close(socket, "invalid_member_key", "member key revoked")
+            except Exception as e:  # never let the watcher die
+                logger.error("revocation check failed (%s)", type(e).__name__)
