@@ -24,14 +24,17 @@ MEMBER_INFO = {"member": "ana", "member_id": 7, "key_id": "key-7"}
 
 
 class RecordingLedger:
-    """The ledger's producer side (``add``, ``healthy``), keeping the rows for the test."""
+    """The ledger's producer side (``add``, ``healthy``), keeping the rows for the test: the
+    finished rows in ``rows``, the in-flight rows queued when a request is forwarded in
+    ``in_flight`` (``duration_ms`` is None until the request ends)."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
+        self.in_flight: list[dict[str, Any]] = []
         self.healthy = True
 
     def add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
+        (self.rows if row["duration_ms"] is not None else self.in_flight).append(row)
 
 
 @pytest.fixture
@@ -86,6 +89,10 @@ def test_a_completed_stream_is_one_priced_row(setup):
     flow.response = sse_reply()
     accounting.response(flow)
     (row,) = ledger.rows
+    # The in-flight row queued when it was forwarded: same id, so the finished row replaces it.
+    (started,) = ledger.in_flight
+    assert started["row_id"] == row["row_id"] and started["status"] is None
+    assert started["error"] == "in flight" and started["total_tokens"] == 0
     usage = usage_block()
     assert (row["member_id"], row["key_id"], row["upstream_key"]) == (7, "key-7", "alpha")
     assert (row["model"], row["service_tier"], row["status"]) == ("gpt-5.5", "priority", 200)
