@@ -251,6 +251,37 @@ def test_a_spent_quota_on_the_socket_ends_the_codex_turn_at_once(
 
 @pytest.mark.e2e
 @pytest.mark.codex
+def test_codex_records_the_members_windows_from_the_socket(gateway, upstream, codex, tmp_path):
+    """Over a socket Codex reads its windows from a ``codex.rate_limits`` event (the 101's
+    headers are not read): each admitted turn starts with one."""
+    from tests.test_gateway_codex import recorded_rate_limits
+
+    gateway.admin("add-member", "carol", "--five-hour-quota", "1000", "--weekly-credits", "50")
+    key = gateway.add_key("carol")
+    server = gateway.serve(upstream.url, "--websockets")
+    home, work = codex_home(tmp_path, server)
+    code, out = run_codex(codex, home, work, key)
+    assert code == 0, out
+    wait_for(lambda: sum(r["total_tokens"] for r in rows(gateway)) == 59, 10, "the first row")
+    code, out = run_codex(codex, home, work, key)  # a second session: 59 tokens counted
+    assert code == 0, out
+    limits = recorded_rate_limits(home)
+    assert limits, "Codex recorded no rate_limits from the socket"
+    # Session files are read in no particular order: the second session's snapshot.
+    last = max(limits, key=lambda limit: limit["primary"]["used_percent"])
+    print(json.dumps(last, indent=1))
+    assert last["primary"]["window_minutes"] == 300
+    assert last["primary"]["used_percent"] == pytest.approx(5.9)  # 59 of 1000 tokens
+    assert time.time() < last["primary"]["resets_at"] <= time.time() + 5 * 3600 + 1
+    assert last["secondary"]["window_minutes"] == 10080
+    assert last["credits"]["has_credits"] is True
+    assert 49 < float(last["credits"]["balance"]) < 50
+    # The event is the gateway's own: it never went upstream, and the ledger is unchanged.
+    assert not [m for m in upstream.ws_messages if m.get("type") == "codex.rate_limits"]
+
+
+@pytest.mark.e2e
+@pytest.mark.codex
 def test_revoking_a_member_key_mid_turn_ends_the_codex_turn_with_the_reason(
     gateway, upstream, codex, tmp_path
 ):

@@ -38,7 +38,11 @@ from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row
 from addons.gateway_mode.core import MEMBER, UPSTREAM_KEY, GatewayCore
 from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.quota import limit_usages, usage_limit_error
-from addons.gateway_mode.windows import limits_of
+from addons.gateway_mode.windows import (
+    codex_rate_limit_headers,
+    codex_rate_limits_event,
+    limits_of,
+)
 from addons.responses_turn import usage_of
 from addons.websocket_refusal import is_websocket_upgrade
 
@@ -267,9 +271,11 @@ class WebSocketTurns:
         refusal = usage_limit_error(member["member"], usages)
         if refusal is not None:
             _, text, fields = refusal
+            # ``headers``: the windows, as on an HTTP 429 (codex-rs reads a wrapped error
+            # event's headers like a reply's).
             self._refuse(
                 socket, message, 429, "usage_limit_reached", "quota_exceeded", text, "quota",
-                **fields,
+                headers=codex_rate_limit_headers(usages), **fields,
             )  # fmt: skip
             return
         turn = Turn(model, tier, time.time())
@@ -294,6 +300,11 @@ class WebSocketTurns:
             core.leases[turn.lease_slot] = lease
         socket.turns.append(turn)
         core.metrics.in_flight.inc()
+        # Over a socket Codex reads its windows from this event, not from the 101's headers
+        # (codex-rs responses_websocket.rs): sent before the upstream's first event.
+        limits_event = codex_rate_limits_event(usages)
+        if limits_event is not None:
+            self._inject(socket.flow, json.dumps(limits_event).encode())
 
     def _refuse(
         self,
