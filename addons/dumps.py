@@ -31,6 +31,7 @@ from addons.common import (
     json_response,
 )
 from addons.redaction import DEFAULT_EXTRA, extra_names, redact_fields
+from addons.socket_turns import SocketTurn, sse_text
 
 logger = logging.getLogger(__name__)
 
@@ -319,6 +320,8 @@ class DumpWriter:
         self.required = False
         self._seq = itertools.count(1)
         self._open: dict[str, _Exchange] = {}
+        #: An open WebSocket flow's upgrade request, as dumped: each turn's request file.
+        self._sockets: dict[str, _Exchange] = {}
         self._thread: DumpThread | None = None
         self._large_executor: concurrent.futures.Executor | None = None
         self._large_pending: set[concurrent.futures.Future[Any]] = set()
@@ -416,6 +419,68 @@ class DumpWriter:
     def error(self, flow: http.HTTPFlow) -> None:
         self._finish(flow, flow.error.msg if flow.error else "unknown error")
 
+    def socket_turn_start(self, flow: http.HTTPFlow, turn: SocketTurn) -> None:
+        """A turn on a dumped WebSocket (``addons/socket_turns.py``) gets the next sequence
+        number and its request file now: the upgrade's method, path and redacted headers, the
+        ``response.create`` message as the body, ``"transport": "websocket"``, its ``route``
+        and the upgrade's own pair as ``upgrade_seq``."""
+        upgrade = self._sockets.get(flow.id)
+        if upgrade is None:
+            return
+        seq = self.start_pair()
+        turn.seq = seq
+        self.write_part(
+            seq,
+            turn.started,
+            "request",
+            {
+                "method": upgrade.method,
+                "url": upgrade.url,
+                "headers": upgrade.headers,
+                "body": (turn.request, None, body_decode.LIMITS),
+                "transport": "websocket",
+                "route": turn.route,
+                "upgrade_seq": flow.metadata.get(DUMP_SEQ),
+            },
+        )
+
+    def socket_turn_end(self, flow: http.HTTPFlow, turn: SocketTurn) -> None:
+        """The turn's response file: ``status`` (200, an error event's status; ``null`` when
+        the socket closed mid-turn), ``content-type: text/event-stream``, the server's events
+        as the SSE dump shows them, ``"transport": "websocket"``, and ``error`` when the
+        turn did not end with a terminal event."""
+        if turn.seq is None or flow.id not in self._sockets:
+            return
+        doc: dict[str, Any] = {
+            "status": turn.status,
+            "headers": [{"name": "content-type", "value": "text/event-stream"}],
+            "body": (sse_text(turn).encode(), None, body_decode.LIMITS),
+            "transport": "websocket",
+        }
+        if turn.error is not None:
+            doc["error"] = turn.error
+        self.write_part(turn.seq, turn.started, "response", doc)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._sockets.pop(flow.id, None)
+
+    # Entry points for exchanges that are not flows ---------------------------------------
+
+    def start_pair(self) -> int:
+        """A new dump pair's sequence number (this process's next), for an exchange that is
+        not a flow of its own (a turn on a WebSocket)."""
+        return next(self._seq)
+
+    def write_part(self, seq: int, started: float, part: str, doc: dict[str, Any]) -> None:
+        """Write one file of pair ``seq`` (``part``: ``"request"`` or ``"response"``), named
+        ``NNNNNN-<started, unix ms>-<part>.json`` like a flow's pair; ``doc`` as
+        :func:`render_and_write` takes it (its ``body`` may be ``(raw, content-encoding,
+        limits)``). Off the event loop, like every dump; a failure is logged and counted."""
+        if part not in ("request", "response"):
+            raise ValueError(f"part must be 'request' or 'response', not {part!r}")
+        if self.directory:
+            self._submit(f"{seq:06d}-{int(started * 1000)}-{part}.json", doc)
+
     def done(self) -> None:
         for flow_id in list(self._open):
             exchange = self._open.pop(flow_id)
@@ -501,6 +566,8 @@ class DumpWriter:
             return None
         if not exchange.request_written:
             self._write_request(exchange, flow)
+        if flow.websocket is not None and error is None:
+            self._sockets[flow.id] = exchange  # its turns are dumped as pairs of their own
         response = flow.response
         doc: dict[str, Any]
         if response is None:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from decimal import Decimal
 from typing import Any
@@ -28,6 +29,7 @@ from addons.dumps import write_file_atomically
 from addons.exchange import ExchangeFacts, Reply, read_exchange, read_request
 from addons.report import render_report
 from addons.responses_turn import USAGE_KINDS
+from addons.socket_turns import SocketTurn
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ class RequestRecord:
     credits: str | None = None
     #: The rate-card entry that priced it; ``None`` with ``credits``: unpriced.
     rate: str | None = None
+    #: ``"websocket"`` for a turn on a socket (``addons/socket_turns.py``; its times count
+    #: from its ``response.create`` message); ``None``: an HTTP exchange.
+    transport: str | None = None
 
 
 def is_failure(record: RequestRecord) -> bool:
@@ -378,11 +383,22 @@ class Recorder:
         except OSError as e:
             logger.error("record: cannot write the summary or report: %s", e)
 
+    def socket_turn_end(self, flow: http.HTTPFlow, turn: SocketTurn) -> None:
+        """A turn on a recorded WebSocket (``addons/socket_turns.py``) is a ledger line of its
+        own, read like an HTTP exchange (``transport: "websocket"``)."""
+        if not self.directory or flow.metadata.get(ALLOWED) is not True:
+            return
+        self._keep(lambda: socket_record(turn))
+
     def _record(self, flow: http.HTTPFlow, error: str | None) -> None:
         if not self.directory or flow.metadata.get(ALLOWED) is not True:
             return
+        self._keep(lambda: self._make_record(flow, error))
+
+    def _keep(self, make: Callable[[], RequestRecord]) -> None:
+        """Price the record ``make`` returns and append it to the ledger."""
         try:
-            record = self._make_record(flow, error)
+            record = make()
             if self.rate_card is not None:
                 # Priced now, with the card of the day: a later rate change rewrites nothing.
                 charge = self.rate_card.charge(record.model, record.usage, record.service_tier)
@@ -411,6 +427,16 @@ class Recorder:
         started = flow.request.timestamp_start
         end = (flow.response.timestamp_end if flow.response else None) or time.time()
         return record_of(facts, flow.metadata.get(DUMP_SEQ), started, end, error)
+
+
+def socket_record(turn: SocketTurn) -> RequestRecord:
+    """The ledger line of an ended turn on a WebSocket: its facts by the one reader, its
+    events' timing as chunk timing of its SSE dump body (replay's pacing)."""
+    ended = turn.ended if turn.ended is not None else time.time()
+    record = record_of(turn.facts(), turn.seq, turn.started, ended, turn.error)
+    record.chunk_timing = turn.chunk_timing()
+    record.transport = "websocket"
+    return record
 
 
 def record_of(
