@@ -244,6 +244,8 @@ def load_run(path: str | Path) -> Run:
         raise Unreadable(str(e)) from None
     notes = []
     turns = []
+    # A WebSocket upgrade (101) is no turn: its turns are ledger lines of their own.
+    records = [r for r in records if r.status != 101]
     for i, record in enumerate(records, 1):
         pair = pairs.get(record.seq) if isinstance(record.seq, int) else None
         body = pair.request.get("body") if pair is not None else None

@@ -23,7 +23,6 @@ dumps redact those).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,14 +55,20 @@ class SocketTurn:
     error: str | None = None
     events: list[tuple[float, bytes]] = field(default_factory=list)
     seq: int | None = None
+    _timeline: list[tuple[int, SseEvent]] | None = field(default=None, repr=False)
 
     def timeline(self) -> list[tuple[int, SseEvent]]:
         """The events as ``(ms since the turn started, event)``, for
-        :func:`addons.exchange.read_exchange`."""
+        :func:`addons.exchange.read_exchange`; parsed once, when the turn has ended (the dumps
+        and the recording both ask)."""
+        if self._timeline is not None:
+            return self._timeline
         out = []
         for ts, data in self.events:
             text = data.decode("utf-8", "replace")
-            out.append((max(0, int((ts - self.started) * 1000)), SseEvent(_kind(text), text)))
+            out.append((max(0, int((ts - self.started) * 1000)), SseEvent("message", text)))
+        if self.ended is not None:
+            self._timeline = out
         return out
 
     def facts(self) -> ExchangeFacts:
@@ -129,18 +134,9 @@ def end_turn(
     ctx.master.addons.trigger(SocketTurnEndHook(flow, turn))
 
 
-def _kind(text: str) -> str:
-    try:
-        payload = json.loads(text)
-    except ValueError:
-        return "message"
-    kind = payload.get("type") if isinstance(payload, dict) else None
-    return kind if isinstance(kind, str) else "message"
-
-
 def _sse_event(event: SseEvent) -> str:
     data = "\n".join(f"data: {line}" for line in event.data.split("\n"))
-    return f"event: {event.event}\n{data}\n\n"
+    return f"event: {event.type}\n{data}\n\n"
 
 
 def sse_text(turn: SocketTurn) -> str:

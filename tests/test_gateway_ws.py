@@ -225,7 +225,8 @@ def test_codex_turns_use_the_socket_with_a_tool_call_metered_and_no_key_leaks(
     assert all(r.completed and r.model == MODEL and r.events > 0 for r in socket_lines)
     assert all(r.first_event_ms is not None for r in socket_lines)
     assert (record / "report.html").read_text().count("WebSocket turn") == len(sent)
-    run = load_run(record)
+    run = load_run(record)  # the upgrade (101) is no turn of its own
+    assert len(run.turns) == len(sent) and {t.outcome for t in run.turns} == {"completed"}
     assert [c for t in run.turns for c in t.calls] == [("exec_command", ("cmd",))]
     # Leak scan: the recording (flows with their WebSocket messages, HAR, dumps of the upgrade
     # and of each socket turn, the ledger and report), logs, DB.
