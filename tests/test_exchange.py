@@ -128,3 +128,19 @@ def test_a_flows_reply():
     reply = Reply.of(response, [[3, len(response.content)]])
     assert reply.streamed and reply.status == 200 and read_reply(reply).first_event_ms == 3
     assert Reply.of(None).status is None
+
+
+def test_the_gateways_usage_rows_read_an_incomplete_stream_like_the_recorder():
+    """The gateway priced only ``response.completed`` before addons/exchange.py; an incomplete
+    turn's tokens were spent, and its socket path already counted them."""
+    from addons.gateway_mode.accounting import reply_usage
+
+    events = responses_sse_events("hi", MODEL, "r1")
+    last = events[-1][1]
+    cut_short = {**last, "type": "response.incomplete"}
+    cut_short["response"] = {**last["response"], "status": "incomplete"}
+    response = tutils.tresp(headers=[(b"content-type", b"text/event-stream")])
+    response.content = sse_bytes([*events[:-1], ("response.incomplete", cut_short)])
+    usage, count, status = reply_usage(response)
+    assert usage is not None and usage["total"] == 59
+    assert (count, status) == (len(events), "incomplete")
