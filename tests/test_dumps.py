@@ -419,8 +419,8 @@ async def test_a_bomb_is_dumped_as_received_with_a_note(tmp_path, workers):
     assert doc["body"] is None and doc["body_content_encoding"] == "gzip"
     assert doc["body_decode_error"].startswith("decoding stopped at the limit of")
     assert base64.b64decode(doc["body_raw_base64"]) == raw
-    # The stated bound (README): a body's dump is at most 6 x the decode limit + 4/3 x the wire
-    # bytes + 4 KiB; past the limit, only the base64 of what was received.
+    # The stated bound (docs/security.md): a body's dump is at most 6 x the decode limit + 4/3 x
+    # the wire bytes + 4 KiB; past the limit, only the base64 of what was received.
     assert req.stat().st_size <= len(raw) * 4 // 3 + 4096
     assert addon.lost == 0
 
