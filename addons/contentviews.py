@@ -34,7 +34,7 @@ from mitmproxy.contentviews import Metadata
 
 from addons.body_decode import loads_json
 from addons.common import CHUNK_TIMING
-from addons.responses_turn import Turn, assemble_turn, excerpt, input_items, tool_names
+from addons.responses_turn import TERMINAL, Turn, assemble_turn, excerpt, input_items, tool_names
 from addons.sse_events import SseEvent, Timeline, timeline
 
 logger = logging.getLogger(__name__)
@@ -223,9 +223,15 @@ def render_socket_message(body: Any) -> str:
         lines.append(f"item: {label or '?'} [{item.get('call_id') or item.get('id') or '-'}]")
         if isinstance(item.get("arguments"), str):
             lines.append(f"arguments: {excerpt(item['arguments'], 200)}")
-    if isinstance(body.get("response"), dict) or kind == "error":
+    response = body.get("response")
+    if kind in TERMINAL:
         turn = assemble_turn([(None, SseEvent(kind, json.dumps(body)))])
         lines.append(render_turn(turn).rstrip("\n"))
+    elif isinstance(response, dict):  # response.created / .in_progress: the turn so far
+        lines.append(
+            f"response: {response.get('id') or '-'}   status: {response.get('status') or '-'}"
+            f"   model: {response.get('model') or '-'}"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -226,6 +226,9 @@ def test_socket_messages_of_codexs_websocket_transport_render_readably():
     result = shown(f, event)
     assert result.text.startswith("server event: response.completed\nstatus: completed\n")
     assert "total 59" in result.text
+    created = {"type": "response.created", "response": {"id": "r", "status": "in_progress"}}
+    text = shown(f, WebSocketMessage(1, False, json.dumps(created).encode())).text
+    assert text == "server event: response.created\nresponse: r   status: in_progress   model: -\n"
     delta = WebSocketMessage(1, False, b'{"type": "response.output_text.delta", "delta": "Hel"}')
     assert "delta: 'Hel'" in shown(f, delta).text
     f.request.path = "/v1/realtime"  # not this view's route
