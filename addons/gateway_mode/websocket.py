@@ -45,6 +45,7 @@ from addons.gateway_mode.windows import (
     limits_of,
 )
 from addons.responses_turn import usage_of
+from addons.socket_turns import SocketTurn, end_turn, start_turn
 from addons.websocket_refusal import is_websocket_upgrade
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,8 @@ class Turn:
     lease_slot: str | None = None
     first_event: float | None = None
     events: int = 0
+    #: The turn as the dumps and the recording see it (``addons/socket_turns.py``).
+    log: SocketTurn | None = None
 
 
 @dataclass
@@ -369,6 +372,7 @@ class WebSocketTurns:
             turn.lease_slot = f"{socket.flow.id}:ws{self._slots}"
             core.leases[turn.lease_slot] = lease
         socket.turns.append(turn)
+        turn.log = start_turn(socket.flow, ROW_ROUTE, message)
         core.metrics.in_flight.inc()
         # Over a socket Codex reads its windows from this event, not from the 101's headers
         # (codex-rs responses_websocket.rs): sent before the upstream's first event.
@@ -425,6 +429,7 @@ class WebSocketTurns:
         error: str | None,
     ) -> None:
         core = self.core
+        end_turn(socket.flow, turn.log, status, error)
         self._release(turn)
         core.metrics.in_flight.dec()
         member = socket.flow.metadata[MEMBER]
