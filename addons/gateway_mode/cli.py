@@ -43,6 +43,7 @@ from addons.launch import (
     record_options,
     reverse_mode,
     set_spec,
+    worker_count,
 )
 from addons.responses_turn import USAGE_KINDS
 from addons.routing import parse_upstream_url
@@ -543,8 +544,6 @@ def serve(
     apply_serve_flags(ns, config)
     database_url = ns.database or config.database_url()
     parse_upstream_url(config.upstream_url)
-    from addons.workers.supervisor import worker_count
-
     workers = worker_count(ns.workers)
     listen_policy(
         config.listen_host, list(config.mitmproxy.get("certs") or []), config.insecure_listen
