@@ -11,14 +11,20 @@ from __future__ import annotations
 from mitmproxy import contentviews
 
 from addons.bridge.contentviews import ChatRequestContentview, ChatStreamContentview
-from addons.contentviews import ResponsesRequestContentview, ResponsesStreamContentview
+from addons.contentviews import (
+    ResponsesRequestContentview,
+    ResponsesSocketContentview,
+    ResponsesStreamContentview,
+)
 
 
 def all_views() -> tuple[contentviews.Contentview, ...]:
-    """The Responses views and the Chat Completions bridge's, in the order they register."""
+    """The Responses views (HTTP and WebSocket) and the Chat Completions bridge's, in the
+    order they register."""
     return (
         ResponsesRequestContentview(),
         ResponsesStreamContentview(),
+        ResponsesSocketContentview(),
         ChatRequestContentview(),
         ChatStreamContentview(),
     )

@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NAMES = [
     "Responses request",
     "Responses stream",
+    "Responses socket message",
     "Chat Completions request",
     "Chat Completions stream",
 ]
