@@ -216,7 +216,9 @@ def test_key_pool_retries_cools_down_disables_and_runs_out(gateway, upstream):
     # key-2 starts answering 401: disabled; alpha still cooling -> 503 with Retry-After.
     upstream.key_status[UPSTREAM_KEYS["beta"]] = 401
     status, headers, body = server.post_json(CODEX_MODEL, bearer(keys["alice"]))
-    assert status == 401  # the upstream's reply: no other key to try
+    # No other key to try: the pool's state, never the upstream's words about our key.
+    assert status == 503 and error_of(body)["code"] == "no_upstream_key", body
+    assert UPSTREAM_KEYS["beta"][-4:].encode() not in body
     status, headers, body = server.post_json(CODEX_MODEL, bearer(keys["alice"]))
     assert status == 503 and error_of(body)["code"] == "no_upstream_key"
     assert 1 <= int(headers["retry-after"]) <= 30

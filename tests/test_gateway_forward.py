@@ -211,3 +211,55 @@ def test_done_scrubs_the_key_from_open_flows():
         forwarder.done()
         assert flow.request.headers["authorization"] == REDACTED
         assert forwarder.attempts == {} and in_flight(core) == {"alpha": 0}
+
+
+OPENAI_401 = json.dumps(
+    {
+        "error": {
+            "message": "Incorrect API key provided: sk-upstr*****************6789.",
+            "type": "invalid_request_error",
+            "code": "invalid_api_key",
+        }
+    }
+).encode()
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_the_upstreams_words_about_the_last_key_never_reach_a_member(status):
+    """OpenAI's 401 names the key's last characters: with no key left to retry on, the reply
+    is read whole (never streamed) and replaced by the pool's permanent refusal."""
+    from addons.gateway_mode.forward import NO_KEY_UNTIL_RESTART
+
+    core = make_core("alpha")
+    forwarder = PoolForwarder(core)
+    with taddons.context(forwarder):
+        flow = member_flow()
+        forwarder.requestheaders(flow)
+        forwarder.request(flow)
+        flow.response = tutils.tresp(status_code=status, content=OPENAI_401)
+        forwarder.responseheaders(flow)
+        assert flow.response.stream is False
+        await forwarder.response(flow)
+        assert flow.response.status_code == 503
+        assert b"6789" not in flow.response.content and b"Incorrect" not in flow.response.content
+        assert flow.metadata[REFUSED] == NO_KEY_UNTIL_RESTART
+
+
+async def test_a_refused_key_with_a_healthy_one_left_is_an_immediate_retry():
+    """Past ``max_attempts`` a healthy key may be left: the member retries at once on it."""
+    core = make_core("alpha", "beta")
+    core.max_attempts = 1
+    forwarder = PoolForwarder(core)
+    with taddons.context(forwarder):
+        flow = member_flow()
+        forwarder.requestheaders(flow)
+        forwarder.request(flow)
+        flow.response = tutils.tresp(status_code=401, content=OPENAI_401)
+        forwarder.responseheaders(flow)
+        assert forwarder.attempts[flow.id].hold is False  # no retry left for this flow
+        await forwarder.response(flow)
+        assert flow.response.status_code == 503
+        assert flow.response.headers["retry-after"] == "0"
+        error = json.loads(flow.response.content)["error"]
+        assert error["code"] == "upstream_retry" and "6789" not in error["message"]
+        assert flow.metadata[REFUSED] == "upstream-key-refused"

@@ -43,6 +43,8 @@ NO_KEY_UNTIL_RESTART = "no-upstream-key-until-restart"
 #: Handshake statuses that change the key's health (cool-down, disabled).
 KEY_STATUSES = frozenset({401, 403, 429})
 RETRY_STATUSES = frozenset({401, 403, 429, 500, 502, 503, 504})
+#: The upstream's replies about our key itself: its body is never passed to a member.
+KEY_REFUSED_STATUSES = frozenset({401, 403})
 #: Sessions remembered with the keys their WebSocket handshakes failed on (oldest dropped).
 MAX_AVOIDED_SESSIONS = 1000
 #: Response headers not copied from an aiohttp reply (framing is mitmproxy's to redo).
@@ -81,6 +83,8 @@ class Attempt:
     tried: set[str] = field(default_factory=set)
     count: int = 1
     hold: bool = False
+    #: The reply is the upstream's 401/403 about our key: read whole, never passed on.
+    key_refused: bool = False
 
 
 class PoolForwarder:
@@ -199,6 +203,9 @@ class PoolForwarder:
         ):
             attempt.hold = True
             flow.response.stream = False  # small error reply: read it whole, send nothing yet
+        elif flow.response.status_code in KEY_REFUSED_STATUSES:
+            attempt.key_refused = True
+            flow.response.stream = False  # replaced in ``response``: nothing of it is sent
 
     def _judge(self, attempt: Attempt, response: http.Response) -> bool:
         """Update the key's health from a reply; whether the reply is worth a retry."""
@@ -219,11 +226,49 @@ class PoolForwarder:
     @fail_closed
     async def response(self, flow: http.HTTPFlow) -> None:
         attempt = self.attempts.get(flow.id)
-        if attempt is None or not attempt.hold or flow.response is None:
+        if attempt is None or flow.response is None:
             return
-        if WEBSOCKET in flow.metadata:
+        if attempt.hold and WEBSOCKET in flow.metadata:
             self._upgrade_failed(flow, attempt)
             return
+        if attempt.hold:
+            await self._retry(flow, attempt)
+        if flow.response is not None and flow.response.status_code in KEY_REFUSED_STATUSES:
+            self._key_refused(flow)
+
+    def _key_refused(self, flow: http.HTTPFlow) -> None:
+        """The last reply is the upstream's 401/403 about our key (the key is disabled by
+        now). Its body is the upstream's words about the operator's key (OpenAI's 401 names
+        the key's last characters) and never reaches a member: with a healthy key left, a
+        local 503 with ``Retry-After: 0`` (the next request takes another key); without,
+        :meth:`_no_key`'s answer (permanent when every key is disabled)."""
+        assert flow.response is not None
+        status = flow.response.status_code
+        logger.warning(
+            "the upstream refused key %s (%d); its reply is not passed on",
+            flow.metadata.get(UPSTREAM_KEY),
+            status,
+        )
+        if not self.core.pool.status().healthy:
+            self._no_key(flow)
+            return
+        self.core.metrics.refused.labels("upstream_key_refused").inc()
+        refuse(
+            flow,
+            "upstream-key-refused",
+            gateway_error(
+                503,
+                "upstream_retry",
+                f"the upstream refused the gateway's upstream key ({status}); it is disabled, "
+                "retry: the next attempt uses another upstream key",
+                {"retry-after": "0"},
+            ),
+        )
+
+    async def _retry(self, flow: http.HTTPFlow, attempt: Attempt) -> None:
+        """Send the held request again on other keys while the reply is worth a retry and
+        a healthy key is left (at most ``max_attempts`` in all); the last reply stays."""
+        assert flow.response is not None
         while attempt.hold:
             attempt.hold = False
             key = self.core.pool.pick(request_info(flow)["session"], exclude=attempt.tried)
