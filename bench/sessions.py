@@ -355,11 +355,17 @@ async def http_session(
 
 
 async def ws_session(
-    port: int, turns: int, headers: dict[str, str] | None, clock: CpuClock, think_s: float
+    port: int,
+    turns: int,
+    headers: dict[str, str] | None,
+    clock: CpuClock,
+    think_s: float,
+    compress: int = 15,
 ) -> SessionRun:
     """Codex's session over one WebSocket: a warm-up (turn 0, with the handshake), then per
-    turn only the new items after ``previous_response_id``. Raises RuntimeError on an error
-    event or a socket that closes mid-turn."""
+    turn only the new items after ``previous_response_id``. ``compress``: the deflate window
+    bits offered (15, as Codex offers ``permessage-deflate``; 0 offers none). Raises
+    RuntimeError on an error event or a socket that closes mid-turn."""
     import aiohttp
 
     run = SessionRun("ws")
@@ -370,7 +376,7 @@ async def ws_session(
         windows = _Windows(clock)
         started = time.perf_counter()
         async with client.ws_connect(
-            url, headers=codex_headers(headers, websocket=True), compress=15, max_msg_size=0
+            url, headers=codex_headers(headers, websocket=True), compress=compress, max_msg_size=0
         ) as ws:
             sock = ws.get_extra_info("socket")
             previous: str | None = None
