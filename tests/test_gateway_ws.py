@@ -17,14 +17,18 @@ from mitmproxy import io as mitm_io
 from mitmproxy.test import taddons, tflow
 
 from addons.common import ALLOWED, WEBSOCKET
+from addons.compare import load_run
 from addons.gateway_mode.quota import usage_limit_error
 from addons.gateway_mode.websocket import WebSocketRoute, error_event, is_responses_upgrade
 from addons.gateway_mode.windows import Limit, LimitUsage
+from addons.recorder import read_ledger
+from addons.replay import read_dump_pairs
 from addons.websocket_refusal import WebSocketRefusal
 from tests.conftest import ROOT, wait_for
 from tests.fake_upstream import responses_sse_events
 from tests.gateway_harness import UPSTREAM_KEYS
 from tests.responses_events import tool_call_events
+from tests.test_record_replay import start_replay
 
 MODEL = "gpt-5.5"  # in Codex 0.171's catalog and in the rate card
 UPGRADE = {
@@ -209,7 +213,23 @@ def test_codex_turns_use_the_socket_with_a_tool_call_metered_and_no_key_leaks(
     assert 'codex_gateway_websocket_connections_total{member="alice"}' in metrics
     assert 'codex_gateway_websocket_messages_total{member="alice",sender="client"}' in metrics
     assert server.shutdown() == 0
-    # Leak scan: the recording (flows with their WebSocket messages, HAR, dumps), logs, DB.
+    # Each socket turn is a dump pair and a ledger line of its own, read like an HTTP turn's.
+    turns = [p for p in read_dump_pairs(record) if p.request.get("transport") == "websocket"]
+    assert [p.request["body"]["type"] for p in turns] == ["response.create"] * len(sent)
+    assert all(p.request["route"] == "ws:/v1/responses" for p in turns)
+    assert all(p.response["status"] == 200 for p in turns)
+    assert all("event: response.completed" in p.response["body"] for p in turns)
+    socket_lines = [r for r in read_ledger(str(record)) if r.transport == "websocket"]
+    assert [r.seq for r in socket_lines] == [p.seq for p in turns]
+    assert sum((r.usage or {}).get("total", 0) for r in socket_lines) == 59 * (len(sent) - 1)
+    assert all(r.completed and r.model == MODEL and r.events > 0 for r in socket_lines)
+    assert all(r.first_event_ms is not None for r in socket_lines)
+    assert (record / "report.html").read_text().count("WebSocket turn") == len(sent)
+    run = load_run(record)  # the upgrade (101) is no turn of its own
+    assert len(run.turns) == len(sent) and {t.outcome for t in run.turns} == {"completed"}
+    assert [c for t in run.turns for c in t.calls] == [("exec_command", ("cmd",))]
+    # Leak scan: the recording (flows with their WebSocket messages, HAR, dumps of the upgrade
+    # and of each socket turn, the ledger and report), logs, DB.
     places = {str(p): p.read_bytes() for p in record.rglob("*") if p.is_file()}
     places["stdout"] = server.stdout_path.read_bytes()
     places["stderr"] = server.stderr_path.read_bytes()
@@ -223,6 +243,29 @@ def test_codex_turns_use_the_socket_with_a_tool_call_metered_and_no_key_leaks(
     messages = [m.content for fl in flows for m in fl.websocket.messages]
     assert any(b"response.create" in m for m in messages)  # the messages were scanned above
     assert all(fl.request.headers.get("authorization") in (None, "[REDACTED]") for fl in flows)
+
+    # Replay (offline, the strict proxy in front): the socket turns answer Codex over HTTP,
+    # the warm-up and the upgrade left out; the tool runs again and the turn ends the same.
+    upstream.stop()
+    replay, port, log = start_replay(tmp_path, record)
+    try:
+        replay_home = tmp_path / "replay-home"
+        replay_home.mkdir()
+        toml = (home / "config.toml").read_text().replace(f":{server.port}/", f":{port}/")
+        toml = toml.replace("supports_websockets = true", "supports_websockets = false")
+        (replay_home / "config.toml").write_text(toml)
+        code, out = run_codex(codex, replay_home, work, "unused", "Run echo ws-tool-ran")
+        assert code == 0, out + (tmp_path / "replay.log").read_text()
+        assert "All done over the socket." in out and "ws-tool-ran" in out
+    finally:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/shutdown")
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert replay.wait(30) == 0
+        log.close()  # type: ignore[attr-defined]
 
 
 @pytest.mark.e2e
@@ -247,6 +290,37 @@ def test_a_spent_quota_on_the_socket_ends_the_codex_turn_at_once(
     assert "Reconnecting" not in out and "Falling back" not in out
     assert len(creates(upstream)) == before  # the refused response.create never went upstream
     assert not [r for r in upstream.requests if r.method == "POST"]
+
+
+@pytest.mark.e2e
+@pytest.mark.codex
+def test_codex_records_the_members_windows_from_the_socket(gateway, upstream, codex, tmp_path):
+    """Over a socket Codex reads its windows from a ``codex.rate_limits`` event (the 101's
+    headers are not read): each admitted turn starts with one."""
+    from tests.test_gateway_codex import recorded_rate_limits
+
+    gateway.admin("add-member", "carol", "--five-hour-quota", "1000", "--weekly-credits", "50")
+    key = gateway.add_key("carol")
+    server = gateway.serve(upstream.url, "--websockets")
+    home, work = codex_home(tmp_path, server)
+    code, out = run_codex(codex, home, work, key)
+    assert code == 0, out
+    wait_for(lambda: sum(r["total_tokens"] for r in rows(gateway)) == 59, 10, "the first row")
+    code, out = run_codex(codex, home, work, key)  # a second session: 59 tokens counted
+    assert code == 0, out
+    limits = recorded_rate_limits(home)
+    assert limits, "Codex recorded no rate_limits from the socket"
+    # Session files are read in no particular order: the second session's snapshot.
+    last = max(limits, key=lambda limit: limit["primary"]["used_percent"])
+    print(json.dumps(last, indent=1))
+    assert last["primary"]["window_minutes"] == 300
+    assert last["primary"]["used_percent"] == pytest.approx(5.9)  # 59 of 1000 tokens
+    assert time.time() < last["primary"]["resets_at"] <= time.time() + 5 * 3600 + 1
+    assert last["secondary"]["window_minutes"] == 10080
+    assert last["credits"]["has_credits"] is True
+    assert 49 < float(last["credits"]["balance"]) < 50
+    # The event is the gateway's own: it never went upstream, and the ledger is unchanged.
+    assert not [m for m in upstream.ws_messages if m.get("type") == "codex.rate_limits"]
 
 
 @pytest.mark.e2e
@@ -351,6 +425,53 @@ def test_codex_reconnects_through_the_gateway_when_the_upstream_closes_its_socke
 
 
 @pytest.mark.e2e
+@pytest.mark.e2e
+@pytest.mark.codex
+def test_a_busy_slot_on_the_socket_is_waited_out_by_codex(gateway, upstream, codex, tmp_path):
+    """Measured: with an ``error`` 429 event Codex ended the turn at once ("exceeded retry
+    limit"); with :func:`busy_event` it retries and the turn succeeds once the slot frees."""
+    import threading
+
+    from tests.conftest import open_stream
+    from tests.gateway_harness import bearer
+    from tests.test_gateway_codex import refused
+
+    gateway.admin("add-member", "carol", "--max-concurrent", "1")
+    key = gateway.add_key("carol")
+    server = gateway.serve(upstream.url, "--websockets")
+    home, work = codex_home(tmp_path, server)
+    upstream.gate = threading.Event()
+    upstream.gate_timeout = 60
+    conn, response = open_stream(server.port, {"model": MODEL, "stream": True}, headers=bearer(key))
+    assert response.status == 200  # this stream holds carol's only slot
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [codex, "exec", "--skip-git-repo-check", "Say hello"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=work,
+        env=codex_env(home, key),
+    )
+    try:
+        wait_for(lambda: refused(server, "concurrency") >= 1, 60, "a concurrency refusal")
+        time.sleep(2)  # Codex retries on its own meanwhile
+        upstream.gate.set()  # the slot frees
+        response.read()
+        conn.close()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = stdout.decode(errors="replace") + stderr.decode(errors="replace")
+    print(f"codex exit {proc.returncode} after {time.monotonic() - started:.1f} s:\n{out[-1500:]}")
+    assert proc.returncode == 0, out
+    assert upstream.text in out
+    assert "Reconnecting..." in out  # what the member sees while waiting
+    assert "Falling back" not in out  # freed within Codex's five socket retries
+    assert not [r for r in upstream.requests[1:] if r.method == "POST"]
+
+
 def test_concurrency_slots_count_open_turns_not_idle_sockets(gateway, upstream, tmp_path):
     import asyncio
     import threading
@@ -392,8 +513,12 @@ def test_concurrency_slots_count_open_turns_not_idle_sockets(gateway, upstream, 
 
     held, refused, served = asyncio.run(scenario())
     assert held[0]["type"] == "response.created" and held[-1]["type"] == "response.completed"
-    assert refused[0]["type"] == "error" and refused[0]["status"] == 429
-    assert refused[0]["error"]["code"] == "concurrency_limit"
+    # The busy answer Codex waits out and retries (busy_event), not an error that ends it.
+    assert refused[0]["type"] == "response.failed"
+    error = refused[0]["response"]["error"]
+    assert error["code"] == "rate_limit_exceeded"
+    assert "max_concurrent 1" in error["message"]
+    assert error["message"].endswith("Please try again in 1s.")
     assert served[-1]["type"] == "response.completed"
     assert len(creates(upstream)) == 2  # the refused one never went upstream
 

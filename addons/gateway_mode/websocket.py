@@ -37,9 +37,14 @@ from addons.common import WEBSOCKET, fail_closed
 from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row
 from addons.gateway_mode.core import MEMBER, UPSTREAM_KEY, GatewayCore
 from addons.gateway_mode.forward import PoolForwarder
-from addons.gateway_mode.quota import limit_usages, usage_limit_error
-from addons.gateway_mode.windows import limits_of
+from addons.gateway_mode.quota import CONCURRENCY_RETRY_S, limit_usages, usage_limit_error
+from addons.gateway_mode.windows import (
+    codex_rate_limit_headers,
+    codex_rate_limits_event,
+    limits_of,
+)
 from addons.responses_turn import usage_of
+from addons.socket_turns import SocketTurn, end_turn, start_turn
 from addons.websocket_refusal import is_websocket_upgrade
 
 logger = logging.getLogger(__name__)
@@ -74,6 +79,26 @@ def error_event(status: int, type_: str, code: str, message: str, **fields: Any)
     return json.dumps({"type": "error", "status": status, "error": error}).encode()
 
 
+def busy_event(text: str, retry_s: int) -> bytes:
+    """The socket's answer to a ``response.create`` while the member's concurrency slots are
+    all taken: ``response.failed`` whose ``error`` is ``rate_limit_exceeded`` with "Please try
+    again in {retry_s}s." in its message, the one wording codex-rs reads a delay from
+    (``sse/responses.rs`` ``try_parse_retry_after``). Measured with Codex 0.171: it waits that
+    long and retries on a new socket, up to 5 times ("Reconnecting... n/5"), then falls back to
+    HTTP, where the 429's ``Retry-After`` is retried again; an ``error`` event with status 429
+    instead ends its turn at once ("exceeded retry limit, last status: 429")."""
+    response = {
+        "id": "resp_gateway_busy",
+        "object": "response",
+        "status": "failed",
+        "error": {
+            "code": "rate_limit_exceeded",
+            "message": f"{text}. Please try again in {retry_s}s.",
+        },
+    }
+    return json.dumps({"type": "response.failed", "response": response}).encode()
+
+
 @dataclass
 class Turn:
     """One ``response.create`` in flight on a socket."""
@@ -84,6 +109,8 @@ class Turn:
     lease_slot: str | None = None
     first_event: float | None = None
     events: int = 0
+    #: The turn as the dumps and the recording see it (``addons/socket_turns.py``).
+    log: SocketTurn | None = None
 
 
 @dataclass
@@ -267,9 +294,11 @@ class WebSocketTurns:
         refusal = usage_limit_error(member["member"], usages)
         if refusal is not None:
             _, text, fields = refusal
+            # ``headers``: the windows, as on an HTTP 429 (codex-rs reads a wrapped error
+            # event's headers like a reply's).
             self._refuse(
                 socket, message, 429, "usage_limit_reached", "quota_exceeded", text, "quota",
-                **fields,
+                headers=codex_rate_limit_headers(usages), **fields,
             )  # fmt: skip
             return
         turn = Turn(model, tier, time.time())
@@ -282,18 +311,28 @@ class WebSocketTurns:
                 core.lease_ms,
             )
             if lease is None:
-                self._refuse(
-                    socket, message, 429, "codex_gateway", "concurrency_limit",
-                    f"member {member['member']!r} already has {active} requests in flight "
-                    f"(max_concurrent {entry['max_concurrent']})", "concurrency",
-                    limit="max_concurrent", used=active, allowed=entry["max_concurrent"],
-                )  # fmt: skip
+                message.drop()
+                core.metrics.refused.labels("concurrency").inc()
+                self._inject(
+                    socket.flow,
+                    busy_event(
+                        f"member {member['member']!r} already has {active} requests in "
+                        f"flight (max_concurrent {entry['max_concurrent']})",
+                        CONCURRENCY_RETRY_S,
+                    ),
+                )
                 return
             self._slots += 1
             turn.lease_slot = f"{socket.flow.id}:ws{self._slots}"
             core.leases[turn.lease_slot] = lease
         socket.turns.append(turn)
+        turn.log = start_turn(socket.flow, ROW_ROUTE, message)
         core.metrics.in_flight.inc()
+        # Over a socket Codex reads its windows from this event, not from the 101's headers
+        # (codex-rs responses_websocket.rs): sent before the upstream's first event.
+        limits_event = codex_rate_limits_event(usages)
+        if limits_event is not None:
+            self._inject(socket.flow, json.dumps(limits_event).encode())
 
     def _refuse(
         self,
@@ -344,6 +383,7 @@ class WebSocketTurns:
         error: str | None,
     ) -> None:
         core = self.core
+        end_turn(socket.flow, turn.log, status, error)
         self._release(turn)
         core.metrics.in_flight.dec()
         member = socket.flow.metadata[MEMBER]
