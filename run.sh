@@ -12,6 +12,7 @@
 #       set-member, add-key, list-keys, revoke-key, usage, serve (upstream keys on stdin)
 #   ./run.sh refresh-models [--check]   rewrite config/codex-models.yaml from the pinned Codex
 #   ./run.sh bench [--seconds N] [--streams N]   benchmark against direct, mitmdump, the reference
+#   ./run.sh bench --sessions [--turns N]   Codex's session over HTTP and WebSocket, gateway vs direct
 #   ./run.sh [FLAGS]       the proxy; the API key is read from stdin:
 #       printenv OPENAI_API_KEY | env -u OPENAI_API_KEY ./run.sh --server-info /tmp/info.json
 # Bootstrap output goes to stderr and never reads stdin (the key stays there for the proxy).

@@ -277,9 +277,12 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
     raise ValueError(name)
 
 
-def start_gateway(up_url: str, tmp: Path, quiet: list[str]) -> Target:
+def start_gateway(
+    up_url: str, tmp: Path, quiet: list[str], serve_args: list[str] | None = None
+) -> Target:
     """Gateway mode on SQLite: one member without limits (so every request is metered, none
-    refused), one upstream key, Codex's session header on every request."""
+    refused), one upstream key, Codex's session header on every request; ``serve_args`` are
+    added to ``serve`` (``--websockets`` for the session benchmark)."""
     db = f"sqlite:///{tmp / 'gateway.db'}"
     admin = [sys.executable, "-m", "addons.gateway_mode.cli", "--database", db]
     for args in (["init"], ["add-member", "bench"]):
@@ -289,7 +292,16 @@ def start_gateway(up_url: str, tmp: Path, quiet: list[str]) -> Target:
     ).stdout.split()[-1]
     info = tmp / "gateway-info.json"
     proc = subprocess.Popen(
-        [*admin, "serve", "--upstream-url", up_url, "--server-info", str(info), *quiet],
+        [
+            *admin,
+            "serve",
+            "--upstream-url",
+            up_url,
+            "--server-info",
+            str(info),
+            *quiet,
+            *(serve_args or []),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -713,7 +725,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--targets", default="direct,mitmdump,reference,ours,ours-x2,ours+dumps,ours+bridge,gateway"
     )
+    parser.add_argument(
+        "--sessions",
+        action="store_true",
+        help="instead: Codex's tool-call session over HTTP and WebSocket, direct and through the "
+        "gateway (bench/sessions.py; sessions.md/.json in --out)",
+    )
+    parser.add_argument("--turns", type=int, default=30, help="turns per session (--sessions)")
     ns = parser.parse_args(argv)
+    if ns.sessions:
+        from bench.sessions import THINK_S, run_sessions
+        from bench.sessions import markdown as sessions_markdown
+
+        ns.out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="codex-proxy-sessions-") as tmpdir:
+            doc = run_sessions(ns.turns, ns.repeat, THINK_S, ns.out, Path(tmpdir))
+        print()
+        print(sessions_markdown(doc))
+        return 0
     if shutil.which("wrk") is None:
         parser.exit(2, "run.sh bench: wrk is missing (./run.sh bench installs it)\n")
     ns.out.mkdir(parents=True, exist_ok=True)

@@ -65,3 +65,75 @@ def test_benchmark_smoke_run(tmp_path):
     assert results["gateway"]["sse_many"]["usage_rows"] == 20
     assert "| req/s, 32 conns |" in (tmp_path / "latest.md").read_text()
     assert results["ours+bridge"]["sse_1"]["ok"] == 1  # the chat-bridge stream was read back
+
+
+def test_session_benchmark_runs_codexs_session_on_every_target(tmp_path):
+    """``--sessions`` with 3 turns and 1 round: the output's shape and sane counts (no timing
+    is asserted): every target ran every turn, the HTTP request grows with the conversation
+    while a socket turn carries only the new items, the proxies' CPU was read and direct has
+    none, and the gateway metered every turn (and the socket's warm-up)."""
+    turns = 3
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench",
+            "--sessions",
+            "--turns",
+            str(turns),
+            "--repeat",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    doc = json.loads((tmp_path / "sessions.json").read_text())
+    results = doc["results"]
+    assert set(results) == {
+        "direct-http",
+        "direct-ws",
+        "mitmdump-http",
+        "mitmdump-ws",
+        "gateway-http",
+        "gateway-ws",
+    }
+    for name, r in results.items():
+        rounds = doc["rounds"][name]
+        assert len(rounds) == 1, name
+        numbers = [t["turn"] for t in rounds[0]]
+        assert numbers == ([0] if name.endswith("-ws") else []) + list(range(1, turns + 1)), name
+        for t in rounds[0]:  # a warm-up is answered created + completed; a turn streams a call
+            assert t["first_event_ms"] > 0 and t["events"] >= (2 if t["turn"] == 0 else 5), name
+        payload = r["per_turn"]["payload_bytes"]
+        wire = r["per_turn"]["wire_bytes"]
+        assert len(payload) == len(wire) == turns, name
+        if name.endswith("-http"):
+            # The whole conversation every time: ~40 KB, then growing by each call and output.
+            assert 30_000 < payload[0] < 50_000, name
+            assert payload[0] < payload[1] < payload[2], name
+            # head + body on the wire
+            assert all(w >= p for w, p in zip(wire, payload, strict=True)), name
+        else:
+            assert all(p < 25_000 for p in payload), name  # the new items only
+            # deflated frames
+            assert all(0 < w < p for w, p in zip(wire, payload, strict=True)), name
+            assert r["setup"]["payload_bytes"] > 15_000, name  # the warm-up's instructions
+        cpu = r["per_turn"]["cpu_ms"]
+        if name.startswith("direct"):
+            assert cpu == [None] * turns and r["session_total"]["cpu_ms"] is None, name
+        else:
+            assert all(c is not None and c > 0 for c in cpu), name
+    assert results["gateway-http"]["usage_rows"] == turns
+    assert results["gateway-ws"]["usage_rows"] == turns + 1  # the warm-up is a row too
+    goals = doc["goals"]
+    assert goals["ws_cpu_vs_http_cpu_last_turn"] > 0
+    assert goals["ws_first_event_p50_added_ms"] is not None
+    assert 0 < goals["ws_bytes_vs_http_bytes_session"] < 1
+    table = (tmp_path / "sessions.md").read_text()
+    assert "| CPU of the proxy process, ms, turn 3 |" in table
+    assert "WebSocket turn / HTTP turn at turn 3" in table
