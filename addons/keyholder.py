@@ -76,7 +76,7 @@ class ApiKey:
 
     ``repr``/``str`` never show the key. The header bytes are kept in one ``bytearray`` that is
     ``mlock``ed where the OS allows; :meth:`header_value` hands out a ``str`` copy for the
-    outgoing request (CPython's HTTP stack needs immutable copies; see README "Security model").
+    outgoing request (CPython's HTTP stack needs immutable copies; see docs/security.md).
     """
 
     def __init__(self) -> None:

@@ -14,7 +14,7 @@ latency difference between a target and ``direct`` is the target's own.
 - ``GET /v1/responses`` with ``Upgrade: websocket`` -> a socket; each text message
   ``{"type": "response.create", ...}`` is answered with the same events, one JSON message each;
   a warm-up (``"generate": false``) gets ``response.created`` + ``response.completed`` without
-  output or usage, as OpenAI answers Codex's (README, "Codex's WebSocket transport").
+  output or usage, as OpenAI answers Codex's (docs/gateway.md, "Codex's WebSocket transport").
 
 As OpenAI's, every response object echoes the request's ``tools`` (``response.created``,
 ``in_progress`` and ``completed`` carry them), and ``response.completed`` carries ``usage``:

@@ -2,7 +2,7 @@
 gateway windows, and local refusals use the statuses Codex acts on.
 
 What Codex 0.171 does with a reply from a custom provider (measured against loopback fakes,
-README "What a member sees in Codex"):
+docs/gateway.md "What a member sees in Codex"):
 
 - ``x-codex-primary-*`` / ``x-codex-secondary-*`` / ``x-codex-credits-*`` headers on any reply
   are recorded in the session's ``rate_limits`` (what its ``/status`` and status line read).
