@@ -2,7 +2,8 @@
 
 A limit admits a request while the member's usage inside the window is below the limit
 (``used < limit``). Requests already in flight are not counted until they end, so a window
-can be overshot by what the member's concurrent requests use (docs/gateway.md, "Quotas in tokens and in Codex credits").
+can be overshot by what the member's concurrent requests use (docs/gateway.md, "Quotas in
+tokens and in Codex credits").
 """
 
 from __future__ import annotations
