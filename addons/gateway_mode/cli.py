@@ -229,11 +229,17 @@ def _credits_text(micro: int) -> str:
     return f"{(Decimal(micro) / MICRO).normalize():f}" if micro else "0"
 
 
-def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any]:
+def summarize_usage(
+    rows: list[dict[str, Any]],
+    card: RateCard,
+    connections: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Per member and total: requests, errors, token kinds, credits (exact, as a number with
     at most 6 decimals), USD, unpriced requests (no rate-card entry at the time), and
     ``in_flight``: forwarded requests with no end recorded (still running, or the gateway was
-    killed while they ran; not in ``requests``)."""
+    killed while they ran; not in ``requests``). From ``connections`` (``ws_connections``
+    rows): ``ws_connections`` (sockets opened), ``ws_open`` (of those, no close recorded: open
+    now, or the gateway was killed), ``ws_client_messages`` / ``ws_upstream_messages``."""
 
     def empty() -> dict[str, Any]:
         return {
@@ -248,6 +254,10 @@ def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any
             "credits_micro": 0,
             "unpriced": 0,
             "in_flight": 0,
+            "ws_connections": 0,
+            "ws_open": 0,
+            "ws_client_messages": 0,
+            "ws_upstream_messages": 0,
         }
 
     per: dict[str, dict[str, Any]] = {}
@@ -267,6 +277,13 @@ def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any
                 bucket["unpriced"] += 1
             else:
                 bucket["credits_micro"] += row["credits_micro"]
+
+    for conn in connections or []:
+        for bucket in (per.setdefault(conn["member"], empty()), total):
+            bucket["ws_connections"] += 1
+            bucket["ws_open"] += 1 if conn["closed_ms"] is None else 0
+            bucket["ws_client_messages"] += conn["client_messages"]
+            bucket["ws_upstream_messages"] += conn["upstream_messages"]
 
     def finish(bucket: dict[str, Any]) -> dict[str, Any]:
         credits = Decimal(bucket.pop("credits_micro")) / MICRO
@@ -363,7 +380,9 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
             now = now_ms()
             since = parse_since(ns.since, now)
             card = config.rate_card()
-            summary = summarize_usage(db.usage_rows(since, ns.member), card)
+            summary = summarize_usage(
+                db.usage_rows(since, ns.member), card, db.ws_connection_rows(since, ns.member)
+            )
             gaps = rate_card_gaps(card)
             if ns.json:
                 doc = {"since": iso(since), "until": iso(now), **summary, "unpriced_models": gaps}
@@ -382,6 +401,8 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
                         "credits",
                         "USD",
                         "unpriced",
+                        "ws conns",
+                        "ws msgs in/out",
                     ]
                 ]
                 for m in [*summary["members"], {"member": "TOTAL", **summary["total"]}]:
@@ -398,6 +419,8 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
                             f"{m['credits']:.6f}".rstrip("0").rstrip("."),
                             f"{m['usd']:.4f}",
                             str(m["unpriced"]),
+                            str(m["ws_connections"]),
+                            f"{m['ws_client_messages']}/{m['ws_upstream_messages']}",
                         ]
                     )
                 out.write(f"usage since {iso(since)}\n")
@@ -406,6 +429,11 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
                     out.write(
                         f"{summary['total']['in_flight']} request(s) forwarded with no end "
                         "recorded: still running, or the gateway was killed while they ran\n"
+                    )
+                if summary["total"]["ws_open"]:
+                    out.write(
+                        f"{summary['total']['ws_open']} WebSocket connection(s) with no close "
+                        "recorded: still open, or the gateway was killed while they were\n"
                     )
                 if summary["total"]["unpriced"]:
                     out.write(

@@ -1,4 +1,8 @@
-"""Codex's WebSocket transport through the gateway (``serve --websockets``; off by default).
+"""WebSocket routes through the gateway (``serve --websockets``; off by default): Codex's
+``GET /v1/responses`` and the OpenAI Realtime API's ``GET /v1/realtime?model=…``. What differs
+between the two (which message opens a turn, which ends it, where usage is, the refusal
+event's shape) is a small protocol object each, :mod:`addons.gateway_mode.socket_protocol`;
+the rest below is shared.
 
 What Codex 0.171 sends with ``supports_websockets = true`` (checked against a loopback fake,
 README "WebSocket transport"): ``GET /v1/responses`` with ``Upgrade: websocket`` and its usual
@@ -17,15 +21,17 @@ with an ``error`` event in the shape that ends Codex's turn), each terminal even
 (``response.completed`` / ``failed`` / ``incomplete``, ``error``) becomes a usage-ledger row,
 a concurrency slot is held per open turn (not per idle socket), and a member key revoked
 while its socket is open closes the socket within the directory refresh plus
-:data:`REVOKE_CHECK_S`.
+:data:`REVOKE_CHECK_S`. Each socket is a row of the ``ws_connections`` table too (member,
+keys, route, times, messages each way, turns, close reason): an open row when it opens (what
+is left if the gateway is killed), its closed row when it closes, through the usage ledger.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,43 +41,30 @@ from sqlalchemy.exc import SQLAlchemyError
 from addons.body_decode import loads_json
 from addons.common import WEBSOCKET, fail_closed
 from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row
-from addons.gateway_mode.core import MEMBER, UPSTREAM_KEY, GatewayCore
+from addons.gateway_mode.core import MEMBER, ROUTE, SOCKET_ROUTE, UPSTREAM_KEY, GatewayCore
 from addons.gateway_mode.forward import PoolForwarder
+from addons.gateway_mode.ledger import WS_CONNECTIONS
 from addons.gateway_mode.quota import limit_usages, usage_limit_error
+from addons.gateway_mode.socket_protocol import (
+    PROTOCOLS,
+    RESPONSES,
+    SocketProtocol,
+    protocol_for,
+)
+from addons.gateway_mode.socket_protocol import error_event as error_event  # re-exported
+from addons.gateway_mode.socket_protocol import is_responses_upgrade as is_responses_upgrade
 from addons.gateway_mode.windows import limits_of
-from addons.responses_turn import usage_of
-from addons.websocket_refusal import is_websocket_upgrade
 
 logger = logging.getLogger(__name__)
 
-#: The route served over WebSocket (Codex appends ``/responses`` to its ``base_url``).
-WS_ROUTE = "/v1/responses"
-#: The ``route`` of a WebSocket turn's ledger row.
-ROW_ROUTE = "ws:/v1/responses"
+#: The Codex route served over WebSocket (Codex appends ``/responses`` to its ``base_url``).
+WS_ROUTE = RESPONSES.path
+#: The ``route`` of a Codex WebSocket turn's ledger row.
+ROW_ROUTE = RESPONSES.row_route
 #: Seconds between checks of open sockets against the member directory.
 REVOKE_CHECK_S = 0.2
-#: Server events that end a turn.
-TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
-
-
-def is_responses_upgrade(request: http.Request) -> bool:
-    """Whether ``request`` is exactly ``GET /v1/responses`` (raw target, no query, origin
-    form, as the allowlist's rule for POST) asking to switch to WebSocket."""
-    return (
-        request.data.method == b"GET"
-        and request.data.path == WS_ROUTE.encode()
-        and not (request.authority and not (request.is_http2 or request.is_http3))
-        and is_websocket_upgrade(request)
-    )
-
-
-def error_event(status: int, type_: str, code: str, message: str, **fields: Any) -> bytes:
-    """An ``error`` event for the socket: ``{"type": "error", "status": status, "error":
-    {"type", "code", "message", **fields}}``. With ``status`` 429 and ``type``
-    ``usage_limit_reached`` plus ``resets_at`` (Unix s), Codex 0.171 ends the turn at once with
-    "You've hit your usage limit. Try again at …" (measured; README "WebSocket transport")."""
-    error = {"type": type_, "code": code, "message": message, **fields}
-    return json.dumps({"type": "error", "status": status, "error": error}).encode()
+#: Server events that end a Codex turn.
+TERMINAL = RESPONSES.ends
 
 
 @dataclass
@@ -84,22 +77,37 @@ class Turn:
     lease_slot: str | None = None
     first_event: float | None = None
     events: int = 0
+    #: The server said it started this turn (Realtime ``response.created``).
+    confirmed: bool = False
+    #: The ``event_id`` of the client event that opened it (Realtime errors name it).
+    client_event_id: str | None = None
 
 
 @dataclass
 class Socket:
-    """An open member socket: its flow and its turns in order."""
+    """An open member socket: its flow and its turns in order, its route's protocol, the
+    session's model (Realtime), and what its ``ws_connections`` row counts."""
 
     flow: http.HTTPFlow
     turns: list[Turn] = field(default_factory=list)
     closing: bool = False
     number: int = 0
+    protocol: SocketProtocol = RESPONSES
+    model: str | None = None
+    opened: float = field(default_factory=time.time)
+    row_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    client_messages: int = 0
+    upstream_messages: int = 0
+    turns_opened: int = 0
+    #: Why the gateway closed it (revocation), for its row; else the close code says.
+    close_reason: str | None = None
 
 
 class WebSocketRoute:
-    """Claims ``GET /v1/responses`` WebSocket upgrades when ``codex_gateway_websockets`` is on
-    (placed before the allowlist and the 426 refusal, which then let it through); otherwise
-    the strict refusal answers 426 as before."""
+    """Claims ``GET /v1/responses`` and ``GET /v1/realtime?model=…`` WebSocket upgrades when
+    ``codex_gateway_websockets`` is on (placed before the allowlist and the 426 refusal, which
+    then let it through; the route's protocol name goes in ``SOCKET_ROUTE``); otherwise the
+    strict refusal answers 426 (``/v1/responses``) or the allowlist 403 as before."""
 
     def __init__(self) -> None:
         self.enabled = False
@@ -109,8 +117,9 @@ class WebSocketRoute:
             "codex_gateway_websockets",
             bool,
             False,
-            "Serve Codex's WebSocket transport (GET /v1/responses with Upgrade: websocket) to "
-            "members: metered and capped per response.create. Off: upgrades get 426.",
+            "Serve Codex's WebSocket transport (GET /v1/responses with Upgrade: websocket) and "
+            "the Realtime API (GET /v1/realtime?model=...) to members: metered and capped per "
+            "response.create. Off: upgrades get 426 (/v1/responses) or 403.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -121,8 +130,10 @@ class WebSocketRoute:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not self.enabled:
             return
-        if is_responses_upgrade(flow.request):
+        protocol = protocol_for(flow.request)
+        if protocol is not None:
             flow.metadata[WEBSOCKET] = True
+            flow.metadata[SOCKET_ROUTE] = protocol.name
 
 
 class WebSocketTurns:
@@ -153,6 +164,7 @@ class WebSocketTurns:
             self._watch.cancel()
             self._watch = None
         for socket in list(self.sockets.values()):
+            socket.close_reason = socket.close_reason or "gateway stopped with the socket open"
             self._end(socket, "gateway stopped with the socket open")
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
@@ -161,7 +173,11 @@ class WebSocketTurns:
         member = flow.metadata[MEMBER]["member"]
         self.core.metrics.ws_connections.labels(member).inc()
         self.core.metrics.ws_open.inc()
-        self.sockets[flow.id] = Socket(flow)
+        protocol = PROTOCOLS.get(str(flow.metadata.get(SOCKET_ROUTE)), RESPONSES)
+        target = str(flow.metadata.get(ROUTE) or flow.request.path)  # the member's, with query
+        socket = Socket(flow, protocol=protocol, model=protocol.session_model(target))
+        self.sockets[flow.id] = socket
+        self._connection_row(socket, closed=False)
 
     async def websocket_message(self, flow: http.HTTPFlow) -> None:
         """Fails closed itself: ``fail_closed`` would kill the flow, which does not stop a
@@ -183,7 +199,9 @@ class WebSocketTurns:
                 self.core.metrics.refused.labels("internal_error").inc()
                 self._inject(
                     flow,
-                    error_event(500, "codex_gateway", "gateway_internal_error", "internal error"),
+                    socket.protocol.refusal(
+                        500, "codex_gateway", "gateway_internal_error", "internal error"
+                    ),
                 )
 
     async def _message(self, socket: Socket, message: Any) -> None:
@@ -194,6 +212,10 @@ class WebSocketTurns:
         ).inc()
         if message.injected:
             return
+        if message.from_client:
+            socket.client_messages += 1
+        else:
+            socket.upstream_messages += 1
         if not message.is_text:
             if message.from_client:
                 message.drop()  # Codex sends text only; nothing unread goes upstream
@@ -207,7 +229,7 @@ class WebSocketTurns:
                 message.drop()
             return
         if message.from_client:
-            if body.get("type") == "response.create":
+            if body.get("type") in socket.protocol.opens:
                 await self._admit(socket, message, body)
             return
         self._server_event(socket, body)
@@ -216,14 +238,22 @@ class WebSocketTurns:
         socket = self.sockets.get(flow.id)
         if socket is not None:
             code = flow.websocket.close_code if flow.websocket is not None else None
+            if socket.close_reason is None and flow.websocket is not None:
+                by = {True: " by the client", False: " by the upstream", None: ""}[
+                    flow.websocket.closed_by_client
+                ]
+                socket.close_reason = f"closed{by} ({code})"
             self._end(socket, f"socket closed ({code}) before the turn ended")
 
     # -- turns --------------------------------------------------------------------------
 
     async def _admit(self, socket: Socket, message: Any, body: dict[str, Any]) -> None:
-        """Let a ``response.create`` go upstream, or drop it and answer on the socket."""
+        """Let a ``response.create`` go upstream, or drop it and answer on the socket (in the
+        route's ``error`` event shape). A member with a credit quota asking for a model the
+        rate card cannot price is refused ``unpriced_model``, as on HTTP (403 there)."""
         core = self.core
         member = socket.flow.metadata[MEMBER]
+        event_id = body.get("event_id") if isinstance(body.get("event_id"), str) else None
         entry = core.directory.by_key_id(member["key_id"])
         if entry is None:
             message.drop()
@@ -231,12 +261,12 @@ class WebSocketTurns:
             return
         if not core.database_ok or core.db is None:
             self._refuse(
-                socket, message, 503, "codex_gateway", "usage_ledger_unavailable",
+                socket, message, event_id, 503, "codex_gateway", "usage_ledger_unavailable",
                 "the gateway cannot reach its database to check quotas and record usage; "
                 "try again shortly", "database_unavailable",
             )  # fmt: skip
             return
-        model = body.get("model") if isinstance(body.get("model"), str) else None
+        model = socket.protocol.turn_model(body, socket.model)
         tier = body.get("service_tier") if isinstance(body.get("service_tier"), str) else None
         limits = limits_of(entry)
         try:
@@ -248,7 +278,7 @@ class WebSocketTurns:
             if core.ledger is not None:
                 core.ledger.healthy = False
             self._refuse(
-                socket, message, 503, "codex_gateway", "usage_ledger_unavailable",
+                socket, message, event_id, 503, "codex_gateway", "usage_ledger_unavailable",
                 "the gateway cannot reach its database; try again shortly",
                 "database_unavailable",
             )  # fmt: skip
@@ -259,7 +289,7 @@ class WebSocketTurns:
         ):
             core.metrics.unpriced.labels(str(model or "")[:64]).inc()
             self._refuse(
-                socket, message, 400, "invalid_request_error", "unpriced_model",
+                socket, message, event_id, 400, "invalid_request_error", "unpriced_model",
                 f"model {model!r} has no entry in the gateway's rate card, and member "
                 f"{member['member']!r} has a credit quota", "unpriced_model", model=model,
             )  # fmt: skip
@@ -268,11 +298,11 @@ class WebSocketTurns:
         if refusal is not None:
             _, text, fields = refusal
             self._refuse(
-                socket, message, 429, "usage_limit_reached", "quota_exceeded", text, "quota",
-                **fields,
+                socket, message, event_id, 429, "usage_limit_reached", "quota_exceeded", text,
+                "quota", **fields,
             )  # fmt: skip
             return
-        turn = Turn(model, tier, time.time())
+        turn = Turn(model, tier, time.time(), client_event_id=event_id)
         if entry["max_concurrent"]:
             lease, active = await core.run_db(
                 core.db.acquire_lease,
@@ -283,7 +313,7 @@ class WebSocketTurns:
             )
             if lease is None:
                 self._refuse(
-                    socket, message, 429, "codex_gateway", "concurrency_limit",
+                    socket, message, event_id, 429, "codex_gateway", "concurrency_limit",
                     f"member {member['member']!r} already has {active} requests in flight "
                     f"(max_concurrent {entry['max_concurrent']})", "concurrency",
                     limit="max_concurrent", used=active, allowed=entry["max_concurrent"],
@@ -293,12 +323,14 @@ class WebSocketTurns:
             turn.lease_slot = f"{socket.flow.id}:ws{self._slots}"
             core.leases[turn.lease_slot] = lease
         socket.turns.append(turn)
+        socket.turns_opened += 1
         core.metrics.in_flight.inc()
 
     def _refuse(
         self,
         socket: Socket,
         message: Any,
+        event_id: str | None,
         status: int,
         type_: str,
         code: str,
@@ -308,31 +340,45 @@ class WebSocketTurns:
     ) -> None:
         message.drop()
         self.core.metrics.refused.labels(reason).inc()
-        self._inject(socket.flow, error_event(status, type_, code, text, **fields))
+        self._inject(
+            socket.flow,
+            socket.protocol.refusal(status, type_, code, text, event_id, **fields),
+        )
 
     def _server_event(self, socket: Socket, event: dict[str, Any]) -> None:
+        protocol = socket.protocol
+        model = protocol.server_model(event)
+        if model is not None:
+            socket.model = model
         if not socket.turns:
-            return
+            if not protocol.confirms(event):
+                return
+            # A response the server started itself (Realtime turn detection): metered when
+            # it ends, like a turn; nothing of the client's asked, so nothing was checked.
+            socket.turns.append(Turn(socket.model, None, time.time()))
+            socket.turns_opened += 1
+            self.core.metrics.in_flight.inc()
         turn = socket.turns[0]
         turn.events += 1
         if turn.first_event is None:
             turn.first_event = time.time()
-        kind = event.get("type")
-        if kind not in TERMINAL:
+        if not protocol.ends_turn(event, turn.confirmed, turn.client_event_id):
+            turn.confirmed = turn.confirmed or protocol.confirms(event)
             return
         socket.turns.pop(0)
-        response = event.get("response")
-        response = response if isinstance(response, dict) else None
         error = None
-        status: int | None = 200
-        if kind == "error":
-            code = event.get("status")
-            status = code if isinstance(code, int) else None
+        if event.get("type") == "error":
             detail = event.get("error")
             detail = detail if isinstance(detail, dict) else {}
             error = f"error event: {str(detail.get('code') or detail.get('type'))[:100]}"
-        turn_status = response.get("status") if response is not None else None
-        self._row(socket, turn, status, usage_of(response), turn_status, error)
+        self._row(
+            socket,
+            turn,
+            protocol.end_status(event),
+            protocol.usage(event),
+            protocol.turn_status(event),
+            error,
+        )
 
     def _row(
         self,
@@ -353,7 +399,7 @@ class WebSocketTurns:
             TurnFacts(
                 model=turn.model,
                 service_tier=turn.service_tier,
-                route=ROW_ROUTE,
+                route=socket.protocol.row_route,
                 status=status,
                 usage=usage,
                 events=turn.events,
@@ -391,6 +437,36 @@ class WebSocketTurns:
         socket.turns.clear()
         self.forwarder.finished(socket.flow)
         self.core.metrics.ws_open.dec()
+        self._connection_row(socket, closed=True)
+
+    def _connection_row(self, socket: Socket, closed: bool) -> None:
+        """Queue the socket's ``ws_connections`` row: its open row (no ``closed_ms`` /
+        ``duration_ms``), or its closed row, which replaces it (same ``row_id``)."""
+        ledger = self.core.ledger
+        if ledger is None:
+            logger.error("connection row lost: the gateway's database is closed")
+            return
+        member = socket.flow.metadata[MEMBER]
+        now = time.time()
+        ledger.add(
+            {
+                "table": WS_CONNECTIONS,
+                "row_id": socket.row_id,
+                "member_id": member["member_id"],
+                "key_id": member["key_id"],
+                "upstream_key": socket.flow.metadata.get(UPSTREAM_KEY),
+                "route": socket.protocol.row_route,
+                "model": socket.model,
+                "opened_ms": int(socket.opened * 1000),
+                "closed_ms": int(now * 1000) if closed else None,
+                "duration_ms": max(0, int((now - socket.opened) * 1000)) if closed else None,
+                "client_messages": socket.client_messages,
+                "upstream_messages": socket.upstream_messages,
+                "turns": socket.turns_opened,
+                "close_reason": (socket.close_reason or "")[:200] or None if closed else None,
+                "instance": self.core.instance,
+            }
+        )
 
     # -- closing ------------------------------------------------------------------------
 
@@ -402,9 +478,10 @@ class WebSocketTurns:
         if socket.closing:
             return
         socket.closing = True
+        socket.close_reason = text
         self.core.metrics.refused.labels(code).inc()
         # 400: Codex ends the turn at once and shows the event (401 is retried, measured).
-        self._inject(socket.flow, error_event(400, "invalid_request_error", code, text))
+        self._inject(socket.flow, socket.protocol.refusal(400, "invalid_request_error", code, text))
         asyncio.get_running_loop().call_later(0.05, self._drop_connection, socket.flow)
 
     @staticmethod
