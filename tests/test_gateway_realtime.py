@@ -407,3 +407,37 @@ def test_without_websockets_the_realtime_upgrade_is_refused_before_the_upstream(
         headers={"authorization": f"Bearer {key}", **UPGRADE},
     )[0]
     assert status == 403 and upstream.requests == []
+
+
+@pytest.mark.e2e
+def test_a_failed_realtime_handshake_is_answered_503_and_the_next_upgrade_uses_another_key(
+    gateway, upstream
+):
+    """As for Codex's socket: the upstream's 429 on the upgrade cools that key down, the member
+    gets a local 503 with ``Retry-After: 0``, and its next upgrade goes out on another key."""
+    import openai
+    import websockets
+
+    gateway.admin("add-member", "fay")
+    key = gateway.add_key("fay")
+    server = gateway.serve(upstream.url, "--websockets")
+    upstream.key_status = {v: 429 for name, v in UPSTREAM_KEYS.items() if name != "gamma"}
+    statuses = []
+    for _ in range(len(UPSTREAM_KEYS)):
+        try:
+            events = asyncio.run(realtime_turn(server.port, key))
+            break
+        except (openai.OpenAIError, websockets.exceptions.InvalidStatus) as e:
+            cause = e.__cause__ if isinstance(e, openai.OpenAIError) else e
+            assert isinstance(cause, websockets.exceptions.InvalidStatus), repr(e)
+            statuses.append(cause.response.status_code)
+            assert cause.response.headers["retry-after"] == "0"
+    else:
+        pytest.fail(f"no upgrade succeeded: {statuses}")
+    print("refused upgrades before one succeeded:", statuses)
+    assert statuses and set(statuses) == {503} and events[-1].type == "response.done"
+    names = {f"Bearer {v}": name for name, v in UPSTREAM_KEYS.items()}
+    used = [names[r.header_values("authorization")[0]] for r in upstream.requests]
+    assert used[-1] == "gamma" and len(used) == len(statuses) + 1
+    wait_for(lambda: usage_rows(gateway), 10, "the ledger row")
+    assert [r["upstream_key"] for r in usage_rows(gateway)] == ["gamma"]
