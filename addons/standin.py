@@ -549,6 +549,8 @@ class ResponsesStandIn:
                 elif kind == "response.create":
                     events = realtime_response_events(self._next_id(), self.text)
                     for i, event in enumerate(events):
+                        if ws.closed:
+                            break  # closed while the gate held the response
                         await ws.send_str(json.dumps(event))
                         if i == 0 and self.gate is not None:
                             gate = self.gate

@@ -441,3 +441,45 @@ def test_a_failed_realtime_handshake_is_answered_503_and_the_next_upgrade_uses_a
     assert used[-1] == "gamma" and len(used) == len(statuses) + 1
     wait_for(lambda: usage_rows(gateway), 10, "the ledger row")
     assert [r["upstream_key"] for r in usage_rows(gateway)] == ["gamma"]
+
+
+@pytest.mark.e2e
+def test_realtime_concurrency_slots_count_open_responses_not_idle_sockets(gateway, upstream):
+    import threading
+
+    import openai
+
+    gateway.admin("add-member", "erin", "--max-concurrent", "1")
+    key = gateway.add_key("erin")
+    server = gateway.serve(upstream.url, "--websockets")
+    upstream.gate = threading.Event()
+    client = openai.AsyncOpenAI(api_key=key, base_url=f"http://127.0.0.1:{server.port}/v1")
+
+    async def scenario() -> tuple[list, list, list]:
+        async with (
+            client.realtime.connect(model=MODEL) as first,
+            client.realtime.connect(model=MODEL) as second,
+        ):
+            # Two idle sockets hold no slot; a response on the first takes the one slot.
+            await first.recv(), await second.recv()  # session.created
+            await first.response.create()
+            held = [await asyncio.wait_for(first.recv(), 30)]  # response.created, then held
+            await second.response.create(event_id="evt_second")
+            refused = [await asyncio.wait_for(second.recv(), 30)]
+            assert upstream.gate is not None
+            upstream.gate.set()
+            while held[-1].type != "response.done":
+                held.append(await asyncio.wait_for(first.recv(), 30))
+            # The response ended: its slot is free for the other socket.
+            await second.response.create()
+            served = [await asyncio.wait_for(second.recv(), 30)]
+            while served[-1].type not in ("response.done", "error"):
+                served.append(await asyncio.wait_for(second.recv(), 30))
+            return held, refused, served
+
+    held, refused, served = asyncio.run(scenario())
+    assert held[0].type == "response.created" and held[-1].type == "response.done"
+    assert refused[0].type == "error" and refused[0].error.code == "concurrency_limit"
+    assert refused[0].error.event_id == "evt_second"
+    assert served[-1].type == "response.done"
+    assert len(upstream_creates(upstream)) == 2  # the refused one never went upstream
