@@ -397,7 +397,9 @@ def test_revoking_a_member_key_closes_its_realtime_socket(gateway, upstream):
 
 
 @pytest.mark.e2e
-def test_without_websockets_the_realtime_upgrade_is_refused_before_the_upstream(gateway, upstream):
+def test_realtime_upgrades_refused_before_the_upstream_without_the_flag_a_key_or_a_model(
+    gateway, upstream
+):
     gateway.admin("add-member", "dave")
     key = gateway.add_key("dave")
     server = gateway.serve(upstream.url)
@@ -407,6 +409,18 @@ def test_without_websockets_the_realtime_upgrade_is_refused_before_the_upstream(
         headers={"authorization": f"Bearer {key}", **UPGRADE},
     )[0]
     assert status == 403 and upstream.requests == []
+    server.shutdown()
+    server = gateway.serve(upstream.url, "--websockets")
+    refused = {
+        f"/v1/realtime?model={MODEL}": {},  # no member key
+        f"/v1/realtime?model={MODEL}&call_id=rtc_1": {"authorization": f"Bearer {key}"},
+        "/v1/realtime": {"authorization": f"Bearer {key}"},  # no model
+    }
+    statuses = [
+        server.request("GET", path, headers={**headers, **UPGRADE})[0]
+        for path, headers in refused.items()
+    ]
+    assert statuses == [401, 403, 403] and upstream.requests == []
 
 
 @pytest.mark.e2e
