@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--websockets",
         action="store_true",
         default=None,
-        help="serve Codex's WebSocket transport to members (YAML websockets: true)",
+        help="serve Codex's WebSocket transport and GET /v1/realtime to members "
+        "(YAML websockets: true)",
     )
     serve.add_argument(
         "--chat-bridge",
