@@ -201,6 +201,17 @@ async def test_realtime_turns_are_rows_with_the_session_model_and_the_socket_a_c
     assert closed["turns"] == 3 and closed["close_reason"] == "closed by the client (1000)"
     assert closed["duration_ms"] is not None and closed["closed_ms"] >= closed["opened_ms"]
     assert forwarder.ended == [flow.id]
+    # A model the rate card prices is charged like HTTP (here gpt-5.5, from the URL).
+    core.ledger.rows.clear()  # type: ignore[union-attr]
+    with taddons.context(turns):
+        priced = _rt_flow()
+        priced.request.data.path = b"/v1/realtime?model=gpt-5.5"
+        turns.websocket_start(priced)
+        await _say(turns, priced, True, {"type": "response.create"})
+        for event in realtime_response_events("resp_4", "hi"):
+            await _say(turns, priced, False, event)
+    (row,) = [r for r in core.ledger.rows if "table" not in r]  # type: ignore[union-attr]
+    assert row["model"] == "gpt-5.5" and row["credits_micro"] and row["rate"]
 
 
 async def test_an_unpriced_realtime_model_is_refused_for_a_credit_quota_in_the_realtime_shape():
