@@ -18,6 +18,7 @@ from addons.gateway_mode.windows import (
     Limit,
     LimitUsage,
     codex_rate_limit_headers,
+    codex_rate_limits_event,
 )
 
 T0 = 1_800_000_000_000  # ms
@@ -87,6 +88,36 @@ def test_both_windows_and_the_weekly_credit_balance() -> None:
     assert headers["x-codex-secondary-used-percent"] == "18"
     assert headers["x-codex-credits-has-credits"] == "true"
     assert headers["x-codex-credits-balance"] == "10.25"
+
+
+def test_the_socket_event_carries_the_same_windows_as_the_headers() -> None:
+    usages = [
+        LimitUsage(tokens_5h(300), 100, None),
+        LimitUsage(weekly_tokens(1000), 1500, T0 + 7_000_500),  # over
+        LimitUsage(weekly_credits(12.5), int(2.25 * MICRO), T0),
+    ]
+    event = codex_rate_limits_event(usages)
+    # The shape codex-rs parse_rate_limit_event reads (credits need all three fields).
+    assert event == {
+        "type": "codex.rate_limits",
+        "metered_limit_name": "codex",
+        "rate_limits": {
+            "primary": {"used_percent": 33.33, "window_minutes": 300},
+            "secondary": {
+                "used_percent": 150.0,
+                "window_minutes": 10080,
+                "reset_at": T0 // 1000 + 7001,
+            },
+        },
+        "credits": {"has_credits": True, "unlimited": False, "balance": "10.25"},
+    }
+    headers = codex_rate_limit_headers(usages)
+    assert headers["x-codex-secondary-reset-at"] == str(T0 // 1000 + 7001)
+    assert headers["x-codex-credits-balance"] == "10.25"
+
+
+def test_no_limit_sends_no_socket_event() -> None:
+    assert codex_rate_limits_event([]) is None
 
 
 # -- the addon ------------------------------------------------------------------------------

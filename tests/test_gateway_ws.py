@@ -268,6 +268,37 @@ def test_a_spent_quota_on_the_socket_ends_the_codex_turn_at_once(
 
 @pytest.mark.e2e
 @pytest.mark.codex
+def test_codex_records_the_members_windows_from_the_socket(gateway, upstream, codex, tmp_path):
+    """Over a socket Codex reads its windows from a ``codex.rate_limits`` event (the 101's
+    headers are not read): each admitted turn starts with one."""
+    from tests.test_gateway_codex import recorded_rate_limits
+
+    gateway.admin("add-member", "carol", "--five-hour-quota", "1000", "--weekly-credits", "50")
+    key = gateway.add_key("carol")
+    server = gateway.serve(upstream.url, "--websockets")
+    home, work = codex_home(tmp_path, server)
+    code, out = run_codex(codex, home, work, key)
+    assert code == 0, out
+    wait_for(lambda: sum(r["total_tokens"] for r in rows(gateway)) == 59, 10, "the first row")
+    code, out = run_codex(codex, home, work, key)  # a second session: 59 tokens counted
+    assert code == 0, out
+    limits = recorded_rate_limits(home)
+    assert limits, "Codex recorded no rate_limits from the socket"
+    # Session files are read in no particular order: the second session's snapshot.
+    last = max(limits, key=lambda limit: limit["primary"]["used_percent"])
+    print(json.dumps(last, indent=1))
+    assert last["primary"]["window_minutes"] == 300
+    assert last["primary"]["used_percent"] == pytest.approx(5.9)  # 59 of 1000 tokens
+    assert time.time() < last["primary"]["resets_at"] <= time.time() + 5 * 3600 + 1
+    assert last["secondary"]["window_minutes"] == 10080
+    assert last["credits"]["has_credits"] is True
+    assert 49 < float(last["credits"]["balance"]) < 50
+    # The event is the gateway's own: it never went upstream, and the ledger is unchanged.
+    assert not [m for m in upstream.ws_messages if m.get("type") == "codex.rate_limits"]
+
+
+@pytest.mark.e2e
+@pytest.mark.codex
 def test_revoking_a_member_key_mid_turn_ends_the_codex_turn_with_the_reason(
     gateway, upstream, codex, tmp_path
 ):
@@ -368,6 +399,53 @@ def test_codex_reconnects_through_the_gateway_when_the_upstream_closes_its_socke
 
 
 @pytest.mark.e2e
+@pytest.mark.e2e
+@pytest.mark.codex
+def test_a_busy_slot_on_the_socket_is_waited_out_by_codex(gateway, upstream, codex, tmp_path):
+    """Measured: with an ``error`` 429 event Codex ended the turn at once ("exceeded retry
+    limit"); with :func:`busy_event` it retries and the turn succeeds once the slot frees."""
+    import threading
+
+    from tests.conftest import open_stream
+    from tests.gateway_harness import bearer
+    from tests.test_gateway_codex import refused
+
+    gateway.admin("add-member", "carol", "--max-concurrent", "1")
+    key = gateway.add_key("carol")
+    server = gateway.serve(upstream.url, "--websockets")
+    home, work = codex_home(tmp_path, server)
+    upstream.gate = threading.Event()
+    upstream.gate_timeout = 60
+    conn, response = open_stream(server.port, {"model": MODEL, "stream": True}, headers=bearer(key))
+    assert response.status == 200  # this stream holds carol's only slot
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [codex, "exec", "--skip-git-repo-check", "Say hello"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=work,
+        env=codex_env(home, key),
+    )
+    try:
+        wait_for(lambda: refused(server, "concurrency") >= 1, 60, "a concurrency refusal")
+        time.sleep(2)  # Codex retries on its own meanwhile
+        upstream.gate.set()  # the slot frees
+        response.read()
+        conn.close()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = stdout.decode(errors="replace") + stderr.decode(errors="replace")
+    print(f"codex exit {proc.returncode} after {time.monotonic() - started:.1f} s:\n{out[-1500:]}")
+    assert proc.returncode == 0, out
+    assert upstream.text in out
+    assert "Reconnecting..." in out  # what the member sees while waiting
+    assert "Falling back" not in out  # freed within Codex's five socket retries
+    assert not [r for r in upstream.requests[1:] if r.method == "POST"]
+
+
 def test_concurrency_slots_count_open_turns_not_idle_sockets(gateway, upstream, tmp_path):
     import asyncio
     import threading
@@ -409,8 +487,12 @@ def test_concurrency_slots_count_open_turns_not_idle_sockets(gateway, upstream, 
 
     held, refused, served = asyncio.run(scenario())
     assert held[0]["type"] == "response.created" and held[-1]["type"] == "response.completed"
-    assert refused[0]["type"] == "error" and refused[0]["status"] == 429
-    assert refused[0]["error"]["code"] == "concurrency_limit"
+    # The busy answer Codex waits out and retries (busy_event), not an error that ends it.
+    assert refused[0]["type"] == "response.failed"
+    error = refused[0]["response"]["error"]
+    assert error["code"] == "rate_limit_exceeded"
+    assert "max_concurrent 1" in error["message"]
+    assert error["message"].endswith("Please try again in 1s.")
     assert served[-1]["type"] == "response.completed"
     assert len(creates(upstream)) == 2  # the refused one never went upstream
 

@@ -6,14 +6,16 @@ per open turn, a ledger row per turn end, revocation, the connection's row).
 - :data:`RESPONSES`: Codex's ``GET /v1/responses`` (``response.create`` opens a turn;
   ``response.completed`` / ``failed`` / ``incomplete`` or ``error`` ends it; usage from
   ``response.usage`` as in the SSE stream; the refusal is Codex's ``error`` event with a
-  ``status``).
+  ``status``, busy slots a ``response.failed`` Codex waits out, and each admitted turn is
+  preceded by the member's windows in a ``codex.rate_limits`` event).
 - :data:`REALTIME`: the OpenAI Realtime API's ``GET /v1/realtime?model=…`` (``response.create``
   opens a turn; ``response.done`` ends it, or an ``error`` that answers the turn's client
   event before the server confirmed it with ``response.created``; usage from
   ``response.done``'s ``response.usage`` — ``input_tokens``, ``output_tokens``,
   ``total_tokens``, ``input_token_details.cached_tokens``; the model from the URL's ``model``
   and the session events; the refusal is the Realtime ``error`` event, ``{"type": "error",
-  "event_id", "error": {"type", "code", "message", "param", "event_id"}}``). Responses the
+  "event_id", "error": {"type", "code", "message", "param", "event_id"}}``, for busy slots
+  too; no Codex-only event). Responses the
   server starts itself (server-side turn detection on audio) are metered when they end;
   they are not checked beforehand, as nothing of the client's asks for them.
 """
@@ -28,6 +30,11 @@ from typing import Any
 
 from mitmproxy import http
 
+from addons.gateway_mode.windows import (
+    LimitUsage,
+    codex_rate_limit_headers,
+    codex_rate_limits_event,
+)
 from addons.responses_turn import usage_of
 from addons.websocket_refusal import is_websocket_upgrade
 
@@ -44,6 +51,26 @@ def error_event(status: int, type_: str, code: str, message: str, **fields: Any)
     "You've hit your usage limit. Try again at …" (measured; README "WebSocket transport")."""
     error = {"type": type_, "code": code, "message": message, **fields}
     return json.dumps({"type": "error", "status": status, "error": error}).encode()
+
+
+def busy_event(text: str, retry_s: int) -> bytes:
+    """The socket's answer to a ``response.create`` while the member's concurrency slots are
+    all taken: ``response.failed`` whose ``error`` is ``rate_limit_exceeded`` with "Please try
+    again in {retry_s}s." in its message, the one wording codex-rs reads a delay from
+    (``sse/responses.rs`` ``try_parse_retry_after``). Measured with Codex 0.171: it waits that
+    long and retries on a new socket, up to 5 times ("Reconnecting... n/5"), then falls back to
+    HTTP, where the 429's ``Retry-After`` is retried again; an ``error`` event with status 429
+    instead ends its turn at once ("exceeded retry limit, last status: 429")."""
+    response = {
+        "id": "resp_gateway_busy",
+        "object": "response",
+        "status": "failed",
+        "error": {
+            "code": "rate_limit_exceeded",
+            "message": f"{text}. Please try again in {retry_s}s.",
+        },
+    }
+    return json.dumps({"type": "response.failed", "response": response}).encode()
 
 
 def realtime_error_event(
@@ -192,6 +219,22 @@ class SocketProtocol:
         the same refusal has on HTTP)."""
         return error_event(status, type_, code, message, **fields)
 
+    def quota_fields(self, usages: list[LimitUsage]) -> dict[str, Any]:
+        """Extra fields of a quota refusal: Codex's rate-limit headers of the member's windows
+        (codex-rs reads a wrapped error event's ``headers`` like a reply's)."""
+        return {"headers": codex_rate_limit_headers(usages)}
+
+    def busy(self, text: str, retry_s: int, client_event_id: str | None, **fields: Any) -> bytes:
+        """The answer to a turn while all of the member's concurrency slots are taken:
+        :func:`busy_event` (Codex waits ``retry_s`` and retries)."""
+        return busy_event(text, retry_s)
+
+    def rate_limits(self, usages: list[LimitUsage]) -> bytes | None:
+        """An event sent before an admitted turn's first upstream event: the member's windows
+        in Codex's ``codex.rate_limits`` event (``None`` without limits)."""
+        event = codex_rate_limits_event(usages)
+        return json.dumps(event).encode() if event is not None else None
+
 
 @dataclass(frozen=True)
 class RealtimeProtocol(SocketProtocol):
@@ -259,6 +302,21 @@ class RealtimeProtocol(SocketProtocol):
         **fields: Any,
     ) -> bytes:
         return realtime_error_event(type_, code, message, client_event_id, **fields)
+
+    def quota_fields(self, usages: list[LimitUsage]) -> dict[str, Any]:
+        return {}  # Codex's headers mean nothing to a Realtime client
+
+    def busy(self, text: str, retry_s: int, client_event_id: str | None, **fields: Any) -> bytes:
+        return realtime_error_event(
+            "codex_gateway",
+            "concurrency_limit",
+            f"{text}; try again in {retry_s}s",
+            client_event_id,
+            **fields,
+        )
+
+    def rate_limits(self, usages: list[LimitUsage]) -> bytes | None:
+        return None  # a Codex-only event: a Realtime client would not know it
 
 
 RESPONSES = SocketProtocol(

@@ -44,13 +44,14 @@ from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row
 from addons.gateway_mode.core import MEMBER, ROUTE, SOCKET_ROUTE, UPSTREAM_KEY, GatewayCore
 from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.ledger import WS_CONNECTIONS
-from addons.gateway_mode.quota import limit_usages, usage_limit_error
+from addons.gateway_mode.quota import CONCURRENCY_RETRY_S, limit_usages, usage_limit_error
 from addons.gateway_mode.socket_protocol import (
     PROTOCOLS,
     RESPONSES,
     SocketProtocol,
     protocol_for,
 )
+from addons.gateway_mode.socket_protocol import busy_event as busy_event  # re-exported
 from addons.gateway_mode.socket_protocol import error_event as error_event  # re-exported
 from addons.gateway_mode.socket_protocol import is_responses_upgrade as is_responses_upgrade
 from addons.gateway_mode.windows import limits_of
@@ -297,9 +298,11 @@ class WebSocketTurns:
         refusal = usage_limit_error(member["member"], usages)
         if refusal is not None:
             _, text, fields = refusal
+            # ``headers``: the windows, as on an HTTP 429 (codex-rs reads a wrapped error
+            # event's headers like a reply's).
             self._refuse(
                 socket, message, event_id, 429, "usage_limit_reached", "quota_exceeded", text,
-                "quota", **fields,
+                "quota", **socket.protocol.quota_fields(usages), **fields,
             )  # fmt: skip
             return
         turn = Turn(model, tier, time.time(), client_event_id=event_id)
@@ -312,12 +315,20 @@ class WebSocketTurns:
                 core.lease_ms,
             )
             if lease is None:
-                self._refuse(
-                    socket, message, event_id, 429, "codex_gateway", "concurrency_limit",
-                    f"member {member['member']!r} already has {active} requests in flight "
-                    f"(max_concurrent {entry['max_concurrent']})", "concurrency",
-                    limit="max_concurrent", used=active, allowed=entry["max_concurrent"],
-                )  # fmt: skip
+                message.drop()
+                core.metrics.refused.labels("concurrency").inc()
+                self._inject(
+                    socket.flow,
+                    socket.protocol.busy(
+                        f"member {member['member']!r} already has {active} requests in "
+                        f"flight (max_concurrent {entry['max_concurrent']})",
+                        CONCURRENCY_RETRY_S,
+                        event_id,
+                        limit="max_concurrent",
+                        used=active,
+                        allowed=entry["max_concurrent"],
+                    ),
+                )
                 return
             self._slots += 1
             turn.lease_slot = f"{socket.flow.id}:ws{self._slots}"
@@ -325,6 +336,11 @@ class WebSocketTurns:
         socket.turns.append(turn)
         socket.turns_opened += 1
         core.metrics.in_flight.inc()
+        # Over a socket Codex reads its windows from this event, not from the 101's headers
+        # (codex-rs responses_websocket.rs): sent before the upstream's first event.
+        limits_event = socket.protocol.rate_limits(usages)
+        if limits_event is not None:
+            self._inject(socket.flow, limits_event)
 
     def _refuse(
         self,

@@ -150,38 +150,121 @@ def _decimal_text(value: float) -> str:
     return f"{value:.2f}".rstrip("0").rstrip(".")
 
 
-def codex_rate_limit_headers(usages: Iterable[LimitUsage]) -> dict[str, str]:
-    """The member's windows in Codex's rate-limit headers (checked on Codex 0.171: it parses
-    them from any provider's reply and records them in its session, CODEX.md).
+@dataclass(frozen=True)
+class CodexWindow:
+    """One of Codex's rate-limit windows as the gateway reports it: ``name`` (``primary`` =
+    5-hour, ``secondary`` = weekly), ``used_percent`` (the highest of the window's token and
+    credit usage over its limit, times 100; may exceed 100), ``window_minutes`` (300 / 10080)
+    and ``reset_at`` (Unix seconds, rounded up, or ``None``)."""
 
-    ``primary`` is the 5-hour window, ``secondary`` the weekly one; a window without a limit
-    sends nothing. ``used-percent``: the highest of the window's token and credit usage over
-    its limit, times 100 (may exceed 100). ``window-minutes``: 300 / 10080. ``reset-at`` (Unix
-    seconds, rounded up): over a limit, when the member is back under every limit of the
-    window; under, when the oldest counted usage leaves the window; absent when nothing is
-    counted. With a weekly credit limit, ``x-codex-credits-*`` give the weekly credits left
-    as the balance (a decimal, never below 0).
+    name: str
+    used_percent: float
+    window_minutes: int
+    reset_at: int | None
+
+
+@dataclass(frozen=True)
+class CodexCredits:
+    """The weekly credits left, in micro-credits (never below 0)."""
+
+    left_micro: int
+
+    @property
+    def balance(self) -> str:
+        return _decimal_text(self.left_micro / MICRO)
+
+
+def codex_snapshot(
+    usages: Iterable[LimitUsage],
+) -> tuple[list[CodexWindow], CodexCredits | None]:
+    """The member's windows as Codex reads them, from :func:`limit_usages` rows.
+
+    A window without a limit is left out. ``reset_at``: over a limit, when the member is back
+    under every limit of the window; under, when the oldest counted usage leaves the window;
+    ``None`` when nothing is counted. Credits only with a weekly credit limit.
     """
     usages = list(usages)
-    headers: dict[str, str] = {}
+    windows: list[CodexWindow] = []
     for name, window_ms in CODEX_WINDOWS:
         mine = [u for u in usages if u.limit.window_ms == window_ms]
         if not mine:
             continue
-        prefix = f"x-codex-{name}"
-        headers[f"{prefix}-used-percent"] = _decimal_text(max(u.percent for u in mine))
-        headers[f"{prefix}-window-minutes"] = str(window_ms // 60_000)
         over = [u.resets_at_ms for u in mine if u.over and u.resets_at_ms is not None]
         under = [u.resets_at_ms for u in mine if not u.over and u.resets_at_ms is not None]
         reset = max(over) if over else min(under) if under else None
-        if reset is not None:
-            headers[f"{prefix}-reset-at"] = str(math.ceil(reset / 1000))
+        windows.append(
+            CodexWindow(
+                name,
+                max(u.percent for u in mine),
+                window_ms // 60_000,
+                None if reset is None else math.ceil(reset / 1000),
+            )
+        )
     weekly_credits = next(
         (u for u in usages if u.limit.kind == "credits" and u.limit.window_ms == WEEK_MS), None
     )
+    credits = None
     if weekly_credits is not None:
-        left = max(0, weekly_credits.limit.limit - weekly_credits.used)
-        headers["x-codex-credits-has-credits"] = "true" if left > 0 else "false"
+        credits = CodexCredits(max(0, weekly_credits.limit.limit - weekly_credits.used))
+    return windows, credits
+
+
+def codex_rate_limit_headers(usages: Iterable[LimitUsage]) -> dict[str, str]:
+    """The member's windows in Codex's rate-limit headers (checked on Codex 0.171: it parses
+    them from any provider's reply and records them in its session, CODEX.md).
+
+    ``x-codex-{primary,secondary}-used-percent`` / ``-window-minutes`` / ``-reset-at`` per
+    window of :func:`codex_snapshot` (``reset-at`` absent when ``None``); with a weekly credit
+    limit, ``x-codex-credits-*`` give the weekly credits left as the balance (a decimal).
+    """
+    windows, credits = codex_snapshot(usages)
+    headers: dict[str, str] = {}
+    for window in windows:
+        prefix = f"x-codex-{window.name}"
+        headers[f"{prefix}-used-percent"] = _decimal_text(window.used_percent)
+        headers[f"{prefix}-window-minutes"] = str(window.window_minutes)
+        if window.reset_at is not None:
+            headers[f"{prefix}-reset-at"] = str(window.reset_at)
+    if credits is not None:
+        headers["x-codex-credits-has-credits"] = "true" if credits.left_micro > 0 else "false"
         headers["x-codex-credits-unlimited"] = "false"
-        headers["x-codex-credits-balance"] = _decimal_text(left / MICRO)
+        headers["x-codex-credits-balance"] = credits.balance
     return headers
+
+
+def codex_rate_limits_event(usages: Iterable[LimitUsage]) -> dict[str, object] | None:
+    """The member's windows as the ``codex.rate_limits`` event OpenAI's backend sends on a
+    Responses WebSocket (Codex reads it there instead of the headers: codex-rs
+    ``codex-api/src/rate_limits.rs`` ``parse_rate_limit_event``, and
+    ``endpoint/responses_websocket.rs``, which turns it into the session's rate limits).
+
+    Shape: ``{"type": "codex.rate_limits", "metered_limit_name": "codex", "rate_limits":
+    {"primary": {"used_percent", "window_minutes", "reset_at"}, "secondary": …},
+    "credits": {"has_credits", "unlimited", "balance"}}``; windows and credits as
+    :func:`codex_snapshot` (``reset_at`` omitted when ``None``). ``None`` when the member
+    has no limit (nothing to report).
+    """
+    windows, credits = codex_snapshot(usages)
+    if not windows and credits is None:
+        return None
+    rate_limits: dict[str, object] = {}
+    for window in windows:
+        entry: dict[str, object] = {
+            "used_percent": round(window.used_percent, 2),
+            "window_minutes": window.window_minutes,
+        }
+        if window.reset_at is not None:
+            entry["reset_at"] = window.reset_at
+        rate_limits[window.name] = entry
+    event: dict[str, object] = {
+        "type": "codex.rate_limits",
+        "metered_limit_name": "codex",
+        "rate_limits": rate_limits,
+    }
+    if credits is not None:
+        event["credits"] = {
+            "has_credits": credits.left_micro > 0,
+            "unlimited": False,
+            "balance": credits.balance,
+        }
+    return event
