@@ -108,6 +108,18 @@ def test_realtime_events_turn_rules_usage_and_refusal_shape():
     }  # fmt: skip
     codex = json.loads(RESPONSES.refusal(429, "usage_limit_reached", "quota_exceeded", "no"))
     assert codex["status"] == 429 and "event_id" not in codex  # Codex's shape unchanged
+    # Busy slots: Codex's response.failed it waits out; the Realtime error event.
+    busy = json.loads(REALTIME.busy("full", 1, "e2", limit="max_concurrent", used=1, allowed=1))
+    assert busy["type"] == "error" and busy["error"]["code"] == "concurrency_limit"
+    assert busy["error"]["event_id"] == "e2" and busy["error"]["allowed"] == 1
+    assert json.loads(RESPONSES.busy("full", 1, None))["type"] == "response.failed"
+    # Codex-only extras are not sent to a Realtime client.
+    from addons.gateway_mode.windows import Limit, LimitUsage
+
+    usages = [LimitUsage(Limit("five_hour_tokens", "tokens", 5 * 3_600_000, 100), 50, None)]
+    assert REALTIME.rate_limits(usages) is None and REALTIME.quota_fields(usages) == {}
+    assert json.loads(RESPONSES.rate_limits(usages) or b"{}")["type"] == "codex.rate_limits"
+    assert "headers" in RESPONSES.quota_fields(usages)
 
 
 @pytest.mark.parametrize(
