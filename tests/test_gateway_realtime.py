@@ -520,3 +520,45 @@ def test_realtime_concurrency_slots_count_open_responses_not_idle_sockets(gatewa
     assert refused[0].error.event_id == "evt_second"
     assert served[-1].type == "response.done"
     assert len(upstream_creates(upstream)) == 2  # the refused one never went upstream
+
+
+async def test_a_response_the_server_starts_for_a_member_over_quota_is_cancelled_upstream():
+    from addons.gateway_mode.windows import Limit, LimitUsage
+    from tests.test_gateway_ws import _say
+
+    core, turns, _ = _turns({"five_hour_quota": 100})
+    sent: list[tuple[bytes, bool]] = []
+    turns._inject = lambda flow, data, to_client=True: sent.append((data, to_client))  # type: ignore[method-assign]
+    over = [LimitUsage(Limit("five_hour_quota", "tokens", 5 * 3_600_000, 100), 118, None)]
+
+    async def usage_now(fn, *args):
+        return over
+
+    core.run_db = usage_now  # type: ignore[method-assign]
+    with taddons.context(turns):
+        flow = _rt_flow()
+        turns.websocket_start(flow)
+        created, _, done = realtime_response_events("resp_vad", "hi")
+        await _say(turns, flow, False, created)  # server turn detection started it
+        for _ in range(500):
+            if len(sent) == 2:
+                break
+            await asyncio.sleep(0.01)
+        cancel, error = sent
+        assert cancel[1] is False  # to the upstream
+        assert json.loads(cancel[0]) == {"type": "response.cancel", "response_id": "resp_vad"}
+        assert error[1] is True and json.loads(error[0])["error"]["code"] == "quota_exceeded"
+        done["response"]["status"] = "cancelled"
+        await _say(turns, flow, False, done)  # its usage so far is still metered
+    (row,) = [r for r in core.ledger.rows if "table" not in r]  # type: ignore[union-attr]
+    assert row["total_tokens"] == 59 and row["error"] == "response cancelled"
+    # Under the limit, nothing is cancelled.
+    sent.clear()
+    over[0] = LimitUsage(over[0].limit, 10, None)
+    with taddons.context(turns):
+        flow = _rt_flow()
+        turns.websocket_start(flow)
+        await _say(turns, flow, False, realtime_response_events("resp_ok", "hi")[0])
+        while turns._checks:
+            await asyncio.sleep(0.01)
+    assert sent == []

@@ -29,6 +29,7 @@ is left if the gateway is killed), its closed row when it closes, through the us
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -147,6 +148,8 @@ class WebSocketTurns:
         self.sockets: dict[str, Socket] = {}
         self._watch: asyncio.Task[None] | None = None
         self._slots = 0
+        #: Checks of server-started responses in progress (a reference keeps each alive).
+        self._checks: set[asyncio.Task[None]] = set()
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -370,10 +373,18 @@ class WebSocketTurns:
             if not protocol.confirms(event):
                 return
             # A response the server started itself (Realtime turn detection): metered when
-            # it ends, like a turn; nothing of the client's asked, so nothing was checked.
+            # it ends, like a turn; checked now (nothing of the client's asked for it).
             socket.turns.append(Turn(socket.model, None, time.time()))
             socket.turns_opened += 1
             self.core.metrics.in_flight.inc()
+            response = event.get("response")
+            response_id = response.get("id") if isinstance(response, dict) else None
+            if isinstance(response_id, str):
+                check = asyncio.get_running_loop().create_task(
+                    self._check_started(socket, socket.model, response_id)
+                )
+                self._checks.add(check)
+                check.add_done_callback(self._checks.discard)
         turn = socket.turns[0]
         turn.events += 1
         if turn.first_event is None:
@@ -486,8 +497,42 @@ class WebSocketTurns:
 
     # -- closing ------------------------------------------------------------------------
 
-    def _inject(self, flow: http.HTTPFlow, data: bytes) -> None:
-        ctx.master.commands.call("inject.websocket", flow, True, data, True)
+    def _inject(self, flow: http.HTTPFlow, data: bytes, to_client: bool = True) -> None:
+        ctx.master.commands.call("inject.websocket", flow, to_client, data, True)
+
+    async def _check_started(self, socket: Socket, model: str | None, response_id: str) -> None:
+        """A response the server started itself, checked once it has started: when the
+        member is over a limit (or has a credit quota and the model is unpriced), it is
+        cancelled upstream (``response.cancel``; its ``response.done`` still brings the usage
+        so far) and the member is told why with the route's error event. Never raises."""
+        try:
+            core = self.core
+            member = socket.flow.metadata[MEMBER]
+            entry = core.directory.by_key_id(member["key_id"])
+            limits = limits_of(entry) if entry is not None else []
+            if not limits or core.db is None:
+                return  # no limits; a revoked key is closed by the watcher
+            usages = await core.run_db(limit_usages, core, member["member_id"], limits)
+            refusal = usage_limit_error(member["member"], usages)
+            zero = {"input": 0, "cached": 0, "output": 0, "total": 0}
+            if refusal is not None:
+                type_, code, text, fields = "usage_limit_reached", "quota_exceeded", *refusal[1:]
+            elif any(limit.kind == "credits" for limit in limits) and (
+                core.card.charge(model, zero, None) is None
+            ):
+                type_, code, fields = "invalid_request_error", "unpriced_model", {"model": model}
+                text = f"model {model!r} has no entry in the gateway's rate card, and member "
+                text += f"{member['member']!r} has a credit quota"
+            else:
+                return
+            if socket.flow.id not in self.sockets:
+                return
+            core.metrics.refused.labels("quota" if refusal else "unpriced_model").inc()
+            cancel = {"type": "response.cancel", "response_id": response_id}
+            self._inject(socket.flow, json.dumps(cancel).encode(), to_client=False)
+            self._inject(socket.flow, socket.protocol.refusal(429, type_, code, text, **fields))
+        except Exception as e:
+            logger.error("check of a server-started response failed (%s)", type(e).__name__)
 
     def _close(self, socket: Socket, code: str, text: str) -> None:
         """Tell the member why, then close its socket (the upstream side follows)."""
