@@ -85,18 +85,30 @@ def test_each_route_claims_only_its_own_upgrades():
 
 
 def test_realtime_events_turn_rules_usage_and_refusal_shape():
+    from addons.gateway_mode.websocket import Turn
+
     created, _, done = realtime_response_events("resp_1", "hi")
-    assert REALTIME.confirms(created) and not REALTIME.ends_turn(created, False, None)
-    assert REALTIME.ends_turn(done, True, "evt_1")
+    assert REALTIME.confirms(created) and REALTIME.response_id(created) == "resp_1"
+    a = Turn("m", None, 0.0, confirmed=True, client_event_id="evt_a", response_id="resp_0")
+    b = Turn("m", None, 0.0, confirmed=True, client_event_id="evt_b", response_id="resp_1")
+    c = Turn("m", None, 0.0, client_event_id="evt_c")
+    assert REALTIME.ended(created, [a, b, c]) is None
+    assert REALTIME.ended(done, [a, b, c]) == 1  # by response.id
+    assert REALTIME.ended(done, [c]) == 0 and REALTIME.ended(done, []) is None
     assert REALTIME.usage(done) == {
         "input": 42, "cached": 8, "cache_write": 0, "output": 17, "reasoning": 0, "total": 59,
     }  # fmt: skip
     assert REALTIME.turn_status(done) == "completed" and REALTIME.end_status(done) == 200
-    error = {"type": "error", "error": {"type": "invalid_request_error", "event_id": "evt_1"}}
-    assert REALTIME.ends_turn(error, False, "evt_1")  # it answers the turn's response.create
-    assert not REALTIME.ends_turn(error, False, "evt_2")  # about another client event
-    assert not REALTIME.ends_turn(error, True, "evt_1")  # started: its response.done follows
-    assert REALTIME.end_status(error) is None
+
+    def error(answers):
+        return {"type": "error", "error": {"type": "invalid_request_error", "event_id": answers}}
+
+    assert REALTIME.ended(error("evt_c"), [a, b, c]) == 2  # it answers c's response.create
+    assert REALTIME.ended(error("evt_x"), [a, b, c]) is None  # about another client event
+    assert REALTIME.ended(error("evt_a"), [a, b, c]) is None  # started: response.done follows
+    assert REALTIME.ended(error(None), [a, b, c]) == 2  # the oldest not started
+    assert RESPONSES.ended(error(None), [a]) == 0 and RESPONSES.ended(created, [a]) is None
+    assert REALTIME.end_status(error("evt_c")) is None
     session = {"type": "session.updated", "session": {"model": "gpt-realtime-2"}}
     assert REALTIME.server_model(session) == "gpt-realtime-2"
     assert REALTIME.turn_model({"type": "response.create"}, "m") == "m"

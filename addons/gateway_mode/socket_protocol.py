@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import urllib.parse
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,10 +184,17 @@ class SocketProtocol:
         """Whether ``event`` says the server started the oldest open turn."""
         return False
 
-    def ends_turn(self, event: dict[str, Any], confirmed: bool, opened_by: str | None) -> bool:
-        """Whether the server ``event`` ends the oldest open turn (``confirmed``: the server
-        started it; ``opened_by``: the ``event_id`` of the client event that opened it)."""
-        return event.get("type") in self.ends
+    def response_id(self, event: dict[str, Any]) -> str | None:
+        """The ``response.id`` an event carries, if any."""
+        response = event.get("response")
+        rid = response.get("id") if isinstance(response, dict) else None
+        return rid if isinstance(rid, str) else None
+
+    def ended(self, event: dict[str, Any], turns: Sequence[Any]) -> int | None:
+        """The index in ``turns`` (the socket's open turns, oldest first: ``confirmed``,
+        ``response_id``, ``client_event_id``) of the turn the server ``event`` ends, if any.
+        Codex's turns end in order."""
+        return 0 if turns and event.get("type") in self.ends else None
 
     def usage(self, event: dict[str, Any]) -> dict[str, int] | None:
         """Token usage of a turn-ending ``event``, as :func:`usage_of` gives it."""
@@ -259,15 +267,28 @@ class RealtimeProtocol(SocketProtocol):
     def confirms(self, event: dict[str, Any]) -> bool:
         return event.get("type") == "response.created"
 
-    def ends_turn(self, event: dict[str, Any], confirmed: bool, opened_by: str | None) -> bool:
+    def ended(self, event: dict[str, Any], turns: Sequence[Any]) -> int | None:
+        """``response.done`` ends the turn of its ``response.id`` (else the oldest); an
+        ``error`` ends the turn whose ``response.create`` it answers (its ``event_id``; the
+        oldest not started when it names none) if the server has not started it: an error
+        about a started response is followed by that response's ``response.done``."""
         kind = event.get("type")
         if kind == "response.done":
-            return True
-        if kind != "error" or confirmed:
-            return False  # an error about a started response: its response.done follows
+            rid = self.response_id(event)
+            index = next((i for i, t in enumerate(turns) if rid and t.response_id == rid), 0)
+            return index if turns else None
+        if kind != "error":
+            return None
         error = event.get("error")
         answers = error.get("event_id") if isinstance(error, dict) else None
-        return answers is None or answers == opened_by
+        return next(
+            (
+                i
+                for i, t in enumerate(turns)
+                if not t.confirmed and (answers is None or t.client_event_id == answers)
+            ),
+            None,
+        )
 
     def usage(self, event: dict[str, Any]) -> dict[str, int] | None:
         response = event.get("response")

@@ -83,6 +83,8 @@ class Turn:
     confirmed: bool = False
     #: The ``event_id`` of the client event that opened it (Realtime errors name it).
     client_event_id: str | None = None
+    #: The server's id of its response, once started (Realtime ``response.done`` names it).
+    response_id: str | None = None
 
 
 @dataclass
@@ -369,30 +371,22 @@ class WebSocketTurns:
         model = protocol.server_model(event)
         if model is not None:
             socket.model = model
+        if protocol.confirms(event):
+            started = next((t for t in socket.turns if not t.confirmed), None)
+            if started is None:
+                started = self._started_by_server(socket, event)
+            started.confirmed = True
+            started.response_id = protocol.response_id(event)
         if not socket.turns:
-            if not protocol.confirms(event):
-                return
-            # A response the server started itself (Realtime turn detection): metered when
-            # it ends, like a turn; checked now (nothing of the client's asked for it).
-            socket.turns.append(Turn(socket.model, None, time.time()))
-            socket.turns_opened += 1
-            self.core.metrics.in_flight.inc()
-            response = event.get("response")
-            response_id = response.get("id") if isinstance(response, dict) else None
-            if isinstance(response_id, str):
-                check = asyncio.get_running_loop().create_task(
-                    self._check_started(socket, socket.model, response_id)
-                )
-                self._checks.add(check)
-                check.add_done_callback(self._checks.discard)
+            return
         turn = socket.turns[0]
         turn.events += 1
         if turn.first_event is None:
             turn.first_event = time.time()
-        if not protocol.ends_turn(event, turn.confirmed, turn.client_event_id):
-            turn.confirmed = turn.confirmed or protocol.confirms(event)
+        index = protocol.ended(event, socket.turns)
+        if index is None:
             return
-        socket.turns.pop(0)
+        turn = socket.turns.pop(index)
         error = None
         if event.get("type") == "error":
             detail = event.get("error")
@@ -406,6 +400,24 @@ class WebSocketTurns:
             protocol.turn_status(event),
             error,
         )
+
+    def _started_by_server(self, socket: Socket, event: dict[str, Any]) -> Turn:
+        """A response the server started itself (Realtime turn detection on audio): a turn
+        metered when it ends like the others, and checked now, as nothing of the client's
+        asked for it (:meth:`_check_started`)."""
+        turn = Turn(socket.model, None, time.time())
+        socket.turns.append(turn)
+        socket.turns_opened += 1
+        self.core.metrics.in_flight.inc()
+        response = event.get("response")
+        response_id = response.get("id") if isinstance(response, dict) else None
+        if isinstance(response_id, str):
+            check = asyncio.get_running_loop().create_task(
+                self._check_started(socket, socket.model, response_id)
+            )
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+        return turn
 
     def _row(
         self,
