@@ -3,7 +3,7 @@
 Reads two ``--record`` directories (strict proxy or gateway) with the recording's own readers:
 the ledger (:func:`addons.recorder.read_ledger`), ``summary.json`` (totals, credits, USD,
 refusals), the dump pairs (:func:`addons.replay.read_dump_pairs`: each turn's request shape and,
-through :func:`addons.responses_turn.turn_of_reply`, its tool calls). It compares, run against
+through :func:`addons.exchange.read_exchange`, its tool calls). It compares, run against
 run: tokens by kind, credits and USD, the prompt-cache hit ratio, requests and turns, turn
 outcomes (completed / incomplete / failed / cut), HTTP statuses, refusals by kind, tool calls
 (names, counts, argument key sets), and timing (time to first event and duration, p50 / p95).
@@ -36,16 +36,17 @@ from typing import Any
 
 import yaml
 
+from addons.exchange import OUTCOMES, Reply, outcome, read_exchange
 from addons.recorder import SUMMARY_FORMAT_VERSION, RequestRecord, read_ledger
 from addons.replay import DumpPair, read_dump_pairs, request_shape
 from addons.report import CSS, arrival_chart, chart_scale, tokens_chart
-from addons.responses_turn import USAGE_KINDS, turn_of_reply
+from addons.responses_turn import USAGE_KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "compare.yaml"
 
-#: Turn outcomes (:func:`outcome_of`); all but ``completed`` count against ``failed_turns``.
-OUTCOMES = ("completed", "incomplete", "failed", "cut")
+# Turn outcomes (addons.exchange.OUTCOMES): all but ``completed`` count against
+# ``failed_turns``.
 
 #: Threshold names and their kind: ``number`` (null: report only) or ``flag`` (true/false).
 THRESHOLDS: dict[str, str] = {
@@ -125,7 +126,7 @@ def load_thresholds(path: str | Path, overrides: Sequence[str] = ()) -> dict[str
 
 
 @dataclass
-class TurnFacts:
+class RunTurn:
     """One forwarded request of a run, as compare sees it. ``shape``: the request's model,
     tool names and input item types (from its dump; ``None`` without one); ``calls``:
     ``[(tool name, sorted argument keys)]`` of the reply."""
@@ -156,7 +157,7 @@ class Run:
 
     path: str
     format_version: int
-    turns: list[TurnFacts]
+    turns: list[RunTurn]
     refused: list[dict[str, Any]]
     credits: Decimal | None
     usd: Decimal | None
@@ -164,16 +165,9 @@ class Run:
 
 
 def outcome_of(record: RequestRecord) -> str:
-    """``completed``, ``incomplete``, ``failed`` (a ``response.failed`` / ``error`` event, an
-    HTTP error status or no reply at all) or ``cut`` (a reply that ended without a terminal
-    event: upstream or client gone mid-stream)."""
-    if record.turn_status in OUTCOMES:
-        return record.turn_status
-    if record.completed:
-        return "completed"
-    if record.status is None or record.status >= 400:
-        return "failed"
-    return "cut"
+    """A recorded turn's outcome, by :func:`addons.exchange.outcome`'s rules: ``completed``,
+    ``incomplete``, ``failed`` or ``cut``."""
+    return outcome(record.turn_status, record.completed, record.status)
 
 
 def _decimal(value: Any, where: str) -> Decimal | None:
@@ -186,18 +180,22 @@ def _decimal(value: Any, where: str) -> Decimal | None:
 
 
 def _calls_of(pair: DumpPair | None) -> list[tuple[str, tuple[str, ...]]]:
+    """The tool calls of a dump pair's reply, as :func:`addons.exchange.read_exchange` reads
+    them."""
     if pair is None:
         return []
-    turn = turn_of_reply(pair.response.get("body"))
-    out = []
-    for call in turn.calls:
-        try:
-            args = json.loads(call.arguments or "{}")
-        except ValueError:
-            args = None
-        keys = tuple(sorted(args)) if isinstance(args, dict) else ()
-        out.append((call.name or "?", keys))
-    return out
+    response = pair.response
+    status = response.get("status")
+    content_type = next(
+        (
+            h.get("value", "")
+            for h in response.get("headers") or []
+            if isinstance(h, dict) and str(h.get("name", "")).lower() == "content-type"
+        ),
+        "",
+    )
+    reply = Reply(status if isinstance(status, int) else 0, content_type, response.get("body"))
+    return read_exchange(pair.request.get("body"), reply).tool_calls
 
 
 def load_run(path: str | Path) -> Run:
@@ -246,11 +244,13 @@ def load_run(path: str | Path) -> Run:
         raise Unreadable(str(e)) from None
     notes = []
     turns = []
+    # A WebSocket upgrade (101) is no turn: its turns are ledger lines of their own.
+    records = [r for r in records if r.status != 101]
     for i, record in enumerate(records, 1):
         pair = pairs.get(record.seq) if isinstance(record.seq, int) else None
         body = pair.request.get("body") if pair is not None else None
         shape = request_shape(body) if isinstance(body, dict) else None
-        turns.append(TurnFacts(i, record, shape, _calls_of(pair)))
+        turns.append(RunTurn(i, record, shape, _calls_of(pair)))
     if records and not pairs:
         notes.append("no dumps: tool calls and request shapes unknown")
     totals = summary.get("totals")
@@ -298,7 +298,7 @@ def align(
     """Pair the turns of two runs: ``[(base index or None, new index or None), ...]`` in
     order; ``(i, None)``: turn i is missing from NEW, ``(None, j)``: turn j was added.
 
-    Each turn is given by its keys, strongest first (:meth:`TurnFacts.keys`). Turns are
+    Each turn is given by its keys, strongest first (:meth:`RunTurn.keys`). Turns are
     matched by a longest common subsequence of the first key; between two matches, the
     unmatched stretches are matched by the next key, and so on; stretches of equal length
     left after the last key are paired in order (the same turn, its shape changed); anything
@@ -459,10 +459,10 @@ def request_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> lis
         _count("turns", len(base.turns), len(new.turns), None),
     ]
     bo, no = Counter(t.outcome for t in base.turns), Counter(t.outcome for t in new.turns)
-    for outcome in OUTCOMES:
-        if bo[outcome] or no[outcome]:
-            allowed = None if outcome == "completed" else th["failed_turns"]
-            figs.append(_count(f"turns {outcome}", bo[outcome], no[outcome], allowed))
+    for kind in OUTCOMES:
+        if bo[kind] or no[kind]:
+            allowed = None if kind == "completed" else th["failed_turns"]
+            figs.append(_count(f"turns {kind}", bo[kind], no[kind], allowed))
     bs = Counter(str(t.record.status) for t in base.turns)
     ns = Counter(str(t.record.status) for t in new.turns)
     for status in sorted(bs.keys() | ns.keys()):
@@ -576,7 +576,7 @@ class TurnRow:
     note: str
 
 
-def _tools_text(turn: TurnFacts | None) -> str:
+def _tools_text(turn: RunTurn | None) -> str:
     if turn is None:
         return ""
     counts = Counter(name for name, _ in turn.calls)
@@ -591,7 +591,7 @@ def turn_rows(base: Run, new: Run, pairs: list[tuple[int | None, int | None]]) -
         a = base.turns[i] if i is not None else None
         b = new.turns[j] if j is not None else None
 
-        def both(get: Callable[[TurnFacts], Any], a: Any = a, b: Any = b) -> str:
+        def both(get: Callable[[RunTurn], Any], a: Any = a, b: Any = b) -> str:
             x = "" if a is None else str(get(a))
             y = "" if b is None else str(get(b))
             return x if x == y else f"{x or '-'} → {y or '-'}"

@@ -13,10 +13,18 @@ in mitmweb's "View" menu:
   (time to first event, to first text, total; from the chunk timing the proxy keeps). The raw
   body is decoded by the one SSE decoder, so a cut zstd stream (which mitmproxy cannot decode)
   still renders what arrived, and says that it is partial.
+- **Responses socket message**: a message of Codex's WebSocket transport (``GET /v1/responses``
+  upgraded, gateway ``serve --websockets``): a ``response.create`` as the request view shows a
+  POST body (plus ``previous_response_id`` and the warm-up's ``generate: false``), a server
+  event by its type with what it carries (the delta text, the item, the turn's status and token
+  usage on a terminal event). mitmproxy 12.3 renders WebSocket messages through the same
+  registry (``Metadata.websocket_message`` is set for them; read in its
+  ``contentviews/_utils.py``), so mitmweb shows it in the flow's "WebSocket" tab.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import textwrap
 from typing import Any
@@ -26,8 +34,8 @@ from mitmproxy.contentviews import Metadata
 
 from addons.body_decode import loads_json
 from addons.common import CHUNK_TIMING
-from addons.responses_turn import Turn, assemble_turn, excerpt, input_items, tool_names
-from addons.sse_events import Timeline, timeline
+from addons.responses_turn import TERMINAL, Turn, assemble_turn, excerpt, input_items, tool_names
+from addons.sse_events import SseEvent, Timeline, timeline
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +174,67 @@ class ResponsesStreamContentview(contentviews.Contentview):
         return -1
 
 
+class ResponsesSocketContentview(contentviews.Contentview):
+    """The "Responses socket message" view (see the module docstring)."""
+
+    @property
+    def name(self) -> str:
+        """Shown in mitmweb's "View" menu."""
+        return "Responses socket message"
+
+    def prettify(self, data: bytes, metadata: Metadata) -> str:
+        """Render; raises ``ValueError`` for a message that is not a JSON object."""
+        return render_socket_message(loads_json(data))
+
+    def render_priority(self, data: bytes, metadata: Metadata) -> float:
+        """High for a JSON object message on a ``/v1/responses`` WebSocket; else not for it."""
+        if (
+            metadata.websocket_message is not None
+            and _is_responses_flow(metadata)
+            and data.lstrip()[:1] == b"{"
+        ):
+            return PRIORITY
+        return -1
+
+
+def render_socket_message(body: Any) -> str:
+    """The socket view's text for a parsed message: a client's ``response.create`` or a
+    server event (the SSE events' JSON, one per message).
+
+    Raises:
+        ValueError: when the message is not a JSON object.
+    """
+    if not isinstance(body, dict):
+        raise ValueError("not a Responses socket message")
+    kind = str(body.get("type") or "?")
+    if kind == "response.create":
+        lines = ["response.create (a turn on the socket)"]
+        if body.get("previous_response_id"):
+            lines.append(f"previous_response_id: {body['previous_response_id']}")
+        if body.get("generate") is False:
+            lines.append("generate: false (a warm-up: no model output)")
+        return "\n".join(lines) + "\n" + render_request(body)
+    lines = [f"server event: {kind}"]
+    if isinstance(body.get("delta"), str):
+        lines.append(f"delta: {body['delta']!r}")
+    item = body.get("item")
+    if isinstance(item, dict):
+        label = " ".join(str(item[k]) for k in ("type", "role", "name") if item.get(k))
+        lines.append(f"item: {label or '?'} [{item.get('call_id') or item.get('id') or '-'}]")
+        if isinstance(item.get("arguments"), str):
+            lines.append(f"arguments: {excerpt(item['arguments'], 200)}")
+    response = body.get("response")
+    if kind in TERMINAL:
+        turn = assemble_turn([(None, SseEvent(kind, json.dumps(body)))])
+        lines.append(render_turn(turn).rstrip("\n"))
+    elif isinstance(response, dict):  # response.created / .in_progress: the turn so far
+        lines.append(
+            f"response: {response.get('id') or '-'}   status: {response.get('status') or '-'}"
+            f"   model: {response.get('model') or '-'}"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def stream_timeline(data: bytes, metadata: Metadata) -> Timeline:
     """A view's SSE body as events with their arrival times. The raw body of
     ``metadata.http_message`` is preferred to mitmproxy's decoded ``data``, so a cut
@@ -208,6 +277,7 @@ def all_views() -> tuple[contentviews.Contentview, ...]:
     return (
         ResponsesRequestContentview(),
         ResponsesStreamContentview(),
+        ResponsesSocketContentview(),
         ChatRequestContentview(),
         ChatStreamContentview(),
     )

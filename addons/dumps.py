@@ -31,6 +31,7 @@ from addons.common import (
     json_response,
 )
 from addons.redaction import DEFAULT_EXTRA, extra_names, redact_fields
+from addons.socket_turns import SocketTurn, sse_text
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +261,128 @@ class DumpThread:
                     future.set_result(error)
 
 
+class DumpSink:
+    """Where dump documents go: rendered and written off the event loop, each outcome counted.
+
+    Small documents are rendered and written on one :class:`DumpThread` (cheap, no
+    inter-process copy); with ``workers="auto"`` a document whose body is over
+    :attr:`LARGE_BODY` goes to a worker process, so rendering multi-MB JSON never holds this
+    process's GIL (on a thread it stalls the event loop for tens of ms). ``workers="thread"``:
+    always the thread (the seam unit tests use to inject faults with monkeypatch). Outcomes:
+    :attr:`written` and :attr:`lost` (a failure is logged with the file's name).
+
+    Raises:
+        ValueError: ``workers`` is neither ``"auto"`` nor ``"thread"``.
+    """
+
+    #: Bodies larger than this (bytes) are rendered in the worker process.
+    LARGE_BODY = 256 * 1024
+    #: The worker process exits after this many idle seconds (large bodies are rare; it costs
+    #: ~40 MB of memory while it lives).
+    LARGE_WORKER_IDLE_S = 5.0
+
+    def __init__(self, workers: str = "auto") -> None:
+        if workers not in ("auto", "thread"):
+            raise ValueError(f"workers must be 'auto' or 'thread', not {workers!r}")
+        self.workers = workers
+        self.lost = 0
+        self.written = 0
+        self._thread: DumpThread | None = None
+        self._large_executor: concurrent.futures.Executor | None = None
+        self._large_pending: set[concurrent.futures.Future[Any]] = set()
+        self._large_last_used = 0.0
+        self._count_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the writer thread (once; again after :meth:`close`)."""
+        if self._thread is None:
+            self._thread = DumpThread(self._count)
+
+    def submit(
+        self, directory: str, name: str, doc: dict[str, Any], wait: bool = False
+    ) -> concurrent.futures.Future[Any] | None:
+        """Hand one document (see :func:`render_and_write`) to a worker. Returns a future of
+        its outcome (error text or ``None``) when the caller will ``wait`` for it
+        (``--dump-required``) or it went to the worker process; else ``None`` (the outcome is
+        counted). Nothing is written before :meth:`start`."""
+        body = doc.get("body")
+        large = isinstance(body, tuple) and len(body[0]) > self.LARGE_BODY
+        if large and self.workers == "auto":
+            return self._submit_large(directory, name, doc)
+        self._retire_idle_large_worker()
+        if self._thread is None:
+            return None
+        future: concurrent.futures.Future[Any] | None = (
+            concurrent.futures.Future() if wait else None
+        )
+        self._thread.put(directory, name, doc, future)
+        return future
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait (at most about ``timeout`` seconds) until every document handed over so far is
+        on disk or failed."""
+        deadline = time.monotonic() + timeout
+        if self._thread is not None:
+            self._thread.drain(timeout)
+        concurrent.futures.wait(
+            list(self._large_pending), timeout=max(0.0, deadline - time.monotonic())
+        )
+
+    def close(self) -> None:
+        """Write what is queued, then end the thread and the worker process."""
+        self.flush()
+        if self._thread is not None:
+            self._thread.stop(timeout=30.0)
+        if self._large_executor is not None:
+            self._large_executor.shutdown(wait=True)
+        self._thread = self._large_executor = None
+
+    def _submit_large(
+        self, directory: str, name: str, doc: dict[str, Any]
+    ) -> concurrent.futures.Future[Any] | None:
+        if self._large_executor is None:
+            self._large_executor = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn")
+            )
+        self._large_last_used = time.monotonic()
+        try:
+            future = self._large_executor.submit(render_and_write, directory, name, doc)
+        except (concurrent.futures.BrokenExecutor, RuntimeError) as e:
+            # The worker died (killed, out of memory): count the loss; a new one comes next time.
+            self._count(name, f"dump worker unavailable: {e}")
+            self._large_executor = None
+            return None
+        self._large_pending.add(future)
+        future.add_done_callback(lambda f: self._large_done(name, f))
+        return future
+
+    def _retire_idle_large_worker(self) -> None:
+        if (
+            self._large_executor is not None
+            and not self._large_pending
+            and time.monotonic() - self._large_last_used > self.LARGE_WORKER_IDLE_S
+        ):
+            self._large_executor.shutdown(wait=False)
+            self._large_executor = None
+
+    def _large_done(self, name: str, future: concurrent.futures.Future[Any]) -> None:
+        self._large_pending.discard(future)
+        try:
+            error = future.result()
+        except Exception as e:
+            error = f"dump worker failed: {type(e).__name__}: {e}"
+        self._count(name, error)
+
+    def _count(self, name: str, error: str | None) -> None:
+        """Count one outcome; called on the worker threads and the loop (hence the lock)."""
+        with self._count_lock:
+            if error is None:
+                self.written += 1
+                return
+            self.lost += 1
+        logger.error("dump: cannot write %s: %s", name, error)
+
+
 def _client_side(text: Any) -> Any:
     """A bridged flow's client-side body for its dump: parsed JSON, else the text; ``None``
     when the flow was not bridged."""
@@ -288,42 +411,38 @@ class DumpWriter:
     headers, body}`` with the upstream's headers; plus ``"error"`` when the exchange failed
     (client gone early, upstream down or dropping mid-stream), with the partial body.
     Sequence numbers count from 1 per process, assigned on the event loop (unique under
-    concurrency). Rendering and writing run off the event loop (a :class:`DumpThread`, and a
-    worker process for large bodies so their rendering never holds the loop's GIL); files
-    appear atomically with mode 0600 in a 0700 directory. A failed write is logged and counted
-    in ``lost``; forwarding goes on, unless ``codex_dump_required`` is set: then the request
-    file is written before the request may leave (a failure answers 503 and nothing is sent
-    upstream), and a failed response file kills the flow (the client sees a truncated reply,
-    never a clean one without its dump).
+    concurrency). This addon keeps the hooks; rendering and writing run off the event loop in
+    its :class:`DumpSink` (a :class:`DumpThread`, and a worker process for large bodies so
+    their rendering never holds the loop's GIL); files appear atomically with mode 0600 in a
+    0700 directory. A failed write is logged and counted in ``lost``; forwarding goes on,
+    unless ``codex_dump_required`` is set: then the request file is written before the
+    request may leave (a failure answers 503 and nothing is sent upstream), and a failed
+    response file kills the flow (the client sees a truncated reply, never a clean one without
+    its dump). Turns on a WebSocket (``addons/socket_turns.py``) are pairs of their own
+    (:meth:`socket_turn_start`, :meth:`socket_turn_end`).
     """
 
-    #: Bodies larger than this (bytes) are rendered in the worker process.
-    LARGE_BODY = 256 * 1024
-    #: The worker process exits after this many idle seconds (large bodies are rare; it costs
-    #: ~40 MB of memory while it lives).
-    LARGE_WORKER_IDLE_S = 5.0
-
     def __init__(self, workers: str = "auto") -> None:
-        #: ``"auto"``: small documents are rendered and written on the :class:`DumpThread`
-        #: (cheap, no inter-process copy); a document with a body over ``LARGE_BODY`` goes to a
-        #: worker process, so rendering multi-MB JSON never holds this process's GIL (on a
-        #: thread it stalls the event loop for tens of ms). ``"thread"``: always the thread (the
-        #: seam unit tests use to inject faults with monkeypatch).
-        if workers not in ("auto", "thread"):
-            raise ValueError(f"workers must be 'auto' or 'thread', not {workers!r}")
-        self.workers = workers
+        #: Renders and writes the documents off the event loop (``workers``: see
+        #: :class:`DumpSink`; raises ``ValueError`` for another value).
+        self.sink = DumpSink(workers)
         self.directory = ""
         self.extra_redact: frozenset[str] = frozenset(DEFAULT_EXTRA)
-        self.lost = 0
-        self.written = 0
         self.required = False
         self._seq = itertools.count(1)
         self._open: dict[str, _Exchange] = {}
-        self._thread: DumpThread | None = None
-        self._large_executor: concurrent.futures.Executor | None = None
-        self._large_pending: set[concurrent.futures.Future[Any]] = set()
-        self._large_last_used = 0.0
-        self._count_lock = threading.Lock()
+        #: An open WebSocket flow's upgrade request, as dumped: each turn's request file.
+        self._sockets: dict[str, _Exchange] = {}
+
+    @property
+    def written(self) -> int:
+        """Dump files written so far."""
+        return self.sink.written
+
+    @property
+    def lost(self) -> int:
+        """Dump files that could not be written."""
+        return self.sink.lost
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -366,8 +485,7 @@ class DumpWriter:
                     self.directory = prepare_dump_dir(path)
                 except ValueError as e:
                     raise exceptions.OptionsError(f"codex_dump_dir: {e}") from None
-                if self._thread is None:
-                    self._thread = DumpThread(self._count)
+                self.sink.start()
             else:
                 self.directory = ""
         if {"codex_dump_dir", "codex_dump_seq_start", "codex_dump_seq_step"} & updated:
@@ -416,6 +534,68 @@ class DumpWriter:
     def error(self, flow: http.HTTPFlow) -> None:
         self._finish(flow, flow.error.msg if flow.error else "unknown error")
 
+    def socket_turn_start(self, flow: http.HTTPFlow, turn: SocketTurn) -> None:
+        """A turn on a dumped WebSocket (``addons/socket_turns.py``) gets the next sequence
+        number and its request file now: the upgrade's method, path and redacted headers, the
+        ``response.create`` message as the body, ``"transport": "websocket"``, its ``route``
+        and the upgrade's own pair as ``upgrade_seq``."""
+        upgrade = self._sockets.get(flow.id)
+        if upgrade is None:
+            return
+        seq = self.start_pair()
+        turn.seq = seq
+        self.write_part(
+            seq,
+            turn.started,
+            "request",
+            {
+                "method": upgrade.method,
+                "url": upgrade.url,
+                "headers": upgrade.headers,
+                "body": (turn.request, None, body_decode.LIMITS),
+                "transport": "websocket",
+                "route": turn.route,
+                "upgrade_seq": flow.metadata.get(DUMP_SEQ),
+            },
+        )
+
+    def socket_turn_end(self, flow: http.HTTPFlow, turn: SocketTurn) -> None:
+        """The turn's response file: ``status`` (200, an error event's status; ``null`` when
+        the socket closed mid-turn), ``content-type: text/event-stream``, the server's events
+        as the SSE dump shows them, ``"transport": "websocket"``, and ``error`` when the
+        turn did not end with a terminal event."""
+        if turn.seq is None or flow.id not in self._sockets:
+            return
+        doc: dict[str, Any] = {
+            "status": turn.status,
+            "headers": [{"name": "content-type", "value": "text/event-stream"}],
+            "body": (sse_text(turn).encode(), None, body_decode.LIMITS),
+            "transport": "websocket",
+        }
+        if turn.error is not None:
+            doc["error"] = turn.error
+        self.write_part(turn.seq, turn.started, "response", doc)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._sockets.pop(flow.id, None)
+
+    # Entry points for exchanges that are not flows ---------------------------------------
+
+    def start_pair(self) -> int:
+        """A new dump pair's sequence number (this process's next), for an exchange that is
+        not a flow of its own (a turn on a WebSocket)."""
+        return next(self._seq)
+
+    def write_part(self, seq: int, started: float, part: str, doc: dict[str, Any]) -> None:
+        """Write one file of pair ``seq`` (``part``: ``"request"`` or ``"response"``), named
+        ``NNNNNN-<started, unix ms>-<part>.json`` like a flow's pair; ``doc`` as
+        :func:`render_and_write` takes it (its ``body`` may be ``(raw, content-encoding,
+        limits)``). Off the event loop, like every dump; a failure is logged and counted."""
+        if part not in ("request", "response"):
+            raise ValueError(f"part must be 'request' or 'response', not {part!r}")
+        if self.directory:
+            self._submit(f"{seq:06d}-{int(started * 1000)}-{part}.json", doc)
+
     def done(self) -> None:
         for flow_id in list(self._open):
             exchange = self._open.pop(flow_id)
@@ -432,12 +612,7 @@ class DumpWriter:
                     "error": "proxy shut down before the exchange finished",
                 },
             )
-        self.flush()
-        if self._thread is not None:
-            self._thread.stop(timeout=30.0)
-        if self._large_executor is not None:
-            self._large_executor.shutdown(wait=True)
-        self._thread = self._large_executor = None
+        self.sink.close()
         if self.lost:
             logger.error(
                 "dump: %d dump file(s) could not be written (%d written)", self.lost, self.written
@@ -450,12 +625,7 @@ class DumpWriter:
     def flush(self, timeout: float = 30.0) -> None:
         """Wait (at most about ``timeout`` seconds) until every dump handed to a worker is on
         disk or failed."""
-        deadline = time.monotonic() + timeout
-        if self._thread is not None:
-            self._thread.drain(timeout)
-        concurrent.futures.wait(
-            list(self._large_pending), timeout=max(0.0, deadline - time.monotonic())
-        )
+        self.sink.flush(timeout)
 
     @staticmethod
     def _request_doc(
@@ -501,6 +671,8 @@ class DumpWriter:
             return None
         if not exchange.request_written:
             self._write_request(exchange, flow)
+        if flow.websocket is not None and error is None:
+            self._sockets[flow.id] = exchange  # its turns are dumped as pairs of their own
         response = flow.response
         doc: dict[str, Any]
         if response is None:
@@ -523,63 +695,6 @@ class DumpWriter:
         return self._submit(exchange.prefix + "-response.json", doc)
 
     def _submit(self, name: str, doc: dict[str, Any]) -> concurrent.futures.Future[Any] | None:
-        """Hand one document to a worker. Returns a future of its outcome (error text or
-        ``None``) when the caller must wait for it (``--dump-required``) or it went to the
-        worker process; else ``None`` (the outcome is counted by :meth:`_count`)."""
-        body = doc.get("body")
-        large = isinstance(body, tuple) and len(body[0]) > self.LARGE_BODY
-        if large and self.workers == "auto":
-            return self._submit_large(name, doc)
-        self._retire_idle_large_worker()
-        if self._thread is None:
-            return None
-        future: concurrent.futures.Future[Any] | None = (
-            concurrent.futures.Future() if self.required else None
-        )
-        self._thread.put(self.directory, name, doc, future)
-        return future
-
-    def _submit_large(
-        self, name: str, doc: dict[str, Any]
-    ) -> concurrent.futures.Future[Any] | None:
-        if self._large_executor is None:
-            self._large_executor = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn")
-            )
-        self._large_last_used = time.monotonic()
-        try:
-            future = self._large_executor.submit(render_and_write, self.directory, name, doc)
-        except (concurrent.futures.BrokenExecutor, RuntimeError) as e:
-            # The worker died (killed, out of memory): count the loss; a new one comes next time.
-            self._count(name, f"dump worker unavailable: {e}")
-            self._large_executor = None
-            return None
-        self._large_pending.add(future)
-        future.add_done_callback(lambda f: self._large_done(name, f))
-        return future
-
-    def _retire_idle_large_worker(self) -> None:
-        if (
-            self._large_executor is not None
-            and not self._large_pending
-            and time.monotonic() - self._large_last_used > self.LARGE_WORKER_IDLE_S
-        ):
-            self._large_executor.shutdown(wait=False)
-            self._large_executor = None
-
-    def _large_done(self, name: str, future: concurrent.futures.Future[Any]) -> None:
-        self._large_pending.discard(future)
-        try:
-            error = future.result()
-        except Exception as e:
-            error = f"dump worker failed: {type(e).__name__}: {e}"
-        self._count(name, error)
-
-    def _count(self, name: str, error: str | None) -> None:
-        """Count one outcome; called on the worker threads and the loop (hence the lock)."""
-        with self._count_lock:
-            if error is None:
-                self.written += 1
-                return
-            self.lost += 1
-        logger.error("dump: cannot write %s: %s", name, error)
+        """Hand one document to the sink; a future of its outcome when ``--dump-required``
+        waits for it or it went to the worker process, else ``None``."""
+        return self.sink.submit(self.directory, name, doc, wait=self.required)

@@ -15,20 +15,21 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from decimal import Decimal
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.body_decode import decode_body, loads_json, parse_codings
+from addons.body_decode import parse_codings
 from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ, REFUSED
 from addons.credits import RateCard, load_rate_card
 from addons.dumps import write_file_atomically
+from addons.exchange import ExchangeFacts, Reply, read_exchange, read_request
 from addons.report import render_report
-from addons.responses_turn import USAGE_KINDS, assemble_turn, usage_of
-from addons.sse_events import timeline
-from addons.sse_stream import is_event_stream
+from addons.responses_turn import USAGE_KINDS
+from addons.socket_turns import SocketTurn
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class RequestRecord:
     content_encoding: str | None = None
     #: Why the reply body could not be decoded completely (e.g. a truncated zstd stream).
     decode_error: str | None = None
-    #: The stream's terminal event: ``completed``, ``incomplete``, ``failed``; ``None``: none.
+    #: The stream's terminal event (a JSON reply: its ``status``): ``completed``,
+    #: ``incomplete``, ``failed``; ``None``: none (``addons.exchange``'s rules).
     turn_status: str | None = None
     #: ms from the response headers to the first SSE event (time to first event).
     first_event_ms: int | None = None
@@ -67,6 +69,9 @@ class RequestRecord:
     credits: str | None = None
     #: The rate-card entry that priced it; ``None`` with ``credits``: unpriced.
     rate: str | None = None
+    #: ``"websocket"`` for a turn on a socket (``addons/socket_turns.py``; its times count
+    #: from its ``response.create`` message); ``None``: an HTTP exchange.
+    transport: str | None = None
 
 
 def is_failure(record: RequestRecord) -> bool:
@@ -260,9 +265,9 @@ REFUSED_PART = ".refused.jsonl"
 class Recorder:
     """Writes the usage ledger and the session summary of a ``--record`` session.
 
-    For each allowlisted flow, when it finishes (``response``/``error``): status, duration,
-    model (from the request body), the number of SSE events streamed, token usage from
-    ``response.completed`` (or a JSON reply's ``usage``) and the arrival times of its chunks
+    For each allowlisted flow, when it finishes (``response``/``error``): status, duration and
+    what :func:`addons.exchange.read_exchange` reads (model, service tier, the number of SSE
+    events, token usage, the turn's status) and the arrival times of its chunks
     (used by ``./run.sh replay --pace original``). A line goes to ``usage.jsonl`` at once; at
     exit ``summary.json`` and ``summary.txt`` are written and the summary is logged.
     """
@@ -378,11 +383,22 @@ class Recorder:
         except OSError as e:
             logger.error("record: cannot write the summary or report: %s", e)
 
+    def socket_turn_end(self, flow: http.HTTPFlow, turn: SocketTurn) -> None:
+        """A turn on a recorded WebSocket (``addons/socket_turns.py``) is a ledger line of its
+        own, read like an HTTP exchange (``transport: "websocket"``)."""
+        if not self.directory or flow.metadata.get(ALLOWED) is not True:
+            return
+        self._keep(lambda: socket_record(turn))
+
     def _record(self, flow: http.HTTPFlow, error: str | None) -> None:
         if not self.directory or flow.metadata.get(ALLOWED) is not True:
             return
+        self._keep(lambda: self._make_record(flow, error))
+
+    def _keep(self, make: Callable[[], RequestRecord]) -> None:
+        """Price the record ``make`` returns and append it to the ledger."""
         try:
-            record = self._make_record(flow, error)
+            record = make()
             if self.rate_card is not None:
                 # Priced now, with the card of the day: a later rate change rewrites nothing.
                 charge = self.rate_card.charge(record.model, record.usage, record.service_tier)
@@ -402,61 +418,47 @@ class Recorder:
 
     @staticmethod
     def _make_record(flow: http.HTTPFlow, error: str | None) -> RequestRecord:
-        model = service_tier = None
-        request_body = decode_body(
-            flow.request.raw_content or b"", flow.request.headers.get("content-encoding")
+        facts = read_exchange(
+            read_request(
+                flow.request.raw_content or b"", flow.request.headers.get("content-encoding")
+            ),
+            Reply.of(flow.response, flow.metadata.get(CHUNK_TIMING, [])),
         )
-        try:
-            body = loads_json(request_body.data or b"{}")
-            if isinstance(body, dict) and isinstance(body.get("model"), str):
-                model = body["model"]
-            if isinstance(body, dict) and isinstance(body.get("service_tier"), str):
-                service_tier = body["service_tier"]
-        except ValueError:
-            pass
         started = flow.request.timestamp_start
         end = (flow.response.timestamp_end if flow.response else None) or time.time()
-        events, usage, completed = 0, None, False
-        timing: list[list[int]] = []
-        response = flow.response
-        content_encoding = decode_error = turn_status = first_event_ms = None
-        event_ms: list[int] = []
-        if response is not None:
-            raw = response.raw_content or b""
-            content_encoding = response.headers.get("content-encoding")
-            if is_event_stream(response):
-                # Decoded chunk by chunk: the ledger's timing counts decoded bytes, which is
-                # what the dump's body (and so replay) holds, compressed upstream or not.
-                line = timeline(raw, content_encoding, flow.metadata.get(CHUNK_TIMING, []))
-                turn = assemble_turn(line.events)
-                events, decode_error, turn_status = turn.events, line.error, turn.status
-                completed, usage = turn.status == "completed", turn.usage
-                first_event_ms, event_ms = turn.first_event_ms, turn.event_ms
-                timing = line.decoded_timing
-            else:
-                decoded = decode_body(raw, content_encoding)
-                decode_error = decoded.error
-                try:
-                    payload = loads_json(decoded.data)
-                    usage = usage_of(payload)
-                    completed = isinstance(payload, dict) and payload.get("status") == "completed"
-                except ValueError:
-                    pass
-        return RequestRecord(
-            seq=flow.metadata.get(DUMP_SEQ),
-            started=started,
-            duration_ms=int(max(0.0, end - started) * 1000),
-            status=response.status_code if response is not None else None,
-            model=model,
-            events=events,
-            usage=usage,
-            completed=completed,
-            error=error,
-            chunk_timing=timing,
-            content_encoding=content_encoding,
-            decode_error=decode_error,
-            turn_status=turn_status,
-            first_event_ms=first_event_ms,
-            event_ms=event_ms,
-            service_tier=service_tier,
-        )
+        return record_of(facts, flow.metadata.get(DUMP_SEQ), started, end, error)
+
+
+def socket_record(turn: SocketTurn) -> RequestRecord:
+    """The ledger line of an ended turn on a WebSocket: its facts by the one reader, its
+    events' timing as chunk timing of its SSE dump body (replay's pacing)."""
+    ended = turn.ended if turn.ended is not None else time.time()
+    record = record_of(turn.facts(), turn.seq, turn.started, ended, turn.error)
+    record.chunk_timing = turn.chunk_timing()
+    record.transport = "websocket"
+    return record
+
+
+def record_of(
+    facts: ExchangeFacts, seq: int | None, started: float, ended: float, error: str | None
+) -> RequestRecord:
+    """The ledger line of an exchange read by :func:`addons.exchange.read_exchange`; times in
+    Unix seconds (``started``: the request, ``ended``: the reply's end)."""
+    return RequestRecord(
+        seq=seq,
+        started=started,
+        duration_ms=int(max(0.0, ended - started) * 1000),
+        status=facts.status,
+        model=facts.model,
+        events=facts.events,
+        usage=facts.usage,
+        completed=facts.completed,
+        error=error,
+        chunk_timing=facts.decoded_timing,
+        content_encoding=facts.content_encoding,
+        decode_error=facts.decode_error,
+        turn_status=facts.turn_status,
+        first_event_ms=facts.first_event_ms,
+        event_ms=facts.event_ms,
+        service_tier=facts.service_tier,
+    )

@@ -7,6 +7,11 @@ top-level fields, the types and roles of its input items, the names of its tools
 values (ids, cache keys, timestamps, prompt text) are ignored. A request that does not match, or
 one too many, gets ``409`` with a JSON error saying what differed. SSE replies are streamed chunk
 by chunk, at the recorded pace (``--pace original``) or as fast as possible (``--pace fast``).
+
+A gateway recording of Codex's WebSocket transport replays to HTTP: each turn recorded on a
+socket (a dump pair with ``"transport": "websocket"``) answers the ``POST /v1/responses`` of the
+same conversation (:func:`socket_differences`); the socket's warm-up (``generate: false``) and
+the upgrade itself are left out, as an HTTP client sends neither.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ class Exchange:
     headers: list[tuple[str, str]]
     body: Any
     chunk_timing: list[list[int]] = field(default_factory=list)
+    #: ``"websocket"``: a turn recorded on a socket (``addons/socket_turns.py``), served to
+    #: an HTTP POST of the same conversation (:func:`socket_differences`).
+    transport: str | None = None
 
     def body_bytes(self) -> bytes:
         if isinstance(self.body, str):
@@ -125,6 +133,12 @@ def load_recording(directory: str | Path) -> list[Exchange]:
         completed = isinstance(body, str) and completed_response(parse_sse_text(body)) is not None
         if resp.get("status") is None or (resp.get("error") and not completed):
             continue  # an exchange that failed while recording is not replayed
+        transport = req.get("transport")
+        if transport == "websocket" and isinstance(req.get("body"), dict):
+            if req["body"].get("generate") is False:
+                continue  # Codex's socket warm-up: an HTTP client sends none
+        elif req.get("method") == "GET":
+            continue  # a WebSocket upgrade (its turns are pairs of their own)
         exchanges.append(
             Exchange(
                 seq=pair.seq,
@@ -133,6 +147,7 @@ def load_recording(directory: str | Path) -> list[Exchange]:
                 headers=[(h["name"], h["value"]) for h in resp.get("headers", [])],
                 body=body,
                 chunk_timing=timing.get(pair.seq, []),
+                transport=transport if isinstance(transport, str) else None,
             )
         )
     if not exchanges:
@@ -173,6 +188,30 @@ def differences(recorded: Any, incoming: Any) -> list[str]:
     for key in a.keys() | b.keys():
         if a.get(key) != b.get(key):
             out.append(f"{key}: recorded {a.get(key)!r}, got {b.get(key)!r}")
+    return sorted(out)
+
+
+#: Fields only a WebSocket ``response.create`` carries; the HTTP POST of the same turn has none.
+SOCKET_ONLY = frozenset({"type", "generate", "previous_response_id"})
+
+
+def socket_differences(recorded: Any, incoming: Any) -> list[str]:
+    """:func:`differences` between a turn recorded on a WebSocket and an incoming HTTP POST.
+    The socket-only fields (:data:`SOCKET_ONLY`) are left out of the recorded request, and its
+    input, which holds only the items new since ``previous_response_id``, must be the end of
+    the POST's input (which resends the whole conversation every turn)."""
+    if not isinstance(recorded, dict):
+        return differences(recorded, incoming)
+    a = request_shape({k: v for k, v in recorded.items() if k not in SOCKET_ONLY})
+    b = request_shape(incoming)
+    out = []
+    for key in a.keys() | b.keys():
+        ra, rb = a.get(key), b.get(key)
+        if key == "input" and isinstance(ra, list) and isinstance(rb, list):
+            if len(ra) > len(rb) or rb[len(rb) - len(ra) :] != ra:
+                out.append(f"input: recorded on a socket (new items only) {ra!r}, got {rb!r}")
+        elif ra != rb:
+            out.append(f"{key}: recorded {ra!r}, got {rb!r}")
     return sorted(out)
 
 
@@ -228,7 +267,8 @@ class ReplayUpstream:
                     f"{len(self.exchanges)} exchange(s)",
                 )
             exchange = self.exchanges[index]
-            diffs = differences(exchange.request, incoming)
+            compare = socket_differences if exchange.transport == "websocket" else differences
+            diffs = compare(exchange.request, incoming)
             if diffs:
                 return self._error(
                     web,

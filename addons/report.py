@@ -178,6 +178,8 @@ def render_report(
             else "-"
         )
         status = f"{_e(r.get('status') or '-')} {_e(r.get('turn_status') or '')}".strip()
+        if r.get("transport") == "websocket":
+            status += " · WebSocket turn"
         if r.get("error"):
             status += f" ({_e(r['error'])})"
         failed = r.get("failed")

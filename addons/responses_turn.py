@@ -1,9 +1,10 @@
-"""What a Responses API exchange says, assembled from its request body and its SSE events.
+"""What a Responses API turn holds, assembled from its request body and its SSE events.
 
-Shared by the content views (``addons/contentviews.py``), the recording's ledger and report
-(``addons/recorder.py``, ``addons/report.py``). The events come from the one SSE decoder
-(:mod:`addons.sse_events`); event and field names are the Responses API's streaming events
-(``response.output_text.delta``, ``response.function_call_arguments.delta``,
+Shared by the content views (``addons/contentviews.py``), the report (``addons/report.py``)
+and :mod:`addons.exchange`, the one reader of an exchange's facts (the recording's ledger,
+the gateway's usage rows and ``./run.sh compare`` go through it). The events come from the
+one SSE decoder (:mod:`addons.sse_events`); event and field names are the Responses API's
+streaming events (``response.output_text.delta``, ``response.function_call_arguments.delta``,
 ``response.reasoning_summary_text.delta``, ``response.output_item.added`` / ``.done``,
 ``response.completed`` / ``.incomplete`` / ``.failed``, ``error``).
 """

@@ -74,7 +74,7 @@ def pg_cluster() -> Iterator[PgCluster]:
 def plain_mitmdump_command(
     script: str, upstream_url: str, info: Path, sets: Iterable[str], *args: str
 ) -> list[str]:
-    """``mitmdump -s addons/<script>`` as the README shows it: reverse mode to
+    """``mitmdump -s addons/<script>`` as docs/proxy.md shows it: reverse mode to
     ``upstream_url``'s origin, an ephemeral loopback port, server-info at ``info``, HTTP
     shutdown on, then ``sets`` (``--set`` specs) and ``args``."""
     cmd = [

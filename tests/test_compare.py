@@ -543,7 +543,7 @@ def record(usage: dict[str, int] | None = None, **kw: Any) -> RequestRecord:
     return RequestRecord(**fields)  # type: ignore[arg-type]
 
 
-#: A turn's alignment keys as TurnFacts.keys() gives them: (model + input types, input types).
+#: A turn's alignment keys as RunTurn.keys() gives them: (model + input types, input types).
 KEYS = st.tuples(st.sampled_from("ABC"), st.sampled_from("xyz")).map(lambda k: (k, k[1]))
 
 
@@ -585,9 +585,9 @@ def test_token_kinds_are_read_from_what_the_recording_holds():
     """A kind only one run has (cache_write, from input_tokens_details.cache_write_tokens)
     reads as 0 in the other, and is compared and gated like the others."""
     usage = {"input": 10, "cached": 0, "output": 5, "reasoning": 0, "total": 15}
-    base = compare.Run("b", 1, [compare.TurnFacts(1, record(usage), None)], [], None, None)
+    base = compare.Run("b", 1, [compare.RunTurn(1, record(usage), None)], [], None, None)
     new_usage = {**usage, "cache_write": 7}
-    new = compare.Run("n", 1, [compare.TurnFacts(1, record(new_usage), None)], [], None, None)
+    new = compare.Run("n", 1, [compare.RunTurn(1, record(new_usage), None)], [], None, None)
     assert compare.token_kinds(base, new) == [
         "input",
         "cached",

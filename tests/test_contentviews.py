@@ -199,3 +199,37 @@ def test_flow_detail_3_prints_the_turn(upstream, start_proxy):
     out = proxy.output()
     assert "input (1 items):" in out and "message/user: hi" in out
     assert "── assistant text ──\n" in out and upstream.text in out
+
+
+def test_socket_messages_of_codexs_websocket_transport_render_readably():
+    from mitmproxy.websocket import WebSocketMessage
+
+    f = tflow.twebsocketflow(messages=False)
+    f.request.path = "/v1/responses"
+    create = {
+        "type": "response.create",
+        "model": "gpt-5.5",
+        "stream": True,
+        "previous_response_id": "resp_1",
+        "tools": [{"type": "function", "name": "exec_command"}],
+        "input": [{"type": "function_call_output", "call_id": "call_0", "output": "ran"}],
+    }
+    message = WebSocketMessage(1, True, json.dumps(create).encode())
+    f.websocket.messages.append(message)
+    result = shown(f, message)
+    assert result.view_name == "Responses socket message"
+    assert result.text.startswith("response.create (a turn on the socket)\n")
+    assert "previous_response_id: resp_1" in result.text and "model: gpt-5.5" in result.text
+    assert "function_call_output [call_0]: ran" in result.text
+    done = {"type": "response.completed", "response": response_object("resp_2", "gpt-5.5", "hi")}
+    event = WebSocketMessage(1, False, json.dumps(done).encode())
+    result = shown(f, event)
+    assert result.text.startswith("server event: response.completed\nstatus: completed\n")
+    assert "total 59" in result.text
+    created = {"type": "response.created", "response": {"id": "r", "status": "in_progress"}}
+    text = shown(f, WebSocketMessage(1, False, json.dumps(created).encode())).text
+    assert text == "server event: response.created\nresponse: r   status: in_progress   model: -\n"
+    delta = WebSocketMessage(1, False, b'{"type": "response.output_text.delta", "delta": "Hel"}')
+    assert "delta: 'Hel'" in shown(f, delta).text
+    f.request.path = "/v1/realtime"  # not this view's route
+    assert shown(f, delta).view_name != "Responses socket message"

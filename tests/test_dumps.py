@@ -14,6 +14,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons.common import ALLOWED, DUMP_SEQ
 from addons.dumps import (
+    DumpSink,
     DumpThread,
     DumpWriter,
     prepare_dump_dir,
@@ -316,7 +317,7 @@ async def test_large_bodies_are_rendered_in_a_worker_process(tmp_path):
         f.request.raw_content = json.dumps({"model": "m", "input": "z" * 400_000}).encode()
         addon.requestheaders(f)
         await addon.request(f)
-        assert isinstance(addon._large_executor, concurrent.futures.ProcessPoolExecutor)
+        assert isinstance(addon.sink._large_executor, concurrent.futures.ProcessPoolExecutor)
         addon.done()
     (req,) = [p for p in tmp_path.iterdir() if p.name.endswith("-request.json")]
     assert json.loads(req.read_text())["body"]["input"] == "z" * 400_000
@@ -376,7 +377,7 @@ def test_render_body_parses_like_the_json_module(value):
 
 async def test_idle_large_body_worker_exits(tmp_path, monkeypatch):
     addon = DumpWriter()
-    monkeypatch.setattr(DumpWriter, "LARGE_WORKER_IDLE_S", 0.0)
+    monkeypatch.setattr(DumpSink, "LARGE_WORKER_IDLE_S", 0.0)
     with taddons.context(addon) as tctx:
         tctx.configure(addon, codex_dump_dir=str(tmp_path))
         big = accepted_flow()
@@ -384,11 +385,11 @@ async def test_idle_large_body_worker_exits(tmp_path, monkeypatch):
         addon.requestheaders(big)
         await addon.request(big)
         addon.flush()
-        assert addon._large_executor is not None
+        assert addon.sink._large_executor is not None
         small = accepted_flow()
         addon.requestheaders(small)
         await addon.request(small)  # a small document: the idle worker is retired
-        assert addon._large_executor is None
+        assert addon.sink._large_executor is None
         addon.done()
     assert addon.written == 4 and addon.lost == 0  # two pairs, closed at shutdown
 
@@ -418,8 +419,8 @@ async def test_a_bomb_is_dumped_as_received_with_a_note(tmp_path, workers):
     assert doc["body"] is None and doc["body_content_encoding"] == "gzip"
     assert doc["body_decode_error"].startswith("decoding stopped at the limit of")
     assert base64.b64decode(doc["body_raw_base64"]) == raw
-    # The stated bound (README): a body's dump is at most 6 x the decode limit + 4/3 x the wire
-    # bytes + 4 KiB; past the limit, only the base64 of what was received.
+    # The stated bound (docs/security.md): a body's dump is at most 6 x the decode limit + 4/3 x
+    # the wire bytes + 4 KiB; past the limit, only the base64 of what was received.
     assert req.stat().st_size <= len(raw) * 4 // 3 + 4096
     assert addon.lost == 0
 

@@ -36,13 +36,16 @@ def test_run_sh_knows_the_subcommands_used():
 
 
 def test_versions_are_named_in_one_place():
-    """The Codex CLI version lives in package.json only; the README states it and the tested
-    mitmproxy range, as pyproject.toml and package.json have them."""
+    """The Codex CLI version lives in package.json only; the README and the guides in docs/ name
+    no other, and the README states it and the tested mitmproxy range, as pyproject.toml and
+    package.json have them."""
     version = codex_cli_version()
     lock = json.loads((ROOT / "package-lock.json").read_text())
     assert lock["packages"]["node_modules/@openai/codex"]["version"] == version
     pattern = re.compile(r"@openai/codex@\d|codex(?:-cli| CLI)? \d+\.\d+\.\d+", re.IGNORECASE)
-    for path in [*ROOT.glob("*.sh"), *ROOT.glob("*.md"), *(ROOT / "addons").glob("*.py")]:
+    docs = [*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md")]
+    assert len(docs) > 1  # the guides in docs/ are scanned too
+    for path in [*ROOT.glob("*.sh"), *docs, *(ROOT / "addons").glob("*.py")]:
         text = path.read_text()
         for m in pattern.finditer(text):
             assert version in text[m.start() : m.end() + 10], f"{path.name}: {m.group()}"

@@ -272,7 +272,7 @@ def test_bombs_and_deep_json_through_the_strict_proxy(
         assert doc["body"] is None and doc["body_content_encoding"] == coding
         assert doc["body_decode_error"].startswith("decoding stopped at the limit of")
         assert base64.b64decode(doc["body_raw_base64"]) == bombs[coding]
-        # README's bound: past the limit, 4/3 of the wire bytes (base64) + 4 KiB.
+        # The bound in docs/security.md: past the limit, 4/3 of the wire bytes (base64) + 4 KiB.
         assert path.stat().st_size <= len(bombs[coding]) * 4 // 3 + 4096
     deep_doc = next(
         doc for doc in map(lambda p: json.loads(p.read_text()), requests) if doc.get("body_note")
@@ -284,7 +284,7 @@ def test_bombs_and_deep_json_through_the_strict_proxy(
         f"strict proxy recording: session.har {har / MIB:.1f} MiB, all "
         f"{dir_bytes(record) / MIB:.1f} MiB for {wire / MIB:.1f} MiB on the wire"
     )
-    # README's bound for the HAR: a fenced body is kept as received, at most 6 bytes of JSON
+    # The HAR bound in docs/security.md: a fenced body is kept as received, at most 6 bytes of JSON
     # per wire byte (non-UTF-8 bytes escape as \udcXX).
     assert har <= 6 * wire + 4 * MIB
     assert dir_bytes(record) <= 12 * wire + 8 * MIB
@@ -513,6 +513,6 @@ def test_workers_see_each_others_usage_within_a_flush(
         db.dispose()
     print(
         f"\nworkers' cross-visibility: a finished row is in the database {summary(delays)} "
-        "after its reply (README: one flush interval, 250 ms, plus the batch's commit)"
+        "after its reply (docs/security.md: one flush interval, 250 ms, plus the batch's commit)"
     )
     assert len(delays) == 20

@@ -1,5 +1,5 @@
-"""The real Codex CLI as a gateway member: its quota language (README, "What a member sees in
-Codex"). Each test prints what Codex showed and how long it took."""
+"""The real Codex CLI as a gateway member: its quota language (docs/gateway.md, "What a member
+sees in Codex"). Each test prints what Codex showed and how long it took."""
 
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ def stop_codex_daemons(home: Path) -> None:
 
 
 def test_the_codex_tui_with_a_gateway_member(gateway, upstream, codex, tmp_path):
-    """What a member sees in Codex's TUI (README): the turn works, the session records the
+    """What a member sees in Codex's TUI (docs/gateway.md): the turn works, the session records the
     windows, and `/status` and the status line do not show them (0.171, API-key provider)."""
     if shutil.which("tmux") is None:
         if os.environ.get("CI"):

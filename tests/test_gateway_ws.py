@@ -17,14 +17,18 @@ from mitmproxy import io as mitm_io
 from mitmproxy.test import taddons, tflow
 
 from addons.common import ALLOWED, WEBSOCKET
+from addons.compare import load_run
 from addons.gateway_mode.quota import usage_limit_error
 from addons.gateway_mode.websocket import WebSocketRoute, error_event, is_responses_upgrade
 from addons.gateway_mode.windows import Limit, LimitUsage
+from addons.recorder import read_ledger
+from addons.replay import read_dump_pairs
 from addons.websocket_refusal import WebSocketRefusal
 from tests.conftest import ROOT, wait_for
 from tests.fake_upstream import responses_sse_events
 from tests.gateway_harness import UPSTREAM_KEYS
 from tests.responses_events import tool_call_events
+from tests.test_record_replay import start_replay
 
 MODEL = "gpt-5.5"  # in Codex 0.171's catalog and in the rate card
 UPGRADE = {
@@ -226,7 +230,23 @@ def test_codex_turns_use_the_socket_with_a_tool_call_metered_and_no_key_leaks(
     summary = gateway.usage()["members"][0]
     assert summary["ws_connections"] == len(sockets)
     assert summary["ws_client_messages"] == len(sent)
-    # Leak scan: the recording (flows with their WebSocket messages, HAR, dumps), logs, DB.
+    # Each socket turn is a dump pair and a ledger line of its own, read like an HTTP turn's.
+    turns = [p for p in read_dump_pairs(record) if p.request.get("transport") == "websocket"]
+    assert [p.request["body"]["type"] for p in turns] == ["response.create"] * len(sent)
+    assert all(p.request["route"] == "ws:/v1/responses" for p in turns)
+    assert all(p.response["status"] == 200 for p in turns)
+    assert all("event: response.completed" in p.response["body"] for p in turns)
+    socket_lines = [r for r in read_ledger(str(record)) if r.transport == "websocket"]
+    assert [r.seq for r in socket_lines] == [p.seq for p in turns]
+    assert sum((r.usage or {}).get("total", 0) for r in socket_lines) == 59 * (len(sent) - 1)
+    assert all(r.completed and r.model == MODEL and r.events > 0 for r in socket_lines)
+    assert all(r.first_event_ms is not None for r in socket_lines)
+    assert (record / "report.html").read_text().count("WebSocket turn") == len(sent)
+    run = load_run(record)  # the upgrade (101) is no turn of its own
+    assert len(run.turns) == len(sent) and {t.outcome for t in run.turns} == {"completed"}
+    assert [c for t in run.turns for c in t.calls] == [("exec_command", ("cmd",))]
+    # Leak scan: the recording (flows with their WebSocket messages, HAR, dumps of the upgrade
+    # and of each socket turn, the ledger and report), logs, DB.
     places = {str(p): p.read_bytes() for p in record.rglob("*") if p.is_file()}
     places["stdout"] = server.stdout_path.read_bytes()
     places["stderr"] = server.stderr_path.read_bytes()
@@ -240,6 +260,29 @@ def test_codex_turns_use_the_socket_with_a_tool_call_metered_and_no_key_leaks(
     messages = [m.content for fl in flows for m in fl.websocket.messages]
     assert any(b"response.create" in m for m in messages)  # the messages were scanned above
     assert all(fl.request.headers.get("authorization") in (None, "[REDACTED]") for fl in flows)
+
+    # Replay (offline, the strict proxy in front): the socket turns answer Codex over HTTP,
+    # the warm-up and the upgrade left out; the tool runs again and the turn ends the same.
+    upstream.stop()
+    replay, port, log = start_replay(tmp_path, record)
+    try:
+        replay_home = tmp_path / "replay-home"
+        replay_home.mkdir()
+        toml = (home / "config.toml").read_text().replace(f":{server.port}/", f":{port}/")
+        toml = toml.replace("supports_websockets = true", "supports_websockets = false")
+        (replay_home / "config.toml").write_text(toml)
+        code, out = run_codex(codex, replay_home, work, "unused", "Run echo ws-tool-ran")
+        assert code == 0, out + (tmp_path / "replay.log").read_text()
+        assert "All done over the socket." in out and "ws-tool-ran" in out
+    finally:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/shutdown")
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert replay.wait(30) == 0
+        log.close()  # type: ignore[attr-defined]
 
 
 @pytest.mark.e2e

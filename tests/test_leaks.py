@@ -112,7 +112,7 @@ SECRET_HEADERS = {"Cookie": CLIENT_COOKIE, "X-Api-Key": CLIENT_API_KEY}
 
 
 def start_plain_mitmdump(tmp_path: Path, upstream_url: str, *sets: str) -> ProxyProcess:
-    """``mitmdump -s addons/proxy.py`` as the README shows it, key on stdin, ``-w`` flow file."""
+    """``mitmdump -s addons/proxy.py`` as docs/proxy.md shows it, key on stdin, ``-w`` flow file."""
     info, out, err = tmp_path / "md-info.json", tmp_path / "md-out.log", tmp_path / "md-err.log"
     cmd = plain_mitmdump_command(
         "proxy.py",

@@ -10,8 +10,8 @@ from typing import Any
 
 from mitmproxy import http
 
-from addons.body_decode import decode_body, loads_json
 from addons.common import KEY_INJECTED, WEBSOCKET
+from addons.exchange import Reply, read_reply
 from addons.gateway_mode.core import (
     ATTEMPTS,
     MEMBER,
@@ -24,9 +24,7 @@ from addons.gateway_mode.core import (
 from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.ledger import IN_FLIGHT
 from addons.gateway_mode.windows import MICRO
-from addons.responses_turn import USAGE_KINDS, usage_of
-from addons.sse_events import completed_response, decode_sse
-from addons.sse_stream import is_event_stream
+from addons.responses_turn import USAGE_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -35,22 +33,14 @@ ROW_ID = "codex_gateway.row_id"
 
 
 def reply_usage(response: http.Response | None) -> tuple[dict[str, int] | None, int, str | None]:
-    """``(usage, events, status text)`` of an upstream reply: usage from the SSE stream's
-    ``response.completed`` (or a JSON body's ``usage``), the number of SSE events, and the
-    final ``response.status`` when there is one. Never raises."""
+    """``(usage, events, turn status)`` of an upstream reply, as
+    :func:`addons.exchange.read_reply` reads it: usage from the stream's terminal event (or a
+    JSON body's ``usage``), the number of SSE events, and the turn's status (``completed``,
+    ``incomplete``, ``failed``; ``None`` when the reply has none). Never raises."""
     if response is None or not response.raw_content:
         return None, 0, None
-    encoding = response.headers.get("content-encoding")
-    if is_event_stream(response):
-        events, _ = decode_sse(response.raw_content, encoding)
-        completed = completed_response(events)
-        status = completed.get("status") if isinstance(completed, dict) else None
-        return usage_of(completed), len(events), status if isinstance(status, str) else None
-    try:
-        body = loads_json(decode_body(response.raw_content, encoding).data)
-    except ValueError:
-        return None, 0, None
-    return usage_of(body), 0, None
+    facts = read_reply(Reply.of(response))
+    return facts.usage, facts.events, facts.turn_status
 
 
 class UsageAccounting:

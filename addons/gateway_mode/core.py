@@ -20,9 +20,10 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from addons import body_decode
-from addons.body_decode import DecodeLimits, JsonTooDeep, decode_body, loads_json
+from addons.body_decode import DecodeLimits
 from addons.common import ALLOWED, REFUSED, error_response, fail_closed
 from addons.credits import RateCard
+from addons.exchange import read_request
 from addons.gateway_mode import keypool
 from addons.gateway_mode.config import (
     DEFAULT_GATEWAY_CONFIG,
@@ -94,44 +95,34 @@ def parse_request_body(
     raw: bytes, content_encoding: str | None, limits: DecodeLimits | None = None
 ) -> dict[str, Any]:
     """``{"model", "service_tier"}`` of a member request body (bytes as received; Codex can
-    send zstd), decoded within ``limits`` (``None``: the process's) and parsed with the JSON
-    depth limit. A body that is no JSON object gives ``None`` for both.
+    send zstd), read by :func:`addons.exchange.read_request` within ``limits`` (``None``: the
+    process's) and the JSON depth limit. A body that is no JSON object gives ``None`` for both.
 
     Raises:
         BodyRefused: 413 ``request_too_large`` past the decode limit (a decompression bomb),
             400 ``json_too_deep`` past :data:`addons.body_decode.MAX_JSON_DEPTH`.
     """
-    body: Any = None
-    if raw:
-        limits = limits if limits is not None else body_decode.LIMITS
-        decoded = decode_body(raw, content_encoding, limits)
-        if decoded.over_limit:
-            raise BodyRefused(
-                413,
-                "request_too_large",
-                "codex_decode_max_mib"
-                if "max_mib" in (decoded.error or "")
-                else "codex_decode_max_ratio",
-                f"the request body ({len(raw)} bytes, {content_encoding}) decodes past the "
-                f"gateway's limit of {limits.describe(len(raw))}; nothing was sent upstream",
-            )
-        try:
-            body = loads_json(decoded.data)
-        except JsonTooDeep as e:
-            raise BodyRefused(
-                400,
-                "json_too_deep",
-                "max_json_depth",
-                f"the request body is {e} (the gateway's limit); nothing was sent upstream",
-            ) from None
-        except ValueError:
-            body = None
-    body = body if isinstance(body, dict) else {}
-    model, tier = body.get("model"), body.get("service_tier")
-    return {
-        "model": model if isinstance(model, str) else None,
-        "service_tier": tier if isinstance(tier, str) else None,
-    }
+    limits = limits if limits is not None else body_decode.LIMITS
+    facts = read_request(raw, content_encoding, limits)
+    if facts.decoded is not None and facts.decoded.over_limit:
+        raise BodyRefused(
+            413,
+            "request_too_large",
+            "codex_decode_max_mib"
+            if "max_mib" in (facts.decoded.error or "")
+            else "codex_decode_max_ratio",
+            f"the request body ({len(raw)} bytes, {content_encoding}) decodes past the "
+            f"gateway's limit of {limits.describe(len(raw))}; nothing was sent upstream",
+        )
+    if facts.too_deep is not None:
+        raise BodyRefused(
+            400,
+            "json_too_deep",
+            "max_json_depth",
+            f"the request body is {facts.too_deep} (the gateway's limit); nothing was sent "
+            "upstream",
+        )
+    return {"model": facts.model, "service_tier": facts.service_tier}
 
 
 def request_info(flow: http.HTTPFlow) -> dict[str, Any]:

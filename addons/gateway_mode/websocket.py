@@ -56,6 +56,7 @@ from addons.gateway_mode.socket_protocol import busy_event as busy_event  # re-e
 from addons.gateway_mode.socket_protocol import error_event as error_event  # re-exported
 from addons.gateway_mode.socket_protocol import is_responses_upgrade as is_responses_upgrade
 from addons.gateway_mode.windows import limits_of
+from addons.socket_turns import SocketTurn, end_turn, start_turn
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class Turn:
     lease_slot: str | None = None
     first_event: float | None = None
     events: int = 0
+    #: The turn as the dumps and the recording see it (``addons/socket_turns.py``).
+    log: SocketTurn | None = None
     #: The server said it started this turn (Realtime ``response.created``).
     confirmed: bool = False
     #: The ``event_id`` of the client event that opened it (Realtime errors name it).
@@ -340,6 +343,7 @@ class WebSocketTurns:
             core.leases[turn.lease_slot] = lease
         socket.turns.append(turn)
         socket.turns_opened += 1
+        turn.log = start_turn(socket.flow, socket.protocol.row_route, message)
         core.metrics.in_flight.inc()
         # Over a socket Codex reads its windows from this event, not from the 101's headers
         # (codex-rs responses_websocket.rs): sent before the upstream's first event.
@@ -429,6 +433,7 @@ class WebSocketTurns:
         error: str | None,
     ) -> None:
         core = self.core
+        end_turn(socket.flow, turn.log, status, error)
         self._release(turn)
         core.metrics.in_flight.dec()
         member = socket.flow.metadata[MEMBER]
