@@ -300,8 +300,9 @@ class ResponsesStandIn:
     API): ``session.created`` (the URL's model) on connect; ``session.update`` →
     ``session.updated``; ``conversation.item.create`` → ``conversation.item.added``;
     ``response.create`` → :func:`realtime_response_events` (``gate`` holds it after
-    ``response.created``). Recorded like the other socket: the upgrade in ``requests``, the
-    client's events in ``ws_messages``, ``ws_open`` / ``ws_connections``.
+    ``response.created``); ``input_audio_buffer.commit`` → the same, unasked (as server-side
+    turn detection starts a response). Recorded like the other socket: the upgrade in
+    ``requests``, the client's events in ``ws_messages``, ``ws_open`` / ``ws_connections``.
     """
 
     def __init__(self) -> None:
@@ -546,7 +547,9 @@ class ResponsesStandIn:
                     item = {**(parsed.get("item") or {}), "id": f"item_{self._next_id()}"}
                     added = {"type": "conversation.item.added", "previous_item_id": None}
                     await ws.send_str(json.dumps({**added, "item": item}))
-                elif kind == "response.create":
+                elif kind in ("response.create", "input_audio_buffer.commit"):
+                    # A committed audio buffer starts a response by itself, as the server's
+                    # turn detection does: no response.create asks for it.
                     events = realtime_response_events(self._next_id(), self.text)
                     for i, event in enumerate(events):
                         if ws.closed:

@@ -574,3 +574,45 @@ async def test_a_response_the_server_starts_for_a_member_over_quota_is_cancelled
         while turns._checks:
             await asyncio.sleep(0.01)
     assert sent == []
+
+
+@pytest.mark.e2e
+def test_a_response_the_server_starts_for_a_member_over_quota_is_cancelled(gateway, upstream):
+    """Server-side turn detection starts a response without a response.create: the gateway
+    checks it once started, cancels it upstream and tells the member (openai SDK)."""
+    import openai
+
+    gateway.admin("add-member", "gus", "--five-hour-quota", "100")
+    key = gateway.add_key("gus")
+    server = gateway.serve(upstream.url, "--websockets")
+    for _ in range(2):  # 59 then 118 of 100 tokens
+        assert asyncio.run(realtime_turn(server.port, key))[-1].type == "response.done"
+    wait_for(lambda: sum(r["total_tokens"] for r in usage_rows(gateway)) == 118, 10, "rows")
+    client = openai.AsyncOpenAI(api_key=key, base_url=f"http://127.0.0.1:{server.port}/v1")
+
+    async def spoken() -> list:
+        events = []
+        async with client.realtime.connect(model=MODEL) as conn:
+            events.append(await asyncio.wait_for(conn.recv(), 30))
+            await conn.input_audio_buffer.commit()  # the server starts a response itself
+            while [e.type for e in events].count("response.done") < 1 or not any(
+                e.type == "error" for e in events
+            ):
+                events.append(await asyncio.wait_for(conn.recv(), 30))
+        return events
+
+    events = asyncio.run(spoken())
+    kinds = [e.type for e in events]
+    assert "response.created" in kinds and "response.done" in kinds
+    (error,) = [e for e in events if e.type == "error"]
+    assert error.error.code == "quota_exceeded" and "gus" in error.error.message
+    started = next(e for e in events if e.type == "response.created").response.id
+    wait_for(
+        lambda: any(m.get("type") == "response.cancel" for m in upstream.ws_messages),
+        10,
+        "the cancel upstream",
+    )
+    cancels = [m for m in upstream.ws_messages if m.get("type") == "response.cancel"]
+    assert [c["response_id"] for c in cancels] == [started]
+    wait_for(lambda: len(usage_rows(gateway)) == 3, 10, "the started response's row")
+    assert usage_rows(gateway)[-1]["total_tokens"] == 59  # metered all the same
