@@ -459,7 +459,8 @@ class ResponsesStandIn:
         token = request.headers.get("authorization", "").removeprefix("Bearer ")
         if token in self.key_status or self.status >= 300:
             status = self.key_status.get(token, self.status)
-            return web.json_response(self.error_body, status=status)
+            retry = {"Retry-After": self.key_retry_after} if status == 429 else None
+            return web.json_response(self.error_body, status=status, headers=retry)
         ws = web.WebSocketResponse()
         ws.headers.update(self.reply_headers)
         await ws.prepare(request)

@@ -156,6 +156,41 @@ def test_permanent_refusals_end_a_codex_turn(status, headers, expected) -> None:
         assert json.loads(flow.response.content)["error"]["code"] == "x"
 
 
+CODEX_WS = {**CODEX, "openai-beta": "responses_websockets=2026-02-06"}
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "headers", "websocket", "expected"),
+    [
+        # Codex's WebSocket client: 426, so it posts the turn and sees the refusal's 400.
+        (401, "test", CODEX_WS, True, 426),
+        (403, "test", CODEX_WS, True, 426),
+        (401, "test", CODEX, True, 400),  # an upgrade that announced no HTTP fallback
+        (401, "test", {"user-agent": "curl/8"}, True, 401),
+        (429, "test", CODEX_WS, True, 429),  # transient ones keep their status
+        (503, "test", CODEX_WS, True, 503),
+        # Every upstream key disabled until restart: permanent for the member.
+        (503, "no-upstream-key-until-restart", CODEX, False, 400),
+        (503, "no-upstream-key-until-restart", CODEX_WS, True, 426),
+        (503, "no-upstream-key-until-restart", {"user-agent": "curl/8"}, False, 503),
+    ],
+)
+def test_permanent_refusals_of_an_upgrade_and_of_a_disabled_pool(
+    status, reason, headers, websocket, expected
+) -> None:
+    from addons.common import WEBSOCKET
+
+    addon = CodexReplies(GatewayCore())
+    with taddons.context(addon):
+        for hook in ("requestheaders", "response"):  # the forwarder refuses in both
+            flow = refused_flow(status, headers)
+            flow.metadata[REFUSED] = reason
+            if websocket:
+                flow.metadata[WEBSOCKET] = True
+            getattr(addon, hook)(flow)
+            assert flow.response.status_code == expected, hook
+
+
 def test_upstream_codex_headers_never_reach_a_member_and_the_windows_do() -> None:
     addon = CodexReplies(GatewayCore())
     with taddons.context(addon):

@@ -94,17 +94,39 @@ def test_request_injects_one_pool_key_and_the_session_keeps_it():
 
 
 def test_no_healthy_key_is_a_503_with_retry_after():
-    core = make_core("alpha")
-    core.pool.disable(core.pool.keys[0], "test")
+    core = make_core("alpha", "beta")
+    core.pool.cool_down(core.pool.keys[0], 120, "test")
+    core.pool.disable(core.pool.keys[1], "test")
     forwarder = PoolForwarder(core)
     with taddons.context(forwarder):
         flow = member_flow()
         forwarder.requestheaders(flow)
         forwarder.request(flow)
         assert flow.response is not None and flow.response.status_code == 503
-        assert int(flow.response.headers["retry-after"]) >= 1
+        assert 100 <= int(flow.response.headers["retry-after"]) <= 120  # alpha's cool-down
         assert json.loads(flow.response.content)["error"]["code"] == "no_upstream_key"
         assert flow.metadata[REFUSED] == "no-upstream-key" and KEY_INJECTED not in flow.metadata
+
+
+def test_every_key_disabled_is_a_refusal_marked_permanent():
+    """Nothing comes back before a restart: no Retry-After, and a reason CodexReplies turns
+    into a refusal Codex stops on (tests/test_gateway_ws_codex.py runs the real Codex)."""
+    from addons.gateway_mode.forward import NO_KEY_UNTIL_RESTART
+
+    core = make_core("alpha", "beta")
+    for key in core.pool.keys:
+        core.pool.disable(key, "test")
+    forwarder = PoolForwarder(core)
+    with taddons.context(forwarder):
+        flow = member_flow()
+        forwarder.requestheaders(flow)
+        forwarder.request(flow)
+        assert flow.response is not None and flow.response.status_code == 503
+        assert "retry-after" not in flow.response.headers
+        error = json.loads(flow.response.content)["error"]
+        assert error["code"] == "no_upstream_key"
+        assert "disabled until the gateway restarts" in error["message"]
+        assert flow.metadata[REFUSED] == NO_KEY_UNTIL_RESTART
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,10 @@ import logging
 from mitmproxy import http
 from sqlalchemy.exc import SQLAlchemyError
 
-from addons.common import LOCAL_REPLY_HEADER, REFUSED, fail_closed
+from addons.common import LOCAL_REPLY_HEADER, REFUSED, WEBSOCKET, fail_closed
 from addons.gateway_mode.codex_filter import looks_like_codex
 from addons.gateway_mode.core import MEMBER, GatewayCore
+from addons.gateway_mode.forward import NO_KEY_UNTIL_RESTART
 from addons.gateway_mode.quota import CODEX_LIMITS, codex_limits
 from addons.gateway_mode.windows import limits_of
 
@@ -44,6 +45,13 @@ def for_codex(request: http.Request) -> bool:
     return looks_like_codex(request, None)
 
 
+def falls_back_to_http(request: http.Request) -> bool:
+    """Whether a WebSocket upgrade comes from Codex's Responses WebSocket client, which
+    announces its protocol (``openai-beta: responses_websockets=<date>``) and, answered 426,
+    sends the turn over HTTP at once (measured with Codex 0.171; CODEX.md)."""
+    return "responses_websockets" in request.headers.get("openai-beta", "")
+
+
 def strip_upstream_codex_headers(response: http.Response) -> None:
     """Remove every ``x-codex-*`` header but our own local-reply marker."""
     for name in {n.lower() for n in response.headers.keys()}:
@@ -54,9 +62,13 @@ def strip_upstream_codex_headers(response: http.Response) -> None:
 class CodexReplies:
     """Shapes what a member's Codex receives (after every refusing addon and the forwarder).
 
-    - A local refusal Codex would retry in vain (:data:`PERMANENT_STATUSES`) is answered 400
-      when the request comes from Codex, so the turn ends at once with the refusal's JSON
-      (code and message) on screen; other clients keep the HTTP status (401, 403...).
+    - A local refusal Codex would retry in vain (:data:`PERMANENT_STATUSES`, and the 503 of
+      an upstream key pool disabled until restart) is answered 400 when the request comes
+      from Codex, so the turn ends at once with the refusal's JSON (code and message) on
+      screen; other clients keep the HTTP status (401, 403, 503...). A refused upgrade from
+      Codex's WebSocket client (:func:`falls_back_to_http`) is answered 426 instead: Codex
+      then sends the turn over HTTP at once and gets that 400 (docs/gateway.md, "Codex's
+      WebSocket transport").
     - Every reply to a member with limits carries the member's windows in Codex's
       rate-limit headers (read by the quota check; for a refusal that came before it, read
       here); upstream ``x-codex-*`` headers are removed first.
@@ -81,6 +93,7 @@ class CodexReplies:
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
+        self._permanent_to_400(flow)  # the forwarder's refusal of a failed handshake
         self._headers(flow)
 
     @staticmethod
@@ -89,9 +102,20 @@ class CodexReplies:
         if (
             response is not None
             and REFUSED in flow.metadata
-            and response.status_code in PERMANENT_STATUSES
+            and (
+                response.status_code in PERMANENT_STATUSES
+                or flow.metadata[REFUSED] == NO_KEY_UNTIL_RESTART
+            )
             and for_codex(flow.request)
         ):
+            if WEBSOCKET in flow.metadata and falls_back_to_http(flow.request):
+                # A refused upgrade's body reaches Codex's screen only now and then (its
+                # WebSocket client reads what came with the head: "" or "Unknown error" is
+                # what the member saw); with 426 it posts the turn over HTTP at once, and
+                # that refusal's 400 shows the cause (measured, Codex 0.171).
+                response.status_code = 426
+                response.reason = "Upgrade Required"
+                return
             response.status_code = 400
             response.reason = "Bad Request"
 

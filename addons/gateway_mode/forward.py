@@ -36,6 +36,12 @@ from addons.secret_memory import REDACTED
 logger = logging.getLogger(__name__)
 
 #: Upstream statuses that move a request to another key (while nothing reached the client).
+#: The refusal reason (``flow.metadata[REFUSED]``) when every upstream key is disabled until
+#: restart: permanent for the member, so answered to Codex as one it stops on
+#: (:class:`addons.gateway_mode.codex_replies.CodexReplies`).
+NO_KEY_UNTIL_RESTART = "no-upstream-key-until-restart"
+#: Handshake statuses that change the key's health (cool-down, disabled).
+KEY_STATUSES = frozenset({401, 403, 429})
 RETRY_STATUSES = frozenset({401, 403, 429, 500, 502, 503, 504})
 #: Sessions remembered with the keys their WebSocket handshakes failed on (oldest dropped).
 MAX_AVOIDED_SESSIONS = 1000
@@ -153,6 +159,22 @@ class PoolForwarder:
 
     def _no_key(self, flow: http.HTTPFlow) -> None:
         status = self.core.pool.status()
+        if status.disabled and not (status.healthy or status.cooling):
+            # Nothing comes back by itself: a retry cannot succeed before a restart, and
+            # Codex would retry a 503 for about 17 minutes (measured, socket and HTTP).
+            self.core.metrics.refused.labels("no_upstream_key").inc()
+            refuse(
+                flow,
+                NO_KEY_UNTIL_RESTART,
+                gateway_error(
+                    503,
+                    "no_upstream_key",
+                    f"every upstream key of the gateway ({len(status.disabled)}) was refused "
+                    "by the upstream (401/403) and is disabled until the gateway restarts; "
+                    "tell the gateway's operator",
+                ),
+            )
+            return
         wait = 30
         if status.next_ready_s is not None:
             wait = max(1, int(status.next_ready_s - time.time() + 0.999))
@@ -177,7 +199,10 @@ class PoolForwarder:
             return
         if WEBSOCKET in flow.metadata and flow.response.status_code == 101:
             self.avoid.pop(request_info(flow)["session"] or "", None)
-        if self._judge(attempt, flow.response) and self._can_retry(attempt):
+        if self._judge(attempt, flow.response) and (
+            self._can_retry(attempt)
+            or (WEBSOCKET in flow.metadata and flow.response.status_code in KEY_STATUSES)
+        ):
             attempt.hold = True
             flow.response.stream = False  # small error reply: read it whole, send nothing yet
 
@@ -231,13 +256,22 @@ class PoolForwarder:
                 attempt.hold = True
 
     def _upgrade_failed(self, flow: http.HTTPFlow, attempt: Attempt) -> None:
-        """A WebSocket handshake failed on a key while another is healthy. An upgrade cannot be
+        """A WebSocket handshake failed on a key (429, 401, 403, or a 5xx while another key
+        is healthy). Without another key: :meth:`_no_key`'s answer. With one: an upgrade cannot be
         sent again from here (mitmproxy owns the connection), so the member gets a local 503
         with ``Retry-After: 0`` (Codex 0.171 retries an upgrade after a 5xx within ~0.1 s, where
         the upstream's 429 ends its turn: measured), and the session's next upgrade avoids the
         key (429 cools it down and 401/403 disable it anyway; a 5xx does neither)."""
         attempt.hold = False
         assert flow.response is not None
+        if not self._can_retry(attempt):
+            # The only key (or the last) cooled down (429) or disabled (401/403): the member
+            # hears the pool's state, as if the upgrade had come a moment later. Passed on,
+            # the upstream's 429 ended Codex's turn at once ("exceeded retry limit"), where
+            # the pool's 503 carries the cool-down as Retry-After, which Codex waits out; a
+            # 401's body (the upstream's words about our key) never reaches a member.
+            self._no_key(flow)
+            return
         cause = str(flow.response.status_code)
         session = request_info(flow)["session"]
         if session:

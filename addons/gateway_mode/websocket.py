@@ -39,7 +39,8 @@ from typing import Any
 from mitmproxy import ctx, http
 from sqlalchemy.exc import SQLAlchemyError
 
-from addons.body_decode import loads_json
+from addons import body_decode
+from addons.body_decode import DecodeLimits, JsonTooDeep, loads_json
 from addons.common import WEBSOCKET, fail_closed
 from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row
 from addons.gateway_mode.core import MEMBER, ROUTE, SOCKET_ROUTE, UPSTREAM_KEY, GatewayCore
@@ -68,6 +69,47 @@ ROW_ROUTE = RESPONSES.row_route
 REVOKE_CHECK_S = 0.2
 #: Server events that end a Codex turn.
 TERMINAL = RESPONSES.ends
+
+
+class UnreadMessage(ValueError):
+    """A client message the gateway will not read. ``code`` names the refusal for an
+    ``error`` event (``None``: dropped without an answer)."""
+
+    def __init__(self, code: str | None, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def read_client_message(content: bytes, is_text: bool, limits: DecodeLimits) -> dict[str, Any]:
+    """The JSON object a client message carries.
+
+    Raises:
+        UnreadMessage: ``request_too_large`` past ``limits.max_bytes``
+            (``codex_decode_max_mib``, the HTTP body's 413) and ``json_too_deep`` past
+            :data:`addons.body_decode.MAX_JSON_DEPTH` (the HTTP body's 400): a request the
+            gateway will not read, answered so the client does not wait for a turn that
+            never starts. Code ``None`` for a binary message or text that is no JSON object:
+            no request at all (Codex sends JSON text only), dropped unanswered.
+    """
+    if not is_text:
+        raise UnreadMessage(None, "binary message")
+    if len(content) > limits.max_bytes:
+        raise UnreadMessage(
+            "request_too_large",
+            f"the message ({len(content)} bytes) is past the gateway's limit of "
+            f"{limits.max_bytes} bytes (codex_decode_max_mib); nothing was sent upstream",
+        )
+    try:
+        body = loads_json(content)
+    except JsonTooDeep as e:
+        raise UnreadMessage(
+            "json_too_deep", f"the message is {e} (the gateway's limit); nothing was sent upstream"
+        ) from None
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise UnreadMessage(None, "not a JSON object")
+    return body
 
 
 @dataclass
@@ -225,23 +267,28 @@ class WebSocketTurns:
             socket.client_messages += 1
         else:
             socket.upstream_messages += 1
-        if not message.is_text:
-            if message.from_client:
-                message.drop()  # Codex sends text only; nothing unread goes upstream
-            return
-        try:
-            body = loads_json(message.content)  # depth-limited: a deep message is dropped
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            if message.from_client:
-                message.drop()
-            return
         if message.from_client:
+            try:
+                body = read_client_message(message.content, message.is_text, body_decode.LIMITS)
+            except UnreadMessage as e:
+                # Nothing unread goes upstream; a request hears why (dropped unanswered, it
+                # would leave Codex waiting for its idle timeout).
+                message.drop()
+                if e.code is not None:
+                    self._refuse(
+                        socket, message, None, 400, "invalid_request_error", e.code, str(e),
+                        e.code,
+                    )  # fmt: skip
+                return
             if body.get("type") in socket.protocol.opens:
                 await self._admit(socket, message, body)
             return
-        self._server_event(socket, body)
+        try:
+            event = loads_json(message.content) if message.is_text else None
+        except ValueError:
+            event = None
+        if isinstance(event, dict):
+            self._server_event(socket, event)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         socket = self.sockets.get(flow.id)
