@@ -15,9 +15,9 @@ per open turn, a ledger row per turn end, revocation, the connection's row).
   ``total_tokens``, ``input_token_details.cached_tokens``; the model from the URL's ``model``
   and the session events; the refusal is the Realtime ``error`` event, ``{"type": "error",
   "event_id", "error": {"type", "code", "message", "param", "event_id"}}``, for busy slots
-  too; no Codex-only event). Responses the
-  server starts itself (server-side turn detection on audio) are metered when they end;
-  they are not checked beforehand, as nothing of the client's asks for them.
+  too; no Codex-only event). Responses the server starts itself (server-side turn detection
+  on audio) are turns too, checked once started (``response.created``) and metered when they
+  end.
 """
 
 from __future__ import annotations
