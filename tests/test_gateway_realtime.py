@@ -616,3 +616,25 @@ def test_a_response_the_server_starts_for_a_member_over_quota_is_cancelled(gatew
     assert [c["response_id"] for c in cancels] == [started]
     wait_for(lambda: len(usage_rows(gateway)) == 3, 10, "the started response's row")
     assert usage_rows(gateway)[-1]["total_tokens"] == 59  # metered all the same
+
+
+async def test_an_unread_realtime_message_is_answered_in_the_realtime_shape_and_counted():
+    from tests.test_gateway_ws import _say
+
+    core, turns, _ = _turns()
+    sent: list[bytes] = []
+    turns._inject = lambda flow, data: sent.append(data)  # type: ignore[method-assign]
+    with taddons.context(turns):
+        flow = _rt_flow()
+        turns.websocket_start(flow)
+        deep = b'{"type": "conversation.item.create", "item": ' + b"[" * 1100 + b"]" * 1100 + b"}"
+        await _say(turns, flow, True, deep)
+        assert flow.websocket.messages[-1].dropped
+        await _say(turns, flow, True, b"\x00 not json")
+        assert flow.websocket.messages[-1].dropped
+        turns.websocket_end(flow)
+    (event,) = [json.loads(m) for m in sent]  # the non-JSON one is dropped unanswered
+    assert event["type"] == "error" and "status" not in event
+    assert event["error"]["code"] == "json_too_deep" and event["error"]["event_id"] is None
+    closed = [r for r in core.ledger.rows if r.get("table") == WS_CONNECTIONS][-1]  # type: ignore[union-attr]
+    assert closed["client_messages"] == 2 and closed["turns"] == 0
