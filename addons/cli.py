@@ -26,6 +26,7 @@ from addons.launch import (
     record_options,
     reverse_mode,
     set_spec,
+    worker_count,
 )
 from addons.routing import DEFAULT_UPSTREAM_URL, Upstream, parse_upstream_url
 
@@ -287,8 +288,6 @@ def main(
     try:
         config = resolve_config(ns)
         upstream = parse_upstream_url(config.upstream_url)
-        from addons.workers.supervisor import worker_count
-
         workers = worker_count(ns.workers)
         identity = identity_settings(ns)
     except ValueError as e:

@@ -373,6 +373,31 @@ def _count(name: str, base: int, new: int, allowed: float | None) -> Figure:
     return Figure(name, base, new, f"{new - base:+d}", rule, over)
 
 
+def _counts_per_key(
+    label: str,
+    base: Counter[str],
+    new: Counter[str],
+    allowed: float | None,
+    *,
+    new_key: str,
+    rule: str,
+    gated: bool,
+    called_out: Callable[[str], bool] = lambda _key: True,
+) -> list[Figure]:
+    """A :func:`_count` figure per key of either run (``label`` formatted with the key), by
+    key. A key BASE never had (and ``called_out`` accepts) shows ``new_key`` as its change;
+    when ``gated`` it is a regression under ``rule``, whatever its count."""
+    figs = []
+    for key in sorted(base.keys() | new.keys()):
+        fig = _count(label.format(key), base[key], new[key], allowed)
+        if not base[key] and called_out(key):
+            fig.change = new_key
+            if gated:
+                fig.rule, fig.regression = rule, True
+        figs.append(fig)
+    return figs
+
+
 def percentile(values: Sequence[float], p: float) -> float | None:
     """Nearest-rank percentile ``p`` (0-100) of ``values``; ``None`` when empty."""
     ordered = sorted(values)
@@ -465,28 +490,29 @@ def request_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> lis
             figs.append(_count(f"turns {kind}", bo[kind], no[kind], allowed))
     bs = Counter(str(t.record.status) for t in base.turns)
     ns = Counter(str(t.record.status) for t in new.turns)
-    for status in sorted(bs.keys() | ns.keys()):
-        fig = _count(f"HTTP {status}", bs[status], ns[status], None)
-        if status.isdigit() and int(status) >= 400 and not bs[status]:
-            fig.change = "new status"
-            if th["new_error_status"]:
-                fig.rule, fig.regression = "new error status", True
-        figs.append(fig)
-    return figs
+    return figs + _counts_per_key(
+        "HTTP {}",
+        bs,
+        ns,
+        None,
+        new_key="new status",
+        rule="new error status",
+        gated=th["new_error_status"],
+        called_out=lambda status: status.isdigit() and int(status) >= 400,
+    )
 
 
 def refusal_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[Figure]:
     """Refused requests per kind; a kind BASE never had is called out."""
-    figs = []
-    br, nr = refusal_kinds(base), refusal_kinds(new)
-    for kind in sorted(br.keys() | nr.keys()):
-        fig = _count(f"refusals {kind}", br[kind], nr[kind], th["refusals_increase"])
-        if not br[kind]:
-            fig.change = "new kind"
-            if th["new_refusal_kind"]:
-                fig.rule, fig.regression = "new kind", True
-        figs.append(fig)
-    return figs
+    return _counts_per_key(
+        "refusals {}",
+        refusal_kinds(base),
+        refusal_kinds(new),
+        th["refusals_increase"],
+        new_key="new kind",
+        rule="new kind",
+        gated=th["new_refusal_kind"],
+    )
 
 
 def tool_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[Figure]:

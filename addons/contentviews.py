@@ -20,6 +20,10 @@ in mitmweb's "View" menu:
   usage on a terminal event). mitmproxy 12.3 renders WebSocket messages through the same
   registry (``Metadata.websocket_message`` is set for them; read in its
   ``contentviews/_utils.py``), so mitmweb shows it in the flow's "WebSocket" tab.
+
+The shared rendering (:func:`render_request`, :func:`render_turn`, :func:`stream_timeline`,
+:data:`PRIORITY`) is also the Chat Completions bridge's (``addons/bridge/contentviews.py``);
+``addons/views.py`` registers both modules' views.
 """
 
 from __future__ import annotations
@@ -268,27 +272,3 @@ def _timing_fits(chunk_timing: Any, raw: bytes) -> bool:
         return bool(chunk_timing) and int(chunk_timing[-1][1]) == len(raw)
     except (TypeError, ValueError, IndexError):
         return False
-
-
-def all_views() -> tuple[contentviews.Contentview, ...]:
-    """The Responses views and the Chat Completions bridge's (``addons/bridge``)."""
-    from addons.bridge.contentviews import ChatRequestContentview, ChatStreamContentview
-
-    return (
-        ResponsesRequestContentview(),
-        ResponsesStreamContentview(),
-        ResponsesSocketContentview(),
-        ChatRequestContentview(),
-        ChatStreamContentview(),
-    )
-
-
-class CodexContentviews:
-    """Registers the Codex views with mitmproxy when the addon loads (so plain ``mitmdump -s
-    addons/proxy.py``, ``--flow-detail 3``, the console and ``./run.sh web`` all get them).
-    mitmproxy 12 has no way to unregister a view; registering again (a script reload)
-    replaces it by name."""
-
-    def load(self, loader) -> None:
-        for view in all_views():
-            contentviews.add(view)

@@ -15,7 +15,7 @@ import logging
 import re
 from typing import BinaryIO
 
-from addons.secret_memory import REDACTED, mlock, zero
+from addons.secret_memory import REDACTED, SecretTooLarge, mlock, read_secret_line, zero
 
 logger = logging.getLogger(__name__)
 
@@ -53,34 +53,22 @@ def read_api_key(stream: BinaryIO) -> bytearray:
     characters).
 
     Returns the key as a new ``bytearray`` (the caller owns it and should zero it when done).
-    The internal read buffer is zeroed before returning or raising.
+    The read buffer is zeroed before returning or raising
+    (:func:`addons.secret_memory.read_secret_line`).
 
     Raises:
         ApiKeyError: with the reference proxy's message for empty, too large or bad input.
     """
-    buf = bytearray()
     try:
-        while len(buf) < MAX_READ_BYTES:
-            byte = stream.read(1)
-            if not byte:
-                break
-            buf += byte
-            if byte == b"\n":
-                break
-        if len(buf) >= MAX_READ_BYTES and not buf.endswith(b"\n"):
-            raise ApiKeyError(MSG_TOO_LARGE)
-        end = len(buf)
-        while end and buf[end - 1] in (0x0A, 0x0D):
-            end -= 1
-        if end == 0:
-            raise ApiKeyError(MSG_EMPTY)
-        key = bytearray(buf[:end])
-        if KEY_PATTERN.fullmatch(key) is None:
-            zero(key)
-            raise ApiKeyError(MSG_CHARSET)
-        return key
-    finally:
-        zero(buf)
+        key = read_secret_line(stream, MAX_READ_BYTES)
+    except SecretTooLarge:
+        raise ApiKeyError(MSG_TOO_LARGE) from None
+    if not key:
+        raise ApiKeyError(MSG_EMPTY)
+    if KEY_PATTERN.fullmatch(key) is None:
+        zero(key)
+        raise ApiKeyError(MSG_CHARSET)
+    return key
 
 
 class ApiKey:

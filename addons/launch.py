@@ -2,7 +2,8 @@
 launcher (:mod:`addons.cli`), ``./run.sh gateway serve`` (:mod:`addons.gateway_mode.cli`) and a
 ``--workers`` worker (:mod:`addons.workers.worker`), which import down into it.
 
-- Argument types shared by the launchers' parsers: :func:`port_number`, :func:`set_spec`.
+- Argument types shared by the launchers' parsers: :func:`port_number`, :func:`set_spec`,
+  :func:`worker_count`.
 - :class:`OptionSpecs`: our ``--set name=value`` specs, the user's ``--set`` winning.
 - :func:`record_options`: ``--record DIR``'s mitmproxy options.
 - :func:`reverse_mode`: the ``--mode reverse:...`` head and the entry script.
@@ -43,6 +44,23 @@ def set_spec(value: str) -> str:
     if "=" not in value or not value.split("=", 1)[0]:
         raise argparse.ArgumentTypeError(f"expected name=value, got {value!r}")
     return value
+
+
+def worker_count(value: str) -> int:
+    """``--workers``: a whole number >= 1, or ``auto`` (the cores this process may use).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    try:
+        count = int(value, 10)
+    except ValueError:
+        raise ValueError(f"--workers: expected a number or auto, got {value!r}") from None
+    if not 1 <= count <= 256:
+        raise ValueError("--workers must be between 1 and 256")
+    return count
 
 
 def _format_value(value: Any) -> str:

@@ -9,7 +9,6 @@ from addons.allowlist import Allowlist
 from addons.body_decode import DecodeLimitOptions
 from addons.bomb_fence import BombFence
 from addons.bridge.addons import ChatBridge, ChatReplies
-from addons.contentviews import CodexContentviews
 from addons.dumps import DumpWriter
 from addons.error_replies import JsonErrorReplies
 from addons.forward import UpstreamForwarder
@@ -21,6 +20,7 @@ from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
 from addons.sse_stream import SseStreaming
 from addons.upstream_connect import UpstreamConnect
+from addons.views import CodexContentviews
 from addons.websocket_refusal import WebSocketRefusal
 from addons.workload_identity import WorkloadIdentityRenewal
 

@@ -6,12 +6,15 @@ supervisor and its identity feed.
 - :func:`zero`: overwrite a ``bytearray`` in place once its secret is no longer needed.
 - :func:`mlock`: best effort ``mlock(2)`` so a secret's storage is not swapped out.
 - :data:`REDACTED`: what every ``repr``, dump, flow file and UI shows in a secret's place.
+- :func:`read_secret_line`: one line of a secret from a stream, bounded, its buffer zeroed
+  (the strict proxy's key and the keyless mode's GitHub request token).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from typing import BinaryIO
 
 #: Shown in place of a secret (and of every redacted header value).
 REDACTED = "[REDACTED]"
@@ -38,3 +41,43 @@ def mlock(buf: bytearray) -> bool:
         return libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(len(buf))) == 0
     except (OSError, AttributeError, TypeError, ValueError):
         return False
+
+
+class SecretTooLarge(ValueError):
+    """:func:`read_secret_line` filled its bound without reaching the end of the line. The
+    message names no byte of the input; callers raise their own error in its place."""
+
+
+def read_secret_line(stream: BinaryIO, max_bytes: int) -> bytearray:
+    """The first line of a secret from ``stream`` (normally ``sys.stdin.buffer``).
+
+    The reference proxy's reading rule, shared by its ``read_api_key`` and its GitHub request
+    token reader: read at most ``max_bytes`` bytes, one at a time, stopping after the first
+    ``\\n`` (nothing past it is consumed); if ``max_bytes`` arrive with no ``\\n`` last, the
+    secret is too large; trailing CR/LF are trimmed. The read buffer is zeroed before this
+    returns or raises.
+
+    Returns:
+        The line without its CR/LF, possibly empty: a new ``bytearray`` the caller owns and
+        zeroes (its content rules are the caller's).
+
+    Raises:
+        SecretTooLarge: ``max_bytes`` read without a newline at the end.
+    """
+    buf = bytearray()
+    try:
+        while len(buf) < max_bytes:
+            byte = stream.read(1)
+            if not byte:
+                break
+            buf += byte
+            if byte == b"\n":
+                break
+        if len(buf) >= max_bytes and not buf.endswith(b"\n"):
+            raise SecretTooLarge(f"{max_bytes} bytes read without a newline")
+        end = len(buf)
+        while end and buf[end - 1] in (0x0A, 0x0D):
+            end -= 1
+        return bytearray(buf[:end])
+    finally:
+        zero(buf)

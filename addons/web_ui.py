@@ -18,7 +18,6 @@ from mitmproxy import ctx, exceptions, hooks, http
 from addons.body_decode import DecodeLimitOptions
 from addons.bomb_fence import BombFence
 from addons.common import CHUNK_TIMING, LOCAL_REPLY_HEADER
-from addons.contentviews import CodexContentviews
 from addons.guard import OptionGuard
 from addons.redaction import HeaderRedaction
 from addons.secret_memory import REDACTED
@@ -26,6 +25,7 @@ from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
 from addons.sse_events import stream_completed
 from addons.sse_stream import Tee, is_event_stream
+from addons.views import CodexContentviews
 
 logger = logging.getLogger(__name__)
 

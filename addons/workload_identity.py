@@ -40,7 +40,7 @@ import yarl
 from mitmproxy import ctx, exceptions
 
 from addons.keyholder import BEARER_PREFIX
-from addons.secret_memory import REDACTED, mlock, zero
+from addons.secret_memory import REDACTED, SecretTooLarge, mlock, read_secret_line, zero
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,8 @@ def read_request_token(stream: BinaryIO) -> bytearray:
 
     The reference's rule: read at most 16 386 bytes, stopping after the first ``\\n``; a read
     that fills them without ending in ``\\n`` is too large; trailing CR/LF are trimmed; the
-    rest must be 1..16 384 bytes of ``[A-Za-z0-9-._~+/=]``. The read buffer is zeroed.
+    rest must be 1..16 384 bytes of ``[A-Za-z0-9-._~+/=]``. The read buffer is zeroed
+    (:func:`addons.secret_memory.read_secret_line`).
 
     Returns:
         The token (the caller owns it and zeroes it).
@@ -156,29 +157,16 @@ def read_request_token(stream: BinaryIO) -> bytearray:
     Raises:
         WorkloadIdentityError: :data:`MSG_CREDENTIAL_TOO_LARGE` or :data:`MSG_INVALID_CREDENTIAL`.
     """
-    buf = bytearray()
     try:
-        while len(buf) < READ_LIMIT_BYTES:
-            byte = stream.read(1)
-            if not byte:
-                break
-            buf += byte
-            if byte == b"\n":
-                break
-        if len(buf) >= READ_LIMIT_BYTES and not buf.endswith(b"\n"):
-            raise WorkloadIdentityError(MSG_CREDENTIAL_TOO_LARGE)
-        end = len(buf)
-        while end and buf[end - 1] in (0x0A, 0x0D):
-            end -= 1
-        if not 0 < end <= MAX_REQUEST_TOKEN_BYTES:
-            raise WorkloadIdentityError(MSG_INVALID_CREDENTIAL)
-        token = bytearray(buf[:end])
-        if REQUEST_TOKEN_PATTERN.fullmatch(token) is None:
-            zero(token)
-            raise WorkloadIdentityError(MSG_INVALID_CREDENTIAL)
-        return token
-    finally:
-        zero(buf)
+        token = read_secret_line(stream, READ_LIMIT_BYTES)
+    except SecretTooLarge:
+        raise WorkloadIdentityError(MSG_CREDENTIAL_TOO_LARGE) from None
+    if not 0 < len(token) <= MAX_REQUEST_TOKEN_BYTES or (
+        REQUEST_TOKEN_PATTERN.fullmatch(token) is None
+    ):
+        zero(token)
+        raise WorkloadIdentityError(MSG_INVALID_CREDENTIAL)
+    return token
 
 
 def github_request_url(request_url: str, audience: str) -> str:

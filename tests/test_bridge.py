@@ -24,8 +24,8 @@ from addons.bridge.efforts import DEFAULT_MODELS, model_ids, parse_models, resol
 from addons.bridge.stream import DONE, ChunkTranslator
 from addons.bridge.translate import BridgeError, chat_to_responses, responses_to_chat
 from addons.common import BRIDGE, BRIDGE_CLIENT_REPLY
-from addons.contentviews import CodexContentviews
 from addons.sse_events import parse_sse_text
+from addons.views import CodexContentviews
 from tests.conftest import TEST_KEY
 from tests.fake_upstream import encode_event, response_object, responses_sse_events
 from tests.responses_events import ending, tool_call_events

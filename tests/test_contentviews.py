@@ -6,9 +6,10 @@ from mitmproxy import contentviews, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons.common import CHUNK_TIMING
-from addons.contentviews import CodexContentviews, render_request
+from addons.contentviews import render_request
 from addons.responses_turn import assemble_turn
 from addons.sse_events import decode_sse
+from addons.views import CodexContentviews
 from tests.fake_upstream import (
     StreamCompressor,
     encode_event,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 
 import pytest
 
@@ -123,3 +124,11 @@ def test_user_set_replaces_every_value_of_ours():
     options.put("b", True)
     options.put("c", None)
     assert options.specs(["a=9"]) == ["a=9", "b=true"]
+
+
+def test_worker_count() -> None:
+    assert launch.worker_count("3") == 3
+    assert launch.worker_count("auto") == len(os.sched_getaffinity(0))
+    for bad in ("0", "-1", "x", "1000"):
+        with pytest.raises(ValueError, match="--workers"):
+            launch.worker_count(bad)

@@ -28,14 +28,6 @@ STREAM = {"model": "gpt-5.5", "stream": True}
 # -- units ------------------------------------------------------------------------------------
 
 
-def test_worker_count() -> None:
-    assert supervisor.worker_count("3") == 3
-    assert supervisor.worker_count("auto") == len(os.sched_getaffinity(0))
-    for bad in ("0", "-1", "x", "1000"):
-        with pytest.raises(ValueError, match="--workers"):
-            supervisor.worker_count(bad)
-
-
 def test_override_sets_replaces_every_value_of_a_name() -> None:
     args = [
         "--mode",

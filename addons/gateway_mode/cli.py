@@ -1,8 +1,10 @@
 """``./run.sh gateway [--config FILE] [--database URL] COMMAND``: admin commands and ``serve``.
 
 Admin commands talk to the database directly and print for people (``usage --json`` for
-programs). ``serve`` reads the upstream keys from stdin (before listening; they never touch
-disk), then runs mitmproxy's ``mitmdump`` in this process with ``addons/gateway.py``.
+programs): one function per command, which its subparser names (``set_defaults(admin=...)``),
+run by :func:`run_admin`. ``serve`` reads the upstream keys from stdin (before listening; they
+never touch disk), then runs mitmproxy's ``mitmdump`` in this process with
+``addons/gateway.py``.
 Exit codes: 0 ok; 1 key or database errors at ``serve`` start; 2 usage errors.
 """
 
@@ -41,6 +43,7 @@ from addons.launch import (
     record_options,
     reverse_mode,
     set_spec,
+    worker_count,
 )
 from addons.responses_turn import USAGE_KINDS
 from addons.routing import parse_upstream_url
@@ -149,22 +152,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--database", metavar="URL", help="sqlite:///path.db or postgresql://user@host/db"
     )
+    # Each admin command's subparser names its function (``ns.admin``, run by run_admin);
+    # serve is main's own.
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("init", help="create or migrate the schema (idempotent)")
+    init = sub.add_parser("init", help="create or migrate the schema (idempotent)")
+    init.set_defaults(admin=init_schema)
     add = sub.add_parser("add-member", help="add a member")
+    add.set_defaults(admin=add_member)
     add.add_argument("name")
     _member_options(add)
     setm = sub.add_parser("set-member", help="change a member's limits (0 = unlimited)")
+    setm.set_defaults(admin=set_member)
     setm.add_argument("name")
     _member_options(setm)
-    sub.add_parser("list-members", help="members and their limits")
+    lm = sub.add_parser("list-members", help="members and their limits")
+    lm.set_defaults(admin=list_members)
     key = sub.add_parser("add-key", help="a new member key, printed once as stdout's last line")
+    key.set_defaults(admin=add_key)
     key.add_argument("name")
     lk = sub.add_parser("list-keys", help="key ids, members, created, last used, revoked")
+    lk.set_defaults(admin=list_keys)
     lk.add_argument("name", nargs="?")
     rk = sub.add_parser("revoke-key", help="revoke a member key by id")
+    rk.set_defaults(admin=revoke_key)
     rk.add_argument("key_id")
     us = sub.add_parser("usage", help="tokens, credits and USD per member")
+    us.set_defaults(admin=usage)
     us.add_argument("--member", metavar="NAME")
     us.add_argument("--since", default="7d", help="5h, 7d, 30m or an ISO-8601 time (default 7d)")
     us.add_argument("--json", action="store_true", help="machine-readable output")
@@ -306,143 +319,172 @@ def _table(rows: list[list[str]], out: Any) -> None:
         )
 
 
+#: An admin command: runs on the open database, writes for people to ``out``. Raises
+#: ``ValueError`` / :class:`DatabaseError` / SQLAlchemy errors for :func:`main` to report.
+AdminCommand = Callable[[Database, argparse.Namespace, GatewayConfig, Any], None]
+
+
+def init_schema(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
+    """``init``: create or migrate the schema (idempotent)."""
+    revision = db.migrate()
+    out.write(f"database ready (schema {revision}): {db!r}\n")
+
+
+def add_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
+    """``add-member NAME [limits]``."""
+    db.add_member(ns.name, **{k: v for k, v in member_settings(ns).items() if v is not None})
+    out.write(f"member {ns.name} added\n")
+
+
+def set_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
+    """``set-member NAME limits``: at least one limit, else ``ValueError``."""
+    changes = {k: v for k, v in member_settings(ns).items() if v is not None}
+    if not changes:
+        raise ValueError("set-member: give at least one limit to change")
+    db.set_member(ns.name, **changes)
+    out.write(f"member {ns.name} updated\n")
+
+
+def list_members(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
+    """``list-members``: a table of the members and their limits (``-``: unlimited)."""
+    rows = [
+        ["member", "5h tokens", "weekly tokens", "5h credits", "weekly credits", "max concurrent"]
+    ]
+    for m in db.members():
+        rows.append(
+            [
+                m["name"],
+                str(m["five_hour_quota"] or "-"),
+                str(m["weekly_quota"] or "-"),
+                _credits_text(m["five_hour_credits_micro"])
+                if m["five_hour_credits_micro"]
+                else "-",
+                _credits_text(m["weekly_credits_micro"]) if m["weekly_credits_micro"] else "-",
+                str(m["max_concurrent"] or "-"),
+            ]
+        )
+    _table(rows, out)
+
+
+def add_key(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
+    """``add-key NAME``: the new member key alone on stdout's last line, its id on stderr."""
+    key_id, key = db.add_key(ns.name)
+    sys.stderr.write(
+        f"member key {key_id} for {ns.name}; shown once, on the next line of stdout:\n"
+    )
+    sys.stderr.flush()
+    out.write(key + "\n")
+
+
+def list_keys(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
+    """``list-keys [NAME]``: key ids, members, created, last used, revoked."""
+    rows = [["id", "member", "created", "last used", "revoked"]]
+    for k in db.list_keys(ns.name):
+        rows.append(
+            [
+                k["id"],
+                k["member"],
+                iso(k["created_ms"]) or "-",
+                iso(k["last_used_ms"]) or "never",
+                iso(k["revoked_ms"]) or "no",
+            ]
+        )
+    _table(rows, out)
+
+
+def revoke_key(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
+    """``revoke-key KEY_ID``."""
+    db.revoke_key(ns.key_id)
+    out.write(f"key {ns.key_id} revoked (the gateway refuses it within a second)\n")
+
+
+def usage(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
+    """``usage [--member NAME] [--since WHEN] [--json]``: :func:`summarize_usage` of the
+    ledger since ``--since``, as JSON or as a table with its notes."""
+    now = now_ms()
+    since = parse_since(ns.since, now)
+    card = config.rate_card()
+    summary = summarize_usage(
+        db.usage_rows(since, ns.member), card, db.ws_connection_rows(since, ns.member)
+    )
+    gaps = rate_card_gaps(card)
+    if ns.json:
+        doc = {"since": iso(since), "until": iso(now), **summary, "unpriced_models": gaps}
+        out.write(json.dumps(doc, indent=2) + "\n")
+        return
+    out.write(f"usage since {iso(since)}\n")
+    _usage_table(summary, out)
+    total = summary["total"]
+    if total["in_flight"]:
+        out.write(
+            f"{total['in_flight']} request(s) forwarded with no end "
+            "recorded: still running, or the gateway was killed while they ran\n"
+        )
+    if total["ws_open"]:
+        out.write(
+            f"{total['ws_open']} WebSocket connection(s) with no close recorded: still "
+            "open, or the gateway was killed while they were\n"
+        )
+    if total["unpriced"]:
+        out.write(
+            f"{total['unpriced']} request(s) unpriced: their model had no "
+            "rate-card entry (credits.rates) when they ran\n"
+        )
+    for line in rate_card_gap_lines(gaps, config.path, card):
+        out.write(line + "\n")
+
+
+def _usage_table(summary: dict[str, Any], out: Any) -> None:
+    """The ``usage`` table: a row per member, then ``TOTAL``."""
+    rows = [
+        [
+            "member",
+            "requests",
+            "input",
+            "cached",
+            "cache writes",
+            "output",
+            "reasoning",
+            "total",
+            "credits",
+            "USD",
+            "unpriced",
+            "ws conns",
+            "ws msgs in/out",
+        ]
+    ]
+    for m in [*summary["members"], {"member": "TOTAL", **summary["total"]}]:
+        rows.append(
+            [
+                m["member"],
+                str(m["requests"]),
+                str(m["input_tokens"]),
+                str(m["cached_tokens"]),
+                str(m["cache_write_tokens"]),
+                str(m["output_tokens"]),
+                str(m["reasoning_tokens"]),
+                str(m["total_tokens"]),
+                f"{m['credits']:.6f}".rstrip("0").rstrip("."),
+                f"{m['usd']:.4f}",
+                str(m["unpriced"]),
+                str(m["ws_connections"]),
+                f"{m['ws_client_messages']}/{m['ws_upstream_messages']}",
+            ]
+        )
+    _table(rows, out)
+
+
 def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
-    """Run one admin command. Raises ``ValueError`` / :class:`DatabaseError` / SQLAlchemy
-    errors for :func:`main` to report."""
+    """Run one admin command: the function its subparser set as ``ns.admin``, on the
+    database, whose schema must be current (except for ``init``, which makes it so).
+    Returns 0. Raises ``ValueError`` / :class:`DatabaseError` / SQLAlchemy errors for
+    :func:`main` to report."""
+    command: AdminCommand = ns.admin
     db = Database(ns.database or config.database_url())
     try:
-        if ns.command == "init":
-            revision = db.migrate()
-            out.write(f"database ready (schema {revision}): {db!r}\n")
-            return 0
-        db.check_schema()
-        if ns.command == "add-member":
-            db.add_member(
-                ns.name, **{k: v for k, v in member_settings(ns).items() if v is not None}
-            )
-            out.write(f"member {ns.name} added\n")
-        elif ns.command == "set-member":
-            changes = {k: v for k, v in member_settings(ns).items() if v is not None}
-            if not changes:
-                raise ValueError("set-member: give at least one limit to change")
-            db.set_member(ns.name, **changes)
-            out.write(f"member {ns.name} updated\n")
-        elif ns.command == "list-members":
-            rows = [
-                [
-                    "member",
-                    "5h tokens",
-                    "weekly tokens",
-                    "5h credits",
-                    "weekly credits",
-                    "max concurrent",
-                ]
-            ]
-            for m in db.members():
-                rows.append(
-                    [
-                        m["name"],
-                        str(m["five_hour_quota"] or "-"),
-                        str(m["weekly_quota"] or "-"),
-                        _credits_text(m["five_hour_credits_micro"])
-                        if m["five_hour_credits_micro"]
-                        else "-",
-                        _credits_text(m["weekly_credits_micro"])
-                        if m["weekly_credits_micro"]
-                        else "-",
-                        str(m["max_concurrent"] or "-"),
-                    ]
-                )
-            _table(rows, out)
-        elif ns.command == "add-key":
-            key_id, key = db.add_key(ns.name)
-            sys.stderr.write(
-                f"member key {key_id} for {ns.name}; shown once, on the next line of stdout:\n"
-            )
-            sys.stderr.flush()
-            out.write(key + "\n")
-        elif ns.command == "list-keys":
-            rows = [["id", "member", "created", "last used", "revoked"]]
-            for k in db.list_keys(ns.name):
-                rows.append(
-                    [
-                        k["id"],
-                        k["member"],
-                        iso(k["created_ms"]) or "-",
-                        iso(k["last_used_ms"]) or "never",
-                        iso(k["revoked_ms"]) or "no",
-                    ]
-                )
-            _table(rows, out)
-        elif ns.command == "revoke-key":
-            db.revoke_key(ns.key_id)
-            out.write(f"key {ns.key_id} revoked (the gateway refuses it within a second)\n")
-        elif ns.command == "usage":
-            now = now_ms()
-            since = parse_since(ns.since, now)
-            card = config.rate_card()
-            summary = summarize_usage(
-                db.usage_rows(since, ns.member), card, db.ws_connection_rows(since, ns.member)
-            )
-            gaps = rate_card_gaps(card)
-            if ns.json:
-                doc = {"since": iso(since), "until": iso(now), **summary, "unpriced_models": gaps}
-                out.write(json.dumps(doc, indent=2) + "\n")
-            else:
-                rows = [
-                    [
-                        "member",
-                        "requests",
-                        "input",
-                        "cached",
-                        "cache writes",
-                        "output",
-                        "reasoning",
-                        "total",
-                        "credits",
-                        "USD",
-                        "unpriced",
-                        "ws conns",
-                        "ws msgs in/out",
-                    ]
-                ]
-                for m in [*summary["members"], {"member": "TOTAL", **summary["total"]}]:
-                    rows.append(
-                        [
-                            m["member"],
-                            str(m["requests"]),
-                            str(m["input_tokens"]),
-                            str(m["cached_tokens"]),
-                            str(m["cache_write_tokens"]),
-                            str(m["output_tokens"]),
-                            str(m["reasoning_tokens"]),
-                            str(m["total_tokens"]),
-                            f"{m['credits']:.6f}".rstrip("0").rstrip("."),
-                            f"{m['usd']:.4f}",
-                            str(m["unpriced"]),
-                            str(m["ws_connections"]),
-                            f"{m['ws_client_messages']}/{m['ws_upstream_messages']}",
-                        ]
-                    )
-                out.write(f"usage since {iso(since)}\n")
-                _table(rows, out)
-                if summary["total"]["in_flight"]:
-                    out.write(
-                        f"{summary['total']['in_flight']} request(s) forwarded with no end "
-                        "recorded: still running, or the gateway was killed while they ran\n"
-                    )
-                if summary["total"]["ws_open"]:
-                    out.write(
-                        f"{summary['total']['ws_open']} WebSocket connection(s) with no close "
-                        "recorded: still open, or the gateway was killed while they were\n"
-                    )
-                if summary["total"]["unpriced"]:
-                    out.write(
-                        f"{summary['total']['unpriced']} request(s) unpriced: their model had no "
-                        "rate-card entry (credits.rates) when they ran\n"
-                    )
-                for line in rate_card_gap_lines(gaps, config.path, card):
-                    out.write(line + "\n")
+        if command is not init_schema:
+            db.check_schema()
+        command(db, ns, config, out)
         return 0
     finally:
         db.dispose()
@@ -531,8 +573,6 @@ def serve(
     apply_serve_flags(ns, config)
     database_url = ns.database or config.database_url()
     parse_upstream_url(config.upstream_url)
-    from addons.workers.supervisor import worker_count
-
     workers = worker_count(ns.workers)
     listen_policy(
         config.listen_host, list(config.mitmproxy.get("certs") or []), config.insecure_listen

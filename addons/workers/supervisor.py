@@ -42,23 +42,6 @@ START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 
 
-def worker_count(value: str) -> int:
-    """``--workers``: a whole number >= 1, or ``auto`` (the cores this process may use).
-
-    Raises:
-        ValueError: anything else.
-    """
-    if value == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
-    try:
-        count = int(value, 10)
-    except ValueError:
-        raise ValueError(f"--workers: expected a number or auto, got {value!r}") from None
-    if not 1 <= count <= 256:
-        raise ValueError("--workers must be between 1 and 256")
-    return count
-
-
 def override_sets(args: list[str], values: dict[str, str]) -> list[str]:
     """mitmdump ``args`` with every ``--set NAME=...`` of ``values`` replaced by its value."""
     out: list[str] = []
