@@ -148,6 +148,72 @@ def responses_sse_events(
     return events
 
 
+def realtime_usage() -> dict[str, Any]:
+    """The usage of every stand-in Realtime response (59 tokens: 42 in, 8 of them cached, 17
+    out; all text), in ``response.done``'s ``response.usage`` shape."""
+    return {
+        "total_tokens": 59,
+        "input_tokens": 42,
+        "output_tokens": 17,
+        "input_token_details": {
+            "cached_tokens": 8,
+            "text_tokens": 42,
+            "audio_tokens": 0,
+            "image_tokens": 0,
+            "cached_tokens_details": {"text_tokens": 8, "audio_tokens": 0, "image_tokens": 0},
+        },
+        "output_token_details": {"text_tokens": 17, "audio_tokens": 0},
+    }
+
+
+def realtime_response_events(response_id: str, text: str) -> list[dict[str, Any]]:
+    """The Realtime server events of one text response: ``response.created``, one
+    ``response.output_text.delta``, ``response.done`` (status ``completed``, with
+    :func:`realtime_usage`)."""
+
+    def response(status: str, output: list[Any], usage: Any) -> dict[str, Any]:
+        return {
+            "id": response_id,
+            "object": "realtime.response",
+            "status": status,
+            "output": output,
+            "output_modalities": ["text"],
+            "conversation_id": "conv_standin",
+            "usage": usage,
+        }
+
+    item_id = "item_" + response_id
+    item = {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": text}],
+    }
+    return [
+        {
+            "type": "response.created",
+            "event_id": "event_c" + response_id,
+            "response": response("in_progress", [], None),
+        },
+        {
+            "type": "response.output_text.delta",
+            "event_id": "event_d" + response_id,
+            "response_id": response_id,
+            "item_id": item_id,
+            "output_index": 0,
+            "content_index": 0,
+            "delta": text,
+        },
+        {
+            "type": "response.done",
+            "event_id": "event_e" + response_id,
+            "response": response("completed", [item], realtime_usage()),
+        },
+    ]
+
+
 def encode_event(kind: str, payload: dict[str, Any]) -> bytes:
     """One SSE event on the wire: ``event: kind``, ``data: <JSON>`` and the blank line."""
     return f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
@@ -229,6 +295,14 @@ class ResponsesStandIn:
         ws_close_after: close each socket after this many ``response.create`` messages, with
             close code ``ws_close_code`` (OpenAI closes a socket after 60 minutes).
         ``gate`` holds a socket's turn after its first event too (not a warm-up's).
+
+    Realtime (``GET .../realtime?model=…`` with ``Upgrade: websocket``, the OpenAI Realtime
+    API): ``session.created`` (the URL's model) on connect; ``session.update`` →
+    ``session.updated``; ``conversation.item.create`` → ``conversation.item.added``;
+    ``response.create`` → :func:`realtime_response_events` (``gate`` holds it after
+    ``response.created``); ``input_audio_buffer.commit`` → the same, unasked (as server-side
+    turn detection starts a response). Recorded like the other socket: the upgrade in
+    ``requests``, the client's events in ``ws_messages``, ``ws_open`` / ``ws_connections``.
     """
 
     def __init__(self) -> None:
@@ -273,6 +347,8 @@ class ResponsesStandIn:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.headers_seen.set()
         if request.method == "GET" and request.headers.get("upgrade", "").lower() == "websocket":
+            if request.path.endswith("/realtime"):
+                return await self._realtime(request)
             return await self._websocket(request)
         body = await request.read()
         self.requests.append(
@@ -417,6 +493,75 @@ class ResponsesStandIn:
                 if self.ws_close_after is not None and creates >= self.ws_close_after:
                     await ws.close(code=self.ws_close_code)
                     break
+        finally:
+            self.ws_open -= 1
+        return ws
+
+    async def _realtime(self, request: web.Request) -> web.StreamResponse:
+        """The Realtime API (see the class docstring)."""
+        self.requests.append(
+            RecordedRequest(
+                request.method,
+                request.path_qs,
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
+                b"",
+            )
+        )
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if token in self.key_status or self.status >= 300:
+            status = self.key_status.get(token, self.status)
+            return web.json_response(self.error_body, status=status)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.ws_connections += 1
+        number = self.ws_connections
+        self.ws_open += 1
+        session = {
+            "id": f"sess_standin_{number}",
+            "object": "realtime.session",
+            "type": "realtime",
+            "model": request.query.get("model", "gpt-realtime"),
+            "output_modalities": ["audio"],
+            "instructions": "",
+        }
+        try:
+            await ws.send_str(
+                json.dumps({"type": "session.created", "event_id": "event_s", "session": session})
+            )
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                try:
+                    parsed = json.loads(msg.data)
+                except ValueError:
+                    parsed = {"unparsed": msg.data}
+                if not isinstance(parsed, dict):
+                    parsed = {"unparsed": msg.data}
+                self.ws_messages.append({**parsed, "ws_connection": number})
+                kind = parsed.get("type")
+                if kind == "session.update" and isinstance(parsed.get("session"), dict):
+                    session.update(
+                        {k: v for k, v in parsed["session"].items() if k not in ("id", "model")}
+                    )
+                    await ws.send_str(json.dumps({"type": "session.updated", "session": session}))
+                elif kind == "conversation.item.create":
+                    item = {**(parsed.get("item") or {}), "id": f"item_{self._next_id()}"}
+                    added = {"type": "conversation.item.added", "previous_item_id": None}
+                    await ws.send_str(json.dumps({**added, "item": item}))
+                elif kind in ("response.create", "input_audio_buffer.commit"):
+                    # A committed audio buffer starts a response by itself, as the server's
+                    # turn detection does: no response.create asks for it.
+                    events = realtime_response_events(self._next_id(), self.text)
+                    for i, event in enumerate(events):
+                        if ws.closed:
+                            break  # closed while the gate held the response
+                        await ws.send_str(json.dumps(event))
+                        if i == 0 and self.gate is not None:
+                            gate = self.gate
+                            opened = await asyncio.get_running_loop().run_in_executor(
+                                None, gate.wait, self.gate_timeout
+                            )
+                            self.gate_timed_out = not opened
         finally:
             self.ws_open -= 1
         return ws

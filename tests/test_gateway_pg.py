@@ -177,3 +177,51 @@ def test_database_outage_loses_no_row(tmp_path: Path, pg_cluster: PgCluster) -> 
             pg_cluster.start()
         finally:
             gw.stop()
+
+
+def test_realtime_sockets_are_counted_in_the_ledger(tmp_path: Path, pg_cluster: PgCluster) -> None:
+    """A Realtime socket (the openai SDK's client) on PostgreSQL: its open ``ws_connections``
+    row is there while it is open, its closed row replaces it, its turn is a usage row."""
+    import asyncio
+
+    import openai
+
+    gw = fresh_gateway(tmp_path, pg_cluster)
+    gw.admin("add-member", "rita")
+    key = gw.add_key("rita")
+
+    def rita() -> dict:
+        members = gw.usage("--member", "rita")["members"]
+        return members[0] if members else {}
+
+    try:
+        with FakeUpstream() as up:
+            server = gw.serve(up.url, "--websockets")
+            client = openai.AsyncOpenAI(api_key=key, base_url=f"http://127.0.0.1:{server.port}/v1")
+
+            async def session() -> list:
+                events = []
+                async with client.realtime.connect(model="gpt-realtime") as conn:
+                    events.append(await asyncio.wait_for(conn.recv(), 30))
+                    loop = asyncio.get_running_loop()
+                    await loop.run_in_executor(
+                        None,
+                        wait_for,
+                        lambda: rita().get("ws_open") == 1,
+                        SETTLE_S,
+                        "the open row",
+                    )
+                    await conn.response.create()
+                    while events[-1].type != "response.done":
+                        events.append(await asyncio.wait_for(conn.recv(), 30))
+                return events
+
+            events = asyncio.run(session())
+            assert events[-1].response.usage.total_tokens == TOKENS_PER_REQUEST
+            wait_for(lambda: rita().get("ws_open") == 0, SETTLE_S, "the closed row")
+            summary = rita()
+            assert summary["ws_connections"] == 1 and summary["requests"] == 1
+            assert summary["ws_client_messages"] == 1 and summary["ws_upstream_messages"] == 4
+            assert summary["total_tokens"] == TOKENS_PER_REQUEST
+    finally:
+        gw.stop()

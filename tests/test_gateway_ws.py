@@ -158,6 +158,14 @@ def rows(gateway) -> list[dict]:
         return [dict(r) for r in db.execute("SELECT * FROM usage ORDER BY ts_ms")]
 
 
+def connection_rows(gateway) -> list[dict]:
+    import sqlite3
+
+    with sqlite3.connect(gateway.database.removeprefix("sqlite:///")) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute("SELECT * FROM ws_connections ORDER BY opened_ms")]
+
+
 def creates(upstream) -> list[dict]:
     return [m for m in upstream.ws_messages if m.get("type") == "response.create"]
 
@@ -213,6 +221,15 @@ def test_codex_turns_use_the_socket_with_a_tool_call_metered_and_no_key_leaks(
     assert 'codex_gateway_websocket_connections_total{member="alice"}' in metrics
     assert 'codex_gateway_websocket_messages_total{member="alice",sender="client"}' in metrics
     assert server.shutdown() == 0
+    # Each socket is a ws_connections row, closed, counting the messages each way.
+    sockets = connection_rows(gateway)
+    assert sockets and all(s["closed_ms"] and s["route"] == "ws:/v1/responses" for s in sockets)
+    assert sum(s["client_messages"] for s in sockets) == len(sent)
+    assert sum(s["turns"] for s in sockets) == len(sent)
+    assert sum(s["upstream_messages"] for s in sockets) > len(sent)
+    summary = gateway.usage()["members"][0]
+    assert summary["ws_connections"] == len(sockets)
+    assert summary["ws_client_messages"] == len(sent)
     # Each socket turn is a dump pair and a ledger line of its own, read like an HTTP turn's.
     turns = [p for p in read_dump_pairs(record) if p.request.get("transport") == "websocket"]
     assert [p.request["body"]["type"] for p in turns] == ["response.create"] * len(sent)
@@ -599,9 +616,15 @@ async def test_each_turn_end_is_a_ledger_row_and_a_closed_socket_leaves_one_too(
         assert flow.websocket.messages[-1].dropped  # nothing unread goes upstream
         assert not flow.websocket.messages[-2].dropped
         flow.websocket.close_code = 1006
+        flow.websocket.closed_by_client = False
         turns.websocket_end(flow)
-    rows_ = core.ledger.rows  # type: ignore[union-attr]
+    rows_ = [r for r in core.ledger.rows if "table" not in r]  # type: ignore[union-attr]
     assert [r["route"] for r in rows_] == ["ws:/v1/responses"] * 3
+    opened, closed = [r for r in core.ledger.rows if r.get("table") == "ws_connections"]  # type: ignore[union-attr]
+    assert opened["row_id"] == closed["row_id"] and opened["closed_ms"] is None
+    assert (closed["client_messages"], closed["upstream_messages"], closed["turns"]) == (4, 3, 3)
+    assert closed["route"] == "ws:/v1/responses" and closed["upstream_key"] == "alpha"
+    assert closed["close_reason"] == "closed by the upstream (1006)"
     first, second, third = rows_
     assert first["total_tokens"] == 59 and first["events"] == 2 and first["error"] is None
     assert first["upstream_key"] == "alpha" and first["credits_micro"]
@@ -628,7 +651,9 @@ async def test_a_revoked_key_is_answered_and_its_message_dropped():
                 break
             await asyncio.sleep(0.01)
         assert closed == [flow]
-    assert core.ledger.rows == []  # type: ignore[union-attr]
+    (opened,) = core.ledger.rows  # type: ignore[union-attr]
+    assert opened["table"] == "ws_connections" and opened["closed_ms"] is None  # no turn row
+    assert turns.sockets[flow.id].close_reason == "unknown or revoked member key"
 
 
 @pytest.mark.e2e

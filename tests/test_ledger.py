@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 
 from addons.gateway_mode.database import Database, collapse_rows
-from addons.gateway_mode.ledger import IN_FLIGHT, UsageLedger, spool_files
-from addons.gateway_mode.schema import usage
+from addons.gateway_mode.ledger import IN_FLIGHT, WS_CONNECTIONS, UsageLedger, spool_files
+from addons.gateway_mode.schema import usage, ws_connections
 from tests.conftest import wait_for
 
 
@@ -284,4 +284,68 @@ def test_while_the_database_is_away_a_request_still_waits_as_one_row(url: str) -
     assert ledger.flush() and ledger.pending() == 0
     assert {r["row_id"]: r["total_tokens"] for r in stored(db)} == {a: 5, b: 6}
     away.dispose()
+    db.dispose()
+
+
+def socket_row(row_id: str, closed: bool, messages: int = 0) -> dict:
+    """A ``ws_connections`` row as :class:`WebSocketTurns` queues it (``table`` marker)."""
+    return {
+        "table": WS_CONNECTIONS,
+        "row_id": row_id,
+        "member_id": 1,
+        "key_id": "k",
+        "upstream_key": "alpha",
+        "route": "ws:/v1/realtime",
+        "model": "gpt-realtime",
+        "opened_ms": 1_000,
+        "closed_ms": 9_000 if closed else None,
+        "duration_ms": 8_000 if closed else None,
+        "client_messages": messages,
+        "upstream_messages": 2 * messages,
+        "turns": 1 if closed else 0,
+        "close_reason": "closed by the client (1000)" if closed else None,
+        "instance": "t",
+    }
+
+
+def stored_sockets(db: Database) -> list[dict]:
+    with db.engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(sa.select(ws_connections)).all()]
+
+
+def test_socket_rows_share_the_queue_replace_their_open_row_and_survive_the_spool(
+    tmp_path: Path, url: str
+) -> None:
+    spool = tmp_path / "spool.jsonl"
+    a, b, c = (str(uuid.uuid4()) for _ in range(3))
+    ledger = UsageLedger(FailingDatabase(url, create=False), str(spool))
+    ledger.add(socket_row(a, closed=False))
+    ledger.add(row(b, finished=True, total=4))
+    ledger.add(socket_row(c, closed=False))
+    ledger.add(socket_row(a, closed=True, messages=3))  # replaces a's waiting open row
+    assert ledger.pending() == 3
+    assert ledger.pending_rows(1, 0, "tokens") == [(1_000, 4)]  # sockets hold no tokens
+    assert not ledger.flush()
+    ledger.stop(timeout=1)  # the database is away: the rows go to the spool, marker kept
+    lines = [json.loads(line) for line in spool.read_text().splitlines()]
+    assert sorted(r.get("table", "usage") for r in lines) == [
+        "usage",
+        WS_CONNECTIONS,
+        WS_CONNECTIONS,
+    ]
+    db = open_db(url)
+    replay = UsageLedger(db, str(spool))
+    replay._claim_spools()
+    assert replay.flush() and not spool.exists()
+    replay.add(socket_row(c, closed=True, messages=1))  # c closes after the restart
+    assert replay.flush()
+    replay.add(socket_row(c, closed=False))  # an open row re-sent late changes nothing
+    assert replay.flush()
+    sockets = {r["row_id"]: r for r in stored_sockets(db)}
+    assert set(sockets) == {a, c}
+    assert sockets[a]["client_messages"] == 3 and sockets[a]["closed_ms"] == 9_000
+    assert sockets[c]["client_messages"] == 1 and sockets[c]["duration_ms"] == 8_000
+    assert [r["total_tokens"] for r in stored(db)] == [4]
+    summary = db.ws_connection_rows(0)
+    assert [s["member"] for s in summary] == ["m", "m"]
     db.dispose()

@@ -19,7 +19,9 @@ error replies, launching) is imported from ``addons/``.
   ``accounting``, ``local_routes``, ``metrics``, ``tls``: one mitmproxy addon (or its helpers)
   each. ``codex_replies`` speaks Codex's language to members: its rate-limit headers and the
   refusal statuses it acts on.
-- ``websocket``: Codex's WebSocket transport (``serve --websockets``): the upgrade claimed,
-  then each socket's turns checked against quotas and metered.
+- ``websocket``: the WebSocket routes (``serve --websockets``): Codex's ``/v1/responses``
+  and the Realtime API's ``/v1/realtime``: the upgrade claimed, then each socket's turns
+  checked against quotas and metered, and the socket a ``ws_connections`` row;
+  ``socket_protocol``: what differs between the two routes (one small object each).
 - ``config``, ``cli``: ``config/gateway.yaml`` and the command line.
 """

@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--websockets",
         action="store_true",
         default=None,
-        help="serve Codex's WebSocket transport to members (YAML websockets: true)",
+        help="serve Codex's WebSocket transport and GET /v1/realtime to members "
+        "(YAML websockets: true)",
     )
     serve.add_argument(
         "--chat-bridge",
@@ -242,11 +243,17 @@ def _credits_text(micro: int) -> str:
     return f"{(Decimal(micro) / MICRO).normalize():f}" if micro else "0"
 
 
-def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any]:
+def summarize_usage(
+    rows: list[dict[str, Any]],
+    card: RateCard,
+    connections: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Per member and total: requests, errors, token kinds, credits (exact, as a number with
     at most 6 decimals), USD, unpriced requests (no rate-card entry at the time), and
     ``in_flight``: forwarded requests with no end recorded (still running, or the gateway was
-    killed while they ran; not in ``requests``)."""
+    killed while they ran; not in ``requests``). From ``connections`` (``ws_connections``
+    rows): ``ws_connections`` (sockets opened), ``ws_open`` (of those, no close recorded: open
+    now, or the gateway was killed), ``ws_client_messages`` / ``ws_upstream_messages``."""
 
     def empty() -> dict[str, Any]:
         return {
@@ -261,6 +268,10 @@ def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any
             "credits_micro": 0,
             "unpriced": 0,
             "in_flight": 0,
+            "ws_connections": 0,
+            "ws_open": 0,
+            "ws_client_messages": 0,
+            "ws_upstream_messages": 0,
         }
 
     per: dict[str, dict[str, Any]] = {}
@@ -280,6 +291,13 @@ def summarize_usage(rows: list[dict[str, Any]], card: RateCard) -> dict[str, Any
                 bucket["unpriced"] += 1
             else:
                 bucket["credits_micro"] += row["credits_micro"]
+
+    for conn in connections or []:
+        for bucket in (per.setdefault(conn["member"], empty()), total):
+            bucket["ws_connections"] += 1
+            bucket["ws_open"] += 1 if conn["closed_ms"] is None else 0
+            bucket["ws_client_messages"] += conn["client_messages"]
+            bucket["ws_upstream_messages"] += conn["upstream_messages"]
 
     def finish(bucket: dict[str, Any]) -> dict[str, Any]:
         credits = Decimal(bucket.pop("credits_micro")) / MICRO
@@ -386,7 +404,9 @@ def usage(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any)
     now = now_ms()
     since = parse_since(ns.since, now)
     card = config.rate_card()
-    summary = summarize_usage(db.usage_rows(since, ns.member), card)
+    summary = summarize_usage(
+        db.usage_rows(since, ns.member), card, db.ws_connection_rows(since, ns.member)
+    )
     gaps = rate_card_gaps(card)
     if ns.json:
         doc = {"since": iso(since), "until": iso(now), **summary, "unpriced_models": gaps}
@@ -399,6 +419,11 @@ def usage(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any)
         out.write(
             f"{total['in_flight']} request(s) forwarded with no end "
             "recorded: still running, or the gateway was killed while they ran\n"
+        )
+    if total["ws_open"]:
+        out.write(
+            f"{total['ws_open']} WebSocket connection(s) with no close recorded: still "
+            "open, or the gateway was killed while they were\n"
         )
     if total["unpriced"]:
         out.write(
@@ -424,6 +449,8 @@ def _usage_table(summary: dict[str, Any], out: Any) -> None:
             "credits",
             "USD",
             "unpriced",
+            "ws conns",
+            "ws msgs in/out",
         ]
     ]
     for m in [*summary["members"], {"member": "TOTAL", **summary["total"]}]:
@@ -440,6 +467,8 @@ def _usage_table(summary: dict[str, Any], out: Any) -> None:
                 f"{m['credits']:.6f}".rstrip("0").rstrip("."),
                 f"{m['usd']:.4f}",
                 str(m["unpriced"]),
+                str(m["ws_connections"]),
+                f"{m['ws_client_messages']}/{m['ws_upstream_messages']}",
             ]
         )
     _table(rows, out)

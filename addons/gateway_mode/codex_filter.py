@@ -5,7 +5,14 @@ from __future__ import annotations
 from mitmproxy import http
 
 from addons.common import BRIDGE, fail_closed
-from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse, request_info
+from addons.gateway_mode.core import (
+    MEMBER,
+    SOCKET_ROUTE,
+    GatewayCore,
+    gateway_error,
+    refuse,
+    request_info,
+)
 
 #: Codex's session/turn headers (CODEX.md): present on every Codex request.
 CODEX_HEADERS = ("session-id", "thread-id", "session_id", "x-codex-turn-metadata")
@@ -24,8 +31,10 @@ def looks_like_codex(request: http.Request, model: str | None) -> bool:
 class CodexFilter:
     """Answers 403 ``not_codex`` (in ``request``, once the body's model is known) to member
     requests that do not look like Codex, when the config's ``require_codex_client`` is on.
-    ``POST /v1/chat/completions`` (``--chat-bridge``) is for other clients by design: not
-    filtered."""
+    ``POST /v1/chat/completions`` (``--chat-bridge``) and ``GET /v1/realtime``
+    (``--websockets``) are for other clients by design (the Rust gateway serves them "for
+    compatible clients"; no Realtime client sends Codex's headers, and no realtime model's name
+    contains ``codex``): not filtered, a member key is still required."""
 
     def __init__(self, core: GatewayCore) -> None:
         self.core = core
@@ -35,6 +44,8 @@ class CodexFilter:
         if flow.response or flow.error or not flow.live or MEMBER not in flow.metadata:
             return
         if not self.core.require_codex_client or BRIDGE in flow.metadata:
+            return
+        if flow.metadata.get(SOCKET_ROUTE) == "realtime":
             return
         if looks_like_codex(flow.request, request_info(flow)["model"]):
             return

@@ -35,6 +35,7 @@ from addons.gateway_mode.database import Database
 from addons.gateway_mode.ledger import UsageLedger
 from addons.gateway_mode.members import same_hash
 from addons.gateway_mode.metrics import GatewayMetrics
+from addons.gateway_mode.socket_protocol import realtime_query
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ ATTEMPTS = "codex_gateway.attempts"
 #: The gateway route the member asked for (``/v1/responses`` or ``/v1/responses/compact``),
 #: kept before the URL is rewritten to the upstream's.
 ROUTE = "codex_gateway.route"
+#: The WebSocket route an upgrade was claimed for: the name of its
+#: :class:`addons.gateway_mode.socket_protocol.SocketProtocol` (``responses``, ``realtime``).
+SOCKET_ROUTE = "codex_gateway.socket_route"
 #: Route labels for metrics: the gateway's own routes, everything else ``other`` (a label
 #: per path a client invents would grow without bound).
 KNOWN_ROUTES = frozenset({"/v1/responses", "/v1/responses/compact", "/health", "/metrics"})
@@ -139,6 +143,10 @@ def request_info(flow: http.HTTPFlow) -> dict[str, Any]:
 
 
 def _keep_info(flow: http.HTTPFlow, facts: dict[str, Any]) -> dict[str, Any]:
+    if facts["model"] is None and flow.metadata.get(SOCKET_ROUTE) == "realtime":
+        # A Realtime upgrade has no body: its model is the URL's (checked by the route).
+        target = str(flow.metadata.get(ROUTE) or flow.request.path)  # before the rewrite
+        facts = {**facts, "model": (realtime_query(target.encode()) or {}).get("model")}
     session = next(
         (flow.request.headers[h] for h in SESSION_HEADERS if h in flow.request.headers), None
     )

@@ -33,7 +33,14 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 
 from addons.gateway_mode import members as member_rules
-from addons.gateway_mode.schema import leases, member_keys, members, upstream_keys, usage
+from addons.gateway_mode.schema import (
+    leases,
+    member_keys,
+    members,
+    upstream_keys,
+    usage,
+    ws_connections,
+)
 from addons.gateway_mode.windows import FIVE_HOURS_MS, LIMIT_COLUMNS, WEEK_MS
 
 logger = logging.getLogger(__name__)
@@ -376,16 +383,18 @@ class Database:
         """
         if not rows:
             return
-        rows = collapse_rows(rows)
+        # A row spooled by an older release lacks the columns added since (one INSERT takes
+        # its keys from the first row): those get the column's default.
+        defaults = {"cache_write_tokens": 0}
+        self._upsert(usage, [{**defaults, **row} for row in collapse_rows(rows)])
+
+    def _upsert(self, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        """``INSERT ... ON CONFLICT (row_id) DO UPDATE ... WHERE`` the new row is finished."""
         if self.dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert
         else:
             from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
-        # A row spooled by an older release lacks the columns added since (one INSERT takes
-        # its keys from the first row): those get the column's default.
-        defaults = {"cache_write_tokens": 0}
-        rows = [{**defaults, **row} for row in rows]
-        statement = insert(usage)
+        statement = insert(table)
         columns = [name for name in rows[0] if name not in ("id", "row_id")]
         statement = statement.on_conflict_do_update(
             index_elements=["row_id"],
@@ -394,6 +403,32 @@ class Database:
         )
         with self.engine.begin() as conn:
             conn.execute(statement, rows)
+
+    def insert_ws_connections(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Write ``ws_connections`` rows (its columns, ``row_id`` set, every row the same
+        keys), with :meth:`insert_usage`'s rule: a socket's closed row (``duration_ms`` set)
+        replaces its open row, whatever order they land in; a row re-sent lands once."""
+        if rows:
+            self._upsert(ws_connections, collapse_rows(rows))
+
+    def ws_connection_rows(self, since: int, name: str | None = None) -> list[dict[str, Any]]:
+        """``ws_connections`` rows opened after ``since`` (ms), oldest first, with the
+        member's name.
+
+        Raises:
+            DatabaseError: ``name`` given and unknown.
+        """
+        query = (
+            sa.select(ws_connections, members.c.name.label("member"))
+            .join(members, members.c.id == ws_connections.c.member_id)
+            .where(ws_connections.c.opened_ms > since)
+            .order_by(ws_connections.c.opened_ms, ws_connections.c.id)
+        )
+        with self.engine.connect() as conn:
+            if name is not None:
+                _member_id(conn, name)
+                query = query.where(members.c.name == name)
+            return [dict(r._mapping) for r in conn.execute(query).all()]
 
     def window_usage(self, member_id: int, now: int) -> dict[str, dict[str, Any]]:
         """Usage of one member in the rolling windows ending ``now`` (ms): ``{"five_hour":

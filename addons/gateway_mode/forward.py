@@ -65,7 +65,13 @@ def retry_after_s(response: http.Response | None, default: float) -> float:
 def route_url(upstream_url: str, path: str) -> str:
     """The upstream URL for a gateway route: ``/v1/responses`` → ``upstream_url`` as given;
     ``/v1/responses/compact`` → its path plus ``/compact`` (the upstream's query kept, e.g.
-    Azure's ``?api-version=``)."""
+    Azure's ``?api-version=``); ``/v1/realtime?model=…`` → its path's last segment replaced by
+    ``realtime`` (``…/v1/responses`` → ``…/v1/realtime``), the upstream's query and then the
+    member's (``model=…``) kept."""
+    if path.startswith("/v1/realtime?"):
+        base, _, upstream_query = upstream_url.partition("?")
+        query = "&".join(q for q in (upstream_query, path.partition("?")[2]) if q)
+        return base.rstrip("/").rsplit("/", 1)[0] + "/realtime?" + query
     suffix = path[len("/v1/responses") :] if path.startswith("/v1/responses/") else ""
     if not suffix:
         return upstream_url

@@ -15,6 +15,10 @@ loses only the rows queued since the last flush (at most :data:`FLUSH_INTERVAL_S
 ends, plus a batch in its transaction), and a request that was in flight keeps its in-flight
 row (``duration_ms`` null, ``error`` ``in flight``).
 
+The same queue carries the ``ws_connections`` rows of member WebSockets (``"table":
+"ws_connections"``), with the same two-step life: an open row when a socket opens
+(``duration_ms`` null) replaced by its closed row (same ``row_id``).
+
 At exit, rows still waiting are written to the spool file (JSON lines, fsynced). Every start
 looks for every spool of the deployment (``<spool>``, ``<spool>.<i>`` of any worker count, a
 legacy ``.loaded``), claims each with an exclusive ``flock`` (so two workers never replay the
@@ -52,6 +56,10 @@ RETRY_INTERVAL_S = 1.0
 BATCH = 500
 #: ``error`` of an in-flight row (its finished row replaces it).
 IN_FLIGHT = "in flight"
+#: A queued row whose ``"table"`` is this is a ``ws_connections`` row (a socket's, open or
+#: closed), not a ``usage`` row; the marker is kept in the spool and dropped on insert.
+TABLE = "table"
+WS_CONNECTIONS = "ws_connections"
 
 
 @dataclass
@@ -146,7 +154,10 @@ class UsageLedger:
             return [
                 (r["ts_ms"], r.get(column) or 0)
                 for r in self._rows
-                if r["member_id"] == member_id and r["ts_ms"] > since_ms and r.get(column)
+                if TABLE not in r
+                and r["member_id"] == member_id
+                and r["ts_ms"] > since_ms
+                and r.get(column)
             ]
 
     # -- the thread ---------------------------------------------------------------------------
@@ -198,8 +209,19 @@ class UsageLedger:
         return True
 
     def _insert(self, batch: list[dict[str, Any]]) -> bool:
+        usage = [row for row in batch if TABLE not in row]
+        sockets = [
+            {k: v for k, v in row.items() if k != TABLE}
+            for row in batch
+            if row.get(TABLE) == WS_CONNECTIONS
+        ]
         try:
-            self.db.insert_usage(batch)
+            # Two statements, not one transaction: a batch that fails between them is sent
+            # again whole, and its rows land once (row_id).
+            if usage:
+                self.db.insert_usage(usage)
+            if sockets:
+                self.db.insert_ws_connections(sockets)
             return True
         except SQLAlchemyError as e:
             if self.healthy:

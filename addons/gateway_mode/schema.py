@@ -108,3 +108,28 @@ upstream_keys = Table(
     Column("instance", String(64), nullable=False),
     Column("updated_ms", BigInteger, nullable=False),
 )
+
+#: Member WebSocket connections (``/v1/responses``, ``/v1/realtime``): one row per socket,
+#: written when it opens (``closed_ms`` and ``duration_ms`` null: still open, or the gateway
+#: was killed meanwhile) and replaced by its closed row (same ``row_id``). Messages are
+#: counted each way as they passed the gateway (the gateway's own error events not counted).
+ws_connections = Table(
+    "ws_connections",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("row_id", String(36), nullable=False, unique=True),
+    Column("member_id", BigId, ForeignKey("members.id"), nullable=False),
+    Column("key_id", String(32), nullable=False),
+    Column("upstream_key", String(64), nullable=True),
+    Column("route", String(64), nullable=False),
+    Column("model", String(200), nullable=True),
+    Column("opened_ms", BigInteger, nullable=False),
+    Column("closed_ms", BigInteger, nullable=True),
+    Column("duration_ms", BigInteger, nullable=True),
+    Column("client_messages", BigInteger, nullable=False, default=0),
+    Column("upstream_messages", BigInteger, nullable=False, default=0),
+    Column("turns", Integer, nullable=False, default=0),
+    Column("close_reason", String(200), nullable=True),
+    Column("instance", String(64), nullable=False),
+    Index("ws_connections_member_opened", "member_id", "opened_ms"),
+)

@@ -1,4 +1,8 @@
-"""Codex's WebSocket transport through the gateway (``serve --websockets``; off by default).
+"""WebSocket routes through the gateway (``serve --websockets``; off by default): Codex's
+``GET /v1/responses`` and the OpenAI Realtime API's ``GET /v1/realtime?model=…``. What differs
+between the two (which message opens a turn, which ends it, where usage is, the refusal
+event's shape) is a small protocol object each, :mod:`addons.gateway_mode.socket_protocol`;
+the rest below is shared.
 
 What Codex 0.171 sends with ``supports_websockets = true`` (checked against a loopback fake,
 README "WebSocket transport"): ``GET /v1/responses`` with ``Upgrade: websocket`` and its usual
@@ -17,7 +21,9 @@ with an ``error`` event in the shape that ends Codex's turn), each terminal even
 (``response.completed`` / ``failed`` / ``incomplete``, ``error``) becomes a usage-ledger row,
 a concurrency slot is held per open turn (not per idle socket), and a member key revoked
 while its socket is open closes the socket within the directory refresh plus
-:data:`REVOKE_CHECK_S`.
+:data:`REVOKE_CHECK_S`. Each socket is a row of the ``ws_connections`` table too (member,
+keys, route, times, messages each way, turns, close reason): an open row when it opens (what
+is left if the gateway is killed), its closed row when it closes, through the usage ledger.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,68 +43,32 @@ from addons import body_decode
 from addons.body_decode import DecodeLimits, JsonTooDeep, loads_json
 from addons.common import WEBSOCKET, fail_closed
 from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row
-from addons.gateway_mode.core import MEMBER, UPSTREAM_KEY, GatewayCore
+from addons.gateway_mode.core import MEMBER, ROUTE, SOCKET_ROUTE, UPSTREAM_KEY, GatewayCore
 from addons.gateway_mode.forward import PoolForwarder
+from addons.gateway_mode.ledger import WS_CONNECTIONS
 from addons.gateway_mode.quota import CONCURRENCY_RETRY_S, limit_usages, usage_limit_error
-from addons.gateway_mode.windows import (
-    codex_rate_limit_headers,
-    codex_rate_limits_event,
-    limits_of,
+from addons.gateway_mode.socket_protocol import (
+    PROTOCOLS,
+    RESPONSES,
+    SocketProtocol,
+    protocol_for,
 )
-from addons.responses_turn import usage_of
+from addons.gateway_mode.socket_protocol import busy_event as busy_event  # re-exported
+from addons.gateway_mode.socket_protocol import error_event as error_event  # re-exported
+from addons.gateway_mode.socket_protocol import is_responses_upgrade as is_responses_upgrade
+from addons.gateway_mode.windows import limits_of
 from addons.socket_turns import SocketTurn, end_turn, start_turn
-from addons.websocket_refusal import is_websocket_upgrade
 
 logger = logging.getLogger(__name__)
 
-#: The route served over WebSocket (Codex appends ``/responses`` to its ``base_url``).
-WS_ROUTE = "/v1/responses"
-#: The ``route`` of a WebSocket turn's ledger row.
-ROW_ROUTE = "ws:/v1/responses"
+#: The Codex route served over WebSocket (Codex appends ``/responses`` to its ``base_url``).
+WS_ROUTE = RESPONSES.path
+#: The ``route`` of a Codex WebSocket turn's ledger row.
+ROW_ROUTE = RESPONSES.row_route
 #: Seconds between checks of open sockets against the member directory.
 REVOKE_CHECK_S = 0.2
-#: Server events that end a turn.
-TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
-
-
-def is_responses_upgrade(request: http.Request) -> bool:
-    """Whether ``request`` is exactly ``GET /v1/responses`` (raw target, no query, origin
-    form, as the allowlist's rule for POST) asking to switch to WebSocket."""
-    return (
-        request.data.method == b"GET"
-        and request.data.path == WS_ROUTE.encode()
-        and not (request.authority and not (request.is_http2 or request.is_http3))
-        and is_websocket_upgrade(request)
-    )
-
-
-def error_event(status: int, type_: str, code: str, message: str, **fields: Any) -> bytes:
-    """An ``error`` event for the socket: ``{"type": "error", "status": status, "error":
-    {"type", "code", "message", **fields}}``. With ``status`` 429 and ``type``
-    ``usage_limit_reached`` plus ``resets_at`` (Unix s), Codex 0.171 ends the turn at once with
-    "You've hit your usage limit. Try again at …" (measured; README "WebSocket transport")."""
-    error = {"type": type_, "code": code, "message": message, **fields}
-    return json.dumps({"type": "error", "status": status, "error": error}).encode()
-
-
-def busy_event(text: str, retry_s: int) -> bytes:
-    """The socket's answer to a ``response.create`` while the member's concurrency slots are
-    all taken: ``response.failed`` whose ``error`` is ``rate_limit_exceeded`` with "Please try
-    again in {retry_s}s." in its message, the one wording codex-rs reads a delay from
-    (``sse/responses.rs`` ``try_parse_retry_after``). Measured with Codex 0.171: it waits that
-    long and retries on a new socket, up to 5 times ("Reconnecting... n/5"), then falls back to
-    HTTP, where the 429's ``Retry-After`` is retried again; an ``error`` event with status 429
-    instead ends its turn at once ("exceeded retry limit, last status: 429")."""
-    response = {
-        "id": "resp_gateway_busy",
-        "object": "response",
-        "status": "failed",
-        "error": {
-            "code": "rate_limit_exceeded",
-            "message": f"{text}. Please try again in {retry_s}s.",
-        },
-    }
-    return json.dumps({"type": "response.failed", "response": response}).encode()
+#: Server events that end a Codex turn.
+TERMINAL = RESPONSES.ends
 
 
 class UnreadMessage(ValueError):
@@ -153,22 +124,39 @@ class Turn:
     events: int = 0
     #: The turn as the dumps and the recording see it (``addons/socket_turns.py``).
     log: SocketTurn | None = None
+    #: The server said it started this turn (Realtime ``response.created``).
+    confirmed: bool = False
+    #: The ``event_id`` of the client event that opened it (Realtime errors name it).
+    client_event_id: str | None = None
+    #: The server's id of its response, once started (Realtime ``response.done`` names it).
+    response_id: str | None = None
 
 
 @dataclass
 class Socket:
-    """An open member socket: its flow and its turns in order."""
+    """An open member socket: its flow and its turns in order, its route's protocol, the
+    session's model (Realtime), and what its ``ws_connections`` row counts."""
 
     flow: http.HTTPFlow
     turns: list[Turn] = field(default_factory=list)
     closing: bool = False
     number: int = 0
+    protocol: SocketProtocol = RESPONSES
+    model: str | None = None
+    opened: float = field(default_factory=time.time)
+    row_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    client_messages: int = 0
+    upstream_messages: int = 0
+    turns_opened: int = 0
+    #: Why the gateway closed it (revocation), for its row; else the close code says.
+    close_reason: str | None = None
 
 
 class WebSocketRoute:
-    """Claims ``GET /v1/responses`` WebSocket upgrades when ``codex_gateway_websockets`` is on
-    (placed before the allowlist and the 426 refusal, which then let it through); otherwise
-    the strict refusal answers 426 as before."""
+    """Claims ``GET /v1/responses`` and ``GET /v1/realtime?model=…`` WebSocket upgrades when
+    ``codex_gateway_websockets`` is on (placed before the allowlist and the 426 refusal, which
+    then let it through; the route's protocol name goes in ``SOCKET_ROUTE``); otherwise the
+    strict refusal answers 426 (``/v1/responses``) or the allowlist 403 as before."""
 
     def __init__(self) -> None:
         self.enabled = False
@@ -178,8 +166,9 @@ class WebSocketRoute:
             "codex_gateway_websockets",
             bool,
             False,
-            "Serve Codex's WebSocket transport (GET /v1/responses with Upgrade: websocket) to "
-            "members: metered and capped per response.create. Off: upgrades get 426.",
+            "Serve Codex's WebSocket transport (GET /v1/responses with Upgrade: websocket) and "
+            "the Realtime API (GET /v1/realtime?model=...) to members: metered and capped per "
+            "response.create. Off: upgrades get 426 (/v1/responses) or 403.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -190,8 +179,10 @@ class WebSocketRoute:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not self.enabled:
             return
-        if is_responses_upgrade(flow.request):
+        protocol = protocol_for(flow.request)
+        if protocol is not None:
             flow.metadata[WEBSOCKET] = True
+            flow.metadata[SOCKET_ROUTE] = protocol.name
 
 
 class WebSocketTurns:
@@ -204,6 +195,8 @@ class WebSocketTurns:
         self.sockets: dict[str, Socket] = {}
         self._watch: asyncio.Task[None] | None = None
         self._slots = 0
+        #: Checks of server-started responses in progress (a reference keeps each alive).
+        self._checks: set[asyncio.Task[None]] = set()
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -222,6 +215,7 @@ class WebSocketTurns:
             self._watch.cancel()
             self._watch = None
         for socket in list(self.sockets.values()):
+            socket.close_reason = socket.close_reason or "gateway stopped with the socket open"
             self._end(socket, "gateway stopped with the socket open")
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
@@ -230,7 +224,11 @@ class WebSocketTurns:
         member = flow.metadata[MEMBER]["member"]
         self.core.metrics.ws_connections.labels(member).inc()
         self.core.metrics.ws_open.inc()
-        self.sockets[flow.id] = Socket(flow)
+        protocol = PROTOCOLS.get(str(flow.metadata.get(SOCKET_ROUTE)), RESPONSES)
+        target = str(flow.metadata.get(ROUTE) or flow.request.path)  # the member's, with query
+        socket = Socket(flow, protocol=protocol, model=protocol.session_model(target))
+        self.sockets[flow.id] = socket
+        self._connection_row(socket, closed=False)
 
     async def websocket_message(self, flow: http.HTTPFlow) -> None:
         """Fails closed itself: ``fail_closed`` would kill the flow, which does not stop a
@@ -252,7 +250,9 @@ class WebSocketTurns:
                 self.core.metrics.refused.labels("internal_error").inc()
                 self._inject(
                     flow,
-                    error_event(500, "codex_gateway", "gateway_internal_error", "internal error"),
+                    socket.protocol.refusal(
+                        500, "codex_gateway", "gateway_internal_error", "internal error"
+                    ),
                 )
 
     async def _message(self, socket: Socket, message: Any) -> None:
@@ -264,6 +264,10 @@ class WebSocketTurns:
         if message.injected:
             return
         if message.from_client:
+            socket.client_messages += 1
+        else:
+            socket.upstream_messages += 1
+        if message.from_client:
             try:
                 body = read_client_message(message.content, message.is_text, body_decode.LIMITS)
             except UnreadMessage as e:
@@ -272,10 +276,11 @@ class WebSocketTurns:
                 message.drop()
                 if e.code is not None:
                     self._refuse(
-                        socket, message, 400, "invalid_request_error", e.code, str(e), e.code
-                    )
+                        socket, message, None, 400, "invalid_request_error", e.code, str(e),
+                        e.code,
+                    )  # fmt: skip
                 return
-            if body.get("type") == "response.create":
+            if body.get("type") in socket.protocol.opens:
                 await self._admit(socket, message, body)
             return
         try:
@@ -289,14 +294,22 @@ class WebSocketTurns:
         socket = self.sockets.get(flow.id)
         if socket is not None:
             code = flow.websocket.close_code if flow.websocket is not None else None
+            if socket.close_reason is None and flow.websocket is not None:
+                by = {True: " by the client", False: " by the upstream", None: ""}[
+                    flow.websocket.closed_by_client
+                ]
+                socket.close_reason = f"closed{by} ({code})"
             self._end(socket, f"socket closed ({code}) before the turn ended")
 
     # -- turns --------------------------------------------------------------------------
 
     async def _admit(self, socket: Socket, message: Any, body: dict[str, Any]) -> None:
-        """Let a ``response.create`` go upstream, or drop it and answer on the socket."""
+        """Let a ``response.create`` go upstream, or drop it and answer on the socket (in the
+        route's ``error`` event shape). A member with a credit quota asking for a model the
+        rate card cannot price is refused ``unpriced_model``, as on HTTP (403 there)."""
         core = self.core
         member = socket.flow.metadata[MEMBER]
+        event_id = body.get("event_id") if isinstance(body.get("event_id"), str) else None
         entry = core.directory.by_key_id(member["key_id"])
         if entry is None:
             message.drop()
@@ -304,12 +317,12 @@ class WebSocketTurns:
             return
         if not core.database_ok or core.db is None:
             self._refuse(
-                socket, message, 503, "codex_gateway", "usage_ledger_unavailable",
+                socket, message, event_id, 503, "codex_gateway", "usage_ledger_unavailable",
                 "the gateway cannot reach its database to check quotas and record usage; "
                 "try again shortly", "database_unavailable",
             )  # fmt: skip
             return
-        model = body.get("model") if isinstance(body.get("model"), str) else None
+        model = socket.protocol.turn_model(body, socket.model)
         tier = body.get("service_tier") if isinstance(body.get("service_tier"), str) else None
         limits = limits_of(entry)
         try:
@@ -321,7 +334,7 @@ class WebSocketTurns:
             if core.ledger is not None:
                 core.ledger.healthy = False
             self._refuse(
-                socket, message, 503, "codex_gateway", "usage_ledger_unavailable",
+                socket, message, event_id, 503, "codex_gateway", "usage_ledger_unavailable",
                 "the gateway cannot reach its database; try again shortly",
                 "database_unavailable",
             )  # fmt: skip
@@ -332,7 +345,7 @@ class WebSocketTurns:
         ):
             core.metrics.unpriced.labels(str(model or "")[:64]).inc()
             self._refuse(
-                socket, message, 400, "invalid_request_error", "unpriced_model",
+                socket, message, event_id, 400, "invalid_request_error", "unpriced_model",
                 f"model {model!r} has no entry in the gateway's rate card, and member "
                 f"{member['member']!r} has a credit quota", "unpriced_model", model=model,
             )  # fmt: skip
@@ -343,11 +356,11 @@ class WebSocketTurns:
             # ``headers``: the windows, as on an HTTP 429 (codex-rs reads a wrapped error
             # event's headers like a reply's).
             self._refuse(
-                socket, message, 429, "usage_limit_reached", "quota_exceeded", text, "quota",
-                headers=codex_rate_limit_headers(usages), **fields,
+                socket, message, event_id, 429, "usage_limit_reached", "quota_exceeded", text,
+                "quota", **socket.protocol.quota_fields(usages), **fields,
             )  # fmt: skip
             return
-        turn = Turn(model, tier, time.time())
+        turn = Turn(model, tier, time.time(), client_event_id=event_id)
         if entry["max_concurrent"]:
             lease, active = await core.run_db(
                 core.db.acquire_lease,
@@ -361,10 +374,14 @@ class WebSocketTurns:
                 core.metrics.refused.labels("concurrency").inc()
                 self._inject(
                     socket.flow,
-                    busy_event(
+                    socket.protocol.busy(
                         f"member {member['member']!r} already has {active} requests in "
                         f"flight (max_concurrent {entry['max_concurrent']})",
                         CONCURRENCY_RETRY_S,
+                        event_id,
+                        limit="max_concurrent",
+                        used=active,
+                        allowed=entry["max_concurrent"],
                     ),
                 )
                 return
@@ -372,18 +389,20 @@ class WebSocketTurns:
             turn.lease_slot = f"{socket.flow.id}:ws{self._slots}"
             core.leases[turn.lease_slot] = lease
         socket.turns.append(turn)
-        turn.log = start_turn(socket.flow, ROW_ROUTE, message)
+        socket.turns_opened += 1
+        turn.log = start_turn(socket.flow, socket.protocol.row_route, message)
         core.metrics.in_flight.inc()
         # Over a socket Codex reads its windows from this event, not from the 101's headers
         # (codex-rs responses_websocket.rs): sent before the upstream's first event.
-        limits_event = codex_rate_limits_event(usages)
+        limits_event = socket.protocol.rate_limits(usages)
         if limits_event is not None:
-            self._inject(socket.flow, json.dumps(limits_event).encode())
+            self._inject(socket.flow, limits_event)
 
     def _refuse(
         self,
         socket: Socket,
         message: Any,
+        event_id: str | None,
         status: int,
         type_: str,
         code: str,
@@ -393,31 +412,63 @@ class WebSocketTurns:
     ) -> None:
         message.drop()
         self.core.metrics.refused.labels(reason).inc()
-        self._inject(socket.flow, error_event(status, type_, code, text, **fields))
+        self._inject(
+            socket.flow,
+            socket.protocol.refusal(status, type_, code, text, event_id, **fields),
+        )
 
     def _server_event(self, socket: Socket, event: dict[str, Any]) -> None:
+        protocol = socket.protocol
+        model = protocol.server_model(event)
+        if model is not None:
+            socket.model = model
+        if protocol.confirms(event):
+            started = next((t for t in socket.turns if not t.confirmed), None)
+            if started is None:
+                started = self._started_by_server(socket, event)
+            started.confirmed = True
+            started.response_id = protocol.response_id(event)
         if not socket.turns:
             return
         turn = socket.turns[0]
         turn.events += 1
         if turn.first_event is None:
             turn.first_event = time.time()
-        kind = event.get("type")
-        if kind not in TERMINAL:
+        index = protocol.ended(event, socket.turns)
+        if index is None:
             return
-        socket.turns.pop(0)
-        response = event.get("response")
-        response = response if isinstance(response, dict) else None
+        turn = socket.turns.pop(index)
         error = None
-        status: int | None = 200
-        if kind == "error":
-            code = event.get("status")
-            status = code if isinstance(code, int) else None
+        if event.get("type") == "error":
             detail = event.get("error")
             detail = detail if isinstance(detail, dict) else {}
             error = f"error event: {str(detail.get('code') or detail.get('type'))[:100]}"
-        turn_status = response.get("status") if response is not None else None
-        self._row(socket, turn, status, usage_of(response), turn_status, error)
+        self._row(
+            socket,
+            turn,
+            protocol.end_status(event),
+            protocol.usage(event),
+            protocol.turn_status(event),
+            error,
+        )
+
+    def _started_by_server(self, socket: Socket, event: dict[str, Any]) -> Turn:
+        """A response the server started itself (Realtime turn detection on audio): a turn
+        metered when it ends like the others, and checked now, as nothing of the client's
+        asked for it (:meth:`_check_started`)."""
+        turn = Turn(socket.model, None, time.time())
+        socket.turns.append(turn)
+        socket.turns_opened += 1
+        self.core.metrics.in_flight.inc()
+        response = event.get("response")
+        response_id = response.get("id") if isinstance(response, dict) else None
+        if isinstance(response_id, str):
+            check = asyncio.get_running_loop().create_task(
+                self._check_started(socket, socket.model, response_id)
+            )
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+        return turn
 
     def _row(
         self,
@@ -439,7 +490,7 @@ class WebSocketTurns:
             TurnFacts(
                 model=turn.model,
                 service_tier=turn.service_tier,
-                route=ROW_ROUTE,
+                route=socket.protocol.row_route,
                 status=status,
                 usage=usage,
                 events=turn.events,
@@ -477,20 +528,85 @@ class WebSocketTurns:
         socket.turns.clear()
         self.forwarder.finished(socket.flow)
         self.core.metrics.ws_open.dec()
+        self._connection_row(socket, closed=True)
+
+    def _connection_row(self, socket: Socket, closed: bool) -> None:
+        """Queue the socket's ``ws_connections`` row: its open row (no ``closed_ms`` /
+        ``duration_ms``), or its closed row, which replaces it (same ``row_id``)."""
+        ledger = self.core.ledger
+        if ledger is None:
+            logger.error("connection row lost: the gateway's database is closed")
+            return
+        member = socket.flow.metadata[MEMBER]
+        now = time.time()
+        ledger.add(
+            {
+                "table": WS_CONNECTIONS,
+                "row_id": socket.row_id,
+                "member_id": member["member_id"],
+                "key_id": member["key_id"],
+                "upstream_key": socket.flow.metadata.get(UPSTREAM_KEY),
+                "route": socket.protocol.row_route,
+                "model": socket.model,
+                "opened_ms": int(socket.opened * 1000),
+                "closed_ms": int(now * 1000) if closed else None,
+                "duration_ms": max(0, int((now - socket.opened) * 1000)) if closed else None,
+                "client_messages": socket.client_messages,
+                "upstream_messages": socket.upstream_messages,
+                "turns": socket.turns_opened,
+                "close_reason": (socket.close_reason or "")[:200] or None if closed else None,
+                "instance": self.core.instance,
+            }
+        )
 
     # -- closing ------------------------------------------------------------------------
 
-    def _inject(self, flow: http.HTTPFlow, data: bytes) -> None:
-        ctx.master.commands.call("inject.websocket", flow, True, data, True)
+    def _inject(self, flow: http.HTTPFlow, data: bytes, to_client: bool = True) -> None:
+        ctx.master.commands.call("inject.websocket", flow, to_client, data, True)
+
+    async def _check_started(self, socket: Socket, model: str | None, response_id: str) -> None:
+        """A response the server started itself, checked once it has started: when the
+        member is over a limit (or has a credit quota and the model is unpriced), it is
+        cancelled upstream (``response.cancel``; its ``response.done`` still brings the usage
+        so far) and the member is told why with the route's error event. Never raises."""
+        try:
+            core = self.core
+            member = socket.flow.metadata[MEMBER]
+            entry = core.directory.by_key_id(member["key_id"])
+            limits = limits_of(entry) if entry is not None else []
+            if not limits or core.db is None:
+                return  # no limits; a revoked key is closed by the watcher
+            usages = await core.run_db(limit_usages, core, member["member_id"], limits)
+            refusal = usage_limit_error(member["member"], usages)
+            zero = {"input": 0, "cached": 0, "output": 0, "total": 0}
+            if refusal is not None:
+                type_, code, text, fields = "usage_limit_reached", "quota_exceeded", *refusal[1:]
+            elif any(limit.kind == "credits" for limit in limits) and (
+                core.card.charge(model, zero, None) is None
+            ):
+                type_, code, fields = "invalid_request_error", "unpriced_model", {"model": model}
+                text = f"model {model!r} has no entry in the gateway's rate card, and member "
+                text += f"{member['member']!r} has a credit quota"
+            else:
+                return
+            if socket.flow.id not in self.sockets:
+                return
+            core.metrics.refused.labels("quota" if refusal else "unpriced_model").inc()
+            cancel = {"type": "response.cancel", "response_id": response_id}
+            self._inject(socket.flow, json.dumps(cancel).encode(), to_client=False)
+            self._inject(socket.flow, socket.protocol.refusal(429, type_, code, text, **fields))
+        except Exception as e:
+            logger.error("check of a server-started response failed (%s)", type(e).__name__)
 
     def _close(self, socket: Socket, code: str, text: str) -> None:
         """Tell the member why, then close its socket (the upstream side follows)."""
         if socket.closing:
             return
         socket.closing = True
+        socket.close_reason = text
         self.core.metrics.refused.labels(code).inc()
         # 400: Codex ends the turn at once and shows the event (401 is retried, measured).
-        self._inject(socket.flow, error_event(400, "invalid_request_error", code, text))
+        self._inject(socket.flow, socket.protocol.refusal(400, "invalid_request_error", code, text))
         asyncio.get_running_loop().call_later(0.05, self._drop_connection, socket.flow)
 
     @staticmethod
