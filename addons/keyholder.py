@@ -12,21 +12,21 @@ error messages never echo the input.
 from __future__ import annotations
 
 import logging
-import re
 from typing import BinaryIO
 
-from addons.secret_memory import REDACTED, SecretTooLarge, mlock, read_secret_line, zero
+from addons.secret_memory import (
+    BEARER_PREFIX,
+    KEY_PATTERN,
+    MAX_READ_BYTES,
+    REDACTED,
+    REFERENCE_BUFFER_BYTES,
+    SecretTooLarge,
+    mlock,
+    read_secret_line,
+    zero,
+)
 
 logger = logging.getLogger(__name__)
-
-#: Size of the reference proxy's read buffer (bytes). ``Bearer `` takes 7 of them, so at most
-#: 1017 bytes of stdin fit: a 1016-character key plus its newline.
-REFERENCE_BUFFER_BYTES = 1024
-BEARER_PREFIX = b"Bearer "
-MAX_READ_BYTES = REFERENCE_BUFFER_BYTES - len(BEARER_PREFIX)
-MAX_KEY_CHARS = MAX_READ_BYTES - 1
-
-KEY_PATTERN = re.compile(rb"[A-Za-z0-9_-]+")
 
 MSG_EMPTY = (
     "API key must be provided via stdin "

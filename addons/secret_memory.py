@@ -8,16 +8,29 @@ supervisor and its identity feed.
 - :data:`REDACTED`: what every ``repr``, dump, flow file and UI shows in a secret's place.
 - :func:`read_secret_line`: one line of a secret from a stream, bounded, its buffer zeroed
   (the strict proxy's key and the keyless mode's GitHub request token).
+- The reference proxy's key format (:data:`KEY_PATTERN`, :data:`MAX_KEY_CHARS`,
+  :data:`BEARER_PREFIX`): the strict proxy's key and every upstream key of the gateway's pool
+  follow it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import re
 from typing import BinaryIO
 
 #: Shown in place of a secret (and of every redacted header value).
 REDACTED = "[REDACTED]"
+
+#: Size of the reference proxy's read buffer (bytes; its ``read_api_key``). ``Bearer `` takes 7
+#: of them, so at most 1017 bytes of stdin fit: a 1016-character key plus its newline.
+REFERENCE_BUFFER_BYTES = 1024
+BEARER_PREFIX = b"Bearer "
+MAX_READ_BYTES = REFERENCE_BUFFER_BYTES - len(BEARER_PREFIX)
+MAX_KEY_CHARS = MAX_READ_BYTES - 1
+#: The characters the reference proxy accepts in a key.
+KEY_PATTERN = re.compile(rb"[A-Za-z0-9_-]+")
 
 
 def zero(buf: bytearray) -> None:

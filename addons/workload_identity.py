@@ -39,8 +39,14 @@ import aiohttp
 import yarl
 from mitmproxy import ctx, exceptions
 
-from addons.keyholder import BEARER_PREFIX
-from addons.secret_memory import REDACTED, SecretTooLarge, mlock, read_secret_line, zero
+from addons.secret_memory import (
+    BEARER_PREFIX,
+    REDACTED,
+    SecretTooLarge,
+    mlock,
+    read_secret_line,
+    zero,
+)
 
 logger = logging.getLogger(__name__)
 

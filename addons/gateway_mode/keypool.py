@@ -25,8 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from addons.keyholder import BEARER_PREFIX, KEY_PATTERN, MAX_KEY_CHARS
-from addons.secret_memory import REDACTED, mlock, zero
+from addons.secret_memory import BEARER_PREFIX, KEY_PATTERN, MAX_KEY_CHARS, REDACTED, mlock, zero
 
 logger = logging.getLogger(__name__)
 
