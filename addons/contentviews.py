@@ -1,8 +1,8 @@
 """Codex-aware content views: a Codex turn readable at a glance in mitmweb, mitmdump and the
 console.
 
-Two views for the Responses API (mitmproxy 12's ``Contentview`` protocol), chosen automatically
-for ``/v1/responses`` flows (their render priority beats the JSON and raw views) and selectable
+Three views for the Responses API (mitmproxy 12's ``Contentview`` protocol), chosen automatically
+for ``/v1/responses`` flows and messages (their render priority beats the JSON and raw views) and selectable
 in mitmweb's "View" menu:
 
 - **Responses request**: model, reasoning effort, instructions (first lines, length), tools by
