@@ -1,9 +1,9 @@
 """Codex-aware content views: a Codex turn readable at a glance in mitmweb, mitmdump and the
 console.
 
-Three views for the Responses API (mitmproxy 12's ``Contentview`` protocol), chosen automatically
-for ``/v1/responses`` flows and messages (their render priority beats the JSON and raw views) and selectable
-in mitmweb's "View" menu:
+Three views for the Responses API (mitmproxy 12's ``Contentview`` protocol), chosen
+automatically for ``/v1/responses`` flows and messages (their render priority beats the JSON
+and raw views) and selectable in mitmweb's "View" menu:
 
 - **Responses request**: model, reasoning effort, instructions (first lines, length), tools by
   name, and the input items in order (role, type, a short excerpt, call ids linking calls to
