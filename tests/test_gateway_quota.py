@@ -344,3 +344,26 @@ async def test_the_checks_run_in_order(setup, first):
     assert flow.response is not None and flow.response.status_code == status
     assert flow.metadata[REFUSED] == reason
     assert core.leases == {}
+
+
+async def test_a_slot_given_back_is_free_for_the_next_request_at_once(setup):
+    """Codex sends its next socket turn as soon as the last one's final event arrives: the
+    release of that turn's slot (on a worker thread) must be written before the next acquire
+    reads the slots, even when the release is the slower of the two."""
+    core, _gate = setup
+    member = add_member(core, max_concurrent=1)
+    lease, _ = await core.acquire_lease(member["member_id"], 1)
+    assert lease is not None
+    core.leases["turn-1"] = lease
+    assert core.db is not None
+    release = core.db.release_leases
+
+    def slow_release(leases):
+        time.sleep(0.3)  # a busy database
+        release(leases)
+
+    core.db.release_leases = slow_release  # type: ignore[method-assign]
+    core.release_lease("turn-1")
+    assert "turn-1" not in core.leases
+    lease, active = await core.acquire_lease(member["member_id"], 1)
+    assert lease is not None, f"refused with {active} active: the release had not landed"

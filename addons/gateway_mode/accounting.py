@@ -110,9 +110,7 @@ class UsageAccounting:
 
     def _release(self, flow: http.HTTPFlow) -> None:
         self.forwarder.finished(flow)
-        lease = self.core.leases.pop(flow.id, None)
-        if lease and self.core.db is not None:
-            self.core.executor.submit(self.core.db.release_leases, [lease])
+        self.core.release_lease(flow.id)
 
     def row(
         self,

@@ -251,6 +251,7 @@ class GatewayCore:
         self.refresh_s = 1.0
         self.executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="gateway-db")
         self.leases: dict[str, str] = {}  # flow id -> lease id
+        self._releasing: set[concurrent.futures.Future[Any]] = set()
         #: Failed connect attempts for a client connection's current request, by its id
         #: (:class:`addons.gateway_mode.connect.RetryingConnect`; counted in ``attempts``).
         self.connect_retries: dict[str, int] = {}
@@ -265,6 +266,28 @@ class GatewayCore:
     async def run_db(self, fn: Any, *args: Any) -> Any:
         """Run a blocking database call on the gateway's worker threads."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def release_lease(self, key: str) -> None:
+        """Give back the concurrency lease held under ``key`` (a flow id or a socket turn's
+        slot), if any, on a worker thread without waiting; :meth:`acquire_lease` waits for it."""
+        lease = self.leases.pop(key, None)
+        if lease and self.db is not None:
+            future = self.executor.submit(self.db.release_leases, [lease])
+            self._releasing.add(future)
+            future.add_done_callback(self._releasing.discard)
+
+    async def acquire_lease(self, member_id: int, max_concurrent: int) -> tuple[str | None, int]:
+        """:meth:`Database.acquire_lease` on a worker thread, after every release already
+        given back has been written. A client's next request can follow the end of its
+        previous one by less than the release takes (Codex sends its next turn as soon as a
+        socket turn's last event arrives), and the worker threads run in parallel: without
+        the wait, the member's own finished turn could still count against its slots."""
+        if self._releasing:
+            await asyncio.wait([asyncio.wrap_future(f) for f in list(self._releasing)])
+        assert self.db is not None
+        return await self.run_db(
+            self.db.acquire_lease, member_id, max_concurrent, self.instance, self.lease_ms
+        )
 
     def refresh_directory(self) -> None:
         assert self.db is not None

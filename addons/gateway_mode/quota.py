@@ -189,13 +189,7 @@ class QuotaGate:
         """A concurrency lease for the flow, or 429 ``concurrency_limit`` (Retry-After 1 s)."""
         core = self.core
         member = flow.metadata[MEMBER]
-        lease, active = await core.run_db(
-            core.db.acquire_lease,  # type: ignore[union-attr]
-            member["member_id"],
-            max_concurrent,
-            core.instance,
-            core.lease_ms,
-        )
+        lease, active = await core.acquire_lease(member["member_id"], max_concurrent)
         if lease is not None:
             core.leases[flow.id] = lease
             return
@@ -216,9 +210,7 @@ class QuotaGate:
         )
 
     def _release(self, flow: http.HTTPFlow) -> None:
-        lease = self.core.leases.pop(flow.id, None)
-        if lease and self.core.db is not None:
-            self.core.executor.submit(self.core.db.release_leases, [lease])
+        self.core.release_lease(flow.id)
 
     def _unavailable(self, flow: http.HTTPFlow) -> None:
         self.core.metrics.refused.labels("database_unavailable").inc()

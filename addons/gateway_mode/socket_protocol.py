@@ -49,7 +49,8 @@ def error_event(status: int, type_: str, code: str, message: str, **fields: Any)
     """An ``error`` event for a Codex socket: ``{"type": "error", "status": status, "error":
     {"type", "code", "message", **fields}}``. With ``status`` 429 and ``type``
     ``usage_limit_reached`` plus ``resets_at`` (Unix s), Codex 0.171 ends the turn at once with
-    "You've hit your usage limit. Try again at …" (measured; README "WebSocket transport")."""
+    "You've hit your usage limit. Try again at …" (measured; docs/gateway.md, "Codex's
+    WebSocket transport")."""
     error = {"type": type_, "code": code, "message": message, **fields}
     return json.dumps({"type": "error", "status": status, "error": error}).encode()
 

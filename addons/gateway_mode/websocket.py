@@ -5,7 +5,8 @@ event's shape) is a small protocol object each, :mod:`addons.gateway_mode.socket
 the rest below is shared.
 
 What Codex 0.171 sends with ``supports_websockets = true`` (checked against a loopback fake,
-README "WebSocket transport"): ``GET /v1/responses`` with ``Upgrade: websocket`` and its usual
+docs/gateway.md "Codex's WebSocket transport"): ``GET /v1/responses`` with ``Upgrade:
+websocket`` and its usual
 headers (``session-id``, ``x-codex-turn-metadata``...; ``Authorization`` from ``env_key``), then
 one JSON text message per request, ``{"type": "response.create", ...}`` with the POST body's
 fields (a warm-up with ``"generate": false`` first, then each turn with
@@ -362,13 +363,7 @@ class WebSocketTurns:
             return
         turn = Turn(model, tier, time.time(), client_event_id=event_id)
         if entry["max_concurrent"]:
-            lease, active = await core.run_db(
-                core.db.acquire_lease,
-                member["member_id"],
-                entry["max_concurrent"],
-                core.instance,
-                core.lease_ms,
-            )
+            lease, active = await core.acquire_lease(member["member_id"], entry["max_concurrent"])
             if lease is None:
                 message.drop()
                 core.metrics.refused.labels("concurrency").inc()
@@ -515,10 +510,8 @@ class WebSocketTurns:
     def _release(self, turn: Turn) -> None:
         if turn.lease_slot is None:
             return
-        lease = self.core.leases.pop(turn.lease_slot, None)
+        self.core.release_lease(turn.lease_slot)
         turn.lease_slot = None
-        if lease and self.core.db is not None:
-            self.core.executor.submit(self.core.db.release_leases, [lease])
 
     def _end(self, socket: Socket, error: str) -> None:
         """The socket is gone: rows for turns still open, the upstream key given back."""
@@ -623,10 +616,16 @@ class WebSocketTurns:
         while True:
             await asyncio.sleep(REVOKE_CHECK_S)
             try:
-                for socket in list(self.sockets.values()):
-                    key_id = socket.flow.metadata[MEMBER]["key_id"]
-                    if self.core.directory.by_key_id(key_id) is None:
-                        logger.info("member key %s revoked: closing its socket", key_id)
-                        self._close(socket, "invalid_member_key", "member key revoked")
+                self._close_revoked()
             except Exception as e:  # never let the watcher die
                 logger.error("revocation check failed (%s)", type(e).__name__)
+
+    def _close_revoked(self) -> None:
+        """Close every open socket whose member key left the directory. (A function of its
+        own: the watcher's frame keeps no reference to a socket, so a closed socket's flow and
+        its messages are freed, not held until the next socket opens.)"""
+        for socket in list(self.sockets.values()):
+            key_id = socket.flow.metadata[MEMBER]["key_id"]
+            if self.core.directory.by_key_id(key_id) is None:
+                logger.info("member key %s revoked: closing its socket", key_id)
+                self._close(socket, "invalid_member_key", "member key revoked")
