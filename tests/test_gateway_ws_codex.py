@@ -307,7 +307,16 @@ def test_a_gateway_restart_between_requests_of_a_turn_is_survived(
     sockets = {m["ws_connection"] for m in creates(upstream)}
     assert len(sockets) == 2  # the tool's output went on a new socket
     last = creates(upstream)[-1]
-    assert "previous_response_id" not in last  # a new socket: Codex resent the whole input
+    # The tool's output reached the upstream over the new socket. Whether Codex resends the whole
+    # input there depends on when it finds the old socket gone: found before it builds the request
+    # (the usual case), it resends everything; found only when the send fails, its retry keeps the
+    # incremental request with ``previous_response_id`` (seen under load; docs/gateway.md).
+    assert any(
+        isinstance(item, dict) and item.get("type") == "function_call_output"
+        for item in last.get("input") or []
+    )
+    if "previous_response_id" in last:
+        assert last["previous_response_id"] == "resp_tools"
 
 
 # -- the TUI --------------------------------------------------------------------------------

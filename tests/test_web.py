@@ -372,7 +372,12 @@ def test_mitmweb_front_with_the_chat_bridge(upstream, tmp_path):
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
             upstream.text
         )
-        wait_for(lambda: any(f.get("response") for f in web.flows()), 20, "the flow in the UI")
+        # The UI learns of the flow's end a moment after the client has read the last chunk.
+        wait_for(
+            lambda: any((f.get("response") or {}).get("timestamp_end") for f in web.flows()),
+            20,
+            "the finished flow in the UI",
+        )
         flow = next(f for f in web.flows() if f["request"]["path"] == "/v1/chat/completions")
 
         def view(part: str, name: str) -> str:
