@@ -247,7 +247,7 @@ class CpuClock:
     """Reads a process tree's CPU time (ms); a clock for ``pid=None`` reads ``None``."""
 
     def __init__(self, pid: int | None) -> None:
-        from bench.bench import tree_pids
+        from bench.targets import tree_pids
 
         self.pids = tree_pids(pid) if pid is not None else []
 
@@ -569,7 +569,7 @@ def run_sessions(
     ``repeat`` interleaved rounds of the targets, write ``sessions.json`` / ``sessions.md``
     into ``out``; returns the JSON document. Raises RuntimeError when a target fails."""
     from addons.web import free_port
-    from bench.bench import Target, start_gateway, start_target, wait_listening
+    from bench.targets import Target, start_gateway, start_target, wait_listening
 
     up_port = free_port()
     upstream = subprocess.Popen(
@@ -723,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m bench.sessions`` (``./run.sh bench --sessions`` calls :func:`run_sessions`)."""
     import tempfile
 
-    from bench.bench import RESULTS
+    from bench.targets import RESULTS
 
     parser = argparse.ArgumentParser(prog="bench.sessions", description=__doc__)
     parser.add_argument("--turns", type=int, default=30)

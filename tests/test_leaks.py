@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mitmproxy import io as mitm_io
 
-from bench.bench import tree_pids as proc_tree
+from bench.targets import tree_pids as proc_tree
 from tests.conftest import (
     ROOT,
     TEST_KEY,

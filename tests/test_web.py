@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from addons.web import free_port
-from bench.bench import tree_pids as proc_tree
+from bench.targets import tree_pids as proc_tree
 from tests.conftest import ROOT, TEST_KEY, open_stream, wait_for
 from tests.test_clients import printed_codex_config, run_codex
 from tests.test_leaks import (

@@ -18,7 +18,7 @@ from mitmproxy import io as mitm_io
 from addons.dumps import next_seq
 from addons.workers import supervisor
 from addons.workers.reuseport import reuseport_socket
-from bench.bench import tree_pids
+from bench.targets import tree_pids
 from tests.conftest import ROOT, TEST_KEY, wait_for
 from tests.gateway_harness import UPSTREAM_KEYS, Gateway, bearer
 
