@@ -446,8 +446,10 @@ class ResponsesStandIn:
             self._counter += 1
             return f"resp_standin_{self._counter}"
 
-    async def _websocket(self, request: web.Request) -> web.StreamResponse:
-        """The WebSocket transport (see the class docstring)."""
+    def _upgrade_refusal(self, request: web.Request) -> web.Response | None:
+        """Record a WebSocket upgrade in ``requests`` and answer it as an HTTP request would be
+        (``key_status`` for its key, else ``status``; 429 with ``Retry-After``), or ``None``
+        to accept it."""
         self.requests.append(
             RecordedRequest(
                 request.method,
@@ -457,10 +459,17 @@ class ResponsesStandIn:
             )
         )
         token = request.headers.get("authorization", "").removeprefix("Bearer ")
-        if token in self.key_status or self.status >= 300:
-            status = self.key_status.get(token, self.status)
-            retry = {"Retry-After": self.key_retry_after} if status == 429 else None
-            return web.json_response(self.error_body, status=status, headers=retry)
+        if token not in self.key_status and self.status < 300:
+            return None
+        status = self.key_status.get(token, self.status)
+        retry = {"Retry-After": self.key_retry_after} if status == 429 else None
+        return web.json_response(self.error_body, status=status, headers=retry)
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        """The WebSocket transport (see the class docstring)."""
+        refused = self._upgrade_refusal(request)
+        if refused is not None:
+            return refused
         ws = web.WebSocketResponse()
         ws.headers.update(self.reply_headers)
         await ws.prepare(request)
@@ -499,18 +508,9 @@ class ResponsesStandIn:
 
     async def _realtime(self, request: web.Request) -> web.StreamResponse:
         """The Realtime API (see the class docstring)."""
-        self.requests.append(
-            RecordedRequest(
-                request.method,
-                request.path_qs,
-                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
-                b"",
-            )
-        )
-        token = request.headers.get("authorization", "").removeprefix("Bearer ")
-        if token in self.key_status or self.status >= 300:
-            status = self.key_status.get(token, self.status)
-            return web.json_response(self.error_body, status=status)
+        refused = self._upgrade_refusal(request)
+        if refused is not None:
+            return refused
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self.ws_connections += 1

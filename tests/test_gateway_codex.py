@@ -196,38 +196,25 @@ def stop_codex_daemons(home: Path) -> None:
                 pass
 
 
-def test_the_codex_tui_with_a_gateway_member(gateway, upstream, codex, tmp_path):
-    """What a member sees in Codex's TUI (docs/gateway.md): the turn works, the session records the
-    windows, and `/status` and the status line do not show them (0.171, API-key provider)."""
+def require_tmux() -> None:
+    """Skip without tmux, except in CI, where ``./run.sh test`` installs it."""
     if shutil.which("tmux") is None:
         if os.environ.get("CI"):
             pytest.fail("tmux is missing in CI: ./run.sh test installs it")
         pytest.skip("tmux not installed (./run.sh test installs it)")
-    gateway.admin("add-member", "erin", "--five-hour-quota", "1000", "--weekly-quota", "10000")
-    key = gateway.add_key("erin")
-    server = gateway.serve(upstream.url)
-    model = "gpt-6.2-sol"  # Codex 0.171's default: no "try the new model" screen
-    home, work = codex_home(tmp_path, server, model)
-    with (home / "config.toml").open("a") as f:
-        f.write('\n[tui]\nstatus_line = ["five-hour-limit", "weekly-limit"]\n')
-    _, env = member_codex_command(codex, home, key)
+
+
+def codex_tui_status(
+    codex: str, home: Path, work: Path, env: dict[str, str], reply: str, artifact: str
+) -> str:
+    """Drive Codex's TUI in tmux (160x45): say hello, wait for ``reply`` on the screen, then
+    ``/status``; return the screen, also saved as ``test-artifacts/<artifact>``."""
     session = f"codex-gw-{os.getpid()}"
     env_args = [f"{k}={v}" for k, v in env.items() if k in ("CODEX_HOME", "CODEX_GATEWAY_KEY")]
     tmux(
-        "new-session",
-        "-d",
-        "-s",
-        session,
-        "-x",
-        "160",
-        "-y",
-        "45",
-        "-c",
-        str(work),
-        "env",
-        *env_args,
-        codex,
-    )
+        "new-session", "-d", "-s", session, "-x", "160", "-y", "45", "-c", str(work),
+        "env", *env_args, codex,
+    )  # fmt: skip
 
     def screen() -> str:
         return tmux("capture-pane", "-t", session, "-p")
@@ -248,7 +235,7 @@ def test_the_codex_tui_with_a_gateway_member(gateway, upstream, codex, tmp_path)
             tmux("send-keys", "-t", session, "Enter")
 
         submit("Say hello")
-        wait_for(lambda: upstream.text in " ".join(screen().split()), 60, "the reply")
+        wait_for(lambda: reply in " ".join(screen().split()), 60, "the reply")
         submit("/status")
         wait_for(lambda: "Limits:" in screen(), 30, "/status")
         shown = screen()
@@ -259,8 +246,24 @@ def test_the_codex_tui_with_a_gateway_member(gateway, upstream, codex, tmp_path)
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=30)
         stop_codex_daemons(home)
     ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "codex-tui-gateway-status.txt").write_text(shown)
+    (ARTIFACTS / artifact).write_text(shown)
     print(shown)
+    return shown
+
+
+def test_the_codex_tui_with_a_gateway_member(gateway, upstream, codex, tmp_path):
+    """What a member sees in Codex's TUI (docs/gateway.md): the turn works, the session records the
+    windows, and `/status` and the status line do not show them (0.171, API-key provider)."""
+    require_tmux()
+    gateway.admin("add-member", "erin", "--five-hour-quota", "1000", "--weekly-quota", "10000")
+    key = gateway.add_key("erin")
+    server = gateway.serve(upstream.url)
+    model = "gpt-6.2-sol"  # Codex 0.171's default: no "try the new model" screen
+    home, work = codex_home(tmp_path, server, model)
+    with (home / "config.toml").open("a") as f:
+        f.write('\n[tui]\nstatus_line = ["five-hour-limit", "weekly-limit"]\n')
+    _, env = member_codex_command(codex, home, key)
+    shown = codex_tui_status(codex, home, work, env, upstream.text, "codex-tui-gateway-status.txt")
     assert key not in shown
     limits_line = next(line for line in shown.splitlines() if "Limits:" in line)
     # Codex 0.171 with an API-key provider: the windows are recorded, not displayed.

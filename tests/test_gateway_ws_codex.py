@@ -10,7 +10,6 @@ the bounds are generous, not performance figures.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sqlite3
@@ -26,11 +25,10 @@ from tests.fake_upstream import responses_sse_events
 from tests.gateway_harness import UPSTREAM_KEYS, bearer
 from tests.responses_events import tool_call_events
 from tests.test_gateway_codex import (
-    ARTIFACTS,
+    codex_tui_status,
     recorded_rate_limits,
     refused,
-    stop_codex_daemons,
-    tmux,
+    require_tmux,
 )
 from tests.test_gateway_ws import MODEL, codex_env, codex_home, creates, rows
 
@@ -327,10 +325,7 @@ def test_the_codex_tui_status_over_the_socket(gateway, upstream, codex, tmp_path
     """Codex's TUI with a member over WebSocket: the turn goes over the socket, the session
     records the ``codex.rate_limits`` windows, and what ``/status`` shows is saved as
     ``test-artifacts/codex-tui-gateway-ws-status.txt`` (docs/gateway.md)."""
-    if shutil.which("tmux") is None:
-        if os.environ.get("CI"):
-            pytest.fail("tmux is missing in CI: ./run.sh test installs it")
-        pytest.skip("tmux not installed (./run.sh test installs it)")
+    require_tmux()
     gateway.admin("add-member", "ivy", "--five-hour-quota", "1000", "--weekly-quota", "10000")
     key = gateway.add_key("ivy")
     server = gateway.serve(upstream.url, "--websockets")
@@ -342,45 +337,9 @@ def test_the_codex_tui_status_over_the_socket(gateway, upstream, codex, tmp_path
     with config.open("a") as f:
         f.write('\n[tui]\nstatus_line = ["five-hour-limit", "weekly-limit"]\n')
     env = codex_env(home, key)
-    session = f"codex-gw-ws-{os.getpid()}"
-    env_args = [f"{k}={v}" for k, v in env.items() if k in ("CODEX_HOME", "CODEX_GATEWAY_KEY")]
-    tmux(
-        "new-session", "-d", "-s", session, "-x", "160", "-y", "45", "-c", str(work),
-        "env", *env_args, codex,
-    )  # fmt: skip
-
-    def screen() -> str:
-        return tmux("capture-pane", "-t", session, "-p")
-
-    try:
-        wait_for(lambda: "Ask Codex" in screen(), 60, "the Codex prompt")
-
-        def submit(text: str) -> None:
-            tmux("send-keys", "-t", session, "-l", text)
-            wait_for(
-                lambda: f"\N{SINGLE RIGHT-POINTING ANGLE QUOTATION MARK} {text}" in screen(),
-                10,
-                f"{text!r} typed",
-            )
-            # Keys that arrive together are read as a paste, where Enter is a newline: this
-            # pause is the input pacing Codex's paste detection needs, not synchronisation.
-            time.sleep(0.5)
-            tmux("send-keys", "-t", session, "Enter")
-
-        submit("Say hello")
-        wait_for(lambda: upstream.text in " ".join(screen().split()), 60, "the reply")
-        submit("/status")
-        wait_for(lambda: "Limits:" in screen(), 30, "/status")
-        shown = screen()
-    except AssertionError:
-        print(screen())
-        raise
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=30)
-        stop_codex_daemons(home)
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "codex-tui-gateway-ws-status.txt").write_text(shown)
-    print(shown)
+    shown = codex_tui_status(
+        codex, home, work, env, upstream.text, "codex-tui-gateway-ws-status.txt"
+    )
     assert key not in shown
     assert upstream.requests and {r.method for r in upstream.requests} == {"GET"}  # the socket
     recorded = recorded_rate_limits(home)

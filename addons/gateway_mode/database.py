@@ -418,17 +418,7 @@ class Database:
         Raises:
             DatabaseError: ``name`` given and unknown.
         """
-        query = (
-            sa.select(ws_connections, members.c.name.label("member"))
-            .join(members, members.c.id == ws_connections.c.member_id)
-            .where(ws_connections.c.opened_ms > since)
-            .order_by(ws_connections.c.opened_ms, ws_connections.c.id)
-        )
-        with self.engine.connect() as conn:
-            if name is not None:
-                _member_id(conn, name)
-                query = query.where(members.c.name == name)
-            return [dict(r._mapping) for r in conn.execute(query).all()]
+        return self._member_rows(ws_connections, ws_connections.c.opened_ms, since, name)
 
     def window_usage(self, member_id: int, now: int) -> dict[str, dict[str, Any]]:
         """Usage of one member in the rolling windows ending ``now`` (ms): ``{"five_hour":
@@ -487,11 +477,19 @@ class Database:
         Raises:
             DatabaseError: ``name`` given and unknown.
         """
+        return self._member_rows(usage, usage.c.ts_ms, since, name)
+
+    def _member_rows(
+        self, table: sa.Table, time: sa.Column[Any], since: int, name: str | None
+    ) -> list[dict[str, Any]]:
+        """Rows of ``table`` (which has ``id`` and ``member_id``) whose ``time`` is after
+        ``since`` (ms), oldest first, each with the member's name as ``member``; only
+        ``name``'s rows when given. Raises DatabaseError: ``name`` unknown."""
         query = (
-            sa.select(usage, members.c.name.label("member"))
-            .join(members, members.c.id == usage.c.member_id)
-            .where(usage.c.ts_ms > since)
-            .order_by(usage.c.ts_ms, usage.c.id)
+            sa.select(table, members.c.name.label("member"))
+            .join(members, members.c.id == table.c.member_id)
+            .where(time > since)
+            .order_by(time, table.c.id)
         )
         with self.engine.connect() as conn:
             if name is not None:
