@@ -55,6 +55,11 @@ class SocketTurn:
     error: str | None = None
     events: list[tuple[float, bytes]] = field(default_factory=list)
     seq: int | None = None
+    #: The socket's metering's own reading of the turn, for routes whose events the Responses
+    #: reader does not know (Realtime's ``response.done``): used where that reader finds none.
+    model: str | None = None
+    usage: dict[str, int] | None = None
+    turn_status: str | None = None
     _timeline: list[tuple[int, SseEvent]] | None = field(default=None, repr=False)
 
     def timeline(self) -> list[tuple[int, SseEvent]]:
@@ -74,7 +79,11 @@ class SocketTurn:
     def facts(self) -> ExchangeFacts:
         """What the turn says (model, tier, usage, events, status, timing), by the one reader."""
         reply = Reply(self.status, "text/event-stream", events=self.timeline())
-        return read_exchange(self.request, reply if self.status is not None else None)
+        facts = read_exchange(self.request, reply if self.status is not None else None)
+        facts.model = facts.model or self.model
+        facts.usage = facts.usage or self.usage
+        facts.turn_status = facts.turn_status or self.turn_status
+        return facts
 
     def chunk_timing(self) -> list[list[int]]:
         """``[[ms since the turn started, bytes of :func:`sse_text` so far], ...]``, one entry
@@ -114,11 +123,20 @@ def start_turn(flow: http.HTTPFlow, route: str, message: Any) -> SocketTurn:
 
 
 def end_turn(
-    flow: http.HTTPFlow, turn: SocketTurn | None, status: int | None, error: str | None
+    flow: http.HTTPFlow,
+    turn: SocketTurn | None,
+    status: int | None,
+    error: str | None,
+    *,
+    model: str | None = None,
+    usage: dict[str, int] | None = None,
+    turn_status: str | None = None,
 ) -> None:
     """End ``turn`` (``None``: a turn that was never announced, nothing to do): collect the
     server's messages since its ``response.create`` that no earlier turn took (text, not
-    injected by us, not dropped) and announce it (``socket_turn_end``)."""
+    injected by us, not dropped) and announce it (``socket_turn_end``). ``model``, ``usage``
+    (as :func:`addons.responses_turn.usage_of` gives it) and ``turn_status``: the metering's
+    reading, kept for :meth:`SocketTurn.facts`."""
     if turn is None or turn.ended is not None:
         return
     messages = flow.websocket.messages if flow.websocket is not None else []
@@ -131,6 +149,7 @@ def end_turn(
     flow.metadata[TAKEN] = len(messages)
     turn.ended = max(time.time(), turn.started)
     turn.status, turn.error = status, error
+    turn.model, turn.usage, turn.turn_status = model, usage, turn_status
     ctx.master.addons.trigger(SocketTurnEndHook(flow, turn))
 
 

@@ -347,6 +347,13 @@ def test_a_realtime_turn_through_the_gateway_is_metered_and_no_key_leaks(
     table = gateway.admin("usage").stdout
     assert "ws conns" in table and "3/6" in table
     assert server.shutdown() == 0
+    # The recording's ledger reads the Realtime turn as the gateway's did: model, tokens.
+    lines = [json.loads(x) for x in (record / "usage.jsonl").read_text().splitlines()]
+    assert [x["status"] for x in lines if x["transport"] is None] == [101]  # the upgrade
+    (line,) = [x for x in lines if x["transport"] == "websocket"]
+    assert line["model"] == MODEL
+    assert line["usage"]["total"] == 59 and line["usage"]["cached"] == 8
+    assert line["turn_status"] == "completed" and line["status"] == 200
     # Leak scan: the recording (flows with their messages, HAR), dumps, logs, the database.
     places = {str(p): p.read_bytes() for d in (record, dumps) for p in d.rglob("*") if p.is_file()}
     places["stdout"] = server.stdout_path.read_bytes()

@@ -475,7 +475,15 @@ class WebSocketTurns:
         error: str | None,
     ) -> None:
         core = self.core
-        end_turn(socket.flow, turn.log, status, error)
+        end_turn(
+            socket.flow,
+            turn.log,
+            status,
+            error,
+            model=turn.model,
+            usage=usage,
+            turn_status=turn_status if isinstance(turn_status, str) else None,
+        )
         self._release(turn)
         core.metrics.in_flight.dec()
         member = socket.flow.metadata[MEMBER]
