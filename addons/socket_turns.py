@@ -153,6 +153,36 @@ def end_turn(
     ctx.master.addons.trigger(SocketTurnEndHook(flow, turn))
 
 
+def keeps_messages() -> bool:
+    """Whether something of this process reads a WebSocket flow's messages after its turns
+    have ended: a flow file (``save_stream_file``, ``--record``), a HAR (``hardump``) or an
+    interactive front (mitmweb's ``web_port``, the console's ``console_layout``)."""
+    options = ctx.options
+    return bool(
+        getattr(options, "save_stream_file", "")
+        or getattr(options, "hardump", "")
+        or "web_port" in options
+        or "console_layout" in options
+    )
+
+
+def forget_messages(flow: http.HTTPFlow) -> int:
+    """Drop the WebSocket messages a flow holds, once no turn of it is open (the caller's
+    rule: an open turn's ``message_index`` points into the list, and its events are still to
+    be collected); the ended turns' dumps and recording lines already have theirs. So a socket
+    open for an hour holds its open turn, not every message since it opened (a 400-event reply
+    is ~160 KB). For a flow whose messages nothing reads later (:func:`keeps_messages`: flow
+    files keep them all). mitmproxy appends each message before its ``websocket_message``
+    hooks and relays its own reference after them, so the one being handled may go too.
+    Returns how many were dropped."""
+    if flow.websocket is None:
+        return 0
+    count = len(flow.websocket.messages)
+    del flow.websocket.messages[:]
+    flow.metadata[TAKEN] = 0
+    return count
+
+
 def _sse_event(event: SseEvent) -> str:
     data = "\n".join(f"data: {line}" for line in event.data.split("\n"))
     return f"event: {event.type}\n{data}\n\n"

@@ -58,7 +58,7 @@ from addons.gateway_mode.socket_protocol import busy_event as busy_event  # re-e
 from addons.gateway_mode.socket_protocol import error_event as error_event  # re-exported
 from addons.gateway_mode.socket_protocol import is_responses_upgrade as is_responses_upgrade
 from addons.gateway_mode.windows import limits_of
-from addons.socket_turns import SocketTurn, end_turn, start_turn
+from addons.socket_turns import SocketTurn, end_turn, forget_messages, keeps_messages, start_turn
 
 logger = logging.getLogger(__name__)
 
@@ -446,6 +446,8 @@ class WebSocketTurns:
             protocol.turn_status(event),
             error,
         )
+        if not socket.turns and not keeps_messages():
+            forget_messages(socket.flow)
 
     def _started_by_server(self, socket: Socket, event: dict[str, Any]) -> Turn:
         """A response the server started itself (Realtime turn detection on audio): a turn
