@@ -150,6 +150,25 @@ class Target:
                 self.proc.kill()
 
 
+def start_with_secret(
+    cmd: list[str], secret: bytes, info: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``cmd`` (in the checkout, output discarded) with ``secret`` on its stdin, as a
+    key-holding proxy is started; wait for its server-info file ``info``. Returns the process
+    and the port it listens on. Raises RuntimeError when it exits first or never writes it."""
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(secret)
+    proc.stdin.close()
+    return proc, wait_file(info, proc)["port"]
+
+
 def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
     """Start one target (``direct``, ``mitmdump``, ``reference``, ``ours``, ``ours+dumps``,
     ``ours+bridge``)
@@ -188,23 +207,12 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
                 "the reference proxy needs ./node_modules (./run.sh bench sets it up)"
             )
         info = tmp / "ref-info.json"
-        proc = subprocess.Popen(
-            [
-                str(codex),
-                "responses-api-proxy",
-                "--upstream-url",
-                up_url,
-                "--server-info",
-                str(info),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        assert proc.stdin is not None
-        proc.stdin.write(BENCH_KEY)
-        proc.stdin.close()
-        port = wait_file(info, proc)["port"]
+        proc, port = start_with_secret(
+            [str(codex), "responses-api-proxy", "--upstream-url", up_url,
+             "--server-info", str(info)],
+            BENCH_KEY,
+            info,
+        )  # fmt: skip
         return Target(name, port, proc, f"Rust codex responses-api-proxy {codex_cli_version()}")
     if name in ("ours", "ours+dumps", "ours+bridge", WORKERS_TARGET):
         info = tmp / f"{name}-info.json"
@@ -224,17 +232,7 @@ def start_target(name: str, upstream_port: int, tmp: Path) -> Target:
             cmd.append("--chat-bridge")
         if name == WORKERS_TARGET:
             cmd += ["--workers", "2"]
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=ROOT,
-        )
-        assert proc.stdin is not None
-        proc.stdin.write(BENCH_KEY)
-        proc.stdin.close()
-        port = wait_file(info, proc)["port"]
+        proc, port = start_with_secret(cmd, BENCH_KEY, info)
         notes = {
             "ours+dumps": ", dumps on",
             "ours+bridge": ", streams through the chat bridge",
@@ -266,26 +264,12 @@ def start_gateway(
         [*admin, "add-key", "bench"], check=True, cwd=ROOT, capture_output=True, text=True
     ).stdout.split()[-1]
     info = tmp / "gateway-info.json"
-    proc = subprocess.Popen(
-        [
-            *admin,
-            "serve",
-            "--upstream-url",
-            up_url,
-            "--server-info",
-            str(info),
-            *quiet,
-            *(serve_args or []),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
-    assert proc.stdin is not None
-    proc.stdin.write(b"bench " + BENCH_KEY)
-    proc.stdin.close()
-    port = wait_file(info, proc)["port"]
+    proc, port = start_with_secret(
+        [*admin, "serve", "--upstream-url", up_url, "--server-info", str(info), *quiet,
+         *(serve_args or [])],
+        b"bench " + BENCH_KEY,
+        info,
+    )  # fmt: skip
     return Target(
         "gateway",
         port,
