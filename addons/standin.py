@@ -465,6 +465,20 @@ class ResponsesStandIn:
         retry = {"Retry-After": self.key_retry_after} if status == 429 else None
         return web.json_response(self.error_body, status=status, headers=retry)
 
+    def _received(self, msg: aiohttp.WSMessage, number: int) -> dict[str, Any] | None:
+        """A client's text message on socket ``number``, parsed (``{"unparsed": text}`` when it
+        is no JSON object) and kept in ``ws_messages``; ``None`` for any other frame."""
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            return None
+        try:
+            parsed = json.loads(msg.data)
+        except ValueError:
+            parsed = {"unparsed": msg.data}
+        if not isinstance(parsed, dict):
+            parsed = {"unparsed": msg.data}
+        self.ws_messages.append({**parsed, "ws_connection": number})
+        return parsed
+
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
         """The WebSocket transport (see the class docstring)."""
         refused = self._upgrade_refusal(request)
@@ -479,15 +493,9 @@ class ResponsesStandIn:
         creates = 0
         try:
             async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
+                parsed = self._received(msg, number)
+                if parsed is None:
                     continue
-                try:
-                    parsed = json.loads(msg.data)
-                except ValueError:
-                    parsed = {"unparsed": msg.data}
-                if not isinstance(parsed, dict):
-                    parsed = {"unparsed": msg.data}
-                self.ws_messages.append({**parsed, "ws_connection": number})
                 if parsed.get("type") != "response.create":
                     continue
                 creates += 1
@@ -529,15 +537,9 @@ class ResponsesStandIn:
                 json.dumps({"type": "session.created", "event_id": "event_s", "session": session})
             )
             async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
+                parsed = self._received(msg, number)
+                if parsed is None:
                     continue
-                try:
-                    parsed = json.loads(msg.data)
-                except ValueError:
-                    parsed = {"unparsed": msg.data}
-                if not isinstance(parsed, dict):
-                    parsed = {"unparsed": msg.data}
-                self.ws_messages.append({**parsed, "ws_connection": number})
                 kind = parsed.get("type")
                 if kind == "session.update" and isinstance(parsed.get("session"), dict):
                     session.update(

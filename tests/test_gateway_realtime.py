@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 
 import pytest
 from mitmproxy import http
@@ -27,6 +26,9 @@ from addons.gateway_mode.websocket import WebSocketRoute
 from addons.standin import realtime_response_events
 from tests.conftest import wait_for
 from tests.gateway_harness import UPSTREAM_KEYS
+from tests.test_gateway_ws import connection_rows
+from tests.test_gateway_ws import creates as upstream_creates
+from tests.test_gateway_ws import rows as usage_rows
 
 MODEL = "gpt-realtime"  # not in the rate card: unpriced
 UPGRADE = {
@@ -262,22 +264,6 @@ async def test_an_unpriced_realtime_model_is_refused_for_a_credit_quota_in_the_r
 
 
 # -- the openai SDK's Realtime client through the gateway -----------------------------------
-
-
-def usage_rows(gateway) -> list[dict]:
-    with sqlite3.connect(gateway.database.removeprefix("sqlite:///")) as db:
-        db.row_factory = sqlite3.Row
-        return [dict(r) for r in db.execute("SELECT * FROM usage ORDER BY ts_ms")]
-
-
-def connection_rows(gateway) -> list[dict]:
-    with sqlite3.connect(gateway.database.removeprefix("sqlite:///")) as db:
-        db.row_factory = sqlite3.Row
-        return [dict(r) for r in db.execute("SELECT * FROM ws_connections ORDER BY opened_ms")]
-
-
-def upstream_creates(upstream) -> list[dict]:
-    return [m for m in upstream.ws_messages if m.get("type") == "response.create"]
 
 
 async def realtime_turn(port: int, key: str, model: str = MODEL) -> list:
