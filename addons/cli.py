@@ -29,6 +29,7 @@ from addons.launch import (
     worker_count,
 )
 from addons.routing import DEFAULT_UPSTREAM_URL, Upstream, parse_upstream_url
+from addons.workers.identity_feed import IdentityFeed, follow
 
 EXIT_ARGS = 2  # argument errors, as clap in the reference proxy (key errors: launch.EXIT_SECRET)
 
@@ -302,6 +303,7 @@ def main(
             take=bytearray,  # the workers follow the supervisor's renewals (one identity)
             clear=workload_identity.IDENTITY.clear,
             feed=identity_feed,
+            worker_load=follow,  # the workers follow the renewals
         )
     else:
         secret = Secret(
@@ -309,6 +311,7 @@ def main(
             load=lambda: keyholder.load_from_stream(stream),
             take=take_key,
             clear=keyholder.API_KEY.clear,
+            worker_load=keyholder.load_from_fd,
         )
     return launch(
         secret,
@@ -329,8 +332,6 @@ def take_key() -> bytearray:
 
 def identity_feed() -> Any:
     """``--github-oidc --workers N``: the supervisor renews, the workers follow."""
-    from addons.workers.identity_feed import IdentityFeed
-
     return IdentityFeed()
 
 

@@ -145,6 +145,19 @@ def load_from_stream(stream: BinaryIO) -> None:
     API_KEY.set_key(read_api_key(stream))
 
 
+def load_from_fd(fd: int) -> None:
+    """A ``--workers`` worker's loader: read the key from the pipe ``fd`` the supervisor wrote
+    it to into :data:`API_KEY`, then close ``fd``.
+
+    Raises:
+        ApiKeyError: as :func:`read_api_key`.
+    """
+    import os
+
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        load_from_stream(pipe)
+
+
 def load_from_path(path: str) -> None:
     """Read the key from a file path (``-`` for stdin) into :data:`API_KEY`; same rules.
 

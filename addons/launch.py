@@ -1,6 +1,9 @@
 """What every launcher does around mitmproxy's ``mitmdump``: one home for the strict proxy's
-launcher (:mod:`addons.cli`), ``./run.sh gateway serve`` (:mod:`addons.gateway_mode.cli`) and a
-``--workers`` worker (:mod:`addons.workers.worker`), which import down into it.
+launcher (:mod:`addons.cli`) and ``./run.sh gateway serve`` (:mod:`addons.gateway_mode.cli`),
+which import down into it. It runs mitmdump in this process (:mod:`addons.mitmdump_main`) or
+the ``--workers`` supervisor (:mod:`addons.workers.supervisor`), whose worker processes load
+their secret with the loader each launcher names (:attr:`Secret.worker_load`), so the workers
+know no mode.
 
 - Argument types shared by the launchers' parsers: :func:`port_number`, :func:`set_spec`,
   :func:`worker_count`.
@@ -10,7 +13,8 @@ launcher (:mod:`addons.cli`), ``./run.sh gateway serve`` (:mod:`addons.gateway_m
 - :func:`launch`: the sequence after the flags are checked: harden the process, read the
   secret from stdin into its holder module (:class:`Secret`), then run mitmdump in this
   process, or the ``--workers`` supervisor, and wipe the holder at the end.
-- :func:`run_mitmdump`: mitmproxy's own ``mitmdump`` in this process, its exit code.
+- :func:`run_mitmdump` (from :mod:`addons.mitmdump_main`): mitmproxy's own ``mitmdump`` in
+  this process, its exit code.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from addons.hardening import HardeningError
+from addons.mitmdump_main import run_mitmdump
 from addons.secret_memory import zero
+from addons.workers import supervisor
 
 #: Hardening and secret errors at start-up: the reference proxy's exit code (one line on stderr).
 EXIT_SECRET = 1
@@ -115,18 +121,6 @@ def reverse_mode(host: str, port: int, script: str) -> list[str]:
     return ["--mode", f"reverse:http://{bracketed}:{port}", "-s", script]
 
 
-def run_mitmdump(args: Sequence[str]) -> int:
-    """Run mitmproxy's ``mitmdump`` in this process; its exit code (0 after a clean stop)."""
-    from mitmproxy.tools.main import mitmdump
-
-    try:
-        mitmdump(list(args))
-    except SystemExit as e:
-        code = e.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    return 0
-
-
 @dataclass
 class Secret:
     """One mode's secret on its way from stdin to its holder module (and to the workers).
@@ -142,6 +136,9 @@ class Secret:
     load: Callable[[], None]
     take: Callable[[], bytearray]
     clear: Callable[[], None]
+    #: ``--workers`` only: what a worker process calls with its pipe's fd to load the secret
+    #: (its module and name go to the worker's argv, see ``supervisor.Plan``).
+    worker_load: Callable[[int], None] | None = None
     #: Per-worker option changes (the gateway's spool), see ``supervisor.Plan``.
     per_worker: Callable[[int], dict[str, str]] | None = None
     #: Makes the keyless mode's identity feed for the workers, see ``supervisor.Plan``.
@@ -172,11 +169,11 @@ def launch(
         return EXIT_SECRET
     try:
         if workers > 1:
-            from addons.workers import supervisor
-
             line = secret.take()
             try:
-                plan = supervisor.Plan(workers, secret.kind, args(), line)
+                if secret.worker_load is None:
+                    raise RuntimeError(f"no worker loader for the {secret.kind} secret")
+                plan = supervisor.Plan(workers, secret.kind, args(), line, secret.worker_load)
                 if secret.per_worker is not None:
                     plan.per_worker = secret.per_worker
                 if secret.feed is not None:

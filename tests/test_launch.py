@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from addons import launch
+from addons import keyholder, launch
 from addons.hardening import HardeningError
 from addons.launch import OptionSpecs, Secret
 
@@ -85,14 +85,34 @@ def test_launch_hands_workers_the_taken_secret_and_zeroes_it(monkeypatch):
 
     def run(plan):
         plans.append((plan.count, plan.kind, plan.args, bytes(plan.secret), plan.per_worker(2)))
+        plans.append(supervisor.loader_spec(plan.load))
         return 0
 
     monkeypatch.setattr(supervisor, "run", run)
     secret = holder.secret()
     secret.per_worker = lambda i: {"spool": f"s.{i}"}
+    secret.worker_load = keyholder.load_from_fd
     assert launch.launch(secret, lambda: ["a"], 3, lambda: None, io.StringIO()) == 0
-    assert plans == [(3, "strict", ["a"], b"k\n", {"spool": "s.2"})]
+    assert plans == [
+        (3, "strict", ["a"], b"k\n", {"spool": "s.2"}),
+        "addons.keyholder:load_from_fd",
+    ]
     assert holder.events == ["load", "take", "clear"]
+
+
+def test_a_worker_loads_its_secret_only_with_a_loader_of_the_bundle():
+    """The worker knows no mode: its launcher names the loader, which must be a function of
+    the ``addons`` package (``supervisor.loader_spec`` / ``worker.secret_loader``)."""
+    from addons.gateway_mode import keypool
+    from addons.workers import supervisor, worker
+
+    for load in (keyholder.load_from_fd, keypool.load_from_fd):
+        assert worker.secret_loader(supervisor.loader_spec(load)) is load
+    for bad in ("os:system", "addons.keyholder:nope", "addons.keyholder", "addons.x:y.z", ""):
+        with pytest.raises(ValueError, match="not a secret loader"):
+            worker.secret_loader(bad)
+    with pytest.raises(ValueError):
+        supervisor.loader_spec(lambda fd: None)
 
 
 @pytest.mark.parametrize(

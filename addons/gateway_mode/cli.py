@@ -601,6 +601,7 @@ def serve(
             load=load,
             take=take,
             clear=keypool.POOL.clear,
+            worker_load=keypool.load_from_fd,
             per_worker=lambda i: {"codex_gateway_spool": f"{spool}.{i}"},
         ),
         lambda: serve_args(ns, config, database_url),

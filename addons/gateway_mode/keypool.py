@@ -80,6 +80,19 @@ class UpstreamKey:
         self._header = bytearray()
 
 
+def load_from_fd(fd: int) -> None:
+    """A ``--workers`` worker's loader: read the key list from the pipe ``fd`` the supervisor
+    wrote it to into :data:`POOL`, then close ``fd``.
+
+    Raises:
+        UpstreamKeyError: as :func:`read_upstream_keys`.
+    """
+    import os
+
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        POOL.set_keys(read_upstream_keys(pipe))
+
+
 def read_upstream_keys(stream: BinaryIO) -> list[UpstreamKey]:
     """Read the key list (see the module docstring) until EOF.
 

@@ -66,6 +66,18 @@ def set_value(args: list[str], name: str) -> str | None:
     return found
 
 
+def loader_spec(load: Callable[[int], None]) -> str:
+    """``module:name`` of a module-level function, as a worker's ``--secret-loader`` takes it.
+
+    Raises:
+        ValueError: ``load`` is no module-level function of the ``addons`` package.
+    """
+    module, name = getattr(load, "__module__", ""), getattr(load, "__qualname__", "")
+    if not module.startswith("addons.") or not name.isidentifier():
+        raise ValueError(f"not a module-level function of addons: {load!r}")
+    return f"{module}:{name}"
+
+
 @dataclass
 class Plan:
     """What to run: ``count`` workers of ``kind`` (``strict`` / ``gateway`` / ``oidc``), the
@@ -76,6 +88,9 @@ class Plan:
     kind: str
     args: list[str]
     secret: bytearray
+    #: What each worker calls with its pipe's fd to load ``secret`` (a module-level function
+    #: of the mode that owns the secret; named in the worker's argv, see :func:`loader_spec`).
+    load: Callable[[int], None]
     #: Per-worker option changes beyond the ones :func:`run` makes (e.g. the gateway's spool).
     per_worker: Callable[[int], dict[str, str]] = field(default=lambda _i: {})
     #: The keyless mode's :class:`~addons.workers.identity_feed.IdentityFeed`: each worker's
@@ -137,8 +152,8 @@ class Supervisor:
                     "addons.workers.worker",
                     "--secret-fd",
                     str(read_end),
-                    "--kind",
-                    self.plan.kind,
+                    "--secret-loader",
+                    loader_spec(self.plan.load),
                     "--",
                     *self.worker_args(index),
                 ],

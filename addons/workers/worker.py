@@ -1,49 +1,46 @@
-"""One worker process: ``python -m addons.workers.worker --secret-fd FD --kind strict|gateway|oidc
--- MITMDUMP_ARGS...`` (started by :mod:`addons.workers.supervisor`, never by hand).
+"""One worker process: ``python -m addons.workers.worker --secret-fd FD --secret-loader
+MODULE:NAME -- MITMDUMP_ARGS...`` (started by :mod:`addons.workers.supervisor`, never by hand).
 
 Hardened first (as the single-process launcher is), then it reads the secret from the pipe the
-supervisor wrote it to (never argv, the environment or a file), closes the pipe, and runs
-mitmproxy's ``mitmdump`` in-process with ``SO_REUSEPORT`` listeners. Exit code: mitmdump's (0
-after ``GET /shutdown``), 1 for a hardening or secret error.
+supervisor wrote it to (never argv, the environment or a file) with the loader the launcher
+named (the strict key holder's, the gateway key pool's, the keyless mode's identity feed: the
+worker knows no mode), and runs mitmproxy's ``mitmdump`` in-process with ``SO_REUSEPORT``
+listeners. Exit code: mitmdump's (0 after ``GET /shutdown``), 1 for a hardening or secret error.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
-def load_secret(kind: str, fd: int) -> None:
-    """Read the secret of ``kind`` from ``fd`` into its holder module, then close ``fd``
-    (``oidc``: the first access token; ``fd`` stays open for the renewed ones).
+def secret_loader(spec: str) -> Callable[[int], None]:
+    """The function ``spec`` (``module:name``, see ``supervisor.loader_spec``) names: it reads
+    the secret from a pipe's fd into its holder module (and closes the fd, or keeps reading
+    renewals from it: the keyless mode).
 
     Raises:
-        ValueError: the secret breaks its rules (``ApiKeyError`` / ``UpstreamKeyError`` /
-            ``WorkloadIdentityError``).
+        ValueError: ``spec`` names no function of the ``addons`` package.
     """
-    if kind == "oidc":
-        from addons.workers.identity_feed import follow
-
-        follow(fd)
-        return
-    with os.fdopen(fd, "rb", buffering=0) as pipe:
-        if kind == "gateway":
-            from addons.gateway_mode import keypool
-
-            keypool.POOL.set_keys(keypool.read_upstream_keys(pipe))
-        else:
-            from addons import keyholder
-
-            keyholder.load_from_stream(pipe)
+    module, _, name = spec.partition(":")
+    if not module.startswith("addons.") or not name.isidentifier():
+        raise ValueError(f"not a secret loader: {spec!r}")
+    try:
+        load = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"not a secret loader: {spec!r}") from e
+    if not callable(load):
+        raise ValueError(f"not a secret loader: {spec!r}")
+    return load  # type: ignore[no-any-return]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one worker; returns its exit code."""
     parser = argparse.ArgumentParser(prog="codex-proxy-worker")
     parser.add_argument("--secret-fd", type=int, required=True)
-    parser.add_argument("--kind", choices=["strict", "gateway", "oidc"], required=True)
+    parser.add_argument("--secret-loader", required=True, metavar="MODULE:NAME")
     parser.add_argument("mitmdump_args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     args = ns.mitmdump_args[1:] if ns.mitmdump_args[:1] == ["--"] else ns.mitmdump_args
@@ -51,14 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         harden_process()
-        load_secret(ns.kind, ns.secret_fd)
+        secret_loader(ns.secret_loader)(ns.secret_fd)
     except (HardeningError, ValueError, OSError) as e:
         sys.stderr.write(f"Error: worker: {e}\n")
         return 1
     from addons.workers.reuseport import patch_listen
 
     patch_listen()
-    from addons.launch import run_mitmdump
+    from addons.mitmdump_main import run_mitmdump
 
     return run_mitmdump(args)
 
