@@ -298,7 +298,6 @@ def main(
     if identity is not None:
         settings = identity
         secret = Secret(
-            "oidc",
             load=lambda: start_identity(config, settings, stream),
             take=bytearray,  # the workers follow the supervisor's renewals (one identity)
             clear=workload_identity.IDENTITY.clear,
@@ -307,7 +306,6 @@ def main(
         )
     else:
         secret = Secret(
-            "strict",
             load=lambda: keyholder.load_from_stream(stream),
             take=take_key,
             clear=keyholder.API_KEY.clear,

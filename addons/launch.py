@@ -125,20 +125,20 @@ def reverse_mode(host: str, port: int, script: str) -> list[str]:
 class Secret:
     """One mode's secret on its way from stdin to its holder module (and to the workers).
 
-    ``kind`` is the worker's ``--kind`` (``strict``, ``gateway``, ``oidc``). ``load`` reads
-    stdin into the holder and raises ``ValueError`` whose message is the user's one line
-    (``ApiKeyError``, ``UpstreamKeyError``, ``WorkloadIdentityError``). ``take`` (``--workers``
-    only) hands back the bytes each worker reads from its pipe and clears the holder (the
-    supervisor keeps them, and zeroes them when it returns). ``clear`` wipes the holder at exit.
+    ``load`` reads stdin into the holder and raises ``ValueError`` whose message is the user's
+    one line (``ApiKeyError``, ``UpstreamKeyError``, ``WorkloadIdentityError``). ``take``
+    (``--workers`` only) hands back the bytes each worker reads from its pipe and clears the
+    holder (the supervisor keeps them, and zeroes them when it returns). ``clear`` wipes the
+    holder at exit. ``worker_load`` (``--workers`` only): what a worker process calls with its
+    pipe's fd to load those bytes into the same holder there, a module-level function of the
+    mode that owns the secret (its module and name go to the worker's argv, see
+    ``supervisor.Plan``).
     """
 
-    kind: str
     load: Callable[[], None]
     take: Callable[[], bytearray]
     clear: Callable[[], None]
-    #: ``--workers`` only: what a worker process calls with its pipe's fd to load the secret
-    #: (its module and name go to the worker's argv, see ``supervisor.Plan``).
-    worker_load: Callable[[int], None] | None = None
+    worker_load: Callable[[int], None]
     #: Per-worker option changes (the gateway's spool), see ``supervisor.Plan``.
     per_worker: Callable[[int], dict[str, str]] | None = None
     #: Makes the keyless mode's identity feed for the workers, see ``supervisor.Plan``.
@@ -171,9 +171,7 @@ def launch(
         if workers > 1:
             line = secret.take()
             try:
-                if secret.worker_load is None:
-                    raise RuntimeError(f"no worker loader for the {secret.kind} secret")
-                plan = supervisor.Plan(workers, secret.kind, args(), line, secret.worker_load)
+                plan = supervisor.Plan(workers, args(), line, secret.worker_load)
                 if secret.per_worker is not None:
                     plan.per_worker = secret.per_worker
                 if secret.feed is not None:

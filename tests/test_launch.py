@@ -21,7 +21,7 @@ class Holder:
         self.events: list[str] = []
 
     def secret(self) -> Secret:
-        return Secret("strict", load=self.load, take=self.take, clear=self.clear)
+        return Secret(self.load, self.take, self.clear, keyholder.load_from_fd)
 
     def load(self) -> None:
         self.events.append("load")
@@ -79,22 +79,21 @@ def test_launch_hardens_before_reading_the_secret(monkeypatch):
 
 
 def test_launch_hands_workers_the_taken_secret_and_zeroes_it(monkeypatch):
-    from addons.workers import supervisor
+    from addons.workers import supervisor, worker
 
     holder, plans = Holder(), []
 
     def run(plan):
-        plans.append((plan.count, plan.kind, plan.args, bytes(plan.secret), plan.per_worker(2)))
-        plans.append(supervisor.loader_spec(plan.load))
+        plans.append((plan.count, plan.args, bytes(plan.secret), plan.per_worker(2)))
+        plans.append(worker.loader_spec(plan.load))
         return 0
 
     monkeypatch.setattr(supervisor, "run", run)
     secret = holder.secret()
     secret.per_worker = lambda i: {"spool": f"s.{i}"}
-    secret.worker_load = keyholder.load_from_fd
     assert launch.launch(secret, lambda: ["a"], 3, lambda: None, io.StringIO()) == 0
     assert plans == [
-        (3, "strict", ["a"], b"k\n", {"spool": "s.2"}),
+        (3, ["a"], b"k\n", {"spool": "s.2"}),
         "addons.keyholder:load_from_fd",
     ]
     assert holder.events == ["load", "take", "clear"]
@@ -102,17 +101,17 @@ def test_launch_hands_workers_the_taken_secret_and_zeroes_it(monkeypatch):
 
 def test_a_worker_loads_its_secret_only_with_a_loader_of_the_bundle():
     """The worker knows no mode: its launcher names the loader, which must be a function of
-    the ``addons`` package (``supervisor.loader_spec`` / ``worker.secret_loader``)."""
+    the ``addons`` package (``worker.loader_spec`` / ``worker.secret_loader``)."""
     from addons.gateway_mode import keypool
-    from addons.workers import supervisor, worker
+    from addons.workers import worker
 
     for load in (keyholder.load_from_fd, keypool.load_from_fd):
-        assert worker.secret_loader(supervisor.loader_spec(load)) is load
+        assert worker.secret_loader(worker.loader_spec(load)) is load
     for bad in ("os:system", "addons.keyholder:nope", "addons.keyholder", "addons.x:y.z", ""):
         with pytest.raises(ValueError, match="not a secret loader"):
             worker.secret_loader(bad)
     with pytest.raises(ValueError):
-        supervisor.loader_spec(lambda fd: None)
+        worker.loader_spec(lambda fd: None)
 
 
 @pytest.mark.parametrize(

@@ -597,7 +597,6 @@ def serve(
 
     return launch(
         Secret(
-            "gateway",
             load=load,
             take=take,
             clear=keypool.POOL.clear,

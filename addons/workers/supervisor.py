@@ -33,6 +33,7 @@ from typing import Any
 from addons.secret_memory import zero
 from addons.server_info import server_info_line, write_atomically
 from addons.workers.reuseport import reuseport_socket
+from addons.workers.worker import loader_spec
 
 logger = logging.getLogger(__name__)
 
@@ -66,26 +67,13 @@ def set_value(args: list[str], name: str) -> str | None:
     return found
 
 
-def loader_spec(load: Callable[[int], None]) -> str:
-    """``module:name`` of a module-level function, as a worker's ``--secret-loader`` takes it.
-
-    Raises:
-        ValueError: ``load`` is no module-level function of the ``addons`` package.
-    """
-    module, name = getattr(load, "__module__", ""), getattr(load, "__qualname__", "")
-    if not module.startswith("addons.") or not name.isidentifier():
-        raise ValueError(f"not a module-level function of addons: {load!r}")
-    return f"{module}:{name}"
-
-
 @dataclass
 class Plan:
-    """What to run: ``count`` workers of ``kind`` (``strict`` / ``gateway`` / ``oidc``), the
-    mitmdump ``args`` a single process would get, and ``secret`` (the bytes the worker reads
-    as if from stdin; zeroed by :func:`run` when it returns)."""
+    """What to run: ``count`` workers, the mitmdump ``args`` a single process would get, and
+    ``secret`` (the bytes the worker reads as if from stdin; zeroed by :func:`run` when it
+    returns)."""
 
     count: int
-    kind: str
     args: list[str]
     secret: bytearray
     #: What each worker calls with its pipe's fd to load ``secret`` (a module-level function

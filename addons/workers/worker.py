@@ -16,8 +16,27 @@ import sys
 from collections.abc import Callable, Sequence
 
 
+def _in_bundle(module: str, name: str) -> bool:
+    """Whether ``module``/``name`` can name a secret loader: a top-level name in a module of
+    the ``addons`` package."""
+    return module.startswith("addons.") and name.isidentifier()
+
+
+def loader_spec(load: Callable[[int], None]) -> str:
+    """``module:name`` of a module-level function, as :func:`secret_loader` takes it (the
+    supervisor puts it in each worker's ``--secret-loader``).
+
+    Raises:
+        ValueError: ``load`` is no module-level function of the ``addons`` package.
+    """
+    module, name = getattr(load, "__module__", ""), getattr(load, "__qualname__", "")
+    if not _in_bundle(module, name):
+        raise ValueError(f"not a module-level function of addons: {load!r}")
+    return f"{module}:{name}"
+
+
 def secret_loader(spec: str) -> Callable[[int], None]:
-    """The function ``spec`` (``module:name``, see ``supervisor.loader_spec``) names: it reads
+    """The function ``spec`` (``module:name``, :func:`loader_spec`) names: it reads
     the secret from a pipe's fd into its holder module (and closes the fd, or keeps reading
     renewals from it: the keyless mode).
 
@@ -25,7 +44,7 @@ def secret_loader(spec: str) -> Callable[[int], None]:
         ValueError: ``spec`` names no function of the ``addons`` package.
     """
     module, _, name = spec.partition(":")
-    if not module.startswith("addons.") or not name.isidentifier():
+    if not _in_bundle(module, name):
         raise ValueError(f"not a secret loader: {spec!r}")
     try:
         load = getattr(importlib.import_module(module), name)
