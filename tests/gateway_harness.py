@@ -144,13 +144,19 @@ def member_codex_home(
     return home, work, config
 
 
-def member_codex_command(binary: str, home: Path, key: str) -> tuple[list[str], dict[str, str]]:
-    """``codex exec`` of one "Say hello" turn as a member (key in ``CODEX_GATEWAY_KEY``) and
-    its environment (no OPENAI_/CODEX_ variable of ours leaks in)."""
+def member_env(home: Path, key: str) -> dict[str, str]:
+    """Codex's environment as a member: ``CODEX_HOME``, the key in ``CODEX_GATEWAY_KEY``, and
+    no OPENAI_/CODEX_ variable of ours leaking in."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
     env["CODEX_HOME"] = str(home)
     env["CODEX_GATEWAY_KEY"] = key
-    return [binary, "exec", "--skip-git-repo-check", "--json", "Say hello"], env
+    return env
+
+
+def member_codex_command(binary: str, home: Path, key: str) -> tuple[list[str], dict[str, str]]:
+    """``codex exec`` of one "Say hello" turn as a member and its environment
+    (:func:`member_env`)."""
+    return [binary, "exec", "--skip-git-repo-check", "--json", "Say hello"], member_env(home, key)
 
 
 def run_member_codex(

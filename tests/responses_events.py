@@ -4,9 +4,10 @@ fragments), reasoning summaries, and the incomplete / failed endings."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-from tests.fake_upstream import response_object
+from tests.fake_upstream import response_object, responses_sse_events
 
 Event = tuple[str, dict[str, Any]]
 
@@ -108,3 +109,25 @@ def ending(events: list[Event], kind: str, **response: Any) -> list[Event]:
     last = dict(events[-1][1]["response"])
     last.update(response)
     return [*head, (kind, {"type": kind, "sequence_number": len(head), "response": last})]
+
+
+def tool_outputs(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``function_call_output`` items of a request body's (or ``response.create``'s)
+    ``input``."""
+    return [
+        item
+        for item in body.get("input") or []
+        if isinstance(item, dict) and item.get("type") == "function_call_output"
+    ]
+
+
+def tool_then_answer(cmd: str, answer: str, model: str) -> Callable[[dict[str, Any]], list[Event]]:
+    """A stand-in ``responder``: a turn that asks Codex to run ``cmd`` (``exec_command``),
+    then, once a request carries the tool's output, ``answer`` (response ``resp_final``)."""
+
+    def responder(body: dict[str, Any]) -> list[Event]:
+        if tool_outputs(body):
+            return responses_sse_events(answer, model, "resp_final")
+        return tool_call_events([("exec_command", {"cmd": cmd})], model)
+
+    return responder

@@ -112,29 +112,30 @@ def test_codex_records_the_members_gateway_windows(gateway, upstream, codex, tmp
     assert 49.9 <= float(credits["balance"]) < 50, credits
 
 
-def test_a_busy_concurrency_slot_is_retried_by_codex_and_the_turn_succeeds(
-    gateway, upstream, codex, tmp_path
-):
-    gateway.admin("add-member", "carol", "--max-concurrent", "1")
-    key = gateway.add_key("carol")
-    server = gateway.serve(upstream.url)
-    home, work = codex_home(tmp_path, server)
+def codex_while_a_slot_is_held(
+    server,
+    upstream,
+    key: str,
+    args: list[str],
+    env: dict[str, str],
+    work: Path,
+    hold_s: float = 0.0,
+) -> tuple[int, str]:
+    """Run ``codex`` (``args``, ``env``) as a member whose only concurrency slot a stream of
+    its own holds: once the gateway has refused Codex for the slot (and ``hold_s`` more), the
+    stream ends and frees it. Returns Codex's exit code and output."""
     upstream.gate = threading.Event()
     upstream.gate_timeout = 60
     conn, response = open_stream(server.port, {"model": MODEL, "stream": True}, headers=bearer(key))
-    assert response.status == 200  # this stream holds carol's only slot
-    args, env = member_codex_command(codex, home, key)
+    assert response.status == 200  # this stream holds the member's only slot
     started = time.monotonic()
     proc = subprocess.Popen(
-        args,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=work,
-        env=env,
-    )
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=work, env=env,
+    )  # fmt: skip
     try:
         wait_for(lambda: refused(server, "concurrency") >= 1, 60, "a concurrency refusal")
+        time.sleep(hold_s)  # Codex retries on its own meanwhile
         upstream.gate.set()  # the slot frees
         response.read()
         conn.close()
@@ -144,7 +145,19 @@ def test_a_busy_concurrency_slot_is_retried_by_codex_and_the_turn_succeeds(
             proc.kill()
     out = stdout.decode(errors="replace") + stderr.decode(errors="replace")
     print(f"codex exit {proc.returncode} after {time.monotonic() - started:.1f} s:\n{out[-1500:]}")
-    assert proc.returncode == 0, out
+    return proc.returncode, out
+
+
+def test_a_busy_concurrency_slot_is_retried_by_codex_and_the_turn_succeeds(
+    gateway, upstream, codex, tmp_path
+):
+    gateway.admin("add-member", "carol", "--max-concurrent", "1")
+    key = gateway.add_key("carol")
+    server = gateway.serve(upstream.url)
+    home, work = codex_home(tmp_path, server)
+    args, env = member_codex_command(codex, home, key)
+    code, out = codex_while_a_slot_is_held(server, upstream, key, args, env, work)
+    assert code == 0, out
     assert upstream.text in out
 
 

@@ -26,25 +26,11 @@ from addons.gateway_mode.websocket import WebSocketRoute
 from addons.standin import realtime_response_events
 from tests.conftest import wait_for
 from tests.gateway_harness import UPSTREAM_KEYS
-from tests.test_gateway_ws import connection_rows
+from tests.test_gateway_ws import UPGRADE, connection_rows, upgrade_flow
 from tests.test_gateway_ws import creates as upstream_creates
 from tests.test_gateway_ws import rows as usage_rows
 
 MODEL = "gpt-realtime"  # not in the rate card: unpriced
-UPGRADE = {
-    "connection": "Upgrade",
-    "upgrade": "websocket",
-    "sec-websocket-version": "13",
-    "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
-}
-
-
-def upgrade_flow(path: bytes, method: bytes = b"GET") -> http.HTTPFlow:
-    flow = tflow.tflow()
-    flow.request.method = method.decode()
-    flow.request.data.path = path
-    flow.request.headers.update(UPGRADE)
-    return flow
 
 
 # -- the protocol object --------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -25,9 +24,8 @@ from addons.recorder import read_ledger
 from addons.replay import read_dump_pairs
 from addons.websocket_refusal import WebSocketRefusal
 from tests.conftest import ROOT, wait_for
-from tests.fake_upstream import responses_sse_events
-from tests.gateway_harness import UPSTREAM_KEYS
-from tests.responses_events import tool_call_events
+from tests.gateway_harness import UPSTREAM_KEYS, member_env
+from tests.responses_events import tool_outputs, tool_then_answer
 from tests.test_record_replay import start_replay
 
 MODEL = "gpt-5.5"  # in Codex 0.171's catalog and in the rate card
@@ -126,13 +124,6 @@ def codex_home(tmp_path: Path, server, name: str = "home") -> tuple[Path, Path]:
     return home, work
 
 
-def codex_env(home: Path, key: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
-    env["CODEX_HOME"] = str(home)
-    env["CODEX_GATEWAY_KEY"] = key
-    return env
-
-
 def run_codex(codex: str, home: Path, work: Path, key: str, prompt: str = "Say hello"):
     started = time.monotonic()
     result = subprocess.run(
@@ -141,7 +132,7 @@ def run_codex(codex: str, home: Path, work: Path, key: str, prompt: str = "Say h
         capture_output=True,
         timeout=120,
         cwd=work,
-        env=codex_env(home, key),
+        env=member_env(home, key),
     )
     out = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
     print(
@@ -180,16 +171,7 @@ def test_codex_turns_use_the_socket_with_a_tool_call_metered_and_no_key_leaks(
     record = tmp_path / "rec"
     server = gateway.serve(upstream.url, "--websockets", "--record", str(record))
 
-    def responder(body: dict) -> list:
-        called = any(
-            isinstance(item, dict) and item.get("type") == "function_call_output"
-            for item in body.get("input") or []
-        )
-        if called:
-            return responses_sse_events("All done over the socket.", MODEL, "resp_final")
-        return tool_call_events([("exec_command", {"cmd": "echo ws-tool-ran"})], MODEL)
-
-    upstream.responder = responder
+    upstream.responder = tool_then_answer("echo ws-tool-ran", "All done over the socket.", MODEL)
     home, work = codex_home(tmp_path, server)
     code, out = run_codex(codex, home, work, key, "Run echo ws-tool-ran")
     assert code == 0, out
@@ -199,12 +181,7 @@ def test_codex_turns_use_the_socket_with_a_tool_call_metered_and_no_key_leaks(
     assert upstream.requests and {r.method for r in upstream.requests} == {"GET"}
     sent = creates(upstream)
     assert sent[0].get("generate") is False  # Codex's warm-up
-    outputs = [
-        item
-        for m in sent
-        for item in m.get("input") or []
-        if isinstance(item, dict) and item.get("type") == "function_call_output"
-    ]
+    outputs = [item for m in sent for item in tool_outputs(m)]
     assert outputs and outputs[0]["call_id"] == "call_0"  # the tool ran, its output went back
     for request in upstream.requests:
         assert request.header_values("authorization")[0] in {
@@ -363,7 +340,7 @@ def test_revoking_a_member_key_mid_turn_ends_the_codex_turn_with_the_reason(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         cwd=work,
-        env=codex_env(home, key),
+        env=member_env(home, key),
     )
     try:
         wait_for(lambda: len(creates(upstream)) >= 2, 60, "Codex's turn upstream")
@@ -446,47 +423,21 @@ def test_codex_reconnects_through_the_gateway_when_the_upstream_closes_its_socke
 
 
 @pytest.mark.e2e
-@pytest.mark.e2e
 @pytest.mark.codex
 def test_a_busy_slot_on_the_socket_is_waited_out_by_codex(gateway, upstream, codex, tmp_path):
     """Measured: with an ``error`` 429 event Codex ended the turn at once ("exceeded retry
     limit"); with :func:`busy_event` it retries and the turn succeeds once the slot frees."""
-    import threading
-
-    from tests.conftest import open_stream
-    from tests.gateway_harness import bearer
-    from tests.test_gateway_codex import refused
+    from tests.test_gateway_codex import codex_while_a_slot_is_held
 
     gateway.admin("add-member", "carol", "--max-concurrent", "1")
     key = gateway.add_key("carol")
     server = gateway.serve(upstream.url, "--websockets")
     home, work = codex_home(tmp_path, server)
-    upstream.gate = threading.Event()
-    upstream.gate_timeout = 60
-    conn, response = open_stream(server.port, {"model": MODEL, "stream": True}, headers=bearer(key))
-    assert response.status == 200  # this stream holds carol's only slot
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [codex, "exec", "--skip-git-repo-check", "Say hello"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=work,
-        env=codex_env(home, key),
+    args = [codex, "exec", "--skip-git-repo-check", "Say hello"]
+    code, out = codex_while_a_slot_is_held(
+        server, upstream, key, args, member_env(home, key), work, hold_s=2
     )
-    try:
-        wait_for(lambda: refused(server, "concurrency") >= 1, 60, "a concurrency refusal")
-        time.sleep(2)  # Codex retries on its own meanwhile
-        upstream.gate.set()  # the slot frees
-        response.read()
-        conn.close()
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = stdout.decode(errors="replace") + stderr.decode(errors="replace")
-    print(f"codex exit {proc.returncode} after {time.monotonic() - started:.1f} s:\n{out[-1500:]}")
-    assert proc.returncode == 0, out
+    assert code == 0, out
     assert upstream.text in out
     assert "Reconnecting..." in out  # what the member sees while waiting
     assert "Falling back" not in out  # freed within Codex's five socket retries

@@ -22,15 +22,15 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.fake_upstream import responses_sse_events
-from tests.gateway_harness import UPSTREAM_KEYS, bearer
-from tests.responses_events import tool_call_events
+from tests.gateway_harness import UPSTREAM_KEYS, bearer, member_env
+from tests.responses_events import tool_outputs, tool_then_answer
 from tests.test_gateway_codex import (
     codex_tui_status,
     recorded_rate_limits,
     refused,
     require_tmux,
 )
-from tests.test_gateway_ws import MODEL, codex_env, codex_home, creates, rows
+from tests.test_gateway_ws import MODEL, codex_home, creates, rows
 
 pytestmark = [pytest.mark.e2e]
 
@@ -48,7 +48,7 @@ def run(codex: str, home: Path, work: Path, key: str, prompt: str = "Say hello",
         capture_output=True,
         timeout=kw.pop("timeout", 180),
         cwd=work,
-        env=codex_env(home, key),
+        env=member_env(home, key),
         **kw,
     )
     seconds = time.monotonic() - started
@@ -276,16 +276,7 @@ def test_a_gateway_restart_between_requests_of_a_turn_is_survived(
     port = server.port
     home, work = codex_home(tmp_path, server)
 
-    def responder(body: dict) -> list:
-        called = any(
-            isinstance(item, dict) and item.get("type") == "function_call_output"
-            for item in body.get("input") or []
-        )
-        if called:
-            return responses_sse_events("Done after the restart.", MODEL, "resp_final")
-        return tool_call_events([("exec_command", {"cmd": "sleep 5; echo slept"})], MODEL)
-
-    upstream.responder = responder
+    upstream.responder = tool_then_answer("sleep 5; echo slept", "Done after the restart.", MODEL)
     restarted = threading.Event()
 
     def restart() -> None:
@@ -309,10 +300,7 @@ def test_a_gateway_restart_between_requests_of_a_turn_is_survived(
     # input there depends on when it finds the old socket gone: found before it builds the request
     # (the usual case), it resends everything; found only when the send fails, its retry keeps the
     # incremental request with ``previous_response_id`` (seen under load; docs/gateway.md).
-    assert any(
-        isinstance(item, dict) and item.get("type") == "function_call_output"
-        for item in last.get("input") or []
-    )
+    assert tool_outputs(last)
     if "previous_response_id" in last:
         assert last["previous_response_id"] == "resp_tools"
 
@@ -336,7 +324,7 @@ def test_the_codex_tui_status_over_the_socket(gateway, upstream, codex, tmp_path
     config.write_text(config.read_text().replace(f'model = "{MODEL}"', 'model = "gpt-6.2-sol"'))
     with config.open("a") as f:
         f.write('\n[tui]\nstatus_line = ["five-hour-limit", "weekly-limit"]\n')
-    env = codex_env(home, key)
+    env = member_env(home, key)
     shown = codex_tui_status(
         codex, home, work, env, upstream.text, "codex-tui-gateway-ws-status.txt"
     )
