@@ -15,18 +15,17 @@ format (the message names the file and why) or a bad option.
 
 Output: a terminal table on stdout; ``--markdown [FILE]`` (for ``$GITHUB_STEP_SUMMARY``),
 ``--json [FILE]``; ``compare.html`` (into NEW unless ``--html FILE``), self-contained like
-``report.html``: inline CSS and SVG, no script, nothing fetched, both runs' charts side by side.
+``report.html``: inline CSS and SVG, no script, nothing fetched, both runs' charts side by side
+on the same axes (rendered by :mod:`addons.compare_html`).
 """
 
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import math
 import os
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,10 +35,10 @@ from typing import Any
 
 import yaml
 
+from addons.compare_html import as_html
 from addons.exchange import OUTCOMES, Reply, outcome, read_exchange
 from addons.recorder import SUMMARY_FORMAT_VERSION, RequestRecord, read_ledger
 from addons.replay import DumpPair, read_dump_pairs, request_shape
-from addons.report import CSS, arrival_chart, chart_scale, tokens_chart
 from addons.responses_turn import USAGE_KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -346,6 +345,11 @@ class Figure:
     @property
     def changed(self) -> bool:
         return self.base != self.new
+
+    @property
+    def mark(self) -> str:
+        """:func:`_mark`: ``REGRESSION``, ``changed`` or empty (for ``compare.html``)."""
+        return _mark(self)
 
 
 def _pct(base: float, new: float) -> float:
@@ -790,70 +794,6 @@ def as_json(c: Comparison) -> dict[str, Any]:
         "turns": [asdict(t) for t in c.turns],
         "thresholds": c.thresholds,
     }
-
-
-def _e(value: Any) -> str:
-    return html.escape(_cell(value), quote=True)
-
-
-def _chart_requests(run: Run) -> list[dict[str, Any]]:
-    return [
-        {"seq": t.index, "usage": t.record.usage, "event_ms": t.record.event_ms} for t in run.turns
-    ]
-
-
-def as_html(c: Comparison) -> str:
-    """``compare.html``: self-contained (inline CSS and SVG, no script, nothing fetched), the
-    verdict, every figure, the turns, and both runs' charts side by side on the same axes."""
-    colour = "#b91c1c" if c.exit_code else "#15803d"
-    figure_rows = "".join(
-        f'<tr class="{"fail" if f.regression else ""}"><td class=l>{_e(f.name)}</td>'
-        f"<td>{_e(f.base)}</td><td>{_e(f.new)}</td><td>{_e(f.change)}</td>"
-        f"<td>{_e(f.rule)}</td><td class=l>{_e(_mark(f))}</td></tr>"
-        for f in c.figures
-    )
-    turn_rows_html = "".join(
-        f'<tr class="{"fail" if t.note else ""}"><td>{_e(t.base)}</td><td>{_e(t.new)}</td>'
-        f"<td class=l>{_e(t.model)}</td><td class=l>{_e(t.outcome)}</td><td>{_e(t.tokens)}</td>"
-        f"<td class=l>{_e(t.tools)}</td><td class=l>{_e(t.note)}</td></tr>"
-        for t in c.turns
-    )
-    reqs = _chart_requests(c.base), _chart_requests(c.new)
-    scales = chart_scale(reqs[0]), chart_scale(reqs[1])
-    top = max(scales[0][0], scales[1][0])
-    arrival = (max(scales[0][1], scales[1][1]), max(scales[0][2], scales[1][2]))
-
-    def side_by_side(render: Callable[[list[dict[str, Any]]], str]) -> str:
-        return (
-            "<table class=pair><tr><th class=l>BASE</th><th class=l>NEW</th></tr><tr>"
-            + "".join(f'<td class="l chart">{render(r)}</td>' for r in reqs)
-            + "</tr></table>"
-        )
-
-    notes = "".join(
-        f"<p class=muted>{label}: {_e(n)}</p>"
-        for run, label in ((c.base, "BASE"), (c.new, "NEW"))
-        for n in run.notes
-    )
-    return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        f"<title>Codex recording compare</title><style>{CSS}"
-        ".pair td.chart{vertical-align:top;white-space:normal}</style></head><body>"
-        "<h1>Codex recording compare</h1>"
-        f'<p style="color:{colour};font-weight:600">{_e(c.verdict)}</p>'
-        f"<div class=muted>BASE {_e(c.base.path)} · NEW {_e(c.new.path)} · written "
-        f"{time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime())}</div>{notes}"
-        "<h2>Figures</h2><table><tr><th class=l>figure</th><th>BASE</th><th>NEW</th>"
-        f"<th>change</th><th>threshold</th><th class=l></th></tr>{figure_rows}</table>"
-        "<h2>Turns</h2><table><tr><th>BASE #</th><th>NEW #</th><th class=l>model</th>"
-        "<th class=l>outcome</th><th>total tokens</th><th class=l>tool calls</th>"
-        f"<th class=l>note</th></tr>{turn_rows_html}</table>"
-        "<h2>Tokens per turn</h2>"
-        + side_by_side(lambda r: tokens_chart(r, width=480, top=top))
-        + "<h2>Event arrival per stream</h2>"
-        + side_by_side(lambda r: arrival_chart(r, width=480, scale=arrival))
-        + "</body></html>\n"
-    )
 
 
 # ---------------------------------------------------------------- command line

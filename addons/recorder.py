@@ -27,7 +27,7 @@ from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ, REFUSED
 from addons.credits import RateCard, load_rate_card
 from addons.dumps import write_file_atomically
 from addons.exchange import ExchangeFacts, Reply, read_exchange, read_request
-from addons.report import render_report
+from addons.report import is_refusal, render_report, reply_reasons
 from addons.responses_turn import USAGE_KINDS
 from addons.socket_turns import SocketTurn
 
@@ -209,7 +209,10 @@ def write_summary(
     logger.warning("%s", text.rstrip())
     full = summarize(records, keep_event_ms=True)
     add_usd(full, rate_card)
-    page = render_report(full, refused, dump_links(directory, dump_dir))
+    links = dump_links(directory, dump_dir)
+    # The error message of each request the upstream refused (a replay's 409 says what differed).
+    errors = reply_reasons(directory, links, (r.seq for r in records if is_refusal(r.status)))
+    page = render_report(full, refused, links, reasons=errors)
     write_file_atomically(directory, "report.html", page.encode())
 
 

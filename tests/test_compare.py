@@ -323,10 +323,12 @@ def test_html_is_self_contained_with_both_runs_charts(recordings, tmp_path):
     page = texts["html"]
     assert "<script" not in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
-    # Side by side: BASE's 2 turns and NEW's 3, three stacked parts each, on one axis.
-    assert page.count("<rect") == (2 + 3) * 3 and page.count("<polyline") == 5
-    tops = set(re.findall(r'<text x="4" y="14" font-size="11">(\d+) tokens</text>', page))
-    assert len(tops) == 1
+    # Side by side: BASE's 2 turns and NEW's 3, three stacked parts each, on the same axes
+    # (3 turn slots each, one token range, one ms and event range).
+    assert page.count('class="bar"') == (2 + 3) * 3 and page.count("<polyline") == 5
+    axes = re.findall(r'aria-label="([^"]+)"[^>]*data-x-max="(\d+)" data-y-max="(\d+)"', page)
+    assert len(axes) == 4 and len(set(axes)) == 2, axes
+    assert ("tokens per turn", "3") in {a[:2] for a in axes}
 
 
 def test_an_older_recording_without_a_format_version_reads_as_version_1(recordings, tmp_path):

@@ -7,11 +7,11 @@ import json
 import re
 
 import pytest
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import taddons, tflow, tutils
 
 from addons.common import ALLOWED, REFUSED
 from addons.recorder import Recorder
-from addons.report import render_report
+from addons.report import REASON_DUMP_BYTES, is_refusal, render_report, reply_reasons
 from tests.conftest import ROOT, wait_for
 from tests.test_clients import CATALOG_MODEL, printed_codex_config, run_codex
 from tests.test_recorder import sse_flow
@@ -71,8 +71,10 @@ def test_page_is_self_contained_escaped_and_complete():
     assert "<script" not in page and "gpt-6.2-sol&lt;script&gt;" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing from a network
     assert '<a href="dumps/000001-1-request.json">request</a>' in page
-    assert page.count("<rect") == 6  # 2 turns x (uncached, cached, output)
+    assert page.count('class="bar"') == 3  # uncached, cached, output; turn 2 has no usage
     assert page.count("<polyline") == 2
+    assert ">tokens</text>" in page and ">events received</text>" in page  # axis titles
+    assert page.count('<g class="tick') >= 8  # ticks on both axes of both charts
     assert "/v1/models" in page and "not-allowlisted" in page
     assert "Client disconnected." in page and 'class="fail"' in page
     assert "<td>1300</td>" in page
@@ -95,6 +97,62 @@ def test_recorder_writes_the_report_with_refusals(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["refused"][0]["reason"] == "not-allowlisted"
     assert summary["requests"][0]["failed"] is False
+
+
+def test_every_non_2xx_answer_is_a_refusal_with_its_replys_message(tmp_path):
+    """A replay's 409 mismatch (forwarded, answered upstream) is listed beside the proxy's own
+    403, with the error message its response dump holds."""
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    mismatch = {"code": "replay_mismatch", "message": "request 2 differs: model <x>"}
+    addon = Recorder()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_record_dir=str(tmp_path))
+        tctx.options.add_option("codex_dump_dir", str, str(dumps), "the dumps addon's option")
+        addon.response(sse_flow(1))
+        answered = sse_flow(2)
+        answered.response = tutils.tresp(
+            status_code=409,
+            headers=[(b"content-type", b"application/json")],
+            content=json.dumps({"error": mismatch}).encode(),
+        )
+        addon.response(answered)
+        refused = tflow.tflow(resp=True)
+        refused.request.path = "/v1/models"
+        refused.metadata[REFUSED] = "not-allowlisted"
+        refused.response.status_code = 403
+        addon.response(refused)
+        for seq, status, body in ((1, 200, "event: x"), (2, 409, {"error": mismatch})):
+            for kind, doc in (("request", {}), ("response", {"status": status, "body": body})):
+                (dumps / f"{seq:06d}-1-{kind}.json").write_text(json.dumps(doc))
+        addon.done()
+    page = (tmp_path / "report.html").read_text()
+    refused_table = page.split("<h2>Refused requests</h2>", 1)[1]
+    assert refused_table.count("<tr>") == 1 + 2  # heading, the 403, the 409
+    assert "not-allowlisted" in refused_table and "<td>403</td>" in refused_table
+    assert "<td>409</td>" in refused_table and "upstream" in refused_table
+    assert "replay_mismatch: request 2 differs: model &lt;x&gt;" in refused_table
+    assert 'href="dumps/000002-1-response.json"' in refused_table
+    # summary.json keeps the proxy's own refusals only (compare counts forwarded ones as turns).
+    assert len(json.loads((tmp_path / "summary.json").read_text())["refused"]) == 1
+
+
+def test_reply_reasons_skip_what_they_cannot_read(tmp_path):
+    (tmp_path / "big.json").write_text(json.dumps({"body": {"error": "x" * REASON_DUMP_BYTES}}))
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "plain.json").write_text(json.dumps({"body": {"error": "y" * 400}}))
+    links = {n: ("-", f"{name}.json") for n, name in enumerate(["big", "text", "plain"], 1)}
+    links[4] = ("-", "missing.json")
+    reasons = reply_reasons(str(tmp_path), links, [1, 2, 3, 4, None, 5])
+    assert list(reasons) == [3] and len(reasons[3]) == 300 and reasons[3].endswith("…")
+
+
+@pytest.mark.parametrize(
+    ("status", "refused"),
+    [(200, False), (204, False), (101, False), (304, True), (409, True), (500, True), (None, True)],
+)
+def test_what_counts_as_refused(status, refused):
+    assert is_refusal(status) is refused
 
 
 @pytest.mark.e2e
