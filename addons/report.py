@@ -38,7 +38,7 @@ th,td{border:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}
 th{background:#f3f4f6;white-space:normal;vertical-align:bottom}td.l,th.l{text-align:left}
 tr.fail td{background:#fef2f2}
 td.w{white-space:normal;overflow-wrap:anywhere;min-width:8em;max-width:28em}
-.totals td{font-weight:600}
+.totals td{font-weight:600}.nw{white-space:nowrap}
 """
     + CHART_CSS
 )
@@ -173,6 +173,7 @@ def render_report(
     t = summary.get("totals", {})
     requests = summary.get("requests", [])
     day = _when(min((r.get("started") or 0 for r in requests), default=0) or time.time())[:10]
+    time_head = f"time (UTC)<br><span class=nw>{day}</span>"
     kinds = USAGE_KINDS
     head = "".join(f"<th>{k}</th>" for k in kinds)
     totals_row = "".join(f"<td>{_e(t.get(k, 0))}</td>" for k in kinds)
@@ -208,7 +209,7 @@ def render_report(
     )
     refused_html = (
         _box(
-            f"<table class=refused><tr><th class=l>time (UTC, {day})</th><th>#</th>"
+            f"<table class=refused><tr><th class=l>{time_head}</th><th>#</th>"
             "<th class=l>answered by</th><th class=l>request</th><th>status</th>"
             f"<th class=l>reason</th><th class=l>dumps</th></tr>{refused_rows}</table>"
         )
@@ -239,7 +240,7 @@ def render_report(
         + f"{unpriced}<h2>Requests</h2>"
         + _box(
             "<table class=requests><tr><th>#</th><th class=l>dumps</th>"
-            f"<th class=l>time (UTC, {day})</th><th class=l>model</th><th class=l>status</th>"
+            f"<th class=l>{time_head}</th><th class=l>model</th><th class=l>status</th>"
             f"{head}<th>ms</th><th>first event ms</th><th>events</th><th>credits</th></tr>"
             f"{''.join(rows)}</table>"
         )

@@ -673,8 +673,8 @@ def test_compare_html_in_chromium_shows_both_runs_side_by_side(recordings, tmp_p
         driver.set_window_size(1200, 1600)
         driver.get((tmp_path / "compare.html").as_uri())
         verdict = driver.find_element("css selector", "p").text
-        pair = driver.find_elements("css selector", "table.pair")
-        charts = [len(t.find_elements("css selector", "td.chart svg")) for t in pair]
+        pair = driver.find_elements("css selector", "div.pair")
+        charts = [len(t.find_elements("css selector", ".side svg.chart")) for t in pair]
         regressions = [row.text for row in driver.find_elements("css selector", "tr.fail")]
         artifacts = ROOT / "test-artifacts"
         artifacts.mkdir(exist_ok=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,3 +269,52 @@ def test_compare_in_chromium_puts_base_and_new_on_the_same_axes(pages, driver):
     assert verdict.startswith("REGRESSION")
     shot = screenshot(driver, "compare-1400.png")
     shutil.copy(shot, Path(tempfile.gettempdir()) / "compare-1400.png")
+
+
+@pytest.mark.e2e
+def test_a_replays_409_mismatches_are_listed_as_refused(tmp_path):
+    """The real proxy records a turn; ``./run.sh replay --record`` answers requests of
+    another shape 409: its report lists each one with the replay's message (it once said
+    "Refused requests: None" beside them)."""
+    from tests.conftest import ProxyProcess
+    from tests.fake_upstream import FakeUpstream
+    from tests.test_compare import BASE, body, play, start_recording_proxy
+
+    recording, replayed = tmp_path / "rec", tmp_path / "replayed"
+    with FakeUpstream() as upstream:
+        proxy = start_recording_proxy(recording, upstream.url)
+        try:
+            play(proxy, upstream, BASE[:1])
+            assert proxy.shutdown() == 0, proxy.output()
+        finally:
+            proxy.stop()
+    info, log_path = tmp_path / "replay-info.json", tmp_path / "replay.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "addons.replay", str(recording)),
+                *("--server-info", str(info), "--http-shutdown", "--record", str(replayed)),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        try:
+            wait_for(lambda: info.exists() or proc.poll() is not None, 60, "replay server-info")
+            assert proc.poll() is None, log_path.read_text()
+            port = json.loads(info.read_text())["port"]
+            handle = ProxyProcess(proc, port, info, log_path, log_path, None, True)
+            for rounds in (3, 4):  # not the recorded shape: 409 each
+                assert handle.post_json(body(rounds))[0] == 409
+            play(handle, None, [("refuse",)])  # and a 403 of the proxy's own
+            assert handle.shutdown() == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    page = (replayed / "report.html").read_text()
+    refused = page.split("<h2>Refused requests</h2>", 1)[1]
+    assert refused.count("<td>409</td>") == 2 and refused.count("<td>403</td>") == 1, refused
+    # The replay stays at its first exchange: both say request 1 differs.
+    assert refused.count("replay_mismatch: request 1 differs from recorded exchange") == 2
+    assert "None: every request got a 2xx answer" not in page

@@ -178,11 +178,14 @@ def test_report_of_a_recorded_codex_session_in_chromium(upstream, start_proxy, c
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "recording-report.png"))
         links = [a.get_attribute("href") for a in driver.find_elements("css selector", "a")]
+        ticks = driver.find_elements("css selector", "svg.chart g.tick text")
+        wide = driver.execute_script("return document.documentElement.scrollWidth")
     finally:
         driver.quit()
     assert CATALOG_MODEL in page and "completed" in page and "/v1/models" in page
     assert "1 request(s) unpriced" in page  # gpt-6-luna is not on the shipped rate card
     assert "/shutdown" not in page  # answered locally with 200: not a refusal
+    assert len(ticks) >= 10 and wide <= 1400  # axes with ticks; nothing wider than the window
     assert len(links) == 2 and all(link.startswith(record.as_uri() + "/dumps/") for link in links)
     for link in links:
         assert (record / link.removeprefix(record.as_uri() + "/")).exists()
