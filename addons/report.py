@@ -118,11 +118,15 @@ def refusals(
     each forwarded request of ``summary`` whose answer :func:`is_refusal` (an upstream error,
     a replay's 409 mismatch, no reply at all) with ``"by": "upstream"``, its ``seq`` and its
     reason: the reply's error message from ``reasons`` (:func:`reply_reasons`), else the
-    exchange's error, else ``"answered <status>"``."""
+    exchange's error, else ``"answered <status>"``. A request in both lists (the same
+    start time and status) is listed once, as the proxy's."""
     out = [{**x, "by": "proxy"} for x in refused]
+    # A flow refused by the proxy after it was allowlisted (workload identity unavailable) is
+    # a ledger line too: the same request start and status, listed once.
+    local = {(x.get("time"), x.get("status")) for x in refused}
     for r in summary.get("requests", []):
         status = r.get("status")
-        if not is_refusal(status):
+        if not is_refusal(status) or (r.get("started"), status) in local:
             continue
         seq = r.get("seq")
         reason = (reasons or {}).get(seq) if isinstance(seq, int) else None

@@ -243,8 +243,7 @@ def test_report_in_chromium_has_axes_fits_1400_and_lists_every_refusal(pages, dr
     assert any("500" in row and "server_error" in row for row in refused)
     assert any("403" in row and "not-allowlisted" in row for row in refused)
     assert all(link["visible"] for link in driver.execute_script(LINKS_JS, "table.refused a"))
-    shot = screenshot(driver, "report-1400.png")
-    shutil.copy(shot, Path(tempfile.gettempdir()) / "report-1400.png")
+    screenshot(driver, "report-1400.png")
 
 
 @pytest.mark.e2e
@@ -267,8 +266,7 @@ def test_compare_in_chromium_puts_base_and_new_on_the_same_axes(pages, driver):
     assert page_width(driver) <= WIDTH
     verdict = driver.find_element("css selector", "p.verdict").text
     assert verdict.startswith("REGRESSION")
-    shot = screenshot(driver, "compare-1400.png")
-    shutil.copy(shot, Path(tempfile.gettempdir()) / "compare-1400.png")
+    screenshot(driver, "compare-1400.png")
 
 
 @pytest.mark.e2e

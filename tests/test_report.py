@@ -11,7 +11,13 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons.common import ALLOWED, REFUSED
 from addons.recorder import Recorder
-from addons.report import REASON_DUMP_BYTES, is_refusal, render_report, reply_reasons
+from addons.report import (
+    REASON_DUMP_BYTES,
+    is_refusal,
+    refusals,
+    render_report,
+    reply_reasons,
+)
 from tests.conftest import ROOT, wait_for
 from tests.test_clients import CATALOG_MODEL, printed_codex_config, run_codex
 from tests.test_recorder import sse_flow
@@ -145,6 +151,16 @@ def test_reply_reasons_skip_what_they_cannot_read(tmp_path):
     links[4] = ("-", "missing.json")
     reasons = reply_reasons(str(tmp_path), links, [1, 2, 3, 4, None, 5])
     assert list(reasons) == [3] and len(reasons[3]) == 300 and reasons[3].endswith("…")
+
+
+def test_a_refusal_in_both_lists_is_listed_once():
+    summary = {"requests": [{"seq": 3, "started": 5.5, "status": 503, "model": "m"}]}
+    local = [{"time": 5.5, "method": "POST", "path": "/v1/responses", "status": 503}]
+    assert [x["by"] for x in refusals(summary, local)] == ["proxy"]
+    assert [x["by"] for x in refusals(summary, [{**local[0], "time": 9}])] == [
+        "upstream",
+        "proxy",
+    ]
 
 
 @pytest.mark.parametrize(
