@@ -42,6 +42,7 @@ from addons.gateway_mode.schema import (
     ws_connections,
 )
 from addons.gateway_mode.windows import FIVE_HOURS_MS, LIMIT_COLUMNS, WEEK_MS
+from addons.invocation import prog
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +143,24 @@ class Database:
                 connect_args={"connect_timeout": 5},
             )
 
+    @property
+    def location(self) -> str:
+        """Where the database is, for messages: a SQLite file's absolute path (a relative
+        ``sqlite:///x.db`` is relative to the current directory, SQLAlchemy's rule: the note
+        says so), else the URL (never with a password: :func:`parse_database_url`)."""
+        if self.path is None:  # postgresql (psycopg is implied), or SQLite in memory
+            plain = self.url.set(drivername=self.dialect)
+            return plain.render_as_string(hide_password=True)
+        given = self.url.database or ""
+        if not os.path.isabs(given):
+            return (
+                f"{self.path} (sqlite:///{given} is relative to the current directory; "
+                f"for /{given} write sqlite:////{given})"
+            )
+        return self.path
+
     def __repr__(self) -> str:
-        return f"<Database {self.url.render_as_string(hide_password=True)}>"
+        return f"<Database {self.location}>"
 
     def dispose(self) -> None:
         """Close every pooled connection."""
@@ -185,14 +202,20 @@ class Database:
         return head
 
     def check_schema(self) -> None:
-        """Raises :class:`DatabaseError` unless the schema is at the newest revision. Remembers
-        the SQLite file's identity (see :meth:`intact`)."""
+        """Raises :class:`DatabaseError` (naming :attr:`location`) unless the schema is at the
+        newest revision (a missing SQLite file too). Remembers the SQLite file's identity (see
+        :meth:`intact`)."""
+        if self.path is not None and not os.path.exists(self.path):
+            # Checked first: connecting would create an empty file (or fail, read-only).
+            raise DatabaseError(
+                f"no database at {self.location}: run `{prog('gateway')} init` first"
+            )
         identity = self._file_identity()
         current = self.revision()
         if current != self.head():
             raise DatabaseError(
-                f"database schema is at {current or 'nothing'}, not {self.head()}: "
-                "run `./run.sh gateway init` first"
+                f"database schema is at {current or 'nothing'}, not {self.head()}, in "
+                f"{self.location}: run `{prog('gateway')} init` first"
             )
         self._identity = identity
 
