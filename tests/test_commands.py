@@ -237,3 +237,27 @@ def test_the_key_on_stdin_reaches_the_proxy_through_run_sh(tmp_path: Path, upstr
                 proc.kill()
                 proc.wait(10)
     assert "waiting for the API key" not in (tmp_path / "err.log").read_text()
+
+
+@pytest.mark.e2e
+@pytest.mark.codex
+def test_the_readme_s_codex_exec_runs_as_pasted(
+    tmp_path: Path, upstream, start_proxy, codex: str
+) -> None:
+    """The README's one-off `codex exec` block, outside any git repository, against the
+    proxy in front of the stand-in: Codex prints the stand-in's answer."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```sh\nport=", 1)[1].split("```", 1)[0]
+    proxy = start_proxy(upstream.url)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    script = "port=" + block.replace("/tmp/info.json", str(proxy.info_path))  # noqa: S108
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI")}
+    env.update(CODEX_HOME=str(tmp_path / "home"), PATH=f"{Path(codex).parent}:{env['PATH']}")
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path / "work", env=env, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Hello from the local Responses stand-in!" in done.stdout
+    assert [r.path_qs for r in upstream.requests] == ["/v1/responses"]
