@@ -15,6 +15,7 @@ not in the wheel; ``refresh-models`` runs ``node_modules``' Codex and rewrites t
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 import textwrap
@@ -143,8 +144,8 @@ def command_list() -> str:
 def help_main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """``help``: the command list on stdout (exit 0); ``help COMMAND``: that command's help."""
     argv = list(argv or [])
-    if argv:
-        chosen = find(argv[0]) if argv[0] != "help" else None
+    if argv and argv[0] != "help":
+        chosen = find(argv[0])
         if chosen is None:
             return unknown(argv[0])
         return run(chosen, ["--help"])
@@ -155,7 +156,10 @@ def help_main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> i
 def unknown(word: str, err: TextIO | None = None) -> int:
     """An unknown command: says so and lists the commands on stderr; returns 2."""
     err = err or sys.stderr
-    err.write(f"{command()}: unknown command {word!r}\n\n{command_list()}")
+    names = [c.name for c in COMMANDS] + [left.split()[0] for left, _ in CHECKOUT_ONLY]
+    close = difflib.get_close_matches(word, names, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    err.write(f"{command()}: unknown command {word!r}{hint}\n\n{command_list()}")
     return EXIT_USAGE
 
 

@@ -51,6 +51,14 @@ def test_an_unknown_command_exits_2_with_the_list(capsys: pytest.CaptureFixture[
     assert out == ""
     assert err.startswith("codex-proxy: unknown command 'foo'\n\nusage: codex-proxy [COMMAND]")
     assert "  standin [--port N]" in err
+    assert commands.main(["gatway", "init"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "codex-proxy: unknown command 'gatway' (did you mean gateway?)\n"
+    )
+    assert commands.main(["help", "nope"]) == 2
+    assert "unknown command 'nope'" in capsys.readouterr().err
+    assert commands.main(["help", "help"]) == 0
+    assert capsys.readouterr().out == commands.command_list()
 
 
 @pytest.mark.parametrize(

@@ -416,6 +416,30 @@ def test_database_messages_name_the_resolved_path(monkeypatch, tmp_path) -> None
     assert Database("postgresql://u@h/db").location == "postgresql://u@h/db"
 
 
+def test_the_gateway_command_names_the_database_it_could_not_open(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    from addons.gateway_mode import cli as gateway_cli
+
+    monkeypatch.delenv("CODEX_PROXY_PROG", raising=False)  # as the console script
+
+    blocker = tmp_path / "a-file"
+    blocker.touch()
+    argv = ["--database", f"sqlite:///{blocker}/sub/gw.db", "init"]
+    assert gateway_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"codex-proxy gateway: error: cannot create the directory of {blocker}/sub/gw.db: "
+        "Not a directory\n"
+    )
+    closed = "postgresql://gw@127.0.0.1:9/gw"
+    assert gateway_cli.main(["--database", closed, "list-members"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"codex-proxy gateway: database error in {closed}: OperationalError: "), (
+        err
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -108,8 +108,10 @@ def _sqlite_setup(engine: Engine) -> None:
 class Database:
     """The gateway's database. ``url``: see :func:`parse_database_url`.
 
-    Raises ``ValueError`` for a bad URL; methods raise :class:`DatabaseError` for operator
-    errors and SQLAlchemy's ``OperationalError`` when the server cannot be reached.
+    Raises ``ValueError`` for a bad URL, :class:`DatabaseError` when a SQLite file's directory
+    cannot be created; methods raise :class:`DatabaseError` for operator errors and
+    SQLAlchemy's ``OperationalError`` when the server cannot be reached. Every message names
+    :attr:`location`.
     """
 
     def __init__(self, url: str, create: bool = True) -> None:
@@ -124,7 +126,13 @@ class Database:
             if path and path != ":memory:" and not path.startswith("file:"):
                 self.path = os.path.abspath(path)
                 if create:
-                    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                    try:
+                        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                    except OSError as e:
+                        raise DatabaseError(
+                            f"cannot create the directory of {self.location}: "
+                            f"{e.strerror or type(e).__name__}"
+                        ) from None
                 else:  # read-write, never create: a deleted file must not come back empty
                     engine_url = self.url.set(
                         database=f"file:{urllib.parse.quote(self.path)}",
