@@ -1,20 +1,15 @@
 #!/usr/bin/env bash
-# Bootstrap (idempotent) and run codex-responses-api-proxy.
+# Bootstrap (idempotent), then hand over to the installed `codex-proxy` (addons/commands.py):
+# `./run.sh X ...` is `codex-proxy X ...`, the same program; `./run.sh help` lists the commands.
 #   ./run.sh demo          the proxy in front of a local Responses stand-in, no key, no network
+#   ./run.sh [FLAGS]       the strict proxy; the API key is read from stdin:
+#       printenv OPENAI_API_KEY | env -u OPENAI_API_KEY ./run.sh --server-info /tmp/info.json
+#   ./run.sh gateway|web|record|replay|compare|standin|codex-config ...   (./run.sh help)
+# Kept here, as they need a checkout:
 #   ./run.sh test [ARGS]   the whole test suite (pytest ARGS...)
-#   ./run.sh codex-config --server-info FILE | --port N    Codex's provider config
-#   ./run.sh record DIR [FLAGS]   the proxy, recording the session into DIR (key on stdin)
-#   ./run.sh replay DIR [--pace original|fast] [FLAGS]   serve a recording offline, no key
-#   ./run.sh compare BASE NEW [--set name=value] [--markdown [F]] [--json [F]]   judge a
-#       recording against the last good one: exit 0 pass, 1 regression, 2 unreadable
-#   ./run.sh web [FLAGS] [--web-port N]   the proxy behind mitmweb (key on stdin)
-#   ./run.sh gateway [--config F] [--database URL] COMMAND   gateway mode: init, add-member,
-#       set-member, add-key, list-keys, revoke-key, usage, serve (upstream keys on stdin)
 #   ./run.sh refresh-models [--check]   rewrite config/codex-models.yaml from the pinned Codex
 #   ./run.sh bench [--seconds N] [--streams N]   benchmark against direct, mitmdump, the reference
 #   ./run.sh bench --sessions [--turns N]   Codex's session over HTTP and WebSocket, gateway vs direct
-#   ./run.sh [FLAGS]       the proxy; the API key is read from stdin:
-#       printenv OPENAI_API_KEY | env -u OPENAI_API_KEY ./run.sh --server-info /tmp/info.json
 # Bootstrap output goes to stderr and never reads stdin (the key stays there for the proxy).
 set -euo pipefail
 
@@ -169,18 +164,6 @@ ensure_postgresql() {
 
 cmd="${1:-}"
 case "$cmd" in
-    demo)
-        shift
-        ensure_venv
-        cd "$ROOT"
-        exec "$VENV/bin/python" -m addons.demo "$@" </dev/null
-        ;;
-    codex-config)
-        shift
-        ensure_venv
-        cd "$ROOT"
-        exec "$VENV/bin/python" -m addons.codex_config "$@" </dev/null
-        ;;
     refresh-models)
         shift
         ensure_venv
@@ -197,37 +180,6 @@ case "$cmd" in
         cd "$ROOT"
         exec "$VENV/bin/python" -m bench.bench "$@" </dev/null
         ;;
-    web)
-        shift
-        ensure_venv
-        exec "$VENV/bin/python" -m addons.web "$@"
-        ;;
-    replay)
-        shift
-        ensure_venv
-        exec "$VENV/bin/python" -m addons.replay "$@" </dev/null
-        ;;
-    compare)
-        shift
-        ensure_venv
-        exec "$VENV/bin/python" -m addons.compare "$@" </dev/null
-        ;;
-    gateway)
-        shift
-        ensure_venv
-        exec "$VENV/bin/python" -m addons.gateway_mode.cli "$@"
-        ;;
-    record)
-        shift
-        if [[ $# -lt 1 || "$1" == -* ]]; then
-            log "usage: ./run.sh record DIR [proxy flags]   (the API key on stdin)"
-            exit 2
-        fi
-        dir="$1"
-        shift
-        ensure_venv
-        exec "$VENV/bin/codex-responses-api-proxy" --record "$dir" "$@"
-        ;;
     test)
         shift
         ensure_venv
@@ -241,7 +193,11 @@ case "$cmd" in
         exec "$VENV/bin/python" -m pytest "$@" </dev/null
         ;;
     *)
+        # Every other command, and none (the strict proxy), is codex-proxy's; stdin is left
+        # alone (the key, or the gateway's upstream keys, is on it). Help and errors name
+        # ./run.sh as invoked (addons/invocation.py).
         ensure_venv
-        exec "$VENV/bin/codex-responses-api-proxy" "$@"
+        export CODEX_PROXY_PROG="$0"
+        exec "$VENV/bin/codex-proxy" "$@"
         ;;
 esac

@@ -1,4 +1,5 @@
-"""The launcher: ``codex-responses-api-proxy`` / ``./run.sh``, flag-compatible with the reference.
+"""The launcher: ``codex-responses-api-proxy`` / ``codex-proxy`` / ``./run.sh`` with no command,
+flag-compatible with the reference (and ``record DIR``: the same with ``--record DIR``).
 
 Reads the API key from stdin (the reference proxy's rules, messages and exit codes), keeps it in
 :mod:`addons.keyholder`, then runs mitmproxy's own ``mitmdump`` in this process in reverse-proxy
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from addons import keyholder, workload_identity
+from addons import invocation, keyholder, workload_identity
 from addons.config import DEFAULT_CONFIG_PATH, ProxyConfig, load_config
 from addons.hardening import harden_process
 from addons.launch import (
@@ -34,14 +35,20 @@ from addons.workers.identity_feed import IdentityFeed, follow
 EXIT_ARGS = 2  # argument errors, as clap in the reference proxy (key errors: launch.EXIT_SECRET)
 
 SCRIPT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proxy.py")
+#: The drop-in console script's name (the reference's command, ``codex responses-api-proxy``).
+PROG = "codex-responses-api-proxy"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The reference proxy's flags plus ``--config`` and mitmproxy's ``--set``."""
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The reference proxy's flags plus ``--config`` and mitmproxy's ``--set``; ``prog``: the
+    command as invoked (usage lines and errors name it). The help ends with where the other
+    commands are (``codex-proxy help``)."""
     parser = argparse.ArgumentParser(
-        prog="codex-responses-api-proxy",
+        prog=prog,
         description="Strict reverse proxy for the OpenAI Responses API. Reads the API key from "
-        "stdin: printenv OPENAI_API_KEY | env -u OPENAI_API_KEY codex-responses-api-proxy",
+        f"stdin: printenv OPENAI_API_KEY | env -u OPENAI_API_KEY {prog}",
+        epilog="The other commands (gateway, web, record, replay, compare, demo, standin, "
+        f"...): {invocation.command()} help",
     )
     parser.add_argument("--port", type=port_number, help="port to listen on (default: ephemeral)")
     parser.add_argument(
@@ -273,18 +280,45 @@ def start_identity(
     workload_identity.start(identity, token)
 
 
+def stdin_hint(stream: Any, prog: str, keyless: bool, err: Any) -> None:
+    """When ``stream`` is a terminal, one line on ``err`` saying what the proxy waits for on
+    it, with the piped form; silent for a pipe or a file (the reference says nothing either
+    way; a script sees no change). Never raises."""
+    try:
+        if not os.isatty(stream.fileno()):
+            return
+    except (AttributeError, OSError, ValueError):  # io.BytesIO: io.UnsupportedOperation
+        return
+    if keyless:
+        line = (
+            f"{prog}: waiting for the GitHub OIDC request token on stdin (pipe it: printenv "
+            f"ACTIONS_ID_TOKEN_REQUEST_TOKEN | {prog} --github-oidc ...)"
+        )
+    else:
+        line = (
+            f"{prog}: waiting for the API key on stdin, up to Enter (typing shows it; pipe it: "
+            f"printenv OPENAI_API_KEY | env -u OPENAI_API_KEY {prog} ...)"
+        )
+    err.write(line + "\n")
+    err.flush()
+
+
 def main(
     argv: Sequence[str] | None = None,
     stdin: Any = None,
     harden: Callable[[], None] = harden_process,
+    prog: str = PROG,
+    parser: argparse.ArgumentParser | None = None,
 ) -> int:
     """Run the proxy. Returns the process exit code (0 after a clean shutdown).
 
     Exit codes: 2 for argument/config errors (before reading the key), 1 for hardening or key
     errors (the reference proxy's messages, one line on stderr, nothing listening), else
-    mitmdump's own. ``harden`` runs before the key is read (a seam for unit tests).
+    mitmdump's own. ``harden`` runs before the key is read (a seam for unit tests). ``prog``:
+    the command as invoked (see :func:`build_parser`); ``parser``: one built by the caller
+    (``record``'s).
     """
-    parser = build_parser()
+    parser = parser or build_parser(prog)
     ns = parser.parse_args(argv)
     try:
         config = resolve_config(ns)
@@ -297,16 +331,26 @@ def main(
     stream = stdin if stdin is not None else sys.stdin.buffer
     if identity is not None:
         settings = identity
+
+        def load_identity() -> None:
+            stdin_hint(stream, parser.prog, True, sys.stderr)
+            start_identity(config, settings, stream)
+
         secret = Secret(
-            load=lambda: start_identity(config, settings, stream),
+            load=load_identity,
             take=bytearray,  # the workers follow the supervisor's renewals (one identity)
             clear=workload_identity.IDENTITY.clear,
             feed=identity_feed,
             worker_load=follow,  # the workers follow the renewals
         )
     else:
+
+        def load_key() -> None:
+            stdin_hint(stream, parser.prog, False, sys.stderr)
+            keyholder.load_from_stream(stream)
+
         secret = Secret(
-            load=lambda: keyholder.load_from_stream(stream),
+            load=load_key,
             take=take_key,
             clear=keyholder.API_KEY.clear,
             worker_load=keyholder.load_from_fd,
@@ -318,6 +362,28 @@ def main(
         harden,
         sys.stderr,
     )
+
+
+def command_main(argv: Sequence[str] | None = None) -> int:
+    """``codex-proxy`` / ``./run.sh`` with no command: :func:`main`, named as invoked."""
+    return main(argv, prog=invocation.command())
+
+
+def record_main(argv: Sequence[str] | None = None) -> int:
+    """``record DIR [FLAGS]``: the proxy with ``--record DIR`` (the key on stdin); exit 2 with
+    the usage line when DIR is missing."""
+    args = list(argv or [])
+    parser = build_parser(invocation.prog("record"))
+    parser.usage = "%(prog)s DIR [FLAGS]   (the API key on stdin; FLAGS: the proxy's, below)"
+    parser.description = "The strict proxy, recording the session into DIR (docs/recording.md)."
+    if args and args[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if not args or args[0].startswith("-"):
+        parser.print_usage(sys.stderr)
+        sys.stderr.write(f"{parser.prog}: error: the recording directory DIR comes first\n")
+        return EXIT_ARGS
+    return main(["--record", args[0], *args[1:]], parser=parser)
 
 
 def take_key() -> bytearray:

@@ -98,8 +98,10 @@ def port_from_server_info(path: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``./run.sh codex-config``; returns the exit code (2 for bad arguments)."""
+    from addons.invocation import prog
+
     parser = argparse.ArgumentParser(
-        prog="run.sh codex-config",
+        prog=prog("codex-config"),
         description="Print the Codex config.toml provider block for a running proxy.",
     )
     where = parser.add_mutually_exclusive_group(required=True)

@@ -208,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``./run.sh refresh-models [--codex PATH] [--check]``: rewrite the snapshot from the
     installed Codex (``--check``: only compare; exit 1 when they differ)."""
     parser = argparse.ArgumentParser(
-        prog="run.sh refresh-models",
+        prog="./run.sh refresh-models",
         description="Rewrite config/codex-models.yaml from the pinned Codex's model catalog.",
     )
     parser.add_argument("--codex", default=CODEX_BIN, help="the Codex binary (node_modules')")

@@ -810,8 +810,10 @@ def _write(target: str, text: str, append: bool = False) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``compare BASE NEW [--config F] [--set name=value]... [--markdown [FILE]] [--json
     [FILE]] [--html FILE]``; returns the exit code (0 pass, 1 regression, 2 unreadable)."""
+    from addons.invocation import prog
+
     parser = argparse.ArgumentParser(
-        prog="run.sh compare",
+        prog=prog("compare"),
         description="Compare a recording (NEW) with the last good one (BASE). Exit 0 within "
         "the thresholds, 1 on a regression, 2 when a recording cannot be read.",
     )

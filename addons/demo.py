@@ -1,4 +1,5 @@
-"""``./run.sh demo``: the whole proxy on real input, with no API key and no network.
+"""``codex-proxy demo`` (``./run.sh demo``): the whole proxy on real input, with no API key
+and no network.
 
 Starts the local Responses stand-in (:mod:`addons.standin`) on 127.0.0.1, starts the real
 launcher in front of it with a throwaway key piped on stdin, streams one request through it with
@@ -9,6 +10,7 @@ the proxy down over ``GET /shutdown`` and lists the dump files written. Exit 0 o
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import secrets
@@ -16,8 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from addons.invocation import prog
 from addons.secret_memory import REDACTED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,8 +58,21 @@ def mask(value: str) -> str:
     return f"{scheme} {secret[:4]}…({len(secret)} chars, redacted)"
 
 
-def main() -> int:
-    """Run the demo; returns 0 when every check it prints passed, else 1."""
+def build_parser() -> argparse.ArgumentParser:
+    """The demo takes no arguments; ``--help`` says what it does."""
+    return argparse.ArgumentParser(
+        prog=prog("demo"),
+        description="Run the strict proxy in front of the local Responses stand-in with a "
+        "throwaway key on stdin, stream one request through it with the openai SDK, show what "
+        "the upstream saw (the key redacted), a refused request, a refused WebSocket upgrade, "
+        "the shutdown and the dump files. No API key, no network. Exit 0 when every check "
+        "passed. The stand-in alone: " + prog("standin") + ".",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo; returns 0 when every check it prints passed, else 1 (2: bad arguments)."""
+    build_parser().parse_args(argv)
     import openai
 
     from addons.standin import ResponsesStandIn

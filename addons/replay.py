@@ -321,11 +321,14 @@ class ReplayUpstream:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``replay DIR [--pace original|fast] [proxy flags...]``; returns the exit code."""
+    from addons.invocation import prog
+
     parser = argparse.ArgumentParser(
-        prog="run.sh replay",
+        prog=prog("replay"),
         description="Serve a recorded session offline on the proxy's CLI/server-info contract. "
         "Other flags (--port, --server-info, --http-shutdown, --dump-dir, --record, --set) go to "
-        "the proxy; --record NEW re-records the replay (for ./run.sh compare).",
+        "the proxy; --record NEW re-records the replay (for "
+        f"{prog('compare')}).",
     )
     parser.add_argument("recording", help="a --record directory (or a --dump-dir)")
     parser.add_argument(

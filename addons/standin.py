@@ -1,5 +1,6 @@
-"""A local stand-in for the OpenAI Responses API, for ``./run.sh demo`` and the tests (which
-import it through ``tests/fake_upstream.py``, where it is named ``FakeUpstream``).
+"""A local stand-in for the OpenAI Responses API, for ``codex-proxy demo`` and the tests (which
+import it through ``tests/fake_upstream.py``, where it is named ``FakeUpstream``), and alone:
+``codex-proxy standin [--port N] [--server-info FILE]`` (:func:`main`).
 
 An aiohttp server on 127.0.0.1 (ephemeral port) in a background thread. It records every
 request it gets and answers ``POST .../responses`` with a realistic Responses SSE stream (or a
@@ -9,6 +10,7 @@ through attributes: ``status``, ``error_body``, ``events``, ``event_delay``, ``g
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import socket
@@ -612,18 +614,63 @@ class ResponsesStandIn:
         self.stop()
 
 
-def main() -> None:
-    """Run the stand-in in the foreground: ``python -m addons.standin [PORT]``."""
-    import sys
+def build_parser() -> argparse.ArgumentParser:
+    """``standin``'s command line."""
+    from addons.invocation import prog
+    from addons.launch import port_number
 
+    parser = argparse.ArgumentParser(
+        prog=prog("standin"),
+        description="Run the local Responses stand-in alone on 127.0.0.1 (no key, no network): "
+        "POST /v1/responses answers a canned SSE stream (or a JSON response), WebSocket and "
+        "Realtime too. Point a proxy at it with --upstream-url URL (any key on stdin); "
+        "Ctrl-C or SIGTERM stops it.",
+    )
+    parser.add_argument("--port", type=port_number, default=0, help="port (default: ephemeral)")
+    parser.add_argument(
+        "--server-info",
+        metavar="FILE",
+        help='once listening, write {"port":N,"pid":N,"url":URL} to FILE (as the proxy does)',
+    )
+    parser.add_argument(
+        "--event-delay", type=float, default=0.0, metavar="S", help="seconds between SSE events"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``standin``: serve until SIGINT/SIGTERM; prints where it listens (and how to point the
+    proxy there) on stdout. Returns 0."""
+    import os
+    import signal
+
+    from addons.invocation import command
+
+    ns = build_parser().parse_args(argv)
     up = ResponsesStandIn()
-    up.port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    up.port = ns.port
+    up.event_delay = ns.event_delay
     up.start()
-    print(json.dumps({"url": up.url}), flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if ns.server_info:
+        line = json.dumps({"port": up.port, "pid": os.getpid(), "url": up.url})
+        tmp = f"{ns.server_info}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(line + "\n")
+        os.replace(tmp, ns.server_info)
+    print(f"Responses stand-in listening at {up.url}", flush=True)
+    print(
+        f"  a proxy in front of it: echo sk-any | {command()} --upstream-url {up.url}",
+        flush=True,
+    )
     try:
-        threading.Event().wait()
+        stop.wait()
     except KeyboardInterrupt:
+        pass
+    finally:
         up.stop()
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``./run.sh web [proxy flags] [--web-port N]``: the proxy with mitmweb for inspection.
+"""``codex-proxy web [proxy flags] [--web-port N]`` (``./run.sh web``): the proxy with mitmweb
+for inspection.
 
 Two processes on loopback, so the one that shows flows never holds the key:
 
@@ -25,6 +26,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from addons.invocation import prog
+
 WEB_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web_ui.py")
 #: Options only the front takes; everything else goes to the key-holding proxy.
 FRONT_ONLY_SETS = ("web_", "codex_web_")
@@ -36,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The launcher's parser (same flags as the headless proxy) plus ``--web-port``."""
     from addons.cli import build_parser as proxy_parser
 
-    parser = proxy_parser()
-    parser.prog = "run.sh web"
+    parser = proxy_parser(prog("web"))
     parser.description = "The proxy behind mitmweb: inspect Codex traffic, key never in the UI."
     parser.add_argument("--web-port", type=int, default=8081, help="mitmweb UI port (8081)")
     return parser
@@ -144,7 +146,7 @@ def wait_for_inner(proc: subprocess.Popen[bytes], info_path: str, timeout: float
             raise SystemExit(proc.returncode)
         time.sleep(0.05)
     proc.terminate()
-    raise SystemExit("run.sh web: the key-holding proxy did not start")
+    raise SystemExit(f"{prog('web')}: the key-holding proxy did not start")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import re
 import ssl
@@ -92,7 +93,58 @@ MAX_LIFETIME_S = 86400
 
 class WorkloadIdentityError(ValueError):
     """A rule of the keyless mode is broken or an exchange failed. The message is one of this
-    module's ``MSG_*`` texts (the reference's wording) and never holds a secret or a reply body."""
+    module's ``MSG_*`` texts (the reference's wording) and never holds a secret or a reply body.
+
+    ``cause`` (ours, not the reference's): for a failed request, what failed, from
+    :func:`failure_cause` (a status, a refused connection, a DNS or TLS error...); ``str()``
+    gives it on a second line, so the first line stays the reference's exactly.
+    """
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return self.message if not self.cause else f"{self.message}\n  cause: {self.cause}"
+
+    def oneline(self) -> str:
+        """Message and cause on one line (for a log line)."""
+        return self.message if not self.cause else f"{self.message} ({self.cause})"
+
+
+def _os_reason(error: OSError) -> str:
+    """``Connection refused`` rather than asyncio's ``Connect call failed (...)``."""
+    if isinstance(error.errno, int) and error.errno > 0:
+        return os.strerror(error.errno)
+    return str(error.strerror or error)
+
+
+def failure_cause(error: BaseException | None = None, status: int | None = None) -> str:
+    """Why a request of the keyless mode failed, in words, for the second line of its error:
+    the HTTP ``status``, or from ``error`` the DNS, connection, TLS or timeout failure with the
+    host and port. Built only from the exception's type, host, port and OS/TLS error text (no
+    URL, header or body: never a token)."""
+    if status is not None:
+        return f"HTTP {status} from the server"
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        where = f"{error.host}:{error.port}"
+        return f"TLS: the certificate of {where} is not trusted ({error.certificate_error})"
+    if isinstance(error, aiohttp.ClientConnectorDNSError):
+        return f"DNS: cannot resolve {error.host} ({_os_reason(error.os_error)})"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return f"cannot connect to {error.host}:{error.port} ({_os_reason(error.os_error)})"
+    if isinstance(error, TimeoutError):
+        return f"no reply within {HTTP_TIMEOUT_S:g} s"
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without a reply"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS: {error.reason or type(error).__name__}"
+    if isinstance(error, ValueError | AttributeError):
+        return 'the reply is not a JSON object with a "value" string'
+    if error is None:
+        return 'the reply is not a JSON object with a "value" string'
+    return type(error).__name__
 
 
 class IdentityUnavailable(LookupError):
@@ -218,15 +270,17 @@ async def fetch_github_jwt(
         target = yarl.URL(url, encoded=True)
         async with session.get(target, headers=headers, allow_redirects=False) as reply:
             if reply.status != 200:
-                raise WorkloadIdentityError(MSG_GITHUB_FAILED)
+                raise WorkloadIdentityError(MSG_GITHUB_FAILED, failure_cause(status=reply.status))
             data = await reply.read()
         value = json.loads(data).get("value")
-    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError, OSError):
-        raise WorkloadIdentityError(MSG_GITHUB_FAILED) from None
+    except WorkloadIdentityError:
+        raise
+    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError, OSError) as e:
+        raise WorkloadIdentityError(MSG_GITHUB_FAILED, failure_cause(e)) from None
     finally:
         headers.clear()
     if not isinstance(value, str) or not value or not value.isascii():
-        raise WorkloadIdentityError(MSG_GITHUB_FAILED)
+        raise WorkloadIdentityError(MSG_GITHUB_FAILED, failure_cause())
     return bytearray(value.encode("ascii"))
 
 
@@ -296,8 +350,8 @@ async def exchange_jwt(
         ) as reply:
             status = reply.status
             data = await reply.read()
-    except (aiohttp.ClientError, TimeoutError, OSError):
-        raise WorkloadIdentityError(MSG_EXCHANGE_FAILED) from None
+    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        raise WorkloadIdentityError(MSG_EXCHANGE_FAILED, failure_cause(e)) from None
     finally:
         body.clear()
     if not 200 <= status < 300:
@@ -526,8 +580,9 @@ async def renew_forever(
                 await identity.renew()
             except (WorkloadIdentityError, IdentityUnavailable) as e:
                 delay = identity.retry_delay(attempt)
+                why = e.oneline() if isinstance(e, WorkloadIdentityError) else str(e)
                 logger.warning(
-                    "workload identity renewal failed (%s); retry %d in %.1f s", e, attempt, delay
+                    "workload identity renewal failed (%s); retry %d in %.1f s", why, attempt, delay
                 )
                 await asyncio.sleep(delay)
                 continue

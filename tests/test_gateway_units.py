@@ -367,7 +367,77 @@ def test_shipped_gateway_config_carries_todays_rate_card() -> None:
     assert config.credits["rates"] == shipped["rates"]
     assert config.credits["fast_mode_multiplier"] == shipped["fast_mode_multiplier"]
     assert config.credits["usd_per_credit"] == shipped["usd_per_credit"]
-    assert config.database_url().endswith("config/gateway.db")
+
+
+def test_the_shipped_config_keeps_its_data_outside_the_package(monkeypatch, tmp_path) -> None:
+    """The shipped config (a checkout's config/, an installed package's default_config/):
+    gateway.db and the spool go to $XDG_DATA_HOME/codex-proxy, else ~/.local/share/codex-proxy;
+    the operator's own config keeps them beside it; a relative YAML sqlite path is read there."""
+    from addons.gateway_mode.config import DEFAULT_GATEWAY_CONFIG
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    shipped = load_gateway_config(DEFAULT_GATEWAY_CONFIG)
+    assert shipped.database_url() == f"sqlite:///{tmp_path}/xdg/codex-proxy/gateway.db"
+    assert shipped.spool_path() == f"{tmp_path}/xdg/codex-proxy/gateway-spool.jsonl"
+    via_checkout = load_gateway_config(str(ROOT / "config" / "gateway.yaml"))
+    assert via_checkout.database_url() == shipped.database_url()
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/ignored")  # the XDG spec ignores it
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert shipped.database_url() == (
+        f"sqlite:///{tmp_path}/home/.local/share/codex-proxy/gateway.db"
+    )
+    own = tmp_path / "team" / "gateway.yaml"
+    own.parent.mkdir()
+    own.write_text("spool: s.jsonl\n")
+    assert load_gateway_config(str(own)).database_url() == f"sqlite:///{own.parent}/gateway.db"
+    assert load_gateway_config(str(own)).spool_path() == f"{own.parent}/s.jsonl"
+    own.write_text("database: sqlite:///data/gw.db\n")
+    assert load_gateway_config(str(own)).database_url() == f"sqlite:///{own.parent}/data/gw.db"
+    for url in ("sqlite:////abs/gw.db", "sqlite:///:memory:", "postgresql://u@h/db"):
+        own.write_text(f"database: '{url}'\n")
+        assert load_gateway_config(str(own)).database_url() == url
+
+
+def test_database_messages_name_the_resolved_path(monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)
+    missing = Database("sqlite:///sub/x.db", create=False)
+    with pytest.raises(DatabaseError) as info:
+        missing.check_schema()
+    message = str(info.value)
+    assert message.startswith(f"no database at {tmp_path}/sub/x.db (sqlite:///sub/x.db is "
+                              "relative to the current directory; for /sub/x.db write "
+                              "sqlite:////sub/x.db): run `")  # fmt: skip
+    assert message.endswith(" gateway init` first")
+    assert not (tmp_path / "sub" / "x.db").exists()  # the check created nothing
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(DatabaseError, match=f"schema is at nothing, not .*, in {empty}: run"):
+        Database(f"sqlite:///{empty}").check_schema()
+    assert Database("postgresql://u@h/db").location == "postgresql://u@h/db"
+
+
+def test_the_gateway_command_names_the_database_it_could_not_open(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    from addons.gateway_mode import cli as gateway_cli
+
+    monkeypatch.delenv("CODEX_PROXY_PROG", raising=False)  # as the console script
+
+    blocker = tmp_path / "a-file"
+    blocker.touch()
+    argv = ["--database", f"sqlite:///{blocker}/sub/gw.db", "init"]
+    assert gateway_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"codex-proxy gateway: error: cannot create the directory of {blocker}/sub/gw.db: "
+        "Not a directory\n"
+    )
+    closed = "postgresql://gw@127.0.0.1:9/gw"
+    assert gateway_cli.main(["--database", closed, "list-members"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"codex-proxy gateway: database error in {closed}: OperationalError: "), (
+        err
+    )
 
 
 @pytest.mark.parametrize(

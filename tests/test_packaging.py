@@ -73,14 +73,22 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv / "bin"
 
 
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+def clean_env(**extra: str) -> dict[str, str]:
+    drop = ("PYTHONPATH", "VIRTUAL_ENV", "CODEX_PROXY_PROG", "XDG_DATA_HOME")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
 
 
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        cmd, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=120
+        cmd, cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=120
     )
+
+
+def site_packages(installed: Path) -> Path:
+    return Path(
+        run([str(installed / "python"), "-c", "import addons; print(addons.__file__)"],
+            installed).stdout.strip()
+    ).parent.parent  # fmt: skip
 
 
 def test_wheel_holds_every_package_and_default(wheel: Path) -> None:
@@ -130,13 +138,95 @@ def test_console_scripts_outside_the_checkout(installed: Path, tmp_path: Path) -
     assert db.exists()
 
 
-def test_request_through_the_installed_proxy(installed: Path, tmp_path: Path) -> None:
+def test_one_command_for_every_mode(installed: Path, tmp_path: Path) -> None:
+    """codex-proxy: help lists the commands, each command's help names `codex-proxy X`, an
+    unknown word exits 2 with the list, `demo --help` helps (runs nothing)."""
+    helped = run([str(installed / "codex-proxy"), "help"], tmp_path)
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: codex-proxy [COMMAND] [ARGS...]")
+    for name in ("gateway", "web", "record", "replay", "compare", "demo", "standin",
+                 "codex-config"):  # fmt: skip
+        assert f"\n  {name}" in helped.stdout, name
+        own = run([str(installed / "codex-proxy"), name, "--help"], tmp_path)
+        assert own.returncode == 0, own.stderr
+        assert own.stdout.startswith(f"usage: codex-proxy {name} "), own.stdout[:200]
+    assert "Demo finished" not in own.stdout
+    unknown = run([str(installed / "codex-proxy"), "foo"], tmp_path)
+    assert unknown.returncode == 2 and "unknown command 'foo'" in unknown.stderr
+    assert "\n  gateway" in unknown.stderr
+    proxy = run([str(installed / "codex-proxy"), "--help"], tmp_path)
+    assert proxy.stdout.startswith("usage: codex-proxy [-h] [--port PORT]")
+    assert proxy.stdout.rstrip().endswith("codex-proxy help")
+
+
+def test_gateway_database_defaults_outside_the_package(installed: Path, tmp_path: Path) -> None:
+    """`codex-proxy gateway init` with the shipped config: $XDG_DATA_HOME/codex-proxy/gateway.db
+    (else ~/.local/share/codex-proxy), never inside site-packages; messages name the path."""
+    home, xdg = tmp_path / "home", tmp_path / "xdg"
+    gateway = [str(installed / "codex-proxy"), "gateway"]
+    missing = run([*gateway, "list-members"], tmp_path, HOME=str(home))
+    fallback = home / ".local" / "share" / "codex-proxy" / "gateway.db"
+    assert missing.returncode == 2
+    assert missing.stderr == (
+        f"codex-proxy gateway: error: no database at {fallback}: "
+        "run `codex-proxy gateway init` first\n"
+    )
+    for env, db in (
+        ({"HOME": str(home)}, fallback),
+        ({"HOME": str(home), "XDG_DATA_HOME": str(xdg)}, xdg / "codex-proxy" / "gateway.db"),
+    ):
+        init = run([*gateway, "init"], tmp_path, **env)
+        assert init.returncode == 0, init.stderr
+        assert init.stdout.startswith("database ready (schema ") and init.stdout.endswith(
+            f"): {db}\n"
+        )
+        assert db.exists()
+        listed = run([*gateway, "list-members"], tmp_path, **env)
+        assert listed.returncode == 0, listed.stderr
+    assert not list(site_packages(installed).rglob("gateway.db"))
+
+
+def test_the_stand_in_alone(installed: Path, tmp_path: Path) -> None:
+    """`codex-proxy standin`: listens, says where, answers a Responses stream, stops on SIGTERM."""
+    info = tmp_path / "standin.json"
+    proc = subprocess.Popen(
+        [str(installed / "codex-proxy"), "standin", "--server-info", str(info)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=clean_env(),
+    )  # fmt: skip
+    try:
+        wait_for(lambda: info.exists() or proc.poll() is not None, 60, "the stand-in")
+        assert proc.poll() is None, proc.communicate()
+        where = json.loads(info.read_text())
+        assert where["url"] == f"http://127.0.0.1:{where['port']}/v1/responses"
+        conn = http.client.HTTPConnection("127.0.0.1", where["port"], timeout=30)
+        conn.request("POST", "/v1/responses", json.dumps({"model": "m", "stream": True}),
+                     {"content-type": "application/json"})  # fmt: skip
+        resp = conn.getresponse()
+        assert resp.status == 200 and b"response.completed" in resp.read()
+        conn.close()
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out.splitlines()[0] == f"Responses stand-in listening at {where['url']}"
+    assert f"codex-proxy --upstream-url {where['url']}" in out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["codex-responses-api-proxy", "--record"], ["codex-proxy", "record"]],
+    ids=["drop-in", "codex-proxy record"],
+)
+def test_request_through_the_installed_proxy(
+    installed: Path, tmp_path: Path, command: list[str]
+) -> None:
     """Key on stdin, a recording priced with the shipped rate card, one request, shutdown."""
     info, record = tmp_path / "info.json", tmp_path / "record"
     with FakeUpstream() as up, open(tmp_path / "err.log", "wb") as err:
         proc = subprocess.Popen(
-            [str(installed / "codex-responses-api-proxy"), "--server-info", str(info),
-             "--upstream-url", up.url, "--http-shutdown", "--record", str(record)],
+            [str(installed / command[0]), *command[1:], str(record), "--server-info", str(info),
+             "--upstream-url", up.url, "--http-shutdown"],
             stdin=subprocess.PIPE, stdout=err, stderr=err, cwd=tmp_path, env=clean_env(),
         )  # fmt: skip
         try:
@@ -172,6 +262,6 @@ def test_request_through_the_installed_proxy(installed: Path, tmp_path: Path) ->
 
 def test_demo_runs_from_the_installed_package(installed: Path, tmp_path: Path) -> None:
     """The demo's stand-in is product code: the wheel has no tests/, and the demo still runs."""
-    demo = run([str(installed / "python"), "-m", "addons.demo"], tmp_path)
+    demo = run([str(installed / "codex-proxy"), "demo"], tmp_path)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "Local Responses stand-in listening" in demo.stdout

@@ -508,7 +508,8 @@ def test_startup_exchange_follows_the_protocol(fakes, upstream, monkeypatch, cap
 @pytest.mark.parametrize(
     ("steer", "message"),
     [
-        ({"github_status": 500}, wi.MSG_GITHUB_FAILED),
+        # The reference's line, then ours: the cause (never the token).
+        ({"github_status": 500}, f"{wi.MSG_GITHUB_FAILED}\n  cause: HTTP 500 from the server"),
         (
             {"exchange_status": 401},
             "the workload identity token exchange was rejected with HTTP 401",
@@ -537,8 +538,30 @@ def test_untrusted_ca_is_a_failed_github_request(fakes, monkeypatch, capsys, tmp
     monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
     stdin = io.BytesIO(REQUEST_TOKEN.encode())
     assert cli.main(keyless_argv(fakes), stdin=stdin, harden=lambda: None) == 1
-    assert capsys.readouterr().err == f"Error: {wi.MSG_GITHUB_FAILED}\n"
+    first, second = capsys.readouterr().err.splitlines()
+    assert first == f"Error: {wi.MSG_GITHUB_FAILED}"
+    assert second.startswith("  cause: TLS: the certificate of 127.0.0.1:")
+    assert "CERTIFICATE_VERIFY_FAILED" in second and REQUEST_TOKEN not in second
     assert fakes.seen == []  # the TLS handshake failed: the request token never left
+
+
+@pytest.mark.parametrize(
+    ("url", "cause"),
+    [
+        ("https://127.0.0.1:{closed}/token", "  cause: cannot connect to 127.0.0.1:{closed} ("),
+        ("https://no-such-host.invalid/token", "  cause: DNS: cannot resolve no-such-host.invalid"),
+    ],
+)
+def test_an_unreachable_request_url_names_the_cause_on_a_second_line(url, cause, capsys):
+    """Offline: the reference's line, then why (refused, DNS), never the request token."""
+    closed = closed_port()
+    argv = oidc_argv(url.format(closed=closed))
+    assert cli.main(argv, stdin=io.BytesIO(b"tok-SECRET\n"), harden=lambda: None) == 1
+    err = capsys.readouterr().err
+    first, second = err.splitlines()
+    assert first == f"Error: {wi.MSG_GITHUB_FAILED}"
+    assert second.startswith(cause.format(closed=closed)), second
+    assert "tok-SECRET" not in err
 
 
 def start_keyless(

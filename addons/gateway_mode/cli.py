@@ -1,4 +1,5 @@
-"""``./run.sh gateway [--config FILE] [--database URL] COMMAND``: admin commands and ``serve``.
+"""``codex-proxy gateway [--config FILE] [--database URL] COMMAND`` (``./run.sh gateway``):
+admin commands and ``serve``.
 
 Admin commands talk to the database directly and print for people (``usage --json`` for
 programs): one function per command, which its subparser names (``set_defaults(admin=...)``),
@@ -138,8 +139,10 @@ def _member_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The gateway's command line (names fixed by issue 8: scripts drive them)."""
+    from addons.invocation import prog
+
     parser = argparse.ArgumentParser(
-        prog="./run.sh gateway",
+        prog=prog("gateway"),
         description="Codex gateway: member keys, usage and quotas in tokens and credits, and an "
         "upstream key pool, in front of the OpenAI Responses API.",
     )
@@ -147,10 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="FILE",
         default=DEFAULT_GATEWAY_CONFIG,
-        help="YAML config (default: config/gateway.yaml)",
+        help="YAML config (default: the shipped config/gateway.yaml)",
     )
     parser.add_argument(
-        "--database", metavar="URL", help="sqlite:///path.db or postgresql://user@host/db"
+        "--database",
+        metavar="URL",
+        help="sqlite:///path.db (relative to the current directory; sqlite:////abs/path.db) or "
+        "postgresql://user@host/db; default: the config's, else gateway.db in the data "
+        "directory (beside your own --config; with the shipped one, "
+        "$XDG_DATA_HOME/codex-proxy or ~/.local/share/codex-proxy)",
     )
     # Each admin command's subparser names its function (``ns.admin``, run by run_admin);
     # serve is main's own.
@@ -327,7 +335,7 @@ AdminCommand = Callable[[Database, argparse.Namespace, GatewayConfig, Any], None
 def init_schema(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
     """``init``: create or migrate the schema (idempotent)."""
     revision = db.migrate()
-    out.write(f"database ready (schema {revision}): {db!r}\n")
+    out.write(f"database ready (schema {revision}): {db.location}\n")
 
 
 def add_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
@@ -583,6 +591,7 @@ def serve(
     finally:
         db.dispose()
     spool = config.spool_path()
+    os.makedirs(os.path.dirname(spool), exist_ok=True)  # the data directory, maybe new
     keys: list[keypool.UpstreamKey] = []
 
     def load() -> None:
@@ -631,8 +640,10 @@ def main(
         sys.stderr.write(f"{parser.prog}: error: {e}\n")
         return EXIT_USAGE
     except SQLAlchemyError as e:
+        where = Database(ns.database or config.database_url(), create=False).location
         sys.stderr.write(
-            f"{parser.prog}: database error: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
+            f"{parser.prog}: database error in {where}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}\n"
         )
         return EXIT_ERROR
 

@@ -1,7 +1,13 @@
 """``config/gateway.yaml``: the gateway's settings and its Codex rate card (no secrets).
 
-Flags of ``./run.sh gateway`` override the file. Relative paths (``database``'s SQLite file,
-``spool``) are read beside the config file.
+Flags of ``codex-proxy gateway`` override the file. The gateway's data (the SQLite database,
+``gateway.db``, and the spool) lives in its *data directory* (:func:`data_directory`): beside
+the config file when the config is the operator's own, else (the shipped default config, inside
+the installed package or a checkout's ``config/``) ``$XDG_DATA_HOME/codex-proxy``, by default
+``~/.local/share/codex-proxy`` (the XDG Base Directory rule; never inside the package). A
+relative ``database: sqlite:///x.db`` or ``spool:`` in the YAML is read in that directory; a
+relative ``--database sqlite:///x.db`` flag, like any path on a command line, in the current
+one.
 """
 
 from __future__ import annotations
@@ -14,9 +20,31 @@ import yaml
 
 from addons.codex_models import Catalog, catalog
 from addons.credits import RateCard, parse_rate_card
-from addons.defaults import default_file
+from addons.defaults import DEFAULTS_DIR, default_file
 
 DEFAULT_GATEWAY_CONFIG = default_file("gateway.yaml")
+#: The data directory's name under ``$XDG_DATA_HOME`` (``~/.local/share``).
+DATA_DIR_NAME = "codex-proxy"
+
+
+def user_data_directory() -> str:
+    """``$XDG_DATA_HOME/codex-proxy`` when that variable is an absolute path (the XDG Base
+    Directory spec ignores a relative one), else ``~/.local/share/codex-proxy``."""
+    base = os.environ.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, DATA_DIR_NAME)
+
+
+def data_directory(config_path: str) -> str:
+    """Where the gateway configured by ``config_path`` keeps its data: beside that file, unless
+    it is one of the shipped defaults (then :func:`user_data_directory`: user data never goes
+    inside the installed package)."""
+    directory = os.path.dirname(os.path.abspath(config_path))
+    if os.path.realpath(directory) == os.path.realpath(DEFAULTS_DIR):
+        return user_data_directory()
+    return directory
+
 
 _KEYS: dict[str, tuple[type, ...]] = {
     "database": (str, type(None)),
@@ -67,13 +95,19 @@ class GatewayConfig:
 
     @property
     def directory(self) -> str:
-        return os.path.dirname(os.path.abspath(self.path))
+        """The data directory (:func:`data_directory`)."""
+        return data_directory(self.path)
 
     def database_url(self) -> str:
-        """``database``, else ``sqlite:///gateway.db`` beside the config file."""
-        if self.database:
-            return self.database
-        return "sqlite:///" + os.path.join(self.directory, "gateway.db")
+        """``database``, a relative SQLite path made absolute in :attr:`directory`; without
+        one, ``sqlite:///`` + ``gateway.db`` there."""
+        if not self.database:
+            return "sqlite:///" + os.path.join(self.directory, "gateway.db")
+        for prefix in ("sqlite:///", "sqlite+pysqlite:///"):
+            rest = self.database.removeprefix(prefix)
+            if rest != self.database and rest and not rest.startswith(("/", ":memory:", "file:")):
+                return prefix + os.path.join(self.directory, rest)
+        return self.database
 
     def spool_path(self) -> str:
         """Where rows the database could not take are kept across a restart."""

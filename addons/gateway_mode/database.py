@@ -42,6 +42,7 @@ from addons.gateway_mode.schema import (
     ws_connections,
 )
 from addons.gateway_mode.windows import FIVE_HOURS_MS, LIMIT_COLUMNS, WEEK_MS
+from addons.invocation import prog
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +108,10 @@ def _sqlite_setup(engine: Engine) -> None:
 class Database:
     """The gateway's database. ``url``: see :func:`parse_database_url`.
 
-    Raises ``ValueError`` for a bad URL; methods raise :class:`DatabaseError` for operator
-    errors and SQLAlchemy's ``OperationalError`` when the server cannot be reached.
+    Raises ``ValueError`` for a bad URL, :class:`DatabaseError` when a SQLite file's directory
+    cannot be created; methods raise :class:`DatabaseError` for operator errors and
+    SQLAlchemy's ``OperationalError`` when the server cannot be reached. Every message names
+    :attr:`location`.
     """
 
     def __init__(self, url: str, create: bool = True) -> None:
@@ -123,7 +126,13 @@ class Database:
             if path and path != ":memory:" and not path.startswith("file:"):
                 self.path = os.path.abspath(path)
                 if create:
-                    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                    try:
+                        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                    except OSError as e:
+                        raise DatabaseError(
+                            f"cannot create the directory of {self.location}: "
+                            f"{e.strerror or type(e).__name__}"
+                        ) from None
                 else:  # read-write, never create: a deleted file must not come back empty
                     engine_url = self.url.set(
                         database=f"file:{urllib.parse.quote(self.path)}",
@@ -142,8 +151,24 @@ class Database:
                 connect_args={"connect_timeout": 5},
             )
 
+    @property
+    def location(self) -> str:
+        """Where the database is, for messages: a SQLite file's absolute path (a relative
+        ``sqlite:///x.db`` is relative to the current directory, SQLAlchemy's rule: the note
+        says so), else the URL (never with a password: :func:`parse_database_url`)."""
+        if self.path is None:  # postgresql (psycopg is implied), or SQLite in memory
+            plain = self.url.set(drivername=self.dialect)
+            return plain.render_as_string(hide_password=True)
+        given = self.url.database or ""
+        if not os.path.isabs(given):
+            return (
+                f"{self.path} (sqlite:///{given} is relative to the current directory; "
+                f"for /{given} write sqlite:////{given})"
+            )
+        return self.path
+
     def __repr__(self) -> str:
-        return f"<Database {self.url.render_as_string(hide_password=True)}>"
+        return f"<Database {self.location}>"
 
     def dispose(self) -> None:
         """Close every pooled connection."""
@@ -185,14 +210,20 @@ class Database:
         return head
 
     def check_schema(self) -> None:
-        """Raises :class:`DatabaseError` unless the schema is at the newest revision. Remembers
-        the SQLite file's identity (see :meth:`intact`)."""
+        """Raises :class:`DatabaseError` (naming :attr:`location`) unless the schema is at the
+        newest revision (a missing SQLite file too). Remembers the SQLite file's identity (see
+        :meth:`intact`)."""
+        if self.path is not None and not os.path.exists(self.path):
+            # Checked first: connecting would create an empty file (or fail, read-only).
+            raise DatabaseError(
+                f"no database at {self.location}: run `{prog('gateway')} init` first"
+            )
         identity = self._file_identity()
         current = self.revision()
         if current != self.head():
             raise DatabaseError(
-                f"database schema is at {current or 'nothing'}, not {self.head()}: "
-                "run `./run.sh gateway init` first"
+                f"database schema is at {current or 'nothing'}, not {self.head()}, in "
+                f"{self.location}: run `{prog('gateway')} init` first"
             )
         self._identity = identity
 
