@@ -81,6 +81,8 @@ def inner_command(ns: argparse.Namespace, info_path: str, inner_sets: Sequence[s
         cmd.append("--chat-bridge")
     if ns.workers != "1":  # the front stays one process; the key-holding proxy may have more
         cmd += ["--workers", ns.workers]
+    # The front says "SIGINT received: stopping" once (the child gets it too from a terminal).
+    cmd += ["--set", "codex_stop_message=false"]
     for spec in inner_sets:
         cmd += ["--set", spec]
     return cmd
@@ -167,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if e.code not in (None, 0):
                     return e.code if isinstance(e.code, int) else 1
             return 0
+        except KeyboardInterrupt:  # before mitmweb's own handler (then: addons.clean_stop)
+            sys.stderr.write("SIGINT received: stopped\n")
+            return 130
         finally:
             if inner.poll() is None:
                 inner.terminate()
