@@ -64,7 +64,12 @@ class CleanStop:
                 return
 
     def stop(self, sig: signal.Signals) -> None:
-        """A stop signal arrived: the line (first time only), then mitmproxy's shutdown."""
+        """A stop signal arrived: the line (first time only), then mitmproxy's shutdown (or,
+        for SIGINT under mitmproxy's console, its exit prompt, as its own handler does)."""
+        prompt = getattr(ctx.master, "prompt_for_exit", None)
+        if sig == signal.SIGINT and prompt is not None:
+            prompt()
+            return
         if self.signalled is None:
             self.signalled = sig.name
             if ctx.options.codex_stop_message:

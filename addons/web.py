@@ -58,6 +58,8 @@ def split_sets(sets: Sequence[str]) -> tuple[list[str], list[str]]:
 def inner_command(ns: argparse.Namespace, info_path: str, inner_sets: Sequence[str]) -> list[str]:
     """The key-holding proxy's command line (ephemeral port, its own server-info file)."""
     cmd = [sys.executable, "-m", "addons.cli", "--server-info", info_path, "--config", ns.config]
+    # The front says "SIGINT received: stopping" once (the child gets it too from a terminal).
+    cmd += ["--set", "codex_stop_message=false"]
     for flag, value in (
         ("--upstream-url", ns.upstream_url),
         ("--dump-dir", ns.dump_dir),
@@ -81,8 +83,6 @@ def inner_command(ns: argparse.Namespace, info_path: str, inner_sets: Sequence[s
         cmd.append("--chat-bridge")
     if ns.workers != "1":  # the front stays one process; the key-holding proxy may have more
         cmd += ["--workers", ns.workers]
-    # The front says "SIGINT received: stopping" once (the child gets it too from a terminal).
-    cmd += ["--set", "codex_stop_message=false"]
     for spec in inner_sets:
         cmd += ["--set", spec]
     return cmd

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -35,6 +36,7 @@ from mitmproxy.addons.dumper import Dumper
 from mitmproxy.test import taddons, tflow
 
 from addons import launch
+from addons.clean_stop import CleanStop
 from addons.socket_close import (
     ABNORMAL_CLOSURE,
     BETWEEN_TURNS,
@@ -134,6 +136,23 @@ def test_what_mitmproxys_flow_log_prints_at_a_socket_end(
     assert logged in out.getvalue()
     assert (WIRE_CLOSE_CODE in flow.metadata) == (stopping or revoked or "1000" in logged)
     assert addon.open_turns == {}  # nothing kept per closed socket
+
+
+@pytest.mark.parametrize("message", [True, False])
+async def test_stop_signals_log_one_line_and_ask_mitmproxy_to_shut_down(caplog, message):
+    """The line once, however many signals (an impatient Ctrl-C); none in a ``--workers``
+    worker or under ``./run.sh web``'s inner proxy (``codex_stop_message=false``)."""
+    stop = CleanStop()
+    shutdowns: list[bool] = []
+    caplog.set_level(logging.INFO, logger="addons.clean_stop")
+    with taddons.context(stop) as tctx:
+        tctx.configure(stop, codex_stop_message=message)
+        tctx.master.shutdown = lambda: shutdowns.append(True)  # type: ignore[method-assign]
+        stop.stop(signal.SIGINT)
+        stop.stop(signal.SIGTERM)
+    lines = [r.getMessage() for r in caplog.records if r.name == "addons.clean_stop"]
+    assert lines == (["SIGINT received: stopping"] if message else [])
+    assert shutdowns == [True, True]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -12,9 +12,9 @@ While running: a worker that exits 0 was told ``GET /shutdown`` (mitmdump's clea
 others are stopped and the supervisor exits 0; SIGTERM/SIGINT do the same (one line on stderr,
 the workers' own stop line turned off); a worker that dies otherwise is logged and replaced
 (at most :data:`MAX_RESTARTS` in :data:`RESTART_WINDOW_S`, then the supervisor gives up with
-exit 1). Each worker writes its own residue class of dump sequence
-numbers (worker i of N: i+1, i+1+N, ...; a replacement resumes after its predecessor's), so
-dumps stay paired and unique; a recording is merged into one at exit (:mod:`.merge`).
+exit 1). Each worker writes its own residue class of dump sequence numbers (worker i of N:
+i+1, i+1+N, ...; a replacement resumes after its predecessor's), so dumps stay paired and
+unique; a recording is merged into one at exit (:mod:`.merge`).
 """
 
 from __future__ import annotations
@@ -193,7 +193,8 @@ class Supervisor:
                 self._check()
             return self.exit_code
         finally:
-            if self.signalled:  # the one line of a stop by signal (the workers say nothing)
+            quiet = set_value(self.plan.args, "codex_stop_message") == "false"  # web's inner
+            if self.signalled and not quiet:  # the one line of a stop by signal (workers: none)
                 sys.stderr.write(f"{self.signalled} received: stopping the workers\n")
                 sys.stderr.flush()
             self._stop_all()
