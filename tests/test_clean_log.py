@@ -368,6 +368,10 @@ def test_a_codex_session_and_a_stop_mid_stream_leave_a_clean_log(
     bad = [line for line in output.splitlines() if BAD.search(line)]
     assert not bad, "\n".join(bad)
     assert len(STOP_LINE.findall(output)) == 1, "not one stop line"
+    if case.target == "proxy":  # the dumps recorded the cut exchange before it was closed
+        assert server.dump_dir is not None
+        last = json.loads(sorted(server.dump_dir.glob("*-response.json"))[-1].read_text())
+        assert last["error"] == "proxy shut down before the exchange finished"
     if case.socket:  # the Codex session's end, then the socket the stop closed
         assert f"closed by client: {NORMAL_CLOSURE} {BETWEEN_TURNS}" in output
         assert f"closed by client: {GOING_AWAY} {PROXY_STOPPED}" in output
