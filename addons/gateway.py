@@ -10,6 +10,7 @@ from addons.allowlist import Allowlist
 from addons.body_decode import DecodeLimitOptions
 from addons.bomb_fence import BombFence
 from addons.bridge.addons import ChatBridge, ChatReplies
+from addons.clean_stop import CleanStop
 from addons.dumps import DumpWriter
 from addons.error_replies import JsonErrorReplies
 from addons.gateway_mode.accounting import UsageAccounting
@@ -29,6 +30,7 @@ from addons.recorder import Recorder
 from addons.redaction import HeaderRedaction
 from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
+from addons.socket_close import SocketClose
 from addons.sse_stream import SseStreaming
 from addons.views import CodexContentviews
 from addons.websocket_refusal import WebSocketRefusal
@@ -58,6 +60,7 @@ addons = [
     CodexFilter(core),  # request: 403 for non-Codex clients
     QuotaGate(core),  # request: 429/503 before anything goes upstream
     forwarder,  # requestheaders: route; request: pick and inject an upstream key last
+    SocketClose(),  # before the metering, which ends a closed socket's open turns itself
     # After the forwarder (restores the upgrade headers it strips); meters each socket turn.
     WebSocketTurns(core, forwarder),
     # After every refusal and the forwarder's retries: statuses Codex acts on, and the
@@ -71,5 +74,6 @@ addons = [
     BombFence(),  # after Recorder: bodies past the decode limit stay as received in HAR/mitmweb
     UsageAccounting(core, forwarder),
     RetryingConnect(core),
+    CleanStop(),  # closes what is still open once accounting has recorded it
     GatewayClose(core),  # last: its done() runs after accounting has queued the last rows
 ]

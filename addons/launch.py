@@ -12,7 +12,10 @@ know no mode.
 - :func:`reverse_mode`: the ``--mode reverse:...`` head and the entry script.
 - :func:`launch`: the sequence after the flags are checked: harden the process, read the
   secret from stdin into its holder module (:class:`Secret`), then run mitmdump in this
-  process, or the ``--workers`` supervisor, and wipe the holder at the end.
+  process, or the ``--workers`` supervisor, and wipe the holder at the end. SIGINT or SIGTERM
+  before mitmproxy handles them (while the secret is read, while mitmproxy starts) ends it
+  with one line and :func:`interrupted_exit`, not a traceback; once mitmproxy runs, its stop
+  is :mod:`addons.clean_stop`'s.
 - :func:`run_mitmdump` (from :mod:`addons.mitmdump_main`): mitmproxy's own ``mitmdump`` in
   this process, its exit code.
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -32,6 +37,29 @@ from addons.workers import supervisor
 
 #: Hardening and secret errors at start-up: the reference proxy's exit code (one line on stderr).
 EXIT_SECRET = 1
+#: The signals that stop a launcher (mitmproxy's own, once it runs).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived before mitmproxy's own handlers were in place; ``signum`` is
+    its number. A ``BaseException``, as ``KeyboardInterrupt``: no ``except Exception`` on the
+    way catches it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def interrupted_exit(signum: int) -> int:
+    """The exit code of a stop by signal ``signum`` before the proxy served: 128 + its number
+    (130 for SIGINT, 143 for SIGTERM), as a shell reports a command a signal ended. (A stop by
+    signal while serving is mitmproxy's clean exit, 0, as after ``GET /shutdown``.)"""
+    return 128 + signum
 
 
 def port_number(value: str) -> int:
@@ -156,7 +184,30 @@ def launch(
     is in) here, or the supervisor of ``workers`` > 1 processes. Returns the exit code:
     :data:`EXIT_SECRET` after ``Error: <message>`` on ``err`` for a hardening or secret
     error (nothing listens), else mitmdump's or the supervisor's. The holder is wiped when
-    mitmdump or the supervisor returns."""
+    mitmdump or the supervisor returns. SIGINT/SIGTERM before mitmproxy (or the supervisor)
+    takes them over: ``<SIGNAL> received: stopped`` on ``err`` and :func:`interrupted_exit`
+    (handlers are set only on the main thread, where signals are delivered)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _interrupt) for s in STOP_SIGNALS} if main else {}
+    try:
+        return _launch(secret, args, workers, harden, err)
+    except (Interrupted, KeyboardInterrupt) as e:
+        secret.clear()  # it may have stopped halfway through reading the secret
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        err.write(f"{signal.Signals(signum).name} received: stopped\n")
+        return interrupted_exit(signum)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _launch(
+    secret: Secret,
+    args: Callable[[], list[str]],
+    workers: int,
+    harden: Callable[[], None],
+    err: TextIO,
+) -> int:
     try:
         harden()
     except HardeningError as e:

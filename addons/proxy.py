@@ -9,6 +9,7 @@ from addons.allowlist import Allowlist
 from addons.body_decode import DecodeLimitOptions
 from addons.bomb_fence import BombFence
 from addons.bridge.addons import ChatBridge, ChatReplies
+from addons.clean_stop import CleanStop
 from addons.dumps import DumpWriter
 from addons.error_replies import JsonErrorReplies
 from addons.forward import UpstreamForwarder
@@ -44,4 +45,5 @@ addons = [
     WorkloadIdentityRenewal(),  # before the forwarder: the keyless mode's token it injects
     UpstreamForwarder(),
     UpstreamConnect(),
+    CleanStop(),  # last: closes what is still open once the others have recorded it
 ]

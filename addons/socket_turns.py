@@ -167,19 +167,25 @@ def keeps_messages() -> bool:
 
 
 def forget_messages(flow: http.HTTPFlow) -> int:
-    """Drop the WebSocket messages a flow holds, once no turn of it is open (the caller's
-    rule: an open turn's ``message_index`` points into the list, and its events are still to
-    be collected); the ended turns' dumps and recording lines already have theirs. So a socket
-    open for an hour holds its open turn, not every message since it opened (a 400-event reply
-    is ~160 KB). For a flow whose messages nothing reads later (:func:`keeps_messages`: flow
-    files keep them all). mitmproxy appends each message before its ``websocket_message``
-    hooks and relays its own reference after them, so the one being handled may go too.
-    Returns how many were dropped."""
+    """Drop the WebSocket messages a flow holds but its latest, once no turn of it is open (the
+    caller's rule: an open turn's ``message_index`` points into the list, and its events are
+    still to be collected); the ended turns' dumps and recording lines already have theirs. So
+    a socket open for an hour holds its open turn, not every message since it opened (a
+    400-event reply is ~160 KB). For a flow whose messages nothing reads later
+    (:func:`keeps_messages`: flow files keep them all).
+
+    The latest message stays: it is the one whose ``websocket_message`` hooks are running
+    (mitmproxy appends each message before its hooks), and the addons after the caller read it
+    as ``flow.websocket.messages[-1]`` (mitmproxy's ``Dumper``, which runs after every script
+    addon, logged ``Addon error: list index out of range`` on every ended turn when it was
+    gone). It is the ended turn's own terminal event, so it counts as taken. Returns how many
+    were dropped."""
     if flow.websocket is None:
         return 0
-    count = len(flow.websocket.messages)
-    del flow.websocket.messages[:]
-    flow.metadata[TAKEN] = 0
+    messages = flow.websocket.messages
+    count = max(0, len(messages) - 1)
+    del messages[:count]
+    flow.metadata[TAKEN] = len(messages)
     return count
 
 

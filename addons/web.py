@@ -60,6 +60,8 @@ def split_sets(sets: Sequence[str]) -> tuple[list[str], list[str]]:
 def inner_command(ns: argparse.Namespace, info_path: str, inner_sets: Sequence[str]) -> list[str]:
     """The key-holding proxy's command line (ephemeral port, its own server-info file)."""
     cmd = [sys.executable, "-m", "addons.cli", "--server-info", info_path, "--config", ns.config]
+    # The front says "SIGINT received: stopping" once (the child gets it too from a terminal).
+    cmd += ["--set", "codex_stop_message=false"]
     for flag, value in (
         ("--upstream-url", ns.upstream_url),
         ("--dump-dir", ns.dump_dir),
@@ -169,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if e.code not in (None, 0):
                     return e.code if isinstance(e.code, int) else 1
             return 0
+        except KeyboardInterrupt:  # before mitmweb's own handler (then: addons.clean_stop)
+            sys.stderr.write("SIGINT received: stopped\n")
+            return 130
         finally:
             if inner.poll() is None:
                 inner.terminate()

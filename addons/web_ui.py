@@ -17,6 +17,7 @@ from mitmproxy import ctx, exceptions, hooks, http
 
 from addons.body_decode import DecodeLimitOptions
 from addons.bomb_fence import BombFence
+from addons.clean_stop import CleanStop
 from addons.common import CHUNK_TIMING, LOCAL_REPLY_HEADER
 from addons.guard import OptionGuard
 from addons.redaction import HeaderRedaction
@@ -219,4 +220,5 @@ addons = [
     FlowNotes(),
     FlowCap(),
     BombFence(),  # a bomb that went through is shown as received, never decoded whole
+    CleanStop(),  # last: one line on SIGINT/SIGTERM, open connections closed at shutdown
 ]

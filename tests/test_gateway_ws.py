@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from mitmproxy import http
 from mitmproxy import io as mitm_io
+from mitmproxy.addons.dumper import Dumper
 from mitmproxy.test import taddons, tflow
 
 from addons.common import ALLOWED, WEBSOCKET
@@ -603,7 +605,12 @@ async def test_an_unrecorded_socket_holds_only_its_open_turn(kept_by):
         def socket_turn_end(self, flow, turn):
             ended.append([json.loads(data)["type"] for _, data in turn.events])
 
-    with taddons.context(turns, Taker()) as tctx:
+    # mitmproxy's flow log runs after every script addon and reads the message being handled
+    # as ``messages[-1]`` ("Addon error: list index out of range" on every ended turn when the
+    # gateway had dropped it).
+    log = io.StringIO()
+    dumper = Dumper(log)
+    with taddons.context(turns, Taker(), dumper) as tctx:
         if kept_by is not None:
             if kept_by == "hardump":
                 tctx.options.add_option("hardump", str, "", "")
@@ -613,20 +620,28 @@ async def test_an_unrecorded_socket_holds_only_its_open_turn(kept_by):
         flow = _ws_flow()
         turns.websocket_start(flow)
         left = []
+
+        async def say(from_client: bool, payload: dict) -> None:
+            await _say(turns, flow, from_client, payload)
+            assert json.loads(flow.websocket.messages[-1].content) == payload
+            dumper.websocket_message(flow)
+
         for n in (1, 2):
-            await _say(turns, flow, True, {"type": "response.create", "model": MODEL})
-            await _say(turns, flow, False, {"type": "response.created", "response": {}})
-            await _say(turns, flow, False, {"type": "response.output_text.delta", "delta": "x"})
+            await say(True, {"type": "response.create", "model": MODEL})
+            await say(False, {"type": "response.created", "response": {}})
+            await say(False, {"type": "response.output_text.delta", "delta": "x"})
             done = response_object(f"resp_{n}", MODEL, "x")
-            await _say(turns, flow, False, {"type": "response.completed", "response": done})
+            await say(False, {"type": "response.completed", "response": done})
             left.append(len(flow.websocket.messages))
-        await _say(turns, flow, True, {"type": "response.create", "model": MODEL})
-        await _say(turns, flow, False, {"type": "response.created", "response": {}})
+        await say(True, {"type": "response.create", "model": MODEL})
+        await say(False, {"type": "response.created", "response": {}})
         left.append(len(flow.websocket.messages))
         if kept_by is None:
-            assert left == [0, 0, 2]  # the open turn's two
+            # The ended turn's last event (the one being handled), then the open turn's two.
+            assert left == [1, 1, 3]
         else:
             assert left[0] >= 4 and left[1] >= left[0] + 4 and left[2] >= left[1] + 2
+        assert log.getvalue().count("WebSocket text message") == 10
         turns.websocket_end(flow)
     both = ["response.created", "response.output_text.delta", "response.completed"]
     assert ended == [both, both, ["response.created"]]

@@ -58,6 +58,7 @@ from addons.gateway_mode.socket_protocol import busy_event as busy_event  # re-e
 from addons.gateway_mode.socket_protocol import error_event as error_event  # re-exported
 from addons.gateway_mode.socket_protocol import is_responses_upgrade as is_responses_upgrade
 from addons.gateway_mode.windows import limits_of
+from addons.socket_close import mark_closed_by_proxy
 from addons.socket_turns import SocketTurn, end_turn, forget_messages, keeps_messages, start_turn
 
 logger = logging.getLogger(__name__)
@@ -607,6 +608,7 @@ class WebSocketTurns:
             return
         socket.closing = True
         socket.close_reason = text
+        mark_closed_by_proxy(socket.flow, text)  # the flow log names it, not "abnormal"
         self.core.metrics.refused.labels(code).inc()
         # 400: Codex ends the turn at once and shows the event (401 is retried, measured).
         self._inject(socket.flow, socket.protocol.refusal(400, "invalid_request_error", code, text))

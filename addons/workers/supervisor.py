@@ -9,11 +9,12 @@ ephemeral port is the same for every worker), waits until every worker has writt
 server-info file, then writes ``{"port": N, "pid": <supervisor pid>}`` to ``--server-info``.
 
 While running: a worker that exits 0 was told ``GET /shutdown`` (mitmdump's clean exit): the
-others are stopped and the supervisor exits 0; SIGTERM/SIGINT do the same; a worker that dies
-otherwise is logged and replaced (at most :data:`MAX_RESTARTS` in :data:`RESTART_WINDOW_S`, then
-the supervisor gives up with exit 1). Each worker writes its own residue class of dump sequence
-numbers (worker i of N: i+1, i+1+N, ...; a replacement resumes after its predecessor's), so
-dumps stay paired and unique; a recording is merged into one at exit (:mod:`.merge`).
+others are stopped and the supervisor exits 0; SIGTERM/SIGINT do the same (one line on stderr,
+the workers' own stop line turned off); a worker that dies otherwise is logged and replaced
+(at most :data:`MAX_RESTARTS` in :data:`RESTART_WINDOW_S`, then the supervisor gives up with
+exit 1). Each worker writes its own residue class of dump sequence numbers (worker i of N:
+i+1, i+1+N, ...; a replacement resumes after its predecessor's), so dumps stay paired and
+unique; a recording is merged into one at exit (:mod:`.merge`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class Supervisor:
         self.workers: list[_Worker] = []
         self.restarts: list[float] = []
         self.stopping = False
+        #: The stop signal's name (SIGINT, SIGTERM) once one arrived.
+        self.signalled: str | None = None
         self.exit_code = 0
 
     def worker_args(self, index: int) -> list[str]:
@@ -117,6 +120,8 @@ class Supervisor:
             "codex_server_info": os.path.join(self.tmp, f"worker-{index}.json"),
             "codex_dump_seq_start": str(index + 1),
             "codex_dump_seq_step": str(n),
+            # The supervisor says "SIGINT received: stopping" once, not each worker.
+            "codex_stop_message": "false",
         }
         if self.record_dir:
             values["save_stream_file"] = os.path.join(self.record_dir, f"flows-{index}.mitm")
@@ -162,6 +167,7 @@ class Supervisor:
         return _Worker(index, proc, info)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signalled = self.signalled or signal.Signals(signum).name
         self.stopping = True
 
     def run(self) -> int:
@@ -187,6 +193,10 @@ class Supervisor:
                 self._check()
             return self.exit_code
         finally:
+            quiet = set_value(self.plan.args, "codex_stop_message") == "false"  # web's inner
+            if self.signalled and not quiet:  # the one line of a stop by signal (workers: none)
+                sys.stderr.write(f"{self.signalled} received: stopping the workers\n")
+                sys.stderr.flush()
             self._stop_all()
             if self.plan.feed is not None:
                 self.plan.feed.stop()

@@ -79,5 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_mitmdump(args)
 
 
+def _main_quietly() -> int:
+    """:func:`main`; SIGINT before mitmproxy takes it over (a terminal's Ctrl-C reaches every
+    worker while it starts) exits 130 with no traceback: the supervisor says the one line."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_quietly())
