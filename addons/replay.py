@@ -64,7 +64,8 @@ class Exchange:
     status: int
     headers: list[tuple[str, str]]
     body: Any
-    chunk_timing: list[list[int]] = field(default_factory=list)
+    #: ``[[ms, bytes so far], ...]``, or the same flat (``array("q")``: :func:`read_timing`).
+    chunk_timing: Sequence[Sequence[int]] | array[int] = field(default_factory=list)
     #: ``"websocket"``: a turn recorded on a socket (``addons/socket_turns.py``), served to
     #: an HTTP POST of the same conversation (:func:`socket_differences`).
     transport: str | None = None
@@ -200,7 +201,7 @@ def _exchange_of(
         if isinstance(headers, list)
         else [],
         body=body,
-        chunk_timing=timing,  # type: ignore[arg-type]
+        chunk_timing=timing,
         transport=transport if isinstance(transport, str) else None,
         source=pair.paths,
     )

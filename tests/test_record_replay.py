@@ -6,11 +6,12 @@ import json
 import subprocess
 import sys
 import time
+from array import array
 
 import pytest
 
 from addons import compare
-from addons.replay import Exchange, chunks_of, differences, load_recording
+from addons.replay import Exchange, chunks_of, differences, load_recording, read_timing
 from tests.conftest import ROOT, TEST_KEY, wait_for
 from tests.test_clients import CATALOG_MODEL, printed_codex_config, run_codex
 from tests.test_leaks import UPSTREAM_COOKIES, assert_no_marker
@@ -269,6 +270,9 @@ def test_chunks_follow_recorded_timing_or_events():
         1, {}, 200, [("content-type", "text/event-stream")], body, [[0, 19], [40, len(body)]]
     )
     assert chunks_of(timed) == [(0, body[:19].encode()), (40, body[19:].encode())]
+    # load_recording keeps a recording's timing as a flat array (16 bytes a chunk).
+    timed.chunk_timing = array("q", [0, 19, 40, len(body)])
+    assert chunks_of(timed) == [(0, body[:19].encode()), (40, body[19:].encode())]
     untimed = Exchange(1, {}, 200, [], body, [])
     assert [c for _, c in chunks_of(untimed)] == [
         b"event: a\ndata: 1\n\n",
@@ -279,3 +283,15 @@ def test_chunks_follow_recorded_timing_or_events():
 def test_load_recording_needs_a_pair(tmp_path):
     with pytest.raises(ValueError, match="no complete"):
         load_recording(tmp_path)
+
+
+def test_replay_reads_timing_from_a_ledger_it_can_partly_read(tmp_path):
+    """A line cut mid-way (the proxy was killed) or with unusable timing costs only its timing."""
+    lines = [
+        json.dumps({"seq": 1, "chunk_timing": [[0, 5], [9, 12]]}),
+        json.dumps({"seq": 2, "chunk_timing": [[0, "x"]]}),
+        '{"seq": 3, "chunk_ti',
+    ]
+    (tmp_path / "usage.jsonl").write_text("\n".join(lines))
+    timing = read_timing(tmp_path / "usage.jsonl")
+    assert {seq: list(t) for seq, t in timing.items()} == {1: [0, 5, 9, 12], 2: []}
