@@ -366,10 +366,11 @@ def load_run(path: str | Path, limits: ReadLimits = LIMITS) -> Run:
 
 def _lcs(a: Sequence[Hashable], b: Sequence[Hashable]) -> list[tuple[int, int]]:
     """Index pairs of a longest common subsequence of ``a`` and ``b``. The common head and
-    tail are matched directly (two runs of one client mostly agree); the rest by dynamic
-    programming, O(len * len) time and 2 bytes a cell (an ``array`` row per item: 50 MB for
-    two runs of :attr:`addons.recording_files.ReadLimits.requests` turns, where lists of
-    Python ints took 36 bytes a cell)."""
+    tail are matched directly (two runs of one client mostly agree); the rest, less the items
+    only one side has, by dynamic programming, O(len * len) time and 2 bytes a cell (an
+    ``array`` row per item: 50 MB for two runs of
+    :attr:`addons.recording_files.ReadLimits.requests` turns, where lists of Python ints took
+    36 bytes a cell)."""
     n, m = len(a), len(b)
     head = 0
     while head < n and head < m and a[head] == b[head]:
@@ -378,7 +379,12 @@ def _lcs(a: Sequence[Hashable], b: Sequence[Hashable]) -> list[tuple[int, int]]:
     while tail < n - head and tail < m - head and a[n - 1 - tail] == b[m - 1 - tail]:
         tail += 1
     pairs = [(k, k) for k in range(head)]
-    a2, b2 = a[head : n - tail], b[head : m - tail]
+    # Between them, only items both sides have can match: the others are left out of the
+    # table (a run whose turns BASE never had costs nothing to align).
+    common = set(a[head : n - tail]) & set(b[head : m - tail])
+    ia = [i for i in range(head, n - tail) if a[i] in common]
+    ib = [j for j in range(head, m - tail) if b[j] in common]
+    a2, b2 = [a[i] for i in ia], [b[j] for j in ib]
     n2, m2 = len(a2), len(b2)
     if n2 and m2:
         code = "H" if min(n2, m2) < 65536 else "I"
@@ -392,7 +398,7 @@ def _lcs(a: Sequence[Hashable], b: Sequence[Hashable]) -> list[tuple[int, int]]:
         i = j = 0
         while i < n2 and j < m2:
             if a2[i] == b2[j]:
-                pairs.append((head + i, head + j))
+                pairs.append((ia[i], ib[j]))
                 i, j = i + 1, j + 1
             elif table[i + 1][j] >= table[i][j + 1]:
                 i += 1

@@ -774,3 +774,26 @@ def test_markdown_quotes_every_value_as_text(value):
     # Shown as written (line breaks as spaces) in the turns' model cell: "m → <value>".
     cells = [html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", page, re.S)]
     assert f"m → {' '.join(value.split())}" in cells, cells
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """The textbook dynamic programme, for reference."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev, row = row, [0]
+        for j, y in enumerate(b):
+            row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
+    return row[-1]
+
+
+@given(
+    st.lists(st.sampled_from("ABCD"), max_size=14), st.lists(st.sampled_from("ABCE"), max_size=14)
+)
+def test_the_alignments_shortcuts_keep_a_longest_common_subsequence(a, b):
+    """Matching the common head and tail directly and leaving out what one side lacks (so a
+    hostile or unrelated run costs no quadratic table) still finds a longest one."""
+    pairs = compare._lcs(a, b)
+    assert len(pairs) == lcs_length(a, b)
+    assert all(a[i] == b[j] for i, j in pairs)
+    assert [i for i, _ in pairs] == sorted({i for i, _ in pairs})
+    assert [j for _, j in pairs] == sorted({j for _, j in pairs})
