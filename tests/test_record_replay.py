@@ -295,3 +295,36 @@ def test_replay_reads_timing_from_a_ledger_it_can_partly_read(tmp_path):
     (tmp_path / "usage.jsonl").write_text("\n".join(lines))
     timing = read_timing(tmp_path / "usage.jsonl")
     assert {seq: list(t) for seq, t in timing.items()} == {1: [0, 5, 9, 12], 2: []}
+
+
+@pytest.mark.codex
+def test_compare_counts_codexs_retries_of_a_request_as_one_turn(
+    upstream, start_proxy, codex, tmp_path
+):
+    """Issue 29: Codex 0.171 resends a request answered 409 five times; compare, reading the
+    dumps of the real client's requests (re-serialised bodies, one x-client-request-id),
+    folds the six into the one turn BASE had, failed, with five retries."""
+    runs = {}
+    for name, status in (("base", 200), ("new", 409)):
+        upstream.status = status
+        record = tmp_path / name
+        proxy = start_proxy(upstream.url, "--record", str(record), dumps=False)
+        home, work = tmp_path / f"home-{name}", tmp_path / f"work-{name}"
+        home.mkdir()
+        work.mkdir()
+        (home / "config.toml").write_text(printed_codex_config(proxy, "--toml-only"))
+        result = run_codex(codex, home, work)
+        assert result.returncode == (0 if status == 200 else 1), result.stderr
+        assert proxy.shutdown() == 0
+        runs[name] = compare.load_run(record)
+    assert [len(t.attempts) for t in runs["new"].turns] == [6]
+    result = compare.compare(
+        runs["base"], runs["new"], compare.load_thresholds(compare.DEFAULT_CONFIG)
+    )
+    figures = {f.name: f for f in result.figures}
+    assert (figures["turns"].base, figures["turns"].new) == (1, 1)
+    assert (figures["retries"].new, figures["requests"].new, figures["HTTP 409"].new) == (5, 6, 6)
+    assert figures["turns failed"].new == 1 and figures["turns added"].new == 0
+    assert [t.note for t in result.turns] == [
+        "NEW: 5 retries; outcome completed → failed; tokens -100.0%"
+    ]
