@@ -2,13 +2,16 @@
 
 Reads two ``--record`` directories (strict proxy or gateway) with the recording's own readers:
 the ledger (:func:`addons.recorder.read_ledger`), ``summary.json`` (totals, credits, USD,
-refusals), the dump pairs (:func:`addons.replay.read_dump_pairs`: each turn's request shape and,
+refusals), the dump pairs (:func:`addons.replay.iter_dump_pairs`: each turn's request shape and,
 through :func:`addons.exchange.read_exchange`, its tool calls). It compares, run against
 run: tokens by kind, credits and USD, the prompt-cache hit ratio, requests and turns, turn
 outcomes (completed / incomplete / failed / cut), HTTP statuses, refusals by kind, tool calls
 (names, counts, argument key sets), and timing (time to first event and duration, p50 / p95).
-Turns are aligned by order and request shape (:func:`align`); an unmatched turn is *added* or
-*missing*. Thresholds come from ``config/compare.yaml`` (``--set name=value`` per run).
+Codex's retries of one request are one turn (:func:`fold_retries`). Turns are aligned by order
+and request shape (:func:`align`); an unmatched turn is *added* or *missing*. Every file is
+read within :data:`addons.recording_files.LIMITS` (a recording is a CI artifact, its size in
+another's hands); over a limit, compare stops at once with exit 2. Thresholds come from
+``config/compare.yaml`` (``--set name=value`` per run).
 
 Exit codes: 0 within thresholds, 1 a regression, 2 a recording unreadable or of an unknown
 format (the message names the file and why) or a bad option.
@@ -22,10 +25,13 @@ on the same axes (rendered by :mod:`addons.compare_html`).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import html
 import json
 import math
 import os
 import sys
+from array import array
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,7 +44,8 @@ import yaml
 from addons.compare_html import as_html
 from addons.exchange import OUTCOMES, Reply, outcome, read_exchange
 from addons.recorder import SUMMARY_FORMAT_VERSION, RequestRecord, read_ledger
-from addons.replay import DumpPair, read_dump_pairs, request_shape
+from addons.recording_files import LIMITS, ReadLimits, TooLarge, read_document
+from addons.replay import DumpPair, iter_dump_pairs, request_shape
 from addons.responses_turn import USAGE_KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,14 +133,19 @@ def load_thresholds(path: str | Path, overrides: Sequence[str] = ()) -> dict[str
 
 @dataclass
 class RunTurn:
-    """One forwarded request of a run, as compare sees it. ``shape``: the request's model,
-    tool names and input item types (from its dump; ``None`` without one); ``calls``:
-    ``[(tool name, sorted argument keys)]`` of the reply."""
+    """One request of a run, as compare sees it, with Codex's retries of it folded in
+    (:func:`fold_retries`). ``record``: its last attempt (its outcome is the turn's);
+    ``retried``: the earlier attempts, oldest first; ``shape``: the request's model, tool
+    names, input item types and fields, each as a digest (:func:`shape_of`; ``None`` without
+    a dump); ``calls``: ``[(tool name, sorted argument keys)]`` of the reply; ``request``: a
+    digest of the request body and Codex's ``x-client-request-id``, which a retry repeats."""
 
     index: int
     record: RequestRecord
     shape: dict[str, Any] | None
     calls: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    request: tuple[str, str | None] | None = None
+    retried: list[RequestRecord] = field(default_factory=list)
 
     @property
     def outcome(self) -> str:
@@ -143,11 +155,57 @@ class RunTurn:
     def model(self) -> str | None:
         return self.record.model
 
+    @property
+    def attempts(self) -> list[RequestRecord]:
+        """Every request sent for this turn: the retried ones, then the last."""
+        return [*self.retried, self.record]
+
     def keys(self) -> tuple[Hashable, Hashable]:
         """Alignment keys, strongest first: (model, tools, input types), then input types."""
         shape = self.shape or {}
-        inputs = json.dumps(shape.get("input"))
-        return ((self.model, json.dumps(shape.get("tools")), inputs), inputs)
+        inputs = shape.get("input")
+        return ((self.model, shape.get("tools"), inputs), inputs)
+
+
+def _digest(value: Any) -> str:
+    """A short digest of a JSON-able value (its canonical JSON's SHA-256, 16 hex digits)."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def shape_of(body: Any) -> dict[str, str]:
+    """:func:`addons.replay.request_shape` of a request body with each part (model, stream,
+    fields, input, tools) as a digest: equal exactly when the parts are, and a few bytes a
+    turn however long the conversation (Codex resends all of it every turn)."""
+    return {k: _digest(v) for k, v in request_shape(body).items()}
+
+
+def is_retry(earlier: RunTurn, later: RunTurn) -> bool:
+    """Whether ``later`` is Codex's retry of ``earlier``: ``earlier`` did not complete, and
+    ``later`` sent the same request body (compared parsed: Codex 0.171 re-serialises it) with
+    the same ``x-client-request-id`` (Codex keeps it across the retries of one request,
+    checked with 0.171 against a 409: six requests, one id). Unknown without dumps."""
+    if earlier.outcome == "completed" or earlier.request is None or later.request is None:
+        return False
+    (body_a, id_a), (body_b, id_b) = earlier.request, later.request
+    return body_a == body_b and (id_a is None or id_b is None or id_a == id_b)
+
+
+def fold_retries(turns: Sequence[RunTurn]) -> list[RunTurn]:
+    """``turns`` (in order) with each retry folded into the turn it retries
+    (:func:`is_retry`), renumbered from 1: six requests of one Codex turn (a first attempt
+    and its five retries) are one turn with five ``retried`` attempts."""
+    out: list[RunTurn] = []
+    for turn in turns:
+        if out and is_retry(out[-1], turn):
+            last = out[-1]
+            last.retried.append(last.record)
+            last.record, last.calls = turn.record, turn.calls
+            continue
+        out.append(turn)
+    for i, turn in enumerate(out, 1):
+        turn.index = i
+    return out
 
 
 @dataclass
@@ -197,19 +255,43 @@ def _calls_of(pair: DumpPair | None) -> list[tuple[str, tuple[str, ...]]]:
     return read_exchange(pair.request.get("body"), reply).tool_calls
 
 
-def load_run(path: str | Path) -> Run:
-    """Read the recording in directory ``path``.
+#: What compare keeps of a refusal in ``summary.json`` (``addons.recorder.refusal_of``).
+REFUSAL_FIELDS = frozenset({"time", "method", "path", "status", "reason"})
+
+
+def _scalar(value: Any) -> Any:
+    """A number, ``None`` or a string of at most 200 characters (anything else as text)."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return str(value)[:200]
+
+
+def _request_id(pair: DumpPair) -> str | None:
+    """The ``x-client-request-id`` header of a dump pair's request (``None``: none)."""
+    headers = pair.request.get("headers")
+    for h in headers if isinstance(headers, list) else []:
+        if isinstance(h, dict) and str(h.get("name", "")).lower() == "x-client-request-id":
+            value = h.get("value")
+            return value[:200] if isinstance(value, str) else None
+    return None
+
+
+def load_run(path: str | Path, limits: ReadLimits = LIMITS) -> Run:
+    """Read the recording in directory ``path``, every file within ``limits``
+    (:mod:`addons.recording_files`): the ledger streamed, one dump pair at a time, only
+    digests of each request kept, so memory does not grow with the files' sizes.
 
     Raises:
         Unreadable: not a directory or not a recording, ``summary.json`` missing, not JSON or
             of a newer format than :data:`addons.recorder.SUMMARY_FORMAT_VERSION`,
-            ``usage.jsonl`` cut or disagreeing with the summary, a dump file not JSON.
+            ``usage.jsonl`` cut or disagreeing with the summary, a dump file not JSON, or a
+            file over a read limit (the message names the file and the limit).
     """
     root = Path(path)
     if not root.is_dir():
         raise Unreadable(f"{root}: not a directory")
     summary_path = root / "summary.json"
-    if not summary_path.exists():
+    if not os.path.lexists(summary_path):
         if (root / "usage.jsonl").exists() or (root / "dumps").is_dir():
             raise Unreadable(
                 f"{summary_path}: missing; the proxy writes it when it stops cleanly "
@@ -217,7 +299,9 @@ def load_run(path: str | Path) -> Run:
             )
         raise Unreadable(f"{root}: not a recording (no summary.json, usage.jsonl or dumps/)")
     try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        summary = read_document(summary_path, limits)
+    except TooLarge as e:
+        raise Unreadable(str(e)) from None
     except (OSError, ValueError) as e:
         raise Unreadable(f"{summary_path}: not readable JSON ({e})") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("requests"), list):
@@ -228,66 +312,99 @@ def load_run(path: str | Path) -> Run:
             f"{summary_path}: format version {version!r} is unknown to this compare "
             f"(it reads 1 to {SUMMARY_FORMAT_VERSION}); update the proxy"
         )
-    try:
-        records = read_ledger(str(root))
-    except (OSError, ValueError) as e:
-        raise Unreadable(f"{root}: {e}") from None
-    if len(records) != len(summary["requests"]):
-        raise Unreadable(
-            f"{root / 'usage.jsonl'}: {len(records)} line(s) but summary.json has "
-            f"{len(summary['requests'])} request(s) (a cut or mixed-up ledger)"
-        )
-    try:
-        pairs = {p.seq: p for p in read_dump_pairs(root)} if (root / "dumps").is_dir() else {}
-    except (OSError, ValueError) as e:
-        raise Unreadable(str(e)) from None
-    notes = []
-    turns = []
-    # A WebSocket upgrade (101) is no turn: its turns are ledger lines of their own.
-    records = [r for r in records if r.status != 101]
-    for i, record in enumerate(records, 1):
-        pair = pairs.get(record.seq) if isinstance(record.seq, int) else None
-        body = pair.request.get("body") if pair is not None else None
-        shape = request_shape(body) if isinstance(body, dict) else None
-        turns.append(RunTurn(i, record, shape, _calls_of(pair)))
-    if records and not pairs:
-        notes.append("no dumps: tool calls and request shapes unknown")
+    requests = len(summary["requests"])
     totals = summary.get("totals")
     totals = totals if isinstance(totals, dict) else {}
-    refused = [r for r in summary.get("refused") or [] if isinstance(r, dict)]
-    return Run(
-        str(path),
-        version,
-        turns,
-        refused,
-        _decimal(totals.get("credits"), f"{summary_path}: totals.credits"),
-        _decimal(totals.get("usd"), f"{summary_path}: totals.usd"),
-        notes,
-    )
+    credits = _decimal(totals.get("credits"), f"{summary_path}: totals.credits")
+    usd = _decimal(totals.get("usd"), f"{summary_path}: totals.usd")
+    refused = [
+        {k: _scalar(v) for k, v in r.items() if k in REFUSAL_FIELDS}
+        for r in summary.get("refused") or []
+        if isinstance(r, dict)
+    ]
+    del summary  # only the figures above are kept
+    try:
+        records = read_ledger(str(root), limits, keep_timing=False)
+    except (OSError, ValueError) as e:
+        raise Unreadable(f"{root}: {e}") from None
+    if len(records) != requests:
+        raise Unreadable(
+            f"{root / 'usage.jsonl'}: {len(records)} line(s) but summary.json has "
+            f"{requests} request(s) (a cut or mixed-up ledger)"
+        )
+    # A WebSocket upgrade (101) is no turn: its turns are ledger lines of their own.
+    records = [r for r in records if r.status != 101]
+    # Per dump pair, only its shape, tool calls and request digest are kept, a pair at a time.
+    facts: dict[int, tuple[dict[str, str], Any, tuple[str, str | None] | None]] = {}
+    if (root / "dumps").is_dir():
+        wanted = {r.seq for r in records if isinstance(r.seq, int)}
+        try:
+            for pair in iter_dump_pairs(root, limits, wanted):
+                body = pair.request.get("body")
+                if isinstance(body, dict):
+                    request = (_digest(body), _request_id(pair))
+                    facts[pair.seq] = (shape_of(body), _calls_of(pair), request)
+                else:
+                    facts[pair.seq] = ({}, _calls_of(pair), None)
+        except (OSError, ValueError) as e:
+            raise Unreadable(str(e)) from None
+    turns = []
+    for i, record in enumerate(records, 1):
+        known = facts.get(record.seq) if isinstance(record.seq, int) else None
+        if known is None:
+            turns.append(RunTurn(i, record, None))
+        else:
+            turns.append(RunTurn(i, record, known[0] or None, known[1], known[2]))
+    notes = []
+    if records and not facts:
+        notes.append("no dumps: tool calls, request shapes and retries unknown")
+    return Run(str(path), version, fold_retries(turns), refused, credits, usd, notes)
 
 
 # ---------------------------------------------------------------- alignment
 
 
 def _lcs(a: Sequence[Hashable], b: Sequence[Hashable]) -> list[tuple[int, int]]:
-    """Index pairs of a longest common subsequence of ``a`` and ``b`` (dynamic programming,
-    O(len(a) * len(b)); a run has tens to hundreds of turns)."""
+    """Index pairs of a longest common subsequence of ``a`` and ``b``. The common head and
+    tail are matched directly (two runs of one client mostly agree); the rest, less the items
+    only one side has, by dynamic programming, O(len * len) time and 2 bytes a cell (an
+    ``array`` row per item: 50 MB for two runs of
+    :attr:`addons.recording_files.ReadLimits.requests` turns, where lists of Python ints took
+    36 bytes a cell)."""
     n, m = len(a), len(b)
-    table = [[0] * (m + 1) for _ in range(n + 1)]
-    for i in range(n - 1, -1, -1):
-        for j in range(m - 1, -1, -1):
-            table[i][j] = (
-                table[i + 1][j + 1] + 1 if a[i] == b[j] else max(table[i + 1][j], table[i][j + 1])
-            )
-    pairs, i, j = [], 0, 0
-    while i < n and j < m:
-        if a[i] == b[j]:
-            pairs.append((i, j))
-            i, j = i + 1, j + 1
-        elif table[i + 1][j] >= table[i][j + 1]:
-            i += 1
-        else:
-            j += 1
+    head = 0
+    while head < n and head < m and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < n - head and tail < m - head and a[n - 1 - tail] == b[m - 1 - tail]:
+        tail += 1
+    pairs = [(k, k) for k in range(head)]
+    # Between them, only items both sides have can match: the others are left out of the
+    # table (a run whose turns BASE never had costs nothing to align).
+    common = set(a[head : n - tail]) & set(b[head : m - tail])
+    ia = [i for i in range(head, n - tail) if a[i] in common]
+    ib = [j for j in range(head, m - tail) if b[j] in common]
+    a2, b2 = [a[i] for i in ia], [b[j] for j in ib]
+    n2, m2 = len(a2), len(b2)
+    if n2 and m2:
+        code = "H" if min(n2, m2) < 65536 else "I"
+        width = array(code).itemsize
+        table = [array(code, bytes(width * (m2 + 1))) for _ in range(n2 + 1)]
+        for i in range(n2 - 1, -1, -1):
+            row, below = table[i], table[i + 1]
+            ai = a2[i]
+            for j in range(m2 - 1, -1, -1):
+                row[j] = below[j + 1] + 1 if ai == b2[j] else max(below[j], row[j + 1])
+        i = j = 0
+        while i < n2 and j < m2:
+            if a2[i] == b2[j]:
+                pairs.append((ia[i], ib[j]))
+                i, j = i + 1, j + 1
+            elif table[i + 1][j] >= table[i][j + 1]:
+                i += 1
+            else:
+                j += 1
+    pairs += [(n - tail + k, m - tail + k) for k in range(tail)]
     return pairs
 
 
@@ -412,13 +529,15 @@ def percentile(values: Sequence[float], p: float) -> float | None:
 
 def token_kinds(*runs: Run) -> list[str]:
     """Every token kind the runs' usage holds, in :data:`USAGE_KINDS` then by name."""
-    kinds = {k for run in runs for t in run.turns for k in (t.record.usage or {})}
+    kinds = {k for run in runs for t in run.turns for r in t.attempts for k in (r.usage or {})}
     return [k for k in USAGE_KINDS if k in kinds] + sorted(kinds - set(USAGE_KINDS))
 
 
 def token_totals(run: Run, kinds: Sequence[str]) -> dict[str, int]:
-    """The run's tokens per kind (a kind a request's usage lacks counts 0)."""
-    return {k: sum(int((t.record.usage or {}).get(k, 0)) for t in run.turns) for k in kinds}
+    """The run's tokens per kind over every request, retries included (a kind a request's
+    usage lacks counts 0)."""
+    records = [r for t in run.turns for r in t.attempts]
+    return {k: sum(int((r.usage or {}).get(k, 0)) for r in records) for k in kinds}
 
 
 def cache_hit(totals: dict[str, int]) -> float | None:
@@ -477,23 +596,28 @@ def token_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[
 
 
 def request_figures(base: Run, new: Run, th: dict[str, Any], _pairs: Any) -> list[Figure]:
-    """Requests (turns and refusals), turns, outcomes, HTTP statuses of the turns."""
+    """Requests (every attempt and refusal), turns, retries (:func:`fold_retries`), outcomes,
+    HTTP statuses of every attempt."""
+    attempts = [sum(len(t.attempts) for t in run.turns) for run in (base, new)]
     figs = [
         _increase(
             "requests",
-            len(base.turns) + len(base.refused),
-            len(new.turns) + len(new.refused),
+            attempts[0] + len(base.refused),
+            attempts[1] + len(new.refused),
             th["requests_pct"],
         ),
         _count("turns", len(base.turns), len(new.turns), None),
     ]
+    retries = [attempts[0] - len(base.turns), attempts[1] - len(new.turns)]
+    if any(retries):
+        figs.append(_count("retries", retries[0], retries[1], None))
     bo, no = Counter(t.outcome for t in base.turns), Counter(t.outcome for t in new.turns)
     for kind in OUTCOMES:
         if bo[kind] or no[kind]:
             allowed = None if kind == "completed" else th["failed_turns"]
             figs.append(_count(f"turns {kind}", bo[kind], no[kind], allowed))
-    bs = Counter(str(t.record.status) for t in base.turns)
-    ns = Counter(str(t.record.status) for t in new.turns)
+    bs = Counter(str(r.status) for t in base.turns for r in t.attempts)
+    ns = Counter(str(r.status) for t in new.turns for r in t.attempts)
     return figs + _counts_per_key(
         "HTTP {}",
         bs,
@@ -631,7 +755,12 @@ def turn_rows(base: Run, new: Run, pairs: list[tuple[int | None, int | None]]) -
             notes.append("added")
         elif b is None:
             notes.append("missing")
-        else:
+        for label, turn in (("BASE", a), ("NEW", b)):
+            if turn is not None and turn.retried:
+                notes.append(
+                    f"{label}: {len(turn.retried)} retr{'y' if len(turn.retried) == 1 else 'ies'}"
+                )
+        if a is not None and b is not None:
             if a.keys() != b.keys():
                 diffs = [
                     k
@@ -735,8 +864,30 @@ def as_text(c: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Characters a Markdown table cell quotes with a backslash: GitHub-flavoured Markdown's code,
+#: emphasis, link, strikethrough and cell syntax (``_`` only at a word's edge, where it could
+#: open emphasis; ``#``, ``-``, ``+`` mean something only at a line's start, never in a cell).
+MD_PUNCTUATION = frozenset("\\`*[]|~")
+#: The longest value a Markdown cell quotes (the rest becomes "…"; a step summary holds 1 MiB).
+MD_MAX_CHARS = 200
+
+
 def _md(value: Any) -> str:
-    return _cell(value).replace("|", "\\|")
+    """A value quoted into a Markdown table cell as text: HTML-escaped (a model named
+    ``<img src=x onerror=…>`` or ``<script>`` shows as written, never as HTML), Markdown
+    punctuation and ``|`` backslash-escaped (the table keeps its columns), line breaks as
+    spaces, autolinks broken (``://`` and ``www.`` with an entity), at most
+    :data:`MD_MAX_CHARS` characters."""
+    text = _cell(value)
+    if len(text) > MD_MAX_CHARS:
+        text = text[:MD_MAX_CHARS] + "…"
+    text = " ".join(text.splitlines())
+    out = []
+    for i, c in enumerate(text):
+        inner = 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum()
+        out.append("\\" + c if c in MD_PUNCTUATION or (c == "_" and not inner) else c)
+    text = html.escape("".join(out), quote=True)
+    return text.replace("://", "&#58;//").replace("www.", "www&#46;")
 
 
 def as_markdown(c: Comparison) -> str:
@@ -744,7 +895,7 @@ def as_markdown(c: Comparison) -> str:
     the turns (folded)."""
     icon = "❌" if c.exit_code else "✅"
     out = [f"### {icon} Codex recording compare: {_md(c.verdict)}", ""]
-    out += [f"BASE `{c.base.path}` · NEW `{c.new.path}`", ""]
+    out += [f"BASE {_md(c.base.path)} · NEW {_md(c.new.path)}", ""]
     out += ["| figure | BASE | NEW | change | threshold | |", "|---|--:|--:|--:|--:|---|"]
     ordered = c.regressions + [f for f in c.figures if not f.regression]
     for f in ordered:
@@ -800,10 +951,13 @@ def as_json(c: Comparison) -> dict[str, Any]:
 
 
 def _write(target: str, text: str, append: bool = False) -> None:
+    """``text`` to stdout (``-``) or into ``target``; a file compare creates is mode 0600, like
+    the recording it lands in (``compare.html`` goes into NEW). Raises ``OSError``."""
     if target == "-":
         sys.stdout.write(text)
     else:
-        with open(target, "a" if append else "w", encoding="utf-8") as f:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+        with os.fdopen(os.open(target, flags, 0o600), "w", encoding="utf-8") as f:
             f.write(text)
 
 

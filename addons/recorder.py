@@ -16,17 +16,18 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.body_decode import parse_codings
+from addons.body_decode import loads_json, parse_codings
 from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ, REFUSED
 from addons.credits import RateCard, load_rate_card
 from addons.dumps import write_file_atomically
 from addons.exchange import ExchangeFacts, Reply, read_exchange, read_request
+from addons.recording_files import LIMITS, ReadLimits, TooLarge, ledger_lines
 from addons.report import is_refusal, render_report, reply_reasons
 from addons.responses_turn import USAGE_KINDS
 from addons.socket_turns import SocketTurn
@@ -216,35 +217,114 @@ def write_summary(
     write_file_atomically(directory, "report.html", page.encode())
 
 
-def read_ledger(directory: str) -> list[RequestRecord]:
+#: The type each ledger field must have when read back (``None`` allowed where the recorder
+#: writes it); a line with another type is no ledger line.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "seq": (int, type(None)),
+    "started": (int, float),
+    "duration_ms": (int,),
+    "status": (int, type(None)),
+    "model": (str, type(None)),
+    "events": (int,),
+    "usage": (dict, type(None)),
+    "completed": (bool,),
+    "error": (str, type(None)),
+    "chunk_timing": (list,),
+    "content_encoding": (str, type(None)),
+    "decode_error": (str, type(None)),
+    "turn_status": (str, type(None)),
+    "first_event_ms": (int, type(None)),
+    "event_ms": (list,),
+    "service_tier": (str, type(None)),
+    "credits": (str, type(None)),
+    "rate": (str, type(None)),
+    "transport": (str, type(None)),
+}
+#: Token kinds a ledger line's ``usage`` may hold (the six of ``USAGE_KINDS`` and any a newer
+#: upstream adds; a hostile line with thousands is refused).
+MAX_USAGE_KINDS = 32
+
+
+def _ledger_record(data: Any, keep_timing: bool) -> RequestRecord:
+    """The :class:`RequestRecord` of one parsed ledger line. Raises ``TypeError`` (naming the
+    field) when it is no ledger line."""
+    if not isinstance(data, dict):
+        raise TypeError(type(data).__name__)
+    values = {k: v for k, v in data.items() if k in _FIELD_TYPES}
+    for name, value in values.items():
+        if isinstance(value, bool) and bool not in _FIELD_TYPES[name]:
+            raise TypeError(f"{name}: {value!r}")
+        if not isinstance(value, _FIELD_TYPES[name]):
+            raise TypeError(f"{name}: a {type(value).__name__}")
+    usage = values.get("usage")
+    if usage is not None and (
+        len(usage) > MAX_USAGE_KINDS
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in usage.values())
+    ):
+        raise TypeError(f"usage: not up to {MAX_USAGE_KINDS} token counts")
+    if not all(isinstance(v, int) for v in values.get("event_ms", [])):
+        raise TypeError("event_ms: not a list of ms")
+    if not keep_timing:
+        values["chunk_timing"] = []
+    elif not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) for x in p)
+        for p in values.get("chunk_timing", [])
+    ):
+        raise TypeError("chunk_timing: not a list of [ms, bytes] pairs")
+    return RequestRecord(**values)
+
+
+def read_ledger(
+    directory: str, limits: ReadLimits = LIMITS, keep_timing: bool = True
+) -> list[RequestRecord]:
     """Every ``usage.jsonl`` line of a recording as a :class:`RequestRecord`, oldest first (by
     ``started``); ``[]`` when there is no ledger. Fields a newer writer added are ignored; a
-    usage dict keeps every token kind it holds.
+    usage dict keeps every token kind it holds. The file is streamed line by line within
+    ``limits`` (:mod:`addons.recording_files`; the recorder's own merge reads with
+    ``UNBOUNDED``); ``keep_timing=False`` drops each line's ``chunk_timing`` as it is read
+    (only replay paces by it).
 
     Raises:
         OSError: the file cannot be read.
-        ValueError: a line is not a JSON object (e.g. a ledger cut mid-line), naming the line.
+        ValueError: a line is not a ledger line (e.g. a ledger cut mid-line), naming the line;
+            :class:`addons.recording_files.TooLarge`: over a read limit.
     """
     path = os.path.join(directory, "usage.jsonl")
-    names = {f.name for f in fields(RequestRecord)}
     records = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    data = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"usage.jsonl line {number}: not JSON ({e})") from None
-                try:
-                    if not isinstance(data, dict):
-                        raise TypeError(type(data).__name__)
-                    records.append(RequestRecord(**{k: v for k, v in data.items() if k in names}))
-                except TypeError as e:
-                    raise ValueError(f"usage.jsonl line {number}: not a ledger line: {e}") from None
+    events = 0
+    if os.path.lexists(path):
+        for number, line in ledger_lines(path, limits):
+            try:
+                data = loads_json(line)
+            except ValueError as e:
+                raise ValueError(f"usage.jsonl line {number}: not JSON ({e})") from None
+            try:
+                record = _ledger_record(data, keep_timing)
+            except TypeError as e:
+                raise ValueError(f"usage.jsonl line {number}: not a ledger line: {e}") from None
+            events += len(record.event_ms)
+            if limits.events is not None and len(record.event_ms) > limits.events:
+                raise TooLarge(
+                    f"{path}: line {number} has more than {limits.events} events (the read limit)"
+                )
+            if limits.run_events is not None and events > limits.run_events:
+                raise TooLarge(
+                    f"{path}: more than {limits.run_events} events in all (the read limit), "
+                    f"at line {number}"
+                )
+            records.append(record)
     records.sort(key=lambda r: r.started)
     return records
+
+
+def make_private(path: str) -> None:
+    """Create ``path`` empty if it does not exist, and make it mode 0600 (a recording's files
+    hold the session's prompts and replies). Raises ``OSError``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def append_line(path: str, line: str) -> None:
@@ -323,6 +403,17 @@ class Recorder:
                 if not os.access(path, os.W_OK):
                     raise exceptions.OptionsError(f"codex_record_dir: {path!r} not writable")
             self.directory = os.path.abspath(path) if path else ""
+        if self.directory and updated & {"codex_record_dir", "save_stream_file", "hardump"}:
+            # mitmproxy's flow file and HAR are opened with the umask's mode (0644): made
+            # 0600 here, before any flow is written (the HAR is written at exit, into this
+            # file), like every other file of a recording.
+            for name in ("save_stream_file", "hardump"):
+                target = getattr(ctx.options, name, "")
+                if target and target != "-":
+                    try:
+                        make_private(target.removeprefix("+"))
+                    except OSError as e:
+                        raise exceptions.OptionsError(f"{name}: {e}") from None
 
     def response(self, flow: http.HTTPFlow) -> Any:
         response = flow.response

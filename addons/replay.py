@@ -5,8 +5,12 @@ upstream that answers each ``POST /v1/responses`` with the recorded reply of the
 in order. The incoming request must match the recorded one in model, stream flag and shape (its
 top-level fields, the types and roles of its input items, the names of its tools); volatile
 values (ids, cache keys, timestamps, prompt text) are ignored. A request that does not match, or
-one too many, gets ``409`` with a JSON error saying what differed. SSE replies are streamed chunk
-by chunk, at the recorded pace (``--pace original``) or as fast as possible (``--pace fast``).
+one past the recording, gets ``400`` (:data:`REFUSAL_STATUS`: Codex stops at once) with a JSON
+error saying why, and the reason goes into the replay's report at exit (stderr, and
+``replay.json`` in a re-recording). The recording is read within
+:data:`addons.recording_files.LIMITS`, and no reply body is held in memory between requests.
+SSE replies are streamed chunk by chunk, at the recorded pace (``--pace original``) or as fast
+as possible (``--pace fast``).
 
 A gateway recording of Codex's WebSocket transport replays to HTTP: each turn recorded on a
 socket (a dump pair with ``"transport": "websocket"``) answers the ``POST /v1/responses`` of the
@@ -20,15 +24,19 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import secrets
 import sys
 import threading
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from addons.body_decode import decode_body, loads_json
+from addons.recording_files import LIMITS, ReadLimits, check_stream, dump_names, ledger_lines
+from addons.recording_files import read_document as read_json_file
 from addons.redaction import REDACTED
 from addons.sse_events import completed_response, parse_sse_text
 
@@ -56,10 +64,13 @@ class Exchange:
     status: int
     headers: list[tuple[str, str]]
     body: Any
-    chunk_timing: list[list[int]] = field(default_factory=list)
+    #: ``[[ms, bytes so far], ...]``, or the same flat (``array("q")``: :func:`read_timing`).
+    chunk_timing: Sequence[Sequence[int]] | array[int] = field(default_factory=list)
     #: ``"websocket"``: a turn recorded on a socket (``addons/socket_turns.py``), served to
     #: an HTTP POST of the same conversation (:func:`socket_differences`).
     transport: str | None = None
+    #: The dump pair it is read from when served (:func:`load_recording` keeps no bodies).
+    source: tuple[Path, Path] | None = None
 
     def body_bytes(self) -> bytes:
         if isinstance(self.body, str):
@@ -73,86 +84,151 @@ class Exchange:
 @dataclass
 class DumpPair:
     """One dump pair as written (``addons/dumps.py``): the request and response documents,
-    ``{"method", "url", "headers", "body"}`` and ``{"status", "headers", "body"[, "error"]}``."""
+    ``{"method", "url", "headers", "body"}`` and ``{"status", "headers", "body"[, "error"]}``;
+    ``paths``: the two files."""
 
     seq: int
     request: dict[str, Any]
     response: dict[str, Any]
+    paths: tuple[Path, Path] | None = None
 
 
-def read_dump_pairs(directory: str | Path) -> list[DumpPair]:
-    """Every complete dump pair of ``DIR/dumps/`` (or of dumps directly in ``DIR``), by
-    sequence number, failed exchanges included. A request without its response file is left
+def dump_dir_of(directory: str | Path) -> Path:
+    """``DIR/dumps`` of a recording, or ``DIR`` itself when it holds the dumps directly."""
+    root = Path(directory)
+    return root / "dumps" if (root / "dumps").is_dir() else root
+
+
+def read_pair(seq: int, paths: tuple[Path, Path], limits: ReadLimits = LIMITS) -> DumpPair:
+    """The dump pair in ``paths`` (request file, response file), each read within ``limits``.
+
+    Raises:
+        OSError: a file cannot be read.
+        ValueError: a dump file is not a JSON object (the message names it);
+            :class:`addons.recording_files.TooLarge`: over a read limit.
+    """
+    docs = []
+    for path in paths:
+        doc = read_json_file(path, limits)
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: not a dump (a JSON object)")
+        if isinstance(doc.get("body"), str):
+            check_stream(doc["body"], str(path), limits)
+        docs.append(doc)
+    return DumpPair(seq, docs[0], docs[1], paths)
+
+
+def iter_dump_pairs(
+    directory: str | Path, limits: ReadLimits = LIMITS, wanted: set[int] | None = None
+) -> Iterator[DumpPair]:
+    """Each complete dump pair of ``DIR/dumps/`` (or of dumps directly in ``DIR``), by
+    sequence number, failed exchanges included, read one pair at a time within ``limits``
+    (``wanted``: only these sequence numbers). A request without its response file is left
     out (the proxy stopped before the exchange finished).
 
     Raises:
         OSError: a file cannot be read.
-        ValueError: a dump file is not a JSON object (the message names it).
+        ValueError: a dump file is not a JSON object (the message names it);
+            :class:`addons.recording_files.TooLarge`: over a read limit.
     """
-    root = Path(directory)
-    dumps = root / "dumps" if (root / "dumps").is_dir() else root
-    pairs = []
-    for req_path in sorted(dumps.glob("*-request.json")):
-        resp_path = req_path.with_name(req_path.name.replace("-request.json", "-response.json"))
-        if not resp_path.exists() or not req_path.name[:6].isdigit():
-            continue
-        docs = []
-        for path in (req_path, resp_path):
-            try:
-                doc = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError as e:
-                raise ValueError(f"{path}: not JSON ({e})") from None
-            if not isinstance(doc, dict):
-                raise ValueError(f"{path}: not a dump (a JSON object)")
-            docs.append(doc)
-        pairs.append(DumpPair(int(req_path.name[:6]), docs[0], docs[1]))
-    return pairs
+    for seq, request, response in dump_names(dump_dir_of(directory), limits, wanted):
+        yield read_pair(seq, (request, response), limits)
 
 
-def load_recording(directory: str | Path) -> list[Exchange]:
-    """Read ``DIR/dumps/*`` pairs (or dumps directly in ``DIR``) and ``DIR/usage.jsonl``.
+def read_dump_pairs(directory: str | Path, limits: ReadLimits = LIMITS) -> list[DumpPair]:
+    """Every complete dump pair, as :func:`iter_dump_pairs` reads them (all held at once)."""
+    return list(iter_dump_pairs(directory, limits))
+
+
+def read_timing(ledger: Path, limits: ReadLimits = LIMITS) -> dict[int, array[int]]:
+    """``{sequence number: chunk timing}`` from a recording's ``usage.jsonl``, each as a flat
+    ``array`` ``[ms, bytes, ms, bytes, ...]`` (16 bytes a chunk, where a list of lists costs
+    ~120), read within ``limits``. A line that is no ledger line is skipped (a replay serves a
+    ledger cut mid-line); a chunk timing that is no list of int pairs reads as none.
 
     Raises:
-        ValueError: when there is no complete pair to replay.
+        OSError: the ledger cannot be read.
+        :class:`addons.recording_files.TooLarge`: over a read limit.
+    """
+    timing: dict[int, array[int]] = {}
+    if not os.path.lexists(ledger):
+        return timing
+    for _number, line in ledger_lines(ledger, limits):
+        try:
+            rec = loads_json(line)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("seq"), int):
+            continue
+        flat: array[int] = array("q")
+        try:
+            for pair in rec.get("chunk_timing") or []:
+                offset, end = pair
+                flat.extend((int(offset), int(end)))
+        except (TypeError, ValueError, OverflowError):
+            flat = array("q")  # no usable timing: served one chunk per event
+        timing[rec["seq"]] = flat
+    return timing
+
+
+def _exchange_of(
+    pair: DumpPair, timing: Sequence[Sequence[int]] | array[int] = ()
+) -> Exchange | None:
+    """The exchange a replay serves for ``pair``, or ``None`` when it serves none (a failed
+    exchange, Codex's socket warm-up, a WebSocket upgrade)."""
+    req, resp = pair.request, pair.response
+    body = resp.get("body", "")
+    completed = isinstance(body, str) and completed_response(parse_sse_text(body)) is not None
+    status = resp.get("status")
+    if not isinstance(status, int) or (resp.get("error") and not completed):
+        return None  # an exchange that failed while recording is not replayed
+    transport = req.get("transport")
+    if transport == "websocket" and isinstance(req.get("body"), dict):
+        if req["body"].get("generate") is False:
+            return None  # Codex's socket warm-up: an HTTP client sends none
+    elif req.get("method") == "GET":
+        return None  # a WebSocket upgrade (its turns are pairs of their own)
+    headers = resp.get("headers")
+    return Exchange(
+        seq=pair.seq,
+        request=req.get("body"),
+        status=status,
+        headers=[
+            (str(h.get("name", "")), str(h.get("value", "")))
+            for h in headers
+            if isinstance(h, dict)
+        ]
+        if isinstance(headers, list)
+        else [],
+        body=body,
+        chunk_timing=timing,
+        transport=transport if isinstance(transport, str) else None,
+        source=pair.paths,
+    )
+
+
+def load_recording(directory: str | Path, limits: ReadLimits = LIMITS) -> list[Exchange]:
+    """The exchanges a replay serves, from ``DIR/dumps/*`` pairs (or dumps directly in
+    ``DIR``) and ``DIR/usage.jsonl``'s chunk timing, every file read within ``limits``. Each
+    pair is read once here to check it and then let go: an exchange holds its dump files'
+    paths, and is read again when served (:meth:`ReplayUpstream.served`), so memory does not
+    grow with the recording.
+
+    Raises:
+        OSError: a file cannot be read.
+        ValueError: when there is no complete pair to replay, a dump file is not a JSON
+            object; :class:`addons.recording_files.TooLarge`: over a read limit.
     """
     root = Path(directory)
-    timing: dict[int, list[list[int]]] = {}
-    ledger = root / "usage.jsonl"
-    if ledger.exists():
-        for line in ledger.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec.get("seq"), int):
-                timing[rec["seq"]] = rec.get("chunk_timing") or []
+    timing = read_timing(root / "usage.jsonl", limits)
     exchanges = []
-    for pair in read_dump_pairs(root):
-        req, resp = pair.request, pair.response
-        body = resp.get("body", "")
-        completed = isinstance(body, str) and completed_response(parse_sse_text(body)) is not None
-        if resp.get("status") is None or (resp.get("error") and not completed):
-            continue  # an exchange that failed while recording is not replayed
-        transport = req.get("transport")
-        if transport == "websocket" and isinstance(req.get("body"), dict):
-            if req["body"].get("generate") is False:
-                continue  # Codex's socket warm-up: an HTTP client sends none
-        elif req.get("method") == "GET":
-            continue  # a WebSocket upgrade (its turns are pairs of their own)
-        exchanges.append(
-            Exchange(
-                seq=pair.seq,
-                request=req.get("body"),
-                status=int(resp["status"]),
-                headers=[(h["name"], h["value"]) for h in resp.get("headers", [])],
-                body=body,
-                chunk_timing=timing.get(pair.seq, []),
-                transport=transport if isinstance(transport, str) else None,
-            )
-        )
+    for pair in iter_dump_pairs(root, limits):
+        exchange = _exchange_of(pair, timing.get(pair.seq, array("q")))
+        if exchange is not None:
+            exchange.request, exchange.headers, exchange.body = None, [], ""
+            exchanges.append(exchange)
     if not exchanges:
-        dumps = root / "dumps" if (root / "dumps").is_dir() else root
-        raise ValueError(f"no complete request/response dump pair in {dumps}")
+        raise ValueError(f"no complete request/response dump pair in {dump_dir_of(root)}")
     return exchanges
 
 
@@ -215,35 +291,112 @@ def socket_differences(recorded: Any, incoming: Any) -> list[str]:
     return sorted(out)
 
 
+def _timing_pairs(timing: Sequence[Sequence[int]] | array[int]) -> list[tuple[int, int]]:
+    """``[(ms, bytes so far), ...]`` of a chunk timing, as a list of pairs or a flat array."""
+    if isinstance(timing, array):
+        return list(zip(timing[::2], timing[1::2], strict=True))
+    return [(int(offset), int(end)) for offset, end in timing]
+
+
 def chunks_of(exchange: Exchange) -> list[tuple[int, bytes]]:
     """The reply body split as it arrived while recording: ``[(ms offset, bytes), ...]``.
     Falls back to one chunk per SSE event (offset 0) when no usable timing was recorded."""
     data = exchange.body_bytes()
-    timing = exchange.chunk_timing
+    timing = _timing_pairs(exchange.chunk_timing)
     if timing and timing[-1][1] == len(data):
         out, start = [], 0
         for offset, end in timing:
-            out.append((int(offset), data[start:end]))
+            out.append((offset, data[start:end]))
             start = end
         return out
     events = [e + b"\n\n" for e in data.split(b"\n\n") if e]
     return [(0, e) for e in events] or [(0, data)]
 
 
+#: The status of a request the replay cannot answer from the recording (one past its end, or
+#: one that differs from the recorded one). Codex 0.171 gives up on a 400 at once (one request,
+#: ``ERROR: {"error": …}`` with the message below, exit 1); a 409, 404 or 422 it retries five
+#: times (docs/gateway.md, "Statuses Codex gives up on").
+REFUSAL_STATUS = 400
+#: Refused requests a replay's report lists one by one (the rest are counted).
+REPORTED_REFUSALS = 100
+
+
+@dataclass
+class ReplayReport:
+    """What a replay did, for its report at exit (:meth:`text`, :meth:`as_json`): exchanges
+    recorded and served, and every request refused with its reason."""
+
+    recording: str
+    exchanges: int
+    served: int = 0
+    refused: int = 0
+    reasons: list[dict[str, Any]] = field(default_factory=list)
+
+    def refuse(self, request: int, code: str, message: str) -> None:
+        self.refused += 1
+        if len(self.reasons) < REPORTED_REFUSALS:
+            self.reasons.append({"request": request, "code": code, "message": message})
+
+    def as_json(self) -> dict[str, Any]:
+        """``{"recording", "exchanges", "served", "refused", "status", "reasons": [{"request",
+        "code", "message"}]}`` (``replay.json`` beside a re-recording)."""
+        return {
+            "recording": self.recording,
+            "exchanges": self.exchanges,
+            "served": self.served,
+            "refused": self.refused,
+            "status": REFUSAL_STATUS,
+            "reasons": self.reasons,
+        }
+
+    def text(self) -> str:
+        """A few lines for stderr: served of recorded, then each refusal's reason."""
+        lines = [
+            f"replay: served {self.served} of {self.exchanges} recorded exchange(s) from "
+            f"{self.recording}; {self.refused} request(s) refused"
+        ]
+        if self.refused:
+            lines[0] += f" ({REFUSAL_STATUS}: Codex stops at once)"
+        lines += [f"  {r['code']}: {r['message']}" for r in self.reasons]
+        if self.refused > len(self.reasons):
+            lines.append(f"  ... and {self.refused - len(self.reasons)} more")
+        return "\n".join(lines) + "\n"
+
+
 class ReplayUpstream:
     """The replay server: aiohttp on 127.0.0.1 (ephemeral port) in a background thread."""
 
-    def __init__(self, exchanges: list[Exchange], pace: str = "fast") -> None:
+    def __init__(
+        self,
+        exchanges: list[Exchange],
+        pace: str = "fast",
+        limits: ReadLimits = LIMITS,
+        recording: str = "",
+    ) -> None:
         self.exchanges = exchanges
         self.pace = pace
+        self.limits = limits
         self.next_index = 0
         self.port = 0
+        self.report = ReplayReport(recording, len(exchanges))
         self._lock = threading.Lock()
         self._server: Any = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1/responses"
+
+    def served(self, exchange: Exchange) -> Exchange:
+        """``exchange`` with its request and reply, read from its dump pair again when it
+        holds only the paths (:func:`load_recording`). Raises ``OSError`` / ``ValueError``."""
+        if exchange.source is None or exchange.request is not None:
+            return exchange
+        loaded = _exchange_of(read_pair(exchange.seq, exchange.source, self.limits))
+        if loaded is None:
+            raise ValueError("no longer a replayable exchange")
+        loaded.chunk_timing = exchange.chunk_timing
+        return loaded
 
     async def _handle(self, request: Any) -> Any:
         from aiohttp import web
@@ -260,22 +413,37 @@ class ReplayUpstream:
             incoming = f"(request body not readable: {decoded.error})"
         with self._lock:
             index = self.next_index
+            number = index + self.report.refused + 1
             if index >= len(self.exchanges):
-                return self._error(
+                return self._refuse(
                     web,
-                    f"request {index + 1}: the recording has only "
-                    f"{len(self.exchanges)} exchange(s)",
+                    number,
+                    "replay_past_recording",
+                    f"request {number}: past the recording, which has only "
+                    f"{len(self.exchanges)} exchange(s), all served",
                 )
-            exchange = self.exchanges[index]
+            try:
+                exchange = self.served(self.exchanges[index])
+            except (OSError, ValueError) as e:
+                return self._refuse(
+                    web,
+                    number,
+                    "replay_unreadable",
+                    f"request {number}: recorded exchange {self.exchanges[index].seq:06d} "
+                    f"cannot be read: {e}",
+                )
             compare = socket_differences if exchange.transport == "websocket" else differences
             diffs = compare(exchange.request, incoming)
             if diffs:
-                return self._error(
+                return self._refuse(
                     web,
-                    f"request {index + 1} differs from recorded exchange "
+                    number,
+                    "replay_mismatch",
+                    f"request {number} differs from recorded exchange "
                     f"{exchange.seq:06d}: " + "; ".join(diffs),
                 )
             self.next_index += 1
+            self.report.served += 1
         headers = {
             k: v for k, v in exchange.headers if k.lower() not in SKIPPED_HEADERS and v != REDACTED
         }
@@ -295,11 +463,13 @@ class ReplayUpstream:
         await reply.write_eof()
         return reply
 
-    @staticmethod
-    def _error(web: Any, message: str) -> Any:
+    def _refuse(self, web: Any, number: int, code: str, message: str) -> Any:
+        """The answer to a request the recording cannot serve: :data:`REFUSAL_STATUS` with an
+        OpenAI-style error (Codex prints it and stops), kept for the report."""
+        self.report.refuse(number, code, message)
         return web.json_response(
-            {"error": {"type": "codex_proxy", "code": "replay_mismatch", "message": message}},
-            status=409,
+            {"error": {"type": "codex_proxy", "code": code, "message": message}},
+            status=REFUSAL_STATUS,
         )
 
     def start(self) -> int:
@@ -346,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exchanges = load_recording(ns.recording)
     except (OSError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    upstream = ReplayUpstream(exchanges, ns.pace)
+    upstream = ReplayUpstream(exchanges, ns.pace, recording=ns.recording)
     upstream.start()
     sys.stderr.write(
         f"replaying {len(exchanges)} exchange(s) from {ns.recording} ({ns.pace} pace)\n"
@@ -359,6 +529,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli.main([*proxy_args, "--upstream-url", upstream.url], stdin=dummy)
     finally:
         upstream.stop()
+        write_report(upstream.report, record_dir(proxy_args))
+
+
+def record_dir(proxy_args: Iterable[str]) -> str | None:
+    """The ``--record DIR`` among the proxy's flags (``None``: not re-recording)."""
+    found = argparse.ArgumentParser(add_help=False)
+    found.add_argument("--record")
+    return found.parse_known_args(list(proxy_args))[0].record
+
+
+def write_report(report: ReplayReport, record: str | None) -> None:
+    """The replay's report: on stderr, and as ``replay.json`` (mode 0600) in the re-recording
+    ``record`` when there is one (a failure to write it is said on stderr)."""
+    sys.stderr.write(report.text())
+    if record and os.path.isdir(record):
+        from addons.dumps import write_file_atomically
+
+        data = json.dumps(report.as_json(), indent=2, ensure_ascii=False) + "\n"
+        try:
+            write_file_atomically(record, "replay.json", data.encode())
+        except OSError as e:
+            sys.stderr.write(f"replay: cannot write replay.json: {e}\n")
 
 
 if __name__ == "__main__":

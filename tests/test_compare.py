@@ -462,6 +462,7 @@ def test_run_sh_compare_writes_compare_html_into_new(recordings, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("PASS") and (new / "compare.html").exists()
+    assert (new / "compare.html").stat().st_mode & 0o777 == 0o600  # like the recording
     proc = subprocess.run(
         [str(ROOT / "run.sh"), "compare", str(recordings["base"]), str(tmp_path / "nothing")],
         capture_output=True,
@@ -685,3 +686,116 @@ def test_compare_html_in_chromium_shows_both_runs_side_by_side(recordings, tmp_p
     assert charts == [2, 2]  # tokens and event arrival, BASE beside NEW
     assert any("turns added" in row for row in regressions)
     assert (ROOT / "test-artifacts" / "compare.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- retries (issue 29)
+
+
+def attempt(request: tuple[str, str | None] | None, status: int = 409, **kw: Any) -> Any:
+    """A turn of one request: completed (200) or an error status without a reply."""
+    done = status == 200
+    rec = record(
+        {"input": 10, "output": 2, "total": 12} if done else None,
+        status=status,
+        completed=done,
+        turn_status="completed" if done else None,
+        **kw,
+    )
+    return compare.RunTurn(0, rec, {"input": "i", "tools": "t"}, [], request)
+
+
+def test_codex_retries_of_one_request_are_one_turn():
+    """Codex 0.171 resends a request refused 409 five times, the same body and
+    x-client-request-id each time: six ledger lines, one turn with five retries."""
+    turns = [attempt(("a", "id-1"), 200)] + [attempt(("b", "id-2")) for _ in range(6)]
+    folded = compare.fold_retries(turns)
+    assert [len(t.retried) for t in folded] == [0, 5] and [t.index for t in folded] == [1, 2]
+    assert len(folded[1].attempts) == 6 and folded[1].outcome == "failed"
+
+
+@pytest.mark.parametrize(
+    "second, retry",
+    [
+        (("a", "id-1"), True),
+        (("a", None), True),  # a dump without the header: the body decides
+        (("a", "id-2"), False),  # another request of the same body
+        (("b", "id-1"), False),  # a request that changed
+        (None, False),  # no dump: unknown, never folded
+    ],
+)
+def test_what_makes_a_retry(second, retry):
+    first = attempt(("a", "id-1"))
+    assert compare.is_retry(first, attempt(second)) is retry
+    # A request that completed is never retried: the same one again is a turn of its own.
+    assert not compare.is_retry(attempt(("a", "id-1"), 200), attempt(second))
+
+
+def test_compare_counts_a_retried_turn_once_and_names_its_retries():
+    base = compare.Run("b", 1, [attempt(("a", "1"), 200)], [], None, None)
+    new_turns = [attempt(("a", "1"), 200)] + [attempt(("c", "2")) for _ in range(6)]
+    new = compare.Run("n", 1, compare.fold_retries(new_turns), [], None, None)
+    result = compare.compare(base, new, compare.load_thresholds(compare.DEFAULT_CONFIG))
+    figures = {f.name: f for f in result.figures}
+    assert (figures["turns added"].new, figures["turns failed"].new) == (1, 1)
+    assert (figures["retries"].base, figures["retries"].new) == (0, 5)
+    assert (figures["requests"].base, figures["requests"].new) == (1, 7)
+    assert figures["HTTP 409"].new == 6
+    assert [t.note for t in result.turns] == ["", "added; NEW: 5 retries"]
+
+
+# ---------------------------------------------------------------- Markdown quoting (issue 30)
+
+HOSTILE = [
+    "<img src=x onerror=alert(1)>",
+    "<script>alert(1)</script>",
+    "a | b || c",
+    "two\nlines\r\nthree",
+    "[click](https://evil.example) www.evil.example `code` **bold** _em_",
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_markdown_quotes_every_value_as_text(value):
+    """A model name, a refusal reason and a path from a recording reach the GitHub step
+    summary as text: no HTML element, no link, and every table row keeps its columns
+    (rendered by a CommonMark parser with GitHub's table extension, raw HTML on)."""
+    from markdown_it import MarkdownIt
+
+    base = compare.Run(f"base {value}", 1, [attempt(("a", "1"), 200)], [], None, None)
+    hostile = attempt(("a", "1"), 200, model=value)
+    refused = [{"reason": value, "status": 403, "path": value}]
+    new = compare.Run(value, 1, [hostile], refused, None, None)
+    result = compare.compare(base, new, compare.load_thresholds(compare.DEFAULT_CONFIG))
+    text = compare.as_markdown(result)
+    page = MarkdownIt("commonmark").enable("table").render(text)
+    assert "<img" not in page and "<script" not in page and "<a " not in page
+    assert "<code>" not in page and "<strong>bold" not in page and "<em>em" not in page
+    rows = re.findall(r"<tr>(.*?)</tr>", page, re.S)
+    widths = {len(re.findall(r"<t[hd][ >]", row)) for row in rows}
+    assert widths == {6, 7}, page  # the figures' table and the turns' table, each whole
+    # Shown as written (line breaks as spaces) in the turns' model cell: "m → <value>".
+    cells = [html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", page, re.S)]
+    assert f"m → {' '.join(value.split())}" in cells, cells
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """The textbook dynamic programme, for reference."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev, row = row, [0]
+        for j, y in enumerate(b):
+            row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
+    return row[-1]
+
+
+@given(
+    st.lists(st.sampled_from("ABCD"), max_size=14), st.lists(st.sampled_from("ABCE"), max_size=14)
+)
+def test_the_alignments_shortcuts_keep_a_longest_common_subsequence(a, b):
+    """Matching the common head and tail directly and leaving out what one side lacks (so a
+    hostile or unrelated run costs no quadratic table) still finds a longest one."""
+    pairs = compare._lcs(a, b)
+    assert len(pairs) == lcs_length(a, b)
+    assert all(a[i] == b[j] for i, j in pairs)
+    assert [i for i, _ in pairs] == sorted({i for i, _ in pairs})
+    assert [j for _, j in pairs] == sorted({j for _, j in pairs})

@@ -1,9 +1,12 @@
 import json
 
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.addons import save, savehar
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons.common import ALLOWED, CHUNK_TIMING, DUMP_SEQ
-from addons.recorder import Recorder, human_summary, summarize
+from addons.recorder import Recorder, human_summary, read_ledger, summarize
 from addons.responses_turn import usage_of
 from tests.conftest import ROOT
 from tests.fake_upstream import StreamCompressor, encode_event, responses_sse_events
@@ -146,3 +149,55 @@ def test_requests_priced_in_credits_with_the_rate_card(tmp_path):
     )
     page = (tmp_path / "report.html").read_text()
     assert "0.034200 (fast x2)" in page and "unpriced" in page and "<td>0.0014</td>" in page
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_mitmproxys_flow_file_and_har_are_private(tmp_path, existing):
+    """mitmproxy opens them with the umask's mode (0644) and keeps a file's mode: the recorder
+    makes them 0600 at configure, before a flow is written (issue 30)."""
+    flows, har = tmp_path / "flows.mitm", tmp_path / "session.har"
+    if existing:
+        for path in (flows, har):
+            path.write_bytes(b"")
+            path.chmod(0o644)
+    addon, saver = Recorder(), save.Save()
+    with taddons.context(addon, saver, savehar.SaveHar()) as tctx:
+        tctx.configure(
+            addon, codex_record_dir=str(tmp_path), save_stream_file=str(flows), hardump=str(har)
+        )
+        assert flows.stat().st_mode & 0o777 == 0o600 and har.stat().st_mode & 0o777 == 0o600
+        saver.done()  # closes the flow file mitmproxy opened
+
+
+def test_a_flow_file_that_cannot_be_made_private_stops_start_up(tmp_path):
+    addon = Recorder()
+    context = taddons.context(addon, savehar.SaveHar())
+    with context as tctx, pytest.raises(exceptions.OptionsError, match="hardump"):
+        tctx.configure(
+            addon, codex_record_dir=str(tmp_path), hardump=str(tmp_path / "no" / "s.har")
+        )
+
+
+def test_read_ledger_refuses_a_line_of_the_wrong_types(tmp_path):
+    record = {
+        "seq": 1,
+        "started": 1.0,
+        "duration_ms": 5,
+        "status": 200,
+        "model": "m",
+        "events": 1,
+        "usage": None,
+        "completed": True,
+    }
+    (tmp_path / "usage.jsonl").write_text(json.dumps(record) + "\n")
+    assert read_ledger(str(tmp_path))[0].model == "m"
+    for bad in (
+        {"event_ms": [[]] * 3},
+        {"usage": {f"k{i}": 1 for i in range(40)}},
+        {"chunk_timing": [[1, 2, 3]]},
+        {"completed": "yes"},
+        {"status": True},
+    ):
+        (tmp_path / "usage.jsonl").write_text(json.dumps({**record, **bad}) + "\n")
+        with pytest.raises(ValueError, match=r"usage\.jsonl line 1: not a ledger line"):
+            read_ledger(str(tmp_path))

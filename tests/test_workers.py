@@ -220,6 +220,9 @@ def test_a_recording_of_two_workers_is_one_recording(upstream, start_proxy, tmp_
     har = json.loads((record / "session.har").read_text())
     assert sum(1 for e in har["log"]["entries"] if e["request"]["method"] == "POST") == 16
     assert "16" in (record / "report.html").read_text()
+    # Every file of the recording is private, the merged flow file and HAR included (issue 30).
+    modes = {str(p): p.stat().st_mode & 0o777 for p in record.rglob("*") if p.is_file()}
+    assert modes and set(modes.values()) == {0o600}, modes
 
 
 @pytest.mark.e2e

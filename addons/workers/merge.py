@@ -15,10 +15,11 @@ import json
 import logging
 import os
 import re
-from typing import Any
+from typing import IO, Any
 
 from addons.credits import RateCard, load_rate_card
 from addons.recorder import REFUSED_PART, read_ledger, write_summary
+from addons.recording_files import UNBOUNDED
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +32,20 @@ def _by_index(paths: list[str]) -> list[str]:
     return sorted(paths, key=index)
 
 
+def _private(path: str, mode: str) -> IO[Any]:
+    """``path`` opened for writing (truncated), mode 0600 like every file of a recording
+    (it holds the session's prompts and replies), whatever the umask or an older file's mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
+
+
 def merge_flows(directory: str) -> None:
     """``flows-<i>.mitm`` → ``flows.mitm`` (concatenated), parts removed."""
     parts = _by_index(glob.glob(os.path.join(directory, "flows-*.mitm")))
     if not parts:
         return
-    with open(os.path.join(directory, "flows.mitm"), "wb") as out:
+    with _private(os.path.join(directory, "flows.mitm"), "wb") as out:
         for part in parts:
             with open(part, "rb") as f:
                 out.write(f.read())
@@ -59,7 +68,7 @@ def merge_har(directory: str) -> None:
     assert merged is not None
     entries.sort(key=lambda e: e.get("startedDateTime", ""))
     merged.setdefault("log", {})["entries"] = entries
-    with open(os.path.join(directory, "session.har"), "w", encoding="utf-8") as f:
+    with _private(os.path.join(directory, "session.har"), "w") as f:
         json.dump(merged, f, indent=4)
     for part in parts:
         os.unlink(part)
@@ -82,7 +91,7 @@ def merge_recording(
         with open(path, encoding="utf-8") as f:
             refused = [json.loads(line) for line in f if line.strip()]
     card: RateCard | None = load_rate_card(rate_card) if rate_card else None
-    write_summary(directory, read_ledger(directory), refused, card, dump_dir)
+    write_summary(directory, read_ledger(directory, UNBOUNDED), refused, card, dump_dir)
     if os.path.exists(path):
         os.unlink(path)
     logger.info("recording of %d workers merged in %s", workers, directory)
