@@ -1,7 +1,7 @@
 """``config/gateway.yaml``: the gateway's settings and its Codex rate card (no secrets).
 
 Flags of ``./run.sh gateway`` override the file. Relative paths (``database``'s SQLite file,
-``spool``) are read beside the config file.
+``spool``, ``metrics_token_file``) are read beside the config file.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "cooldown_seconds": (int,),
     "lease_seconds": (int,),
     "spool": (str, type(None)),
+    "metrics_token_file": (str, type(None)),
     "redact_headers": (list,),
     "credits": (dict,),
     "mitmproxy": (dict, type(None)),
@@ -61,6 +62,7 @@ class GatewayConfig:
     cooldown_seconds: int = 30
     lease_seconds: int = 60
     spool: str | None = None
+    metrics_token_file: str | None = None
     redact_headers: list[str] = field(default_factory=lambda: ["api-key", "x-api-key"])
     credits: dict[str, Any] = field(default_factory=dict)
     mitmproxy: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +80,12 @@ class GatewayConfig:
     def spool_path(self) -> str:
         """Where rows the database could not take are kept across a restart."""
         return os.path.join(self.directory, self.spool or "gateway-spool.jsonl")
+
+    def metrics_token_path(self) -> str | None:
+        """``metrics_token_file`` (read beside the config file when relative), or ``None``."""
+        if not self.metrics_token_file:
+            return None
+        return os.path.join(self.directory, os.path.expanduser(self.metrics_token_file))
 
     def rate_card(self) -> RateCard:
         """The parsed ``credits`` section. Raises ``ValueError`` naming the file."""
