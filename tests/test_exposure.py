@@ -364,16 +364,19 @@ def test_prometheus_scrapes_with_the_example_config(gateway, upstream, tmp_path:
 
 
 def h2_post(
-    port: int, ca: Path, headers: list[tuple[bytes, bytes]], body: bytes
+    port: int, ca: Path | None, headers: list[tuple[bytes, bytes]], body: bytes
 ) -> tuple[int | None, bytes]:
     """One HTTP/2 ``POST /v1/responses`` over TLS (ALPN h2) with ``headers`` sent as given (the
-    client's own validation off). Returns the reply's status (``None`` when the stream is reset
+    client's own validation off; ``ca`` ``None``: the server's certificate unchecked, as a
+    hostile client would). Returns the reply's status (``None`` when the stream is reset
     or the connection closed without one) and body."""
     import h2.config
     import h2.connection
     import h2.events
 
-    context = ssl.create_default_context(cafile=str(ca))
+    context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    if ca is None:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     context.set_alpn_protocols(["h2"])
     with (
         socket.create_connection(("127.0.0.1", port), timeout=20) as raw,
@@ -456,3 +459,21 @@ def test_gateway_over_http2_never_forwards_a_malformed_header(tmp_path, upstream
         assert [r.body for r in upstream.requests[1:]] == [smuggled], reply
     finally:
         gw.stop()
+
+
+@pytest.mark.e2e
+def test_strict_proxy_frames_an_http2_body_sent_without_content_length(upstream, start_proxy):
+    """mitmproxy answers TLS on the strict proxy's port too (its own CA), so a local process can
+    speak HTTP/2 to it. A body without Content-Length must reach the upstream framed, whole:
+    unframed, its tail would be a request of the client's making on the key-holding
+    connection, ready to swallow the next request's head with the key."""
+    proxy = start_proxy(upstream.url, dumps=False, http_shutdown=False)
+    smuggled = b'{"model":"m"}GET /v1/files HTTP/1.1\r\nHost: x\r\nX-Pad: '
+    status, reply = h2_post(proxy.port, None, [(b"content-type", b"application/json")], smuggled)
+    assert status == 200, reply
+    wait_for(lambda: len(upstream.requests) >= 1, 10, "the request upstream")
+    assert [(r.method, r.path_qs, r.body) for r in upstream.requests] == [
+        ("POST", "/v1/responses", smuggled)
+    ]
+    assert proxy.post_json({"model": "alive"})[0] == 200
+    assert [r.path_qs for r in upstream.requests] == ["/v1/responses"] * 2
