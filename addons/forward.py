@@ -124,7 +124,7 @@ class UpstreamForwarder:
             # The whole body is here: send it with a Content-Length instead of re-chunking.
             # Also when the client sent neither header (HTTP/2 needs none): mitmproxy would send
             # the HTTP/1 head unframed and the upstream would read the body as a request of the
-            # client's making, which could take the next request's key (tests/test_exposure.py).
+            # client's making (tests/test_exposure.py).
             headers.pop("transfer-encoding", None)
             headers["content-length"] = str(len(flow.request.raw_content or b""))
 

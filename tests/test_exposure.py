@@ -465,8 +465,8 @@ def test_gateway_over_http2_never_forwards_a_malformed_header(tmp_path, upstream
 def test_strict_proxy_frames_an_http2_body_sent_without_content_length(upstream, start_proxy):
     """mitmproxy answers TLS on the strict proxy's port too (its own CA), so a local process can
     speak HTTP/2 to it. A body without Content-Length must reach the upstream framed, whole:
-    unframed, its tail would be a request of the client's making on the key-holding
-    connection, ready to swallow the next request's head with the key."""
+    unframed, the upstream would read it as a request of the client's making on the
+    key-holding connection."""
     proxy = start_proxy(upstream.url, dumps=False, http_shutdown=False)
     smuggled = b'{"model":"m"}GET /v1/files HTTP/1.1\r\nHost: x\r\nX-Pad: '
     status, reply = h2_post(proxy.port, None, [(b"content-type", b"application/json")], smuggled)
