@@ -162,6 +162,18 @@ ensure_postgresql() {
         || log "warning: could not install postgresql; the PostgreSQL tests will not run"
 }
 
+ensure_prometheus() {
+    # Debian's Prometheus scrapes the gateway's /metrics with examples/prometheus.yml's
+    # bearer-token setup in tests/test_exposure.py.
+    command -v prometheus >/dev/null 2>&1 && return 0
+    if ! can_apt; then
+        log "warning: prometheus missing and cannot apt-get it; the scrape test will not run"
+        return 0
+    fi
+    apt_install --no-install-recommends prometheus \
+        || log "warning: could not install prometheus; the scrape test will not run"
+}
+
 cmd="${1:-}"
 case "$cmd" in
     refresh-models)
@@ -189,6 +201,7 @@ case "$cmd" in
         ensure_wrk
         ensure_nginx
         ensure_postgresql
+        ensure_prometheus
         cd "$ROOT"
         exec "$VENV/bin/python" -m pytest "$@" </dev/null
         ;;

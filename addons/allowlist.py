@@ -1,9 +1,14 @@
-"""Allowlist: only ``POST /v1/responses`` goes upstream; everything else is refused locally."""
+"""Allowlist: only ``POST /v1/responses`` goes upstream; everything else is refused locally.
+
+A request that may go upstream must also carry headers every HTTP parser reads the same way
+(:func:`header_refusal`): else 400, before the key is injected.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 
 from mitmproxy import ctx, exceptions, http
 
@@ -39,6 +44,35 @@ def parse_routes(routes: Sequence[str]) -> frozenset[str]:
     return frozenset(out)
 
 
+#: RFC 9110 section 5.1: a field name is a ``token``.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: RFC 9110 section 5.5: CR, LF and NUL are never valid in a field value (RFC 9113 section 8.2.1
+#: says the same for HTTP/2); an upstream parser that splits on a bare CR would read a line of
+#: the client's choosing.
+_LINE_BREAKERS = re.compile(rb"[\r\n\x00]")
+
+
+def header_refusal(fields: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Why a request's header ``fields`` (raw ``(name, value)`` byte pairs, as
+    ``request.headers.fields``) may not go upstream, or ``None`` when they may.
+
+    Refused: a name that is not an RFC 9110 token (e.g. holding a space, colon, CR or NUL) and a
+    value holding CR, LF or NUL: a bare CR (``X: a\\rAuthorization: Bearer ...``), which
+    mitmproxy's HTTP/1 reader keeps inside the value, a NUL, and an obsolete line folding
+    (``X: a\\r\\n b``), which it joins with a CRLF. mitmproxy's ``validate_inbound_headers``
+    (on by default) already refuses such names over HTTP/1, and h2 such values over HTTP/2; this
+    check holds when that option is off. The reason names the header, never its value (which
+    could hold a secret of the client's).
+    """
+    for name, value in fields:
+        if not _TOKEN.fullmatch(name):
+            return "a header name is not a token (RFC 9110)"
+        if _LINE_BREAKERS.search(value):
+            shown = name.decode("ascii")
+            return f"header {shown!r} has a CR, LF or NUL in its value"
+    return None
+
+
 def refusal_reason(request: http.Request, routes: frozenset[str]) -> str | None:
     """Why ``request`` may not go upstream, or ``None`` when it may.
 
@@ -66,7 +100,9 @@ class Allowlist:
     the forwarder injects the key only into flows with that mark (fail closed otherwise).
     Extra routes come from the ``codex_extra_routes`` option (off by default); with
     ``--chat-bridge``, ``POST /v1/chat/completions`` too, claimed by ``addons.bridge`` under
-    this same exact-target rule.
+    this same exact-target rule. A request on an allowed route (the bridge's and the gateway's
+    WebSocket routes included) whose headers :func:`header_refusal` refuses gets 400
+    ``bad_request`` instead: it is never marked, so never gets the key nor goes upstream.
     """
 
     def __init__(self) -> None:
@@ -102,10 +138,18 @@ class Allowlist:
             return
         reason = refusal_reason(flow.request, self.routes)
         # The bridge and the gateway's WebSocket route checked their route the same way.
-        if reason is None or BRIDGE in flow.metadata or WEBSOCKET in flow.metadata:
-            flow.metadata[ALLOWED] = True
-        else:
+        if reason is not None and BRIDGE not in flow.metadata and WEBSOCKET not in flow.metadata:
             self._refuse(flow, reason)
+            return
+        bad_header = header_refusal(flow.request.headers.fields)
+        if bad_header is not None:
+            flow.metadata.pop(ALLOWED, None)
+            flow.metadata[REFUSED] = "malformed-header"
+            logger.info("refused %s %r: %s", flow.request.method, flow.request.path, bad_header)
+            flow.request.stream = False  # a local reply and a streamed request cannot coexist
+            flow.response = json_response(400, "bad_request", bad_header)
+            return
+        flow.metadata[ALLOWED] = True
 
     @staticmethod
     def _refuse(flow: http.HTTPFlow, reason: str) -> None:

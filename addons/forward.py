@@ -116,10 +116,17 @@ class UpstreamForwarder:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or flow.request.stream:
             return
-        if flow.metadata.get(KEY_INJECTED) and "transfer-encoding" in flow.request.headers:
+        headers = flow.request.headers
+        if flow.metadata.get(KEY_INJECTED) and (
+            "transfer-encoding" in headers
+            or (flow.request.raw_content and "content-length" not in headers)
+        ):
             # The whole body is here: send it with a Content-Length instead of re-chunking.
-            del flow.request.headers["transfer-encoding"]
-            flow.request.headers["content-length"] = str(len(flow.request.raw_content or b""))
+            # Also when the client sent neither header (HTTP/2 needs none): mitmproxy would send
+            # the HTTP/1 head unframed and the upstream would read the body as a request of the
+            # client's making (tests/test_exposure.py).
+            headers.pop("transfer-encoding", None)
+            headers["content-length"] = str(len(flow.request.raw_content or b""))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._scrub(flow)

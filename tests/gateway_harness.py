@@ -17,6 +17,11 @@ UPSTREAM_KEYS = {
     "gamma": "sk-up-LEAKCHECK_gamma_0123456789abcdefghi",
 }
 CODEX_HEADERS = {"user-agent": "codex_exec/0.171.0 (test)", "session-id": "sess-1"}
+#: The operator's metrics token (``metrics_token_file``), which every test gateway is given
+#: unless its config says otherwise; leak checks grep for it too.
+METRICS_TOKEN = "LEAKCHECK-metrics-0123456789abcdef0123456789abcdef"  # noqa: S105 - a fake
+#: Headers that read ``/metrics`` and ``/health``'s detail, as Prometheus sends them.
+OPERATOR = {"authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 class Gateway:
@@ -27,6 +32,9 @@ class Gateway:
         self.config_path = tmp_path / "gateway.yaml"
         self.database = database or f"sqlite:///{tmp_path / 'gateway.db'}"
         base = (ROOT / "config" / "gateway.yaml").read_text()
+        if "metrics_token_file" not in config:
+            (tmp_path / "metrics.token").write_text(METRICS_TOKEN + "\n")
+            config["metrics_token_file"] = "metrics.token"  # noqa: S105 - a file name
         extra = "".join(f"{k}: {json.dumps(v)}\n" for k, v in config.items())
         self.config_path.write_text(base + "\n" + extra)
         self.servers: list[ProxyProcess] = []

@@ -32,7 +32,7 @@ from addons.gateway_mode.ledger import spool_files
 from addons.gateway_mode.schema import usage
 from tests.conftest import ProxyProcess, wait_for
 from tests.fake_upstream import FakeUpstream
-from tests.gateway_harness import Gateway, bearer
+from tests.gateway_harness import OPERATOR, Gateway, bearer
 from tests.pg_cluster import PgCluster, free_port
 
 pytestmark = pytest.mark.e2e
@@ -310,7 +310,7 @@ def usage_count(gw: Gateway) -> tuple[int, int]:
 
 
 def health(server: ProxyProcess) -> dict:
-    return json.loads(server.request("GET", "/health")[2])
+    return json.loads(server.request("GET", "/health", headers=OPERATOR)[2])
 
 
 def sqlite_path(gw: Gateway) -> Path:

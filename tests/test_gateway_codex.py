@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import ROOT, open_stream, wait_for
 from tests.gateway_harness import (
+    OPERATOR,
     bearer,
     member_codex_command,
     member_codex_home,
@@ -35,7 +36,7 @@ def codex_home(tmp_path: Path, server, model: str = MODEL) -> tuple[Path, Path]:
 
 
 def refused(server, reason: str) -> float:
-    text = server.request("GET", "/metrics")[2].decode()
+    text = server.request("GET", "/metrics", headers=OPERATOR)[2].decode()
     match = re.search(rf'^codex_gateway_refused_total{{reason="{reason}"}} (\S+)$', text, re.M)
     return float(match.group(1)) if match else 0.0
 

@@ -15,6 +15,8 @@ from addons import codex_models
 from tests.conftest import ROOT, ProxyProcess, open_stream, plain_mitmdump_command, wait_for
 from tests.gateway_harness import (
     CODEX_HEADERS,
+    METRICS_TOKEN,
+    OPERATOR,
     UPSTREAM_KEYS,
     Gateway,
     bearer,
@@ -175,7 +177,7 @@ def test_credit_quota_priority_costs_twice_and_usage_shows_credits(gateway, upst
     text = gateway.admin("usage").stdout
     assert "carol" in text and "1 request(s) unpriced" in text
     # Both codex-unknown requests are counted: carol's refused one and dave's unpriced row.
-    metrics = server.request("GET", "/metrics")[2].decode()
+    metrics = server.request("GET", "/metrics", headers=OPERATOR)[2].decode()
     assert 'codex_gateway_unpriced_requests_total{model="codex-unknown"} 2.0' in metrics
 
 
@@ -208,7 +210,7 @@ def test_key_pool_retries_cools_down_disables_and_runs_out(gateway, upstream):
     assert status == 200 and b"response.completed" in body  # the same request, on key-2
     used = [r.header_values("authorization")[0].split()[1] for r in upstream.requests]
     assert used == [UPSTREAM_KEYS["alpha"], UPSTREAM_KEYS["beta"]]
-    health = json.loads(server.request("GET", "/health")[2])
+    health = json.loads(server.request("GET", "/health", headers=OPERATOR)[2])
     assert health["upstream_keys"] == {"healthy": ["key-2"], "cooling": ["alpha"], "disabled": []}
     # The cooling key is not tried again: one upstream request per client request.
     assert server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
@@ -222,7 +224,7 @@ def test_key_pool_retries_cools_down_disables_and_runs_out(gateway, upstream):
     status, headers, body = server.post_json(CODEX_MODEL, bearer(keys["alice"]))
     assert status == 503 and error_of(body)["code"] == "no_upstream_key"
     assert 1 <= int(headers["retry-after"]) <= 30
-    health = json.loads(server.request("GET", "/health")[2])
+    health = json.loads(server.request("GET", "/health", headers=OPERATOR)[2])
     assert health["ok"] is False and health["upstream_keys"]["disabled"] == ["key-2"]
     log = server.output()
     assert "key-2 disabled" in log and "alpha cooling down" in log
@@ -262,7 +264,7 @@ def test_health_metrics_and_the_usage_row(gateway, upstream):
     keys = members(gateway, ("alice",))
     server = gateway.serve(upstream.url)
     assert server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
-    status, headers, body = server.request("GET", "/health")
+    status, headers, body = server.request("GET", "/health", headers=OPERATOR)
     assert status == 200 and json.loads(body)["database"] is True
     wait_for(lambda: gateway.usage()["total"]["requests"] == 1, 10, "row")
     (row,) = _rows(gateway)
@@ -272,7 +274,7 @@ def test_health_metrics_and_the_usage_row(gateway, upstream):
     assert row["credits_micro"] == round(CREDITS * 1e6) and row["rate"] == "gpt-5.5"
     assert row["events"] > 5 and row["duration_ms"] >= 0 and row["ttfb_ms"] is not None
     assert row["key_id"].startswith("mk_") and row["upstream_key"] in UPSTREAM_KEYS
-    status, headers, body = server.request("GET", "/metrics")
+    status, headers, body = server.request("GET", "/metrics", headers=OPERATOR)
     text = body.decode()
     assert status == 200 and headers["content-type"].startswith("text/plain")
     assert 'codex_gateway_tokens_total{kind="total",member="alice"} 59.0' in text
@@ -289,7 +291,7 @@ def test_no_key_appears_in_any_artifact(gateway, upstream, tmp_path):
     for _ in range(3):
         assert server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
     server.post_json(CODEX_MODEL, {"authorization": "Bearer sk-codex-gw-" + "Z" * 43})
-    metrics = server.request("GET", "/metrics")[2]
+    metrics = server.request("GET", "/metrics", headers=OPERATOR)[2]
     assert server.shutdown() == 0
     # The recording is priced with the gateway's own rate card.
     totals = json.loads((record / "summary.json").read_text())["totals"]
@@ -305,7 +307,7 @@ def test_no_key_appears_in_any_artifact(gateway, upstream, tmp_path):
     places["database"] = (tmp_path / "gateway.db").read_bytes() + b"".join(
         p.read_bytes() for p in tmp_path.glob("gateway.db-*")
     )
-    secrets = [*UPSTREAM_KEYS.values(), keys["alice"], "Z" * 43]
+    secrets = [*UPSTREAM_KEYS.values(), keys["alice"], "Z" * 43, METRICS_TOKEN]
     assert any(p.endswith("flows.mitm") for p in places) and any(p.endswith(".har") for p in places)
     for name, data in places.items():
         for secret in secrets:
@@ -474,7 +476,7 @@ def test_unpriced_catalog_models_are_named_at_start_up_in_usage_and_metrics(gate
         )
     assert server.post_json(CODEX_MODEL, bearer(keys["alice"]))[0] == 200
     wait_for(lambda: gateway.usage()["total"]["requests"] == 3, 10, "rows")
-    text = server.request("GET", "/metrics")[2].decode()
+    text = server.request("GET", "/metrics", headers=OPERATOR)[2].decode()
     assert f'codex_gateway_unpriced_requests_total{{model="{CODEX_DEFAULT}"}} 2.0' in text
     assert 'codex_gateway_unpriced_requests_total{model="gpt-5.5"}' not in text
     usage = gateway.usage()
@@ -501,7 +503,8 @@ def test_a_mapped_default_model_is_no_longer_named_and_is_charged(gateway, upstr
     (row,) = _rows(gateway)
     assert row["credits_micro"] == round(CREDITS * 1e6) and row["rate"] == CODEX_DEFAULT
     assert gateway.usage()["unpriced_models"] == []
-    assert "unpriced_requests_total{" not in server.request("GET", "/metrics")[2].decode()
+    metrics = server.request("GET", "/metrics", headers=OPERATOR)[2].decode()
+    assert "unpriced_requests_total{" not in metrics
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import open_stream, wait_for
 from tests.fake_upstream import FakeUpstream
-from tests.gateway_harness import Gateway, bearer
+from tests.gateway_harness import OPERATOR, Gateway, bearer
 from tests.pg_cluster import PgCluster
 
 pytestmark = pytest.mark.e2e
@@ -146,7 +146,7 @@ def test_database_outage_loses_no_row(tmp_path: Path, pg_cluster: PgCluster) -> 
 
             # (b) The failed write marks the ledger unhealthy: new requests fail closed.
             def health() -> tuple[int, dict]:
-                status, _, body = server.request("GET", "/health")
+                status, _, body = server.request("GET", "/health", headers=OPERATOR)
                 return status, json.loads(body)
 
             wait_for(lambda: health()[1]["database"] is False, SETTLE_S, "database: false")

@@ -26,7 +26,7 @@ from addons.recorder import read_ledger
 from addons.replay import read_dump_pairs
 from addons.websocket_refusal import WebSocketRefusal
 from tests.conftest import ROOT, wait_for
-from tests.gateway_harness import UPSTREAM_KEYS, member_env
+from tests.gateway_harness import OPERATOR, UPSTREAM_KEYS, member_env
 from tests.responses_events import tool_outputs, tool_then_answer
 from tests.test_record_replay import start_replay
 
@@ -196,7 +196,7 @@ def test_codex_turns_use_the_socket_with_a_tool_call_metered_and_no_key_leaks(
     assert {r["route"] for r in ledger} == {"ws:/v1/responses"}
     assert all(r["model"] == MODEL and r["status"] == 200 and r["error"] is None for r in ledger)
     assert sum(r["total_tokens"] for r in ledger) == 59 * (len(sent) - 1)  # warm-up: no usage
-    metrics = server.request("GET", "/metrics")[2].decode()
+    metrics = server.request("GET", "/metrics", headers=OPERATOR)[2].decode()
     assert 'codex_gateway_websocket_connections_total{member="alice"}' in metrics
     assert 'codex_gateway_websocket_messages_total{member="alice",sender="client"}' in metrics
     assert server.shutdown() == 0
@@ -420,7 +420,7 @@ def test_codex_reconnects_through_the_gateway_when_the_upstream_closes_its_socke
     assert upstream.ws_connections >= 2  # Codex opened a new socket through the gateway
     assert not [r for r in upstream.requests if r.method == "POST"]
     wait_for(lambda: len(rows(gateway)) == len(creates(upstream)), 10, "ledger rows")
-    metrics = server.request("GET", "/metrics")[2].decode()
+    metrics = server.request("GET", "/metrics", headers=OPERATOR)[2].decode()
     assert "codex_gateway_websocket_open 0.0" in metrics
 
 

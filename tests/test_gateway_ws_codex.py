@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.fake_upstream import responses_sse_events
-from tests.gateway_harness import UPSTREAM_KEYS, bearer, member_env
+from tests.gateway_harness import OPERATOR, UPSTREAM_KEYS, bearer, member_env
 from tests.responses_events import tool_outputs, tool_then_answer
 from tests.test_gateway_codex import (
     codex_tui_status,
@@ -60,7 +60,7 @@ def run(codex: str, home: Path, work: Path, key: str, prompt: str = "Say hello",
 
 def statuses(server) -> dict[str, float]:
     """``codex_gateway_requests_total`` of ``/v1/responses`` by status."""
-    text = server.request("GET", "/metrics")[2].decode()
+    text = server.request("GET", "/metrics", headers=OPERATOR)[2].decode()
     found = re.findall(
         r'^codex_gateway_requests_total\{route="/v1/responses",status="(\d+)"\} (\S+)$', text, re.M
     )
@@ -224,7 +224,7 @@ def test_a_database_outage_on_the_socket_is_waited_out_by_codex(gateway, upstrea
 
 
 def health(server) -> dict:
-    return json.loads(server.request("GET", "/health")[2])
+    return json.loads(server.request("GET", "/health", headers=OPERATOR)[2])
 
 
 # -- the socket going away ------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_the_upstream_closing_mid_turn_is_retried_by_codex_on_a_new_socket(
     wait_for(lambda: len(rows(gateway)) == len(creates(upstream)), 10, "ledger rows")
     errors = [r["error"] for r in rows(gateway)]
     assert sum(1 for e in errors if e and "socket closed" in e) == 1  # the cut turn's row
-    assert server.request("GET", "/health")[0] == 200
+    assert server.request("GET", "/health", headers=OPERATOR)[0] == 200
 
 
 @pytest.mark.codex

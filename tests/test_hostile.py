@@ -4,6 +4,7 @@ ever reaches the (recording) upstream, and the proxy keeps serving."""
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 
 import pytest
@@ -141,12 +142,20 @@ CASES = [
     (
         "bare CR in header",
         b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\nContent-Length: 2\r\n\r\n{}",
-        None,
+        False,
     ),
     (
         "obs-fold",
         b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\n{}",
-        None,
+        False,
+    ),
+    (
+        # mitmproxy's HTTP/1 reader splits lines on LF: two real headers, the client's
+        # Authorization dropped as always.
+        "bare LF in header",
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nX-A: a\nAuthorization: Bearer sk-inj"
+        b"\r\nContent-Length: 2\r\n\r\n{}",
+        True,
     ),
     (
         "duplicate host",
@@ -183,6 +192,30 @@ CASES = [
 ]
 
 
+#: Header lines a lenient upstream parser would read differently from a strict one: refused 400
+#: (addons/allowlist.py: header_refusal), never forwarded.
+MALFORMED_HEADERS = [
+    ("bare CR injection", b"X-A: a\rAuthorization: Bearer sk-inj"),
+    ("NUL", b"X-A: a\x00b"),
+    ("NUL injection", b"X-A: a\x00\r\nAuthorization: Bearer sk-inj"),
+    ("obs-fold injection", b"X-A: a\r\n Authorization: Bearer sk-inj"),
+    ("space in name", b"X A: b"),
+    ("NUL in name", b"X\x00A: b"),
+    ("CR in name", b"X\rAuthorization: b"),
+]
+
+
+def malformed_request(line: bytes, target: bytes = b"/v1/responses") -> bytes:
+    """A Codex-like ``POST`` with one extra header ``line`` (raw bytes) before the body."""
+    return (
+        b"POST "
+        + target
+        + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + line
+        + b"\r\nContent-Length: 2\r\n\r\n{}"
+    )
+
+
 @pytest.fixture
 def hostile_proxy(upstream, start_proxy):
     proxy = start_proxy(
@@ -205,6 +238,28 @@ def test_hostile_request_table(hostile_proxy, upstream, name, data, may_forward)
         assert len(upstream.requests) == 1
     assert_upstream_invariant(upstream)
     still_serving(hostile_proxy)
+
+
+@pytest.mark.parametrize(("name", "line"), MALFORMED_HEADERS, ids=[c[0] for c in MALFORMED_HEADERS])
+def test_malformed_header_is_400_and_never_forwarded(hostile_proxy, upstream, name, line):
+    replies = raw_exchange(hostile_proxy.port, malformed_request(line))
+    assert [status for status, _ in replies] == [400], (name, replies)
+    error = json.loads(replies[0][1])["error"]
+    assert error["code"] == "bad_request"
+    # Names: mitmproxy's own validate_inbound_headers answers first (our JSON error renderer);
+    # values: ours (addons/allowlist.py).
+    assert "CR, LF or NUL" in error["message"] or "invalid header name" in error["message"]
+    assert b"sk-inj" not in replies[0][1]
+    assert upstream.requests == []
+    still_serving(hostile_proxy)
+
+
+def test_malformed_header_on_the_chat_bridge_is_400(upstream, start_proxy):
+    proxy = start_proxy(upstream.url, "--chat-bridge", dumps=False, http_shutdown=False)
+    line = MALFORMED_HEADERS[0][1]
+    replies = raw_exchange(proxy.port, malformed_request(line, b"/v1/chat/completions"))
+    assert [status for status, _ in replies] == [400], replies
+    assert upstream.requests == []
 
 
 def test_pipelined_second_request_is_refused(hostile_proxy, upstream):

@@ -200,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--record", metavar="DIR")
     serve.add_argument("--listen-host", metavar="HOST")
     serve.add_argument(
+        "--metrics-token-file",
+        metavar="FILE",
+        help="token that unlocks GET /metrics and /health's detail (YAML metrics_token_file)",
+    )
+    serve.add_argument(
         "--workers",
         metavar="N",
         default="1",
@@ -525,6 +530,9 @@ def serve_args(ns: argparse.Namespace, config: GatewayConfig, database_url: str)
         != "loopback"
     ):
         put("codex_allow_remote", True)
+    metrics_token = config.metrics_token_path()
+    if metrics_token:
+        put("codex_gateway_metrics_token_file", metrics_token)
     if config.server_info:
         put("codex_server_info", os.path.abspath(config.server_info))
     if config.dump_dir:
@@ -556,6 +564,8 @@ def apply_serve_flags(ns: argparse.Namespace, config: GatewayConfig) -> None:
         value = getattr(ns, flag)
         if value is not None:
             setattr(config, attr, value)
+    if ns.metrics_token_file is not None:  # a flag's relative path is the shell's
+        config.metrics_token_file = os.path.abspath(ns.metrics_token_file)
     if ns.http_shutdown:
         config.http_shutdown = True
     if ns.insecure_listen:

@@ -5,7 +5,7 @@ Flags of ``codex-proxy gateway`` override the file. The gateway's data (the SQLi
 the config file when the config is the operator's own, else (the shipped default config, inside
 the installed package or a checkout's ``config/``) ``$XDG_DATA_HOME/codex-proxy``, by default
 ``~/.local/share/codex-proxy`` (the XDG Base Directory rule; never inside the package). A
-relative ``database: sqlite:///x.db`` or ``spool:`` in the YAML is read in that directory; a
+relative ``database: sqlite:///x.db``, ``spool:`` or ``metrics_token_file:`` in the YAML is read in that directory; a
 relative ``--database sqlite:///x.db`` flag, like any path on a command line, in the current
 one.
 """
@@ -62,6 +62,7 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "cooldown_seconds": (int,),
     "lease_seconds": (int,),
     "spool": (str, type(None)),
+    "metrics_token_file": (str, type(None)),
     "redact_headers": (list,),
     "credits": (dict,),
     "mitmproxy": (dict, type(None)),
@@ -89,6 +90,7 @@ class GatewayConfig:
     cooldown_seconds: int = 30
     lease_seconds: int = 60
     spool: str | None = None
+    metrics_token_file: str | None = None
     redact_headers: list[str] = field(default_factory=lambda: ["api-key", "x-api-key"])
     credits: dict[str, Any] = field(default_factory=dict)
     mitmproxy: dict[str, Any] = field(default_factory=dict)
@@ -112,6 +114,12 @@ class GatewayConfig:
     def spool_path(self) -> str:
         """Where rows the database could not take are kept across a restart."""
         return os.path.join(self.directory, self.spool or "gateway-spool.jsonl")
+
+    def metrics_token_path(self) -> str | None:
+        """``metrics_token_file`` (read beside the config file when relative), or ``None``."""
+        if not self.metrics_token_file:
+            return None
+        return os.path.join(self.directory, os.path.expanduser(self.metrics_token_file))
 
     def rate_card(self) -> RateCard:
         """The parsed ``credits`` section. Raises ``ValueError`` naming the file."""

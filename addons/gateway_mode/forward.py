@@ -157,9 +157,15 @@ class PoolForwarder:
         flow.metadata[KEY_INJECTED] = True
         flow.metadata[UPSTREAM_KEY] = key.name
         flow.metadata[ATTEMPTS] = 1
-        if "transfer-encoding" in flow.request.headers:
-            del flow.request.headers["transfer-encoding"]
-            flow.request.headers["content-length"] = str(len(flow.request.raw_content or b""))
+        # The whole body is here: frame it with a Content-Length. Also when the member sent
+        # neither header (HTTP/2 needs none): mitmproxy would send the HTTP/1 head unframed and
+        # the upstream would read the body as a request of the member's own making.
+        headers = flow.request.headers
+        if "transfer-encoding" in headers or (
+            flow.request.raw_content and "content-length" not in headers
+        ):
+            headers.pop("transfer-encoding", None)
+            headers["content-length"] = str(len(flow.request.raw_content or b""))
 
     def _no_key(self, flow: http.HTTPFlow) -> None:
         status = self.core.pool.status()
