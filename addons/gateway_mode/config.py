@@ -5,9 +5,9 @@ Flags of ``codex-proxy gateway`` override the file. The gateway's data (the SQLi
 the config file when the config is the operator's own, else (the shipped default config, inside
 the installed package or a checkout's ``config/``) ``$XDG_DATA_HOME/codex-proxy``, by default
 ``~/.local/share/codex-proxy`` (the XDG Base Directory rule; never inside the package). A
-relative ``database: sqlite:///x.db``, ``spool:`` or ``metrics_token_file:`` in the YAML is read in that directory; a
-relative ``--database sqlite:///x.db`` flag, like any path on a command line, in the current
-one.
+relative ``database: sqlite:///x.db``, ``spool:`` or ``metrics_token_file:`` in the YAML is
+read in that directory; a relative ``--database sqlite:///x.db`` flag, like any path on a
+command line, in the current one.
 """
 
 from __future__ import annotations
