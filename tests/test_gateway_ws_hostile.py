@@ -409,3 +409,95 @@ async def test_overlapping_turns_hold_only_the_open_ones_messages_and_at_most_fo
         turns.websocket_end(flow)
     rows_ = [r for r in core.ledger.rows if "table" not in r]  # type: ignore[union-attr]
     assert [r["total_tokens"] for r in rows_[:5]] == [59] * 5
+
+
+# -- what Codex sends with and without permessage-deflate ------------------------------------
+
+
+class CountingRelay:
+    """A TCP relay on 127.0.0.1 that counts the bytes each way (Codex → relay → gateway)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.up = 0
+        self.down = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                with self._lock:
+                    if up:
+                        self.up += len(data)
+                    else:
+                        self.down += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.codex
+def test_what_codex_sends_over_the_socket_with_and_without_deflate(
+    gateway, upstream, codex, tmp_path
+):
+    """The measurement behind ``codex_gateway_ws_deflate``'s default (docs/gateway.md,
+    "Bounds on member sockets"): one Codex turn (warm-up + turn) over the socket, the bytes
+    on the wire each way, with the member's offer removed (default) and passed through. Codex
+    works either way; the numbers are printed."""
+    from tests.test_gateway_ws import codex_home, run_codex
+
+    gateway.admin("add-member", "alice")
+    key = gateway.add_key("alice")
+    measured = {}
+    for deflate in (False, True):
+        server = gateway.serve(
+            upstream.url,
+            "--websockets",
+            "--set",
+            f"codex_gateway_ws_deflate={str(deflate).lower()}",
+        )
+        relay = CountingRelay(server.port)
+        home, work = codex_home(tmp_path, server, name=f"home-{deflate}")
+        toml = (home / "config.toml").read_text()
+        (home / "config.toml").write_text(toml.replace(f":{server.port}/", f":{relay.port}/"))
+        upgrades = len(upstream.requests)
+        code, out = run_codex(codex, home, work, key)
+        assert code == 0, out
+        assert upstream.text in out and "Falling back" not in out
+        offered = [
+            r.header_values("sec-websocket-extensions") for r in upstream.requests[upgrades:]
+        ]
+        assert all(bool(o) is deflate for o in offered), offered  # the offer passed, or not
+        sizes = [len(json.dumps(m)) for m in upstream.ws_messages if m.get("ws_connection")]
+        measured[deflate] = (relay.up, relay.down)
+        relay.close()
+        assert server.shutdown() == 0
+        upstream.ws_messages.clear()
+        print(
+            f"\ndeflate {'on' if deflate else 'off'}: Codex → gateway {relay.up} B, "
+            f"gateway → Codex {relay.down} B; the client messages' JSON: {sizes} B"
+        )
+    assert measured[True][0] < measured[False][0]  # compression did shrink what Codex sent
