@@ -28,6 +28,7 @@ from addons.gateway_mode.socket_bounds import BURST_S, BoundedDeflate, MessageBu
 from tests.conftest import wait_for
 from tests.gateway_harness import bearer
 from tests.test_faults import RSS_BOUND_MIB, TreeMemory, latencies, summary
+from tests.test_gateway_codex import refused
 
 MIB = 1024 * 1024
 MODEL = "gpt-5.5"
@@ -236,6 +237,7 @@ def test_a_deflate_bomb_and_a_huge_fragmented_message_are_closed_before_they_are
     assert reasons[0].startswith("closed by the gateway (1002)")
     assert reasons[1].startswith("closed by the gateway (1009)") and "33554432" in reasons[1]
     assert all(r["client_messages"] == 0 for r in rows)
+    assert refused(server, "protocol_error") == 1 and refused(server, "request_too_large") == 1
     assert server.shutdown() == 0
 
 
@@ -296,6 +298,7 @@ def test_a_socket_that_never_reads_is_dropped_with_its_memory_bounded(gateway, u
         f"bystander before {summary(before)}, during {summary(during)}"
     )
     assert row["close_reason"].startswith("closed by the gateway: its client stopped reading")
+    assert refused(server, "not_reading") == 1
     assert row["client_messages"] == 50
     assert memory.peak_mib < RSS_BOUND_MIB
     metrics = server.request("GET", "/metrics")[2].decode()
@@ -327,6 +330,7 @@ def test_a_flood_of_junk_closes_the_flooding_socket_and_spares_the_bystander(gat
     assert memory.peak_mib < RSS_BOUND_MIB
     (row,) = closed_rows(gateway, 1)
     assert row["close_reason"].startswith("closed by the gateway (1008)")
+    assert refused(server, "rate_limited") == 1
     # The burst and the rate while it lasted reached the hooks; the rest never did.
     assert row["client_messages"] <= 50 * (BURST_S + seconds) + 1
     # The same member's next socket works: the bucket refills at the rate.
@@ -501,3 +505,30 @@ def test_what_codex_sends_over_the_socket_with_and_without_deflate(
             f"gateway → Codex {relay.down} B; the client messages' JSON: {sizes} B"
         )
     assert measured[True][0] < measured[False][0]  # compression did shrink what Codex sent
+
+
+def test_the_bounds_options_are_checked_and_the_offer_removed_unless_deflate_is_on():
+    from mitmproxy import exceptions
+    from mitmproxy.test import taddons, tflow
+
+    from addons.common import WEBSOCKET
+    from addons.gateway_mode.socket_bounds import SocketBounds
+
+    bounds = SocketBounds()
+    with taddons.context(bounds) as tctx:
+        for name, value in [
+            ("codex_gateway_ws_backlog_kib", 63),
+            ("codex_gateway_ws_stall_s", 0),
+            ("codex_gateway_ws_messages_per_s", -1),
+        ]:
+            with pytest.raises(exceptions.OptionsError, match=name):
+                tctx.configure(bounds, **{name: value})
+        flow = tflow.tflow()
+        flow.metadata[WEBSOCKET] = True
+        flow.request.headers["sec-websocket-extensions"] = "permessage-deflate"
+        bounds.requestheaders(flow)
+        assert "sec-websocket-extensions" not in flow.request.headers
+        tctx.configure(bounds, codex_gateway_ws_deflate=True)
+        flow.request.headers["sec-websocket-extensions"] = "permessage-deflate"
+        bounds.requestheaders(flow)
+        assert flow.request.headers["sec-websocket-extensions"] == "permessage-deflate"

@@ -26,7 +26,8 @@ late (measured before this module: a 1 MiB frame inflating to 1 GiB took the gat
   the connection is aborted (its queued bytes dropped; a close frame would queue behind them).
 
 Why a socket was closed goes in ``flow.metadata[CLOSED_BECAUSE]``, which the socket's
-``ws_connections`` row takes as its ``close_reason``.
+``ws_connections`` row takes as its ``close_reason``, and the refusal's name in
+``flow.metadata[REFUSED_AS]``, counted in ``codex_gateway_refused_total{reason}``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 #: ``flow.metadata`` key: why the gateway closed a member socket (its ledger row's reason).
 CLOSED_BECAUSE = "codex_gateway.socket_closed_because"
+#: ``flow.metadata`` key: the refusal's name for ``codex_gateway_refused_total{reason}``
+#: (``request_too_large``, ``rate_limited``, ``protocol_error``, ``not_reading``).
+REFUSED_AS = "codex_gateway.socket_refused_as"
 #: Seconds of messages a member may send at once above its sustained rate.
 BURST_S = 2
 #: Seconds between checks of the member sockets' outbound backlogs.
@@ -160,7 +164,7 @@ class BoundedSide(ws_layer.WebsocketConnection):
         limit: int,
         bucket: MessageBucket,
         refusal: Callable[[str, str], bytes],
-        note: Callable[[str], None],
+        note: Callable[[str, str], None],
     ) -> None:
         bounded = [
             BoundedDeflate.bounding(e, limit) if isinstance(e, PerMessageDeflate) else e
@@ -211,7 +215,10 @@ class BoundedSide(ws_layer.WebsocketConnection):
                             f"{self.limit} bytes (codex_decode_max_mib); nothing was sent upstream",
                         )
                         return
-                    self.note(f"closed by the gateway ({event.code}): {event.reason}"[:200])
+                    self.note(
+                        f"closed by the gateway ({event.code}): {event.reason}"[:200],
+                        "protocol_error",
+                    )
             yield event
 
     def _rate_trip(self) -> wsproto.events.CloseConnection:
@@ -226,7 +233,7 @@ class BoundedSide(ws_layer.WebsocketConnection):
     def _trip(self, code: CloseReason, error: str, text: str) -> wsproto.events.CloseConnection:
         self.tripped = True
         self._pending = self.refusal(error, text)
-        self.note(f"closed by the gateway ({int(code)}): {text}"[:200])
+        self.note(f"closed by the gateway ({int(code)}): {text}"[:200], error)
         return wsproto.events.CloseConnection(code=code, reason=error)
 
     def send(self, event: wsproto.events.Event) -> bytes:
@@ -260,8 +267,9 @@ class BoundedWebsocketLayer(MitmproxyLayer):
         def refusal(code: str, text: str) -> bytes:
             return protocol.refusal(400, "invalid_request_error", code, text)
 
-        def note(reason: str) -> None:
+        def note(reason: str, refused_as: str) -> None:
             flow.metadata.setdefault(CLOSED_BECAUSE, reason)
+            flow.metadata.setdefault(REFUSED_AS, refused_as)
 
         old = self.client_ws
         self.client_ws = BoundedSide(
@@ -471,5 +479,6 @@ class SocketBounds:
         if reason is not None:
             self.flows.pop(flow_id, None)
             flow.metadata.setdefault(CLOSED_BECAUSE, f"closed by the gateway: {reason}")
+            flow.metadata.setdefault(REFUSED_AS, "not_reading")
             logger.info("member socket dropped: %s", reason)
             transport.abort()  # close() would wait for the client to read what is queued

@@ -48,7 +48,7 @@ from addons.gateway_mode.core import MEMBER, ROUTE, SOCKET_ROUTE, UPSTREAM_KEY, 
 from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.ledger import WS_CONNECTIONS
 from addons.gateway_mode.quota import CONCURRENCY_RETRY_S, limit_usages, usage_limit_error
-from addons.gateway_mode.socket_bounds import CLOSED_BECAUSE
+from addons.gateway_mode.socket_bounds import CLOSED_BECAUSE, REFUSED_AS
 from addons.gateway_mode.socket_protocol import (
     PROTOCOLS,
     RESPONSES,
@@ -301,6 +301,8 @@ class WebSocketTurns:
         if socket is not None:
             code = flow.websocket.close_code if flow.websocket is not None else None
             socket.close_reason = socket.close_reason or flow.metadata.get(CLOSED_BECAUSE)
+            if REFUSED_AS in flow.metadata:
+                self.core.metrics.refused.labels(str(flow.metadata[REFUSED_AS])).inc()
             if socket.close_reason is None and flow.websocket is not None:
                 by = {True: " by the client", False: " by the upstream", None: ""}[
                     flow.websocket.closed_by_client
