@@ -57,7 +57,14 @@ class RawSocket:
     and for reading what the gateway sends, hand-made frames for sending (RSV1 set on a
     frame of our choosing, fragments, no reading at all)."""
 
-    def __init__(self, port: int, key: str, deflate: bool = True, rcvbuf: int | None = None):
+    def __init__(
+        self,
+        port: int,
+        key: str,
+        deflate: bool = True,
+        rcvbuf: int | None = None,
+        target: str = "/v1/responses",
+    ):
         self.sock = socket.socket()
         if rcvbuf is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -70,7 +77,7 @@ class RawSocket:
             self.ws.send(
                 wsproto.events.Request(
                     host=f"127.0.0.1:{port}",
-                    target="/v1/responses",
+                    target=target,
                     extra_headers=headers,
                     extensions=offer,
                 )
@@ -308,25 +315,32 @@ def test_a_socket_that_never_reads_is_dropped_with_its_memory_bounded(gateway, u
 
 
 @pytest.mark.e2e
-def test_a_flood_of_junk_closes_the_flooding_socket_and_spares_the_bystander(gateway, upstream):
+@pytest.mark.parametrize("target", ["/v1/responses", "/v1/realtime?model=gpt-realtime"])
+def test_a_flood_of_junk_closes_the_flooding_socket_and_spares_the_bystander(
+    gateway, upstream, target
+):
+    """20 000 junk frames at once, on Codex's route and on the Realtime API's (whose error
+    event has its own shape: the same ``error.code``)."""
     mallory, bob = members(gateway)
     server = gateway.serve(upstream.url, "--websockets")
     junk = frame(b"junk")
     with TreeMemory(server.proc.pid) as memory, bystander(server, bob) as (before, during):
-        flood = RawSocket(server.port, mallory, deflate=False)
+        flood = RawSocket(server.port, mallory, deflate=False, target=target)
         started = time.monotonic()
         flood.send(junk * 20_000)
         flood.read_until_closed()
         flood.close()
         seconds = time.monotonic() - started
+    errors = [e for e in flood.texts if e["type"] == "error"]  # Realtime: session.created too
     print(
-        f"\nflood of 20000 junk frames: closed {flood.close_code} after {seconds:.2f} s with "
-        f"{[e['error']['code'] for e in flood.texts]}; peak RSS {memory.peak_mib:.0f} MiB; "
+        f"\nflood of 20000 junk frames on {target}: closed {flood.close_code} after "
+        f"{seconds:.2f} s with {errors}; peak RSS {memory.peak_mib:.0f} MiB; "
         f"bystander before {summary(before)}, during {summary(during)}"
     )
     assert flood.close_code == CloseReason.POLICY_VIOLATION
-    assert [e["error"]["code"] for e in flood.texts] == ["rate_limited"]
-    assert "codex_gateway_ws_messages_per_s" in flood.texts[0]["error"]["message"]
+    assert [e["error"]["code"] for e in errors] == ["rate_limited"]
+    assert "codex_gateway_ws_messages_per_s" in errors[0]["error"]["message"]
+    assert ("event_id" in errors[0]) is target.startswith("/v1/realtime")  # the route's shape
     assert memory.peak_mib < RSS_BOUND_MIB
     (row,) = closed_rows(gateway, 1)
     assert row["close_reason"].startswith("closed by the gateway (1008)")
@@ -334,9 +348,13 @@ def test_a_flood_of_junk_closes_the_flooding_socket_and_spares_the_bystander(gat
     # The burst and the rate while it lasted reached the hooks; the rest never did.
     assert row["client_messages"] <= 50 * (BURST_S + seconds) + 1
     # The same member's next socket works: the bucket refills at the rate.
-    again = RawSocket(server.port, mallory, deflate=False)
+    again = RawSocket(server.port, mallory, deflate=False, target=target)
     again.send(frame(CREATE))
-    wait_for(lambda: any(m.get("input") == "hi" for m in upstream.ws_messages), 20, "the turn")
+    wait_for(
+        lambda: any(m.get("type") == "response.create" for m in upstream.ws_messages),
+        20,
+        "the turn",
+    )
     again.close()
     assert server.shutdown() == 0
 
