@@ -550,3 +550,42 @@ def test_the_bounds_options_are_checked_and_the_offer_removed_unless_deflate_is_
         flow.request.headers["sec-websocket-extensions"] = "permessage-deflate"
         bounds.requestheaders(flow)
         assert flow.request.headers["sec-websocket-extensions"] == "permessage-deflate"
+
+
+def test_a_members_sockets_together_gather_at_most_twice_the_limit():
+    """Each socket may gather a message up to the limit; all of a member's sockets together
+    twice that (so many sockets cannot each hold a message just under it). A refused side
+    answers with the error event before its close frame; a finished or closed message gives
+    its bytes back."""
+    from addons.gateway_mode.socket_bounds import BoundedSide
+
+    bucket = MessageBucket(0)
+    notes: list[tuple[str, str]] = []
+
+    def side() -> BoundedSide:
+        def refusal(code: str, text: str) -> bytes:
+            return json.dumps({"type": "error", "error": {"code": code}}).encode()
+
+        return BoundedSide([], object(), 1000, bucket, refusal, lambda *n: notes.append(n))
+
+    def feed(ws: BoundedSide, data: bytes) -> list:
+        ws.receive_data(data)
+        return list(ws.events())
+
+    a, b, c = side(), side(), side()
+    assert [e.message_finished for e in feed(a, frame(b"x" * 900, fin=False))] == [False]
+    assert len(feed(b, frame(b"y" * 900, fin=False))) == 1 and bucket.gathering == 1800
+    (closed,) = feed(c, frame(b"z" * 300))
+    assert isinstance(closed, wsproto.events.CloseConnection) and closed.code == 1009
+    assert notes[-1][1] == "request_too_large" and "2000 bytes" in notes[-1][0]
+    sent = c.send(closed)
+    assert b'"request_too_large"' in sent and sent.index(b"request_too_large") < len(sent) - 4
+    assert bucket.gathering == 1800  # c's 300 given back
+    feed(a, frame(b"x", opcode=0x0))  # a's message finished
+    assert bucket.gathering == 900
+    b.receive_data(None)  # b's client went away mid-message
+    assert [type(e) for e in b.events()] == [wsproto.events.CloseConnection]
+    assert bucket.gathering == 0
+    # One socket alone past the limit: the same error event, then 1009.
+    (closed,) = feed(side(), frame(b"w" * 1001))
+    assert closed.code == 1009 and "limit of 1000 bytes" in notes[-1][0]

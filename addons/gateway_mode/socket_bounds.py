@@ -11,7 +11,8 @@ late (measured before this module: a 1 MiB frame inflating to 1 GiB took the gat
   layer looks the class up in its module at each upgrade, the one seam there is). For a member
   socket it swaps the member side's ``wsproto`` connection for a :class:`BoundedSide`, which
   counts the bytes of the message being gathered (past ``codex_decode_max_mib``, the HTTP
-  body's cap: the route's ``request_too_large`` error event, then close 1009), inflates with
+  body's cap, or past twice that over all the member's sockets: the route's
+  ``request_too_large`` error event, then close 1009), inflates with
   :class:`BoundedDeflate` (``zlib`` told how much it may produce, so the cap holds inside one
   frame too), and charges every frame and ping to its member's :class:`MessageBucket` (past
   ``codex_gateway_ws_messages_per_s``, sustained over 2 s of burst: ``rate_limited`` error
@@ -63,6 +64,8 @@ CLOSED_BECAUSE = "codex_gateway.socket_closed_because"
 REFUSED_AS = "codex_gateway.socket_refused_as"
 #: Seconds of messages a member may send at once above its sustained rate.
 BURST_S = 2
+#: A member's messages being gathered on all its sockets at once, in decode limits.
+MEMBER_GATHERING = 2
 #: Seconds between checks of the member sockets' outbound backlogs.
 BACKLOG_CHECK_S = 0.5
 #: Bytes of a member's that may wait for a hook before the gateway stops reading it (the
@@ -128,11 +131,14 @@ class BoundedDeflate(PerMessageDeflate):
 
 
 class MessageBucket:
-    """A token bucket of one member's socket frames: ``rate`` a second sustained, up to
-    ``rate * BURST_S`` at once, shared by all its sockets. ``rate`` 0: no limit."""
+    """What one member's sockets share: a token bucket of their frames (``rate`` a second
+    sustained, up to ``rate * BURST_S`` at once; ``rate`` 0: no limit) and ``gathering``, the
+    bytes of the messages being gathered on all of them (bounded by :data:`MEMBER_GATHERING`
+    times the decode limit, so many sockets cannot each hold a message just under it)."""
 
     def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
+        self.gathering = 0
         self.tokens = float(rate * BURST_S)
         self.clock = clock
         self.stamp = clock()
@@ -186,7 +192,9 @@ class BoundedSide(ws_layer.WebsocketConnection):
         for event in super().events():
             if isinstance(event, wsproto.events.Message):
                 data = event.data
-                self.gathered += len(data.encode() if isinstance(data, str) else data)
+                size = len(data.encode() if isinstance(data, str) else data)
+                self.gathered += size
+                self.bucket.gathering += size
                 if self.gathered > self.limit:
                     yield self._trip(
                         CloseReason.MESSAGE_TOO_BIG,
@@ -195,8 +203,17 @@ class BoundedSide(ws_layer.WebsocketConnection):
                         "(codex_decode_max_mib); nothing was sent upstream",
                     )
                     return
+                if self.bucket.gathering > MEMBER_GATHERING * self.limit:
+                    yield self._trip(
+                        CloseReason.MESSAGE_TOO_BIG,
+                        "request_too_large",
+                        f"this member key's messages being received on all its sockets are "
+                        f"past {MEMBER_GATHERING * self.limit} bytes ({MEMBER_GATHERING} times "
+                        "codex_decode_max_mib); nothing was sent upstream",
+                    )
+                    return
                 if event.message_finished:
-                    self.gathered = 0
+                    self._release()
                 if event.frame_finished and not self.bucket.take():
                     yield self._rate_trip()
                     return
@@ -205,6 +222,7 @@ class BoundedSide(ws_layer.WebsocketConnection):
                     yield self._rate_trip()
                     return
             elif isinstance(event, wsproto.events.CloseConnection):
+                self._release()
                 # In state OPEN no close frame came: wsproto found a protocol error here.
                 if self.state is ConnectionState.OPEN:
                     if event.code == CloseReason.MESSAGE_TOO_BIG:  # BoundedDeflate's refusal
@@ -230,13 +248,21 @@ class BoundedSide(ws_layer.WebsocketConnection):
             f"(codex_gateway_ws_messages_per_s, {rate * BURST_S} at once); socket closed",
         )
 
+    def _release(self) -> None:
+        """The message being gathered is done with (relayed, refused, or the socket closed)."""
+        self.bucket.gathering -= self.gathered
+        self.gathered = 0
+
     def _trip(self, code: CloseReason, error: str, text: str) -> wsproto.events.CloseConnection:
+        self._release()
         self.tripped = True
         self._pending = self.refusal(error, text)
         self.note(f"closed by the gateway ({int(code)}): {text}"[:200], error)
         return wsproto.events.CloseConnection(code=code, reason=error)
 
     def send(self, event: wsproto.events.Event) -> bytes:
+        if isinstance(event, wsproto.events.CloseConnection):
+            self._release()  # closed from the upstream's side mid-message
         if (
             isinstance(event, wsproto.events.CloseConnection)
             and self._pending is not None
