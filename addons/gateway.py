@@ -23,6 +23,7 @@ from addons.gateway_mode.core import GatewayClose, GatewayCore, GatewayOptions, 
 from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.local_routes import LocalRoutes
 from addons.gateway_mode.quota import QuotaGate
+from addons.gateway_mode.socket_bounds import SocketBounds
 from addons.gateway_mode.tls import ListenTls
 from addons.gateway_mode.websocket import WebSocketRoute, WebSocketTurns
 from addons.guard import OptionGuard
@@ -60,6 +61,9 @@ addons = [
     CodexFilter(core),  # request: 403 for non-Codex clients
     QuotaGate(core),  # request: 429/503 before anything goes upstream
     forwarder,  # requestheaders: route; request: pick and inject an upstream key last
+    # Member sockets bounded as bytes arrive (message size, frame rate, unread backlog);
+    # before the turns' meter, whose ws_connections row takes the reason it closed one.
+    SocketBounds(),
     SocketClose(),  # before the metering, which ends a closed socket's open turns itself
     # After the forwarder (restores the upgrade headers it strips); meters each socket turn.
     WebSocketTurns(core, forwarder),

@@ -166,27 +166,39 @@ def keeps_messages() -> bool:
     )
 
 
-def forget_messages(flow: http.HTTPFlow) -> int:
-    """Drop the WebSocket messages a flow holds but its latest, once no turn of it is open (the
-    caller's rule: an open turn's ``message_index`` points into the list, and its events are
-    still to be collected); the ended turns' dumps and recording lines already have theirs. So
-    a socket open for an hour holds its open turn, not every message since it opened (a
-    400-event reply is ~160 KB). For a flow whose messages nothing reads later
-    (:func:`keeps_messages`: flow files keep them all).
+def forget_taken(flow: http.HTTPFlow, open_turns: list[SocketTurn]) -> int:
+    """Drop the WebSocket messages no open turn needs: those ended turns have taken (all of
+    them when ``open_turns`` is empty), but the latest; the open turns' ``message_index`` and
+    the flow's ``TAKEN`` count move down by as many (:func:`end_turn` reads from the later of
+    the two, so an open turn still collects the same events). So a socket open for an hour
+    holds its open turns' messages, not every message since it opened (a 400-event reply is
+    ~160 KB), even when its turns overlap (a client sending the next ``response.create``
+    before the last one ended). The ended turns' dumps and recording lines already have
+    theirs. For a flow whose messages nothing reads later (:func:`keeps_messages`: flow files
+    keep them all).
 
     The latest message stays: it is the one whose ``websocket_message`` hooks are running
     (mitmproxy appends each message before its hooks), and the addons after the caller read it
     as ``flow.websocket.messages[-1]`` (mitmproxy's ``Dumper``, which runs after every script
     addon, logged ``Addon error: list index out of range`` on every ended turn when it was
-    gone). It is the ended turn's own terminal event, so it counts as taken. Returns how many
-    were dropped."""
+    gone). Returns how many were dropped."""
     if flow.websocket is None:
         return 0
     messages = flow.websocket.messages
-    count = max(0, len(messages) - 1)
-    del messages[:count]
-    flow.metadata[TAKEN] = len(messages)
-    return count
+    taken = flow.metadata.get(TAKEN)
+    taken = (
+        len(messages)
+        if not open_turns
+        else min(taken if isinstance(taken, int) else 0, len(messages))
+    )
+    drop = min(taken, len(messages) - 1)
+    if drop <= 0:
+        return 0
+    del messages[:drop]
+    flow.metadata[TAKEN] = taken - drop
+    for turn in open_turns:
+        turn.message_index -= drop
+    return drop
 
 
 def _sse_event(event: SseEvent) -> str:

@@ -22,6 +22,9 @@ error replies, launching) is imported from ``addons/``.
 - ``websocket``: the WebSocket routes (``serve --websockets``): Codex's ``/v1/responses``
   and the Realtime API's ``/v1/realtime``: the upgrade claimed, then each socket's turns
   checked against quotas and metered, and the socket a ``ws_connections`` row;
-  ``socket_protocol``: what differs between the two routes (one small object each).
+  ``socket_protocol``: what differs between the two routes (one small object each);
+  ``socket_bounds``: what one member socket may make the gateway hold (message size while
+  gathered and inflated, frames a second, unread input and output), inside mitmproxy's
+  WebSocket layer.
 - ``config``, ``cli``: ``config/gateway.yaml`` and the command line.
 """

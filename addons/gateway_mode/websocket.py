@@ -48,6 +48,7 @@ from addons.gateway_mode.core import MEMBER, ROUTE, SOCKET_ROUTE, UPSTREAM_KEY, 
 from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.ledger import WS_CONNECTIONS
 from addons.gateway_mode.quota import CONCURRENCY_RETRY_S, limit_usages, usage_limit_error
+from addons.gateway_mode.socket_bounds import CLOSED_BECAUSE, REFUSED_AS
 from addons.gateway_mode.socket_protocol import (
     PROTOCOLS,
     RESPONSES,
@@ -59,7 +60,7 @@ from addons.gateway_mode.socket_protocol import error_event as error_event  # re
 from addons.gateway_mode.socket_protocol import is_responses_upgrade as is_responses_upgrade
 from addons.gateway_mode.windows import limits_of
 from addons.socket_close import mark_closed_by_proxy
-from addons.socket_turns import SocketTurn, end_turn, forget_messages, keeps_messages, start_turn
+from addons.socket_turns import SocketTurn, end_turn, forget_taken, keeps_messages, start_turn
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ WS_ROUTE = RESPONSES.path
 ROW_ROUTE = RESPONSES.row_route
 #: Seconds between checks of open sockets against the member directory.
 REVOKE_CHECK_S = 0.2
+#: Turns one socket may have open at once: Codex sends the next ``response.create`` when the
+#: last has ended (an upstream socket runs one response at a time); each open turn holds its
+#: messages in the flow (issue 30).
+MAX_OPEN_TURNS = 4
 #: Server events that end a Codex turn.
 TERMINAL = RESPONSES.ends
 
@@ -296,6 +301,9 @@ class WebSocketTurns:
         socket = self.sockets.get(flow.id)
         if socket is not None:
             code = flow.websocket.close_code if flow.websocket is not None else None
+            socket.close_reason = socket.close_reason or flow.metadata.get(CLOSED_BECAUSE)
+            if REFUSED_AS in flow.metadata:
+                self.core.metrics.refused.labels(str(flow.metadata[REFUSED_AS])).inc()
             if socket.close_reason is None and flow.websocket is not None:
                 by = {True: " by the client", False: " by the upstream", None: ""}[
                     flow.websocket.closed_by_client
@@ -322,6 +330,14 @@ class WebSocketTurns:
                 socket, message, event_id, 503, "codex_gateway", "usage_ledger_unavailable",
                 "the gateway cannot reach its database to check quotas and record usage; "
                 "try again shortly", "database_unavailable",
+            )  # fmt: skip
+            return
+        if len(socket.turns) >= MAX_OPEN_TURNS:
+            self._refuse(
+                socket, message, event_id, 400, "invalid_request_error", "too_many_open_turns",
+                f"{len(socket.turns)} responses are already in progress on this socket (the "
+                f"gateway's limit is {MAX_OPEN_TURNS}); send the next when one has ended",
+                "open_turns",
             )  # fmt: skip
             return
         model = socket.protocol.turn_model(body, socket.model)
@@ -447,8 +463,8 @@ class WebSocketTurns:
             protocol.turn_status(event),
             error,
         )
-        if not socket.turns and not keeps_messages():
-            forget_messages(socket.flow)
+        if not keeps_messages():
+            forget_taken(socket.flow, [t.log for t in socket.turns if t.log is not None])
 
     def _started_by_server(self, socket: Socket, event: dict[str, Any]) -> Turn:
         """A response the server started itself (Realtime turn detection on audio): a turn
