@@ -26,7 +26,7 @@ from wsproto.frame_protocol import CloseReason
 
 from addons.gateway_mode.socket_bounds import BURST_S, BoundedDeflate, MessageBucket
 from tests.conftest import wait_for
-from tests.gateway_harness import bearer
+from tests.gateway_harness import OPERATOR, bearer
 from tests.test_faults import RSS_BOUND_MIB, TreeMemory, latencies, summary
 from tests.test_gateway_codex import refused
 
@@ -308,7 +308,7 @@ def test_a_socket_that_never_reads_is_dropped_with_its_memory_bounded(gateway, u
     assert refused(server, "not_reading") == 1
     assert row["client_messages"] == 50
     assert memory.peak_mib < RSS_BOUND_MIB
-    metrics = server.request("GET", "/metrics")[2].decode()
+    metrics = server.request("GET", "/metrics", headers=OPERATOR)[2].decode()
     assert "codex_gateway_websocket_open 0.0" in metrics
     print("upstream sockets still open:", upstream.ws_open)
     assert server.shutdown() == 0
