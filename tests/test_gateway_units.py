@@ -496,15 +496,18 @@ def test_reply_usage_from_sse_json_and_garbage() -> None:
 
     sse = tutils.tresp(headers=[(b"content-type", b"text/event-stream")])
     sse.content = b"".join(encode_event(k, p) for k, p in responses_sse_events("hi", "m", "r1"))
-    usage, events, status = reply_usage(sse)
+    metered = reply_usage(sse)
+    usage, events, status = metered.usage, metered.events, metered.turn_status
     assert usage is not None and usage["total"] == 59 and events > 3 and status == "completed"
+    assert metered.unmetered is None
     js = tutils.tresp(headers=[(b"content-type", b"application/json")])
     js.content = _json.dumps(response_object("r2", "m", "hi")).encode()
-    assert reply_usage(js)[0] == usage
+    assert reply_usage(js).usage == usage
     bad = tutils.tresp(headers=[(b"content-type", b"application/json")])
     bad.content = b"{not json"
-    assert reply_usage(bad) == (None, 0, None)
-    assert reply_usage(None) == (None, 0, None)
+    # A 200 whose usage cannot be read says so (the row's error), never a silent 0.
+    assert reply_usage(bad) == (None, 0, None, "unmetered: the reply carries no usage")
+    assert reply_usage(None) == (None, 0, None, None)
 
 
 def test_member_auth_removes_the_key_and_answers_401(tmp_path) -> None:
