@@ -350,6 +350,7 @@ def _meter_stream(
     events = facts.events  # counted within the decode limit
     if usage is not None:
         return Metering(usage, events, status, None)
+    why: str | None
     if stream.over_limit:
         why = f"{UNMETERED}: the reply decodes past {max_bytes // MIB} MiB, metering stopped"
     elif stream.error:
@@ -399,6 +400,7 @@ def _meter_json(raw: bytes, encoding: str | None, facts: ExchangeFacts, max_byte
             if usage is not None:
                 return Metering(usage, 0, None, None)
             position = match.end()
+    why: str | None
     if stream.over_limit:
         why = f"{UNMETERED}: the reply decodes past {max_bytes // MIB} MiB, metering stopped"
     else:

@@ -206,6 +206,7 @@ class ChatReplies:
     def __init__(self) -> None:
         self._sent: dict[str, list[bytes]] = {}
         self._upstream: dict[str, list[bytes]] = {}
+        self._encoding: dict[str, str] = {}
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -214,6 +215,8 @@ class ChatReplies:
         if not isinstance(context, dict) or "model" not in context or response is None:
             return
         encoding = response.headers.get("content-encoding")
+        if encoding:
+            self._encoding[flow.id] = encoding
         sse = is_event_stream(response) and response.status_code == 200
         for name in ("content-length", "content-encoding"):
             response.headers.pop(name, None)
@@ -296,9 +299,14 @@ class ChatReplies:
     def _finish(self, flow: http.HTTPFlow) -> None:
         sent = self._sent.pop(flow.id, None)
         upstream = self._upstream.pop(flow.id, None)
+        encoding = self._encoding.pop(flow.id, None)
         if sent is None or flow.response is None:
             return
         flow.response.stream = False
         if not flow.response.raw_content and upstream:
             flow.response.raw_content = b"".join(upstream)
+        if encoding and flow.response.raw_content:
+            # The body kept is the upstream's, as it came: so is its coding (the client got
+            # the translation, uncoded; these headers have gone out already).
+            flow.response.headers["content-encoding"] = encoding
         flow.metadata[BRIDGE_CLIENT_REPLY] = b"".join(sent).decode("utf-8", "replace")
