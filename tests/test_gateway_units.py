@@ -377,11 +377,26 @@ def test_shipped_gateway_config_carries_todays_rate_card() -> None:
         ("max_attempts: 0\n", "max_attempts must be >= 1"),
         ("max_attempts: true\n", "wrong type"),
         ("credits: {rates: {m: {input: 1}}}\n", "needs exactly"),
+        ("quota_max_concurrent: -1\n", "between 0 and 10000"),
     ],
 )
 def test_bad_gateway_configs(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_gateway_config(text, "/x/gateway.yaml")
+
+
+def test_add_member_states_how_far_its_quota_can_be_overshot() -> None:
+    from addons.gateway_mode.windows import overshoot_note
+
+    assert parse_gateway_config("", "/x/gateway.yaml").quota_max_concurrent == 4
+    assert overshoot_note({"max_concurrent": 0}, 4) is None  # no quota: nothing to bound
+    note = overshoot_note({"five_hour_quota": 500, "max_concurrent": None}, 4)
+    assert note is not None and "plus what 4 requests in flight use" in note
+    assert "quota_max_concurrent default" in note
+    note = overshoot_note({"weekly_credits_micro": 5, "max_concurrent": 2}, 4)
+    assert note is not None and "plus what 2 requests" in note and "--max-concurrent" in note
+    note = overshoot_note({"weekly_quota": 5, "max_concurrent": 0}, 0)
+    assert note is not None and "without bound" in note
 
 
 # -- addons, with mitmproxy's test helpers ------------------------------------------------------
