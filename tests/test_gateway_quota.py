@@ -365,10 +365,15 @@ async def test_a_slot_given_back_is_free_for_the_next_request_at_once(setup):
         release(leases)
 
     core.db.release_leases = slow_release  # type: ignore[method-assign]
-    core.release_lease("turn-1")
-    assert "turn-1" not in core.leases
-    lease, active = await core.acquire_lease(member["member_id"], 1)
-    assert lease is not None, f"refused with {active} active: the release had not landed"
+    assert core.ledger is not None
+    core.ledger.start()  # the release waits for the ledger's next write, as in the gateway
+    try:
+        core.release_lease("turn-1")
+        assert "turn-1" not in core.leases
+        lease, active = await core.acquire_lease(member["member_id"], 1)
+        assert lease is not None, f"refused with {active} active: the release had not landed"
+    finally:
+        core.ledger.stop()
 
 
 async def test_a_member_with_a_quota_and_no_max_concurrent_gets_the_default_slots(setup):
@@ -403,7 +408,7 @@ async def test_a_slot_is_free_again_only_once_its_row_is_written(setup):
     assert first.response is None
     assert core.ledger is not None and core.db is not None
     core.ledger.add(usage_row(member, int(time.time() * 1000), tokens=150))
-    core.release_lease(first.id, after_rows=True)
+    core.release_lease(first.id)  # as accounting does, after queueing the row
     await asyncio.sleep(0)  # the barrier is set at the end of the loop's step
     # The ledger's thread is not running: the row is not written, the slot not free.
     assert leases(core, member) == 1

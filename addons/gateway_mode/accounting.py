@@ -167,7 +167,7 @@ class UsageAccounting:
 
     def _release(self, flow: http.HTTPFlow) -> None:
         self.forwarder.finished(flow)
-        self.core.release_lease(flow.id, after_rows=True)
+        self.core.release_lease(flow.id)  # once the rows queued so far are written
 
     def row(
         self,

@@ -276,16 +276,17 @@ class GatewayCore:
         """Run a blocking database call on the gateway's worker threads."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def release_lease(self, key: str, after_rows: bool = False) -> None:
+    def release_lease(self, key: str, after_rows: bool = True) -> None:
         """Give back the concurrency lease held under ``key`` (a flow id or a socket turn's
         slot), if any, without waiting; :meth:`acquire_lease` of the same member waits for it.
 
-        With ``after_rows`` (a request that ended), only once every usage row queued so far
-        on this instance is in the database (:meth:`UsageLedger.after_written`, which flushes
-        at once): whoever finds the slot free, on any instance, then also finds the usage of
-        the request that held it. That is what bounds a quota's overshoot to its slots
-        (docs/gateway.md). A socket turn's row is queued right after its release, in the same
-        step of the event loop, so the barrier is set at the end of that step."""
+        With ``after_rows`` (the default: a request or socket turn that ended), only once
+        every usage row queued so far on this instance is in the database
+        (:meth:`UsageLedger.after_written`, which flushes at once): whoever finds the slot
+        free, on any instance, then also finds the usage of the request that held it. That
+        is what bounds a quota's overshoot to its slots (docs/gateway.md). A socket turn's
+        row is queued right after its release, in the same step of the event loop, so the
+        barrier is set at the end of that step."""
         lease = self.leases.pop(key, None)
         if not lease or self.db is None:
             return

@@ -224,7 +224,7 @@ class QuotaGate:
         )
 
     def _release(self, flow: http.HTTPFlow) -> None:
-        self.core.release_lease(flow.id)
+        self.core.release_lease(flow.id, after_rows=False)  # no row: nothing went upstream
 
     def _unavailable(self, flow: http.HTTPFlow) -> None:
         self.core.metrics.refused.labels("database_unavailable").inc()
