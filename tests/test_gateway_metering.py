@@ -28,6 +28,7 @@ from addons.exchange import UNMETERED, Reply, meter_reply
 from tests.conftest import wait_for
 from tests.fake_upstream import encode_event, responses_sse_events
 from tests.gateway_harness import Gateway, bearer
+from tests.test_faults import RSS_BOUND_MIB, TreeMemory
 
 if sys.version_info >= (3, 14):
     from compression import zstd
@@ -284,10 +285,15 @@ def test_bombs_from_the_upstream_are_metered_or_flagged_never_a_silent_200(bomb_
             "unmetered: the reply carries no usage",
         ),
     ]
-    for body, ctype, coding, stream, _, _ in cases:
-        up.body, up.content_type, up.content_encoding = body, ctype, coding
-        status, got = post(server, key, "/v1/responses", {"model": "gpt-5.5", "stream": stream})
-        assert status == 200 and got == body  # served as the upstream sent it, every byte
+    with TreeMemory(server.proc.pid) as memory:
+        for body, ctype, coding, stream, _, _ in cases:
+            up.body, up.content_type, up.content_encoding = body, ctype, coding
+            payload = {"model": "gpt-5.5", "stream": stream}
+            status, got = post(server, key, "/v1/responses", payload)
+            assert status == 200 and got == body  # served as the upstream sent it, every byte
+    # Decoded to their end (2.25 GiB in all) in bounded pieces: the gateway never held them.
+    print(f"\nreply bombs metered; peak RSS of the gateway {memory.peak_mib:.0f} MiB")
+    assert memory.peak_mib < RSS_BOUND_MIB
     wait_for(lambda: len(rows(gw)) == len(cases), 60, "every row")
     for row, (_, _, _, _, tokens, error) in zip(rows(gw), cases, strict=True):
         assert row[1] == 200 and row[2] == tokens and row[3] == error, row
