@@ -404,5 +404,5 @@ def _meter_json(raw: bytes, encoding: str | None, facts: ExchangeFacts, max_byte
     if stream.over_limit:
         why = f"{UNMETERED}: the reply decodes past {max_bytes // MIB} MiB, metering stopped"
     else:
-        why = _why(facts, stream.error or "no usage found past the decode limit")
+        why = _why(ExchangeFacts(status=facts.status), stream.error)
     return Metering(None, 0, None, why)
