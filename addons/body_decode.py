@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,11 @@ class _Stage:
 
     def finish(self) -> bytes:
         return b""
+
+    def drain(self, data: bytes, piece: int) -> Iterator[bytes]:
+        """All of ``data`` decoded, in pieces of at most ``piece`` bytes (:class:`BodyStream`:
+        memory stays bounded however far the body expands)."""
+        raise NotImplementedError
 
 
 class _Zlib(_Stage):
@@ -97,6 +103,28 @@ class _Zlib(_Stage):
     def finish(self) -> bytes:
         return self._obj.flush()
 
+    def drain(self, data: bytes, piece: int) -> Iterator[bytes]:
+        while data:
+            try:
+                chunk = self._obj.decompress(data, piece)
+            except zlib.error as e:
+                if not self._gzip and not self._started:
+                    self._started = True
+                    self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
+                    continue
+                raise ValueError(f"invalid data ({e})") from None
+            self._started = True
+            if chunk:
+                yield chunk
+            self.complete = self._obj.eof
+            if self._obj.unconsumed_tail:
+                data = self._obj.unconsumed_tail
+                continue
+            data = self._obj.unused_data if self._obj.eof and self._gzip else b""
+            if data:
+                self._obj = self._new()  # the next gzip member
+                self.complete = False
+
 
 class _Zstd(_Stage):
     """zstd frames, several in a row allowed (a server may start a new frame per flush)."""
@@ -130,6 +158,26 @@ class _Zstd(_Stage):
                 break
         return b"".join(out)
 
+    def drain(self, data: bytes, piece: int) -> Iterator[bytes]:
+        while True:
+            if self._obj.eof:
+                if not data:
+                    return
+                self._obj = zstd.ZstdDecompressor()  # the next frame
+                self.complete = False
+            try:
+                chunk = self._obj.decompress(data, piece)
+            except zstd.ZstdError as e:
+                raise ValueError(f"invalid data ({e})") from None
+            data = b""
+            if chunk:
+                yield chunk
+            self.complete = self._obj.eof
+            if self._obj.eof:
+                data = self._obj.unused_data
+            elif self._obj.needs_input:
+                return
+
 
 class _Brotli(_Stage):
     def __init__(self) -> None:
@@ -144,6 +192,19 @@ class _Brotli(_Stage):
             raise ValueError(f"invalid data ({e})") from None
         self.complete = self._obj.is_finished()
         return out
+
+    def drain(self, data: bytes, piece: int) -> Iterator[bytes]:
+        try:
+            out = self._obj.process(data, output_buffer_limit=piece)
+            while True:
+                if out:
+                    yield out
+                if self._obj.can_accept_more_data():
+                    break
+                out = self._obj.process(b"", output_buffer_limit=piece)
+        except brotli.error as e:
+            raise ValueError(f"invalid data ({e})") from None
+        self.complete = self._obj.is_finished()
 
 
 def _stage(coding: str) -> _Stage:
@@ -307,6 +368,112 @@ def decode_body(
     if decoder.over_limit:
         data = b""
     return DecodedBody(data, tuple(decoder.codings), decoder.error, decoder.over_limit)
+
+
+#: Decoded bytes at most that :class:`BodyStream` reads of one body (64 GiB): past it the body
+#: is not read further. Metering decodes past the display limits (a bomb's usage still counts)
+#: but not without end: gzip expands at most ~1 030 times, so this is a 64 MiB gzip body
+#: (``body_size_limit``), about a minute of one thread; zstd has no such ceiling.
+STREAM_MAX_BYTES = 64 * 1024 * MIB
+#: Largest decoded piece :class:`BodyStream` holds at once (bytes).
+STREAM_PIECE = MIB
+#: Bytes :class:`BodyStream` hands a codec at a time.
+STREAM_SLICE = 16 * 1024
+
+
+class BodyStream:
+    """Decodes a body in bounded pieces and hands each on: ``pieces(raw) -> iterator of
+    bytes`` per received chunk, then ``end()`` for what the codecs still hold.
+
+    Unlike :class:`BodyDecoder`, it is not capped by :class:`DecodeLimits`: a reader that must
+    see the whole decoded body (gateway metering: the usage is in a stream's last event) reads
+    it piece by piece and keeps what it needs, so memory stays at ``piece`` bytes per stage
+    whatever the ratio. It stops at ``max_bytes`` decoded (:data:`STREAM_MAX_BYTES`), with
+    :attr:`over_limit` and :attr:`error` set. Never raises: invalid data, an unsupported
+    coding or a truncated body set :attr:`error` (as :class:`BodyDecoder` words it) and end
+    the pieces. A plain body is handed on as received, cut into pieces.
+    """
+
+    def __init__(
+        self,
+        content_encoding: str | None,
+        max_bytes: int = STREAM_MAX_BYTES,
+        piece: int = STREAM_PIECE,
+    ) -> None:
+        self.codings = parse_codings(content_encoding)
+        self.max_bytes = max_bytes
+        self.piece = piece
+        self.error: str | None = None
+        self.over_limit = False
+        self.decoded_bytes = 0
+        unsupported = [c for c in self.codings if c not in SUPPORTED]
+        if unsupported:
+            self.error = f"unsupported content-encoding {unsupported[0]!r}"
+        self._stages: list[tuple[str, _Stage]] = (
+            [] if self.error else [(c, _stage(c)) for c in reversed(self.codings)]
+        )
+
+    def _through(self, index: int, data: bytes) -> Iterator[bytes]:
+        if index == len(self._stages):
+            for start in range(0, len(data), self.piece):
+                yield data[start : start + self.piece]
+            return
+        coding, stage = self._stages[index]
+        try:
+            # Small slices in: a codec copies its unread input on every bounded call, so a
+            # large slice at a high ratio would be copied once per piece out.
+            for start in range(0, len(data), STREAM_SLICE):
+                for out in stage.drain(data[start : start + STREAM_SLICE], self.piece):
+                    yield from self._through(index + 1, out)
+        except ValueError as e:
+            if self.error is None:
+                self.error = f"{coding}: {e}"
+
+    def _counted(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
+        for out in pieces:
+            if self.error is not None:
+                return
+            if self.decoded_bytes + len(out) > self.max_bytes:
+                self.over_limit = True
+                self.error = f"decoding stopped after {self.max_bytes // MIB} MiB decoded"
+                return
+            self.decoded_bytes += len(out)
+            yield out
+
+    def pieces(self, raw: bytes) -> Iterator[bytes]:
+        """The decoded pieces of the next received chunk (each at most ``piece`` bytes)."""
+        if self.error is not None or not raw:
+            return iter(())
+        return self._counted(self._through(0, raw))
+
+    def end(self) -> Iterator[bytes]:
+        """The pieces the codecs still hold at the end of the body; sets :attr:`error` when a
+        coding's stream did not end (a truncated body)."""
+        if self.error is not None:
+            return
+        for index, (coding, stage) in enumerate(self._stages):
+            try:
+                tail = stage.finish()
+            except ValueError as e:
+                self.error = f"{coding}: {e}"
+                return
+            if tail:
+                yield from self._counted(self._through(index + 1, tail))
+            if self.error is not None:
+                return
+        for coding, stage in self._stages:
+            if not stage.complete:
+                self.error = f"{coding}: the stream ends before its frame does (truncated)"
+                return
+
+
+def original_encoding(content_encoding: str | None) -> str | None:
+    """The ``Content-Encoding`` a body arrived with: the value itself, or the original kept in
+    a fenced one (:func:`fence`: ``x-codex-undecoded (gzip; ...)`` -> ``gzip``)."""
+    if content_encoding and content_encoding.startswith(FENCED):
+        inner = content_encoding[len(FENCED) :].strip().removeprefix("(")
+        return inner.split(";", 1)[0].strip() or None
+    return content_encoding
 
 
 class JsonTooDeep(ValueError):

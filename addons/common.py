@@ -35,6 +35,9 @@ WEBSOCKET = "codex_proxy.websocket"
 BRIDGE_CLIENT_BODY = "codex_proxy.bridge_client_body"
 #: A bridged flow's reply as the client got it (Chat Completions JSON or chunk SSE text).
 BRIDGE_CLIENT_REPLY = "codex_proxy.bridge_client_reply"
+#: Why a bridged reply reached its client as an error the upstream did not send (the reply
+#: could not be read or translated); the gateway's usage row says so.
+CLIENT_ERROR = "codex_proxy.client_error"
 #: ``[[ms since response headers, body bytes so far], ...]`` of a streamed reply, per chunk.
 CHUNK_TIMING = "codex_proxy.chunk_timing"
 

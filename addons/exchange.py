@@ -29,15 +29,27 @@ error or no reply, ``cut`` for a stream that ended early.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from mitmproxy import http
 
-from addons.body_decode import DecodedBody, DecodeLimits, JsonTooDeep, decode_body, loads_json
-from addons.responses_turn import Turn, assemble_turn, turn_of_reply
-from addons.sse_events import SseEvent, timeline
+from addons.body_decode import (
+    MIB,
+    STREAM_MAX_BYTES,
+    BodyStream,
+    DecodedBody,
+    DecodeLimits,
+    JsonTooDeep,
+    decode_body,
+    loads_json,
+    original_encoding,
+)
+from addons.responses_turn import TERMINAL, Turn, assemble_turn, turn_of_reply, usage_of
+from addons.sse_events import SseEvent, decode_sse, timeline
 
 #: The outcomes of an exchange (:attr:`ExchangeFacts.outcome`).
 OUTCOMES = ("completed", "incomplete", "failed", "cut")
@@ -123,7 +135,7 @@ class Reply:
             response.status_code,
             response.headers.get("content-type", ""),
             response.raw_content or b"",
-            response.headers.get("content-encoding"),
+            original_encoding(response.headers.get("content-encoding")),
             chunk_timing,
         )
 
@@ -156,6 +168,8 @@ class ExchangeFacts:
     decoded_timing: list[list[int]] = field(default_factory=list)
     content_encoding: str | None = None
     decode_error: str | None = None
+    #: Decoding stopped at the decode limits: the reply was not read to its end.
+    over_limit: bool = False
     turn: Turn = field(default_factory=Turn)
 
     @property
@@ -214,9 +228,10 @@ def read_reply(reply: Reply | None) -> ExchangeFacts:
         line = timeline(bytes(body), reply.content_encoding, [list(e) for e in reply.chunk_timing])
         turn = assemble_turn(line.events)
         facts.decoded_timing, facts.decode_error = line.decoded_timing, line.error
+        facts.over_limit = line.over_limit
     elif isinstance(body, bytes | bytearray):
         decoded = decode_body(bytes(body), reply.content_encoding)
-        facts.decode_error = decoded.error
+        facts.decode_error, facts.over_limit = decoded.error, decoded.over_limit
         try:
             payload = loads_json(decoded.data)
         except ValueError:  # not JSON, or nested too deep
@@ -245,3 +260,149 @@ def read_exchange(request: RequestFacts | bytes | Any, reply: Reply | None) -> E
     facts = read_reply(reply)
     facts.model, facts.service_tier = request.model, request.service_tier
     return facts
+
+
+#: What a usage row's ``error`` starts with when the reply's usage could not be read (the
+#: gateway's ledger, ``usage`` and ``/metrics`` name the kind ``unmetered``).
+UNMETERED = "unmetered"
+#: Decoded bytes of a stream's end that :func:`meter_reply` keeps past the decode limit: the
+#: terminal event (which repeats the whole response) must fit in it.
+METER_TAIL_BYTES = 8 * MIB
+#: Bytes a JSON reply's ``usage`` object may take (it is a few hundred).
+USAGE_OBJECT_BYTES = 64 * 1024
+#: A ``"usage": {`` key outside any string: inside a JSON string every ``"`` is escaped, so a
+#: quote preceded by a backslash is text, not a key.
+_USAGE_KEY = re.compile(rb'(?<!\\)"usage"\s*:\s*\{')
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+class Metering(NamedTuple):
+    """What a reply is charged on: ``usage`` (as :func:`addons.responses_turn.usage_of`),
+    ``events``, ``turn_status``, and ``unmetered``: why a reply that should carry usage could
+    not be read for it (a sentence starting with :data:`UNMETERED`), else ``None``."""
+
+    usage: dict[str, int] | None
+    events: int
+    turn_status: str | None
+    unmetered: str | None = None
+
+
+def meter_reply(
+    reply: Reply, max_bytes: int = STREAM_MAX_BYTES, facts: ExchangeFacts | None = None
+) -> Metering:
+    """The usage of a reply, whatever its compression ratio.
+
+    First as :func:`read_reply` reads it (within the decode limits). A reply that decodes past
+    them is read again to its end, piece by piece (:class:`addons.body_decode.BodyStream`, at
+    most ``max_bytes`` decoded), keeping only what holds the usage: of an SSE stream the last
+    :data:`METER_TAIL_BYTES` (its terminal event), of a JSON body the first ``"usage"`` object
+    (then it stops). ``unmetered`` names why no usage was found in a successful (2xx) reply:
+    the decode failed, the reply decodes past ``max_bytes``, its terminal event is larger than
+    the tail, or it has none. ``facts``: the reply's :func:`read_reply`, when already read.
+    Never raises.
+    """
+    facts = read_reply(reply) if facts is None else facts
+    if facts.over_limit and isinstance(reply.body, bytes | bytearray):
+        if facts.streamed:
+            return _meter_stream(bytes(reply.body), reply.content_encoding, facts, max_bytes)
+        return _meter_json(bytes(reply.body), reply.content_encoding, facts, max_bytes)
+    return Metering(facts.usage, facts.events, facts.turn_status, _why(facts, None))
+
+
+def _why(facts: ExchangeFacts, error: str | None) -> str | None:
+    """Why a reply without usage is unmetered (``None``: it has usage, or is no success)."""
+    if facts.usage is not None or facts.status is None or not 200 <= facts.status < 300:
+        return None
+    if facts.turn_status in ("failed", "incomplete"):
+        return None  # a turn that ended without spending is named by its status
+    error = error or facts.decode_error
+    if error:
+        return f"{UNMETERED}: the reply could not be read ({error})"
+    return f"{UNMETERED}: the reply carries no usage"
+
+
+def _pieces(stream: BodyStream, raw: bytes) -> Iterator[bytes]:
+    """The decoded pieces of a whole body, fed in slices of 1 MiB as received."""
+    for start in range(0, len(raw), MIB):
+        yield from stream.pieces(raw[start : start + MIB])
+    yield from stream.end()
+
+
+def _meter_stream(
+    raw: bytes, encoding: str | None, facts: ExchangeFacts, max_bytes: int
+) -> Metering:
+    """An SSE reply past the decode limit: decoded to its end, its last bytes parsed."""
+    stream = BodyStream(encoding, max_bytes)
+    tail: deque[bytes] = deque()
+    size = 0
+    dropped = False
+    for piece in _pieces(stream, raw):
+        tail.append(piece)
+        size += len(piece)
+        while size - len(tail[0]) >= METER_TAIL_BYTES:
+            size -= len(tail.popleft())
+            dropped = True
+    data = b"".join(tail)
+    if dropped:  # the tail starts mid-event: parse from the first event boundary in it
+        boundary = _EVENT_END.search(data)
+        data = data[boundary.end() :] if boundary else b""
+    usage, status = _terminal(decode_sse(data)[0])
+    events = facts.events  # counted within the decode limit
+    if usage is not None:
+        return Metering(usage, events, status, None)
+    why: str | None
+    if stream.over_limit:
+        why = f"{UNMETERED}: the reply decodes past {max_bytes // MIB} MiB, metering stopped"
+    elif stream.error:
+        why = f"{UNMETERED}: the reply could not be read ({stream.error})"
+    elif dropped and status is None:
+        why = (
+            f"{UNMETERED}: the reply's last event is larger than "
+            f"{METER_TAIL_BYTES // MIB} MiB (or it has no terminal event)"
+        )
+    else:
+        why = _why(ExchangeFacts(status=facts.status, turn_status=status), None)
+    return Metering(None, events, status, why)
+
+
+def _terminal(events: list[SseEvent]) -> tuple[dict[str, int] | None, str | None]:
+    """``(usage, status)`` of the last terminal event among ``events`` (as
+    :func:`addons.responses_turn.assemble_turn` names them); ``(None, None)`` without one."""
+    for ev in reversed(events):
+        if ev.type in TERMINAL:
+            payload = ev.payload
+            response = payload.get("response") if isinstance(payload, dict) else None
+            return usage_of(response), TERMINAL[ev.type]
+    return None, None
+
+
+def _meter_json(raw: bytes, encoding: str | None, facts: ExchangeFacts, max_bytes: int) -> Metering:
+    """A JSON reply past the decode limit: its first ``"usage"`` object, read as it streams."""
+    stream = BodyStream(encoding, max_bytes)
+    carry = b""
+    decoder = json.JSONDecoder()
+    for piece in _pieces(stream, raw):
+        buf = carry + piece
+        carry = buf[-32:]  # a key split between two pieces
+        position = 0
+        while (match := _USAGE_KEY.search(buf, position)) is not None:
+            start = match.end() - 1
+            window = buf[start : start + USAGE_OBJECT_BYTES]
+            try:
+                value, _ = decoder.raw_decode(window.decode("utf-8", "replace"))
+            except ValueError:
+                if len(window) < USAGE_OBJECT_BYTES:
+                    carry = buf[match.start() :]  # the object goes on in the next piece
+                    break
+                position = match.end()
+                continue
+            usage = usage_of({"usage": value})
+            if usage is not None:
+                return Metering(usage, 0, None, None)
+            position = match.end()
+    why: str | None
+    if stream.over_limit:
+        why = f"{UNMETERED}: the reply decodes past {max_bytes // MIB} MiB, metering stopped"
+    else:
+        why = _why(ExchangeFacts(status=facts.status), stream.error)
+    return Metering(None, 0, None, why)

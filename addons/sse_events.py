@@ -136,6 +136,11 @@ class SseDecoder:
         """Why the body could not be decoded completely, or ``None``."""
         return self._body.error
 
+    @property
+    def over_limit(self) -> bool:
+        """Whether decoding stopped at the decode limits (the rest of the body is unread)."""
+        return self._body.over_limit
+
     def feed(self, raw: bytes) -> list[SseEvent]:
         """Events completed by the next raw chunk."""
         data = self._body.feed(raw)
@@ -188,11 +193,13 @@ class Timeline:
     arrival of the chunk that completed each event, ms since the response headers; ``None``
     without chunk timing),
     ``decoded_timing`` as ``[[ms, decoded body bytes so far], ...]`` per chunk (the raw timing's
-    shape, in decoded bytes, which is what a dump's body and replay hold), and ``error``."""
+    shape, in decoded bytes, which is what a dump's body and replay hold), ``error``, and
+    ``over_limit`` (decoding stopped at the decode limits)."""
 
     events: list[tuple[int | None, SseEvent]]
     decoded_timing: list[list[int]]
     error: str | None
+    over_limit: bool = False
 
 
 def timeline(raw: bytes, content_encoding: str | None, chunk_timing: list[list[int]]) -> Timeline:
@@ -214,4 +221,4 @@ def timeline(raw: bytes, content_encoding: str | None, chunk_timing: list[list[i
     events += [(ms, ev) for ev in decoder.feed(raw[start:]) + decoder.finish()]
     if decoder.decoded != before and decoded_timing:
         decoded_timing[-1][1] = decoder.decoded
-    return Timeline(events, decoded_timing, decoder.error)
+    return Timeline(events, decoded_timing, decoder.error, decoder.over_limit)

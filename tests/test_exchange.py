@@ -141,6 +141,7 @@ def test_the_gateways_usage_rows_read_an_incomplete_stream_like_the_recorder():
     cut_short["response"] = {**last["response"], "status": "incomplete"}
     response = tutils.tresp(headers=[(b"content-type", b"text/event-stream")])
     response.content = sse_bytes([*events[:-1], ("response.incomplete", cut_short)])
-    usage, count, status = reply_usage(response)
+    metered = reply_usage(response)
+    usage, count, status = metered.usage, metered.events, metered.turn_status
     assert usage is not None and usage["total"] == 59
     assert (count, status) == (len(events), "incomplete")

@@ -103,10 +103,10 @@ def test_a_completed_stream_is_one_priced_row(setup):
     assert row["output_tokens"] == 17 and row["reasoning_tokens"] == 5
     assert row["total_tokens"] == 59
     assert row["events"] == len(responses_sse_events("hi there"))
-    charge = core.card.charge("gpt-5.5", reply_usage(flow.response)[0], "priority")
+    charge = core.card.charge("gpt-5.5", reply_usage(flow.response).usage, "priority")
     assert charge is not None and charge.credits > 0
     assert row["credits_micro"] == int(charge.credits * 1_000_000) and row["rate"] == charge.rate
-    fast = core.card.charge("gpt-5.5", reply_usage(flow.response)[0], None)
+    fast = core.card.charge("gpt-5.5", reply_usage(flow.response).usage, None)
     assert fast is not None and charge.credits == 2 * fast.credits  # fast_mode_multiplier: 2
     assert sample(core, "codex_gateway_in_flight") == 0
     assert sample(core, "codex_gateway_tokens_total", member="ana", kind="output") == 17

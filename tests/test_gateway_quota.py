@@ -5,6 +5,7 @@ reply it gives, and the order in which the checks run."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -28,6 +29,7 @@ from addons.gateway_mode.quota import (
     QuotaGate,
 )
 from addons.gateway_mode.windows import FIVE_HOURS_MS
+from tests.conftest import wait_for
 
 PRICED = "gpt-5.5"  # in the shipped rate card
 UNPRICED = "gpt-not-on-the-card"
@@ -363,7 +365,56 @@ async def test_a_slot_given_back_is_free_for_the_next_request_at_once(setup):
         release(leases)
 
     core.db.release_leases = slow_release  # type: ignore[method-assign]
-    core.release_lease("turn-1")
-    assert "turn-1" not in core.leases
-    lease, active = await core.acquire_lease(member["member_id"], 1)
-    assert lease is not None, f"refused with {active} active: the release had not landed"
+    assert core.ledger is not None
+    core.ledger.start()  # the release waits for the ledger's next write, as in the gateway
+    try:
+        core.release_lease("turn-1")
+        assert "turn-1" not in core.leases
+        lease, active = await core.acquire_lease(member["member_id"], 1)
+        assert lease is not None, f"refused with {active} active: the release had not landed"
+    finally:
+        core.ledger.stop()
+
+
+async def test_a_member_with_a_quota_and_no_max_concurrent_gets_the_default_slots(setup):
+    """``quota_max_concurrent`` (4 by default): the quota's overshoot is bounded under the
+    defaults; a member without a quota keeps no slot."""
+    core, gate = setup
+    member = add_member(core, five_hour_quota=1000)
+    free = add_member(core, "ben")
+    core.quota_concurrency = 2
+    core.refresh_directory()
+    for _ in range(2):
+        flow = member_flow(member)
+        await gate.request(flow)
+        assert flow.response is None
+    third = member_flow(member)
+    await gate.request(third)
+    error = error_of(third)
+    assert error["code"] == "concurrency_limit" and error["allowed"] == 2
+    assert "quota_max_concurrent" in error["message"]
+    flow = member_flow(free)
+    await gate.request(flow)
+    assert flow.response is None and flow.id not in core.leases
+
+
+async def test_a_slot_is_free_again_only_once_its_row_is_written(setup):
+    """Accounting gives a slot back after its row (``release_lease(after_rows=True)``): an
+    admission that finds the slot free also finds the usage of the request that held it."""
+    core, gate = setup
+    member = add_member(core, five_hour_quota=100, max_concurrent=1)
+    first = member_flow(member)
+    await gate.request(first)
+    assert first.response is None
+    assert core.ledger is not None and core.db is not None
+    core.ledger.add(usage_row(member, int(time.time() * 1000), tokens=150))
+    core.release_lease(first.id)  # as accounting does, after queueing the row
+    await asyncio.sleep(0)  # the barrier is set at the end of the loop's step
+    # The ledger's thread is not running: the row is not written, the slot not free.
+    assert leases(core, member) == 1
+    core.ledger.flush()
+    core.ledger._fire_barriers()
+    wait_for(lambda: leases(core, member) == 0, 10, "the slot given back")
+    second = member_flow(member)
+    await gate.request(second)
+    assert error_of(second)["code"] == "quota_exceeded"  # the usage was found with the slot

@@ -447,11 +447,26 @@ def test_the_gateway_command_names_the_database_it_could_not_open(
         ("max_attempts: 0\n", "max_attempts must be >= 1"),
         ("max_attempts: true\n", "wrong type"),
         ("credits: {rates: {m: {input: 1}}}\n", "needs exactly"),
+        ("quota_max_concurrent: -1\n", "between 0 and 10000"),
     ],
 )
 def test_bad_gateway_configs(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_gateway_config(text, "/x/gateway.yaml")
+
+
+def test_add_member_states_how_far_its_quota_can_be_overshot() -> None:
+    from addons.gateway_mode.windows import overshoot_note
+
+    assert parse_gateway_config("", "/x/gateway.yaml").quota_max_concurrent == 4
+    assert overshoot_note({"max_concurrent": 0}, 4) is None  # no quota: nothing to bound
+    note = overshoot_note({"five_hour_quota": 500, "max_concurrent": None}, 4)
+    assert note is not None and "plus what 4 requests in flight use" in note
+    assert "quota_max_concurrent default" in note
+    note = overshoot_note({"weekly_credits_micro": 5, "max_concurrent": 2}, 4)
+    assert note is not None and "plus what 2 requests" in note and "--max-concurrent" in note
+    note = overshoot_note({"weekly_quota": 5, "max_concurrent": 0}, 0)
+    assert note is not None and "without bound" in note
 
 
 # -- addons, with mitmproxy's test helpers ------------------------------------------------------
@@ -566,15 +581,18 @@ def test_reply_usage_from_sse_json_and_garbage() -> None:
 
     sse = tutils.tresp(headers=[(b"content-type", b"text/event-stream")])
     sse.content = b"".join(encode_event(k, p) for k, p in responses_sse_events("hi", "m", "r1"))
-    usage, events, status = reply_usage(sse)
+    metered = reply_usage(sse)
+    usage, events, status = metered.usage, metered.events, metered.turn_status
     assert usage is not None and usage["total"] == 59 and events > 3 and status == "completed"
+    assert metered.unmetered is None
     js = tutils.tresp(headers=[(b"content-type", b"application/json")])
     js.content = _json.dumps(response_object("r2", "m", "hi")).encode()
-    assert reply_usage(js)[0] == usage
+    assert reply_usage(js).usage == usage
     bad = tutils.tresp(headers=[(b"content-type", b"application/json")])
     bad.content = b"{not json"
-    assert reply_usage(bad) == (None, 0, None)
-    assert reply_usage(None) == (None, 0, None)
+    # A 200 whose usage cannot be read says so (the row's error), never a silent 0.
+    assert reply_usage(bad) == (None, 0, None, "unmetered: the reply carries no usage")
+    assert reply_usage(None) == (None, 0, None, None)
 
 
 def test_member_auth_removes_the_key_and_answers_401(tmp_path) -> None:

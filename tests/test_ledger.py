@@ -349,3 +349,33 @@ def test_socket_rows_share_the_queue_replace_their_open_row_and_survive_the_spoo
     summary = db.ws_connection_rows(0)
     assert [s["member"] for s in summary] == ["m", "m"]
     db.dispose()
+
+
+def test_after_written_waits_for_every_row_queued_before_it(url: str) -> None:
+    """A concurrency slot is given back through :meth:`UsageLedger.after_written`: only once
+    the rows queued before it are in the database (none while it is away; at stop, spooled)."""
+    ledger = UsageLedger(FailingDatabase(url, create=False))
+    fired: list[str] = []
+    ledger.add(row(str(uuid.uuid4())))
+    ledger.after_written(lambda: fired.append("first"))
+    assert not ledger.flush()
+    ledger._fire_barriers()
+    assert fired == []  # the row is not written: the slot stays taken
+    db = open_db(url)
+    ledger.db = db
+    ledger.add(row(str(uuid.uuid4())))
+    ledger.after_written(lambda: fired.append("second"))
+    ledger.add(row(str(uuid.uuid4()), finished=False))
+    ledger.after_written(lambda: fired.append("third"))
+    ledger.start()  # its thread flushes at once and fires each callback in turn
+    try:
+        wait_for(lambda: fired == ["first", "second", "third"], 10, "every callback")
+        assert len(stored(db)) == 3
+    finally:
+        ledger.stop()
+    away = UsageLedger(FailingDatabase(url, create=False))
+    away.add(row(str(uuid.uuid4())))
+    away.after_written(lambda: fired.append("at stop"))
+    away.stop(timeout=0.5)
+    assert fired[-1] == "at stop"
+    db.dispose()

@@ -21,6 +21,7 @@ from addons.common import (
     BRIDGE,
     BRIDGE_CLIENT_BODY,
     BRIDGE_CLIENT_REPLY,
+    CLIENT_ERROR,
     LOCAL_REPLY_HEADER,
     REFUSED,
     SERVER_NAME,
@@ -205,6 +206,7 @@ class ChatReplies:
     def __init__(self) -> None:
         self._sent: dict[str, list[bytes]] = {}
         self._upstream: dict[str, list[bytes]] = {}
+        self._encoding: dict[str, str] = {}
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -213,6 +215,8 @@ class ChatReplies:
         if not isinstance(context, dict) or "model" not in context or response is None:
             return
         encoding = response.headers.get("content-encoding")
+        if encoding:
+            self._encoding[flow.id] = encoding
         sse = is_event_stream(response) and response.status_code == 200
         for name in ("content-length", "content-encoding"):
             response.headers.pop(name, None)
@@ -233,11 +237,19 @@ class ChatReplies:
             data = passed if isinstance(passed, bytes) else b"".join(passed)
             if sse:
                 out = translator.feed(data)
-                return out + translator.finish() if not chunk else out
+                if chunk:
+                    return out
+                out += translator.finish()
+                if translator.client_error is not None:
+                    flow.metadata[CLIENT_ERROR] = translator.client_error
+                return out
             if chunk:
                 upstream.append(data)  # a whole reply is translated at its end
                 return None
-            return self._whole(b"".join(upstream), encoding, status, context)
+            out, client_error = self._whole(b"".join(upstream), encoding, status, context)
+            if client_error is not None:
+                flow.metadata[CLIENT_ERROR] = client_error
+            return out
 
         def stream(chunk: bytes) -> list[bytes]:
             # A list, never b"": mitmproxy frames each returned bytes object as one HTTP/1
@@ -251,6 +263,7 @@ class ChatReplies:
                 # that silently lost part of the upstream's.
                 logger.error("bridge: cannot translate a reply (%s); ending it", type(e).__name__)
                 broken.append(True)
+                flow.metadata[CLIENT_ERROR] = "the proxy could not translate the upstream's reply"
                 error = chat_error(502, b"the proxy could not translate the upstream's reply")
                 out = sse_data(json.loads(error)) + DONE if sse else error
             if out is None:
@@ -261,14 +274,21 @@ class ChatReplies:
         response.stream = stream
 
     @staticmethod
-    def _whole(raw: bytes, encoding: str | None, status: int, context: dict[str, Any]) -> bytes:
-        data = decode_body(raw, encoding).data
+    def _whole(
+        raw: bytes, encoding: str | None, status: int, context: dict[str, Any]
+    ) -> tuple[bytes, str | None]:
+        """A whole reply translated, and the error the client gets that the upstream did
+        not send (``None`` when it gets the translation or the upstream's own error)."""
+        decoded = decode_body(raw, encoding)
         if status != 200:
-            return chat_error(status, data)
+            return chat_error(status, decoded.data), None
         try:
-            return json.dumps(responses_to_chat(loads_json(data), context)).encode()
+            return json.dumps(responses_to_chat(loads_json(decoded.data), context)).encode(), None
         except ValueError:
-            return chat_error(502, b"the upstream reply is not a Responses object")
+            message = "the upstream reply is not a Responses object"
+            if decoded.error:
+                message += f" ({decoded.error})"
+            return chat_error(502, message.encode()), message
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -279,9 +299,14 @@ class ChatReplies:
     def _finish(self, flow: http.HTTPFlow) -> None:
         sent = self._sent.pop(flow.id, None)
         upstream = self._upstream.pop(flow.id, None)
+        encoding = self._encoding.pop(flow.id, None)
         if sent is None or flow.response is None:
             return
         flow.response.stream = False
         if not flow.response.raw_content and upstream:
             flow.response.raw_content = b"".join(upstream)
+        if encoding and flow.response.raw_content:
+            # The body kept is the upstream's, as it came: so is its coding (the client got
+            # the translation, uncoded; these headers have gone out already).
+            flow.response.headers["content-encoding"] = encoding
         flow.metadata[BRIDGE_CLIENT_REPLY] = b"".join(sent).decode("utf-8", "replace")

@@ -49,6 +49,9 @@ class ChunkTranslator:
         self._ended = False
         #: Everything sent to the client, for dumps and flow metadata.
         self.sent: list[bytes] = []
+        #: The error the client got that the upstream did not send (the stream ended, or
+        #: could no longer be decoded, before its terminal event), else ``None``.
+        self.client_error: str | None = None
 
     def feed(self, raw: bytes) -> bytes:
         """Chunks for the events completed by ``raw``."""
@@ -62,6 +65,7 @@ class ChunkTranslator:
             message = "the upstream stream ended before the response was complete"
             if self._decoder.error:
                 message += f" ({self._decoder.error})"
+            self.client_error = message
             out += self._send(sse_data({"error": {"type": "upstream_error", "message": message}}))
             out += self._send(DONE)
             self._ended = True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import time
 import uuid
@@ -10,8 +12,8 @@ from typing import Any
 
 from mitmproxy import http
 
-from addons.common import KEY_INJECTED, WEBSOCKET
-from addons.exchange import Reply, read_reply
+from addons.common import CLIENT_ERROR, KEY_INJECTED, WEBSOCKET
+from addons.exchange import UNMETERED, ExchangeFacts, Metering, Reply, meter_reply, read_reply
 from addons.gateway_mode.core import (
     ATTEMPTS,
     MEMBER,
@@ -32,15 +34,19 @@ logger = logging.getLogger(__name__)
 ROW_ID = "codex_gateway.row_id"
 
 
-def reply_usage(response: http.Response | None) -> tuple[dict[str, int] | None, int, str | None]:
-    """``(usage, events, turn status)`` of an upstream reply, as
-    :func:`addons.exchange.read_reply` reads it: usage from the stream's terminal event (or a
-    JSON body's ``usage``), the number of SSE events, and the turn's status (``completed``,
-    ``incomplete``, ``failed``; ``None`` when the reply has none). Never raises."""
-    if response is None or not response.raw_content:
-        return None, 0, None
-    facts = read_reply(Reply.of(response))
-    return facts.usage, facts.events, facts.turn_status
+def reply_usage(response: http.Response | None) -> Metering:
+    """What an upstream reply is charged on (:func:`addons.exchange.meter_reply`): usage from
+    the stream's terminal event (or a JSON body's ``usage``), whatever its compression ratio,
+    the number of SSE events, the turn's status (``completed``, ``incomplete``, ``failed``;
+    ``None`` when the reply has none) and why a successful reply is unmetered. Never raises."""
+    if response is None:
+        return Metering(None, 0, None)
+    return meter_reply(Reply.of(response))
+
+
+#: Threads that meter replies past the decode limit (each may take seconds: 1 GiB of gzip
+#: is ~10 s of one core on a busy machine).
+METER_THREADS = 2
 
 
 class UsageAccounting:
@@ -59,6 +65,7 @@ class UsageAccounting:
         self.core = core
         self.forwarder = forwarder
         self._open: dict[str, http.HTTPFlow] = {}
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def request(self, flow: http.HTTPFlow) -> None:
         if WEBSOCKET in flow.metadata:
@@ -75,21 +82,67 @@ class UsageAccounting:
                 except Exception as e:
                     logger.error("in-flight row for %s not queued (%s)", flow.id, type(e).__name__)
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow)
+    def response(self, flow: http.HTTPFlow) -> Any:
+        return self._finish_metered(flow)
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow)
+    def error(self, flow: http.HTTPFlow) -> Any:
+        return self._finish_metered(flow)
 
     def done(self) -> None:
         for flow in list(self._open.values()):
             self._finish(flow, "gateway stopped before the exchange ended")
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
-    def _finish(self, flow: http.HTTPFlow, forced_error: str | None = None) -> None:
+    def _finish_metered(self, flow: http.HTTPFlow) -> Any:
+        """:meth:`_finish`, the reply read on the loop within the decode limits as every
+        reader does; a reply that decodes past them is metered to its end off the loop (a
+        bomb may take seconds: it costs one of :data:`METER_THREADS`, never the loop other
+        members' streams run on), and this returns that coroutine for mitmproxy to await."""
+        response = flow.response
+        if flow.id in self._open and flow.websocket is None and response is not None:
+            try:
+                reply = Reply.of(response)
+                facts = read_reply(reply)
+                if facts.over_limit:
+                    return self._finish_off_loop(flow, reply, facts)
+                metering = meter_reply(reply, facts=facts)
+            except Exception as e:  # _finish keeps what it can of the row
+                logger.error("metering %s failed (%s)", flow.id, type(e).__name__)
+            else:
+                self._finish(flow, metering=metering)
+                return None
+        self._finish(flow)
+        return None
+
+    async def _finish_off_loop(
+        self, flow: http.HTTPFlow, reply: Reply, facts: ExchangeFacts
+    ) -> None:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                METER_THREADS, thread_name_prefix="gateway-meter"
+            )
+        try:
+            metering = await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: meter_reply(reply, facts=facts)
+            )
+        except Exception as e:  # never lose the row, nor meter a bomb on the loop
+            logger.error("metering %s off the loop failed (%s)", flow.id, type(e).__name__)
+            metering = Metering(None, 0, None, f"{UNMETERED}: metering failed ({type(e).__name__})")
+        if flow.id in self._open:  # not written by done() meanwhile
+            self._finish(flow, metering=metering)
+
+    def _finish(
+        self,
+        flow: http.HTTPFlow,
+        forced_error: str | None = None,
+        metering: Metering | None = None,
+    ) -> None:
         if flow.websocket is not None:
             return  # an open socket keeps its upstream key until websocket_end
-        self._release(flow)
         if self._open.pop(flow.id, None) is None:
+            self._release(flow)
             self.core.metrics.requests.labels(
                 route_label(flow.request.path),
                 str(flow.response.status_code if flow.response else 0),
@@ -97,20 +150,24 @@ class UsageAccounting:
             return
         self.core.metrics.in_flight.dec()
         try:
-            row = self.row(flow, forced_error)
+            row = self.row(flow, forced_error, metering=metering)
         except Exception as e:  # never lose the row to a parsing bug: keep what we know
             logger.error("usage row for %s incomplete (%s)", flow.id, type(e).__name__)
             row = self.row(flow, f"accounting error: {type(e).__name__}", parse=False)
         ledger = self.core.ledger
         if ledger is None:
+            self._release(flow)
             logger.error("usage row lost: the gateway's database is closed")
             return
         ledger.add(row)
+        # After the row is queued: the slot goes back once the row is in the database, so an
+        # admission anywhere that finds the slot free also finds this request's usage.
+        self._release(flow)
         self._observe(flow, row)
 
     def _release(self, flow: http.HTTPFlow) -> None:
         self.forwarder.finished(flow)
-        self.core.release_lease(flow.id)
+        self.core.release_lease(flow.id)  # once the rows queued so far are written
 
     def row(
         self,
@@ -118,18 +175,37 @@ class UsageAccounting:
         forced_error: str | None = None,
         parse: bool = True,
         finished: bool = True,
+        metering: Metering | None = None,
     ) -> dict[str, Any]:
         """The ledger row of a member flow (``usage`` table columns): of an ended flow, or with
         ``finished=False`` its in-flight row (no status, ``duration_ms`` null). Both carry the
-        flow's one ``row_id`` (kept in ``flow.metadata``)."""
+        flow's one ``row_id`` (kept in ``flow.metadata``). ``metering``: the reply's, when
+        already read (:func:`reply_usage`).
+
+        ``error`` says, first found: the forced error, the flow's error, why a successful
+        reply is unmetered (``unmetered: ...``); a bridged reply the client got as an error
+        (:data:`addons.common.CLIENT_ERROR`) adds ``client got an error: ...`` and is
+        recorded with status 502 when the upstream's was a success."""
         info = request_info(flow)
         response = flow.response
-        usage, events, turn_status = reply_usage(response) if parse else (None, 0, None)
+        if not parse:
+            metering = Metering(None, 0, None)
+        elif metering is None:
+            metering = reply_usage(response)
+        usage, events, turn_status = metering.usage, metering.events, metering.turn_status
         error = forced_error
         if error is None and flow.error is not None:
             error = flow.error.msg
             if usage is not None:
                 error = f"after response.completed: {error}"
+        if error is None and finished:
+            error = metering.unmetered
+        status = response.status_code if response is not None else None
+        client_error = flow.metadata.get(CLIENT_ERROR)
+        if finished and isinstance(client_error, str):
+            error = "; ".join(e for e in (error, f"client got an error: {client_error}") if e)
+            if status is not None and 200 <= status < 300:
+                status = 502
         started = flow.request.timestamp_start
         ended = (
             response.timestamp_end if response and response.timestamp_end else None
@@ -150,7 +226,7 @@ class UsageAccounting:
                 model=info["model"],
                 service_tier=info["service_tier"],
                 route=str(flow.metadata.get(ROUTE) or "/v1/responses"),
-                status=response.status_code if response is not None else None,
+                status=status,
                 usage=usage,
                 priced=parse,
                 events=events,
@@ -244,6 +320,8 @@ def observe_row(core: GatewayCore, member: str, row: dict[str, Any]) -> None:
     """``/metrics`` for a written ledger row of ``member`` (its name)."""
     m = core.metrics
     m.requests.labels(row["route"], str(row["status"] or 0)).inc()
+    if (row["error"] or "").startswith(UNMETERED):
+        m.refused.labels(UNMETERED).inc()  # served, but its usage could not be read
     for kind in USAGE_KINDS:
         amount = row[f"{kind}_tokens"]
         if amount:

@@ -34,7 +34,7 @@ from addons.gateway_mode.config import (
 from addons.gateway_mode.database import Database, DatabaseError, now_ms
 from addons.gateway_mode.ledger import IN_FLIGHT
 from addons.gateway_mode.tls import listen_policy
-from addons.gateway_mode.windows import MICRO, iso, parse_since
+from addons.gateway_mode.windows import MICRO, iso, overshoot_note, parse_since
 from addons.hardening import harden_process
 from addons.launch import (
     OptionSpecs,
@@ -347,6 +347,9 @@ def add_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out:
     """``add-member NAME [limits]``."""
     db.add_member(ns.name, **{k: v for k, v in member_settings(ns).items() if v is not None})
     out.write(f"member {ns.name} added\n")
+    note = overshoot_note(member_settings(ns), config.quota_max_concurrent)
+    if note:
+        sys.stderr.write(note + "\n")
 
 
 def set_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:

@@ -61,6 +61,7 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "max_attempts": (int,),
     "cooldown_seconds": (int,),
     "lease_seconds": (int,),
+    "quota_max_concurrent": (int,),
     "spool": (str, type(None)),
     "metrics_token_file": (str, type(None)),
     "redact_headers": (list,),
@@ -89,6 +90,8 @@ class GatewayConfig:
     max_attempts: int = 3
     cooldown_seconds: int = 30
     lease_seconds: int = 60
+    #: Concurrency slots of a member with a quota and max_concurrent 0 (0: unlimited).
+    quota_max_concurrent: int = 4
     spool: str | None = None
     metrics_token_file: str | None = None
     redact_headers: list[str] = field(default_factory=lambda: ["api-key", "x-api-key"])
@@ -152,6 +155,8 @@ def parse_gateway_config(text: str, path: str) -> GatewayConfig:
             raise ValueError(f"{path}: {key} has the wrong type ({type(value).__name__})")
         if key in ("max_attempts", "cooldown_seconds", "lease_seconds") and value < 1:
             raise ValueError(f"{path}: {key} must be >= 1")
+        if key == "quota_max_concurrent" and not 0 <= value <= 10_000:
+            raise ValueError(f"{path}: quota_max_concurrent must be between 0 and 10000")
         if key == "port" and value is not None and not 0 <= value <= 65535:
             raise ValueError(f"{path}: port {value} is out of range")
         if key == "mitmproxy":

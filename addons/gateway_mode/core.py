@@ -36,8 +36,13 @@ from addons.gateway_mode.ledger import UsageLedger
 from addons.gateway_mode.members import same_hash
 from addons.gateway_mode.metrics import GatewayMetrics
 from addons.gateway_mode.socket_protocol import realtime_query
+from addons.gateway_mode.windows import limits_of
 
 logger = logging.getLogger(__name__)
+
+#: Seconds :meth:`GatewayCore.acquire_lease` waits at most for the member's own releases (they
+#: wait for the usage ledger's next write, which is at once unless the database is away).
+RELEASE_WAIT_S = 5.0
 
 #: ``{"member": name, "member_id": n, "key_id": id}`` once the member key was accepted.
 MEMBER = "codex_gateway.member"
@@ -248,10 +253,14 @@ class GatewayCore:
         self.max_attempts = 3
         self.cooldown_s = 30
         self.lease_ms = 60_000
+        #: Slots of a member with a quota and ``max_concurrent`` 0 (``quota_max_concurrent``).
+        self.quota_concurrency = 4
         self.refresh_s = 1.0
         self.executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="gateway-db")
         self.leases: dict[str, str] = {}  # flow id -> lease id
-        self._releasing: set[concurrent.futures.Future[Any]] = set()
+        self._lease_member: dict[str, int] = {}  # lease id -> member id
+        #: Releases not written yet, by member id (:meth:`acquire_lease` waits for them).
+        self._releasing: dict[int, set[concurrent.futures.Future[Any]]] = {}
         #: Failed connect attempts for a client connection's current request, by its id
         #: (:class:`addons.gateway_mode.connect.RetryingConnect`; counted in ``attempts``).
         self.connect_retries: dict[str, int] = {}
@@ -267,31 +276,83 @@ class GatewayCore:
         """Run a blocking database call on the gateway's worker threads."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def release_lease(self, key: str) -> None:
+    def release_lease(self, key: str, after_rows: bool = True) -> None:
         """Give back the concurrency lease held under ``key`` (a flow id or a socket turn's
-        slot), if any, on a worker thread without waiting; :meth:`acquire_lease` waits for it."""
+        slot), if any, without waiting; :meth:`acquire_lease` of the same member waits for it.
+
+        With ``after_rows`` (the default: a request or socket turn that ended), only once
+        every usage row queued so far on this instance is in the database
+        (:meth:`UsageLedger.after_written`, which flushes at once): whoever finds the slot
+        free, on any instance, then also finds the usage of the request that held it. That
+        is what bounds a quota's overshoot to its slots (docs/gateway.md). A socket turn's
+        row is queued right after its release, in the same step of the event loop, so the
+        barrier is set at the end of that step."""
+        lease = self.leases.pop(key, None)
+        if not lease or self.db is None:
+            return
+        member_id = self._lease_member.pop(lease, -1)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        pending = self._releasing.setdefault(member_id, set())
+        pending.add(future)
+        future.add_done_callback(pending.discard)
+        db = self.db
+
+        def release() -> None:
+            try:
+                db.release_leases([lease])
+            except Exception as e:
+                logger.warning("concurrency slot not released (%s)", type(e).__name__)
+            finally:
+                future.set_result(None)
+
+        ledger = self.ledger
+        if not after_rows or ledger is None:
+            self.executor.submit(release)
+            return
+        try:
+            asyncio.get_running_loop().call_soon(ledger.after_written, release)
+        except RuntimeError:  # no event loop (shutdown): at once
+            ledger.after_written(release)
+
+    async def give_back_lease(self, key: str) -> None:
+        """Release the lease held under ``key`` now and wait until it is written (a request
+        refused after it took its slot: it spent nothing)."""
         lease = self.leases.pop(key, None)
         if lease and self.db is not None:
-            future = self.executor.submit(self.db.release_leases, [lease])
-            self._releasing.add(future)
-            future.add_done_callback(self._releasing.discard)
+            self._lease_member.pop(lease, None)
+            await self.run_db(self.db.release_leases, [lease])
 
     async def acquire_lease(self, member_id: int, max_concurrent: int) -> tuple[str | None, int]:
-        """:meth:`Database.acquire_lease` on a worker thread, after every release already
-        given back has been written. A client's next request can follow the end of its
-        previous one by less than the release takes (Codex sends its next turn as soon as a
-        socket turn's last event arrives), and the worker threads run in parallel: without
-        the wait, the member's own finished turn could still count against its slots."""
-        if self._releasing:
-            await asyncio.wait([asyncio.wrap_future(f) for f in list(self._releasing)])
+        """:meth:`Database.acquire_lease` on a worker thread, after every release of the
+        member's already given back has been written (at most :data:`RELEASE_WAIT_S`). A
+        client's next request can follow the end of its previous one by less than the
+        release takes (Codex sends its next turn as soon as a socket turn's last event
+        arrives), and the worker threads run in parallel: without the wait, the member's own
+        finished turn could still count against its slots."""
+        pending = self._releasing.get(member_id)
+        if pending:
+            await asyncio.wait(
+                [asyncio.wrap_future(f) for f in list(pending)], timeout=RELEASE_WAIT_S
+            )
         assert self.db is not None
-        return await self.run_db(
+        lease, active = await self.run_db(
             self.db.acquire_lease, member_id, max_concurrent, self.instance, self.lease_ms
         )
+        if lease is not None:
+            self._lease_member[lease] = member_id
+        return lease, active
 
     def refresh_directory(self) -> None:
+        """Reload the member directory; a member with a quota and ``max_concurrent`` 0 gets
+        :attr:`quota_concurrency` slots (marked ``max_concurrent_default``)."""
         assert self.db is not None
-        self.directory.load(self.db.directory())
+        rows = self.db.directory()
+        if self.quota_concurrency:
+            for row in rows:
+                if not row["max_concurrent"] and limits_of(row):
+                    row["max_concurrent"] = self.quota_concurrency
+                    row["max_concurrent_default"] = True
+        self.directory.load(rows)
 
     async def find_member(self, digest: str) -> dict[str, Any] | None:
         """The directory entry for a key hash; on a miss, one refresh from the database (at
@@ -349,6 +410,7 @@ class GatewayCore:
         if self.ledger is not None:
             self.ledger.stop()
             self.ledger = None
+        self._lease_member.clear()
         if self.db is not None:
             if self.leases:
                 try:
@@ -429,6 +491,7 @@ class GatewayOptions:
             core.max_attempts = config.max_attempts
             core.cooldown_s = config.cooldown_seconds
             core.lease_ms = config.lease_seconds * 1000
+            core.quota_concurrency = config.quota_max_concurrent
             core.refresh_s = opts.codex_gateway_refresh_ms / 1000
             core.start(
                 opts.codex_gateway_database or config.database_url(),

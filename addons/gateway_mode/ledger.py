@@ -118,6 +118,11 @@ class UsageLedger:
         self._claims: list[_Claim] = []
         self.tasks: list[tuple[float, Callable[[], None]]] = []
         self._last_run: dict[int, float] = {}
+        #: Rows ever put in / taken off the queue (written, or dropped as replaced), and the
+        #: callbacks waiting for a count of taken rows (:meth:`after_written`).
+        self._added = 0
+        self._done = 0
+        self._barriers: list[tuple[int, Callable[[], None]]] = []
         self.healthy = True
         self.file_missing = False
 
@@ -131,6 +136,7 @@ class UsageLedger:
             row_id = row["row_id"]
             if row.get("duration_ms") is None:
                 self._rows.append(row)
+                self._added += 1
                 self._in_flight[row_id] = row
                 return
             waiting = self._in_flight.pop(row_id, None)
@@ -141,6 +147,28 @@ class UsageLedger:
             if row_id in self._in_batch:  # its in-flight row is being written right now
                 self._finished_meanwhile.add(row_id)
             self._rows.append(row)
+            self._added += 1
+
+    def after_written(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the ledger's thread once every row queued so far is in the
+        database (or, at :meth:`stop`, spooled), and flush now rather than at the next
+        interval. ``callback`` must not raise (it is logged by type if it does)."""
+        with self._lock:
+            self._barriers.append((self._added, callback))
+        self._wake.set()
+
+    def _fire_barriers(self, every: bool = False) -> None:
+        due: list[tuple[int, Callable[[], None]]] = []
+        keep: list[tuple[int, Callable[[], None]]] = []
+        with self._lock:
+            for barrier in self._barriers:
+                (due if every or barrier[0] <= self._done else keep).append(barrier)
+            self._barriers = keep
+        for _, callback in due:
+            try:
+                callback()
+            except Exception as e:
+                logger.warning("usage ledger: callback failed (%s)", type(e).__name__)
 
     def pending(self) -> int:
         with self._lock:
@@ -178,6 +206,7 @@ class UsageLedger:
             if not self.flush():
                 break
         self._write_spool()
+        self._fire_barriers(every=True)  # the rows left are spooled: nothing more to wait for
 
     def flush(self) -> bool:
         """Write up to :data:`BATCH` waiting rows. Returns whether the database took them (or
@@ -200,6 +229,7 @@ class UsageLedger:
         with self._lock:
             for _ in batch:
                 self._rows.popleft()
+            self._done += len(batch)
             self._in_batch.clear()
             self._finished_meanwhile.clear()
         self._committed(batch)
@@ -240,6 +270,7 @@ class UsageLedger:
                     for index, queued in enumerate(self._rows):
                         if queued is row:
                             del self._rows[index]
+                            self._done += 1
                             break
                 else:
                     self._in_flight[row_id] = row
@@ -273,6 +304,8 @@ class UsageLedger:
                 continue
             while self.pending() and self.flush() and not self._stop.is_set():
                 pass
+            if self._barriers:
+                self._fire_barriers()
             if not self.healthy and not self.pending():
                 # Marked unhealthy by a failed quota check with no row waiting: no flush
                 # would ever say the database is back, so ask it.
@@ -341,6 +374,7 @@ class UsageLedger:
         claim = _Claim(path, fd, identity, {row["row_id"] for row in rows})
         with self._lock:
             self._rows.extend(rows)
+            self._added += len(rows)
         logger.info(
             "usage ledger: %d spooled rows from %s queued%s",
             len(rows),

@@ -28,7 +28,11 @@ class GatewayMetrics:
             registry=r,
         )
         self.refused = Counter(
-            "codex_gateway_refused", "Requests refused locally, by reason.", ["reason"], registry=r
+            "codex_gateway_refused",
+            "Requests refused locally, by reason; reason 'unmetered': served, but the reply's "
+            "usage could not be read (the usage row's error says why).",
+            ["reason"],
+            registry=r,
         )
         self.tokens = Counter(
             "codex_gateway_tokens",

@@ -119,17 +119,30 @@ class QuotaGate:
             )
             return
         limits = limits_of(entry)
+        slots = entry["max_concurrent"]
         try:
+            if WEBSOCKET in flow.metadata:
+                if limits:  # the socket's addon checks each response.create, with its slots
+                    usages = await core.run_db(limit_usages, core, member["member_id"], limits)
+                    flow.metadata[CODEX_LIMITS] = codex_rate_limit_headers(usages)
+                return
+            # The slot first, then the usage: every request that gave its slot back before
+            # this one took it has its row in the database by now (UsageAccounting releases
+            # a slot only then), so the usage read below counts it (docs/gateway.md).
+            lease, active = (
+                await core.acquire_lease(member["member_id"], slots) if slots else (None, 0)
+            )
+            if lease is not None:
+                core.leases[flow.id] = lease
             usages = []
             if limits:
                 usages = await core.run_db(limit_usages, core, member["member_id"], limits)
                 flow.metadata[CODEX_LIMITS] = codex_rate_limit_headers(usages)
-            if WEBSOCKET in flow.metadata:
-                return  # the socket's addon checks each response.create, and holds no slot
             if self._unpriced(flow, limits) or self._over_quota(flow, usages):
+                await core.give_back_lease(flow.id)  # nothing was spent: at once
                 return
-            if entry["max_concurrent"]:
-                await self._take_slot(flow, entry["max_concurrent"])
+            if slots and lease is None:
+                self._no_slot(flow, entry, active)
         except SQLAlchemyError as e:
             logger.error("quota check failed: database error (%s)", type(e).__name__)
             self._release(flow)
@@ -185,15 +198,16 @@ class QuotaGate:
         )
         return True
 
-    async def _take_slot(self, flow: http.HTTPFlow, max_concurrent: int) -> None:
-        """A concurrency lease for the flow, or 429 ``concurrency_limit`` (Retry-After 1 s)."""
-        core = self.core
+    def _no_slot(self, flow: http.HTTPFlow, entry: dict[str, Any], active: int) -> None:
+        """429 ``concurrency_limit`` (Retry-After 1 s): every slot of the member is taken."""
         member = flow.metadata[MEMBER]
-        lease, active = await core.acquire_lease(member["member_id"], max_concurrent)
-        if lease is not None:
-            core.leases[flow.id] = lease
-            return
-        core.metrics.refused.labels("concurrency").inc()
+        max_concurrent = entry["max_concurrent"]
+        source = (
+            "quota_max_concurrent, the gateway's default for a member with a quota"
+            if entry.get("max_concurrent_default")
+            else "max_concurrent"
+        )
+        self.core.metrics.refused.labels("concurrency").inc()
         refuse(
             flow,
             "concurrency",
@@ -201,7 +215,7 @@ class QuotaGate:
                 429,
                 "concurrency_limit",
                 f"member {member['member']!r} already has {active} requests in "
-                f"flight (max_concurrent {max_concurrent})",
+                f"flight ({source} {max_concurrent})",
                 {"retry-after": str(CONCURRENCY_RETRY_S)},
                 limit="max_concurrent",
                 used=active,
@@ -210,7 +224,7 @@ class QuotaGate:
         )
 
     def _release(self, flow: http.HTTPFlow) -> None:
-        self.core.release_lease(flow.id)
+        self.core.release_lease(flow.id, after_rows=False)  # no row: nothing went upstream
 
     def _unavailable(self, flow: http.HTTPFlow) -> None:
         self.core.metrics.refused.labels("database_unavailable").inc()

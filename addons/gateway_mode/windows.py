@@ -1,9 +1,11 @@
 """Quota windows: rolling 5-hour and 7-day sums and when enough usage leaves them (pure).
 
 A limit admits a request while the member's usage inside the window is below the limit
-(``used < limit``). Requests already in flight are not counted until they end, so a window
-can be overshot by what the member's concurrent requests use (docs/gateway.md, "Quotas in
-tokens and in Codex credits").
+(``used < limit``). Requests in flight are not counted until they end, so a window can be
+overshot by what the member's concurrent requests use: at most its slots' worth, since a
+member with a quota always has slots (``max_concurrent``, else the gateway's
+``quota_max_concurrent``) and a slot is freed only once its request's usage is written
+(docs/gateway.md, "Quotas in tokens and in Codex credits").
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 HOUR_MS = 3_600_000
@@ -55,6 +57,29 @@ def limits_of(member: dict[str, int]) -> list[Limit]:
         for column, kind, window in LIMIT_COLUMNS
         if member.get(column)
     ]
+
+
+def overshoot_note(settings: Mapping[str, int | None], default_slots: int) -> str | None:
+    """What ``add-member`` says of a member with a quota (``settings``: member columns,
+    ``None`` or 0 for unset; ``default_slots``: the config's ``quota_max_concurrent``): how
+    far its quotas can be overshot. ``None`` without a quota."""
+    if not any(settings.get(column) for column, _, _ in LIMIT_COLUMNS):
+        return None
+    slots = settings.get("max_concurrent") or default_slots
+    if not slots:
+        return (
+            "note: this member has a quota but no concurrency limit (max_concurrent 0 and "
+            "quota_max_concurrent 0): requests in flight are counted only when they end, so "
+            "its quota can be overshot without bound (docs/gateway.md)"
+        )
+    source = (
+        "--max-concurrent" if settings.get("max_concurrent") else "quota_max_concurrent default"
+    )
+    return (
+        f"note: a quota holds to its limit plus what {slots} requests in flight use ({source}): "
+        "a request is admitted while usage is under the limit and counted when it ends "
+        "(docs/gateway.md)"
+    )
 
 
 def reset_in_ms(rows: Iterable[tuple[int, int]], limit: int, window_ms: int, now_ms: int) -> int:
