@@ -261,7 +261,7 @@ def usage_limit_error(
     message = (
         f"member {member!r} used {amount_text(limit.kind, used)} of its {limit.label} of "
         f"{amount_text(limit.kind, limit.limit)}; enough leaves the window at "
-        f"{iso(resets_at_ms)} (in {retry} s)"
+        f"{iso(resets_at_ms)} (in {retry} s), or ask the gateway's operator to raise it"
     )
     fields = {
         "resets_at": math.ceil(resets_at_ms / 1000),
