@@ -162,9 +162,9 @@ class Socket:
 
 class WebSocketRoute:
     """Claims ``GET /v1/responses`` and ``GET /v1/realtime?model=…`` WebSocket upgrades while
-    ``codex_gateway_websockets`` is on (the default; placed before the allowlist and the 426 refusal, which
-    then let it through; the route's protocol name goes in ``SOCKET_ROUTE``); otherwise the
-    strict refusal answers 426 (``/v1/responses``) or the allowlist 403 as before."""
+    ``codex_gateway_websockets`` is on (the default; placed before the allowlist and the 426
+    refusal, which then let it through; the route's protocol name goes in ``SOCKET_ROUTE``);
+    otherwise the strict refusal answers 426 (``/v1/responses``) or the allowlist 403."""
 
     def __init__(self) -> None:
         self.enabled = True  # the option's default
