@@ -83,9 +83,11 @@ def test_the_quick_start_serves_codex_on_its_defaults_and_usage_tells_the_truth(
     member = quick_start()[1][3]  # add-member NAME
     assert "warning" not in added  # the shipped card prices Codex's default model
     assert "supports_websockets = true" in config and "model =" not in config
+    # The start-up note: one line (the catalog's three hidden models stay unpriced), not a list.
+    wait_for(lambda: "gateway usage --unpriced" in server.output(), 10, "the start-up note")
     log = server.output()
-    assert len([ln for ln in log.splitlines() if "rate card cannot price" in ln]) <= 1
-    assert "credits.rates.gpt-6.2-sol" not in log
+    assert len([ln for ln in log.splitlines() if "rate card cannot price" in ln]) == 1
+    assert "Codex's default" not in log and "credits.rates." not in log
     home, work = tmp_path / "codex-home", tmp_path / "work"
     home.mkdir()
     work.mkdir()
@@ -111,6 +113,9 @@ def test_the_quick_start_serves_codex_on_its_defaults_and_usage_tells_the_truth(
     header = text.splitlines()[1].split()
     assert header[:5] == ["member", "requests", "warmups", "errors", "refused"]
     assert "warm-up(s)" in text
+    # Their credits are the config's ESTIMATE, and usage says so.
+    assert usage["priced_by_same_as"] == {"gpt-6.2-sol": turns}
+    assert "an estimate the operator owns" in text
 
     # Over its 5-hour credit quota, over the socket: Codex ends the turn at once.
     gateway.admin("set-member", member, "--five-hour-credits", "0.000001")

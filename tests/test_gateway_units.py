@@ -739,3 +739,69 @@ def test_rate_card_gaps_name_each_unpriced_catalog_model_with_its_key() -> None:
         "credits.message_average.m-default",
         "credits.message_average.m-priced",
     ]
+
+
+# -- usage --------------------------------------------------------------------------------------
+
+
+def _usage_row(member: str, **fields) -> dict:
+    row = {
+        "member": member,
+        "status": 200,
+        "error": None,
+        "duration_ms": 5,
+        "warmup": 0,
+        "credits_micro": 17_100,
+        **{
+            f"{kind}_tokens": 0
+            for kind in ("input", "cached", "cache_write", "output", "reasoning")
+        },
+        "total_tokens": 59,
+    }
+    row.update(fields)
+    return row
+
+
+def test_usage_counts_warmups_errors_refusals_and_never_shows_unpriced_as_zero() -> None:
+    from addons.gateway_mode.cli import _usage_table, summarize_usage
+    from addons.gateway_mode.ledger import IN_FLIGHT
+
+    card = parse_rate_card({"rates": {"m": {"input": 1, "cached_input": 1, "output": 1}}})
+    rows = [
+        _usage_row("ann", warmup=1, total_tokens=0, credits_micro=None),  # Codex's warm-up
+        _usage_row("ann"),
+        # A reply whose usage could not be read: status 200, the error column says so.
+        _usage_row("ann", error="usage unreadable", total_tokens=0, credits_micro=None),
+        _usage_row("ann", status=502, error="upstream", total_tokens=0, credits_micro=None),
+        _usage_row("ann", duration_ms=None, error=IN_FLIGHT, status=None),
+        _usage_row("bo", credits_micro=None),  # unpriced, nothing priced
+        _usage_row("cy", credits_micro=None),  # unpriced beside a priced row
+        _usage_row("cy"),
+    ]
+    refusals = [
+        {"member": "ann", "kind": "quota", "count": 1},
+        {"member": "ann", "kind": "concurrency", "count": 2},
+        {"member": "dee", "kind": "unpriced", "count": 1},
+        {"member": None, "kind": "auth", "count": 40},
+        {"member": "ann", "kind": "something new", "count": 1},
+    ]
+    summary = summarize_usage(rows, card, [], refusals)
+    per = {m["member"]: m for m in summary["members"]}
+    ann = per["ann"]
+    assert (ann["requests"], ann["warmups"], ann["errors"], ann["in_flight"]) == (3, 1, 2, 1)
+    assert ann["refused"] == 4 and ann["refusals"]["quota"] == 1
+    assert ann["refusals"]["concurrency"] == 2 and ann["refusals"]["gateway"] == 1
+    assert ann["unpriced"] == 0 and ann["credits"] == 0.0171 and ann["credits_complete"]
+    assert per["bo"]["credits"] is None and per["bo"]["usd"] is None and per["bo"]["unpriced"] == 1
+    assert per["cy"]["credits"] == 0.0171 and not per["cy"]["credits_complete"]
+    assert per["dee"]["requests"] == 0 and per["dee"]["credits"] == 0.0  # nothing used: 0 is true
+    assert summary["without_member"]["refusals"]["auth"] == 40
+    total = summary["total"]
+    assert total["refused"] == 45 and total["requests"] == 6 and total["warmups"] == 1
+    assert total["credits"] == pytest.approx(0.0342) and not total["credits_complete"]
+    out = io.StringIO()
+    _usage_table(summary, out)
+    lines = {line.split()[0]: line.split() for line in out.getvalue().splitlines()}
+    assert lines["bo"][11:13] == ["unpriced", "unpriced"]
+    assert lines["cy"][11] == ">=0.0171" and lines["ann"][11] == "0.0171"
+    assert lines["member"][1:5] == ["requests", "warmups", "errors", "refused"]

@@ -476,15 +476,25 @@ def usage(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any)
     now = now_ms()
     since = parse_since(ns.since, now)
     card = config.rate_card()
+    rows = db.usage_rows(since, ns.member)
     summary = summarize_usage(
-        db.usage_rows(since, ns.member),
-        card,
-        db.ws_connection_rows(since, ns.member),
-        db.refusal_rows(since, ns.member),
+        rows, card, db.ws_connection_rows(since, ns.member), db.refusal_rows(since, ns.member)
     )
     gaps = rate_card_gaps(card)
+    # Rows charged through a same_as entry of today's card (the shipped ESTIMATES among them):
+    # the operator's estimate, not a published rate.
+    estimated: dict[str, int] = {}
+    for row in rows:
+        if row["credits_micro"] is not None and row["rate"] in card.same_as:
+            estimated[row["rate"]] = estimated.get(row["rate"], 0) + 1
     if ns.json:
-        doc = {"since": iso(since), "until": iso(now), **summary, "unpriced_models": gaps}
+        doc = {
+            "since": iso(since),
+            "until": iso(now),
+            **summary,
+            "priced_by_same_as": estimated,
+            "unpriced_models": gaps,
+        }
         out.write(json.dumps(doc, indent=2) + "\n")
         return
     out.write(f"usage since {iso(since)}\n")
@@ -511,6 +521,12 @@ def usage(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any)
             f"{total['unpriced']} request(s) unpriced: their model had no rate-card entry "
             f"(credits.{card.table_key}) when they ran; their credits are unknown, not 0 "
             '("unpriced": none priced; ">=": the priced ones only)\n'
+        )
+    if estimated:
+        entries = ", ".join(f"{rate} ({n})" for rate, n in sorted(estimated.items()))
+        out.write(
+            f"{sum(estimated.values())} request(s) charged through same_as entries, an "
+            f"estimate the operator owns (not a published rate): {entries}\n"
         )
     for line in rate_card_gap_lines(gaps, config.path, card, full=ns.unpriced):
         out.write(line + "\n")
