@@ -64,10 +64,11 @@ def test_each_route_claims_only_its_own_upgrades():
     assert protocol_for(plain.request) is None  # no Upgrade: websocket
     route = WebSocketRoute()
     with taddons.context(route) as tctx:
+        tctx.configure(route, codex_gateway_websockets=False)  # serve --no-websockets
         flow = upgrade_flow(b"/v1/realtime?model=m")
         route.requestheaders(flow)
-        assert WEBSOCKET not in flow.metadata  # off by default
-        tctx.configure(route, codex_gateway_websockets=True)
+        assert WEBSOCKET not in flow.metadata
+        tctx.configure(route, codex_gateway_websockets=True)  # the default
         route.requestheaders(flow)
         assert flow.metadata[WEBSOCKET] is True and flow.metadata[SOCKET_ROUTE] == "realtime"
 
