@@ -7,7 +7,9 @@ it); ``base_url`` ends in ``/v1`` (Codex appends ``/responses``); ``wire_api = "
 ``supports_websockets = false``; no ``env_key`` (the proxy holds the credential) and no
 ``query_params`` (the proxy refuses query strings). With ``--gateway`` (gateway mode) the block
 names ``env_key = "CODEX_GATEWAY_KEY"``: Codex then sends ``Authorization: Bearer`` with that
-variable's value, the member's own key (CODEX.md).
+variable's value, the member's own key (CODEX.md), and ``supports_websockets = true`` (Codex's
+default transport, which the gateway serves by default; ``--no-websockets`` for a gateway
+started with ``--no-websockets``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ GATEWAY_ENV_KEY = "CODEX_GATEWAY_KEY"
 
 
 def provider_toml(
-    port: int, model: str | None = None, gateway: bool = False, websockets: bool = False
+    port: int, model: str | None = None, gateway: bool = False, websockets: bool = True
 ) -> str:
     """The ``config.toml`` text for a proxy (or, ``gateway``, a gateway) on 127.0.0.1:``port``."""
     if gateway:
@@ -43,10 +45,11 @@ def provider_toml(
     return "\n".join(lines) + "\n"
 
 
-def gateway_toml(port: int, model: str | None = None, websockets: bool = False) -> str:
+def gateway_toml(port: int, model: str | None = None, websockets: bool = True) -> str:
     """The member's ``config.toml`` for a gateway on 127.0.0.1:``port``: Codex sends the
-    member key from ``$CODEX_GATEWAY_KEY``. ``websockets``: ``supports_websockets = true``,
-    for a gateway started with ``--websockets`` (Codex then opens one socket per session)."""
+    member key from ``$CODEX_GATEWAY_KEY``. ``websockets``: ``supports_websockets = true``
+    (the default, Codex's own: one socket per session, served by the gateway unless started
+    with ``--no-websockets``); false for such a gateway."""
     lines = [f"model = {json.dumps(model)}"] if model else []
     lines += [
         f'model_provider = "{GATEWAY_PROVIDER_ID}"',
@@ -118,14 +121,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help=f"for a gateway (./run.sh gateway serve): the member's key from ${GATEWAY_ENV_KEY}",
     )
-    parser.add_argument(
+    sockets = parser.add_mutually_exclusive_group()
+    sockets.add_argument(
         "--websockets",
         action="store_true",
-        help="with --gateway: supports_websockets = true (the gateway runs with --websockets)",
+        help="with --gateway: kept for old scripts (supports_websockets = true is the default)",
+    )
+    sockets.add_argument(
+        "--no-websockets",
+        action="store_true",
+        help="with --gateway: supports_websockets = false, for a gateway started with "
+        "--no-websockets (Codex would otherwise try the socket first)",
     )
     ns = parser.parse_args(argv)
-    if ns.websockets and not ns.gateway:
-        parser.error("--websockets needs --gateway (the strict proxy answers upgrades 426)")
+    if (ns.websockets or ns.no_websockets) and not ns.gateway:
+        parser.error(
+            "--websockets / --no-websockets need --gateway (the strict proxy answers upgrades "
+            "426: its block always says supports_websockets = false)"
+        )
+    websockets = not ns.no_websockets
     try:
         port = ns.port if ns.port is not None else port_from_server_info(ns.server_info)
     except ValueError as e:
@@ -133,11 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 < port < 65536:
         parser.exit(2, f"{parser.prog}: error: port {port} out of range\n")
     if ns.toml_only:
-        sys.stdout.write(provider_toml(port, ns.model, ns.gateway, ns.websockets))
+        sys.stdout.write(provider_toml(port, ns.model, ns.gateway, websockets))
         return 0
     if ns.gateway:
         sys.stdout.write("# CODEX_HOME/config.toml of a gateway member (top-level keys first):\n")
-        sys.stdout.write(gateway_toml(port, ns.model, ns.websockets))
+        sys.stdout.write(gateway_toml(port, ns.model, websockets))
         sys.stdout.write(
             f"\n# then: export {GATEWAY_ENV_KEY}=sk-codex-gw-...  (./run.sh gateway add-key)\n"
         )

@@ -124,10 +124,11 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def member_codex_home(
-    tmp_path: Path, server: ProxyProcess, model: str | None = None
+    tmp_path: Path, server: ProxyProcess, model: str | None = None, websockets: bool = True
 ) -> tuple[Path, Path, str]:
     """A CODEX_HOME for a gateway member: ``(home, workdir, config.toml text)``, the config
-    being what ``./run.sh codex-config --gateway`` prints (``--model`` only when given)."""
+    being what ``./run.sh codex-config --gateway`` prints (``--model`` only when given;
+    ``--no-websockets`` with ``websockets=False``, for tests of Codex over HTTP)."""
     home, work = tmp_path / f"codex-home-{model or 'default'}", tmp_path / "work"
     home.mkdir()
     work.mkdir(exist_ok=True)
@@ -139,6 +140,7 @@ def member_codex_home(
             "--server-info",
             str(server.info_path),
             *(["--model", model] if model else []),
+            *([] if websockets else ["--no-websockets"]),
             "--gateway",
             "--toml-only",
         ],

@@ -46,13 +46,21 @@ def test_whole_stdout_is_valid_toml(capsys):
     assert "# codex exec -c " in out
 
 
-def test_websockets_flag_is_for_a_gateway_only(capsys):
-    assert main(["--port", "4321", "--gateway", "--websockets", "--toml-only"]) == 0
-    provider = tomllib.loads(capsys.readouterr().out)["model_providers"]["codex-gateway"]
-    assert provider["supports_websockets"] is True
-    assert main(["--port", "4321", "--gateway", "--toml-only"]) == 0
-    provider = tomllib.loads(capsys.readouterr().out)["model_providers"]["codex-gateway"]
-    assert provider["supports_websockets"] is False
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--port", "4321", "--websockets"])
-    assert exit_info.value.code == 2
+def test_a_gateway_block_says_websockets_unless_told_not_and_the_flags_are_for_a_gateway(capsys):
+    """Codex's default transport is the gateway's default: ``--gateway`` prints
+    ``supports_websockets = true``; ``--websockets`` is kept (a no-op) for old scripts;
+    ``--no-websockets`` is for a gateway started with it."""
+    for flags, expected in [([], True), (["--websockets"], True), (["--no-websockets"], False)]:
+        assert main(["--port", "4321", "--gateway", *flags, "--toml-only"]) == 0
+        provider = tomllib.loads(capsys.readouterr().out)["model_providers"]["codex-gateway"]
+        assert provider["supports_websockets"] is expected, flags
+    assert main(["--port", "4321", "--gateway"]) == 0
+    assert "supports_websockets = true" in capsys.readouterr().out
+    for flags in (
+        ["--websockets"],
+        ["--no-websockets"],
+        ["--gateway", "--websockets", "--no-websockets"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--port", "4321", *flags])
+        assert exit_info.value.code == 2

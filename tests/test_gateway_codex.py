@@ -31,7 +31,9 @@ TOKENS_PER_REQUEST = 59  # tests/fake_upstream.py's usage block
 
 
 def codex_home(tmp_path: Path, server, model: str = MODEL) -> tuple[Path, Path]:
-    home, work, _ = member_codex_home(tmp_path, server, model)
+    """Codex over HTTP (``supports_websockets = false``): these are the HTTP refusals; the
+    socket's are tests/test_gateway_ws*.py."""
+    home, work, _ = member_codex_home(tmp_path, server, model, websockets=False)
     return home, work
 
 

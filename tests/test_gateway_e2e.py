@@ -92,6 +92,18 @@ def test_member_keys_are_required_and_never_forwarded(gateway, upstream):
             f"Bearer {v}" for v in UPSTREAM_KEYS.values()
         }
         assert "sk-codex-gw" not in json.dumps(request.headers)
+    # usage counts the refusals: with no member for the bad keys (coalesced rows), as alice's
+    # for nothing (a revoked key names no member in the directory); never as errors.
+    refused = sum(1 for case in cases if case not in ("oversized",))
+    wait_for(
+        lambda: gateway.usage()["without_member"]["refusals"]["auth"] >= refused + 2,
+        10,
+        "the refusals",
+    )
+    usage = gateway.usage()
+    assert usage["total"]["errors"] == 0 and usage["members"][0]["refused"] == 0
+    assert usage["total"]["refused"] == usage["without_member"]["refused"]
+    assert "(no member key)" in gateway.admin("usage").stdout
 
 
 def test_routes_and_the_codex_only_filter(gateway, upstream):
@@ -174,8 +186,19 @@ def test_credit_quota_priority_costs_twice_and_usage_shows_credits(gateway, upst
     assert usage["carol"]["total_tokens"] == 2 * TOKENS["total"]
     total = gateway.usage()["total"]
     assert total["credits"] == pytest.approx(4 * CREDITS, abs=5e-6)
+    assert usage["dave"]["credits_complete"] is False and usage["carol"]["credits_complete"]
+    # carol's two refusals (the credit quota, the unpriced model) are counted by kind.
+    assert usage["carol"]["refused"] == 2 and usage["carol"]["errors"] == 0
+    assert {k: n for k, n in usage["carol"]["refusals"].items() if n} == {
+        "quota": 1,
+        "unpriced": 1,
+    }
+    assert usage["dave"]["refused"] == 0
     text = gateway.admin("usage").stdout
     assert "carol" in text and "1 request(s) unpriced" in text
+    dave = next(line for line in text.splitlines() if line.startswith("dave "))
+    assert ">=" in dave  # its credits leave the unpriced request out: not a plain sum
+    assert "refused requests by kind" in text
     # Both codex-unknown requests are counted: carol's refused one and dave's unpriced row.
     metrics = server.request("GET", "/metrics", headers=OPERATOR)[2].decode()
     assert 'codex_gateway_unpriced_requests_total{model="codex-unknown"} 2.0' in metrics
@@ -361,13 +384,14 @@ def test_add_key_prints_the_key_alone_as_the_last_line(gateway):
 
 @pytest.mark.codex
 def test_codex_cli_with_a_member_key(gateway, upstream, codex, tmp_path):
-    """Codex with its defaults (codex-config names no model) through a gateway whose operator
-    priced Codex's default model like gpt-5.5: a member with a credit quota is served and
-    metered in credits, and Codex knows its model (no fallback-metadata warning)."""
-    set_rates(gateway, **{CODEX_DEFAULT: {"same_as": "gpt-5.5"}})
+    """Codex with its default model (codex-config names no model) over HTTP through a gateway
+    with the shipped config, whose ESTIMATE prices Codex's default model like gpt-5.5: a
+    member with a credit quota is served and metered in credits, and Codex knows its model
+    (no fallback-metadata warning). (Over the socket, Codex's default transport:
+    tests/test_gateway_quickstart.py.)"""
     keys = members(gateway, ("alice", "--weekly-credits", "100"))
     server = gateway.serve(upstream.url)
-    home, work, config = member_codex_home(tmp_path, server)
+    home, work, config = member_codex_home(tmp_path, server, websockets=False)
     assert 'env_key = "CODEX_GATEWAY_KEY"' in config and "supports_websockets = false" in config
     assert "model =" not in config  # the model is left to Codex
     code, out, _ = run_member_codex(codex, home, work, keys["alice"])
@@ -461,14 +485,29 @@ def test_plain_mitmdump_with_the_gateway_script(gateway, upstream, tmp_path):
     wait_for(lambda: gateway.usage()["total"]["requests"] == 1, 10, "row")
 
 
+def drop_estimates(gw: Gateway) -> None:
+    """Remove the shipped ESTIMATE entries (``same_as``) from the deployment's card: only
+    OpenAI's published rates are left, as an operator who deleted them would have."""
+    data = yaml.safe_load(gw.config_path.read_text())
+    rates = data["credits"]["rates"]
+    data["credits"]["rates"] = {k: v for k, v in rates.items() if "same_as" not in v}
+    gw.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 def test_unpriced_catalog_models_are_named_at_start_up_in_usage_and_metrics(gateway, upstream):
+    drop_estimates(gateway)
     keys = members(gateway, ("alice",))
+    proc = gateway.admin("add-member", "carol", "--weekly-credits", "5")
+    assert proc.stderr.count("warning:") == 1 and CODEX_DEFAULT in proc.stderr  # once
+    assert "unpriced_model" in proc.stderr and f"credits.rates.{CODEX_DEFAULT}" in proc.stderr
+    assert "warning" not in gateway.admin("add-member", "dan").stderr  # no credit quota
     server = gateway.serve(upstream.url)
     key = f"credits.rates.{CODEX_DEFAULT}  (Codex's default model)"
-    wait_for(lambda: key in server.output(), 10, "the start-up warning")
+    wait_for(lambda: "gateway usage --unpriced" in server.output(), 10, "the start-up note")
     log = server.output()
-    assert "the rate card cannot price" in log and str(gateway.config_path) in log
-    assert "credits.rates.gpt-5.5\n" not in log  # priced by the shipped card
+    (note,) = [line for line in log.splitlines() if "the rate card cannot price" in line]
+    assert f"Codex's default {CODEX_DEFAULT} among them" in note  # one line, not the list
+    assert key not in log
     for _ in range(2):
         assert (
             server.post_json({**CODEX_MODEL, "model": CODEX_DEFAULT}, bearer(keys["alice"]))[0]
@@ -488,7 +527,19 @@ def test_unpriced_catalog_models_are_named_at_start_up_in_usage_and_metrics(gate
         "codex_default": True,
     }
     assert "gpt-5.5" not in gaps
-    assert key in gateway.admin("usage").stdout
+    text = gateway.admin("usage").stdout
+    assert key not in text and "gateway usage --unpriced" in text  # the one line
+    assert key in gateway.admin("usage", "--unpriced").stdout  # the list, with the keys
+    alice = next(line for line in text.splitlines() if line.startswith("alice "))
+    assert ">=" in alice  # 2 of its 3 requests unpriced: never shown as a plain sum
+    (bob,) = members(gateway, ("bob",)).values()
+    assert server.post_json({**CODEX_MODEL, "model": CODEX_DEFAULT}, bearer(bob))[0] == 200
+    wait_for(lambda: gateway.usage()["total"]["requests"] == 4, 10, "bob's row")
+    usage = {m["member"]: m for m in gateway.usage()["members"]}
+    assert usage["bob"]["credits"] is None and usage["bob"]["usd"] is None  # not 0
+    text = gateway.admin("usage").stdout
+    bob_line = next(line for line in text.splitlines() if line.startswith("bob "))
+    assert bob_line.split().count("unpriced") == 2  # credits and USD
 
 
 def test_a_mapped_default_model_is_no_longer_named_and_is_charged(gateway, upstream):

@@ -225,3 +225,19 @@ def test_realtime_sockets_are_counted_in_the_ledger(tmp_path: Path, pg_cluster: 
             assert summary["total_tokens"] == TOKENS_PER_REQUEST
     finally:
         gw.stop()
+
+
+def test_a_0003_ledger_upgrades_to_0004_in_place_on_postgresql(
+    tmp_path: Path, pg_cluster: PgCluster
+) -> None:
+    """Revision 0004 (``usage.warmup``, ``refusals``) on a PostgreSQL ledger with rows in it,
+    as on SQLite (tests/test_gateway_units.py)."""
+    from tests.test_gateway_units import ROWS_0003, check_upgraded_0003, upgraded_from
+
+    name = f"gw_{uuid.uuid4().hex[:8]}"
+    pg_cluster.create_database(name)
+    db = upgraded_from(tmp_path, pg_cluster.url(name), "0003", ROWS_0003)
+    try:
+        check_upgraded_0003(db)
+    finally:
+        db.dispose()

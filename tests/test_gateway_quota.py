@@ -217,7 +217,8 @@ async def test_an_unpriced_model_under_a_credit_quota_is_a_403_naming_it(
     assert flow.response is not None and flow.response.status_code == 403
     error = error_of(flow)
     assert error["code"] == "unpriced_model" and error["model"] == UNPRICED
-    assert repr(UNPRICED) in error["message"] and "credits.rates" in error["message"]
+    assert repr(UNPRICED) in error["message"] and f"credits.rates.{UNPRICED}" in error["message"]
+    assert "ask the gateway's operator" in error["message"]  # the member reads it in Codex
     assert flow.metadata[REFUSED] == "unpriced-model"
     assert refused(core, "unpriced_model") == 1
     assert (
@@ -278,6 +279,7 @@ async def test_a_reached_credit_quota_names_credits(setup):
         2.0,
     )
     assert "used 2.5 credits of its weekly credit quota of 2 credits" in error["message"]
+    assert error["message"].endswith("or ask the gateway's operator to raise it")
     assert flow.metadata[CODEX_LIMITS]["x-codex-credits-balance"] == "0"
 
 

@@ -64,10 +64,11 @@ def test_each_route_claims_only_its_own_upgrades():
     assert protocol_for(plain.request) is None  # no Upgrade: websocket
     route = WebSocketRoute()
     with taddons.context(route) as tctx:
+        tctx.configure(route, codex_gateway_websockets=False)  # serve --no-websockets
         flow = upgrade_flow(b"/v1/realtime?model=m")
         route.requestheaders(flow)
-        assert WEBSOCKET not in flow.metadata  # off by default
-        tctx.configure(route, codex_gateway_websockets=True)
+        assert WEBSOCKET not in flow.metadata
+        tctx.configure(route, codex_gateway_websockets=True)  # the default
         route.requestheaders(flow)
         assert flow.metadata[WEBSOCKET] is True and flow.metadata[SOCKET_ROUTE] == "realtime"
 
@@ -416,15 +417,20 @@ def test_realtime_upgrades_refused_before_the_upstream_without_the_flag_a_key_or
 ):
     gateway.admin("add-member", "dave")
     key = gateway.add_key("dave")
-    server = gateway.serve(upstream.url)
+    server = gateway.serve(upstream.url, "--no-websockets")
     status = server.request(
         "GET",
         f"/v1/realtime?model={MODEL}",
         headers={"authorization": f"Bearer {key}", **UPGRADE},
     )[0]
     assert status == 403 and upstream.requests == []
+    # Codex's socket route is off too: 426, as the strict proxy answers (Codex uses HTTP).
+    codex_upgrade = {"authorization": f"Bearer {key}", **UPGRADE, "user-agent": "codex_exec/0"}
+    assert server.request("GET", "/v1/responses", headers=codex_upgrade)[0] == 426
     server.shutdown()
-    server = gateway.serve(upstream.url, "--websockets")
+    both = gateway.admin("serve", "--websockets", "--no-websockets", check=False)
+    assert both.returncode == 2 and "contradict" in both.stderr
+    server = gateway.serve(upstream.url)  # served by default
     refused = {
         f"/v1/realtime?model={MODEL}": {},  # no member key
         f"/v1/realtime?model={MODEL}&call_id=rtc_1": {"authorization": f"Bearer {key}"},

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from addons.codex_models import catalog as codex_catalog
 from addons.codex_models import parse as parse_catalog
 from addons.codex_models import trim
 from addons.credits import parse_rate_card
@@ -231,6 +232,61 @@ def test_a_0001_ledger_upgrades_with_its_rows_kept(tmp_path) -> None:
     old.dispose()
 
 
+def upgraded_from(tmp_path, url: str, revision: str, statements: list[str]) -> Database:
+    """A database at ``revision`` holding the rows ``statements`` insert, migrated to head."""
+    from alembic import command
+
+    old = Database(url)
+    with old.engine.begin() as conn:
+        command.upgrade(old._alembic_config(conn), revision)
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+    assert old.revision() == revision
+    assert old.migrate() == old.head() == "0004"
+    return old
+
+
+#: Rows of a 0003 ledger: a member, a usage row, a socket's row.
+ROWS_0003 = [
+    "INSERT INTO members (name, five_hour_quota, weekly_quota, five_hour_credits_micro,"
+    " weekly_credits_micro, max_concurrent, created_ms) VALUES ('a', 0, 0, 0, 0, 0, 1)",
+    "INSERT INTO usage (row_id, ts_ms, member_id, key_id, route, input_tokens, cached_tokens,"
+    " cache_write_tokens, output_tokens, reasoning_tokens, total_tokens, credits_micro, events,"
+    " attempts, instance) VALUES ('r1', 5, 1, 'k', 'ws:/v1/responses', 3, 1, 0, 2, 0, 5, 170,"
+    " 0, 1, 'i')",
+    "INSERT INTO ws_connections (row_id, member_id, key_id, route, opened_ms, client_messages,"
+    " upstream_messages, turns, instance) VALUES ('c1', 1, 'k', 'ws:/v1/responses', 4, 2, 3,"
+    " 2, 'i')",
+]
+
+
+def check_upgraded_0003(db: Database) -> None:
+    """The 0003 rows survive 0004: the usage row is no warm-up, refusals start empty and take
+    rows, with and without a member."""
+    (row,) = db.usage_rows(0)
+    assert row["total_tokens"] == 5 and row["credits_micro"] == 170 and row["warmup"] == 0
+    assert [c["client_messages"] for c in db.ws_connection_rows(0)] == [2]
+    assert db.refusal_rows(0) == []
+    base = {"ts_ms": 9, "kind": "quota", "code": "quota_exceeded", "status": 429}
+    base |= {"route": "/v1/responses", "model": None, "count": 1, "instance": "i"}
+    db.insert_refusals(
+        [
+            {**base, "row_id": "f1", "member_id": 1, "key_id": "k"},
+            {**base, "row_id": "f2", "member_id": None, "key_id": None, "count": 4},
+        ]
+    )
+    assert [(r["member"], r["count"]) for r in db.refusal_rows(0)] == [("a", 1), (None, 4)]
+    columns = {k: v for k, v in row.items() if k not in ("id", "member")}
+    db.insert_usage([{**columns, "row_id": "r2", "duration_ms": 5, "warmup": 1}])
+    assert [r["warmup"] for r in db.usage_rows(0)] == [0, 1]
+
+
+def test_a_0003_ledger_upgrades_to_0004_in_place_with_its_rows_kept(tmp_path) -> None:
+    old = upgraded_from(tmp_path, f"sqlite:///{tmp_path / 'old.db'}", "0003", ROWS_0003)
+    check_upgraded_0003(old)
+    old.dispose()
+
+
 def test_an_uninitialised_database_is_refused_with_the_fix(tmp_path) -> None:
     fresh = Database(f"sqlite:///{tmp_path / 'new.db'}")
     with pytest.raises(DatabaseError, match="gateway init"):
@@ -364,7 +420,24 @@ def test_shipped_gateway_config_carries_todays_rate_card() -> None:
 
     config = load_gateway_config(str(ROOT / "config" / "gateway.yaml"))
     shipped = yaml.safe_load((ROOT / "config" / "codex-rate-card.yaml").read_text())
-    assert config.credits["rates"] == shipped["rates"]
+    published = {k: v for k, v in config.credits["rates"].items() if k in shipped["rates"]}
+    assert published == shipped["rates"]
+    # Beyond the published card: only the operator's estimates, each a same_as marked so.
+    estimates = {k: v for k, v in config.credits["rates"].items() if k not in shipped["rates"]}
+    assert estimates and all(v == {"same_as": "gpt-5.5"} for v in estimates.values())
+    text = (ROOT / "config" / "gateway.yaml").read_text()
+    for model in estimates:
+        (line,) = [ln for ln in text.splitlines() if ln.strip().startswith(f"{model}:")]
+        assert "# ESTIMATE" in line, line
+    assert "ESTIMATES, owned by the operator: NOT published rates" in text
+    # So Codex's default model is priced out of the box (the quick start's member is served),
+    # and only the catalog's hidden models are left unpriced.
+    card = config.rate_card()
+    snapshot = codex_catalog()
+    assert card.prices(snapshot.default_model)
+    assert {g["model"] for g in rate_card_gaps(card)} == set(snapshot.slugs()) - set(
+        snapshot.slugs(listed_only=True)
+    )
     assert config.credits["fast_mode_multiplier"] == shipped["fast_mode_multiplier"]
     assert config.credits["usd_per_credit"] == shipped["usd_per_credit"]
 
@@ -731,7 +804,10 @@ def test_rate_card_gaps_name_each_unpriced_catalog_model_with_its_key() -> None:
         {"model": "m-hidden", "yaml_key": "credits.rates.m-hidden", "codex_default": False},
         {"model": "m-default", "yaml_key": "credits.rates.m-default", "codex_default": True},
     ]
-    lines = rate_card_gap_lines(gaps, "/etc/gw.yaml", card)
+    (line,) = rate_card_gap_lines(gaps, "/etc/gw.yaml", card)  # start-up and usage: one line
+    assert "cannot price 2 model(s)" in line and "gateway usage --unpriced" in line
+    assert "default m-default among them" in line
+    lines = rate_card_gap_lines(gaps, "/etc/gw.yaml", card, full=True)  # usage --unpriced
     assert "cannot price 2 model(s)" in lines[0] and "/etc/gw.yaml" in lines[0]
     assert "  credits.rates.m-default  (Codex's default model)" in lines
     assert lines[-1].startswith("  e.g. credits.rates.m-default: {same_as: m-priced}")
@@ -751,3 +827,69 @@ def test_rate_card_gaps_name_each_unpriced_catalog_model_with_its_key() -> None:
         "credits.message_average.m-default",
         "credits.message_average.m-priced",
     ]
+
+
+# -- usage --------------------------------------------------------------------------------------
+
+
+def _usage_row(member: str, **fields) -> dict:
+    row = {
+        "member": member,
+        "status": 200,
+        "error": None,
+        "duration_ms": 5,
+        "warmup": 0,
+        "credits_micro": 17_100,
+        **{
+            f"{kind}_tokens": 0
+            for kind in ("input", "cached", "cache_write", "output", "reasoning")
+        },
+        "total_tokens": 59,
+    }
+    row.update(fields)
+    return row
+
+
+def test_usage_counts_warmups_errors_refusals_and_never_shows_unpriced_as_zero() -> None:
+    from addons.gateway_mode.cli import _usage_table, summarize_usage
+    from addons.gateway_mode.ledger import IN_FLIGHT
+
+    card = parse_rate_card({"rates": {"m": {"input": 1, "cached_input": 1, "output": 1}}})
+    rows = [
+        _usage_row("ann", warmup=1, total_tokens=0, credits_micro=None),  # Codex's warm-up
+        _usage_row("ann"),
+        # A reply whose usage could not be read: status 200, the error column says so.
+        _usage_row("ann", error="usage unreadable", total_tokens=0, credits_micro=None),
+        _usage_row("ann", status=502, error="upstream", total_tokens=0, credits_micro=None),
+        _usage_row("ann", duration_ms=None, error=IN_FLIGHT, status=None),
+        _usage_row("bo", credits_micro=None),  # unpriced, nothing priced
+        _usage_row("cy", credits_micro=None),  # unpriced beside a priced row
+        _usage_row("cy"),
+    ]
+    refusals = [
+        {"member": "ann", "kind": "quota", "count": 1},
+        {"member": "ann", "kind": "concurrency", "count": 2},
+        {"member": "dee", "kind": "unpriced", "count": 1},
+        {"member": None, "kind": "auth", "count": 40},
+        {"member": "ann", "kind": "something new", "count": 1},
+    ]
+    summary = summarize_usage(rows, card, [], refusals)
+    per = {m["member"]: m for m in summary["members"]}
+    ann = per["ann"]
+    assert (ann["requests"], ann["warmups"], ann["errors"], ann["in_flight"]) == (3, 1, 2, 1)
+    assert ann["refused"] == 4 and ann["refusals"]["quota"] == 1
+    assert ann["refusals"]["concurrency"] == 2 and ann["refusals"]["gateway"] == 1
+    assert ann["unpriced"] == 0 and ann["credits"] == 0.0171 and ann["credits_complete"]
+    assert per["bo"]["credits"] is None and per["bo"]["usd"] is None and per["bo"]["unpriced"] == 1
+    assert per["cy"]["credits"] == 0.0171 and not per["cy"]["credits_complete"]
+    assert per["dee"]["requests"] == 0 and per["dee"]["credits"] == 0.0  # nothing used: 0 is true
+    assert summary["without_member"]["refusals"]["auth"] == 40
+    total = summary["total"]
+    assert total["refused"] == 45 and total["requests"] == 6 and total["warmups"] == 1
+    assert total["credits"] == pytest.approx(0.0342) and not total["credits_complete"]
+    out = io.StringIO()
+    _usage_table(summary, out)
+    lines = {line.split()[0]: line.split() for line in out.getvalue().splitlines()}
+    assert lines["bo"][11:13] == ["unpriced", "unpriced"]
+    assert lines["cy"][11] == ">=0.0171" and lines["ann"][11] == "0.0171"
+    assert lines["member"][1:5] == ["requests", "warmups", "errors", "refused"]

@@ -67,9 +67,11 @@ def test_only_the_exact_responses_upgrade_is_claimed(path, method, expected):
     assert not is_responses_upgrade(plain.request)
 
 
-def test_the_route_claims_upgrades_only_when_enabled_and_the_426_stays_otherwise():
+def test_the_route_claims_upgrades_unless_turned_off_and_the_426_stays_then():
     route, refusal = WebSocketRoute(), WebSocketRefusal()
     with taddons.context(route, refusal) as tctx:
+        assert tctx.options.codex_gateway_websockets is True and route.enabled  # the default
+        tctx.configure(route, codex_gateway_websockets=False)  # serve --no-websockets
         flow = upgrade_flow()
         route.requestheaders(flow)
         refusal.requestheaders(flow)
@@ -159,6 +161,11 @@ def connection_rows(gateway) -> list[dict]:
         return [dict(r) for r in db.execute("SELECT * FROM ws_connections ORDER BY opened_ms")]
 
 
+def summary_warmups(gateway) -> int:
+    """``warmups`` of ``gateway usage --json``: Codex's warm-ups, counted apart from requests."""
+    return gateway.usage()["total"]["warmups"]
+
+
 def creates(upstream) -> list[dict]:
     return [m for m in upstream.ws_messages if m.get("type") == "response.create"]
 
@@ -204,7 +211,9 @@ def test_codex_turns_use_the_socket_with_a_tool_call_metered_and_no_key_leaks(
     sockets = connection_rows(gateway)
     assert sockets and all(s["closed_ms"] and s["route"] == "ws:/v1/responses" for s in sockets)
     assert sum(s["client_messages"] for s in sockets) == len(sent)
-    assert sum(s["turns"] for s in sockets) == len(sent)
+    warmups = [m for m in sent if m.get("generate") is False]
+    assert sum(s["turns"] for s in sockets) == len(sent) - len(warmups)  # not the warm-ups
+    assert summary_warmups(gateway) == len(warmups) >= 1
     assert sum(s["upstream_messages"] for s in sockets) > len(sent)
     summary = gateway.usage()["members"][0]
     assert summary["ws_connections"] == len(sockets)
@@ -590,6 +599,30 @@ async def test_each_turn_end_is_a_ledger_row_and_a_closed_socket_leaves_one_too(
     assert forwarder.ended == [flow.id] and not turns.sockets
 
 
+async def test_codexs_warm_up_is_a_row_marked_warmup_and_no_turn_of_its_socket():
+    """Codex's first message on a socket is a warm-up (``"generate": false``): metered (its
+    row keeps what the server reports) but marked, so ``usage`` counts it apart from requests,
+    and the socket's ``turns`` counts only the real turn."""
+    from tests.fake_upstream import response_object
+
+    core, turns, _ = _turns()
+    with taddons.context(turns):
+        flow = _ws_flow()
+        turns.websocket_start(flow)
+        for create in (
+            {"type": "response.create", "model": MODEL, "generate": False},
+            {"type": "response.create", "model": MODEL, "previous_response_id": "resp_w"},
+        ):
+            await _say(turns, flow, True, create)
+            done = response_object("resp_w", MODEL, "hi")
+            await _say(turns, flow, False, {"type": "response.completed", "response": done})
+        turns.websocket_end(flow)
+    rows_ = [r for r in core.ledger.rows if "table" not in r]  # type: ignore[union-attr]
+    assert [r["warmup"] for r in rows_] == [1, 0]
+    closed = [r for r in core.ledger.rows if r.get("table") == "ws_connections"][-1]  # type: ignore[union-attr]
+    assert closed["turns"] == 1 and closed["client_messages"] == 2
+
+
 @pytest.mark.parametrize("kept_by", [None, "hardump", "web_port"])
 async def test_an_unrecorded_socket_holds_only_its_open_turn(kept_by):
     """Every message of an hour-long socket stayed on its flow (~160 KB a 400-event reply,
@@ -667,8 +700,10 @@ async def test_a_revoked_key_is_answered_and_its_message_dropped():
                 break
             await asyncio.sleep(0.01)
         assert closed == [flow]
-    (opened,) = core.ledger.rows  # type: ignore[union-attr]
+    opened, refused = core.ledger.rows  # type: ignore[union-attr]
     assert opened["table"] == "ws_connections" and opened["closed_ms"] is None  # no turn row
+    assert refused["table"] == "refusals" and refused["kind"] == "auth"
+    assert refused["code"] == "invalid_member_key" and refused["member_id"] == 1
     assert turns.sockets[flow.id].close_reason == "unknown or revoked member key"
 
 

@@ -154,10 +154,13 @@ def test_an_unpriced_model_on_the_socket_ends_the_codex_turn_with_the_cause(
     server = gateway.serve(upstream.url, "--websockets")
     home, work = codex_home(tmp_path, server)
     config = home / "config.toml"
-    config.write_text(config.read_text().replace(f'model = "{MODEL}"', 'model = "gpt-6.2-sol"'))
+    # A catalog model the shipped card (with its estimates) does not price.
+    hidden = "gpt-daybreak-red-latest"
+    config.write_text(config.read_text().replace(f'model = "{MODEL}"', f'model = "{hidden}"'))
     code, out, seconds = run(codex, home, work, key)
     assert code != 0
-    assert "unpriced_model" in out and "gpt-6.2-sol" in out
+    assert "unpriced_model" in out and hidden in out
+    assert "ask the gateway's operator" in out  # what to ask for, as over HTTP
     assert "Reconnecting" not in out and seconds < ENDS_SOON_S
     assert creates(upstream) == []  # refused before anything went upstream
     assert not [r for r in upstream.requests if r.method == "POST"]

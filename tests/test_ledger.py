@@ -17,7 +17,14 @@ import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 
 from addons.gateway_mode.database import Database, collapse_rows
-from addons.gateway_mode.ledger import IN_FLIGHT, WS_CONNECTIONS, UsageLedger, spool_files
+from addons.gateway_mode.ledger import (
+    IN_FLIGHT,
+    REFUSALS,
+    WS_CONNECTIONS,
+    UsageLedger,
+    refusal_kind,
+    spool_files,
+)
 from addons.gateway_mode.schema import usage, ws_connections
 from tests.conftest import wait_for
 
@@ -78,6 +85,9 @@ class FailingDatabase(Database):
     """Refuses every insert (the database is away)."""
 
     def insert_usage(self, rows):  # type: ignore[override]
+        raise OperationalError("insert", {}, Exception("down"))
+
+    def insert_refusals(self, rows):  # type: ignore[override]
         raise OperationalError("insert", {}, Exception("down"))
 
 
@@ -378,4 +388,67 @@ def test_after_written_waits_for_every_row_queued_before_it(url: str) -> None:
     away.after_written(lambda: fired.append("at stop"))
     away.stop(timeout=0.5)
     assert fired[-1] == "at stop"
+    db.dispose()
+
+
+def refusal(code: str, member_id: int | None = 1, route: str = "/v1/responses") -> dict:
+    return {
+        "table": REFUSALS,
+        "row_id": str(uuid.uuid4()),
+        "ts_ms": 2_000,
+        "member_id": member_id,
+        "key_id": "k" if member_id else None,
+        "kind": refusal_kind(code),
+        "code": code,
+        "status": 429,
+        "route": route,
+        "model": None,
+        "count": 1,
+        "instance": "t",
+    }
+
+
+def test_refusal_rows_share_the_queue_and_a_flood_of_bad_keys_is_one_row_per_code(
+    tmp_path: Path, url: str
+) -> None:
+    """A member's refusals are a row each; refusals with no member (bad keys, which anyone
+    can send) coalesce while they wait, per code and route, and keep their count through a
+    failed batch, the spool and a replay, landing once."""
+    spool = tmp_path / "spool.jsonl"
+    ledger = UsageLedger(FailingDatabase(url, create=False), str(spool))
+    for _ in range(3):
+        ledger.add(refusal("quota_exceeded"))
+    for _ in range(1000):
+        ledger.add(refusal("invalid_member_key", member_id=None))
+    ledger.add(refusal("missing_member_key", member_id=None))
+    ledger.add(refusal("invalid_member_key", member_id=None, route="ws:/v1/responses"))
+    assert ledger.pending() == 6
+    assert ledger.pending_rows(1, 0, "credits") == []  # refusals hold no usage
+    assert not ledger.flush()
+    # Taken into the failed batch: a new bad key starts a row of its own (the count of the
+    # one being written cannot change under it).
+    ledger.add(refusal("invalid_member_key", member_id=None))
+    assert ledger.pending() == 7
+    ledger.stop(timeout=1)
+    lines = [json.loads(line) for line in spool.read_text().splitlines()]
+    assert {r["table"] for r in lines} == {REFUSALS}
+    db = open_db(url)
+    replay = UsageLedger(db, str(spool))
+    replay._claim_spools()
+    assert replay.flush() and not spool.exists()
+    rows = db.refusal_rows(0)
+    counts: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["member"], r["code"], r["route"])
+        counts[key] = counts.get(key, 0) + r["count"]
+    assert counts == {
+        ("m", "quota_exceeded", "/v1/responses"): 3,
+        (None, "invalid_member_key", "/v1/responses"): 1001,
+        (None, "missing_member_key", "/v1/responses"): 1,
+        (None, "invalid_member_key", "ws:/v1/responses"): 1,
+    }
+    assert {r["kind"] for r in rows} == {"quota", "auth"}
+    assert [r["member"] for r in db.refusal_rows(0, "m")] == ["m"] * 3
+    db.insert_refusals([{k: v for k, v in lines[0].items() if k != "table"}])  # re-sent: once
+    assert len(db.refusal_rows(0)) == len(rows)
     db.dispose()

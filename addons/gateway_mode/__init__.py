@@ -11,7 +11,8 @@ error replies, launching) is imported from ``addons/``.
 - ``members``: member keys (``sk-codex-gw-...``), their hashes, name rules.
 - ``keypool``: the upstream key pool (keys from stdin, in memory only; health, cooldown).
 - ``windows``: quota window arithmetic (pure).
-- ``ledger``: the usage ledger's writer thread and its spool (no row lost).
+- ``ledger``: the usage ledger's writer thread and its spool (no row lost); its rows are
+  usage rows, ``ws_connections`` rows and ``refusals`` rows (and the refusal kinds).
 - ``core``: the state the gateway's addons share, the addon that owns its options, and
   ``RequestFacts`` (a request's model and service tier, read off the loop; 413/400 for bombs
   and deep JSON).
@@ -19,9 +20,9 @@ error replies, launching) is imported from ``addons/``.
   ``accounting``, ``local_routes``, ``metrics``, ``tls``: one mitmproxy addon (or its helpers)
   each. ``codex_replies`` speaks Codex's language to members: its rate-limit headers and the
   refusal statuses it acts on.
-- ``websocket``: the WebSocket routes (``serve --websockets``): Codex's ``/v1/responses``
-  and the Realtime API's ``/v1/realtime``: the upgrade claimed, then each socket's turns
-  checked against quotas and metered, and the socket a ``ws_connections`` row;
+- ``websocket``: the WebSocket routes (on unless ``serve --no-websockets``): Codex's
+  ``/v1/responses`` and the Realtime API's ``/v1/realtime``: the upgrade claimed, then each
+  socket's turns checked against quotas and metered, and the socket a ``ws_connections`` row;
   ``socket_protocol``: what differs between the two routes (one small object each);
   ``socket_bounds``: what one member socket may make the gateway hold (message size while
   gathered and inflated, frames a second, unread input and output), inside mitmproxy's

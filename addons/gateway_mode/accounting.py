@@ -1,9 +1,11 @@
-"""Usage accounting: one ledger row per forwarded request, written when the exchange ends."""
+"""Usage accounting: one ledger row per forwarded request, written when the exchange ends, and
+one ``refusals`` row per request the gateway answered itself (:func:`record_refusal`)."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import time
 import uuid
@@ -12,11 +14,12 @@ from typing import Any
 
 from mitmproxy import http
 
-from addons.common import CLIENT_ERROR, KEY_INJECTED, WEBSOCKET
+from addons.common import CLIENT_ERROR, KEY_INJECTED, REFUSED, WEBSOCKET
 from addons.exchange import UNMETERED, ExchangeFacts, Metering, Reply, meter_reply, read_reply
 from addons.gateway_mode.core import (
     ATTEMPTS,
     MEMBER,
+    REQUEST_INFO,
     ROUTE,
     UPSTREAM_KEY,
     GatewayCore,
@@ -24,7 +27,7 @@ from addons.gateway_mode.core import (
     route_label,
 )
 from addons.gateway_mode.forward import PoolForwarder
-from addons.gateway_mode.ledger import IN_FLIGHT
+from addons.gateway_mode.ledger import IN_FLIGHT, REFUSALS, TABLE, refusal_kind
 from addons.gateway_mode.windows import MICRO
 from addons.responses_turn import USAGE_KINDS
 
@@ -32,6 +35,58 @@ logger = logging.getLogger(__name__)
 
 #: The flow's usage ``row_id`` (one UUID for its in-flight and its finished row).
 ROW_ID = "codex_gateway.row_id"
+
+#: ``REFUSED`` reasons that are no refusal (``/health`` and ``/metrics`` answered locally).
+NOT_REFUSALS = frozenset({"local-route"})
+
+
+def record_refusal(
+    core: GatewayCore,
+    member: dict[str, Any] | None,
+    code: str,
+    status: int | None,
+    route: str,
+    model: str | None = None,
+) -> None:
+    """Queue the ``refusals`` row of one refusal (``member``: the flow's :data:`MEMBER`
+    marker, ``None`` when no member key was accepted). Never raises: a refusal is answered
+    whether or not it could be counted."""
+    ledger = core.ledger
+    if ledger is None:
+        return
+    try:
+        ledger.add(
+            {
+                TABLE: REFUSALS,
+                "row_id": str(uuid.uuid4()),
+                "ts_ms": int(time.time() * 1000),
+                "member_id": member["member_id"] if member else None,
+                "key_id": member["key_id"] if member else None,
+                "kind": refusal_kind(code),
+                "code": code[:64],
+                "status": status,
+                "route": route[:64],
+                "model": (model or None) and model[:200],
+                "count": 1,
+                "instance": core.instance,
+            }
+        )
+    except Exception as e:
+        logger.error("refusal row not queued (%s)", type(e).__name__)
+
+
+def refusal_code(flow: http.HTTPFlow) -> str:
+    """The error ``code`` of a local refusal's JSON body, else its ``REFUSED`` reason with
+    ``_`` for ``-`` (``not-allowlisted``: ``not_allowlisted``)."""
+    response = flow.response
+    try:
+        error = json.loads(response.content or b"")["error"] if response is not None else None
+        code = error.get("code") if isinstance(error, dict) else None
+    except (ValueError, KeyError, TypeError):
+        code = None
+    if isinstance(code, str) and code:
+        return code
+    return str(flow.metadata.get(REFUSED) or "refused").replace("-", "_")
 
 
 def reply_usage(response: http.Response | None) -> Metering:
@@ -147,6 +202,7 @@ class UsageAccounting:
                 route_label(flow.request.path),
                 str(flow.response.status_code if flow.response else 0),
             ).inc()
+            self._refusal(flow)
             return
         self.core.metrics.in_flight.dec()
         try:
@@ -164,6 +220,26 @@ class UsageAccounting:
         # admission anywhere that finds the slot free also finds this request's usage.
         self._release(flow)
         self._observe(flow, row)
+
+    def _refusal(self, flow: http.HTTPFlow) -> None:
+        """A request the gateway answered itself: its ``refusals`` row."""
+        reason = flow.metadata.get(REFUSED)
+        if (
+            reason is None
+            or reason in NOT_REFUSALS
+            or flow.response is None
+            or flow.response.status_code < 400
+        ):
+            return
+        info = flow.metadata.get(REQUEST_INFO)
+        record_refusal(
+            self.core,
+            flow.metadata.get(MEMBER),
+            refusal_code(flow),
+            flow.response.status_code,
+            route_label(str(flow.metadata.get(ROUTE) or flow.request.path)),
+            info.get("model") if isinstance(info, dict) else None,
+        )
 
     def _release(self, flow: http.HTTPFlow) -> None:
         self.forwarder.finished(flow)
@@ -270,6 +346,8 @@ class TurnFacts:
     row_id: str | None = None
     #: False for an in-flight row: no status, duration or time to first byte yet.
     finished: bool = True
+    #: A warm-up (Codex's socket ``response.create`` with ``"generate": false``).
+    warmup: bool = False
 
 
 def ledger_row(core: GatewayCore, member: dict[str, Any], facts: TurnFacts) -> dict[str, Any]:
@@ -313,6 +391,7 @@ def ledger_row(core: GatewayCore, member: dict[str, Any], facts: TurnFacts) -> d
         "attempts": facts.attempts,
         "error": error[:500] if error else None,
         "instance": core.instance,
+        "warmup": 1 if facts.warmup else 0,
     }
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
+from addons.codex_models import catalog
 from addons.credits import RateCard
 from addons.gateway_mode import keypool
 from addons.gateway_mode.config import (
@@ -32,7 +33,7 @@ from addons.gateway_mode.config import (
     rate_card_gaps,
 )
 from addons.gateway_mode.database import Database, DatabaseError, now_ms
-from addons.gateway_mode.ledger import IN_FLIGHT
+from addons.gateway_mode.ledger import IN_FLIGHT, KIND_ORDER
 from addons.gateway_mode.tls import listen_policy
 from addons.gateway_mode.windows import MICRO, iso, overshoot_note, parse_since
 from addons.hardening import harden_process
@@ -189,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--member", metavar="NAME")
     us.add_argument("--since", default="7d", help="5h, 7d, 30m or an ISO-8601 time (default 7d)")
     us.add_argument("--json", action="store_true", help="machine-readable output")
+    us.add_argument(
+        "--unpriced",
+        action="store_true",
+        help="also list every Codex catalog model the rate card cannot price, with its YAML key",
+    )
     serve = sub.add_parser(
         "serve", help="run the gateway (upstream keys on stdin: NAME KEY or KEY per line)"
     )
@@ -220,8 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--websockets",
         action="store_true",
         default=None,
-        help="serve Codex's WebSocket transport and GET /v1/realtime to members "
-        "(YAML websockets: true)",
+        help="kept for old scripts: the WebSocket routes are served by default",
+    )
+    serve.add_argument(
+        "--no-websockets",
+        action="store_true",
+        default=None,
+        help="refuse WebSocket upgrades (426 for Codex, which then uses HTTP; 403 for "
+        "/v1/realtime); YAML websockets: false",
     )
     serve.add_argument(
         "--chat-bridge",
@@ -260,18 +272,29 @@ def summarize_usage(
     rows: list[dict[str, Any]],
     card: RateCard,
     connections: list[dict[str, Any]] | None = None,
+    refusals: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Per member and total: requests, errors, token kinds, credits (exact, as a number with
-    at most 6 decimals), USD, unpriced requests (no rate-card entry at the time), and
-    ``in_flight``: forwarded requests with no end recorded (still running, or the gateway was
-    killed while they ran; not in ``requests``). From ``connections`` (``ws_connections``
-    rows): ``ws_connections`` (sockets opened), ``ws_open`` (of those, no close recorded: open
-    now, or the gateway was killed), ``ws_client_messages`` / ``ws_upstream_messages``."""
+    """Per member and total, from ``usage`` rows: ``requests`` (forwarded and ended, warm-ups
+    not included), ``warmups`` (Codex's socket ``"generate": false``), ``errors`` (requests
+    that ended with an error or a status >= 400: the row's ``error`` column is the judge, also
+    for a reply whose usage could not be read), token kinds (warm-ups' included), ``credits``
+    and ``usd`` (exact sums of the priced rows; ``None`` when every row with tokens was
+    unpriced, never 0), ``unpriced`` (rows with tokens and no credits: the card had no entry
+    for their model when they ran), ``credits_complete`` (no unpriced row), ``in_flight``
+    (forwarded, no end recorded: still running, or the gateway was killed). From
+    ``connections`` (``ws_connections`` rows): ``ws_connections``, ``ws_open`` (no close
+    recorded), ``ws_client_messages`` / ``ws_upstream_messages``. From ``refusals``
+    (``refusals`` rows): ``refused`` and ``refusals`` by kind
+    (:data:`addons.gateway_mode.ledger.KIND_ORDER`). Refusals with no member (unknown or
+    missing member key) are ``without_member``, and in ``total``."""
 
     def empty() -> dict[str, Any]:
         return {
             "requests": 0,
+            "warmups": 0,
             "errors": 0,
+            "refused": 0,
+            "refusals": dict.fromkeys(KIND_ORDER, 0),
             "input_tokens": 0,
             "cached_tokens": 0,
             "cache_write_tokens": 0,
@@ -279,6 +302,7 @@ def summarize_usage(
             "reasoning_tokens": 0,
             "total_tokens": 0,
             "credits_micro": 0,
+            "priced": 0,
             "unpriced": 0,
             "in_flight": 0,
             "ws_connections": 0,
@@ -289,21 +313,27 @@ def summarize_usage(
 
     per: dict[str, dict[str, Any]] = {}
     total = empty()
+    without_member = empty()
     for row in rows:
+        buckets = (per.setdefault(row["member"], empty()), total)
         if row.get("duration_ms") is None and row.get("error") == IN_FLIGHT:
             # Forwarded, no end recorded yet: running now, or the gateway was killed.
-            for bucket in (per.setdefault(row["member"], empty()), total):
+            for bucket in buckets:
                 bucket["in_flight"] += 1
             continue
-        for bucket in (per.setdefault(row["member"], empty()), total):
-            bucket["requests"] += 1
-            bucket["errors"] += 1 if row["error"] or (row["status"] or 0) >= 400 else 0
+        for bucket in buckets:
+            if row.get("warmup"):
+                bucket["warmups"] += 1
+            else:
+                bucket["requests"] += 1
+                bucket["errors"] += 1 if row["error"] or (row["status"] or 0) >= 400 else 0
             for kind in USAGE_KINDS:
                 bucket[f"{kind}_tokens"] += row[f"{kind}_tokens"]
-            if row["credits_micro"] is None:
-                bucket["unpriced"] += 1
-            else:
+            if row["credits_micro"] is not None:
+                bucket["priced"] += 1
                 bucket["credits_micro"] += row["credits_micro"]
+            elif row["total_tokens"]:
+                bucket["unpriced"] += 1
 
     for conn in connections or []:
         for bucket in (per.setdefault(conn["member"], empty()), total):
@@ -312,16 +342,35 @@ def summarize_usage(
             bucket["ws_client_messages"] += conn["client_messages"]
             bucket["ws_upstream_messages"] += conn["upstream_messages"]
 
+    for refusal in refusals or []:
+        owner = (
+            per.setdefault(refusal["member"], empty())
+            if refusal["member"] is not None
+            else without_member
+        )
+        kind = refusal["kind"] if refusal["kind"] in KIND_ORDER else "gateway"
+        for bucket in (owner, total):
+            bucket["refused"] += refusal["count"]
+            bucket["refusals"][kind] += refusal["count"]
+
     def finish(bucket: dict[str, Any]) -> dict[str, Any]:
         credits = Decimal(bucket.pop("credits_micro")) / MICRO
-        bucket["credits"] = float(credits)
-        bucket["usd"] = float(card.usd(credits))
+        priced = bucket.pop("priced")
+        shown = not bucket["unpriced"] or priced
+        bucket["credits"] = float(credits) if shown else None
+        bucket["usd"] = float(card.usd(credits)) if shown else None
+        bucket["credits_complete"] = not bucket["unpriced"]
         return bucket
 
-    return {
+    summary = {
         "members": [{"member": name, **finish(b)} for name, b in sorted(per.items())],
         "total": finish(total),
     }
+    summary["without_member"] = {
+        "refused": without_member["refused"],
+        "refusals": without_member["refusals"],
+    }
+    return summary
 
 
 def _table(rows: list[list[str]], out: Any) -> None:
@@ -344,21 +393,43 @@ def init_schema(db: Database, ns: argparse.Namespace, config: GatewayConfig, out
 
 
 def add_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
-    """``add-member NAME [limits]``."""
+    """``add-member NAME [limits]``; with a credit quota, a warning on stderr when the rate
+    card cannot price Codex's default model (every default Codex turn would be refused)."""
     db.add_member(ns.name, **{k: v for k, v in member_settings(ns).items() if v is not None})
     out.write(f"member {ns.name} added\n")
     note = overshoot_note(member_settings(ns), config.quota_max_concurrent)
     if note:
         sys.stderr.write(note + "\n")
+    _warn_unpriced_default(ns, config)
 
 
 def set_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
-    """``set-member NAME limits``: at least one limit, else ``ValueError``."""
+    """``set-member NAME limits``: at least one limit, else ``ValueError``; warns as
+    ``add-member`` does when it sets a credit quota."""
     changes = {k: v for k, v in member_settings(ns).items() if v is not None}
     if not changes:
         raise ValueError("set-member: give at least one limit to change")
     db.set_member(ns.name, **changes)
     out.write(f"member {ns.name} updated\n")
+    _warn_unpriced_default(ns, config)
+
+
+def _warn_unpriced_default(ns: argparse.Namespace, config: GatewayConfig) -> None:
+    """One warning (stderr) when ``ns`` gives a credit quota and the rate card cannot price
+    the model Codex sends when its config names none."""
+    if not (ns.five_hour_credits or ns.weekly_credits):
+        return
+    card = config.rate_card()
+    default = catalog().default_model
+    if card.prices(default):
+        return
+    sys.stderr.write(
+        f"warning: member {ns.name} has a credit quota, and the rate card in {config.path} "
+        f"cannot price {default}, the model Codex uses by default: every such request of "
+        f"{ns.name} will be refused (unpriced_model). Set credits.{card.table_key}.{default} "
+        "(e.g. {same_as: gpt-5.5}, an estimate you own); gateway usage --unpriced lists the "
+        "others\n"
+    )
 
 
 def list_members(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
@@ -415,22 +486,42 @@ def revoke_key(db: Database, ns: argparse.Namespace, config: GatewayConfig, out:
 
 
 def usage(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
-    """``usage [--member NAME] [--since WHEN] [--json]``: :func:`summarize_usage` of the
-    ledger since ``--since``, as JSON or as a table with its notes."""
+    """``usage [--member NAME] [--since WHEN] [--json] [--unpriced]``: :func:`summarize_usage`
+    of the ledger since ``--since``, as JSON or as tables with their notes; the rate card's
+    gaps in one line (every model with ``--unpriced``; always all of them in ``--json``)."""
     now = now_ms()
     since = parse_since(ns.since, now)
     card = config.rate_card()
+    rows = db.usage_rows(since, ns.member)
     summary = summarize_usage(
-        db.usage_rows(since, ns.member), card, db.ws_connection_rows(since, ns.member)
+        rows, card, db.ws_connection_rows(since, ns.member), db.refusal_rows(since, ns.member)
     )
     gaps = rate_card_gaps(card)
+    # Rows charged through a same_as entry of today's card (the shipped ESTIMATES among them):
+    # the operator's estimate, not a published rate.
+    estimated: dict[str, int] = {}
+    for row in rows:
+        if row["credits_micro"] is not None and row["rate"] in card.same_as:
+            estimated[row["rate"]] = estimated.get(row["rate"], 0) + 1
     if ns.json:
-        doc = {"since": iso(since), "until": iso(now), **summary, "unpriced_models": gaps}
+        doc = {
+            "since": iso(since),
+            "until": iso(now),
+            **summary,
+            "priced_by_same_as": estimated,
+            "unpriced_models": gaps,
+        }
         out.write(json.dumps(doc, indent=2) + "\n")
         return
     out.write(f"usage since {iso(since)}\n")
     _usage_table(summary, out)
+    _refusal_table(summary, out)
     total = summary["total"]
+    if total["warmups"]:
+        out.write(
+            f"{total['warmups']} warm-up(s): Codex's WebSocket warm-up (generate: false), "
+            "not a request; its tokens and credits are counted\n"
+        )
     if total["in_flight"]:
         out.write(
             f"{total['in_flight']} request(s) forwarded with no end "
@@ -443,11 +534,30 @@ def usage(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any)
         )
     if total["unpriced"]:
         out.write(
-            f"{total['unpriced']} request(s) unpriced: their model had no "
-            "rate-card entry (credits.rates) when they ran\n"
+            f"{total['unpriced']} request(s) unpriced: their model had no rate-card entry "
+            f"(credits.{card.table_key}) when they ran; their credits are unknown, not 0 "
+            '("unpriced": none priced; ">=": the priced ones only)\n'
         )
-    for line in rate_card_gap_lines(gaps, config.path, card):
+    if estimated:
+        entries = ", ".join(f"{rate} ({n})" for rate, n in sorted(estimated.items()))
+        out.write(
+            f"{sum(estimated.values())} request(s) charged through same_as entries, an "
+            f"estimate the operator owns (not a published rate): {entries}\n"
+        )
+    for line in rate_card_gap_lines(gaps, config.path, card, full=ns.unpriced):
         out.write(line + "\n")
+
+
+def _money(bucket: dict[str, Any], key: str, digits: int) -> str:
+    """``credits`` / ``usd`` for the table: ``unpriced`` when nothing was priced, ``>=`` before
+    a sum that leaves unpriced requests out."""
+    value = bucket[key]
+    if value is None:
+        return "unpriced"
+    text = f"{value:.{digits}f}"
+    if key == "credits":
+        text = text.rstrip("0").rstrip(".")
+    return text if bucket["credits_complete"] else f">={text}"
 
 
 def _usage_table(summary: dict[str, Any], out: Any) -> None:
@@ -456,6 +566,9 @@ def _usage_table(summary: dict[str, Any], out: Any) -> None:
         [
             "member",
             "requests",
+            "warmups",
+            "errors",
+            "refused",
             "input",
             "cached",
             "cache writes",
@@ -474,19 +587,37 @@ def _usage_table(summary: dict[str, Any], out: Any) -> None:
             [
                 m["member"],
                 str(m["requests"]),
+                str(m["warmups"]),
+                str(m["errors"]),
+                str(m["refused"]),
                 str(m["input_tokens"]),
                 str(m["cached_tokens"]),
                 str(m["cache_write_tokens"]),
                 str(m["output_tokens"]),
                 str(m["reasoning_tokens"]),
                 str(m["total_tokens"]),
-                f"{m['credits']:.6f}".rstrip("0").rstrip("."),
-                f"{m['usd']:.4f}",
+                _money(m, "credits", 6),
+                _money(m, "usd", 4),
                 str(m["unpriced"]),
                 str(m["ws_connections"]),
                 f"{m['ws_client_messages']}/{m['ws_upstream_messages']}",
             ]
         )
+    _table(rows, out)
+
+
+def _refusal_table(summary: dict[str, Any], out: Any) -> None:
+    """Refusals by kind, a row per member that had any (and one for refusals with no member),
+    then ``TOTAL``; nothing when there were none."""
+    if not summary["total"]["refused"]:
+        return
+    out.write("refused requests by kind (answered by the gateway, never forwarded):\n")
+    rows = [["member", *KIND_ORDER]]
+    entries = [m for m in summary["members"] if m["refused"]]
+    if summary["without_member"]["refused"]:
+        entries.append({"member": "(no member key)", **summary["without_member"]})
+    for m in [*entries, {"member": "TOTAL", **summary["total"]}]:
+        rows.append([m["member"], *(str(m["refusals"][kind]) for kind in KIND_ORDER)])
     _table(rows, out)
 
 
@@ -573,8 +704,12 @@ def apply_serve_flags(ns: argparse.Namespace, config: GatewayConfig) -> None:
         config.http_shutdown = True
     if ns.insecure_listen:
         config.insecure_listen = True
+    if ns.websockets and ns.no_websockets:
+        raise ValueError("serve: --websockets and --no-websockets contradict each other")
     if ns.websockets:
-        config.websockets = True
+        config.websockets = True  # the default since issue 29; kept so old scripts run
+    if ns.no_websockets:
+        config.websockets = False
     if ns.chat_bridge:
         config.chat_bridge = True
     if ns.record is not None:

@@ -85,7 +85,7 @@ class GatewayConfig:
     record_dir: str | None = None
     insecure_listen: bool = False
     require_codex_client: bool = True
-    websockets: bool = False
+    websockets: bool = True
     chat_bridge: bool = False
     max_attempts: int = 3
     cooldown_seconds: int = 30
@@ -195,14 +195,26 @@ def rate_card_gaps(card: RateCard, snapshot: Catalog | None = None) -> list[dict
     ]
 
 
-def rate_card_gap_lines(gaps: list[dict[str, Any]], path: str, card: RateCard) -> list[str]:
-    """What the gateway says about ``gaps`` (:func:`rate_card_gaps`) at start-up and in
-    ``usage``: which models are unpriced, the YAML key to set for each, and an example."""
+def rate_card_gap_lines(
+    gaps: list[dict[str, Any]], path: str, card: RateCard, full: bool = False
+) -> list[str]:
+    """What the gateway says about ``gaps`` (:func:`rate_card_gaps`): one line at start-up and
+    under ``usage`` (how many catalog models are unpriced, whether Codex's default is one, and
+    where the list is); with ``full`` (``usage --unpriced``), every model with the YAML key to
+    set and an example. Nothing when there is no gap."""
     if not gaps:
         return []
     version = catalog().codex_version
-    example = next((g["model"] for g in gaps if g["codex_default"]), gaps[0]["model"])
-    target = next(iter(card.table), None)
+    default = next((g["model"] for g in gaps if g["codex_default"]), None)
+    if not full:
+        which = f", Codex's default {default} among them" if default else ""
+        return [
+            f"the rate card cannot price {len(gaps)} model(s) of Codex {version}'s catalog"
+            f"{which}: unpriced, and refused to members with a credit quota; list and fix: "
+            "gateway usage --unpriced"
+        ]
+    example = default or gaps[0]["model"]
+    target = next((name for name in card.table if name not in card.same_as), None)
     mapping = f"{{same_as: {target}}}" if target else "{input: ..., cached_input: ..., output: ...}"
     lines = [
         f"the rate card cannot price {len(gaps)} model(s) of Codex {version}'s catalog: their "
@@ -213,7 +225,8 @@ def rate_card_gap_lines(gaps: list[dict[str, Any]], path: str, card: RateCard) -
         note = "  (Codex's default model)" if gap["codex_default"] else ""
         lines.append(f"  {gap['yaml_key']}{note}")
     lines.append(
-        f"  e.g. credits.{card.table_key}.{example}: {mapping} (another entry's rates), "
-        f"or credits.{card.table_key}.default: {mapping} for every model the card lacks"
+        f"  e.g. credits.{card.table_key}.{example}: {mapping} (another entry's rates, an "
+        f"estimate you own), or credits.{card.table_key}.default: {mapping} for every model "
+        "the card lacks"
     )
     return lines

@@ -37,6 +37,7 @@ from addons.gateway_mode.schema import (
     leases,
     member_keys,
     members,
+    refusals,
     upstream_keys,
     usage,
     ws_connections,
@@ -416,7 +417,7 @@ class Database:
             return
         # A row spooled by an older release lacks the columns added since (one INSERT takes
         # its keys from the first row): those get the column's default.
-        defaults = {"cache_write_tokens": 0}
+        defaults = {"cache_write_tokens": 0, "warmup": 0}
         self._upsert(usage, [{**defaults, **row} for row in collapse_rows(rows)])
 
     def _upsert(self, table: sa.Table, rows: list[dict[str, Any]]) -> None:
@@ -441,6 +442,39 @@ class Database:
         replaces its open row, whatever order they land in; a row re-sent lands once."""
         if rows:
             self._upsert(ws_connections, collapse_rows(rows))
+
+    def insert_refusals(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Write ``refusals`` rows (its columns, ``row_id`` set, every row the same keys); a
+        row whose ``row_id`` is present already is skipped (a re-sent batch lands once)."""
+        if not rows:
+            return
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+        unique = list({row["row_id"]: row for row in rows}.values())
+        with self.engine.begin() as conn:
+            conn.execute(insert(refusals).on_conflict_do_nothing(index_elements=["row_id"]), unique)
+
+    def refusal_rows(self, since: int, name: str | None = None) -> list[dict[str, Any]]:
+        """``refusals`` rows after ``since`` (ms), oldest first, each with its member's name as
+        ``member`` (``None`` for a refusal with no member: an unknown or missing member key);
+        only ``name``'s rows when given.
+
+        Raises:
+            DatabaseError: ``name`` given and unknown.
+        """
+        query = (
+            sa.select(refusals, members.c.name.label("member"))
+            .join(members, members.c.id == refusals.c.member_id, isouter=True)
+            .where(refusals.c.ts_ms > since)
+            .order_by(refusals.c.ts_ms, refusals.c.id)
+        )
+        with self.engine.connect() as conn:
+            if name is not None:
+                _member_id(conn, name)
+                query = query.where(members.c.name == name)
+            return [dict(r._mapping) for r in conn.execute(query).all()]
 
     def ws_connection_rows(self, since: int, name: str | None = None) -> list[dict[str, Any]]:
         """``ws_connections`` rows opened after ``since`` (ms), oldest first, with the

@@ -19,6 +19,11 @@ The same queue carries the ``ws_connections`` rows of member WebSockets (``"tabl
 "ws_connections"``), with the same two-step life: an open row when a socket opens
 (``duration_ms`` null) replaced by its closed row (same ``row_id``).
 
+It carries the ``refusals`` rows too (``"table": "refusals"``, written once): one per
+refusal of a member; refusals with no member (an unknown or missing member key, which anyone
+can send) are coalesced while they wait, one row per ``code`` and ``route`` with a ``count``,
+so a flood of bad keys costs at most one row per code per flush.
+
 At exit, rows still waiting are written to the spool file (JSON lines, fsynced). Every start
 looks for every spool of the deployment (``<spool>``, ``<spool>.<i>`` of any worker count, a
 legacy ``.loaded``), claims each with an exclusive ``flock`` (so two workers never replay the
@@ -60,6 +65,36 @@ IN_FLIGHT = "in flight"
 #: closed), not a ``usage`` row; the marker is kept in the spool and dropped on insert.
 TABLE = "table"
 WS_CONNECTIONS = "ws_connections"
+#: A queued row whose ``"table"`` is this is a ``refusals`` row.
+REFUSALS = "refusals"
+
+#: The kinds ``usage`` counts refusals by, from the refusal's error ``code``: the member's
+#: limits (``quota``, ``concurrency``), a model the rate card cannot price for a member with a
+#: credit quota (``unpriced``), member keys (``auth``), request bodies and socket messages past
+#: the decode or depth limits (``body``), routes and clients the gateway does not serve
+#: (``route``); anything else is the gateway's own state (``gateway``: its database away, no
+#: healthy upstream key, an internal error).
+REFUSAL_KINDS = {
+    "quota_exceeded": "quota",
+    "concurrency_limit": "concurrency",
+    "rate_limit_exceeded": "concurrency",  # the socket's busy answer
+    "unpriced_model": "unpriced",
+    "missing_member_key": "auth",
+    "invalid_member_key": "auth",
+    "request_too_large": "body",
+    "json_too_deep": "body",
+    "forbidden": "route",
+    "not_codex": "route",
+    "tls_required": "route",
+    "websocket_not_supported": "route",
+}
+#: Every kind, in the order ``usage`` shows them.
+KIND_ORDER = ("quota", "concurrency", "unpriced", "auth", "body", "route", "gateway")
+
+
+def refusal_kind(code: str) -> str:
+    """The :data:`KIND_ORDER` kind of a refusal's error ``code`` (``gateway`` when unknown)."""
+    return REFUSAL_KINDS.get(code, "gateway")
 
 
 @dataclass
@@ -111,6 +146,8 @@ class UsageLedger:
         self._in_flight: dict[str, dict[str, Any]] = {}
         self._in_batch: dict[str, dict[str, Any]] = {}
         self._finished_meanwhile: set[str] = set()
+        #: Waiting refusal rows with no member, by ``(code, route)``: the next one adds to it.
+        self._anonymous: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -134,6 +171,9 @@ class UsageLedger:
         row written, not two. Never blocks, never raises."""
         with self._lock:
             row_id = row["row_id"]
+            if row.get(TABLE) == REFUSALS:
+                self._add_refusal(row)
+                return
             if row.get("duration_ms") is None:
                 self._rows.append(row)
                 self._added += 1
@@ -169,6 +209,20 @@ class UsageLedger:
                 callback()
             except Exception as e:
                 logger.warning("usage ledger: callback failed (%s)", type(e).__name__)
+
+    def _add_refusal(self, row: dict[str, Any]) -> None:
+        """Queue a refusal row (the lock held): one with no member adds its ``count`` to the
+        waiting row of its code and route, if any."""
+        if row.get("member_id") is not None:
+            self._rows.append(row)
+            return
+        key = (str(row.get("code")), str(row.get("route")))
+        waiting = self._anonymous.get(key)
+        if waiting is not None:
+            waiting["count"] += row.get("count", 1)
+            return
+        self._anonymous[key] = row
+        self._rows.append(row)
 
     def pending(self) -> int:
         with self._lock:
@@ -214,6 +268,10 @@ class UsageLedger:
         with self._lock:
             batch = [self._rows[i] for i in range(min(BATCH, len(self._rows)))]
             for row in batch:  # while written, a finished row is queued apart, not merged in
+                if row.get(TABLE) == REFUSALS:
+                    key = (str(row.get("code")), str(row.get("route")))
+                    if self._anonymous.get(key) is row:
+                        del self._anonymous[key]
                 if self._in_flight.get(row["row_id"]) is row:
                     self._in_batch[row["row_id"]] = self._in_flight.pop(row["row_id"])
         if not batch:
@@ -245,13 +303,20 @@ class UsageLedger:
             for row in batch
             if row.get(TABLE) == WS_CONNECTIONS
         ]
+        refused = [
+            {k: v for k, v in row.items() if k != TABLE}
+            for row in batch
+            if row.get(TABLE) == REFUSALS
+        ]
         try:
-            # Two statements, not one transaction: a batch that fails between them is sent
+            # Statements, not one transaction: a batch that fails between them is sent
             # again whole, and its rows land once (row_id).
             if usage:
                 self.db.insert_usage(usage)
             if sockets:
                 self.db.insert_ws_connections(sockets)
+            if refused:
+                self.db.insert_refusals(refused)
             return True
         except SQLAlchemyError as e:
             if self.healthy:

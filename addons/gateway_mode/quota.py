@@ -13,7 +13,9 @@ from typing import Any
 from mitmproxy import http
 from sqlalchemy.exc import SQLAlchemyError
 
+from addons.codex_models import catalog
 from addons.common import WEBSOCKET, error_response, fail_closed
+from addons.credits import RateCard
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse, request_info
 from addons.gateway_mode.windows import (
     MICRO,
@@ -168,10 +170,7 @@ class QuotaGate:
             gateway_error(
                 403,
                 "unpriced_model",
-                f"model {info['model']!r} has no entry in the gateway's rate card, and "
-                f"member {flow.metadata[MEMBER]['member']!r} has a credit quota: add the model "
-                "(its own rates or {same_as: <priced model>}, or a 'default' entry) under "
-                "credits.rates in the gateway config",
+                unpriced_message(info["model"], flow.metadata[MEMBER]["member"], self.core.card),
                 model=info["model"],
             ),
         )
@@ -241,6 +240,22 @@ class QuotaGate:
         )
 
 
+def unpriced_message(model: str | None, member: str, card: RateCard) -> str:
+    """The refusal message of a model the rate card cannot price, for a member with a credit
+    quota (HTTP 403 / 400 to Codex, and the socket's ``error`` event): what the member asks
+    the gateway's operator for (the YAML key to set, or no credit quota), and a model of
+    Codex's catalog that is priced, to use meanwhile."""
+    key = f"credits.{card.table_key}.{model or 'default'}"
+    priced = [slug for slug in catalog().slugs() if card.prices(slug)]
+    meanwhile = f"; meanwhile a priced model works, e.g. -c model={priced[0]}" if priced else ""
+    return (
+        f"model {model!r} has no entry in the gateway's rate card, and member {member!r} has a "
+        f"credit quota: ask the gateway's operator to price it ({key} in the gateway config: "
+        "its own rates, {same_as: <priced model>}, or a 'default' entry) or to lift your "
+        f"credit quota{meanwhile}"
+    )
+
+
 def usage_limit_error(
     member: str, usages: list[LimitUsage], now_ms: int | None = None
 ) -> tuple[int, str, dict[str, Any]] | None:
@@ -260,7 +275,7 @@ def usage_limit_error(
     message = (
         f"member {member!r} used {amount_text(limit.kind, used)} of its {limit.label} of "
         f"{amount_text(limit.kind, limit.limit)}; enough leaves the window at "
-        f"{iso(resets_at_ms)} (in {retry} s)"
+        f"{iso(resets_at_ms)} (in {retry} s), or ask the gateway's operator to raise it"
     )
     fields = {
         "resets_at": math.ceil(resets_at_ms / 1000),

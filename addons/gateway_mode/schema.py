@@ -83,6 +83,9 @@ usage = Table(
     Column("attempts", Integer, nullable=False, default=1),
     Column("error", String(500), nullable=True),
     Column("instance", String(64), nullable=False),
+    #: 1 for a warm-up (Codex's WebSocket ``response.create`` with ``"generate": false``):
+    #: not a request or a turn in ``usage``; 0 for every other row and every row before 0004.
+    Column("warmup", Integer, nullable=False, default=0, server_default="0"),
     Index("usage_member_ts", "member_id", "ts_ms"),
 )
 
@@ -132,4 +135,28 @@ ws_connections = Table(
     Column("close_reason", String(200), nullable=True),
     Column("instance", String(64), nullable=False),
     Index("ws_connections_member_opened", "member_id", "opened_ms"),
+)
+
+#: Requests and socket messages the gateway answered itself instead of forwarding (quota,
+#: concurrency, unpriced model, member auth, body limits, route, the gateway's own state), one
+#: row per refusal, ``count`` 1; refusals with no member (an unknown or missing member key)
+#: are coalesced per ``code`` between ledger flushes into one row with their ``count``.
+#: ``kind`` groups ``code`` (the error code of the answer) for ``usage``
+#: (:data:`addons.gateway_mode.accounting.REFUSAL_KINDS`).
+refusals = Table(
+    "refusals",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("row_id", String(36), nullable=False, unique=True),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("member_id", BigId, ForeignKey("members.id"), nullable=True),
+    Column("key_id", String(32), nullable=True),
+    Column("kind", String(32), nullable=False),
+    Column("code", String(64), nullable=False),
+    Column("status", Integer, nullable=True),
+    Column("route", String(64), nullable=False),
+    Column("model", String(200), nullable=True),
+    Column("count", Integer, nullable=False, default=1),
+    Column("instance", String(64), nullable=False),
+    Index("refusals_ts", "ts_ms"),
 )

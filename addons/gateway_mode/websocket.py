@@ -1,6 +1,6 @@
-"""WebSocket routes through the gateway (``serve --websockets``; off by default): Codex's
-``GET /v1/responses`` and the OpenAI Realtime API's ``GET /v1/realtime?model=…``. What differs
-between the two (which message opens a turn, which ends it, where usage is, the refusal
+"""WebSocket routes through the gateway (on by default; ``serve --no-websockets``: off):
+Codex's ``GET /v1/responses`` and the OpenAI Realtime API's ``GET /v1/realtime?model=…``. What
+differs between the two (which message opens a turn, which ends it, where usage is, the refusal
 event's shape) is a small protocol object each, :mod:`addons.gateway_mode.socket_protocol`;
 the rest below is shared.
 
@@ -43,11 +43,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from addons import body_decode
 from addons.body_decode import DecodeLimits, JsonTooDeep, loads_json
 from addons.common import WEBSOCKET, fail_closed
-from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row
+from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row, record_refusal
 from addons.gateway_mode.core import MEMBER, ROUTE, SOCKET_ROUTE, UPSTREAM_KEY, GatewayCore
 from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.ledger import WS_CONNECTIONS
-from addons.gateway_mode.quota import CONCURRENCY_RETRY_S, limit_usages, usage_limit_error
+from addons.gateway_mode.quota import (
+    CONCURRENCY_RETRY_S,
+    limit_usages,
+    unpriced_message,
+    usage_limit_error,
+)
 from addons.gateway_mode.socket_bounds import CLOSED_BECAUSE, REFUSED_AS
 from addons.gateway_mode.socket_protocol import (
     PROTOCOLS,
@@ -137,6 +142,8 @@ class Turn:
     client_event_id: str | None = None
     #: The server's id of its response, once started (Realtime ``response.done`` names it).
     response_id: str | None = None
+    #: Codex's warm-up (``"generate": false``): a row marked ``warmup``, not counted a turn.
+    warmup: bool = False
 
 
 @dataclass
@@ -160,22 +167,23 @@ class Socket:
 
 
 class WebSocketRoute:
-    """Claims ``GET /v1/responses`` and ``GET /v1/realtime?model=…`` WebSocket upgrades when
-    ``codex_gateway_websockets`` is on (placed before the allowlist and the 426 refusal, which
-    then let it through; the route's protocol name goes in ``SOCKET_ROUTE``); otherwise the
-    strict refusal answers 426 (``/v1/responses``) or the allowlist 403 as before."""
+    """Claims ``GET /v1/responses`` and ``GET /v1/realtime?model=…`` WebSocket upgrades while
+    ``codex_gateway_websockets`` is on (the default; placed before the allowlist and the 426
+    refusal, which then let it through; the route's protocol name goes in ``SOCKET_ROUTE``);
+    otherwise the strict refusal answers 426 (``/v1/responses``) or the allowlist 403."""
 
     def __init__(self) -> None:
-        self.enabled = False
+        self.enabled = True  # the option's default
 
     def load(self, loader) -> None:
         loader.add_option(
             "codex_gateway_websockets",
             bool,
-            False,
-            "Serve Codex's WebSocket transport (GET /v1/responses with Upgrade: websocket) and "
-            "the Realtime API (GET /v1/realtime?model=...) to members: metered and capped per "
-            "response.create. Off: upgrades get 426 (/v1/responses) or 403.",
+            True,
+            "Serve Codex's WebSocket transport (GET /v1/responses with Upgrade: websocket; "
+            "Codex's default) and the Realtime API (GET /v1/realtime?model=...) to members: "
+            "metered and capped per response.create. Off: upgrades get 426 (/v1/responses) "
+            "or 403.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -364,8 +372,8 @@ class WebSocketTurns:
             core.metrics.unpriced.labels(str(model or "")[:64]).inc()
             self._refuse(
                 socket, message, event_id, 400, "invalid_request_error", "unpriced_model",
-                f"model {model!r} has no entry in the gateway's rate card, and member "
-                f"{member['member']!r} has a credit quota", "unpriced_model", model=model,
+                unpriced_message(model, member["member"], core.card), "unpriced_model",
+                model=model,
             )  # fmt: skip
             return
         refusal = usage_limit_error(member["member"], usages)
@@ -378,12 +386,15 @@ class WebSocketTurns:
                 "quota", **socket.protocol.quota_fields(usages), **fields,
             )  # fmt: skip
             return
-        turn = Turn(model, tier, time.time(), client_event_id=event_id)
+        turn = Turn(
+            model, tier, time.time(), client_event_id=event_id, warmup=body.get("generate") is False
+        )
         if entry["max_concurrent"]:
             lease, active = await core.acquire_lease(member["member_id"], entry["max_concurrent"])
             if lease is None:
                 message.drop()
                 core.metrics.refused.labels("concurrency").inc()
+                record_refusal(core, member, "concurrency_limit", 429, socket.protocol.row_route)
                 self._inject(
                     socket.flow,
                     socket.protocol.busy(
@@ -401,7 +412,7 @@ class WebSocketTurns:
             turn.lease_slot = f"{socket.flow.id}:ws{self._slots}"
             core.leases[turn.lease_slot] = lease
         socket.turns.append(turn)
-        socket.turns_opened += 1
+        socket.turns_opened += 0 if turn.warmup else 1
         turn.log = start_turn(socket.flow, socket.protocol.row_route, message)
         core.metrics.in_flight.inc()
         # Over a socket Codex reads its windows from this event, not from the 101's headers
@@ -424,6 +435,14 @@ class WebSocketTurns:
     ) -> None:
         message.drop()
         self.core.metrics.refused.labels(reason).inc()
+        record_refusal(
+            self.core,
+            socket.flow.metadata[MEMBER],
+            code,
+            status,
+            socket.protocol.row_route,
+            fields.get("model") if isinstance(fields.get("model"), str) else None,
+        )
         self._inject(
             socket.flow,
             socket.protocol.refusal(status, type_, code, text, event_id, **fields),
@@ -526,6 +545,7 @@ class WebSocketTurns:
                     else None
                 ),
                 upstream_key=socket.flow.metadata.get(UPSTREAM_KEY),
+                warmup=turn.warmup,
             ),
         )
         if core.ledger is None:
@@ -612,6 +632,7 @@ class WebSocketTurns:
             if socket.flow.id not in self.sockets:
                 return
             core.metrics.refused.labels("quota" if refusal else "unpriced_model").inc()
+            record_refusal(core, member, code, 429, socket.protocol.row_route, model)
             cancel = {"type": "response.cancel", "response_id": response_id}
             self._inject(socket.flow, json.dumps(cancel).encode(), to_client=False)
             self._inject(socket.flow, socket.protocol.refusal(429, type_, code, text, **fields))
@@ -626,6 +647,9 @@ class WebSocketTurns:
         socket.close_reason = text
         mark_closed_by_proxy(socket.flow, text)  # the flow log names it, not "abnormal"
         self.core.metrics.refused.labels(code).inc()
+        record_refusal(
+            self.core, socket.flow.metadata[MEMBER], code, 400, socket.protocol.row_route
+        )
         # 400: Codex ends the turn at once and shows the event (401 is retried, measured).
         self._inject(socket.flow, socket.protocol.refusal(400, "invalid_request_error", code, text))
         asyncio.get_running_loop().call_later(0.05, self._drop_connection, socket.flow)
