@@ -46,6 +46,9 @@ from addons.gateway_mode.windows import FIVE_HOURS_MS, LIMIT_COLUMNS, WEEK_MS
 from addons.invocation import prog
 
 logger = logging.getLogger(__name__)
+# Alembic logs "Context impl SQLiteImpl." / "Will assume non-transactional DDL." at INFO on every
+# schema check, in the gateway's log among the flows (issue 29: a clean log); its warnings stay.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 MEMBER_SETTINGS = (*tuple(column for column, _, _ in LIMIT_COLUMNS), "max_concurrent")
