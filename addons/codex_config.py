@@ -73,6 +73,7 @@ def exec_one_liner(port: int, model: str | None = None) -> str:
     parts = [
         "codex",
         "exec",
+        "--skip-git-repo-check",  # runs as pasted outside a git repository too
         "-c",
         f"'model_providers.{PROVIDER_ID}={provider}'",
         "-c",
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--gateway",
         action="store_true",
-        help=f"for a gateway (./run.sh gateway serve): the member's key from ${GATEWAY_ENV_KEY}",
+        help=f"for a gateway ({prog('gateway serve')}): the member's key from ${GATEWAY_ENV_KEY}",
     )
     sockets = parser.add_mutually_exclusive_group()
     sockets.add_argument(
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write("# CODEX_HOME/config.toml of a gateway member (top-level keys first):\n")
         sys.stdout.write(gateway_toml(port, ns.model, websockets))
         sys.stdout.write(
-            f"\n# then: export {GATEWAY_ENV_KEY}=sk-codex-gw-...  (./run.sh gateway add-key)\n"
+            f"\n# then: export {GATEWAY_ENV_KEY}=sk-codex-gw-...  ({prog('gateway add-key')})\n"
         )
         return 0
     # All of stdout is valid TOML (`> config.toml` works): the one-liner is a comment.

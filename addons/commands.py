@@ -163,10 +163,21 @@ def unknown(word: str, err: TextIO | None = None) -> int:
     return EXIT_USAGE
 
 
+#: The exit code of a Ctrl-C the command did not handle itself (128 + SIGINT, as a shell's).
+EXIT_INTERRUPTED = 130
+
+
 def run(chosen: Command, argv: Sequence[str]) -> int:
     """Run ``chosen`` with ``argv``; returns its exit code (``None``: 0). argparse's
-    ``SystemExit`` (``--help``: 0, a usage error: 2) passes through, as from the module."""
-    code = chosen.load()(list(argv))
+    ``SystemExit`` (``--help``: 0, a usage error: 2) passes through, as from the module. A
+    Ctrl-C before the command handles signals itself (while its modules import: a second or
+    two) ends with one line and exit 130, not a ``KeyboardInterrupt`` traceback (issue 29: a
+    clean log)."""
+    try:
+        code = chosen.load()(list(argv))
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{command()}: SIGINT received: stopped\n")
+        return EXIT_INTERRUPTED
     return 0 if code is None else int(code)
 
 

@@ -43,7 +43,7 @@ def test_whole_stdout_is_valid_toml(capsys):
     out = capsys.readouterr().out
     doc = tomllib.loads(out)
     assert doc["model_providers"]["codex-proxy"]["base_url"] == "http://127.0.0.1:7000/v1"
-    assert "# codex exec -c " in out
+    assert "# codex exec --skip-git-repo-check -c " in out
 
 
 def test_a_gateway_block_says_websockets_unless_told_not_and_the_flags_are_for_a_gateway(capsys):

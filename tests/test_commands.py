@@ -147,6 +147,45 @@ def test_the_terminal_hint_is_one_line_and_only_on_a_terminal() -> None:
     )
 
 
+def test_gateway_serve_on_a_terminal_says_it_waits_for_the_upstream_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from addons.gateway_mode.cli import upstream_keys_hint
+
+    monkeypatch.delenv(invocation.PROG_ENV, raising=False)
+    err = io.StringIO()
+    master, slave = os.openpty()
+    read_end, write_end = os.pipe()
+    try:
+        with open(slave, "rb", buffering=0, closefd=False) as tty:
+            upstream_keys_hint(tty, err)
+        with open(read_end, "rb", buffering=0, closefd=False) as pipe:
+            upstream_keys_hint(pipe, err)  # a pipe: silent
+        upstream_keys_hint(io.BytesIO(b""), err)
+    finally:
+        for fd in (master, slave, read_end, write_end):
+            os.close(fd)
+    assert err.getvalue() == (
+        "codex-proxy gateway serve: waiting for the upstream keys on stdin, NAME KEY per line, "
+        "then Ctrl-D (typing shows them; pipe them: printf 'main %s\\n' \"$KEY1\" | "
+        "codex-proxy gateway serve ...)\n"
+    )
+
+
+def test_a_ctrl_c_while_a_command_loads_is_one_line_and_exit_130(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(invocation.PROG_ENV, raising=False)
+
+    def interrupted(argv: list[str]) -> int:
+        raise KeyboardInterrupt
+
+    chosen = commands.Command("x", "m:f", "", "")
+    monkeypatch.setattr(commands.Command, "load", lambda self: interrupted)
+    assert commands.run(chosen, []) == 130
+    assert capsys.readouterr().err == "codex-proxy: SIGINT received: stopped\n"
+
+
 # -- ./run.sh, as a user types it -----------------------------------------------------------
 
 

@@ -80,7 +80,7 @@ def test_the_gateway_quick_start_from_the_wheel_answers_codex_on_its_defaults(
         for line in quick_start_lines():
             assert line.count("./run.sh") == 1, line
             step = line.replace("./run.sh", shlex.quote(command))
-            step = step.replace("/tmp/gw.json", shlex.quote(str(gw_info)))
+            step = step.replace("/tmp/gw.json", shlex.quote(str(gw_info)))  # noqa: S108
             if " gateway serve" in step:
                 assert "--port 8080" in step, step
                 step = step.replace("--port 8080", f"--port {free_port()}")
@@ -90,8 +90,7 @@ def test_the_gateway_quick_start_from_the_wheel_answers_codex_on_its_defaults(
                         ["bash", "-c", step], stdin=subprocess.DEVNULL, stdout=log,
                         stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True,
                     )  # fmt: skip
-                started = serve
-                wait_for(lambda: gw_info.exists() or started.poll() is not None, 60, "serve")
+                wait_for(lambda s=serve: gw_info.exists() or s.poll() is not None, 60, "serve")
                 assert serve.poll() is None, serve_log.read_text()
                 continue
             done = subprocess.run(

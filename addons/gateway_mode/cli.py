@@ -37,6 +37,7 @@ from addons.gateway_mode.ledger import IN_FLIGHT, KIND_ORDER
 from addons.gateway_mode.tls import listen_policy
 from addons.gateway_mode.windows import MICRO, iso, overshoot_note, parse_since
 from addons.hardening import harden_process
+from addons.invocation import prog as invocation_prog
 from addons.launch import (
     OptionSpecs,
     Secret,
@@ -718,6 +719,23 @@ def apply_serve_flags(ns: argparse.Namespace, config: GatewayConfig) -> None:
             config.dump_dir = os.path.join(ns.record, "dumps")
 
 
+def upstream_keys_hint(stream: Any, err: Any) -> None:
+    """When ``stream`` is a terminal, one line on ``err`` saying that ``serve`` waits for the
+    upstream keys there, with the piped form (the strict proxy's hint, :func:`addons.cli.
+    stdin_hint`); silent for a pipe or a file. Never raises."""
+    try:
+        if not os.isatty(stream.fileno()):
+            return
+    except (AttributeError, OSError, ValueError):
+        return
+    prog = invocation_prog("gateway serve")
+    err.write(
+        f"{prog}: waiting for the upstream keys on stdin, NAME KEY per line, then Ctrl-D "
+        f"(typing shows them; pipe them: printf 'main %s\\n' \"$KEY1\" | {prog} ...)\n"
+    )
+    err.flush()
+
+
 def serve(
     ns: argparse.Namespace,
     config: GatewayConfig,
@@ -743,6 +761,7 @@ def serve(
     keys: list[keypool.UpstreamKey] = []
 
     def load() -> None:
+        upstream_keys_hint(stdin, err)
         keys.extend(keypool.read_upstream_keys(stdin))
         keypool.POOL.set_keys(keys)
         err.write(f"gateway: {len(keys)} upstream key(s): {', '.join(k.name for k in keys)}\n")

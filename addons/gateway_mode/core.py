@@ -519,8 +519,8 @@ class GatewayOptions:
     def running(self) -> None:
         if not self.core.pool.is_set:
             logger.error(
-                "no upstream keys loaded: start through ./run.sh gateway serve (keys on stdin) "
-                "or set codex_gateway_keys_file"
+                "no upstream keys loaded: start through `codex-proxy gateway serve` (keys on "
+                "stdin) or set codex_gateway_keys_file"
             )
 
 
