@@ -123,3 +123,63 @@ def test_quota_holds_across_instances_on_postgresql(tmp_path: Path, pg_cluster: 
             check_bound(gw, servers)
     finally:
         gw.stop()
+
+
+def socket_hammer(server: ProxyProcess, key: str) -> tuple[dict[str, int], int]:
+    """:data:`REQUESTS` ``response.create`` messages over :data:`THREADS` concurrent sockets
+    (Codex's WebSocket transport), each sent once the socket's previous turn ended; returns
+    how many ended each way (``completed`` or the error code) and one turn's total tokens."""
+    import asyncio
+
+    import aiohttp
+
+    outcomes: dict[str, int] = {}
+    per_turn: list[int] = []
+    headers = {"authorization": f"Bearer {key}", "user-agent": "codex_exec/0.171.0 (test)"}
+    url = f"ws://127.0.0.1:{server.port}/v1/responses"
+    create = json.dumps({"type": "response.create", "model": STREAM["model"]})
+
+    async def one_socket(turns: int, client: aiohttp.ClientSession) -> None:
+        async with client.ws_connect(url, headers=headers) as ws:
+            for _ in range(turns):
+                await ws.send_str(create)
+                async for msg in ws:
+                    event = json.loads(msg.data)
+                    kind = event.get("type")
+                    if kind == "response.completed":
+                        outcomes["completed"] = outcomes.get("completed", 0) + 1
+                        per_turn.append(event["response"]["usage"]["total_tokens"])
+                        break
+                    if kind in ("error", "response.failed"):
+                        error = event.get("error") or event.get("response", {}).get("error", {})
+                        code = str(error.get("code") or error.get("type"))
+                        outcomes[code] = outcomes.get(code, 0) + 1
+                        break
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as client:
+            await asyncio.gather(*(one_socket(REQUESTS // THREADS, client) for _ in range(THREADS)))
+
+    asyncio.run(scenario())
+    return outcomes, max(per_turn, default=0)
+
+
+def test_quota_holds_under_the_defaults_over_the_socket(tmp_path: Path) -> None:
+    """The same bound over Codex's WebSocket transport: a socket turn takes its slot before
+    the usage is read, as an HTTP request does, and gives it back once its row is written."""
+    gw = Gateway(tmp_path)
+    gw.admin("init")
+    try:
+        with FakeUpstream() as up:
+            server = gw.serve(up.url, "--workers", "2")
+            gw.admin("add-member", "mallory", "--five-hour-quota", str(QUOTA))
+            outcomes, reply_tokens = socket_hammer(server, gw.add_key("mallory"))
+            admitted = outcomes.get("completed", 0)
+            assert set(outcomes) <= {"completed", "quota_exceeded", "rate_limit_exceeded"}, outcomes
+            total = settled_total(gw, "mallory", admitted)
+            bound = QUOTA - 1 + SLOTS * reply_tokens
+            print(f"socket: admitted {admitted}, {total['total_tokens']} tokens (bound {bound})")
+            assert total["total_tokens"] >= QUOTA and outcomes.get("quota_exceeded", 0) > 0
+            assert total["total_tokens"] <= bound, outcomes
+    finally:
+        gw.stop()

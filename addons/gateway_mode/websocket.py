@@ -351,12 +351,26 @@ class WebSocketTurns:
         model = socket.protocol.turn_model(body, socket.model)
         tier = body.get("service_tier") if isinstance(body.get("service_tier"), str) else None
         limits = limits_of(entry)
+        slots = entry["max_concurrent"]
+        slot: str | None = None
         try:
+            # The slot first, then the usage, as on HTTP (quota.py): every turn or request
+            # that gave its slot back before this one took it has its row in the database by
+            # now, so the usage read below counts it (the overshoot bound, docs/gateway.md).
+            lease, active = (
+                await core.acquire_lease(member["member_id"], slots) if slots else (None, 0)
+            )
+            if lease is not None:
+                self._slots += 1
+                slot = f"{socket.flow.id}:ws{self._slots}"
+                core.leases[slot] = lease
             usages = (
                 await core.run_db(limit_usages, core, member["member_id"], limits) if limits else []
             )
         except SQLAlchemyError as e:
             logger.error("quota check failed: database error (%s)", type(e).__name__)
+            if slot is not None:
+                core.release_lease(slot, after_rows=False)
             if core.ledger is not None:
                 core.ledger.healthy = False
             self._refuse(
@@ -369,6 +383,8 @@ class WebSocketTurns:
         if any(limit.kind == "credits" for limit in limits) and (
             core.card.charge(model, zero, None) is None
         ):
+            if slot is not None:
+                await core.give_back_lease(slot)  # nothing was spent: at once
             core.metrics.unpriced.labels(str(model or "")[:64]).inc()
             self._refuse(
                 socket, message, event_id, 400, "invalid_request_error", "unpriced_model",
@@ -378,6 +394,8 @@ class WebSocketTurns:
             return
         refusal = usage_limit_error(member["member"], usages)
         if refusal is not None:
+            if slot is not None:
+                await core.give_back_lease(slot)  # nothing was spent: at once
             _, text, fields = refusal
             # ``headers``: the windows, as on an HTTP 429 (codex-rs reads a wrapped error
             # event's headers like a reply's).
@@ -386,31 +404,13 @@ class WebSocketTurns:
                 "quota", **socket.protocol.quota_fields(usages), **fields,
             )  # fmt: skip
             return
+        if slots and slot is None:  # after the refusals, as on HTTP: they say more
+            self._busy(socket, message, member, event_id, slots, active)
+            return
         turn = Turn(
             model, tier, time.time(), client_event_id=event_id, warmup=body.get("generate") is False
         )
-        if entry["max_concurrent"]:
-            lease, active = await core.acquire_lease(member["member_id"], entry["max_concurrent"])
-            if lease is None:
-                message.drop()
-                core.metrics.refused.labels("concurrency").inc()
-                record_refusal(core, member, "concurrency_limit", 429, socket.protocol.row_route)
-                self._inject(
-                    socket.flow,
-                    socket.protocol.busy(
-                        f"member {member['member']!r} already has {active} requests in "
-                        f"flight (max_concurrent {entry['max_concurrent']})",
-                        CONCURRENCY_RETRY_S,
-                        event_id,
-                        limit="max_concurrent",
-                        used=active,
-                        allowed=entry["max_concurrent"],
-                    ),
-                )
-                return
-            self._slots += 1
-            turn.lease_slot = f"{socket.flow.id}:ws{self._slots}"
-            core.leases[turn.lease_slot] = lease
+        turn.lease_slot = slot
         socket.turns.append(turn)
         socket.turns_opened += 0 if turn.warmup else 1
         turn.log = start_turn(socket.flow, socket.protocol.row_route, message)
@@ -420,6 +420,33 @@ class WebSocketTurns:
         limits_event = socket.protocol.rate_limits(usages)
         if limits_event is not None:
             self._inject(socket.flow, limits_event)
+
+    def _busy(
+        self,
+        socket: Socket,
+        message: Any,
+        member: dict[str, Any],
+        event_id: str | None,
+        slots: int,
+        active: int,
+    ) -> None:
+        """Drop a ``response.create`` of a member whose concurrency slots are all taken and
+        answer the route's busy event (Codex waits :data:`CONCURRENCY_RETRY_S` and resends)."""
+        message.drop()
+        self.core.metrics.refused.labels("concurrency").inc()
+        record_refusal(self.core, member, "concurrency_limit", 429, socket.protocol.row_route)
+        self._inject(
+            socket.flow,
+            socket.protocol.busy(
+                f"member {member['member']!r} already has {active} requests in "
+                f"flight (max_concurrent {slots})",
+                CONCURRENCY_RETRY_S,
+                event_id,
+                limit="max_concurrent",
+                used=active,
+                allowed=slots,
+            ),
+        )
 
     def _refuse(
         self,
