@@ -120,8 +120,12 @@ def test_session_benchmark_runs_codexs_session_on_every_target(tmp_path):
             assert all(w >= p for w, p in zip(wire, payload, strict=True)), name
         else:
             assert all(p < 25_000 for p in payload), name  # the new items only
-            # deflated frames
-            assert all(0 < w < p for w, p in zip(wire, payload, strict=True)), name
+            if name == "gateway-ws":
+                # The gateway's members' side negotiates no permessage-deflate (issue 30:
+                # docs/gateway.md, "Bounds on member sockets"): the frames' headers on top.
+                assert all(p < w < p + 512 for w, p in zip(wire, payload, strict=True)), name
+            else:  # deflated frames
+                assert all(0 < w < p for w, p in zip(wire, payload, strict=True)), name
             assert r["setup"]["payload_bytes"] > 15_000, name  # the warm-up's instructions
         cpu = r["per_turn"]["cpu_ms"]
         if name.startswith("direct"):
