@@ -130,7 +130,10 @@ def test_codex_exec_with_the_printed_one_liner(upstream, start_proxy, codex, tmp
     )
     args = shlex.split(line)
     assert args[:2] == ["codex", "exec"] and args[-1] == "your prompt"
-    result = run_codex(codex, home, work, prompt="Say hello", extra=args[2:-1])
+    # As pasted outside a git repository (run_codex passes the flag itself, once).
+    assert "--skip-git-repo-check" in args
+    extra = [a for a in args[2:-1] if a != "--skip-git-repo-check"]
+    result = run_codex(codex, home, work, prompt="Say hello", extra=extra)
     out = result.stdout.decode(errors="replace")
     assert result.returncode == 0, out + result.stderr.decode(errors="replace")
     assert upstream.text in out
