@@ -177,6 +177,9 @@ def test_a_permanent_refusal_ends_the_codex_turn_with_its_cause(
         gateway.admin("revoke-key", key_id)
         reason = "invalid_member_key"
         wait_for(lambda: server.post_json({"model": MODEL}, bearer(key))[0] == 400, 10, "revoked")
+        # A probe sent before the gateway's directory refresh saw the revocation went upstream
+        # (the key was still live then): only what Codex sends counts below.
+        del upstream.requests[:]
     else:
         model = "gpt-unpriced-test"  # no rate-card entry, and dave has a credit quota
     home, work = codex_home(tmp_path, server, model)
