@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, wait_for
-from tests.gateway_harness import Gateway
+from tests.gateway_harness import Gateway, member_codex_home
 from tests.test_gateway_ws import creates
 from tests.test_gateway_ws_codex import ENDS_SOON_S, run
 
@@ -140,28 +140,7 @@ def test_a_member_refused_an_unpriced_model_on_the_socket_is_told_what_to_ask_fo
     gateway.admin("add-member", "bo", "--weekly-credits", "50")
     key = gateway.add_key("bo")
     server = gateway.serve(upstream.url)  # WebSocket by default
-    config = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "addons.codex_config",
-            "--server-info",
-            str(server.info_path),
-            "--gateway",
-            "--model",
-            hidden,
-            "--toml-only",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        cwd=ROOT,
-    ).stdout
-    home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    (home / "config.toml").write_text(config)
+    home, work, _ = member_codex_home(tmp_path, server, hidden)  # codex-config --gateway
     code, out, seconds = run(codex, home, work, key)
     assert code != 0 and seconds < ENDS_SOON_S
     assert "unpriced_model" in out and "ask the gateway's operator" in out
