@@ -467,17 +467,7 @@ class Database:
         Raises:
             DatabaseError: ``name`` given and unknown.
         """
-        query = (
-            sa.select(refusals, members.c.name.label("member"))
-            .join(members, members.c.id == refusals.c.member_id, isouter=True)
-            .where(refusals.c.ts_ms > since)
-            .order_by(refusals.c.ts_ms, refusals.c.id)
-        )
-        with self.engine.connect() as conn:
-            if name is not None:
-                _member_id(conn, name)
-                query = query.where(members.c.name == name)
-            return [dict(r._mapping) for r in conn.execute(query).all()]
+        return self._member_rows(refusals, refusals.c.ts_ms, since, name, memberless=True)
 
     def ws_connection_rows(self, since: int, name: str | None = None) -> list[dict[str, Any]]:
         """``ws_connections`` rows opened after ``since`` (ms), oldest first, with the
@@ -548,14 +538,20 @@ class Database:
         return self._member_rows(usage, usage.c.ts_ms, since, name)
 
     def _member_rows(
-        self, table: sa.Table, time: sa.Column[Any], since: int, name: str | None
+        self,
+        table: sa.Table,
+        time: sa.Column[Any],
+        since: int,
+        name: str | None,
+        memberless: bool = False,
     ) -> list[dict[str, Any]]:
         """Rows of ``table`` (which has ``id`` and ``member_id``) whose ``time`` is after
-        ``since`` (ms), oldest first, each with the member's name as ``member``; only
+        ``since`` (ms), oldest first, each with the member's name as ``member`` (with
+        ``memberless``, rows whose ``member_id`` is NULL too, ``member`` ``None``); only
         ``name``'s rows when given. Raises DatabaseError: ``name`` unknown."""
         query = (
             sa.select(table, members.c.name.label("member"))
-            .join(members, members.c.id == table.c.member_id)
+            .join(members, members.c.id == table.c.member_id, isouter=memberless)
             .where(time > since)
             .order_by(time, table.c.id)
         )
