@@ -362,15 +362,22 @@ def test_mitmweb_front_with_the_chat_bridge(upstream, tmp_path):
         with openai.OpenAI(
             base_url=f"http://127.0.0.1:{web.port}/v1", api_key="unused", max_retries=0
         ) as client:
-            chunks = list(
-                client.chat.completions.create(
-                    model="gpt-6.2-sol-low",
-                    messages=[{"role": "user", "content": "hi"}],
-                    stream=True,
-                )
+            # Read the stream to its end: the SDK's own iterator closes the connection at
+            # ``[DONE]``, which can reach the front before the reply's end does; the flow then
+            # ends as "client disconnected" (seen once in CI) instead of finished.
+            with client.chat.completions.with_streaming_response.create(
+                model="gpt-6.2-sol-low",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+            ) as reply:
+                lines = list(reply.iter_lines())
+        chunks = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: {")]
+        assert "data: [DONE]" in lines
+        assert (
+            "".join(
+                c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")
             )
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
-            upstream.text
+            == upstream.text
         )
         # The UI learns of the flow's end a moment after the client has read the last chunk.
         wait_for(
