@@ -1,0 +1,141 @@
+"""Teams against the real gateway (issue 32): two members of one team share its budget; the
+second is refused once the team's is spent though its own is not, and the real Codex CLI
+ends its turn at once with its usage-limit message; the team's bound (its limit plus what its
+``max_concurrent`` requests in flight use) holds with ``serve --workers 2`` on SQLite, and with
+two instances on one PostgreSQL, as a member's does (tests/test_gateway_overshoot.py)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ProxyProcess, wait_for
+from tests.fake_upstream import FakeUpstream
+from tests.gateway_harness import OPERATOR, Gateway, bearer, member_codex_home, run_member_codex
+from tests.pg_cluster import PgCluster
+from tests.test_gateway_overshoot import (
+    QUOTA,
+    REQUESTS,
+    SLOTS,
+    THREADS,
+    TOKENS_PER_REQUEST,
+    one_request,
+)
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "gpt-5.5"  # in Codex 0.171's catalog and in the rate card
+BOUND = QUOTA - 1 + SLOTS * TOKENS_PER_REQUEST
+SETTLE_S = 30.0
+
+
+def metric(server: ProxyProcess, name: str, labels: str) -> float:
+    text = server.request("GET", "/metrics", headers=OPERATOR)[2].decode()
+    match = re.search(rf"^{name}{{{re.escape(labels)}}} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.mark.codex
+@pytest.mark.parametrize("websockets", [False, True], ids=["http", "websocket"])
+def test_a_spent_team_ends_the_second_members_codex_turn_at_once(
+    gateway, upstream, codex, tmp_path: Path, websockets: bool
+) -> None:
+    gateway.admin("add-team", "platform", "--five-hour-quota", "100")
+    gateway.admin("add-member", "alice", "--team", "platform", "--five-hour-quota", "10000")
+    gateway.admin("add-member", "bob", "--five-hour-quota", "10000")
+    gateway.admin("set-member", "bob", "--team", "platform")
+    alice, bob = gateway.add_key("alice"), gateway.add_key("bob")
+    server = gateway.serve(upstream.url)
+    for _ in range(2):  # 118 of the team's 100 tokens, all alice's
+        assert server.post_json({"model": MODEL, "stream": True}, bearer(alice))[0] == 200
+    wait_for(lambda: gateway.usage()["total"]["requests"] == 2, SETTLE_S, "rows")
+    home, work, _ = member_codex_home(tmp_path, server, MODEL, websockets=websockets)
+    before = len(upstream.requests)
+    code, out, seconds = run_member_codex(codex, home, work, bob, timeout=60)
+    assert code != 0
+    assert "You've hit your usage limit" in out.replace("\u2019", "'"), out
+    assert "Try again at" in out
+    assert "Reconnecting" not in out  # no retry: one refusal, not a frozen terminal
+    assert len(upstream.requests) == before  # nothing of bob's reached the upstream
+    print(f"bob refused by the team's quota in {seconds:.1f} s")
+    # bob's own quota is untouched; the team has the refusal and every token.
+    by_member = {m["member"]: m for m in gateway.usage()["members"]}
+    assert "bob" not in by_member or by_member["bob"]["total_tokens"] == 0
+    teams = {t["team"]: t for t in gateway.usage("--by", "team")["teams"]}
+    assert teams["platform"]["total_tokens"] == 2 * TOKENS_PER_REQUEST
+    assert teams["platform"]["refusals"]["quota"] >= 1
+    assert metric(server, "codex_gateway_team_refused_total", 'kind="quota",team="platform"') >= 1
+    tokens = 'kind="total",team="platform"'
+    assert metric(server, "codex_gateway_team_tokens_total", tokens) == 2 * TOKENS_PER_REQUEST
+
+
+def settled_team(gw: Gateway, admitted: int) -> dict:
+    """The team's usage once every admitted request's row is written."""
+
+    def team() -> dict:
+        return {t["team"]: t for t in gw.usage("--by", "team")["teams"]}.get("platform", {})
+
+    wait_for(
+        lambda: team().get("requests") == admitted and team().get("in_flight") == 0,
+        SETTLE_S,
+        "every admitted request's row",
+    )
+    return team()
+
+
+def check_team_bound(gw: Gateway, servers: list[ProxyProcess]) -> None:
+    """Two members without a quota of their own, in a team with :data:`QUOTA` tokens per 5
+    hours and the default slots, hammer it together: the team's usage stays within
+    :data:`BOUND` (``limit - 1 + slots x one reply``)."""
+    proc = gw.admin("add-team", "platform", "--five-hour-quota", str(QUOTA))
+    assert f"plus what {SLOTS} requests in flight use" in proc.stderr, proc.stderr
+    for name in ("mallory", "trudy"):
+        gw.admin("add-member", name, "--team", "platform")
+    headers = [bearer(gw.add_key("mallory")), bearer(gw.add_key("trudy"))]
+    # Both members at once, each request to the next server in turn.
+    outcomes: dict[tuple[int, str | None], int] = {}
+    with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+        futures = [
+            pool.submit(one_request, servers[i % len(servers)], headers[i % 2])
+            for i in range(REQUESTS)
+        ]
+        for future in futures:
+            outcome = future.result()
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    admitted = outcomes.get((200, None), 0)
+    refused = {k: v for k, v in outcomes.items() if k != (200, None)}
+    assert set(refused) <= {(429, "quota_exceeded"), (429, "concurrency_limit")}, outcomes
+    total = settled_team(gw, admitted)
+    print(f"team: admitted {admitted}, {total['total_tokens']} tokens (bound {BOUND}), {outcomes}")
+    assert total["total_tokens"] == admitted * TOKENS_PER_REQUEST
+    assert QUOTA <= total["total_tokens"] <= BOUND, outcomes
+    assert outcomes.get((429, "quota_exceeded"), 0) > 0
+
+
+def test_a_team_quota_holds_with_two_workers_on_sqlite(tmp_path: Path) -> None:
+    gw = Gateway(tmp_path)
+    gw.admin("init")
+    try:
+        with FakeUpstream() as up:
+            check_team_bound(gw, [gw.serve(up.url, "--workers", "2")])
+    finally:
+        gw.stop()
+
+
+def test_a_team_quota_holds_across_instances_on_postgresql(
+    tmp_path: Path, pg_cluster: PgCluster
+) -> None:
+    name = f"gw_{uuid.uuid4().hex[:8]}"
+    pg_cluster.create_database(name)
+    gw = Gateway(tmp_path, database=pg_cluster.url(name))
+    gw.admin("init")
+    try:
+        with FakeUpstream() as up:
+            servers = [gw.serve(up.url, "--workers", "2"), gw.serve(up.url, "--workers", "2")]
+            check_team_bound(gw, servers)
+    finally:
+        gw.stop()
