@@ -39,6 +39,13 @@ def metric(server: ProxyProcess, name: str, labels: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def sent_upstream(upstream) -> tuple[int, int]:
+    """Turns the upstream was sent: ``(HTTP POSTs, socket response.create messages)``."""
+    posts = [r for r in upstream.requests if r.method == "POST"]
+    creates = [m for m in upstream.ws_messages if m.get("type") == "response.create"]
+    return len(posts), len(creates)
+
+
 @pytest.mark.codex
 @pytest.mark.parametrize("websockets", [False, True], ids=["http", "websocket"])
 def test_a_spent_team_ends_the_second_members_codex_turn_at_once(
@@ -54,13 +61,14 @@ def test_a_spent_team_ends_the_second_members_codex_turn_at_once(
         assert server.post_json({"model": MODEL, "stream": True}, bearer(alice))[0] == 200
     wait_for(lambda: gateway.usage()["total"]["requests"] == 2, SETTLE_S, "rows")
     home, work, _ = member_codex_home(tmp_path, server, MODEL, websockets=websockets)
-    before = len(upstream.requests)
+    before = sent_upstream(upstream)
     code, out, seconds = run_member_codex(codex, home, work, bob, timeout=60)
     assert code != 0
     assert "You've hit your usage limit" in out.replace("\u2019", "'"), out
     assert "Try again at" in out
     assert "Reconnecting" not in out  # no retry: one refusal, not a frozen terminal
-    assert len(upstream.requests) == before  # nothing of bob's reached the upstream
+    # Nothing of bob's reached the upstream (a socket's upgrade does: no turn on it).
+    assert sent_upstream(upstream) == before
     print(f"bob refused by the team's quota in {seconds:.1f} s")
     # bob's own quota is untouched; the team has the refusal and every token.
     by_member = {m["member"]: m for m in gateway.usage()["members"]}
