@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from addons.gateway_mode.core import MEMBER
 from tests.conftest import ProxyProcess, wait_for
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_harness import OPERATOR, Gateway, bearer, member_codex_home, run_member_codex
@@ -56,7 +57,8 @@ def test_a_spent_team_ends_the_second_members_codex_turn_at_once(
     gateway.admin("add-member", "bob", "--five-hour-quota", "10000")
     gateway.admin("set-member", "bob", "--team", "platform")
     alice, bob = gateway.add_key("alice"), gateway.add_key("bob")
-    server = gateway.serve(upstream.url)
+    record = tmp_path / "rec"
+    server = gateway.serve(upstream.url, "--record", str(record))
     for _ in range(2):  # 118 of the team's 100 tokens, all alice's
         assert server.post_json({"model": MODEL, "stream": True}, bearer(alice))[0] == 200
     wait_for(lambda: gateway.usage()["total"]["requests"] == 2, SETTLE_S, "rows")
@@ -79,6 +81,28 @@ def test_a_spent_team_ends_the_second_members_codex_turn_at_once(
     assert metric(server, "codex_gateway_team_refused_total", 'kind="quota",team="platform"') >= 1
     tokens = 'kind="total",team="platform"'
     assert metric(server, "codex_gateway_team_tokens_total", tokens) == 2 * TOKENS_PER_REQUEST
+    # The recording's flows name the team beside the member.
+    wait_for(lambda: len(recorded_members(record)) >= 3, SETTLE_S, "recorded flows")
+    marks = recorded_members(record)
+    assert {(m["member"], m.get("team")) for m in marks} == {
+        ("alice", "platform"),
+        ("bob", "platform"),
+    }, marks
+
+
+def recorded_members(record: Path) -> list[dict]:
+    """The member marker of every flow in the recording's ``flows.mitm``."""
+    from mitmproxy import io
+
+    path = record / "flows.mitm"
+    if not path.exists():
+        return []
+    with open(path, "rb") as f:
+        try:
+            flows = list(io.FlowReader(f).stream())
+        except Exception:  # a flow being written: read again
+            return []
+    return [f.metadata[MEMBER] for f in flows if MEMBER in f.metadata]
 
 
 def settled_team(gw: Gateway, admitted: int) -> dict:
