@@ -171,3 +171,62 @@ def test_a_team_quota_holds_across_instances_on_postgresql(
             check_team_bound(gw, servers)
     finally:
         gw.stop()
+
+
+def test_a_team_slot_on_the_socket_is_shared_by_its_members(gateway, upstream) -> None:
+    """Over Codex's WebSocket transport: a turn of one member holds the team's one slot, the
+    other member's turn gets the busy answer naming the team (Codex waits it out and
+    resends), and is served once the first turn ended."""
+    import asyncio
+    import json
+    import threading
+
+    import aiohttp
+
+    gateway.admin("add-team", "platform", "--max-concurrent", "1")
+    gateway.admin("add-member", "erin", "--team", "platform")
+    gateway.admin("add-member", "finn", "--team", "platform", "--max-concurrent", "5")
+    server = gateway.serve(upstream.url)
+    url = f"ws://127.0.0.1:{server.port}/v1/responses"
+    agent = {"user-agent": "codex_exec/0.171.0 (test)"}
+    erin = {"authorization": f"Bearer {gateway.add_key('erin')}", **agent}
+    finn = {"authorization": f"Bearer {gateway.add_key('finn')}", **agent}
+    create = json.dumps({"type": "response.create", "model": MODEL})
+    upstream.gate = threading.Event()
+
+    async def until_done(ws: aiohttp.ClientWebSocketResponse) -> list[dict]:
+        events = []
+        async for msg in ws:
+            events.append(json.loads(msg.data))
+            if events[-1]["type"] in ("response.completed", "response.failed", "error"):
+                break
+        return events
+
+    async def scenario() -> tuple[list[dict], dict, list[dict]]:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.ws_connect(url, headers=erin) as first,
+            client.ws_connect(url, headers=finn) as second,
+        ):
+            await first.send_str(create)
+            held = [json.loads((await first.receive()).data)]  # the turn has its slot
+            await second.send_str(create)
+            refused = json.loads((await second.receive()).data)
+            assert upstream.gate is not None
+            upstream.gate.set()
+            held += await until_done(first)
+            await second.send_str(create)
+            return held, refused, await until_done(second)
+
+    held, refused, served = asyncio.run(scenario())
+    assert held[-1]["type"] == "response.completed"
+    assert refused["type"] == "response.failed"
+    error = refused["response"]["error"]
+    assert error["code"] == "rate_limit_exceeded"
+    assert error["message"] == (
+        "team 'platform' of member 'finn' already has 1 requests in flight (max_concurrent 1). "
+        "Please try again in 1s."
+    )
+    assert served[-1]["type"] == "response.completed"
+    creates = [m for m in upstream.ws_messages if m.get("type") == "response.create"]
+    assert len(creates) == 2  # the refused one never went upstream
