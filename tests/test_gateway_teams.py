@@ -325,6 +325,8 @@ async def test_a_team_with_a_quota_and_no_max_concurrent_gets_the_default_slots(
     await gate.request(second)
     assert first.response is None
     assert "quota_max_concurrent, the gateway's default for a team" in error_of(second)["message"]
+    entry = core.directory.by_key_id(ana["key_id"])
+    assert entry is not None and entry[teams.TEAM_MODELS] == ""  # for the models check
 
 
 async def test_rows_and_refusals_carry_the_team_they_were_spent_under(setup) -> None:  # noqa: F811

@@ -53,6 +53,8 @@ TEAM_ID = "team_id"
 TEAM = "team"
 TEAM_SLOTS = "team_max_concurrent"
 TEAM_SLOTS_DEFAULT = "team_max_concurrent_default"
+#: The team's ``models`` text as stored (``""``: every model), for the models-per-member check.
+TEAM_MODELS = "team_models"
 
 
 def check_team_name(name: str) -> str:
@@ -212,8 +214,9 @@ def attach_teams(
     rows: list[dict[str, Any]], by_member: Mapping[int, Mapping[str, Any]], default_slots: int
 ) -> dict[int, str]:
     """Tell each directory entry (``rows``, from :meth:`Database.directory`) of its member's
-    team: :data:`TEAM_ID`, :data:`TEAM`, its limits (:data:`TEAM_LIMITS`, read by
-    :func:`addons.gateway_mode.windows.limits_of`) and its slots (:data:`TEAM_SLOTS`; a team
+    team: :data:`TEAM_ID`, :data:`TEAM`, :data:`TEAM_MODELS`, its limits
+    (:data:`TEAM_LIMITS`, read by :func:`addons.gateway_mode.windows.limits_of`) and its
+    slots (:data:`TEAM_SLOTS`; a team
     with a quota and ``max_concurrent`` 0 gets ``default_slots``, marked
     :data:`TEAM_SLOTS_DEFAULT`). Entries of members in no team are left as they are.
     Returns ``{team id: name}`` of the teams seen."""
@@ -225,6 +228,7 @@ def attach_teams(
         limits = team_limits(team)
         slots = int(team["max_concurrent"])
         row[TEAM_ID], row[TEAM], row[TEAM_LIMITS] = int(team["id"]), team["name"], limits
+        row[TEAM_MODELS] = team["models"] or ""
         if not slots and limits and default_slots:
             slots = default_slots
             row[TEAM_SLOTS_DEFAULT] = True
