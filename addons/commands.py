@@ -56,8 +56,8 @@ COMMANDS = (
         "gateway",
         "addons.gateway_mode.cli",
         "[--config F] [--database URL] COMMAND",
-        "the team gateway: init, add-member, set-member, list-members, add-key, list-keys, "
-        "revoke-key, usage, serve (upstream keys on stdin)",
+        "the team gateway: init, add-member, set-member, list-members, add-team, set-team, "
+        "list-teams, add-key, list-keys, revoke-key, usage, serve (upstream keys on stdin)",
     ),
     Command(
         "web", "addons.web", "[FLAGS] [--web-port N]", "the proxy behind mitmweb (key on stdin)"

@@ -28,4 +28,6 @@ error replies, launching) is imported from ``addons/``.
   gathered and inflated, frames a second, unread input and output), inside mitmproxy's
   WebSocket layer.
 - ``config``, ``cli``: ``config/gateway.yaml`` and the command line.
+- ``teams``, ``team_cli``: teams (their queries and rules, what a member's directory entry
+  learns of its team, the lease that holds a member's and its team's slot) and their commands.
 """

@@ -61,6 +61,7 @@ def record_refusal(
                 "row_id": str(uuid.uuid4()),
                 "ts_ms": int(time.time() * 1000),
                 "member_id": member["member_id"] if member else None,
+                "team_id": member.get("team_id") if member else None,
                 "key_id": member["key_id"] if member else None,
                 "kind": refusal_kind(code),
                 "code": code[:64],
@@ -71,6 +72,8 @@ def record_refusal(
                 "instance": core.instance,
             }
         )
+        if member and member.get("team"):
+            core.metrics.team_refused.labels(member["team"], refusal_kind(code)).inc()
     except Exception as e:
         logger.error("refusal row not queued (%s)", type(e).__name__)
 
@@ -369,6 +372,7 @@ def ledger_row(core: GatewayCore, member: dict[str, Any], facts: TurnFacts) -> d
         "row_id": facts.row_id or str(uuid.uuid4()),
         "ts_ms": int(facts.started * 1000),
         "member_id": member["member_id"],
+        "team_id": member.get("team_id"),
         "key_id": member["key_id"],
         "upstream_key": facts.upstream_key,
         "model": (facts.model or None) and facts.model[:200],
@@ -409,6 +413,13 @@ def observe_row(core: GatewayCore, member: str, row: dict[str, Any]) -> None:
         m.credits.labels(member, (row["model"] or "")[:64]).inc(row["credits_micro"] / MICRO)
     elif row["credits_micro"] is None and not core.card.prices(row["model"]):
         m.unpriced.labels((row["model"] or "")[:64]).inc()
+    team = core.team_names.get(row.get("team_id") or -1)
+    if team is not None:  # the team's series (the member's above are unchanged)
+        for kind in USAGE_KINDS:
+            if row[f"{kind}_tokens"]:
+                m.team_tokens.labels(team, kind).inc(row[f"{kind}_tokens"])
+        if row["credits_micro"]:
+            m.team_credits.labels(team).inc(row["credits_micro"] / MICRO)
     m.duration.labels(row["route"]).observe(row["duration_ms"] / 1000)
     if row["ttfb_ms"] is not None:
         m.ttfb.labels(row["route"]).observe(row["ttfb_ms"] / 1000)

@@ -9,6 +9,7 @@ from mitmproxy import http
 from addons.common import ALLOWED, fail_closed
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse
 from addons.gateway_mode.members import bearer_member_key, key_hash
+from addons.gateway_mode.teams import team_marker
 from addons.routing import CLIENT_CREDENTIAL_FIELDS, drop_headers
 
 logger = logging.getLogger(__name__)
@@ -70,5 +71,6 @@ class MemberAuth:
             "member": entry["member"],
             "member_id": entry["member_id"],
             "key_id": entry["key_id"],
+            **team_marker(entry),
         }
         self.core.touch(entry["key_id"])

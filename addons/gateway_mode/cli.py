@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from addons.codex_models import catalog
 from addons.credits import RateCard
-from addons.gateway_mode import keypool
+from addons.gateway_mode import keypool, team_cli, teams
 from addons.gateway_mode.config import (
     DEFAULT_GATEWAY_CONFIG,
     GatewayConfig,
@@ -171,10 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.set_defaults(admin=add_member)
     add.add_argument("name")
     _member_options(add)
+    team_cli.team_option(add)
     setm = sub.add_parser("set-member", help="change a member's limits (0 = unlimited)")
     setm.set_defaults(admin=set_member)
     setm.add_argument("name")
     _member_options(setm)
+    team_cli.team_option(setm)
+    team_cli.add_parsers(sub, _member_options, member_settings, _table)
     lm = sub.add_parser("list-members", help="members and their limits")
     lm.set_defaults(admin=list_members)
     key = sub.add_parser("add-key", help="a new member key, printed once as stdout's last line")
@@ -189,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     us = sub.add_parser("usage", help="tokens, credits and USD per member")
     us.set_defaults(admin=usage)
     us.add_argument("--member", metavar="NAME")
+    us.add_argument(
+        "--by",
+        choices=("member", "team"),
+        default="member",
+        help="a row per member (default) or per team (the team each request was spent under)",
+    )
     us.add_argument("--since", default="7d", help="5h, 7d, 30m or an ISO-8601 time (default 7d)")
     us.add_argument("--json", action="store_true", help="machine-readable output")
     us.add_argument(
@@ -396,7 +405,10 @@ def init_schema(db: Database, ns: argparse.Namespace, config: GatewayConfig, out
 def add_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
     """``add-member NAME [limits]``; with a credit quota, a warning on stderr when the rate
     card cannot price Codex's default model (every default Codex turn would be refused)."""
+    if getattr(ns, "team", None):
+        teams.require_team(db, ns.team)
     db.add_member(ns.name, **{k: v for k, v in member_settings(ns).items() if v is not None})
+    team_cli.member_team(db, ns)
     out.write(f"member {ns.name} added\n")
     note = overshoot_note(member_settings(ns), config.quota_max_concurrent)
     if note:
@@ -408,9 +420,11 @@ def set_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out:
     """``set-member NAME limits``: at least one limit, else ``ValueError``; warns as
     ``add-member`` does when it sets a credit quota."""
     changes = {k: v for k, v in member_settings(ns).items() if v is not None}
-    if not changes:
+    if not changes and getattr(ns, "team", None) is None:
         raise ValueError("set-member: give at least one limit to change")
-    db.set_member(ns.name, **changes)
+    if changes:
+        db.set_member(ns.name, **changes)
+    team_cli.member_team(db, ns)
     out.write(f"member {ns.name} updated\n")
     _warn_unpriced_default(ns, config)
 
@@ -434,11 +448,16 @@ def _warn_unpriced_default(ns: argparse.Namespace, config: GatewayConfig) -> Non
 
 
 def list_members(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
-    """``list-members``: a table of the members and their limits (``-``: unlimited)."""
+    """``list-members``: a table of the members and their limits (``-``: unlimited), and a
+    ``team`` column once any member is in a team."""
     rows = [
         ["member", "5h tokens", "weekly tokens", "5h credits", "weekly credits", "max concurrent"]
     ]
-    for m in db.members():
+    everyone = db.members()
+    names = teams.team_names(db) if any(m.get("team_id") for m in everyone) else {}
+    if names:
+        rows[0].append("team")
+    for m in everyone:
         rows.append(
             [
                 m["name"],
@@ -451,6 +470,8 @@ def list_members(db: Database, ns: argparse.Namespace, config: GatewayConfig, ou
                 str(m["max_concurrent"] or "-"),
             ]
         )
+        if names:
+            rows[-1].append(names.get(m["team_id"], "-") if m.get("team_id") else "-")
     _table(rows, out)
 
 
@@ -494,9 +515,17 @@ def usage(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any)
     since = parse_since(ns.since, now)
     card = config.rate_card()
     rows = db.usage_rows(since, ns.member)
-    summary = summarize_usage(
-        rows, card, db.ws_connection_rows(since, ns.member), db.refusal_rows(since, ns.member)
+    connections, refused = (
+        db.ws_connection_rows(since, ns.member),
+        db.refusal_rows(since, ns.member),
     )
+    by = getattr(ns, "by", "member")
+    grouped = (rows, connections, refused)
+    if by == "team":
+        grouped = team_cli.by_team(db, rows, connections, refused)
+    summary = summarize_usage(grouped[0], card, grouped[1], grouped[2])
+    if by == "team":
+        summary["teams"] = [{"team": m.pop("member"), **m} for m in summary.pop("members")]
     gaps = rate_card_gaps(card)
     # Rows charged through a same_as entry of today's card (the shipped ESTIMATES among them):
     # the operator's estimate, not a published rate.
@@ -515,8 +544,8 @@ def usage(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any)
         out.write(json.dumps(doc, indent=2) + "\n")
         return
     out.write(f"usage since {iso(since)}\n")
-    _usage_table(summary, out)
-    _refusal_table(summary, out)
+    _usage_table(summary, out, by)
+    _refusal_table(summary, out, by)
     total = summary["total"]
     if total["warmups"]:
         out.write(
@@ -561,11 +590,11 @@ def _money(bucket: dict[str, Any], key: str, digits: int) -> str:
     return text if bucket["credits_complete"] else f">={text}"
 
 
-def _usage_table(summary: dict[str, Any], out: Any) -> None:
-    """The ``usage`` table: a row per member, then ``TOTAL``."""
+def _usage_table(summary: dict[str, Any], out: Any, by: str = "member") -> None:
+    """The ``usage`` table: a row per member (``by="team"``: per team), then ``TOTAL``."""
     rows = [
         [
-            "member",
+            by,
             "requests",
             "warmups",
             "errors",
@@ -583,10 +612,10 @@ def _usage_table(summary: dict[str, Any], out: Any) -> None:
             "ws msgs in/out",
         ]
     ]
-    for m in [*summary["members"], {"member": "TOTAL", **summary["total"]}]:
+    for m in [*summary[f"{by}s"], {by: "TOTAL", **summary["total"]}]:
         rows.append(
             [
-                m["member"],
+                m[by],
                 str(m["requests"]),
                 str(m["warmups"]),
                 str(m["errors"]),
@@ -607,18 +636,18 @@ def _usage_table(summary: dict[str, Any], out: Any) -> None:
     _table(rows, out)
 
 
-def _refusal_table(summary: dict[str, Any], out: Any) -> None:
-    """Refusals by kind, a row per member that had any (and one for refusals with no member),
-    then ``TOTAL``; nothing when there were none."""
+def _refusal_table(summary: dict[str, Any], out: Any, by: str = "member") -> None:
+    """Refusals by kind, a row per member (``by="team"``: per team) that had any (and one
+    for refusals with no member), then ``TOTAL``; nothing when there were none."""
     if not summary["total"]["refused"]:
         return
     out.write("refused requests by kind (answered by the gateway, never forwarded):\n")
-    rows = [["member", *KIND_ORDER]]
-    entries = [m for m in summary["members"] if m["refused"]]
+    rows = [[by, *KIND_ORDER]]
+    entries = [m for m in summary[f"{by}s"] if m["refused"]]
     if summary["without_member"]["refused"]:
-        entries.append({"member": "(no member key)", **summary["without_member"]})
-    for m in [*entries, {"member": "TOTAL", **summary["total"]}]:
-        rows.append([m["member"], *(str(m["refusals"][kind]) for kind in KIND_ORDER)])
+        entries.append({by: "(no member key)", **summary["without_member"]})
+    for m in [*entries, {by: "TOTAL", **summary["total"]}]:
+        rows.append([m[by], *(str(m["refusals"][kind]) for kind in KIND_ORDER)])
     _table(rows, out)
 
 

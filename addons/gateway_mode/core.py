@@ -24,7 +24,7 @@ from addons.body_decode import DecodeLimits
 from addons.common import ALLOWED, REFUSED, error_response, fail_closed
 from addons.credits import RateCard
 from addons.exchange import read_request
-from addons.gateway_mode import keypool
+from addons.gateway_mode import keypool, teams
 from addons.gateway_mode.config import (
     DEFAULT_GATEWAY_CONFIG,
     load_gateway_config,
@@ -36,6 +36,7 @@ from addons.gateway_mode.ledger import UsageLedger
 from addons.gateway_mode.members import same_hash
 from addons.gateway_mode.metrics import GatewayMetrics
 from addons.gateway_mode.socket_protocol import realtime_query
+from addons.gateway_mode.teams import TeamSlots
 from addons.gateway_mode.windows import limits_of
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ logger = logging.getLogger(__name__)
 #: wait for the usage ledger's next write, which is at once unless the database is away).
 RELEASE_WAIT_S = 5.0
 
-#: ``{"member": name, "member_id": n, "key_id": id}`` once the member key was accepted.
+#: ``{"member": name, "member_id": n, "key_id": id}`` once the member key was accepted; a
+#: member in a team also has ``"team": name, "team_id": n`` (:mod:`addons.gateway_mode.teams`).
 MEMBER = "codex_gateway.member"
 #: ``{"model", "service_tier", "session"}`` read from the request (body and headers).
 REQUEST_INFO = "codex_gateway.request"
@@ -259,6 +261,11 @@ class GatewayCore:
         self.executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="gateway-db")
         self.leases: dict[str, str] = {}  # flow id -> lease id
         self._lease_member: dict[str, int] = {}  # lease id -> member id
+        self._lease_team: dict[str, int] = {}  # lease id -> team id (a team member's lease)
+        #: Releases not written yet, by team id (:meth:`acquire_team_lease` waits for them).
+        self._releasing_team: dict[int, set[concurrent.futures.Future[Any]]] = {}
+        #: ``{team id: name}`` of the teams in the directory (``/metrics`` by team).
+        self.team_names: dict[int, str] = {}
         #: Releases not written yet, by member id (:meth:`acquire_lease` waits for them).
         self._releasing: dict[int, set[concurrent.futures.Future[Any]]] = {}
         #: Failed connect attempts for a client connection's current request, by its id
@@ -295,6 +302,11 @@ class GatewayCore:
         pending = self._releasing.setdefault(member_id, set())
         pending.add(future)
         future.add_done_callback(pending.discard)
+        team_id = self._lease_team.pop(lease, None)
+        if team_id is not None:
+            team_pending = self._releasing_team.setdefault(team_id, set())
+            team_pending.add(future)
+            future.add_done_callback(team_pending.discard)
         db = self.db
 
         def release() -> None:
@@ -320,6 +332,7 @@ class GatewayCore:
         lease = self.leases.pop(key, None)
         if lease and self.db is not None:
             self._lease_member.pop(lease, None)
+            self._lease_team.pop(lease, None)
             await self.run_db(self.db.release_leases, [lease])
 
     async def acquire_lease(self, member_id: int, max_concurrent: int) -> tuple[str | None, int]:
@@ -342,6 +355,36 @@ class GatewayCore:
             self._lease_member[lease] = member_id
         return lease, active
 
+    async def acquire_team_lease(
+        self, member_id: int, max_concurrent: int, team: TeamSlots
+    ) -> tuple[str | None, int, int | None]:
+        """:meth:`acquire_lease` for a member in a team: one lease holding a slot of the
+        member and one of its team (:func:`addons.gateway_mode.teams.acquire_lease`), after
+        every release of the member's and of the team's on this instance already given back
+        has been written (at most :data:`RELEASE_WAIT_S`). Returns ``(lease, active,
+        team_active)``: ``team_active`` is not ``None`` when the team's count was read."""
+        waits = [
+            *self._releasing.get(member_id, ()),
+            *self._releasing_team.get(team.team_id, ()),
+        ]
+        if waits:
+            await asyncio.wait([asyncio.wrap_future(f) for f in waits], timeout=RELEASE_WAIT_S)
+        assert self.db is not None
+        lease, active, team_active = await self.run_db(
+            teams.acquire_lease,
+            self.db,
+            member_id,
+            max_concurrent,
+            team.team_id,
+            team.slots,
+            self.instance,
+            self.lease_ms,
+        )
+        if lease is not None:
+            self._lease_member[lease] = member_id
+            self._lease_team[lease] = team.team_id
+        return lease, active, team_active
+
     def refresh_directory(self) -> None:
         """Reload the member directory; a member with a quota and ``max_concurrent`` 0 gets
         :attr:`quota_concurrency` slots (marked ``max_concurrent_default``)."""
@@ -352,6 +395,9 @@ class GatewayCore:
                 if not row["max_concurrent"] and limits_of(row):
                     row["max_concurrent"] = self.quota_concurrency
                     row["max_concurrent_default"] = True
+        self.team_names = teams.attach_teams(
+            rows, teams.member_teams(self.db), self.quota_concurrency
+        )
         self.directory.load(rows)
 
     async def find_member(self, digest: str) -> dict[str, Any] | None:

@@ -420,7 +420,7 @@ class Database:
             return
         # A row spooled by an older release lacks the columns added since (one INSERT takes
         # its keys from the first row): those get the column's default.
-        defaults = {"cache_write_tokens": 0, "warmup": 0}
+        defaults = {"cache_write_tokens": 0, "warmup": 0, "team_id": None}
         self._upsert(usage, [{**defaults, **row} for row in collapse_rows(rows)])
 
     def _upsert(self, table: sa.Table, rows: list[dict[str, Any]]) -> None:
@@ -455,7 +455,7 @@ class Database:
             from sqlalchemy.dialects.sqlite import insert
         else:
             from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
-        unique = list({row["row_id"]: row for row in rows}.values())
+        unique = list({row["row_id"]: {"team_id": None, **row} for row in rows}.values())
         with self.engine.begin() as conn:
             conn.execute(insert(refusals).on_conflict_do_nothing(index_elements=["row_id"]), unique)
 
@@ -478,10 +478,13 @@ class Database:
         """
         return self._member_rows(ws_connections, ws_connections.c.opened_ms, since, name)
 
-    def window_usage(self, member_id: int, now: int) -> dict[str, dict[str, Any]]:
+    def window_usage(
+        self, member_id: int, now: int, owner: str = "member_id"
+    ) -> dict[str, dict[str, Any]]:
         """Usage of one member in the rolling windows ending ``now`` (ms): ``{"five_hour":
         {"tokens": n, "credits": micro, "oldest": ts_ms | None}, "weekly": {...}}``, where
-        ``oldest`` is the time of the window's oldest row that used tokens or credits."""
+        ``oldest`` is the time of the window's oldest row that used tokens or credits.
+        ``owner="team_id"``: of one team instead (``member_id`` is then the team's id)."""
         five = now - FIVE_HOURS_MS
         week = now - WEEK_MS
         used = sa.or_(usage.c.total_tokens > 0, usage.c.credits_micro > 0)
@@ -501,7 +504,7 @@ class Database:
             in_window(usage.c.total_tokens, week),
             in_window(sa.func.coalesce(usage.c.credits_micro, 0), week),
             oldest(week),
-        ).where(usage.c.member_id == member_id, usage.c.ts_ms > week)
+        ).where(usage.c[owner] == member_id, usage.c.ts_ms > week)
         with self.engine.connect() as conn:
             t5, c5, o5, tw, cw, ow = conn.execute(query).one()
         return {
@@ -517,13 +520,16 @@ class Database:
             },
         }
 
-    def window_rows(self, member_id: int, since: int, kind: str) -> list[tuple[int, int]]:
+    def window_rows(
+        self, member_id: int, since: int, kind: str, owner: str = "member_id"
+    ) -> list[tuple[int, int]]:
         """``(ts_ms, amount)`` of a member's rows after ``since``; amount is ``total_tokens``
-        (``kind="tokens"``) or micro-credits (``kind="credits"``)."""
+        (``kind="tokens"``) or micro-credits (``kind="credits"``). ``owner="team_id"``: of
+        one team's rows instead."""
         column = usage.c.total_tokens if kind == "tokens" else usage.c.credits_micro
         query = (
             sa.select(usage.c.ts_ms, column)
-            .where(usage.c.member_id == member_id, usage.c.ts_ms > since)
+            .where(usage.c[owner] == member_id, usage.c.ts_ms > since)
             .where(column.is_not(None), column > 0)
         )
         with self.engine.connect() as conn:

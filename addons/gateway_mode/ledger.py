@@ -228,16 +228,19 @@ class UsageLedger:
         with self._lock:
             return len(self._rows)
 
-    def pending_rows(self, member_id: int, since_ms: int, kind: str) -> list[tuple[int, int]]:
+    def pending_rows(
+        self, member_id: int, since_ms: int, kind: str, owner: str = "member_id"
+    ) -> list[tuple[int, int]]:
         """``(ts_ms, amount)`` of a member's rows not yet written, newer than ``since_ms``;
-        amount in tokens (``kind="tokens"``) or micro-credits (``"credits"``)."""
+        amount in tokens (``kind="tokens"``) or micro-credits (``"credits"``).
+        ``owner="team_id"``: of one team's rows instead."""
         column = "total_tokens" if kind == "tokens" else "credits_micro"
         with self._lock:
             return [
                 (r["ts_ms"], r.get(column) or 0)
                 for r in self._rows
                 if TABLE not in r
-                and r["member_id"] == member_id
+                and r.get(owner) == member_id
                 and r["ts_ms"] > since_ms
                 and r.get(column)
             ]

@@ -46,6 +46,26 @@ class GatewayMetrics:
             ["member", "model"],
             registry=r,
         )
+        self.team_tokens = Counter(
+            "codex_gateway_team_tokens",
+            "Tokens used by the members of a team while in it, by team and kind (as "
+            "codex_gateway_tokens).",
+            ["team", "kind"],
+            registry=r,
+        )
+        self.team_credits = Counter(
+            "codex_gateway_team_credits",
+            "Codex credits charged to the members of a team while in it, by team.",
+            ["team"],
+            registry=r,
+        )
+        self.team_refused = Counter(
+            "codex_gateway_team_refused",
+            "Requests of a team's members refused locally, by team and refusal kind (quota, "
+            "concurrency, ...: the usage command's kinds).",
+            ["team", "kind"],
+            registry=r,
+        )
         self.unpriced = Counter(
             "codex_gateway_unpriced_requests",
             "Requests whose model the rate card cannot price (forwarded unpriced, or refused "

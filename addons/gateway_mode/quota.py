@@ -17,6 +17,7 @@ from addons.codex_models import catalog
 from addons.common import WEBSOCKET, error_response, fail_closed
 from addons.credits import RateCard
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse, request_info
+from addons.gateway_mode.teams import TeamSlots, busy_text
 from addons.gateway_mode.windows import (
     MICRO,
     Limit,
@@ -57,16 +58,24 @@ def limit_usages(core: GatewayCore, member_id: int, limits: list[Limit]) -> list
     assert core.db is not None and core.ledger is not None
     now = int(time.time() * 1000)
     windows = core.db.window_usage(member_id, now)
+    team_windows: dict[int, dict[str, dict[str, Any]]] = {}
     usages = []
     for limit in limits:
-        window = windows["five_hour" if limit.window_ms < 6 * 3_600_000 else "weekly"]
+        # A team's limit counts the team's usage (its rows' team_id), a member's its own.
+        owner, owner_id, of = "member_id", member_id, windows
+        if limit.team_id is not None:
+            owner, owner_id = "team_id", limit.team_id
+            if owner_id not in team_windows:
+                team_windows[owner_id] = core.db.window_usage(owner_id, now, owner)
+            of = team_windows[owner_id]
+        window = of["five_hour" if limit.window_ms < 6 * 3_600_000 else "weekly"]
         since = now - limit.window_ms
         # This instance's rows not written yet count at once (and in the reset time).
-        pending = core.ledger.pending_rows(member_id, since, limit.kind)
+        pending = core.ledger.pending_rows(owner_id, since, limit.kind, owner)
         used = window[limit.kind] + sum(amount for _, amount in pending)
         resets_at: int | None
         if used >= limit.limit:
-            rows = core.db.window_rows(member_id, since, limit.kind) + pending
+            rows = core.db.window_rows(owner_id, since, limit.kind, owner) + pending
             resets_at = now + reset_in_ms(rows, limit.limit, limit.window_ms, now)
         else:
             times = [ts for ts, _ in pending]
@@ -122,6 +131,8 @@ class QuotaGate:
             return
         limits = limits_of(entry)
         slots = entry["max_concurrent"]
+        team = TeamSlots.of(entry)
+        team_active: int | None = None
         try:
             if WEBSOCKET in flow.metadata:
                 if limits:  # the socket's addon checks each response.create, with its slots
@@ -131,9 +142,14 @@ class QuotaGate:
             # The slot first, then the usage: every request that gave its slot back before
             # this one took it has its row in the database by now (UsageAccounting releases
             # a slot only then), so the usage read below counts it (docs/gateway.md).
-            lease, active = (
-                await core.acquire_lease(member["member_id"], slots) if slots else (None, 0)
-            )
+            if team is not None:  # one lease: a slot of the member and one of its team
+                lease, active, team_active = await core.acquire_team_lease(
+                    member["member_id"], slots, team
+                )
+            else:
+                lease, active = (
+                    await core.acquire_lease(member["member_id"], slots) if slots else (None, 0)
+                )
             if lease is not None:
                 core.leases[flow.id] = lease
             usages = []
@@ -143,7 +159,9 @@ class QuotaGate:
             if self._unpriced(flow, limits) or self._over_quota(flow, usages):
                 await core.give_back_lease(flow.id)  # nothing was spent: at once
                 return
-            if slots and lease is None:
+            if team is not None and lease is None and team_active is not None:
+                self._team_busy(flow, team, team_active)
+            elif (slots or team is not None) and lease is None:
                 self._no_slot(flow, entry, active)
         except SQLAlchemyError as e:
             logger.error("quota check failed: database error (%s)", type(e).__name__)
@@ -222,6 +240,25 @@ class QuotaGate:
             ),
         )
 
+    def _team_busy(self, flow: http.HTTPFlow, team: TeamSlots, active: int) -> None:
+        """429 ``concurrency_limit`` (Retry-After 1 s): every slot of the member's team is
+        taken (by its members, on any instance)."""
+        self.core.metrics.refused.labels("concurrency").inc()
+        refuse(
+            flow,
+            "concurrency",
+            gateway_error(
+                429,
+                "concurrency_limit",
+                busy_text(flow.metadata[MEMBER]["member"], team, active),
+                {"retry-after": str(CONCURRENCY_RETRY_S)},
+                limit="max_concurrent",
+                used=active,
+                allowed=team.slots,
+                team=team.name,
+            ),
+        )
+
     def _release(self, flow: http.HTTPFlow) -> None:
         self.core.release_lease(flow.id, after_rows=False)  # no row: nothing went upstream
 
@@ -260,7 +297,8 @@ def usage_limit_error(
     member: str, usages: list[LimitUsage], now_ms: int | None = None
 ) -> tuple[int, str, dict[str, Any]] | None:
     """``(Retry-After seconds, message, error fields)`` when a limit in ``usages`` is reached,
-    else ``None``. It names the limit the member waits longest for; ``resets_at`` (Unix
+    else ``None``. It names the limit the member waits longest for, the member's or its
+    team's (a team's names the team, and ``team`` is among the fields); ``resets_at`` (Unix
     seconds) is when every limit is under again. The fields go beside ``type:
     usage_limit_reached`` / ``code: quota_exceeded`` in the error object, on HTTP (429 body)
     and on the WebSocket (``error`` event), the shape Codex 0.171 ends a turn on."""
@@ -272,8 +310,11 @@ def usage_limit_error(
     limit, used = binding.limit, binding.used
     resets_at_ms = binding.resets_at_ms or now + limit.window_ms
     retry = retry_after_seconds(resets_at_ms - now)
+    who = (
+        f"member {member!r}" if limit.team is None else f"team {limit.team!r} of member {member!r}"
+    )
     message = (
-        f"member {member!r} used {amount_text(limit.kind, used)} of its {limit.label} of "
+        f"{who} used {amount_text(limit.kind, used)} of its {limit.label} of "
         f"{amount_text(limit.kind, limit.limit)}; enough leaves the window at "
         f"{iso(resets_at_ms)} (in {retry} s), or ask the gateway's operator to raise it"
     )
@@ -284,6 +325,8 @@ def usage_limit_error(
         "used": _shown(limit.kind, used),
         "allowed": _shown(limit.kind, limit.limit),
     }
+    if limit.team is not None:
+        fields["team"] = limit.team
     return retry, message, fields
 
 

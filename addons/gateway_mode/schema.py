@@ -36,6 +36,26 @@ members = Table(
     Column("weekly_credits_micro", BigInteger, nullable=False, default=0),
     Column("max_concurrent", Integer, nullable=False, default=0),
     Column("created_ms", BigInteger, nullable=False),
+    #: The member's team (:data:`teams`), ``NULL``: none (0007).
+    Column("team_id", BigId, ForeignKey("teams.id", name="members_team_id_fkey"), nullable=True),
+)
+
+#: A team (0007): its members' requests count against its windows too, and its
+#: ``max_concurrent`` slots are shared by its members. Quotas as a member's (0 = unlimited);
+#: ``models``: comma-separated model patterns (``*`` any run of characters; empty = every
+#: model), stored and shown here, matched by the models-per-member code.
+teams = Table(
+    "teams",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("five_hour_quota", BigInteger, nullable=False, default=0),
+    Column("weekly_quota", BigInteger, nullable=False, default=0),
+    Column("five_hour_credits_micro", BigInteger, nullable=False, default=0),
+    Column("weekly_credits_micro", BigInteger, nullable=False, default=0),
+    Column("max_concurrent", Integer, nullable=False, default=0),
+    Column("models", String(2000), nullable=False, default="", server_default=""),
+    Column("created_ms", BigInteger, nullable=False),
 )
 
 #: A member key: only its SHA-256 (hex) is stored; ``id`` is public (``list-keys``).
@@ -87,6 +107,9 @@ usage = Table(
     #: not a request or a turn in ``usage``; 0 for every other row and every row before 0004.
     Column("warmup", Integer, nullable=False, default=0, server_default="0"),
     Index("usage_member_ts", "member_id", "ts_ms"),
+    #: The team the request was spent under (its member's then), ``NULL``: none (0007).
+    Column("team_id", BigId, nullable=True),
+    Index("usage_team_ts", "team_id", "ts_ms"),
 )
 
 #: Concurrency slots: one row per request in flight; a crashed instance's rows expire.
@@ -98,6 +121,9 @@ leases = Table(
     Column("instance", String(64), nullable=False),
     Column("expires_ms", BigInteger, nullable=False),
     Index("leases_member", "member_id"),
+    #: The team whose slot this lease also holds, ``NULL``: none (0007).
+    Column("team_id", BigId, nullable=True),
+    Index("leases_team", "team_id"),
 )
 
 #: Upstream key health by name (the keys themselves never reach the database).
@@ -159,4 +185,6 @@ refusals = Table(
     Column("count", Integer, nullable=False, default=1),
     Column("instance", String(64), nullable=False),
     Index("refusals_ts", "ts_ms"),
+    #: The member's team when refused, ``NULL``: none (0007).
+    Column("team_id", BigId, nullable=True),
 )

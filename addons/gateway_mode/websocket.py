@@ -63,6 +63,7 @@ from addons.gateway_mode.socket_protocol import (
 from addons.gateway_mode.socket_protocol import busy_event as busy_event  # re-exported
 from addons.gateway_mode.socket_protocol import error_event as error_event  # re-exported
 from addons.gateway_mode.socket_protocol import is_responses_upgrade as is_responses_upgrade
+from addons.gateway_mode.teams import TeamSlots, busy_text, refresh_marker
 from addons.gateway_mode.windows import limits_of
 from addons.socket_close import mark_closed_by_proxy
 from addons.socket_turns import SocketTurn, end_turn, forget_taken, keeps_messages, start_turn
@@ -353,13 +354,21 @@ class WebSocketTurns:
         limits = limits_of(entry)
         slots = entry["max_concurrent"]
         slot: str | None = None
+        refresh_marker(member, entry)  # this turn's row names the team it is spent under
+        team = TeamSlots.of(entry)
+        team_active: int | None = None
         try:
             # The slot first, then the usage, as on HTTP (quota.py): every turn or request
             # that gave its slot back before this one took it has its row in the database by
             # now, so the usage read below counts it (the overshoot bound, docs/gateway.md).
-            lease, active = (
-                await core.acquire_lease(member["member_id"], slots) if slots else (None, 0)
-            )
+            if team is not None:  # one lease: a slot of the member and one of its team
+                lease, active, team_active = await core.acquire_team_lease(
+                    member["member_id"], slots, team
+                )
+            else:
+                lease, active = (
+                    await core.acquire_lease(member["member_id"], slots) if slots else (None, 0)
+                )
             if lease is not None:
                 self._slots += 1
                 slot = f"{socket.flow.id}:ws{self._slots}"
@@ -404,7 +413,10 @@ class WebSocketTurns:
                 "quota", **socket.protocol.quota_fields(usages), **fields,
             )  # fmt: skip
             return
-        if slots and slot is None:  # after the refusals, as on HTTP: they say more
+        if team is not None and slot is None and team_active is not None:
+            self._busy(socket, message, member, event_id, team.slots, team_active, team)
+            return
+        if (slots or team is not None) and slot is None:  # after the refusals, as on HTTP
             self._busy(socket, message, member, event_id, slots, active)
             return
         turn = Turn(
@@ -429,22 +441,31 @@ class WebSocketTurns:
         event_id: str | None,
         slots: int,
         active: int,
+        team: TeamSlots | None = None,
     ) -> None:
-        """Drop a ``response.create`` of a member whose concurrency slots are all taken and
-        answer the route's busy event (Codex waits :data:`CONCURRENCY_RETRY_S` and resends)."""
+        """Drop a ``response.create`` of a member whose concurrency slots (or, with ``team``,
+        its team's) are all taken and answer the route's busy event (Codex waits
+        :data:`CONCURRENCY_RETRY_S` and resends)."""
         message.drop()
         self.core.metrics.refused.labels("concurrency").inc()
         record_refusal(self.core, member, "concurrency_limit", 429, socket.protocol.row_route)
+        text = (
+            f"member {member['member']!r} already has {active} requests in "
+            f"flight (max_concurrent {slots})"
+        )
+        extra = {}
+        if team is not None:
+            text, extra = busy_text(member["member"], team, active), {"team": team.name}
         self._inject(
             socket.flow,
             socket.protocol.busy(
-                f"member {member['member']!r} already has {active} requests in "
-                f"flight (max_concurrent {slots})",
+                text,
                 CONCURRENCY_RETRY_S,
                 event_id,
                 limit="max_concurrent",
                 used=active,
                 allowed=slots,
+                **extra,
             ),
         )
 

@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 HOUR_MS = 3_600_000
 FIVE_HOURS_MS = 5 * HOUR_MS
@@ -35,6 +36,10 @@ class Limit:
     kind: str
     window_ms: int
     limit: int
+    #: A team's limit (``team``: its name, ``team_id``): counted over the team's usage
+    #: (:mod:`addons.gateway_mode.teams`); ``None`` for the member's own.
+    team: str | None = None
+    team_id: int | None = None
 
     @property
     def label(self) -> str:
@@ -50,13 +55,19 @@ LIMIT_COLUMNS = (
 )
 
 
-def limits_of(member: dict[str, int]) -> list[Limit]:
-    """The non-zero limits of a member row (a mapping with the ``LIMIT_COLUMNS`` keys)."""
+#: Key of a member directory entry holding its team's limits (a list of :class:`Limit`),
+#: set by :func:`addons.gateway_mode.teams.attach_teams`.
+TEAM_LIMITS = "team_limits"
+
+
+def limits_of(member: dict[str, Any]) -> list[Limit]:
+    """The non-zero limits of a member row (a mapping with the ``LIMIT_COLUMNS`` keys), then
+    its team's (a directory entry's :data:`TEAM_LIMITS`, when it has any)."""
     return [
         Limit(column, kind, window, int(member[column]))
         for column, kind, window in LIMIT_COLUMNS
         if member.get(column)
-    ]
+    ] + list(member.get(TEAM_LIMITS) or ())
 
 
 def overshoot_note(settings: Mapping[str, int | None], default_slots: int) -> str | None:
@@ -205,9 +216,11 @@ def codex_snapshot(
 ) -> tuple[list[CodexWindow], CodexCredits | None]:
     """The member's windows as Codex reads them, from :func:`limit_usages` rows.
 
-    A window without a limit is left out. ``reset_at``: over a limit, when the member is back
-    under every limit of the window; under, when the oldest counted usage leaves the window;
-    ``None`` when nothing is counted. Credits only with a weekly credit limit.
+    A window without a limit is left out. A member's and its team's limits of a window are
+    one window, the tighter shown (the highest percentage, the fewest credits). ``reset_at``:
+    over a limit, when the member is back under every limit of the window; under, when the
+    oldest counted usage leaves the window; ``None`` when nothing is counted. Credits only
+    with a weekly credit limit.
     """
     usages = list(usages)
     windows: list[CodexWindow] = []
@@ -226,12 +239,13 @@ def codex_snapshot(
                 None if reset is None else math.ceil(reset / 1000),
             )
         )
-    weekly_credits = next(
-        (u for u in usages if u.limit.kind == "credits" and u.limit.window_ms == WEEK_MS), None
-    )
-    credits = None
-    if weekly_credits is not None:
-        credits = CodexCredits(max(0, weekly_credits.limit.limit - weekly_credits.used))
+    # A member's and its team's weekly credits: the fewer left (the tighter of the two).
+    weekly_credits = [
+        max(0, u.limit.limit - u.used)
+        for u in usages
+        if u.limit.kind == "credits" and u.limit.window_ms == WEEK_MS
+    ]
+    credits = CodexCredits(min(weekly_credits)) if weekly_credits else None
     return windows, credits
 
 
