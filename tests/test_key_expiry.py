@@ -175,3 +175,42 @@ def test_codex_shows_an_expired_key_and_stops_at_once(
         {"426": 1.0, "400": 1.0} if websockets else {"400": 1.0}
     )
     assert upstream.requests == []
+
+
+@pytest.fixture
+def quota_gate(tmp_path):
+    """The quota check on a migrated SQLite file (tests/test_gateway_quota.py's setup)."""
+    from addons.gateway_mode.database import Database
+    from addons.gateway_mode.ledger import UsageLedger
+    from addons.gateway_mode.quota import QuotaGate
+
+    db = Database(f"sqlite:///{tmp_path / 'gateway.db'}")
+    db.migrate()
+    core = GatewayCore()
+    core.db, core.ledger = db, UsageLedger(db)
+    gate = QuotaGate(core)
+    with taddons.context(gate):
+        yield core, gate
+    core.executor.shutdown()
+    db.dispose()
+
+
+async def test_a_key_expired_since_requestheaders_is_refused_by_the_quota_check(
+    quota_gate, monkeypatch
+) -> None:
+    """Passed member auth, then expired before the quota check: refused there, saying so."""
+    from tests.test_gateway_quota import add_member, member_flow
+
+    core, gate = quota_gate
+    clock = Clock(monkeypatch)
+    member = add_member(core)
+    core.directory.load(
+        [{**row, "expires_ms": clock.ms + 1} for row in core.db.directory()]  # type: ignore[union-attr]
+    )
+    clock.now += 0.001
+    flow = member_flow(member)
+    await gate.request(flow)
+    assert flow.response is not None and flow.response.status_code == 401
+    error = json.loads(flow.response.content)["error"]  # type: ignore[arg-type]
+    assert error["code"] == "expired_member_key" and "expired on" in error["message"]
+    assert ALLOWED not in flow.metadata and flow.metadata[REFUSED] == "member-auth"
