@@ -327,6 +327,7 @@ def test_no_key_appears_in_any_artifact(gateway, upstream, tmp_path):
     places["usage"] = gateway.admin("usage", "--json").stdout.encode()
     places["usage table"] = gateway.admin("usage").stdout.encode()
     places["list-keys"] = gateway.admin("list-keys").stdout.encode()
+    places["audit"] = gateway.admin("audit", "--json").stdout.encode()
     places["database"] = (tmp_path / "gateway.db").read_bytes() + b"".join(
         p.read_bytes() for p in tmp_path.glob("gateway.db-*")
     )

@@ -9,6 +9,8 @@ error replies, launching) is imported from ``addons/``.
 - ``schema``, ``migrations/``, ``database``: the SQLAlchemy Core tables, their Alembic
   migrations and every query (SQLite or PostgreSQL).
 - ``members``: member keys (``sk-codex-gw-...``), their hashes, name rules.
+- ``lifetimes``: when a credential expires (``--expires``, ``default_key_lifetime``; pure).
+- ``audit``: the audit log of admin changes (``record`` in the change's transaction; reading).
 - ``keypool``: the upstream key pool (keys from stdin, in memory only; health, cooldown).
 - ``windows``: quota window arithmetic (pure).
 - ``ledger``: the usage ledger's writer thread and its spool (no row lost); its rows are

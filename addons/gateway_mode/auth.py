@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from mitmproxy import http
 
 from addons.common import ALLOWED, fail_closed
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse
+from addons.gateway_mode.lifetimes import expired, expired_message
 from addons.gateway_mode.members import bearer_member_key, key_hash
 from addons.gateway_mode.teams import team_marker
 from addons.routing import CLIENT_CREDENTIAL_FIELDS, drop_headers
@@ -20,7 +22,9 @@ class MemberAuth:
 
     Cases: no ``Authorization``, more than one, another scheme or a malformed key → 401
     ``missing_member_key``; a well-formed key that is unknown or revoked → 401
-    ``invalid_member_key``. Either way the header is removed from the flow first, so the
+    ``invalid_member_key``; a key past its expiry (judged now) → 401 ``expired_member_key``
+    naming when it expired (Codex shows it: :mod:`addons.gateway_mode.codex_replies`).
+    Either way the header is removed from the flow first, so the
     member key never reaches the upstream, a dump, a flow file, HAR or mitmweb; logs name
     the key id only. Accepted flows get ``flow.metadata[MEMBER]``; the pool forwarder injects
     an upstream key only into flows with both that and the allowlist mark.
@@ -63,6 +67,19 @@ class MemberAuth:
                     401,
                     "invalid_member_key",
                     "unknown or revoked member key",
+                    {"www-authenticate": 'Bearer realm="codex-gateway", error="invalid_token"'},
+                ),
+            )
+            return
+        if expired(entry.get("expires_ms"), int(time.time() * 1000)):
+            self.core.metrics.refused.labels("expired_member_key").inc()
+            refuse(
+                flow,
+                "member-auth",
+                gateway_error(
+                    401,
+                    "expired_member_key",
+                    expired_message(entry["expires_ms"]),
                     {"www-authenticate": 'Bearer realm="codex-gateway", error="invalid_token"'},
                 ),
             )

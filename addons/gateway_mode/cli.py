@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from addons.codex_models import catalog
 from addons.credits import RateCard
-from addons.gateway_mode import keypool, team_cli, teams
+from addons.gateway_mode import audit, keypool, team_cli, teams
 from addons.gateway_mode.config import (
     DEFAULT_GATEWAY_CONFIG,
     GatewayConfig,
@@ -34,6 +34,7 @@ from addons.gateway_mode.config import (
 )
 from addons.gateway_mode.database import Database, DatabaseError, now_ms
 from addons.gateway_mode.ledger import IN_FLIGHT, KIND_ORDER
+from addons.gateway_mode.lifetimes import expired, format_expiry, parse_expiry, parse_lifetime
 from addons.gateway_mode.tls import listen_policy
 from addons.gateway_mode.windows import MICRO, iso, overshoot_note, parse_since
 from addons.hardening import harden_process
@@ -162,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         "directory (beside your own --config; with the shipped one, "
         "$XDG_DATA_HOME/codex-proxy or ~/.local/share/codex-proxy)",
     )
+    parser.add_argument(
+        "--actor",
+        metavar="NAME",
+        help="who makes an admin change, for the audit log (default: the OS user)",
+    )
     # Each admin command's subparser names its function (``ns.admin``, run by run_admin);
     # serve is main's own.
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -183,12 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     key = sub.add_parser("add-key", help="a new member key, printed once as stdout's last line")
     key.set_defaults(admin=add_key)
     key.add_argument("name")
-    lk = sub.add_parser("list-keys", help="key ids, members, created, last used, revoked")
+    key.add_argument(
+        "--expires",
+        metavar="WHEN",
+        help="when the key stops working: a lifetime (12h, 7d, 30d), a date (2027-01-31: the end "
+        "of that day, UTC), an ISO-8601 time, or never (default: the YAML default_key_lifetime)",
+    )
+    lk = sub.add_parser("list-keys", help="key ids, members, created, last used, expiry, revoked")
     lk.set_defaults(admin=list_keys)
     lk.add_argument("name", nargs="?")
     rk = sub.add_parser("revoke-key", help="revoke a member key by id")
     rk.set_defaults(admin=revoke_key)
     rk.add_argument("key_id")
+    au = sub.add_parser("audit", help="the audit log of admin changes (who, what, when)")
+    au.set_defaults(admin=audit_log)
+    au.add_argument("--since", help="5h, 7d, 30m or an ISO-8601 time (default: the whole log)")
+    au.add_argument("--json", action="store_true", help="one JSON object per line")
     us = sub.add_parser("usage", help="tokens, credits and USD per member")
     us.set_defaults(admin=usage)
     us.add_argument("--member", metavar="NAME")
@@ -398,7 +414,7 @@ AdminCommand = Callable[[Database, argparse.Namespace, GatewayConfig, Any], None
 
 def init_schema(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
     """``init``: create or migrate the schema (idempotent)."""
-    revision = db.migrate()
+    revision = db.migrate(actor=ns.actor)
     out.write(f"database ready (schema {revision}): {db.location}\n")
 
 
@@ -407,7 +423,8 @@ def add_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out:
     card cannot price Codex's default model (every default Codex turn would be refused)."""
     if getattr(ns, "team", None):
         teams.require_team(db, ns.team)
-    db.add_member(ns.name, **{k: v for k, v in member_settings(ns).items() if v is not None})
+    settings = {k: v for k, v in member_settings(ns).items() if v is not None}
+    db.add_member(ns.name, actor=ns.actor, **settings)
     team_cli.member_team(db, ns)
     out.write(f"member {ns.name} added\n")
     note = overshoot_note(member_settings(ns), config.quota_max_concurrent)
@@ -423,7 +440,7 @@ def set_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out:
     if not changes and getattr(ns, "team", None) is None:
         raise ValueError("set-member: give at least one limit to change")
     if changes:
-        db.set_member(ns.name, **changes)
+        db.set_member(ns.name, actor=ns.actor, **changes)
     team_cli.member_team(db, ns)
     out.write(f"member {ns.name} updated\n")
     _warn_unpriced_default(ns, config)
@@ -475,26 +492,45 @@ def list_members(db: Database, ns: argparse.Namespace, config: GatewayConfig, ou
     _table(rows, out)
 
 
+def key_expiry(given: str | None, default_lifetime: str | None, now: int) -> int | None:
+    """The expiry (epoch ms, ``None``: never) of a new key: ``--expires`` when given
+    (:func:`addons.gateway_mode.lifetimes.parse_expiry`), else now plus the YAML
+    ``default_key_lifetime``, else never. Raises ``ValueError`` for a bad or past value."""
+    if given is not None:
+        return parse_expiry(given, now)
+    lifetime = parse_lifetime(default_lifetime) if default_lifetime else None
+    return None if lifetime is None else now + lifetime
+
+
 def add_key(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
-    """``add-key NAME``: the new member key alone on stdout's last line, its id on stderr."""
-    key_id, key = db.add_key(ns.name)
+    """``add-key NAME [--expires WHEN]``: the new member key alone on stdout's last line, its
+    id and expiry on stderr."""
+    expires = key_expiry(ns.expires, config.default_key_lifetime, now_ms())
+    key_id, key = db.add_key(ns.name, expires, actor=ns.actor)
+    until = f"expires {format_expiry(expires)}" if expires is not None else "never expires"
     sys.stderr.write(
-        f"member key {key_id} for {ns.name}; shown once, on the next line of stdout:\n"
+        f"member key {key_id} for {ns.name} ({until}); shown once, on the next line of stdout:\n"
     )
     sys.stderr.flush()
     out.write(key + "\n")
 
 
 def list_keys(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
-    """``list-keys [NAME]``: key ids, members, created, last used, revoked."""
-    rows = [["id", "member", "created", "last used", "revoked"]]
+    """``list-keys [NAME]``: key ids, members, created, last used, expiry (``expired``
+    once past), revoked."""
+    now = now_ms()
+    rows = [["id", "member", "created", "last used", "expires", "revoked"]]
     for k in db.list_keys(ns.name):
+        expires = iso(k["expires_ms"]) or "never"
+        if expired(k["expires_ms"], now):
+            expires += " (expired)"
         rows.append(
             [
                 k["id"],
                 k["member"],
                 iso(k["created_ms"]) or "-",
                 iso(k["last_used_ms"]) or "never",
+                expires,
                 iso(k["revoked_ms"]) or "no",
             ]
         )
@@ -503,8 +539,36 @@ def list_keys(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: 
 
 def revoke_key(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
     """``revoke-key KEY_ID``."""
-    db.revoke_key(ns.key_id)
+    db.revoke_key(ns.key_id, actor=ns.actor)
     out.write(f"key {ns.key_id} revoked (the gateway refuses it within a second)\n")
+
+
+def audit_log(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
+    """``audit [--since WHEN] [--json]``: the audit log, oldest first: a table (time, actor,
+    host, action, target, what changed) or one JSON object per line
+    (:func:`addons.gateway_mode.audit.json_line`)."""
+    since = parse_since(ns.since, now_ms()) if ns.since else 0
+    entries = db.audit_rows(since)
+    if ns.json:
+        for entry in entries:
+            out.write(audit.json_line(entry) + "\n")
+        return
+    rows = [["time", "actor", "host", "action", "target", "change"]]
+    for e in entries:
+        rows.append(
+            [
+                iso(e["ts_ms"]) or "-",
+                e["actor"],
+                e["host"] or "-",
+                e["action"],
+                e["target"],
+                audit.describe(e["before"], e["after"]),
+            ]
+        )
+    if len(rows) == 1:
+        out.write("no admin changes recorded" + (f" since {iso(since)}" if since else "") + "\n")
+        return
+    _table(rows, out)
 
 
 def usage(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
@@ -657,6 +721,7 @@ def run_admin(ns: argparse.Namespace, config: GatewayConfig, out: Any) -> int:
     Returns 0. Raises ``ValueError`` / :class:`DatabaseError` / SQLAlchemy errors for
     :func:`main` to report."""
     command: AdminCommand = ns.admin
+    ns.actor = audit.actor_name(ns.actor)  # ValueError: a bad --actor, before any change
     db = Database(ns.database or config.database_url())
     try:
         if command is not init_schema:

@@ -21,6 +21,7 @@ import yaml
 from addons.codex_models import Catalog, catalog
 from addons.credits import RateCard, parse_rate_card
 from addons.defaults import DEFAULTS_DIR, default_file
+from addons.gateway_mode.lifetimes import parse_lifetime
 
 DEFAULT_GATEWAY_CONFIG = default_file("gateway.yaml")
 #: The data directory's name under ``$XDG_DATA_HOME`` (``~/.local/share``).
@@ -64,6 +65,7 @@ _KEYS: dict[str, tuple[type, ...]] = {
     "quota_max_concurrent": (int,),
     "spool": (str, type(None)),
     "metrics_token_file": (str, type(None)),
+    "default_key_lifetime": (str, type(None)),
     "redact_headers": (list,),
     "credits": (dict,),
     "mitmproxy": (dict, type(None)),
@@ -94,6 +96,8 @@ class GatewayConfig:
     quota_max_concurrent: int = 4
     spool: str | None = None
     metrics_token_file: str | None = None
+    #: Lifetime of a key made by ``add-key`` without ``--expires`` (``30d``; ``None``: never).
+    default_key_lifetime: str | None = None
     redact_headers: list[str] = field(default_factory=lambda: ["api-key", "x-api-key"])
     credits: dict[str, Any] = field(default_factory=dict)
     mitmproxy: dict[str, Any] = field(default_factory=dict)
@@ -161,6 +165,11 @@ def parse_gateway_config(text: str, path: str) -> GatewayConfig:
             raise ValueError(f"{path}: port {value} is out of range")
         if key == "mitmproxy":
             value = dict(value or {})
+        if key == "default_key_lifetime" and value is not None:
+            try:
+                parse_lifetime(value)
+            except ValueError as e:
+                raise ValueError(f"{path}: default_key_lifetime: {e}") from None
         setattr(config, key, value)
     config.rate_card()  # a bad card stops start-up (and every admin command)
     return config

@@ -33,6 +33,7 @@ from addons.gateway_mode.config import (
 )
 from addons.gateway_mode.database import Database
 from addons.gateway_mode.ledger import UsageLedger
+from addons.gateway_mode.lifetimes import expired, expired_message
 from addons.gateway_mode.members import same_hash
 from addons.gateway_mode.metrics import GatewayMetrics
 from addons.gateway_mode.socket_protocol import realtime_query
@@ -216,7 +217,9 @@ class RequestFacts:
 
 class MemberDirectory:
     """Live member keys by hash, refreshed from the database on the ledger thread every
-    ``refresh_s`` (a revoked key stops working within that time) and on a miss."""
+    ``refresh_s`` (a revoked key stops working within that time) and on a miss. Entries carry
+    ``expires_ms``; expiry is judged with the clock when asked (:meth:`by_key_id`,
+    :meth:`refusal`), so a key stops working at its expiry, not at the next refresh."""
 
     def __init__(self) -> None:
         self._by_hash: dict[str, dict[str, Any]] = {}
@@ -230,14 +233,28 @@ class MemberDirectory:
             self._by_hash, self._by_id = by_hash, by_id
 
     def find(self, digest: str) -> dict[str, Any] | None:
+        """The entry of a key hash, expired or not (member auth tells an expired key apart)."""
         entry = self._by_hash.get(digest)
         if entry is not None and same_hash(entry["key_hash"], digest):
             return entry
         return None
 
     def by_key_id(self, key_id: str) -> dict[str, Any] | None:
-        """The live entry of a key id (its member's current settings), ``None`` if revoked."""
-        return self._by_id.get(key_id)
+        """The live entry of a key id (its member's current settings), ``None`` if revoked
+        or expired now."""
+        entry = self._by_id.get(key_id)
+        if entry is not None and expired(entry.get("expires_ms"), int(time.time() * 1000)):
+            return None
+        return entry
+
+    def refusal(self, key_id: str) -> tuple[str, str]:
+        """``(code, message)`` for a key that is not live: ``expired_member_key`` and when
+        it expired, else ``invalid_member_key`` (unknown or revoked)."""
+        entry = self._by_id.get(key_id)
+        expires = entry.get("expires_ms") if entry is not None else None
+        if expires is not None and expired(expires, int(time.time() * 1000)):
+            return "expired_member_key", expired_message(expires)
+        return "invalid_member_key", "unknown or revoked member key"
 
 
 class GatewayCore:

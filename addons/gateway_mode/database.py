@@ -9,6 +9,9 @@ Dialect differences handled here, and nowhere else:
   IMMEDIATE`` (so a lease count and its insert are one serialised step).
 - PostgreSQL: the member's row is locked (``SELECT ... FOR UPDATE``) around a lease count and
   insert, so several gateway instances never hand out more slots than ``max_concurrent``.
+  Admin changes read the row they change ``FOR UPDATE`` too, so the values before that their
+  audit row records (:mod:`addons.gateway_mode.audit`) are the ones the change replaced, with
+  several admin hosts at once.
 - Usage rows are written with ``INSERT ... ON CONFLICT (row_id) DO UPDATE ... WHERE`` the new
   row is a finished one, on both: a re-sent row lands once, and a request's finished row
   replaces its in-flight row (see :meth:`Database.insert_usage`).
@@ -32,6 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 
+from addons.gateway_mode import audit
 from addons.gateway_mode import members as member_rules
 from addons.gateway_mode.schema import (
     leases,
@@ -42,7 +46,7 @@ from addons.gateway_mode.schema import (
     usage,
     ws_connections,
 )
-from addons.gateway_mode.windows import FIVE_HOURS_MS, LIMIT_COLUMNS, WEEK_MS
+from addons.gateway_mode.windows import FIVE_HOURS_MS, LIMIT_COLUMNS, WEEK_MS, iso
 from addons.invocation import prog
 
 logger = logging.getLogger(__name__)
@@ -188,12 +192,21 @@ class Database:
         config.attributes["connection"] = connection
         return config
 
-    def migrate(self) -> str:
-        """Create or migrate the schema to the newest revision (idempotent). Returns it."""
+    def migrate(self, actor: str | None = None) -> str:
+        """Create or migrate the schema to the newest revision (idempotent). Returns it. A
+        change of revision is an ``init`` row of the audit log (same transaction)."""
         from alembic import command
+        from alembic.runtime.migration import MigrationContext
 
         with self.engine.begin() as connection:
+            before = MigrationContext.configure(connection).get_current_revision()
             command.upgrade(self._alembic_config(connection), "head")
+            after = MigrationContext.configure(connection).get_current_revision()
+            if after != before:
+                audit.record(
+                    connection, actor or audit.default_actor(), "init", "schema",
+                    {"revision": before} if before else None, {"revision": after},
+                )  # fmt: skip
         return self.revision() or ""
 
     def revision(self) -> str | None:
@@ -259,6 +272,17 @@ class Database:
             return False
         return True
 
+    @property
+    def _locks(self) -> bool:
+        """Whether reads that precede a write take row locks (``FOR UPDATE``): PostgreSQL;
+        SQLite's ``BEGIN IMMEDIATE`` already serialises every transaction."""
+        return self.dialect != "sqlite"
+
+    def audit_rows(self, since_ms: int = 0) -> list[dict[str, Any]]:
+        """The audit log from ``since_ms`` on, oldest first (:func:`audit.rows`)."""
+        with self.engine.connect() as conn:
+            return audit.rows(conn, since_ms)
+
     def ping(self) -> bool:
         """Whether a trivial query succeeds now."""
         try:
@@ -270,8 +294,9 @@ class Database:
 
     # -- members and keys --------------------------------------------------------------------
 
-    def add_member(self, name: str, **settings: int) -> int:
+    def add_member(self, name: str, *, actor: str | None = None, **settings: int) -> int:
         """Insert a member; ``settings`` are :data:`MEMBER_SETTINGS` (absent: 0). Returns id.
+        Audited (``add-member``, by ``actor``; default the OS user) in the same transaction.
 
         Raises:
             ValueError: bad name or negative setting.
@@ -287,19 +312,26 @@ class Database:
             result = conn.execute(members.insert().values(name=name, created_ms=now_ms(), **values))
             key = result.inserted_primary_key
             assert key is not None
+            audit.record(conn, actor or audit.default_actor(), "add-member", name, None, values)
             return int(key[0])
 
-    def set_member(self, name: str, **settings: int) -> None:
-        """Change some of a member's settings (0 = unlimited).
+    def set_member(self, name: str, *, actor: str | None = None, **settings: int) -> None:
+        """Change some of a member's settings (0 = unlimited). Audited (``set-member``: the
+        given settings before and after) in the same transaction.
 
         Raises:
             DatabaseError: unknown member.
         """
         values = _settings(settings)
         with self.engine.begin() as conn:
-            result = conn.execute(members.update().where(members.c.name == name).values(values))
-            if result.rowcount == 0:
+            query = sa.select(members).where(members.c.name == name)
+            row = conn.execute(query.with_for_update() if self._locks else query).first()
+            if row is None:
                 raise DatabaseError(f"no member named {name!r}")
+            if values:
+                conn.execute(members.update().where(members.c.name == name).values(values))
+            before = {column: row._mapping[column] for column in values}
+            audit.record(conn, actor or audit.default_actor(), "set-member", name, before, values)
 
     def members(self) -> list[dict[str, Any]]:
         """Every member row, by name."""
@@ -307,8 +339,12 @@ class Database:
             rows = conn.execute(sa.select(members).order_by(members.c.name)).all()
         return [dict(r._mapping) for r in rows]
 
-    def add_key(self, name: str) -> tuple[str, str]:
+    def add_key(
+        self, name: str, expires_ms: int | None = None, *, actor: str | None = None
+    ) -> tuple[str, str]:
         """A new member key for member ``name``: ``(key_id, key)``. Only the hash is stored.
+        ``expires_ms``: when it stops working (epoch ms; ``None``: never). Audited
+        (``add-key``, the key by id) in the same transaction.
 
         Raises:
             DatabaseError: unknown member.
@@ -325,12 +361,16 @@ class Database:
                     member_id=member_id,
                     key_hash=member_rules.key_hash(key),
                     created_ms=now_ms(),
+                    expires_ms=expires_ms,
                 )
             )
+            after = {"member": name, "expires_at": iso(expires_ms)}
+            audit.record(conn, actor or audit.default_actor(), "add-key", key_id, None, after)
         return key_id, key
 
     def list_keys(self, name: str | None = None) -> list[dict[str, Any]]:
-        """Key rows (``id, member, created_ms, last_used_ms, revoked_ms``), never the hash.
+        """Key rows (``id, member, created_ms, last_used_ms, revoked_ms, expires_ms``), never
+        the hash.
 
         Raises:
             DatabaseError: ``name`` given and unknown.
@@ -342,6 +382,7 @@ class Database:
                 member_keys.c.created_ms,
                 member_keys.c.last_used_ms,
                 member_keys.c.revoked_ms,
+                member_keys.c.expires_ms,
             )
             .join(members, members.c.id == member_keys.c.member_id)
             .order_by(members.c.name, member_keys.c.created_ms)
@@ -352,32 +393,47 @@ class Database:
                 query = query.where(members.c.name == name)
             return [dict(r._mapping) for r in conn.execute(query).all()]
 
-    def revoke_key(self, key_id: str) -> None:
-        """Revoke a key by id (idempotent for a revoked key).
+    def revoke_key(self, key_id: str, *, actor: str | None = None) -> None:
+        """Revoke a key by id (idempotent for a revoked key). Audited (``revoke-key``) in
+        the same transaction when it revokes.
 
         Raises:
             DatabaseError: unknown id.
         """
         with self.engine.begin() as conn:
+            query = (
+                sa.select(member_keys.c.revoked_ms, members.c.name)
+                .join(members, members.c.id == member_keys.c.member_id)
+                .where(member_keys.c.id == key_id)
+            )
             row = conn.execute(
-                sa.select(member_keys.c.revoked_ms).where(member_keys.c.id == key_id)
+                query.with_for_update(of=member_keys) if self._locks else query
             ).first()
             if row is None:
                 raise DatabaseError(f"no key with id {key_id!r}")
             if row.revoked_ms is None:
+                revoked = now_ms()
                 conn.execute(
                     member_keys.update()
                     .where(member_keys.c.id == key_id)
-                    .values(revoked_ms=now_ms())
+                    .values(revoked_ms=revoked)
                 )
+                audit.record(
+                    conn, actor or audit.default_actor(), "revoke-key", key_id,
+                    {"member": row.name, "revoked_at": None},
+                    {"member": row.name, "revoked_at": iso(revoked)},
+                )  # fmt: skip
 
     def directory(self) -> list[dict[str, Any]]:
         """Every live (not revoked) key with its member's settings: ``key_id, key_hash,
-        member_id, member`` and :data:`MEMBER_SETTINGS`. What the gateway authenticates with."""
+        member_id, member``, ``expires_ms`` (expired keys included: whoever reads the
+        directory judges expiry at the time of each request) and :data:`MEMBER_SETTINGS`.
+        What the gateway authenticates with."""
         query = (
             sa.select(
                 member_keys.c.id.label("key_id"),
                 member_keys.c.key_hash,
+                member_keys.c.expires_ms,
                 members.c.id.label("member_id"),
                 members.c.name.label("member"),
                 *(members.c[column] for column in MEMBER_SETTINGS),

@@ -81,6 +81,7 @@ REFUSAL_KINDS = {
     "unpriced_model": "unpriced",
     "missing_member_key": "auth",
     "invalid_member_key": "auth",
+    "expired_member_key": "auth",
     "request_too_large": "body",
     "json_too_deep": "body",
     "forbidden": "route",

@@ -122,11 +122,11 @@ class QuotaGate:
             return
         member = flow.metadata[MEMBER]
         entry = core.directory.by_key_id(member["key_id"])
-        if entry is None:  # revoked since requestheaders
+        if entry is None:  # revoked or expired since requestheaders
             refuse(
                 flow,
                 "member-auth",
-                gateway_error(401, "invalid_member_key", "unknown or revoked member key"),
+                gateway_error(401, *core.directory.refusal(member["key_id"])),
             )
             return
         limits = limits_of(entry)

@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
 )
 
 #: SQLite only auto-increments an ``INTEGER PRIMARY KEY``; PostgreSQL gets a BIGINT identity.
@@ -68,6 +69,8 @@ member_keys = Table(
     Column("created_ms", BigInteger, nullable=False),
     Column("last_used_ms", BigInteger, nullable=True),
     Column("revoked_ms", BigInteger, nullable=True),
+    #: When the key stops working (``NULL``: never); :mod:`addons.gateway_mode.lifetimes`.
+    Column("expires_ms", BigInteger, nullable=True),
 )
 
 #: The usage ledger: one row per forwarded request. ``row_id`` (a UUID made by the gateway)
@@ -187,4 +190,23 @@ refusals = Table(
     Index("refusals_ts", "ts_ms"),
     #: The member's team when refused, ``NULL``: none (0007).
     Column("team_id", BigId, nullable=True),
+)
+
+#: Admin changes (members, keys, the schema...), one row per change, written in the same
+#: transaction as the change (:mod:`addons.gateway_mode.audit`): when (``ts_ms``), who
+#: (``actor``: ``--actor`` or the OS user; ``host``: where the command ran), what
+#: (``action``, e.g. ``add-key``, on ``target``, e.g. a member name or a key id), and the
+#: values before and after as JSON objects (``NULL``: none). Never a secret or a key's hash.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("host", String(255), nullable=True),
+    Column("action", String(64), nullable=False),
+    Column("target", String(200), nullable=False),
+    Column("before", Text, nullable=True),
+    Column("after", Text, nullable=True),
+    Index("audit_log_ts", "ts_ms"),
 )

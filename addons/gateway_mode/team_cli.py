@@ -73,7 +73,7 @@ def add_team(
     """``add-team NAME [limits] [--models P,…]``; notes on stderr how far the team's quotas
     can be overshot (its slots)."""
     given = {k: v for k, v in settings(ns).items() if v is not None}
-    teams.add_team(db, ns.name, ns.models or "", **given)
+    teams.add_team(db, ns.name, ns.models or "", actor=getattr(ns, "actor", None), **given)
     out.write(f"team {ns.name} added\n")
     note = overshoot_note(settings(ns), config.quota_max_concurrent)
     if note:
@@ -85,7 +85,7 @@ def set_team(
 ) -> None:
     """``set-team NAME [limits] [--models P,…]``: at least one setting, else ``ValueError``."""
     given = {k: v for k, v in settings(ns).items() if v is not None}
-    teams.set_team(db, ns.name, ns.models, **given)
+    teams.set_team(db, ns.name, ns.models, actor=getattr(ns, "actor", None), **given)
     out.write(f"team {ns.name} updated\n")
 
 
@@ -127,7 +127,7 @@ def list_teams(db: Database, ns: argparse.Namespace, config: Any, out: Any, tabl
 def member_team(db: Database, ns: argparse.Namespace) -> None:
     """Apply ``--team`` of ``add-member`` / ``set-member`` (nothing when absent)."""
     if ns.team is not None:
-        teams.set_member_team(db, ns.name, ns.team)
+        teams.set_member_team(db, ns.name, ns.team, actor=getattr(ns, "actor", None))
 
 
 def by_team(

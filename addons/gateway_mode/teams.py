@@ -31,6 +31,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from addons.gateway_mode import audit
 from addons.gateway_mode import members as member_rules
 from addons.gateway_mode.database import (
     MEMBER_SETTINGS,
@@ -101,9 +102,12 @@ def parse_models(text: str) -> str:
 # -- admin queries ---------------------------------------------------------------------------
 
 
-def add_team(db: Database, name: str, models: str = "", **settings: int) -> int:
+def add_team(
+    db: Database, name: str, models: str = "", *, actor: str | None = None, **settings: int
+) -> int:
     """Insert a team; ``settings`` are :data:`MEMBER_SETTINGS` (absent: 0), ``models`` as
-    :func:`parse_models` gives it. Returns its id.
+    :func:`parse_models` gives it. Returns its id. Audited (``add-team``, by ``actor``;
+    default the OS user) in the same transaction.
 
     Raises:
         ValueError: bad name, models or negative setting.
@@ -121,12 +125,22 @@ def add_team(db: Database, name: str, models: str = "", **settings: int) -> int:
         )
         key = result.inserted_primary_key
         assert key is not None
+        after = {"models": models, **values}
+        audit.record(conn, actor or audit.default_actor(), "add-team", name, None, after)
         return int(key[0])
 
 
-def set_team(db: Database, name: str, models: str | None = None, **settings: int | None) -> None:
+def set_team(
+    db: Database,
+    name: str,
+    models: str | None = None,
+    *,
+    actor: str | None = None,
+    **settings: int | None,
+) -> None:
     """Change some of a team's settings (0 = unlimited; ``models`` ``None``: unchanged, ``""``:
-    every model).
+    every model). Audited (``set-team``: the given settings before and after) in the same
+    transaction.
 
     Raises:
         ValueError: bad models or setting.
@@ -138,9 +152,13 @@ def set_team(db: Database, name: str, models: str | None = None, **settings: int
     if not values:
         raise ValueError("set-team: give at least one setting to change")
     with db.engine.begin() as conn:
-        result = conn.execute(teams.update().where(teams.c.name == name).values(values))
-        if result.rowcount == 0:
+        query = sa.select(teams).where(teams.c.name == name)
+        row = conn.execute(query.with_for_update() if db.dialect != "sqlite" else query).first()
+        if row is None:
             raise DatabaseError(f"no team named {name!r}")
+        conn.execute(teams.update().where(teams.c.name == name).values(values))
+        before = {column: row._mapping[column] for column in values}
+        audit.record(conn, actor or audit.default_actor(), "set-team", name, before, values)
 
 
 def list_teams(db: Database) -> list[dict[str, Any]]:
@@ -166,9 +184,10 @@ def team_names(db: Database) -> dict[int, str]:
         return {int(i): n for i, n in conn.execute(sa.select(teams.c.id, teams.c.name)).all()}
 
 
-def set_member_team(db: Database, member: str, team: str) -> None:
+def set_member_team(db: Database, member: str, team: str, *, actor: str | None = None) -> None:
     """Put member ``member`` in team ``team`` (``""``: in no team). Its past usage stays with
-    the team it was spent under.
+    the team it was spent under. Audited (``set-member``, ``team`` before and after, by
+    team name) in the same transaction.
 
     Raises:
         DatabaseError: unknown member or team.
@@ -180,7 +199,21 @@ def set_member_team(db: Database, member: str, team: str) -> None:
             team_id = conn.execute(sa.select(teams.c.id).where(teams.c.name == team)).scalar()
             if team_id is None:
                 raise DatabaseError(f"no team named {team!r} (add it with add-team)")
+        query = (
+            sa.select(teams.c.name)
+            .select_from(members.join(teams, teams.c.id == members.c.team_id))
+            .where(members.c.id == member_id)
+        )
+        before = conn.execute(query).scalar() or ""
         conn.execute(members.update().where(members.c.id == member_id).values(team_id=team_id))
+        audit.record(
+            conn,
+            actor or audit.default_actor(),
+            "set-member",
+            member,
+            {"team": before},
+            {"team": team},
+        )
 
 
 def require_team(db: Database, team: str) -> None:

@@ -332,7 +332,7 @@ class WebSocketTurns:
         entry = core.directory.by_key_id(member["key_id"])
         if entry is None:
             message.drop()
-            self._close(socket, "invalid_member_key", "unknown or revoked member key")
+            self._close(socket, *core.directory.refusal(member["key_id"]))
             return
         if not core.database_ok or core.db is None:
             self._refuse(
@@ -727,5 +727,8 @@ class WebSocketTurns:
         for socket in list(self.sockets.values()):
             key_id = socket.flow.metadata[MEMBER]["key_id"]
             if self.core.directory.by_key_id(key_id) is None:
-                logger.info("member key %s revoked: closing its socket", key_id)
-                self._close(socket, "invalid_member_key", "member key revoked")
+                code, text = self.core.directory.refusal(key_id)
+                expired = code == "expired_member_key"
+                logger.info("member key %s %s: closing its socket", key_id,
+                            "expired" if expired else "revoked")  # fmt: skip
+                self._close(socket, code, text if expired else "member key revoked")
