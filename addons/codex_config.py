@@ -94,10 +94,12 @@ def provider_toml(
     gateway: bool = False,
     websockets: bool = True,
     auth: AuthCommand | None = None,
+    base_url: str | None = None,
 ) -> str:
-    """The ``config.toml`` text for a proxy (or, ``gateway``, a gateway) on 127.0.0.1:``port``."""
+    """The ``config.toml`` text for a proxy (or, ``gateway``, a gateway) on 127.0.0.1:``port``
+    (a gateway: or at ``base_url``)."""
     if gateway:
-        return gateway_toml(port, model, websockets, auth)
+        return gateway_toml(port, model, websockets, auth, base_url)
     lines = []
     if model:
         lines.append(f"model = {json.dumps(model)}")
@@ -114,9 +116,14 @@ def provider_toml(
 
 
 def gateway_toml(
-    port: int, model: str | None = None, websockets: bool = True, auth: AuthCommand | None = None
+    port: int,
+    model: str | None = None,
+    websockets: bool = True,
+    auth: AuthCommand | None = None,
+    base_url: str | None = None,
 ) -> str:
-    """The member's ``config.toml`` for a gateway on 127.0.0.1:``port``: Codex sends the
+    """The member's ``config.toml`` for a gateway on 127.0.0.1:``port``, or at ``base_url`` (a
+    team gateway elsewhere, from :func:`gateway_base_url`): Codex sends the
     member key from ``$CODEX_GATEWAY_KEY``, or with ``auth`` the token its command prints (no
     ``env_key`` then). ``websockets``: ``supports_websockets = true`` (the default, Codex's
     own: one socket per session, served by the gateway unless started with
@@ -127,7 +134,7 @@ def gateway_toml(
         "",
         f"[model_providers.{GATEWAY_PROVIDER_ID}]",
         'name = "codex-gateway"',
-        f'base_url = "http://127.0.0.1:{port}/v1"',
+        f"base_url = {json.dumps(base_url or f'http://127.0.0.1:{port}/v1')}",
         'wire_api = "responses"',
         *([] if auth else [f'env_key = "{GATEWAY_ENV_KEY}"']),
         f"supports_websockets = {'true' if websockets else 'false'}",
@@ -135,6 +142,25 @@ def gateway_toml(
     if auth:
         lines += ["", *auth.toml_lines()]
     return "\n".join(lines) + "\n"
+
+
+def gateway_base_url(url: str) -> str:
+    """Codex's ``base_url`` for a gateway at ``url`` (``https://gw.example.com`` or
+    ``.../v1``): ``/v1`` appended unless there (Codex appends ``/responses``).
+
+    Raises:
+        ValueError: not an http(s) URL with a host, or with a query or fragment (Codex would
+            send the query on; the gateway refuses one).
+    """
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"--url must be an http(s) URL without query or fragment: {url!r}")
+    path = parts.path.rstrip("/")
+    if not path.endswith("/v1"):
+        path += "/v1"
+    return urllib.parse.urlunsplit(parts._replace(path=path))
 
 
 def exec_one_liner(port: int, model: str | None = None) -> str:
@@ -184,6 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--server-info", metavar="FILE", help="the proxy's --server-info file")
     where.add_argument("--port", type=int, help="the proxy's port")
+    where.add_argument(
+        "--url",
+        metavar="URL",
+        help="with --gateway: a team gateway elsewhere (https://gw.example.com[/v1])",
+    )
     parser.add_argument(
         "--model",
         help='also set the top-level model, one of Codex\'s catalog (e.g. "gpt-6.2-sol"; '
@@ -244,18 +275,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except ValueError as e:
             parser.error(str(e))
+    base_url = None
+    if ns.url is not None:
+        if not ns.gateway:
+            parser.error("--url needs --gateway (a strict proxy runs on this machine)")
+        try:
+            base_url = gateway_base_url(ns.url)
+        except ValueError as e:
+            parser.error(str(e))
     try:
-        port = ns.port if ns.port is not None else port_from_server_info(ns.server_info)
+        if ns.port is not None:
+            port = ns.port
+        elif ns.server_info is not None:
+            port = port_from_server_info(ns.server_info)
+        else:
+            port = 1  # unused: base_url
     except ValueError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     if not 0 < port < 65536:
         parser.exit(2, f"{parser.prog}: error: port {port} out of range\n")
     if ns.toml_only:
-        sys.stdout.write(provider_toml(port, ns.model, ns.gateway, websockets, auth))
+        sys.stdout.write(provider_toml(port, ns.model, ns.gateway, websockets, auth, base_url))
         return 0
     if ns.gateway:
         sys.stdout.write("# CODEX_HOME/config.toml of a gateway member (top-level keys first):\n")
-        sys.stdout.write(gateway_toml(port, ns.model, websockets, auth))
+        sys.stdout.write(gateway_toml(port, ns.model, websockets, auth, base_url))
         if auth is not None:
             sys.stdout.write(
                 "\n# Codex runs the command for its bearer token (stdout); a first device-flow"

@@ -9,7 +9,8 @@ got, method and path only). :func:`sign_in` plays the person: it opens the verif
 enters the user code, logs in through the provider's development login (any login/password; the
 ID token's ``sub`` is the login, ``email`` ``login@example.test``) and consents (or aborts, for
 ``access_denied``). :func:`device_sign_in` runs a ``codex-proxy token oidc`` command through its
-first sign-in and returns the token it printed: the end-to-end tests' one-liner.
+first sign-in and returns the token it printed: the end-to-end tests' one-liner. For them
+too: :func:`provider` (a fixture body), :func:`token_argv`, :func:`env_for`, :func:`store_file`.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ import re
 import shutil
 import ssl
 import subprocess
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yarl
 
 from tests.identity_fakes import make_ca_and_leaf
@@ -283,3 +286,44 @@ def device_sign_in(
         proc.kill()
         out, rest = proc.communicate()
     return DeviceRun(proc.returncode, out.decode(), "".join(err_lines) + rest.decode(), page)
+
+
+def provider(tmp_path: Path, **kwargs: Any) -> Iterator[OidcProvider]:
+    """A fixture body: ``yield from provider(tmp_path)`` gives a started provider (``kwargs``
+    to :class:`OidcProvider`), stopped afterwards; skipped without node / node_modules, a
+    failure under ``CI=true``."""
+    why = node_ready()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    with OidcProvider(tmp_path / "idp", **kwargs).start() as idp:
+        yield idp
+
+
+def token_argv(idp: OidcProvider, *extra: str) -> list[str]:
+    """``codex-proxy token oidc --issuer <idp> --client-id <its client>`` (+ ``extra``)."""
+    return [
+        sys.executable,
+        "-m",
+        "addons.commands",
+        "token",
+        "oidc",
+        "--issuer",
+        idp.issuer,
+        "--client-id",
+        idp.client_id,
+        *extra,
+    ]
+
+
+def env_for(idp: OidcProvider, config: Path) -> dict[str, str]:
+    """This environment, trusting the provider's CA, with ``XDG_CONFIG_HOME=config`` (where
+    the helper keeps its sign-in)."""
+    return {**os.environ, "SSL_CERT_FILE": str(idp.ca_file), "XDG_CONFIG_HOME": str(config)}
+
+
+def store_file(config: Path) -> Path:
+    """The helper's one sign-in file under ``config`` (``XDG_CONFIG_HOME``)."""
+    (path,) = (config / "codex-proxy" / "oidc").glob("*.json")
+    return path

@@ -125,3 +125,26 @@ def test_auth_command_needs_gateway(capsys):
         main(["--port", "4321", "--auth-command", "sh"])
     assert info.value.code == 2
     assert "--auth-command needs --gateway" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "base"),
+    [
+        ("https://gw.example.test", "https://gw.example.test/v1"),
+        ("https://gw.example.test/v1/", "https://gw.example.test/v1"),
+        ("http://10.0.0.2:8080/team", "http://10.0.0.2:8080/team/v1"),
+    ],
+)
+def test_a_gateway_elsewhere_is_named_by_its_url(capsys, url, base):
+    assert main(["--url", url, "--gateway", "--toml-only", "--auth-command", "sh"]) == 0
+    assert (
+        tomllib.loads(capsys.readouterr().out)["model_providers"]["codex-gateway"]["base_url"]
+        == base
+    )
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "https://gw/?a=1", "https://gw/#f", "gw.example"])
+def test_a_bad_gateway_url_is_a_usage_error(capsys, url):
+    with pytest.raises(SystemExit) as info:
+        main(["--url", url, "--gateway"])
+    assert info.value.code == 2 and "--url must be" in capsys.readouterr().err

@@ -11,7 +11,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,16 @@ from typing import Any
 import pytest
 
 from addons import oidc_client
-from tests.oidc_provider import OidcProvider, device_sign_in, node_ready
+from tests.oidc_provider import (
+    OidcProvider,
+    device_sign_in,
+    env_for,
+    provider,
+    store_file,
+    token_argv,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def provider(tmp_path: Path, **kwargs: Any) -> Iterator[OidcProvider]:
-    why = node_ready()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    with OidcProvider(tmp_path / "idp", **kwargs).start() as idp:
-        yield idp
 
 
 @pytest.fixture
@@ -45,25 +41,6 @@ def short_idp(tmp_path: Path) -> Iterator[OidcProvider]:
     yield from provider(tmp_path, id_token_ttl=oidc_client.CACHE_MARGIN_S // 2)
 
 
-def token_argv(idp: OidcProvider, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "addons.commands",
-        "token",
-        "oidc",
-        "--issuer",
-        idp.issuer,
-        "--client-id",
-        idp.client_id,
-        *extra,
-    ]
-
-
-def env_for(idp: OidcProvider, config: Path) -> dict[str, str]:
-    return {**os.environ, "SSL_CERT_FILE": str(idp.ca_file), "XDG_CONFIG_HOME": str(config)}
-
-
 def run_again(idp: OidcProvider, env: dict[str, str], *extra: str):
     return subprocess.run(
         token_argv(idp, *extra),
@@ -74,11 +51,6 @@ def run_again(idp: OidcProvider, env: dict[str, str], *extra: str):
         stdin=subprocess.DEVNULL,
         cwd=ROOT,
     )
-
-
-def store_file(config: Path) -> Path:
-    (path,) = (config / "codex-proxy" / "oidc").glob("*.json")
-    return path
 
 
 def test_first_sign_in_then_cached_token_without_asking(idp, tmp_path):
