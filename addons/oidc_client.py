@@ -350,6 +350,13 @@ async def refresh(
     raise OidcError(f"the token refresh was refused: HTTP {status} ({code})")
 
 
+def printable(text: str, limit: int = 2000) -> str:
+    """``text`` from the provider, safe for a terminal: visible ASCII only (an escape sequence
+    in a hostile reply would otherwise drive the person's terminal), at most ``limit`` chars;
+    anything else becomes ``?``."""
+    return "".join(c if 32 < ord(c) < 127 else "?" for c in text[:limit])
+
+
 @dataclass(frozen=True)
 class DeviceGrant:
     """A device authorization reply (RFC 8628 §3.2). ``repr`` hides the device code."""
@@ -415,11 +422,12 @@ async def device_flow(
         )
     grant = parse_device_grant(doc)
     if grant.verification_uri_complete:
-        where = f"  open {grant.verification_uri_complete}\n  and check that it shows the code "
+        where = f"  open {printable(grant.verification_uri_complete)}\n  and check that it shows"
+        where += " the code "
     else:
-        where = f"  open {grant.verification_uri}\n  and enter the code "
+        where = f"  open {printable(grant.verification_uri)}\n  and enter the code "
     err.write(
-        f"To sign in at {endpoints.issuer}:\n{where}{grant.user_code}\n"
+        f"To sign in at {endpoints.issuer}:\n{where}{printable(grant.user_code)}\n"
         f"Waiting for the sign-in (the code expires in {grant.expires_in // 60} min)...\n"
     )
     err.flush()

@@ -278,3 +278,62 @@ def test_the_store_lives_under_xdg_config_home_or_dot_config(monkeypatch, tmp_pa
     assert a.path != b.path and a.path.parent == tmp_path / "oidc"
     a.data["refresh_token"] = "secret-rt"  # noqa: S105 - a fake
     assert "secret-rt" not in repr(a)
+
+
+def test_a_hostile_device_reply_cannot_drive_the_terminal(monkeypatch):
+    script = Scripted(
+        {**DEVICE, "verification_uri": "https://idp/\x1b]0;pwned\x07d", "user_code": "A\x1b[2JB"},
+        [(200, {"id_token": "x"})],
+    )
+    _, err = run_flow(script, monkeypatch)
+    assert "\x1b" not in err and "\x07" not in err
+    assert "open https://idp/?]0;pwned?d" in err and "code A?[2JB" in err
+
+
+def jwt_with(claims: dict[str, Any]) -> str:
+    import base64
+
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln"
+
+
+def test_pick_token_prefers_the_id_token_and_takes_a_jwt_access_token_for_an_api_audience():
+    id_token = jwt_with({"aud": "cli", "exp": 2})
+    access = jwt_with({"aud": ["https://api.example.test", "x"], "exp": 2})
+    tokens = {"id_token": id_token, "access_token": access}
+    assert oidc_client.pick_token(tokens, None) == id_token
+    assert oidc_client.pick_token(tokens, "cli") == id_token
+    assert oidc_client.pick_token(tokens, "https://api.example.test") == access
+    with pytest.raises(oidc_client.OidcError) as info:
+        oidc_client.pick_token(tokens, "other")
+    assert "audiences: ['cli', 'https://api.example.test', 'x']" in str(info.value)
+    with pytest.raises(oidc_client.OidcError, match="no ID token"):
+        oidc_client.pick_token({"access_token": access}, None)
+
+
+def test_concurrent_runs_share_one_rotating_refresh_token(short_idp, tmp_path):
+    """Codex may run the helper several times at once: the file lock serialises them, so no
+    run spends a refresh token another run has already rotated (oidc-provider revokes the
+    whole grant on such a reuse, which would sign the person out)."""
+    config = tmp_path / "config"
+    env = env_for(short_idp, config)
+    assert device_sign_in(short_idp, token_argv(short_idp), env).returncode == 0
+    before = len(short_idp.paths())
+    procs = [
+        subprocess.Popen(
+            token_argv(short_idp),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+        )
+        for _ in range(4)
+    ]
+    results = [(p.communicate(timeout=120), p.returncode) for p in procs]
+    for (out, err), code in results:
+        assert code == 0, err.decode()
+        assert oidc_client.jwt_claims(out.decode().strip())["iss"] == short_idp.issuer
+    new = short_idp.paths()[before:]
+    assert new.count("POST /token") == 4  # four refreshes, one after the other, none refused
+    assert run_again(short_idp, env).returncode == 0  # and the sign-in still holds
