@@ -31,8 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CODEX_PROXY = str(Path(sys.executable).parent / "codex-proxy")  # the installed console script
 
 
-def codex_home(tmp_path: Path, port: int, auth_command: str) -> tuple[Path, Path, str]:
-    """CODEX_HOME with what ``codex-config --gateway --no-websockets --auth-command`` prints."""
+def codex_home(
+    tmp_path: Path, port: int, auth_command: str, websockets: bool = False
+) -> tuple[Path, Path, str]:
+    """CODEX_HOME with what ``codex-config --gateway [--no-websockets] --auth-command`` prints."""
     home, work = tmp_path / "codex-home", tmp_path / "work"
     home.mkdir()
     work.mkdir()
@@ -44,7 +46,7 @@ def codex_home(tmp_path: Path, port: int, auth_command: str) -> tuple[Path, Path
             "--port",
             str(port),
             "--gateway",
-            "--no-websockets",
+            *([] if websockets else ["--no-websockets"]),
             "--toml-only",
             "--auth-command",
             auth_command,
@@ -89,12 +91,21 @@ def runner(tmp_path: Path) -> Iterator[IdentityFakes]:
 
 
 @pytest.mark.codex
-def test_codex_renews_the_github_token_through_the_helper_after_a_401(codex, runner, tmp_path):
+@pytest.mark.parametrize("websockets", [False, True], ids=["http", "websocket"])
+def test_codex_renews_the_github_token_through_the_helper_after_a_401(
+    codex, runner, tmp_path, websockets
+):
+    """Over HTTP a 401 on ``POST /v1/responses``, over Codex's WebSocket transport a 401 on the
+    upgrade (``GET /v1/responses``): either way Codex runs the helper again and the turn ends
+    normally with the next token."""
     first_jwt = f"eyJhbGciOiJSUzI1NiJ9.{JWT_MARK}1.c2lnbmF0dXJl"  # identity_fakes' first
     with FakeUpstream() as upstream:
         upstream.key_status = {first_jwt: 401}  # as a gateway answers an expired token
         home, work, config = codex_home(
-            tmp_path, upstream.port, f"{CODEX_PROXY} token github-actions --audience gw-aud"
+            tmp_path,
+            upstream.port,
+            f"{CODEX_PROXY} token github-actions --audience gw-aud",
+            websockets,
         )
         assert "env_key" not in config
         env = {
@@ -106,14 +117,15 @@ def test_codex_renews_the_github_token_through_the_helper_after_a_401(codex, run
         code, out, err = run_codex(codex, home, work, env)
         assert code == 0, out + err
         assert agent_text(out) == [upstream.text]  # the turn finished normally
-        posts = [r for r in upstream.requests if r.method == "POST"]
-        bearers = [r.header_values("authorization") for r in posts]
+        turns = [r for r in upstream.requests if r.path_qs == "/v1/responses"]
+        assert {r.method for r in turns} == {"GET" if websockets else "POST"}
+        bearers = [r.header_values("authorization") for r in turns]
     # Codex sent the helper's token, got a 401, ran the helper again and retried with its next.
     assert bearers == [[f"Bearer {first_jwt}"], [f"Bearer {runner.jwts[1]}"]]
     assert runner.jwts[0] == first_jwt and len(runner.jwts) == 2
     assert all("audience=gw-aud" in s.path_qs for s in runner.seen)
     # Codex asked the provider's /models with the same bearer (a 404 there is ignored).
-    models = [r for r in upstream.requests if r.method == "GET"]
+    models = [r for r in upstream.requests if r.path_qs != "/v1/responses"]
     assert models and all(r.path_qs.startswith("/v1/models?") for r in models)
     assert REQUEST_TOKEN not in out + err
 
