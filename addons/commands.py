@@ -103,7 +103,7 @@ COMMANDS = (
         "addons.token_helpers",
         "github-actions|oidc ...",
         "print a short-lived bearer token for a gateway (Codex's command-backed auth): the "
-        "job's GitHub Actions OIDC token, or a person's ID token after one device-flow sign-in",
+        "job's GitHub Actions OIDC token, or a person's ID token from the team's OpenID provider",
     ),
     Command("help", "addons.commands:help_main", "[COMMAND]", "this list, or COMMAND's help"),
 )

@@ -117,6 +117,15 @@ def test_codex_renews_the_github_token_through_the_helper_after_a_401(
         code, out, err = run_codex(codex, home, work, env)
         assert code == 0, out + err
         assert agent_text(out) == [upstream.text]  # the turn finished normally
+        # ... and the person saw no retry: no error event, no "Reconnecting... (401 ...)".
+        events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert [e["type"] for e in events] == [
+            "thread.started",
+            "turn.started",
+            "item.completed",
+            "turn.completed",
+        ]
+        assert "Reconnecting" not in err and "401" not in out + err
         turns = [r for r in upstream.requests if r.path_qs == "/v1/responses"]
         assert {r.method for r in turns} == {"GET" if websockets else "POST"}
         bearers = [r.header_values("authorization") for r in turns]
