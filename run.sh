@@ -78,6 +78,19 @@ ensure_venv() {
     echo "$want" >"$stamp"
 }
 
+node_deps_ok() {
+    # Every devDependency of package.json (the Codex CLI, oidc-provider for the device-flow
+    # tests) is in node_modules at its pinned version.
+    command -v node >/dev/null 2>&1 || return 1
+    (cd "$ROOT" && node -e '
+        const want = require("./package.json").devDependencies || {};
+        for (const [name, version] of Object.entries(want)) {
+            let got;
+            try { got = require(`./node_modules/${name}/package.json`).version; } catch { process.exit(1); }
+            if (got !== version) process.exit(1);
+        }' </dev/null >/dev/null 2>&1)
+}
+
 ensure_codex() {
     local want
     want="$(codex_version)"
@@ -86,14 +99,15 @@ ensure_codex() {
         exit 1
     fi
     if [[ -x "$ROOT/node_modules/.bin/codex" ]] \
-        && "$ROOT/node_modules/.bin/codex" --version </dev/null 2>/dev/null | grep -qF " $want"; then
+        && "$ROOT/node_modules/.bin/codex" --version </dev/null 2>/dev/null | grep -qF " $want" \
+        && node_deps_ok; then
         return 0
     fi
     if ! command -v npm >/dev/null 2>&1; then
-        log "warning: npm not found; the Codex CLI tests cannot run"
+        log "warning: npm not found; the Codex CLI and OpenID provider tests cannot run"
         return 0
     fi
-    log "installing @openai/codex@$want (package.json) into $ROOT/node_modules"
+    log "installing @openai/codex@$want and package.json's other devDependencies into $ROOT/node_modules"
     (cd "$ROOT" && npm install --no-audit --no-fund --loglevel=error </dev/null >&2)
 }
 

@@ -98,6 +98,13 @@ COMMANDS = (
         "--server-info F | --port N",
         "print Codex's provider config for a running proxy or gateway",
     ),
+    Command(
+        "token",
+        "addons.token_helpers",
+        "github-actions|oidc ...",
+        "print a short-lived bearer token for a gateway (Codex's command-backed auth): the "
+        "job's GitHub Actions OIDC token, or a person's ID token from the team's OpenID provider",
+    ),
     Command("help", "addons.commands:help_main", "[COMMAND]", "this list, or COMMAND's help"),
 )
 #: ``run.sh``'s own commands, which need a checkout (see the module docstring).

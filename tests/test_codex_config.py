@@ -1,8 +1,16 @@
+import os
+import shutil
 import tomllib
 
 import pytest
 
-from addons.codex_config import exec_one_liner, main, port_from_server_info, provider_toml
+from addons.codex_config import (
+    exec_one_liner,
+    main,
+    parse_auth_command,
+    port_from_server_info,
+    provider_toml,
+)
 
 
 def test_provider_toml_parses_with_top_level_keys_first():
@@ -64,3 +72,79 @@ def test_a_gateway_block_says_websockets_unless_told_not_and_the_flags_are_for_a
         with pytest.raises(SystemExit) as exit_info:
             main(["--port", "4321", *flags])
         assert exit_info.value.code == 2
+
+
+def test_an_auth_command_replaces_env_key_with_codexs_auth_table(capsys, tmp_path):
+    """``--auth-command``: split as a shell would, the program resolved on PATH, the table
+    Codex's command-backed auth reads (CODEX.md), and no ``env_key``."""
+    assert (
+        main(
+            [
+                "--port",
+                "4321",
+                "--gateway",
+                "--toml-only",
+                "--auth-command",
+                "sh -c 'echo \"tok en\"' --x",
+                "--auth-timeout-ms",
+                "7000",
+            ]
+        )
+        == 0
+    )
+    provider = tomllib.loads(capsys.readouterr().out)["model_providers"]["codex-gateway"]
+    assert "env_key" not in provider
+    assert provider["auth"] == {
+        "command": shutil.which("sh"),
+        "args": ["-c", 'echo "tok en"', "--x"],
+        "timeout_ms": 7000,
+        "refresh_interval_ms": 300000,
+    }
+    assert provider["auth"]["command"].startswith("/")
+    # The full output stays valid TOML and says how a first device-flow sign-in is done.
+    assert main(["--port", "4321", "--gateway", "--auth-command", "./run.sh token oidc"]) == 0
+    out = capsys.readouterr().out
+    auth = tomllib.loads(out)["model_providers"]["codex-gateway"]["auth"]
+    assert auth["command"] == os.path.abspath("./run.sh") and auth["args"] == ["token", "oidc"]
+    assert "once in a terminal" in out and "CODEX_GATEWAY_KEY" not in out
+
+
+def test_parse_auth_command_keeps_an_unknown_program_and_refuses_bad_input():
+    assert parse_auth_command("no-such-prog-xyz a", which=lambda _: None).program == (
+        "no-such-prog-xyz"
+    )
+    for text in ("", "   ", "'unbalanced"):
+        with pytest.raises(ValueError):
+            parse_auth_command(text)
+    with pytest.raises(ValueError):
+        parse_auth_command("sh", timeout_ms=0)
+
+
+def test_auth_command_needs_gateway(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--port", "4321", "--auth-command", "sh"])
+    assert info.value.code == 2
+    assert "--auth-command needs --gateway" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "base"),
+    [
+        ("https://gw.example.test", "https://gw.example.test/v1"),
+        ("https://gw.example.test/v1/", "https://gw.example.test/v1"),
+        ("http://10.0.0.2:8080/team", "http://10.0.0.2:8080/team/v1"),
+    ],
+)
+def test_a_gateway_elsewhere_is_named_by_its_url(capsys, url, base):
+    assert main(["--url", url, "--gateway", "--toml-only", "--auth-command", "sh"]) == 0
+    assert (
+        tomllib.loads(capsys.readouterr().out)["model_providers"]["codex-gateway"]["base_url"]
+        == base
+    )
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "https://gw/?a=1", "https://gw/#f", "gw.example"])
+def test_a_bad_gateway_url_is_a_usage_error(capsys, url):
+    with pytest.raises(SystemExit) as info:
+        main(["--url", url, "--gateway"])
+    assert info.value.code == 2 and "--url must be" in capsys.readouterr().err

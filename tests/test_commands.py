@@ -18,7 +18,8 @@ from tests.conftest import ROOT, TEST_KEY, wait_for
 RUN_SH = str(ROOT / "run.sh")
 #: Every command codex-proxy has (run.sh's own: test, bench, refresh-models).
 EXPECTED = [
-    "gateway", "web", "record", "replay", "compare", "demo", "standin", "codex-config", "help",
+    "gateway", "web", "record", "replay", "compare", "demo", "standin", "codex-config", "token",
+    "help",
 ]  # fmt: skip
 
 

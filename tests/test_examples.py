@@ -143,3 +143,52 @@ def test_keyless_variant_holds_no_secret_and_uses_the_reference_flags():
     assert "env" not in agent and "run.sh codex-config" in agent["run"]
     assert any("/shutdown" in s.get("run", "") for s in steps)
     assert any(s.get("uses", "").startswith("actions/upload-artifact") for s in steps)
+
+
+def test_gateway_variant_holds_no_secret_and_codex_runs_the_token_helper(tmp_path, monkeypatch):
+    """The team-gateway job: ``id-token: write``, no secret anywhere, the gateway's URL and
+    audience from repository variables; the codex-config line (variables filled in) prints a
+    provider at that URL whose ``auth`` command is the checkout's run.sh with a
+    ``token github-actions`` command line the helper's own parser takes, and no ``env_key``."""
+    import contextlib
+    import io
+    import shlex
+    import tomllib
+
+    from addons import codex_config, token_helpers
+
+    job = yaml.safe_load(EXAMPLE.read_text())["jobs"]["codex-smoke-gateway"]
+    assert job["permissions"]["id-token"] == "write"
+    assert "secrets." not in json.dumps(job)
+    steps = job["steps"]
+    check = next(s for s in steps if s.get("name", "") == "Check the token helper")
+    agent = next(s for s in steps if s.get("name", "").startswith("Run the Codex agent"))
+    assert steps.index(check) < steps.index(agent)
+    assert check["run"].startswith(".proxy/run.sh token github-actions --audience")
+    assert check["run"].endswith("> /dev/null")  # the token is never printed to the log
+    for step in (check, agent):
+        assert all(v.startswith("${{ vars.CODEX_GATEWAY_") for v in step["env"].values())
+    assert set(agent["env"]) == {"GATEWAY_URL", "GATEWAY_AUDIENCE"}
+    run = agent["run"]
+    assert "ACTIONS_ID_TOKEN_REQUEST" not in run  # the helper needs the runner's variables
+    line = run.split("run.sh codex-config", 1)[1].split(">", 1)[0].replace("\\\n", " ")
+    line = line.replace("$GATEWAY_URL", "https://gw.example.test")
+    line = line.replace("$GATEWAY_AUDIENCE", "https://gw.example.test/codex")
+    argv = shlex.split(line)
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert codex_config.main(argv) == 0
+    provider = tomllib.loads(out.getvalue())["model_providers"]["codex-gateway"]
+    assert provider["base_url"] == "https://gw.example.test/v1" and "env_key" not in provider
+    auth = provider["auth"]
+    assert auth["command"] == str(tmp_path / ".proxy" / "run.sh")
+    assert auth["args"] == [
+        "token",
+        "github-actions",
+        "--audience",
+        "https://gw.example.test/codex",
+    ]
+    ns = token_helpers.parser().parse_args(auth["args"][1:])
+    assert ns.helper == "github-actions" and ns.audience == "https://gw.example.test/codex"
+    assert "codex exec" in run and "upload-artifact" in json.dumps(steps)
