@@ -34,6 +34,7 @@ from addons.gateway_mode.config import (
 )
 from addons.gateway_mode.database import Database, DatabaseError, now_ms
 from addons.gateway_mode.ledger import IN_FLIGHT, KIND_ORDER
+from addons.gateway_mode.model_policy import parse_patterns
 from addons.gateway_mode.tls import listen_policy
 from addons.gateway_mode.windows import MICRO, iso, overshoot_note, parse_since
 from addons.hardening import harden_process
@@ -106,6 +107,15 @@ def _credits(value: str) -> int:
     return int(micro)
 
 
+def _models(value: str) -> str:
+    """A ``--models`` value, checked (:func:`addons.gateway_mode.model_policy.parse_patterns`)
+    and normalised; ``""`` for every model."""
+    try:
+        return ",".join(parse_patterns(value))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _member_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--five-hour-quota",
@@ -136,6 +146,13 @@ def _member_options(parser: argparse.ArgumentParser) -> None:
         type=_concurrency,
         metavar="N",
         help="requests in flight at once (0 = unlimited)",
+    )
+    parser.add_argument(
+        "--models",
+        type=_models,
+        metavar="PATTERN[,PATTERN...]",
+        help="the models the member may use (a * matches any run of characters, e.g. "
+        "'gpt-5.6-luna,gpt-6*'); empty ('') = every model",
     )
 
 
@@ -396,7 +413,11 @@ def init_schema(db: Database, ns: argparse.Namespace, config: GatewayConfig, out
 def add_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
     """``add-member NAME [limits]``; with a credit quota, a warning on stderr when the rate
     card cannot price Codex's default model (every default Codex turn would be refused)."""
-    db.add_member(ns.name, **{k: v for k, v in member_settings(ns).items() if v is not None})
+    db.add_member(
+        ns.name,
+        ns.models or None,
+        **{k: v for k, v in member_settings(ns).items() if v is not None},
+    )
     out.write(f"member {ns.name} added\n")
     note = overshoot_note(member_settings(ns), config.quota_max_concurrent)
     if note:
@@ -408,9 +429,9 @@ def set_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out:
     """``set-member NAME limits``: at least one limit, else ``ValueError``; warns as
     ``add-member`` does when it sets a credit quota."""
     changes = {k: v for k, v in member_settings(ns).items() if v is not None}
-    if not changes:
-        raise ValueError("set-member: give at least one limit to change")
-    db.set_member(ns.name, **changes)
+    if not changes and ns.models is None:
+        raise ValueError("set-member: give at least one limit (or --models) to change")
+    db.set_member(ns.name, ... if ns.models is None else ns.models or None, **changes)
     out.write(f"member {ns.name} updated\n")
     _warn_unpriced_default(ns, config)
 
@@ -436,7 +457,15 @@ def _warn_unpriced_default(ns: argparse.Namespace, config: GatewayConfig) -> Non
 def list_members(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:
     """``list-members``: a table of the members and their limits (``-``: unlimited)."""
     rows = [
-        ["member", "5h tokens", "weekly tokens", "5h credits", "weekly credits", "max concurrent"]
+        [
+            "member",
+            "5h tokens",
+            "weekly tokens",
+            "5h credits",
+            "weekly credits",
+            "max concurrent",
+            "models",
+        ]
     ]
     for m in db.members():
         rows.append(
@@ -449,6 +478,7 @@ def list_members(db: Database, ns: argparse.Namespace, config: GatewayConfig, ou
                 else "-",
                 _credits_text(m["weekly_credits_micro"]) if m["weekly_credits_micro"] else "-",
                 str(m["max_concurrent"] or "-"),
+                m.get("models") or "all",
             ]
         )
     _table(rows, out)

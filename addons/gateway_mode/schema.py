@@ -36,6 +36,9 @@ members = Table(
     Column("weekly_credits_micro", BigInteger, nullable=False, default=0),
     Column("max_concurrent", Integer, nullable=False, default=0),
     Column("created_ms", BigInteger, nullable=False),
+    #: Model patterns the member may use, comma-separated (``*``: any run of characters);
+    #: ``NULL``: every model (:mod:`addons.gateway_mode.model_policy`).
+    Column("models", String(2000), nullable=True),
 )
 
 #: A member key: only its SHA-256 (hex) is stored; ``id`` is public (``list-keys``).
