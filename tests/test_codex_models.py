@@ -1,5 +1,7 @@
 """The model snapshot (config/codex-models.yaml) against the pinned Codex CLI's own catalog."""
 
+from pathlib import Path
+
 import pytest
 
 from addons import codex_models
@@ -34,7 +36,7 @@ def test_refresh_writes_what_check_accepts(codex, tmp_path):
     assert codex_models.main([*paths, "--check"]) == 0
     assert out.read_text().startswith("# The model catalog")
     assert codex_models.parse(codex_models.read_snapshot_file(str(out))) == codex_models.catalog()
-    assert full.read_text() == open(codex_models.FULL_SNAPSHOT).read()
+    assert full.read_text() == Path(codex_models.FULL_SNAPSHOT).read_text()
     full.write_text(full.read_text().replace("GPT-6.2-Sol", "GPT-6.2-Sol edited"))
     assert codex_models.main([*paths, "--check"]) == 1
 

@@ -184,3 +184,55 @@ def test_codex_with_command_backed_auth_merges_the_members_catalog(
     merged = [m["slug"] for m in json.loads(listed.stdout)["models"]]
     print("codex debug models after the merge:", merged)
     assert "gpt-5.6-luna" in merged and len(merged) == len(full_catalog()[1])
+
+
+#: A 0004 database with a member, a live key and a refusal row.
+ROWS_0004 = [
+    "INSERT INTO members (name, five_hour_quota, weekly_quota, five_hour_credits_micro,"
+    " weekly_credits_micro, max_concurrent, created_ms) VALUES ('a', 7, 0, 0, 0, 2, 1)",
+    "INSERT INTO member_keys (id, member_id, key_hash, created_ms) VALUES ('mk_a', 1, 'ab', 1)",
+    "INSERT INTO refusals (row_id, ts_ms, member_id, key_id, kind, code, status, route,"
+    " count, instance) VALUES ('f1', 5, 1, 'mk_a', 'quota', 'quota_exceeded', 429,"
+    " '/v1/responses', 1, 'i')",
+]
+
+
+def check_upgraded_0004(db) -> None:
+    """The 0004 rows survive 0006: the member keeps every model until one is set."""
+    (member,) = db.members()
+    assert member["models"] is None and member["five_hour_quota"] == 7
+    (entry,) = db.directory()
+    assert entry["models"] is None and entry["max_concurrent"] == 2
+    assert [r["code"] for r in db.refusal_rows(0)] == ["quota_exceeded"]
+    db.set_member("a", models=" gpt-6-* ,gpt-5.5")
+    assert db.directory()[0]["models"] == "gpt-6-*,gpt-5.5"
+    db.set_member("a", five_hour_quota=9)  # models untouched
+    assert db.members()[0]["models"] == "gpt-6-*,gpt-5.5"
+    db.set_member("a", models="")
+    assert db.members()[0]["models"] is None
+    with pytest.raises(ValueError, match="model pattern"):
+        db.add_member("b", models="gpt 5")
+
+
+def test_a_0004_database_upgrades_to_member_models_in_place(tmp_path) -> None:
+    from tests.test_gateway_units import upgraded_from
+
+    db = upgraded_from(tmp_path, f"sqlite:///{tmp_path / 'old.db'}", "0004", ROWS_0004)
+    try:
+        check_upgraded_0004(db)
+    finally:
+        db.dispose()
+
+
+def test_a_0004_database_upgrades_to_member_models_on_postgresql(tmp_path, pg_cluster) -> None:
+    import uuid
+
+    from tests.test_gateway_units import upgraded_from
+
+    name = f"gw_{uuid.uuid4().hex[:8]}"
+    pg_cluster.create_database(name)
+    db = upgraded_from(tmp_path, pg_cluster.url(name), "0004", ROWS_0004)
+    try:
+        check_upgraded_0004(db)
+    finally:
+        db.dispose()
