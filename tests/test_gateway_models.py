@@ -236,3 +236,34 @@ def test_a_0004_database_upgrades_to_member_models_on_postgresql(tmp_path, pg_cl
         check_upgraded_0004(db)
     finally:
         db.dispose()
+
+
+def test_the_chat_bridge_refuses_another_model_and_serves_an_effort_variant(gateway, upstream):
+    """``serve --chat-bridge``: the openai SDK's request for another model gets 403
+    ``model_not_allowed`` (its HTTP status kept for a client that is not Codex); an effort
+    name of an allowed model (``gpt-5.6-luna-high``) is judged by its base model and served."""
+    import openai
+
+    gateway.admin("add-member", "ivy", "--models", ALLOWED)
+    key = gateway.add_key("ivy")
+    server = gateway.serve(upstream.url, "--chat-bridge")
+    messages = [{"role": "user", "content": "Say hello"}]
+    with openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server.port}/v1", api_key=key, max_retries=0, timeout=30
+    ) as sdk:
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            sdk.chat.completions.create(model="gpt-5.5", messages=messages)
+        print("openai SDK:", refused.value)
+        assert refused.value.status_code == 403
+        assert refused.value.code == "model_not_allowed"
+        assert "it may use: gpt-5.6-luna, gpt-6-*" in str(refused.value)
+        assert posts(upstream) == []
+        reply = sdk.chat.completions.create(model="gpt-5.6-luna-high", messages=messages)
+        assert reply.choices[0].message.content == upstream.text
+    (sent,) = posts(upstream)
+    assert sent["model"] == "gpt-5.6-luna" and sent["reasoning"]["effort"] == "high"
+    # The bridge's own list stays the bare GET /v1/models, without a key (docs/bridge.md).
+    status, _, body = server.request("GET", "/v1/models")
+    assert status == 200 and "gpt-5.5" in [m["id"] for m in json.loads(body)["data"]]
+    status, _, body = server.request("GET", "/v1/models?client_version=x", headers=bearer(key))
+    assert status == 200 and json.loads(body) == {"models": []}

@@ -60,13 +60,17 @@ def pattern_lists(entry: Mapping[str, Any]) -> list[tuple[str, ...]]:
     return [_stored_patterns(entry.get("models"))]
 
 
+def allowed_patterns(entry: Mapping[str, Any]) -> list[str]:
+    """Every pattern of :func:`pattern_lists`, for the refusal's ``allowed`` field."""
+    return [p for patterns in pattern_lists(entry) for p in patterns]
+
+
 def model_refusal(entry: Mapping[str, Any], model: str | None) -> str | None:
     """The refusal message when ``entry``'s member may not use ``model``, else ``None``."""
     lists = pattern_lists(entry)
     if allowed(model, *lists):
         return None
-    shown = [p for patterns in lists for p in patterns]
-    return refusal_message(model, str(entry.get("member")), shown)
+    return refusal_message(model, str(entry.get("member")), allowed_patterns(entry))
 
 
 def catalog_reply(lists: Sequence[Sequence[str]], client_version: str | None) -> http.Response:
@@ -166,6 +170,6 @@ class ModelGate:
                 CODE,
                 message,
                 model=model,
-                allowed=[p for patterns in pattern_lists(entry) for p in patterns],
+                allowed=allowed_patterns(entry),
             ),
         )
