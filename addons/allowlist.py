@@ -12,7 +12,15 @@ from collections.abc import Iterable, Sequence
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.common import ALLOWED, BRIDGE, REFUSED, WEBSOCKET, fail_closed, json_response
+from addons.common import (
+    ALLOWED,
+    BRIDGE,
+    LOCAL_ROUTE,
+    REFUSED,
+    WEBSOCKET,
+    fail_closed,
+    json_response,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +145,10 @@ class Allowlist:
         if flow.response or flow.error or not flow.live:
             return
         reason = refusal_reason(flow.request, self.routes)
-        # The bridge and the gateway's WebSocket route checked their route the same way.
-        if reason is not None and BRIDGE not in flow.metadata and WEBSOCKET not in flow.metadata:
+        # The bridge and the gateway's WebSocket route checked their route the same way; a
+        # mode's local route (LOCAL_ROUTE) goes on to member auth and is answered locally.
+        claimed = BRIDGE in flow.metadata or WEBSOCKET in flow.metadata
+        if reason is not None and not claimed and LOCAL_ROUTE not in flow.metadata:
             self._refuse(flow, reason)
             return
         bad_header = header_refusal(flow.request.headers.fields)

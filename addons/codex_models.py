@@ -38,6 +38,12 @@ from addons.defaults import default_file
 from addons.versions import ROOT, codex_cli_version
 
 SNAPSHOT = default_file("codex-models.yaml")
+#: The same catalog untrimmed, every field of every entry as ``codex debug models --bundled``
+#: prints it (base instructions included): what the gateway answers to a member's ``GET
+#: /v1/models``, since Codex 0.171 refuses an entry that lacks a field and replaces the whole
+#: entry of a slug it merges (checked: an entry without ``model_messages`` decoded, and Codex's
+#: own ``model_messages`` for that slug were gone).
+FULL_SNAPSHOT = default_file("codex-models.json")
 CODEX_BIN = os.path.join(ROOT, "node_modules", ".bin", "codex")
 
 HEADER = """\
@@ -181,6 +187,17 @@ def read_codex_catalog(codex: str = CODEX_BIN) -> dict[str, Any]:
     Raises:
         ValueError: when the binary fails or prints no catalog.
     """
+    version, raw = read_codex_bundled(codex)
+    return trim(raw, version)
+
+
+def read_codex_bundled(codex: str = CODEX_BIN) -> tuple[str, dict[str, Any]]:
+    """``(version, catalog JSON)`` of an installed Codex CLI, untrimmed (as
+    :func:`read_codex_catalog` runs it).
+
+    Raises:
+        ValueError: when the binary fails or prints no catalog.
+    """
     version = subprocess.run(
         [codex, "--version"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
     ).stdout.split()
@@ -201,7 +218,39 @@ def read_codex_catalog(codex: str = CODEX_BIN) -> dict[str, Any]:
         raw = json.loads(proc.stdout)
     except ValueError:
         raise ValueError(f"{codex} debug models printed no JSON") from None
-    return trim(raw, version[-1] if version else "unknown")
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), list):
+        raise ValueError(f"{codex} debug models printed no catalog")
+    return (version[-1] if version else "unknown"), raw
+
+
+def render_full(version: str, raw: dict[str, Any]) -> str:
+    """The :data:`FULL_SNAPSHOT` file's text: ``{"codex_version", "models"}``, one model per
+    line (a refresh's diff names the models that changed)."""
+    lines = [json.dumps(m, ensure_ascii=False, sort_keys=True) for m in raw["models"]]
+    return (
+        f'{{"codex_version": {json.dumps(version)},\n "models": [\n' + ",\n".join(lines) + "\n]}\n"
+    )
+
+
+@cache
+def full_catalog(path: str = FULL_SNAPSHOT) -> tuple[str, tuple[dict[str, Any], ...]]:
+    """``(codex_version, entries)`` of the untrimmed snapshot, read once per process; each
+    entry a mapping with every field Codex's ``{"models": [...]}`` format has.
+
+    Raises:
+        ValueError: when it is missing or no catalog.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the full model catalog: {e}") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("slug"), str) for m in models
+    ):
+        raise ValueError(f"{path}: not a model catalog (run ./run.sh refresh-models)")
+    return str(data.get("codex_version")), tuple(models)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,13 +262,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--codex", default=CODEX_BIN, help="the Codex binary (node_modules')")
     parser.add_argument("--output", default=SNAPSHOT, help="the snapshot file")
+    parser.add_argument(
+        "--full-output", default=FULL_SNAPSHOT, help="the untrimmed catalog file (JSON)"
+    )
     parser.add_argument("--check", action="store_true", help="compare only; exit 1 if stale")
     ns = parser.parse_args(argv)
     try:
-        fresh = read_codex_catalog(ns.codex)
+        version, raw = read_codex_bundled(ns.codex)
+        fresh = trim(raw, version)
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         print(f"refresh-models: {e}", file=sys.stderr)
         return 1
+    full = render_full(version, raw)
     pinned = codex_cli_version()
     if fresh["codex_version"] != pinned:
         print(
@@ -231,12 +285,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.check:
         try:
             same = read_snapshot_file(ns.output) == fresh
-        except ValueError:
+            with open(ns.full_output, encoding="utf-8") as f:
+                same = same and f.read() == full
+        except (OSError, ValueError):
             same = False
         print(f"{ns.output}: {'up to date' if same else 'stale: run ./run.sh refresh-models'}")
         return 0 if same else 1
     with open(ns.output, "w", encoding="utf-8") as f:
         f.write(render(fresh))
+    with open(ns.full_output, "w", encoding="utf-8") as f:
+        f.write(full)
     print(f"{ns.output}: {len(fresh['models'])} models of Codex {pinned}")
     return 0
 

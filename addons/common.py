@@ -31,6 +31,10 @@ BRIDGE = "codex_proxy.bridge"
 #: Set on a WebSocket upgrade of ``GET /v1/responses`` that a mode accepts (the gateway with
 #: ``--websockets``): the allowlist marks it allowed, the 426 refusal leaves it alone.
 WEBSOCKET = "codex_proxy.websocket"
+#: Set on a request a mode answers itself once its client is authenticated, never forwarded
+#: (the gateway's ``GET /v1/models`` for members): the allowlist lets it through to member
+#: auth; the mode's own addon answers it, and the forwarder never sees it unanswered.
+LOCAL_ROUTE = "codex_proxy.local_route"
 #: A bridged flow's request body as the client sent it (Chat Completions JSON text).
 BRIDGE_CLIENT_BODY = "codex_proxy.bridge_client_body"
 #: A bridged flow's reply as the client got it (Chat Completions JSON or chunk SSE text).

@@ -22,6 +22,7 @@ from addons.gateway_mode.cookies import NoCookies
 from addons.gateway_mode.core import GatewayClose, GatewayCore, GatewayOptions, RequestFacts
 from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.local_routes import LocalRoutes
+from addons.gateway_mode.member_models import MemberCatalog, ModelGate, ModelsRoute
 from addons.gateway_mode.quota import QuotaGate
 from addons.gateway_mode.socket_bounds import SocketBounds
 from addons.gateway_mode.tls import ListenTls
@@ -54,11 +55,14 @@ addons = [
     # --chat-bridge: claims POST /v1/chat/completions; its request hook translates the body
     # before the Codex filter and the quota check read the model.
     ChatBridge(),
+    ModelsRoute(),  # claims GET /v1/models for members (the bridge's bare one answered first)
     Allowlist(),  # POST /v1/responses (+ /v1/responses/compact via codex_extra_routes)
     MemberAuth(core),  # 401 unless a live member key; removes it from the flow
+    MemberCatalog(core),  # answers GET /v1/models: the catalog entries the member may use
     NoCookies(),
     RequestFacts(core),  # request: model/service_tier off the loop; 413 bomb, 400 deep JSON
     CodexFilter(core),  # request: 403 for non-Codex clients
+    ModelGate(core),  # request: 403 (400 to Codex) for a model the member may not use
     QuotaGate(core),  # request: 429/503 before anything goes upstream
     forwarder,  # requestheaders: route; request: pick and inject an upstream key last
     # Member sockets bounded as bytes arrive (message size, frame rate, unread backlog);

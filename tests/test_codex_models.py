@@ -1,5 +1,7 @@
 """The model snapshot (config/codex-models.yaml) against the pinned Codex CLI's own catalog."""
 
+from pathlib import Path
+
 import pytest
 
 from addons import codex_models
@@ -26,13 +28,27 @@ def test_snapshot_matches_the_installed_codex(codex):
 
 @pytest.mark.codex
 def test_refresh_writes_what_check_accepts(codex, tmp_path):
-    out = tmp_path / "models.yaml"
+    out, full = tmp_path / "models.yaml", tmp_path / "models.json"
     out.write_text("models: []\n")
-    assert codex_models.main(["--codex", codex, "--output", str(out), "--check"]) == 1
-    assert codex_models.main(["--codex", codex, "--output", str(out)]) == 0
-    assert codex_models.main(["--codex", codex, "--output", str(out), "--check"]) == 0
+    paths = ["--codex", codex, "--output", str(out), "--full-output", str(full)]
+    assert codex_models.main([*paths, "--check"]) == 1
+    assert codex_models.main(paths) == 0
+    assert codex_models.main([*paths, "--check"]) == 0
     assert out.read_text().startswith("# The model catalog")
     assert codex_models.parse(codex_models.read_snapshot_file(str(out))) == codex_models.catalog()
+    assert full.read_text() == Path(codex_models.FULL_SNAPSHOT).read_text()
+    full.write_text(full.read_text().replace("GPT-6.2-Sol", "GPT-6.2-Sol edited"))
+    assert codex_models.main([*paths, "--check"]) == 1
+
+
+def test_the_full_catalog_is_the_snapshot_untrimmed():
+    version, entries = codex_models.full_catalog()
+    snap = codex_models.catalog()
+    assert version == snap.codex_version
+    assert [e["slug"] for e in entries] == snap.slugs()
+    trimmed = codex_models.trim({"models": list(entries)}, version)
+    assert codex_models.parse(trimmed) == snap
+    assert all(e["base_instructions"] for e in entries)  # what Codex needs of an entry
 
 
 RAW = {

@@ -111,7 +111,7 @@ def test_routes_and_the_codex_only_filter(gateway, upstream):
     server = gateway.serve(upstream.url)
     auth = bearer(keys["alice"])
     for method, target in [
-        ("GET", "/v1/models"),
+        ("GET", "/v1/models/gpt-5.5"),  # GET /v1/models: the member's catalog (test_gateway_models)
         ("POST", "/v1/responses?x=1"),
         ("POST", "/v1/chat/completions"),
     ]:

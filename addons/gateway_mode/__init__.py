@@ -22,6 +22,9 @@ error replies, launching) is imported from ``addons/``.
   ``accounting``, ``local_routes``, ``metrics``, ``tls``: one mitmproxy addon (or its helpers)
   each. ``codex_replies`` speaks Codex's language to members: its rate-limit headers and the
   refusal statuses it acts on.
+- ``model_policy``: which models a member may use (patterns with ``*``, every non-empty list
+  must allow; pure); ``member_models``: its addons (the refusal ``model_not_allowed`` before
+  anything goes upstream, and a member's ``GET /v1/models``, Codex's catalog format).
 - ``websocket``: the WebSocket routes (on unless ``serve --no-websockets``): Codex's
   ``/v1/responses`` and the Realtime API's ``/v1/realtime``: the upgrade claimed, then each
   socket's turns checked against quotas and metered, and the socket a ``ws_connections`` row;

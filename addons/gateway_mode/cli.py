@@ -35,6 +35,7 @@ from addons.gateway_mode.config import (
 from addons.gateway_mode.database import Database, DatabaseError, now_ms
 from addons.gateway_mode.ledger import IN_FLIGHT, KIND_ORDER
 from addons.gateway_mode.lifetimes import expired, format_expiry, parse_expiry, parse_lifetime
+from addons.gateway_mode.model_policy import parse_patterns
 from addons.gateway_mode.tls import listen_policy
 from addons.gateway_mode.windows import MICRO, iso, overshoot_note, parse_since
 from addons.hardening import harden_process
@@ -107,6 +108,15 @@ def _credits(value: str) -> int:
     return int(micro)
 
 
+def _models(value: str) -> str:
+    """A ``--models`` value, checked (:func:`addons.gateway_mode.model_policy.parse_patterns`)
+    and normalised; ``""`` for every model."""
+    try:
+        return ",".join(parse_patterns(value))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _member_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--five-hour-quota",
@@ -137,6 +147,13 @@ def _member_options(parser: argparse.ArgumentParser) -> None:
         type=_concurrency,
         metavar="N",
         help="requests in flight at once (0 = unlimited)",
+    )
+    parser.add_argument(
+        "--models",
+        type=_models,
+        metavar="PATTERN[,PATTERN...]",
+        help="the models the member (or the team's members) may use (a * matches any run "
+        "of characters, e.g. 'gpt-5.6-luna,gpt-6*'); empty ('') = every model",
     )
 
 
@@ -424,7 +441,7 @@ def add_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out:
     if getattr(ns, "team", None):
         teams.require_team(db, ns.team)
     settings = {k: v for k, v in member_settings(ns).items() if v is not None}
-    db.add_member(ns.name, actor=ns.actor, **settings)
+    db.add_member(ns.name, ns.models or None, actor=ns.actor, **settings)
     team_cli.member_team(db, ns)
     out.write(f"member {ns.name} added\n")
     note = overshoot_note(member_settings(ns), config.quota_max_concurrent)
@@ -437,10 +454,11 @@ def set_member(db: Database, ns: argparse.Namespace, config: GatewayConfig, out:
     """``set-member NAME limits``: at least one limit, else ``ValueError``; warns as
     ``add-member`` does when it sets a credit quota."""
     changes = {k: v for k, v in member_settings(ns).items() if v is not None}
-    if not changes and getattr(ns, "team", None) is None:
-        raise ValueError("set-member: give at least one limit to change")
-    if changes:
-        db.set_member(ns.name, actor=ns.actor, **changes)
+    if not changes and ns.models is None and getattr(ns, "team", None) is None:
+        raise ValueError("set-member: give at least one limit (or --models, --team) to change")
+    if changes or ns.models is not None:
+        models = ... if ns.models is None else ns.models or None
+        db.set_member(ns.name, models, actor=ns.actor, **changes)
     team_cli.member_team(db, ns)
     out.write(f"member {ns.name} updated\n")
     _warn_unpriced_default(ns, config)
@@ -468,7 +486,15 @@ def list_members(db: Database, ns: argparse.Namespace, config: GatewayConfig, ou
     """``list-members``: a table of the members and their limits (``-``: unlimited), and a
     ``team`` column once any member is in a team."""
     rows = [
-        ["member", "5h tokens", "weekly tokens", "5h credits", "weekly credits", "max concurrent"]
+        [
+            "member",
+            "5h tokens",
+            "weekly tokens",
+            "5h credits",
+            "weekly credits",
+            "max concurrent",
+            "models",
+        ]
     ]
     everyone = db.members()
     names = teams.team_names(db) if any(m.get("team_id") for m in everyone) else {}
@@ -485,6 +511,7 @@ def list_members(db: Database, ns: argparse.Namespace, config: GatewayConfig, ou
                 else "-",
                 _credits_text(m["weekly_credits_micro"]) if m["weekly_credits_micro"] else "-",
                 str(m["max_concurrent"] or "-"),
+                m.get("models") or "all",
             ]
         )
         if names:

@@ -29,6 +29,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from types import EllipsisType
 from typing import Any
 
 import sqlalchemy as sa
@@ -37,6 +38,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 
 from addons.gateway_mode import audit
 from addons.gateway_mode import members as member_rules
+from addons.gateway_mode.model_policy import parse_patterns, patterns_text
 from addons.gateway_mode.schema import (
     leases,
     member_keys,
@@ -294,17 +296,22 @@ class Database:
 
     # -- members and keys --------------------------------------------------------------------
 
-    def add_member(self, name: str, *, actor: str | None = None, **settings: int) -> int:
-        """Insert a member; ``settings`` are :data:`MEMBER_SETTINGS` (absent: 0). Returns id.
-        Audited (``add-member``, by ``actor``; default the OS user) in the same transaction.
+    def add_member(
+        self, name: str, models: str | None = None, *, actor: str | None = None, **settings: int
+    ) -> int:
+        """Insert a member; ``settings`` are :data:`MEMBER_SETTINGS` (absent: 0), ``models``
+        its model patterns (:mod:`addons.gateway_mode.model_policy`; ``None``: every model).
+        Returns id. Audited (``add-member``, by ``actor``; default the OS user) in the same
+        transaction.
 
         Raises:
-            ValueError: bad name or negative setting.
+            ValueError: bad name, negative setting or bad model pattern.
             DatabaseError: the name exists.
         """
         member_rules.check_name(name)
-        values = {column: 0 for column in MEMBER_SETTINGS}
+        values: dict[str, Any] = {column: 0 for column in MEMBER_SETTINGS}
         values.update(_settings(settings))
+        values["models"] = _models(models)
         with self.engine.begin() as conn:
             exists = conn.execute(sa.select(members.c.id).where(members.c.name == name)).first()
             if exists:
@@ -315,14 +322,25 @@ class Database:
             audit.record(conn, actor or audit.default_actor(), "add-member", name, None, values)
             return int(key[0])
 
-    def set_member(self, name: str, *, actor: str | None = None, **settings: int) -> None:
-        """Change some of a member's settings (0 = unlimited). Audited (``set-member``: the
+    def set_member(
+        self,
+        name: str,
+        models: str | EllipsisType | None = ...,
+        *,
+        actor: str | None = None,
+        **settings: int,
+    ) -> None:
+        """Change some of a member's settings (0 = unlimited); ``models``, when given, its
+        model patterns (``None`` or ``""``: every model again). Audited (``set-member``: the
         given settings before and after) in the same transaction.
 
         Raises:
+            ValueError: bad setting or model pattern.
             DatabaseError: unknown member.
         """
-        values = _settings(settings)
+        values: dict[str, Any] = dict(_settings(settings))
+        if models is not ...:
+            values["models"] = _models(models)
         with self.engine.begin() as conn:
             query = sa.select(members).where(members.c.name == name)
             row = conn.execute(query.with_for_update() if self._locks else query).first()
@@ -427,7 +445,8 @@ class Database:
     def directory(self) -> list[dict[str, Any]]:
         """Every live (not revoked) key with its member's settings: ``key_id, key_hash,
         member_id, member``, ``expires_ms`` (expired keys included: whoever reads the
-        directory judges expiry at the time of each request) and :data:`MEMBER_SETTINGS`.
+        directory judges expiry at the time of each request), :data:`MEMBER_SETTINGS` and
+        ``models`` (patterns text or ``None``).
         What the gateway authenticates with."""
         query = (
             sa.select(
@@ -437,6 +456,7 @@ class Database:
                 members.c.id.label("member_id"),
                 members.c.name.label("member"),
                 *(members.c[column] for column in MEMBER_SETTINGS),
+                members.c.models,
             )
             .join(members, members.c.id == member_keys.c.member_id)
             .where(member_keys.c.revoked_ms.is_(None))
@@ -733,3 +753,9 @@ def _settings(settings: Mapping[str, int | None]) -> dict[str, int]:
             raise ValueError(f"{column} must be a whole number >= 0")
         values[column] = value
     return values
+
+
+def _models(text: str | None) -> str | None:
+    """A ``models`` value as stored: its patterns checked and normalised, ``None`` for every
+    model. Raises ``ValueError`` for a bad pattern."""
+    return patterns_text(parse_patterns(text))

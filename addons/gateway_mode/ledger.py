@@ -70,15 +70,16 @@ REFUSALS = "refusals"
 
 #: The kinds ``usage`` counts refusals by, from the refusal's error ``code``: the member's
 #: limits (``quota``, ``concurrency``), a model the rate card cannot price for a member with a
-#: credit quota (``unpriced``), member keys (``auth``), request bodies and socket messages past
-#: the decode or depth limits (``body``), routes and clients the gateway does not serve
-#: (``route``); anything else is the gateway's own state (``gateway``: its database away, no
-#: healthy upstream key, an internal error).
+#: credit quota (``unpriced``), a model the member may not use (``model``), member keys
+#: (``auth``), request bodies and socket messages past the decode or depth limits (``body``),
+#: routes and clients the gateway does not serve (``route``); anything else is the gateway's
+#: own state (``gateway``: its database away, no healthy upstream key, an internal error).
 REFUSAL_KINDS = {
     "quota_exceeded": "quota",
     "concurrency_limit": "concurrency",
     "rate_limit_exceeded": "concurrency",  # the socket's busy answer
     "unpriced_model": "unpriced",
+    "model_not_allowed": "model",
     "missing_member_key": "auth",
     "invalid_member_key": "auth",
     "expired_member_key": "auth",
@@ -90,7 +91,7 @@ REFUSAL_KINDS = {
     "websocket_not_supported": "route",
 }
 #: Every kind, in the order ``usage`` shows them.
-KIND_ORDER = ("quota", "concurrency", "unpriced", "auth", "body", "route", "gateway")
+KIND_ORDER = ("quota", "concurrency", "unpriced", "model", "auth", "body", "route", "gateway")
 
 
 def refusal_kind(code: str) -> str:

@@ -37,6 +37,9 @@ members = Table(
     Column("weekly_credits_micro", BigInteger, nullable=False, default=0),
     Column("max_concurrent", Integer, nullable=False, default=0),
     Column("created_ms", BigInteger, nullable=False),
+    #: Model patterns the member may use, comma-separated (``*``: any run of characters);
+    #: ``NULL``: every model (:mod:`addons.gateway_mode.model_policy`).
+    Column("models", String(2000), nullable=True),
     #: The member's team (:data:`teams`), ``NULL``: none (0007).
     Column("team_id", BigId, ForeignKey("teams.id", name="members_team_id_fkey"), nullable=True),
 )

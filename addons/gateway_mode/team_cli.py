@@ -37,24 +37,12 @@ def add_parsers(
     add.set_defaults(admin=functools.partial(add_team, settings=settings))
     add.add_argument("name")
     member_options(add)
-    models_option(add)
     sett = sub.add_parser("set-team", help="change a team's limits or models (0 = unlimited)")
     sett.set_defaults(admin=functools.partial(set_team, settings=settings))
     sett.add_argument("name")
     member_options(sett)
-    models_option(sett)
     lt = sub.add_parser("list-teams", help="teams, their limits, models and members")
     lt.set_defaults(admin=functools.partial(list_teams, table=table))
-
-
-def models_option(parser: argparse.ArgumentParser) -> None:
-    """``--models PATTERN[,PATTERN…]`` of a team."""
-    parser.add_argument(
-        "--models",
-        metavar="PATTERN[,PATTERN…]",
-        help="models the team's members may use ('*' matches any run of characters; "
-        "'' = every model)",
-    )
 
 
 def team_option(parser: argparse.ArgumentParser) -> None:

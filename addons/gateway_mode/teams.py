@@ -23,7 +23,6 @@ rules (names, model patterns) and what a member directory entry learns of its te
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,13 +40,9 @@ from addons.gateway_mode.database import (
     _settings,
     now_ms,
 )
+from addons.gateway_mode.model_policy import parse_patterns
 from addons.gateway_mode.schema import leases, members, teams
 from addons.gateway_mode.windows import LIMIT_COLUMNS, TEAM_LIMITS, Limit
-
-#: A model pattern: what a model slug is made of, and ``*`` (any run of characters).
-MODEL_PATTERN = re.compile(r"[A-Za-z0-9._:/@+*-]{1,200}")
-#: The ``models`` column's width.
-MAX_MODELS_TEXT = 2000
 
 #: Directory entry keys a team member gets (:func:`attach_teams`).
 TEAM_ID = "team_id"
@@ -72,31 +67,14 @@ def check_team_name(name: str) -> str:
 
 
 def parse_models(text: str) -> str:
-    """``--models PATTERN[,PATTERN…]`` as stored: the patterns comma-joined, spaces around
-    them dropped, duplicates dropped (first kept); ``""`` (every model) for an empty text.
-    A pattern is 1-200 of ``A-Z a-z 0-9 . _ : / @ + -`` and ``*`` (any run of characters).
+    """``--models PATTERN[,PATTERN…]`` as stored for a team: the member rule
+    (:func:`addons.gateway_mode.model_policy.parse_patterns`: trimmed, deduplicated, blanks
+    between commas ignored) comma-joined; ``""`` (every model) for an empty text.
 
     Raises:
-        ValueError: an empty pattern between commas, a character outside the rule, or more
-            than :data:`MAX_MODELS_TEXT` characters in all.
+        ValueError: as :func:`~addons.gateway_mode.model_policy.parse_patterns`.
     """
-    if not text.strip():
-        return ""
-    patterns: list[str] = []
-    for part in text.split(","):
-        pattern = part.strip()
-        if MODEL_PATTERN.fullmatch(pattern) is None:
-            shown = pattern[:60]
-            raise ValueError(
-                f"--models: {shown!r} is not a model pattern (1-200 of A-Z a-z 0-9 . _ : / @ "
-                "+ - and * for any run of characters; patterns separated by commas)"
-            )
-        if pattern not in patterns:
-            patterns.append(pattern)
-    joined = ",".join(patterns)
-    if len(joined) > MAX_MODELS_TEXT:
-        raise ValueError(f"--models: at most {MAX_MODELS_TEXT} characters in all")
-    return joined
+    return ",".join(parse_patterns(text))
 
 
 # -- admin queries ---------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row, r
 from addons.gateway_mode.core import MEMBER, ROUTE, SOCKET_ROUTE, UPSTREAM_KEY, GatewayCore
 from addons.gateway_mode.forward import PoolForwarder
 from addons.gateway_mode.ledger import WS_CONNECTIONS
+from addons.gateway_mode.member_models import allowed_patterns, model_refusal
 from addons.gateway_mode.quota import (
     CONCURRENCY_RETRY_S,
     limit_usages,
@@ -350,6 +351,13 @@ class WebSocketTurns:
             )  # fmt: skip
             return
         model = socket.protocol.turn_model(body, socket.model)
+        denied = model_refusal(entry, model)  # as on HTTP (member_models.ModelGate)
+        if denied is not None:
+            self._refuse(
+                socket, message, event_id, 400, "invalid_request_error", "model_not_allowed",
+                denied, "model_not_allowed", model=model, allowed=allowed_patterns(entry, model),
+            )  # fmt: skip
+            return
         tier = body.get("service_tier") if isinstance(body.get("service_tier"), str) else None
         limits = limits_of(entry)
         slots = entry["max_concurrent"]

@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007_teams"
-down_revision = "0004"
+#: The revision before this one (0006_member_models.py).
+down_revision = "0006_member_models"
 branch_labels = None
 depends_on = None
 
