@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from addons.codex_models import catalog
 from addons.credits import RateCard
-from addons.gateway_mode import keypool
+from addons.gateway_mode import identities, keypool
 from addons.gateway_mode.config import (
     DEFAULT_GATEWAY_CONFIG,
     GatewayConfig,
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     rk = sub.add_parser("revoke-key", help="revoke a member key by id")
     rk.set_defaults(admin=revoke_key)
     rk.add_argument("key_id")
+    identities.add_parsers(sub)  # add-identity, list-identities, remove-identity (issue 31)
     us = sub.add_parser("usage", help="tokens, credits and USD per member")
     us.set_defaults(admin=usage)
     us.add_argument("--member", metavar="NAME")
