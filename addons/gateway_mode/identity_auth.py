@@ -18,13 +18,31 @@ kept in the flow (the ``Authorization`` header is gone before the check).
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 
 from mitmproxy import http
 
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse
-from addons.gateway_mode.oidc import IDENTITY_REFUSAL, IdentityRefused
+from addons.gateway_mode.oidc import IDENTITY_REFUSAL, LEEWAY_S, IdentityRefused
 
 logger = logging.getLogger(__name__)
+
+
+#: Why a socket opened with an identity token is closed at its next turn once the token has
+#: expired (its ``exp`` past the leeway): the socket was authenticated when it opened.
+EXPIRED_ON_SOCKET = (
+    f"identity token refused: the token this socket was opened with has expired (leeway "
+    f"{LEEWAY_S} s); open a new one with a fresh token"
+)
+
+
+def token_expired(member: dict[str, Any]) -> bool:
+    """Whether a flow's :data:`MEMBER` marker came from an identity token that has expired
+    since (``expires`` + :data:`addons.gateway_mode.oidc.LEEWAY_S` in the past); always false
+    for a member key."""
+    expires = member.get("expires")
+    return isinstance(expires, int) and time.time() > expires + LEEWAY_S
 
 
 class IdentityAuth:
@@ -73,6 +91,7 @@ class IdentityAuth:
             "identity": entry["key_id"],
             "issuer": entry["issuer"],
             "subject": verified.subject,
+            "expires": verified.expires,
         }
         core.metrics.identity_accepted.labels(
             entry["member"], entry["key_id"], entry["issuer"][:200]

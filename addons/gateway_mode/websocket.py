@@ -46,6 +46,7 @@ from addons.common import WEBSOCKET, fail_closed
 from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row, record_refusal
 from addons.gateway_mode.core import MEMBER, ROUTE, SOCKET_ROUTE, UPSTREAM_KEY, GatewayCore
 from addons.gateway_mode.forward import PoolForwarder
+from addons.gateway_mode.identity_auth import EXPIRED_ON_SOCKET, token_expired
 from addons.gateway_mode.ledger import WS_CONNECTIONS
 from addons.gateway_mode.quota import (
     CONCURRENCY_RETRY_S,
@@ -332,6 +333,10 @@ class WebSocketTurns:
         if entry is None:
             message.drop()
             self._close(socket, "invalid_member_key", "unknown or revoked member key")
+            return
+        if token_expired(member):  # an identity token's socket: renewed on a new one
+            message.drop()
+            self._close(socket, "invalid_identity_token", EXPIRED_ON_SOCKET, status=401)
             return
         if not core.database_ok or core.db is None:
             self._refuse(
@@ -666,7 +671,7 @@ class WebSocketTurns:
         except Exception as e:
             logger.error("check of a server-started response failed (%s)", type(e).__name__)
 
-    def _close(self, socket: Socket, code: str, text: str) -> None:
+    def _close(self, socket: Socket, code: str, text: str, status: int = 400) -> None:
         """Tell the member why, then close its socket (the upstream side follows)."""
         if socket.closing:
             return
@@ -675,10 +680,12 @@ class WebSocketTurns:
         mark_closed_by_proxy(socket.flow, text)  # the flow log names it, not "abnormal"
         self.core.metrics.refused.labels(code).inc()
         record_refusal(
-            self.core, socket.flow.metadata[MEMBER], code, 400, socket.protocol.row_route
+            self.core, socket.flow.metadata[MEMBER], code, status, socket.protocol.row_route
         )
         # 400: Codex ends the turn at once and shows the event (401 is retried, measured).
-        self._inject(socket.flow, socket.protocol.refusal(400, "invalid_request_error", code, text))
+        self._inject(
+            socket.flow, socket.protocol.refusal(status, "invalid_request_error", code, text)
+        )
         asyncio.get_running_loop().call_later(0.05, self._drop_connection, socket.flow)
 
     @staticmethod
