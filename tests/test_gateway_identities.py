@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import jwt
 import pytest
 
 from addons.gateway_mode.identities import GITHUB_ISSUER
@@ -199,8 +200,21 @@ def test_a_token_is_a_member_over_http(gateway, upstream, issuers, tmp_path):
     summary = gateway.usage()
     assert {m["member"]: m["requests"] for m in summary["members"]} == {"ci": 1, "alice": 1}
     assert summary["without_member"]["refusals"]["auth"] >= len(cases)
-    metrics = server.request("GET", "/metrics", headers=OPERATOR)[2].decode()
     issuer = issuers.issuers["gh"].url
+    assert summary["identities"] == [
+        {
+            "identity": identity,
+            "member": "ci",
+            "issuer": issuer,
+            "requests": 1,
+            "total_tokens": 59,
+            "subjects": {GITHUB_CLAIMS["sub"]: 1},
+        }
+    ]
+    text = gateway.admin("usage").stdout
+    line = f"identity {identity} (ci, {issuer}): 1 request(s), 59 tokens; subjects: "
+    assert line + f"{GITHUB_CLAIMS['sub']} (1)" in text
+    metrics = server.request("GET", "/metrics", headers=OPERATOR)[2].decode()
     assert (
         f'codex_gateway_identity_accepted_total{{identity="{identity}",issuer="{issuer}",'
         f'member="ci"}} 1.0' in metrics
@@ -216,6 +230,20 @@ def test_a_token_is_a_member_over_http(gateway, upstream, issuers, tmp_path):
 
     wait_for(refused_now, 10, "the removed identity refused")
     assert server.shutdown() == 0
+    # The flow file names where the member came from (and, below, holds no token).
+    from mitmproxy import io
+
+    with open(tmp_path / "flows.mitm", "rb") as f:
+        members = [fl.metadata.get("codex_gateway.member") for fl in io.FlowReader(f).stream()]
+    assert {
+        "member": "ci",
+        "member_id": 1,
+        "key_id": identity,
+        "identity": identity,
+        "issuer": issuer,
+        "subject": GITHUB_CLAIMS["sub"],
+        "expires": jwt.decode(good, options={"verify_signature": False})["exp"],
+    } in members
     leak_scan(tmp_path, issuers.minted, skip=set())
 
 

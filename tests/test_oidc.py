@@ -345,3 +345,41 @@ def test_a_discovery_document_naming_another_issuer_is_refused(issuers):
     token = issuers.mint("gh", AUD, claims={**GITHUB_CLAIMS, "iss": gh.url + "/"})
     error = refused(v, token)
     assert error.status == 503 and "another issuer" in str(error)
+
+
+# -- the member auth path (taddons) -------------------------------------------------------------
+
+
+def test_member_auth_checks_a_jwt_bearer_and_drops_it(issuers):
+    from mitmproxy.test import taddons, tflow
+
+    from addons.common import ALLOWED, REFUSED
+    from addons.gateway_mode.auth import MemberAuth
+    from addons.gateway_mode.core import MEMBER, GatewayCore
+
+    core = GatewayCore()
+    gh = issuers.issuers["gh"]
+    core.oidc.load([entry(gh.url)])
+    addon = MemberAuth(core)
+    good = issuers.mint("gh", AUD, claims=GITHUB_CLAIMS)
+    expired = issuers.mint("gh", AUD, claims=GITHUB_CLAIMS, issued=time.time() - 900, lifetime=60)
+
+    async def run(token: str) -> Any:
+        with taddons.context(addon):
+            flow = tflow.tflow()
+            flow.metadata[ALLOWED] = True
+            flow.request.headers["authorization"] = f"Bearer {token}"
+            await addon.requestheaders(flow)
+            return flow
+
+    flow = asyncio.run(run(good))
+    assert "authorization" not in flow.request.headers
+    assert flow.response is None
+    assert flow.metadata[MEMBER]["identity"] == "oi_000000000001"
+    assert flow.metadata[MEMBER]["subject"] == GITHUB_CLAIMS["sub"]
+    assert good not in json.dumps(flow.metadata)
+    flow = asyncio.run(run(expired))
+    assert flow.response.status_code == 401 and flow.metadata[REFUSED] == "identity-auth"
+    assert json.loads(flow.response.content)["error"]["check"] == "expired"
+    assert expired.encode() not in flow.response.content
+    assert "authorization" not in flow.request.headers

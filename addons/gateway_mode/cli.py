@@ -512,12 +512,20 @@ def usage(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any)
             **summary,
             "priced_by_same_as": estimated,
             "unpriced_models": gaps,
+            "identities": identities.identity_usage(db, rows),
         }
         out.write(json.dumps(doc, indent=2) + "\n")
         return
     out.write(f"usage since {iso(since)}\n")
     _usage_table(summary, out)
     _refusal_table(summary, out)
+    for entry in identities.identity_usage(db, rows):  # members without static keys
+        subjects = ", ".join(f"{sub} ({n})" for sub, n in sorted(entry["subjects"].items()))
+        out.write(
+            f"identity {entry['identity']} ({entry['member']}, {entry['issuer']}): "
+            f"{entry['requests']} request(s), {entry['total_tokens']} tokens; subjects: "
+            f"{subjects}\n"
+        )
     total = summary["total"]
     if total["warmups"]:
         out.write(

@@ -289,3 +289,30 @@ def remove_identity_command(db: Database, ns: argparse.Namespace, config: Any, o
     """``remove-identity ID``."""
     remove_identity(db, ns.identity_id)
     out.write(f"identity {ns.identity_id} removed (the gateway refuses it within a second)\n")
+
+
+def identity_usage(db: Database, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where the identity members' requests came from, for ``usage``: from ``usage`` rows
+    (finished, warm-ups included), one entry per identity id that has rows (``identity``,
+    ``member``, ``issuer``, ``requests``, ``total_tokens``, ``subjects``: ``{sub: requests}``),
+    by member then id. Member-key rows are left out."""
+    per: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        key_id = row.get("key_id") or ""
+        if not key_id.startswith(ID_PREFIX) or row.get("duration_ms") is None:
+            continue
+        entry = per.setdefault(
+            key_id,
+            {"identity": key_id, "member": row["member"], "requests": 0, "total_tokens": 0},
+        )
+        entry["requests"] += 1
+        entry["total_tokens"] += row["total_tokens"]
+        subjects = entry.setdefault("subjects", {})
+        subject = row.get("subject") or "-"
+        subjects[subject] = subjects.get(subject, 0) + 1
+    if not per:
+        return []
+    issuers = {r["id"]: r["issuer"] for r in list_identities(db)}
+    for entry in per.values():
+        entry["issuer"] = issuers.get(entry["identity"])
+    return sorted(per.values(), key=lambda e: (e["member"], e["identity"]))
