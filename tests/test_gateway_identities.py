@@ -275,6 +275,89 @@ def test_workers_and_postgresql(tmp_path: Path, pg_cluster: PgCluster, upstream,
         gw.stop()
 
 
+def test_the_member_caps_an_identity_and_removal_closes_its_socket(gateway, upstream, issuers):
+    """The quota is the member's, shared by its key and its identity; an identity's refusal
+    row names the identity; a removed identity's open socket is closed with an event naming
+    it, and a new upgrade with a fresh token is refused 401 before anything goes upstream."""
+    import asyncio
+
+    import aiohttp
+
+    identity = add_ci_identity(gateway, issuers)
+    gateway.admin("set-member", "ci", "--five-hour-quota", "100")
+    key = gateway.add_key("ci")
+    server = gateway.serve(upstream.url, env=ca_env(issuers))
+
+    def token() -> str:
+        return issuers.mint("gh", AUD, claims=GITHUB_CLAIMS)
+
+    assert server.post_json(STREAM, bearer(token()))[0] == 200
+    assert server.post_json(STREAM, bearer(key))[0] == 200  # 118 of 100 tokens now
+    upstream_calls = len(upstream.requests)
+    status, _, body = server.post_json(STREAM, bearer(token()))
+    assert status == 429 and error_of(body)["limit"] == "five_hour_quota", body
+    assert len(upstream.requests) == upstream_calls
+
+    def refusal_rows() -> list[dict]:
+        with sqlite3.connect(gateway.database.removeprefix("sqlite:///")) as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute("SELECT * FROM refusals")]
+
+    wait_for(lambda: any(r["kind"] == "quota" for r in refusal_rows()), 15, "the refusal row")
+    (quota,) = [r for r in refusal_rows() if r["kind"] == "quota"]
+    assert quota["key_id"] == identity and quota["member_id"] == 1
+    gateway.admin("set-member", "ci", "--five-hour-quota", "0")
+    wait_for(lambda: server.post_json(STREAM, bearer(token()))[0] == 200, 10, "the quota lifted")
+
+    headers = {"authorization": f"Bearer {token()}", "user-agent": "codex_exec/0.171.0 (test)"}
+
+    async def session() -> list[dict]:
+        received: list[dict] = []
+        async with aiohttp.ClientSession() as client:
+            url = f"ws://127.0.0.1:{server.port}/v1/responses"
+            async with client.ws_connect(url, headers=headers) as ws:
+                await ws.send_str(json.dumps({"type": "response.create", "model": MODEL}))
+                while True:
+                    msg = await asyncio.wait_for(ws.receive(), 30)
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        break
+                    received.append(json.loads(msg.data))
+                    if received[-1]["type"] == "response.completed":
+                        await asyncio.get_running_loop().run_in_executor(
+                            None, gateway.admin, "remove-identity", identity
+                        )
+        return received
+
+    received = asyncio.run(session())
+    kinds = [e["type"] for e in received]
+    assert "response.completed" in kinds
+    error = received[-1]
+    assert error["type"] == "error", kinds
+    assert error["error"]["code"] == "invalid_identity_token"
+    assert f"identity {identity} removed" in error["error"]["message"]
+    wait_for(lambda: upstream.ws_open == 0, 10, "the upstream side closed too")
+    upgrades = len(upstream.requests)
+    upgrade = {
+        "connection": "Upgrade",
+        "upgrade": "websocket",
+        "sec-websocket-version": "13",
+        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    fresh = {**headers, "authorization": f"Bearer {token()}"}
+    status, _, body = server.request("GET", "/v1/responses", headers={**fresh, **upgrade})
+    # The issuer's only identity is gone: its tokens now name an issuer the gateway does not know.
+    assert status == 401 and error_of(body)["check"] == "unknown_issuer", body
+    assert len(upstream.requests) == upgrades
+
+    def socket_rows() -> list[dict]:
+        return [r for r in usage_rows(gateway) if r["route"] == "ws:/v1/responses"]
+
+    wait_for(lambda: socket_rows() and socket_rows()[0]["duration_ms"], 15, "the socket's row")
+    (row,) = socket_rows()
+    assert row["key_id"] == identity and row["subject"] == GITHUB_CLAIMS["sub"]
+    assert server.shutdown() == 0
+
+
 # -- the real Codex CLI -----------------------------------------------------------------------
 
 

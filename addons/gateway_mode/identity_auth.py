@@ -24,6 +24,7 @@ from typing import Any
 from mitmproxy import http
 
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse
+from addons.gateway_mode.identities import ID_PREFIX
 from addons.gateway_mode.oidc import IDENTITY_REFUSAL, LEEWAY_S, IdentityRefused
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,16 @@ def token_expired(member: dict[str, Any]) -> bool:
     for a member key."""
     expires = member.get("expires")
     return isinstance(expires, int) and time.time() > expires + LEEWAY_S
+
+
+def revoked_reason(key_id: str, revoked: str = "member key revoked") -> tuple[str, str]:
+    """The code and text a socket is closed with once its credential left the directory:
+    for an identity (``oi_...``) ``invalid_identity_token`` naming the removed identity (a 400
+    on the socket, as a revoked key's: a new token would not help), else ``invalid_member_key``
+    with ``revoked``."""
+    if key_id.startswith(ID_PREFIX):
+        return "invalid_identity_token", f"identity {key_id} removed (or its member gone)"
+    return "invalid_member_key", revoked
 
 
 class IdentityAuth:

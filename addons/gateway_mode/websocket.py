@@ -46,7 +46,7 @@ from addons.common import WEBSOCKET, fail_closed
 from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row, record_refusal
 from addons.gateway_mode.core import MEMBER, ROUTE, SOCKET_ROUTE, UPSTREAM_KEY, GatewayCore
 from addons.gateway_mode.forward import PoolForwarder
-from addons.gateway_mode.identity_auth import EXPIRED_ON_SOCKET, token_expired
+from addons.gateway_mode.identity_auth import EXPIRED_ON_SOCKET, revoked_reason, token_expired
 from addons.gateway_mode.ledger import WS_CONNECTIONS
 from addons.gateway_mode.quota import (
     CONCURRENCY_RETRY_S,
@@ -332,7 +332,7 @@ class WebSocketTurns:
         entry = core.directory.by_key_id(member["key_id"])
         if entry is None:
             message.drop()
-            self._close(socket, "invalid_member_key", "unknown or revoked member key")
+            self._close(socket, *revoked_reason(member["key_id"], "unknown or revoked member key"))
             return
         if token_expired(member):  # an identity token's socket: renewed on a new one
             message.drop()
@@ -714,4 +714,4 @@ class WebSocketTurns:
             key_id = socket.flow.metadata[MEMBER]["key_id"]
             if self.core.directory.by_key_id(key_id) is None:
                 logger.info("member key %s revoked: closing its socket", key_id)
-                self._close(socket, "invalid_member_key", "member key revoked")
+                self._close(socket, *revoked_reason(key_id))
