@@ -50,6 +50,10 @@ class Issuer:
     url: str
     keys: dict[str, Any] = field(default_factory=dict)
     down: bool = False
+    #: In place of ``{url}/jwks`` in the discovery document (e.g. an ``http://`` one).
+    jwks_uri: str | None = None
+    #: The discovery document answers a 302 to this URL instead.
+    redirect: str | None = None
 
 
 @dataclass
@@ -133,10 +137,12 @@ class OidcIssuers:
         issuer = self.issuers.get(name)
         if issuer is None or issuer.down:
             return web.json_response({"error": "down"}, status=503)
+        if issuer.redirect is not None:
+            raise web.HTTPFound(issuer.redirect)
         return web.json_response(
             {
                 "issuer": issuer.url,
-                "jwks_uri": f"{issuer.url}/jwks",
+                "jwks_uri": issuer.jwks_uri or f"{issuer.url}/jwks",
                 "id_token_signing_alg_values_supported": ["RS256", "ES256"],
                 "response_types_supported": ["id_token"],
                 "subject_types_supported": ["public"],

@@ -347,6 +347,22 @@ def test_a_discovery_document_naming_another_issuer_is_refused(issuers):
     assert error.status == 503 and "another issuer" in str(error)
 
 
+@pytest.mark.parametrize("where", ["http jwks_uri", "redirect"])
+def test_keys_come_over_https_and_no_redirect_is_followed(issuers, where):
+    gh, idp = issuers.issuers["gh"], issuers.issuers["idp"]
+    plain = f"http://127.0.0.1:{issuers.port}/gh/jwks"
+    if where == "http jwks_uri":
+        gh.jwks_uri = plain
+    else:  # to another issuer's discovery document, itself fine
+        gh.redirect = f"{idp.url}/.well-known/openid-configuration"
+    v = verifier(entry(gh.url))
+    error = refused(v, issuers.mint("gh", AUD, claims=GITHUB_CLAIMS))
+    assert (error.check, error.status) == ("issuer_unavailable", 503)
+    assert ("no https jwks_uri" if where == "http jwks_uri" else "answered 302") in str(error)
+    assert issuers.jwks_fetches("gh") == 0
+    assert issuers.fetches["/idp/.well-known/openid-configuration"] == 0
+
+
 # -- the member auth path (taddons) -------------------------------------------------------------
 
 
