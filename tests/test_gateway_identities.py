@@ -6,6 +6,7 @@ a token that expires in the middle of a turn."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sqlite3
@@ -247,6 +248,25 @@ def test_a_token_is_a_member_over_http(gateway, upstream, issuers, tmp_path):
     leak_scan(tmp_path, issuers.minted, skip=set())
 
 
+async def socket_turn(port: int, token: str) -> list[str]:
+    """One ``response.create`` on the gateway's WebSocket route with ``token`` as the
+    upgrade's bearer: the event types received until ``response.completed`` or the close."""
+    import aiohttp
+
+    headers = {"authorization": f"Bearer {token}", "user-agent": "codex_exec/0.171.0 (test)"}
+    kinds: list[str] = []
+    async with aiohttp.ClientSession() as client:
+        url = f"ws://127.0.0.1:{port}/v1/responses"
+        async with client.ws_connect(url, headers=headers) as ws:
+            await ws.send_str(json.dumps({"type": "response.create", "model": MODEL}))
+            while not kinds or kinds[-1] != "response.completed":
+                msg = await asyncio.wait_for(ws.receive(), 30)
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                kinds.append(json.loads(msg.data)["type"])
+    return kinds
+
+
 def test_workers_and_postgresql(tmp_path: Path, pg_cluster: PgCluster, upstream, issuers) -> None:
     import uuid
 
@@ -260,9 +280,13 @@ def test_workers_and_postgresql(tmp_path: Path, pg_cluster: PgCluster, upstream,
         for i in range(6):  # new connections: both workers see tokens
             token = issuers.mint("gh", AUD, alg="ES256" if i % 2 else "RS256", claims=GITHUB_CLAIMS)
             assert server.post_json(STREAM, bearer(token))[0] == 200
-        wait_for(lambda: gw.usage()["total"]["requests"] == 6, 15, "rows")
+        # And a turn on the WebSocket route, its upgrade carrying the token.
+        token = issuers.mint("gh", AUD, claims=GITHUB_CLAIMS)
+        kinds = asyncio.run(socket_turn(server.port, token))
+        assert kinds[-1] == "response.completed", kinds
+        wait_for(lambda: gw.usage()["total"]["requests"] == 7, 15, "rows")
         (member,) = gw.usage()["members"]
-        assert member["member"] == "ci" and member["total_tokens"] == 6 * 59
+        assert member["member"] == "ci" and member["total_tokens"] == 7 * 59
         # Each worker fetched the key set once at most (a process's own cache).
         assert 1 <= issuers.jwks_fetches("gh") <= 2
         import psycopg
@@ -279,8 +303,6 @@ def test_the_member_caps_an_identity_and_removal_closes_its_socket(gateway, upst
     """The quota is the member's, shared by its key and its identity; an identity's refusal
     row names the identity; a removed identity's open socket is closed with an event naming
     it, and a new upgrade with a fresh token is refused 401 before anything goes upstream."""
-    import asyncio
-
     import aiohttp
 
     identity = add_ci_identity(gateway, issuers)
