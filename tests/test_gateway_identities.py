@@ -293,6 +293,13 @@ def test_workers_and_postgresql(tmp_path: Path, pg_cluster: PgCluster, upstream,
 
         with psycopg.connect(pg_cluster.conninfo(name)) as conn:
             subjects = conn.execute("SELECT key_id, subject FROM usage").fetchall()
+
+            def sockets() -> list[tuple]:
+                query = "SELECT key_id, closed_ms FROM ws_connections"
+                return conn.execute(query).fetchall()
+
+            wait_for(lambda: sockets() and sockets()[0][1] is not None, 15, "the socket's row")
+            assert [key_id for key_id, _ in sockets()] == [identity]
         assert set(subjects) == {(identity, GITHUB_CLAIMS["sub"])}
         assert server.shutdown() == 0
     finally:
