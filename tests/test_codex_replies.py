@@ -173,6 +173,11 @@ CODEX_WS = {**CODEX, "openai-beta": "responses_websockets=2026-02-06"}
         (503, "no-upstream-key-until-restart", CODEX, False, 400),
         (503, "no-upstream-key-until-restart", CODEX_WS, True, 426),
         (503, "no-upstream-key-until-restart", {"user-agent": "curl/8"}, False, 503),
+        # An identity token refused: 401 everywhere, so Codex renews its token and retries
+        # (docs/gateway.md, "Members without static keys").
+        (401, "identity-auth", CODEX, False, 401),
+        (401, "identity-auth", CODEX_WS, True, 401),
+        (503, "identity-auth", CODEX, False, 503),
     ],
 )
 def test_permanent_refusals_of_an_upgrade_and_of_a_disabled_pool(

@@ -24,7 +24,7 @@ from addons.gateway_mode.members import key_hash
 from addons.gateway_mode.schema import audit_log, members
 from tests.conftest import ROOT
 
-HEAD = "0008_key_expiry_audit"
+HEAD = "0009_identities"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

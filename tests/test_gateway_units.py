@@ -242,7 +242,7 @@ def upgraded_from(tmp_path, url: str, revision: str, statements: list[str]) -> D
         for statement in statements:
             conn.exec_driver_sql(statement)
     assert old.revision() == revision
-    assert old.migrate() == old.head() == "0008_key_expiry_audit"
+    assert old.migrate() == old.head() == "0009_identities"
     return old
 
 

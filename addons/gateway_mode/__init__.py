@@ -11,6 +11,9 @@ error replies, launching) is imported from ``addons/``.
 - ``members``: member keys (``sk-codex-gw-...``), their hashes, name rules.
 - ``lifetimes``: when a credential expires (``--expires``, ``default_key_lifetime``; pure).
 - ``audit``: the audit log of admin changes (``record`` in the change's transaction; reading).
+- ``identities``, ``oidc``, ``identity_auth``: members without static keys (OIDC identities:
+  their rules, queries and admin commands; the JWT check against the issuer's discovered
+  keys; the member auth path for a JWT bearer, whose refusals stay 401 for Codex).
 - ``keypool``: the upstream key pool (keys from stdin, in memory only; health, cooldown).
 - ``windows``: quota window arithmetic (pure).
 - ``ledger``: the usage ledger's writer thread and its spool (no row lost); its rows are

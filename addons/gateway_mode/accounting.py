@@ -396,6 +396,7 @@ def ledger_row(core: GatewayCore, member: dict[str, Any], facts: TurnFacts) -> d
         "error": error[:500] if error else None,
         "instance": core.instance,
         "warmup": 1 if facts.warmup else 0,
+        "subject": member.get("subject"),
     }
 
 

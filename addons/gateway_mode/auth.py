@@ -9,8 +9,10 @@ from mitmproxy import http
 
 from addons.common import ALLOWED, fail_closed
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse
+from addons.gateway_mode.identity_auth import IdentityAuth
 from addons.gateway_mode.lifetimes import expired, expired_message
 from addons.gateway_mode.members import bearer_member_key, key_hash
+from addons.gateway_mode.oidc import identity_bearer
 from addons.gateway_mode.teams import team_marker
 from addons.routing import CLIENT_CREDENTIAL_FIELDS, drop_headers
 
@@ -26,8 +28,10 @@ class MemberAuth:
     naming when it expired (Codex shows it: :mod:`addons.gateway_mode.codex_replies`).
     Either way the header is removed from the flow first, so the
     member key never reaches the upstream, a dump, a flow file, HAR or mitmweb; logs name
-    the key id only. Accepted flows get ``flow.metadata[MEMBER]``; the pool forwarder injects
-    an upstream key only into flows with both that and the allowlist mark.
+    the key id only. A bearer shaped as a JWT is an identity token instead, checked first
+    (:class:`addons.gateway_mode.identity_auth.IdentityAuth`). Accepted flows get
+    ``flow.metadata[MEMBER]``; the pool forwarder injects an upstream key only into flows
+    with both that and the allowlist mark.
     """
 
     def __init__(self, core: GatewayCore) -> None:
@@ -42,6 +46,10 @@ class MemberAuth:
         headers = flow.request.headers
         values = headers.get_all("authorization")
         drop_headers(headers, CLIENT_CREDENTIAL_FIELDS)
+        if len(values) == 1 and (identity_token := identity_bearer(values[0])) is not None:
+            del values
+            await IdentityAuth(self.core).check(flow, identity_token)
+            return
         token = bearer_member_key(values[0]) if len(values) == 1 else None
         if token is None:
             self.core.metrics.refused.labels("missing_member_key").inc()

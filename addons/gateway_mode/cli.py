@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from addons.codex_models import catalog
 from addons.credits import RateCard
-from addons.gateway_mode import audit, keypool, team_cli, teams
+from addons.gateway_mode import audit, identities, keypool, team_cli, teams
 from addons.gateway_mode.config import (
     DEFAULT_GATEWAY_CONFIG,
     GatewayConfig,
@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.set_defaults(admin=audit_log)
     au.add_argument("--since", help="5h, 7d, 30m or an ISO-8601 time (default: the whole log)")
     au.add_argument("--json", action="store_true", help="one JSON object per line")
+    identities.add_parsers(sub)  # add-identity, list-identities, remove-identity (issue 31)
     us = sub.add_parser("usage", help="tokens, credits and USD per member")
     us.set_defaults(admin=usage)
     us.add_argument("--member", metavar="NAME")
@@ -631,12 +632,20 @@ def usage(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any)
             **summary,
             "priced_by_same_as": estimated,
             "unpriced_models": gaps,
+            "identities": identities.identity_usage(db, rows),
         }
         out.write(json.dumps(doc, indent=2) + "\n")
         return
     out.write(f"usage since {iso(since)}\n")
     _usage_table(summary, out, by)
     _refusal_table(summary, out, by)
+    for entry in identities.identity_usage(db, rows):  # members without static keys
+        subjects = ", ".join(f"{sub} ({n})" for sub, n in sorted(entry["subjects"].items()))
+        out.write(
+            f"identity {entry['identity']} ({entry['member']}, {entry['issuer']}): "
+            f"{entry['requests']} request(s), {entry['total_tokens']} tokens; subjects: "
+            f"{subjects}\n"
+        )
     total = summary["total"]
     if total["warmups"]:
         out.write(

@@ -25,6 +25,7 @@ from addons.common import LOCAL_REPLY_HEADER, REFUSED, WEBSOCKET, fail_closed
 from addons.gateway_mode.codex_filter import looks_like_codex
 from addons.gateway_mode.core import MEMBER, GatewayCore
 from addons.gateway_mode.forward import NO_KEY_UNTIL_RESTART
+from addons.gateway_mode.oidc import IDENTITY_REFUSAL
 from addons.gateway_mode.quota import CODEX_LIMITS, codex_limits
 from addons.gateway_mode.windows import limits_of
 
@@ -102,6 +103,7 @@ class CodexReplies:
         if (
             response is not None
             and REFUSED in flow.metadata
+            and flow.metadata[REFUSED] != IDENTITY_REFUSAL  # 401: Codex renews its token
             and (
                 response.status_code in PERMANENT_STATUSES
                 or flow.metadata[REFUSED] == NO_KEY_UNTIL_RESTART

@@ -24,7 +24,7 @@ from addons.body_decode import DecodeLimits
 from addons.common import ALLOWED, REFUSED, error_response, fail_closed
 from addons.credits import RateCard
 from addons.exchange import read_request
-from addons.gateway_mode import keypool, teams
+from addons.gateway_mode import identities, keypool, teams
 from addons.gateway_mode.config import (
     DEFAULT_GATEWAY_CONFIG,
     load_gateway_config,
@@ -36,6 +36,7 @@ from addons.gateway_mode.ledger import UsageLedger
 from addons.gateway_mode.lifetimes import expired, expired_message
 from addons.gateway_mode.members import same_hash
 from addons.gateway_mode.metrics import GatewayMetrics
+from addons.gateway_mode.oidc import OidcVerifier
 from addons.gateway_mode.socket_protocol import realtime_query
 from addons.gateway_mode.teams import TeamSlots
 from addons.gateway_mode.windows import limits_of
@@ -227,7 +228,7 @@ class MemberDirectory:
         self._lock = threading.Lock()
 
     def load(self, rows: list[dict[str, Any]]) -> None:
-        by_hash = {row["key_hash"]: row for row in rows}
+        by_hash = {row["key_hash"]: row for row in rows if row.get("key_hash")}
         by_id = {row["key_id"]: row for row in rows}
         with self._lock:
             self._by_hash, self._by_id = by_hash, by_id
@@ -248,12 +249,14 @@ class MemberDirectory:
         return entry
 
     def refusal(self, key_id: str) -> tuple[str, str]:
-        """``(code, message)`` for a key that is not live: ``expired_member_key`` and when
-        it expired, else ``invalid_member_key`` (unknown or revoked)."""
+        """``(code, message)`` for a key (or an OIDC identity, ``oi_...``) that is not live:
+        ``expired_member_key`` and when it expired, else ``invalid_member_key`` (unknown or
+        revoked)."""
         entry = self._by_id.get(key_id)
         expires = entry.get("expires_ms") if entry is not None else None
         if expires is not None and expired(expires, int(time.time() * 1000)):
-            return "expired_member_key", expired_message(expires)
+            identity = key_id if entry is not None and entry.get("issuer") else None
+            return "expired_member_key", expired_message(expires, identity)
         return "invalid_member_key", "unknown or revoked member key"
 
 
@@ -266,6 +269,8 @@ class GatewayCore:
         self.card = RateCard()
         self.pool = keypool.POOL
         self.directory = MemberDirectory()
+        #: OIDC identities (issue 31): their rows come with the directory's.
+        self.oidc = OidcVerifier()
         self.metrics = GatewayMetrics()
         self.instance = f"{os.uname().nodename[:40]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.require_codex_client = True
@@ -407,6 +412,8 @@ class GatewayCore:
         :attr:`quota_concurrency` slots (marked ``max_concurrent_default``)."""
         assert self.db is not None
         rows = self.db.directory()
+        identity_rows = identities.directory_rows(self.db)
+        rows += identity_rows
         if self.quota_concurrency:
             for row in rows:
                 if not row["max_concurrent"] and limits_of(row):
@@ -416,6 +423,7 @@ class GatewayCore:
             rows, teams.member_teams(self.db), self.quota_concurrency
         )
         self.directory.load(rows)
+        self.oidc.load(identity_rows)
 
     async def find_member(self, digest: str) -> dict[str, Any] | None:
         """The directory entry for a key hash; on a miss, one refresh from the database (at
@@ -428,6 +436,16 @@ class GatewayCore:
                 self._last_miss_refresh = time.monotonic()
                 await self.run_db(self.refresh_directory)
         return self.directory.find(digest)
+
+    async def refresh_after_miss(self) -> None:
+        """One directory refresh from the database, at most every 0.2 s (the same budget as
+        :meth:`find_member`'s): an identity token that named no live identity."""
+        if self.db is None:
+            return
+        async with self._miss_lock:
+            if time.monotonic() - self._last_miss_refresh > 0.2:
+                self._last_miss_refresh = time.monotonic()
+                await self.run_db(self.refresh_directory)
 
     def touch(self, key_id: str) -> None:
         self._last_used[key_id] = int(time.time() * 1000)

@@ -496,7 +496,7 @@ class Database:
             return
         # A row spooled by an older release lacks the columns added since (one INSERT takes
         # its keys from the first row): those get the column's default.
-        defaults = {"cache_write_tokens": 0, "warmup": 0, "team_id": None}
+        defaults = {"cache_write_tokens": 0, "warmup": 0, "team_id": None, "subject": None}
         self._upsert(usage, [{**defaults, **row} for row in collapse_rows(rows)])
 
     def _upsert(self, table: sa.Table, rows: list[dict[str, Any]]) -> None:

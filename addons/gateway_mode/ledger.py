@@ -83,6 +83,8 @@ REFUSAL_KINDS = {
     "missing_member_key": "auth",
     "invalid_member_key": "auth",
     "expired_member_key": "auth",
+    "invalid_identity_token": "auth",
+    "identity_issuer_unavailable": "auth",
     "request_too_large": "body",
     "json_too_deep": "body",
     "forbidden": "route",

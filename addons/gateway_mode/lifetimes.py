@@ -106,8 +106,14 @@ def format_expiry(expires_ms: int) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def expired_message(expires_ms: int) -> str:
-    """What a member is told when its key has expired (no secret in it)."""
+def expired_message(expires_ms: int, identity: str | None = None) -> str:
+    """What a member is told when its key (or its OIDC ``identity``, by id) has expired (no
+    secret in it)."""
+    if identity is not None:
+        return (
+            f"identity {identity} expired on {format_expiry(expires_ms)}; ask the gateway's "
+            "admin to renew it (a new token does not help)"
+        )
     return (
         f"member key expired on {format_expiry(expires_ms)}; ask the gateway's admin for a new key"
     )

@@ -74,6 +74,20 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.identity_accepted = Counter(
+            "codex_gateway_identity_accepted",
+            "Requests whose OIDC identity token named a member, by member, identity id and "
+            "issuer (issue 31; the token's subject is in the usage ledger, not a label).",
+            ["member", "identity", "issuer"],
+            registry=r,
+        )
+        self.identity_refused = Counter(
+            "codex_gateway_identity_refused",
+            "OIDC identity tokens refused, by the check that failed (expired, audience, "
+            "signature, unknown_key, no_identity...).",
+            ["check"],
+            registry=r,
+        )
         self.ws_connections = Counter(
             "codex_gateway_websocket_connections",
             "WebSocket connections opened, by member.",

@@ -112,6 +112,9 @@ usage = Table(
     #: 1 for a warm-up (Codex's WebSocket ``response.create`` with ``"generate": false``):
     #: not a request or a turn in ``usage``; 0 for every other row and every row before 0004.
     Column("warmup", Integer, nullable=False, default=0, server_default="0"),
+    #: The token's ``sub`` when an OIDC identity named the member (``key_id`` is then the
+    #: identity's id, ``oi_...``); ``NULL`` for a member key and every row before 0009.
+    Column("subject", String(255), nullable=True),
     Index("usage_member_ts", "member_id", "ts_ms"),
     #: The team the request was spent under (its member's then), ``NULL``: none (0007).
     Column("team_id", BigId, nullable=True),
@@ -212,4 +215,23 @@ audit_log = Table(
     Column("before", Text, nullable=True),
     Column("after", Text, nullable=True),
     Index("audit_log_ts", "ts_ms"),
+)
+
+#: An OIDC identity that names a member (issue 31): a bearer that is a JWT signed by
+#: ``issuer``'s keys, whose ``aud`` contains ``audience`` and whose claims match every entry
+#: of ``claims`` (a JSON object ``{name: pattern}``, ``*`` any run of characters) is that
+#: member. ``id`` is public (``oi_`` and 12 hex digits); ``removed_ms`` set: refused.
+member_identities = Table(
+    "member_identities",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("member_id", BigId, ForeignKey("members.id"), nullable=False),
+    Column("issuer", String(500), nullable=False),
+    Column("audience", String(500), nullable=False),
+    Column("claims", String(4000), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("removed_ms", BigInteger, nullable=True),
+    #: When the identity stops naming its member (epoch ms; ``NULL``: never), as a key's.
+    Column("expires_ms", BigInteger, nullable=True),
+    Index("member_identities_issuer", "issuer"),
 )

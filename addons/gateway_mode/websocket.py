@@ -46,6 +46,7 @@ from addons.common import WEBSOCKET, fail_closed
 from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row, record_refusal
 from addons.gateway_mode.core import MEMBER, ROUTE, SOCKET_ROUTE, UPSTREAM_KEY, GatewayCore
 from addons.gateway_mode.forward import PoolForwarder
+from addons.gateway_mode.identity_auth import EXPIRED_ON_SOCKET, revoked_reason, token_expired
 from addons.gateway_mode.ledger import WS_CONNECTIONS
 from addons.gateway_mode.member_models import allowed_patterns, model_refusal
 from addons.gateway_mode.quota import (
@@ -333,7 +334,14 @@ class WebSocketTurns:
         entry = core.directory.by_key_id(member["key_id"])
         if entry is None:
             message.drop()
-            self._close(socket, *core.directory.refusal(member["key_id"]))
+            code, text = core.directory.refusal(member["key_id"])
+            if code == "invalid_member_key":  # revoked, or an identity removed
+                code, text = revoked_reason(member["key_id"], text)
+            self._close(socket, code, text)
+            return
+        if token_expired(member):  # an identity token's socket: renewed on a new one
+            message.drop()
+            self._close(socket, "invalid_identity_token", EXPIRED_ON_SOCKET, status=401)
             return
         if not core.database_ok or core.db is None:
             self._refuse(
@@ -695,7 +703,7 @@ class WebSocketTurns:
         except Exception as e:
             logger.error("check of a server-started response failed (%s)", type(e).__name__)
 
-    def _close(self, socket: Socket, code: str, text: str) -> None:
+    def _close(self, socket: Socket, code: str, text: str, status: int = 400) -> None:
         """Tell the member why, then close its socket (the upstream side follows)."""
         if socket.closing:
             return
@@ -704,10 +712,12 @@ class WebSocketTurns:
         mark_closed_by_proxy(socket.flow, text)  # the flow log names it, not "abnormal"
         self.core.metrics.refused.labels(code).inc()
         record_refusal(
-            self.core, socket.flow.metadata[MEMBER], code, 400, socket.protocol.row_route
+            self.core, socket.flow.metadata[MEMBER], code, status, socket.protocol.row_route
         )
         # 400: Codex ends the turn at once and shows the event (401 is retried, measured).
-        self._inject(socket.flow, socket.protocol.refusal(400, "invalid_request_error", code, text))
+        self._inject(
+            socket.flow, socket.protocol.refusal(status, "invalid_request_error", code, text)
+        )
         asyncio.get_running_loop().call_later(0.05, self._drop_connection, socket.flow)
 
     @staticmethod
@@ -739,4 +749,4 @@ class WebSocketTurns:
                 expired = code == "expired_member_key"
                 logger.info("member key %s %s: closing its socket", key_id,
                             "expired" if expired else "revoked")  # fmt: skip
-                self._close(socket, code, text if expired else "member key revoked")
+                self._close(socket, *((code, text) if expired else revoked_reason(key_id)))
