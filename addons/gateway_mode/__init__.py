@@ -28,4 +28,7 @@ error replies, launching) is imported from ``addons/``.
   gathered and inflated, frames a second, unread input and output), inside mitmproxy's
   WebSocket layer.
 - ``config``, ``cli``: ``config/gateway.yaml`` and the command line.
+- ``genai``, ``genai_metrics``: the turns as OpenTelemetry GenAI telemetry (the OTLP span
+  through :mod:`addons.telemetry`, the ``gen_ai_client_*`` histograms of ``/metrics``), fed
+  by the accounting.
 """
