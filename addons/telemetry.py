@@ -4,8 +4,9 @@ On only when the standard environment names an OTLP endpoint (``OTEL_EXPORTER_OT
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``) and
 ``OTEL_SDK_DISABLED`` is not ``true``. Off, this module is all that is loaded: no SDK import,
 and each hook returns at its first line. On, :mod:`addons.telemetry_otel` builds the SDK's
-providers (batched export on the SDK's own threads, a bounded queue) and :func:`record` turns
-a :class:`TurnRecord` into the span, its child spans and the histogram points.
+providers (batched export on the SDK's own threads, a bounded queue), and :func:`record` hands
+a :class:`TurnRecord` to this module's telemetry thread (a bounded queue of its own), which
+turns it into the span, its child spans and the histogram points off the event loop.
 
 What feeds it: the strict proxy's :class:`Telemetry` addon (its ``response`` / ``error``
 hooks, the reply read by :mod:`addons.exchange` as every reader does), and in the gateway
@@ -19,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -194,6 +196,11 @@ class Sink(Protocol):
 _sink: Sink | None = None
 _lock = threading.Lock()
 _owners = 0
+#: Turns waiting for the telemetry thread (bounded: past it, turns are dropped, counted).
+QUEUE_TURNS = 4096
+_jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(QUEUE_TURNS)
+_worker: threading.Thread | None = None
+_dropped = 0
 
 
 def active() -> bool:
@@ -206,24 +213,50 @@ def capture_content() -> bool:
     return _sink is not None and _sink.settings.capture_content
 
 
-def record(turn: TurnRecord) -> None:
-    """Hand ``turn`` to the exporter (nothing when off). Never raises: telemetry must not
-    cost a request."""
-    sink = _sink
-    if sink is None:
+def submit(job: Callable[[], None]) -> None:
+    """Run ``job`` on the telemetry thread (inline when there is none: tests with a stand-in
+    sink). The queue is bounded: when the thread falls :data:`QUEUE_TURNS` behind, the turn
+    is dropped (one warning per 1000), never waited for. Never raises."""
+    global _dropped
+    if _worker is None:
+        _run(job)
         return
     try:
-        sink.emit(turn)
+        _jobs.put_nowait(job)
+    except queue.Full:
+        _dropped += 1
+        if _dropped % 1000 == 1:
+            logger.warning("OpenTelemetry: %d turns dropped (the exporter falls behind)", _dropped)
+
+
+def _run(job: Callable[[], None]) -> None:
+    try:
+        job()
     except Exception as e:
         logger.warning("OpenTelemetry: a turn was not recorded (%s)", type(e).__name__)
 
 
+def _work() -> None:
+    while (job := _jobs.get()) is not None:
+        _run(job)
+
+
+def record(turn: TurnRecord) -> None:
+    """Hand ``turn`` to the exporter on the telemetry thread (nothing when off): building
+    its span and points costs the event loop nothing. Never raises."""
+    sink = _sink
+    if sink is not None:
+        submit(lambda: sink.emit(turn))
+
+
 def start(service_name: str, environ: Mapping[str, str] | None = None) -> bool:
     """Turn telemetry on for this process when the environment asks for it (idempotent; each
-    caller pairs it with :func:`stop`). ``service_name``: the default ``service.name`` when
-    neither ``OTEL_SERVICE_NAME`` nor ``OTEL_RESOURCE_ATTRIBUTES`` names one. Returns whether
-    it is on. A failure to build the exporter is one warning, and telemetry stays off."""
-    global _sink, _owners
+    caller pairs it with :func:`stop`): the SDK's exporters and the telemetry thread that
+    reads replies and builds spans off the event loop. ``service_name``: the default
+    ``service.name`` when neither ``OTEL_SERVICE_NAME`` nor ``OTEL_RESOURCE_ATTRIBUTES`` names
+    one. Returns whether it is on. A failure to build the exporter is one warning, and
+    telemetry stays off."""
+    global _sink, _owners, _worker
     environ = os.environ if environ is None else environ
     with _lock:
         _owners += 1
@@ -245,6 +278,8 @@ def start(service_name: str, environ: Mapping[str, str] | None = None) -> bool:
                 e,
             )
             return False
+        _worker = threading.Thread(target=_work, name="otel-turns", daemon=True)
+        _worker.start()
         logger.info(
             "OpenTelemetry: exporting %s over OTLP (%s)%s",
             " and ".join(
@@ -257,14 +292,21 @@ def start(service_name: str, environ: Mapping[str, str] | None = None) -> bool:
 
 
 def stop() -> None:
-    """The last :func:`start` caller gone: flush what is queued (bounded) and stop."""
-    global _sink, _owners
+    """The last :func:`start` caller gone: the queued turns recorded, what the SDK holds
+    flushed (both bounded in time), and everything stopped."""
+    global _sink, _owners, _worker
     with _lock:
         _owners = max(0, _owners - 1)
-        sink = _sink
+        sink, worker = _sink, _worker
         if _owners or sink is None:
             return
-        _sink = None
+        _sink = _worker = None
+    if worker is not None:
+        try:
+            _jobs.put(None, timeout=1)
+        except queue.Full:
+            pass
+        worker.join(2)
     try:
         sink.shutdown()
     except Exception as e:
@@ -272,7 +314,7 @@ def stop() -> None:
 
 
 def install(sink: Sink | None) -> None:
-    """Put ``sink`` in place (tests), or remove it with ``None``."""
+    """Put ``sink`` in place (tests: turns are then recorded inline), or remove it."""
     global _sink
     _sink = sink
 
@@ -337,7 +379,7 @@ def content_of(request_body: dict[str, Any] | None, output_text: str | None) -> 
 class Telemetry:
     """Starts and stops this process's OpenTelemetry export (``running`` / ``done``), and in
     the strict proxy (``strict=True``) records each forwarded request as a turn: its reply
-    read by :mod:`addons.exchange` (a reply past the decode limit off the loop). The gateway
+    read by :mod:`addons.exchange` on the telemetry thread (:func:`strict_record`). The gateway
     records its turns from its accounting instead (:mod:`addons.gateway_mode.genai`), so
     there this addon only owns the lifecycle."""
 
@@ -355,46 +397,42 @@ class Telemetry:
             self._started = False
             stop()
 
-    def response(self, flow: http.HTTPFlow) -> Any:
-        if _sink is None or not self.strict:
-            return None
-        return self._turn(flow)
+    def response(self, flow: http.HTTPFlow) -> None:
+        if _sink is not None and self.strict:
+            self._turn(_sink, flow)
 
-    def error(self, flow: http.HTTPFlow) -> Any:
-        if _sink is None or not self.strict or flow.response is not None:
-            return None
-        return self._turn(flow)
+    def error(self, flow: http.HTTPFlow) -> None:
+        if _sink is not None and self.strict and flow.response is None:
+            self._turn(_sink, flow)
 
-    def _turn(self, flow: http.HTTPFlow) -> Any:
+    def _turn(self, sink: Sink, flow: http.HTTPFlow) -> None:
         if not flow.metadata.get(KEY_INJECTED) or WEBSOCKET in flow.metadata:
-            return None
+            return
         try:
-            from addons.exchange import Reply, meter_reply, read_reply
+            from addons.exchange import Reply
 
-            reply = Reply.of(flow.response)
-            text = None
-            metering = None if capture_content() else stream_metering(reply)
-            if metering is None:
-                facts = read_reply(reply)
-                if facts.over_limit:
-                    return self._off_loop(flow, reply, facts)
-                metering = meter_reply(reply, facts=facts)
-                text = facts.turn.text
-            record(strict_turn(flow, metering, text))
+            reply = Reply.of(flow.response)  # the bytes as received: read on the thread
         except Exception as e:
             logger.warning("OpenTelemetry: turn %s not recorded (%s)", flow.id, type(e).__name__)
-        return None
+            return
+        submit(lambda: strict_record(sink, flow, reply))
 
-    async def _off_loop(self, flow: http.HTTPFlow, reply: Any, facts: Any) -> None:
-        import asyncio
 
-        from addons.exchange import meter_reply
+def strict_record(sink: Sink, flow: http.HTTPFlow, reply: Any) -> None:
+    """Read a strict-proxy reply and hand its turn to ``sink`` (on the telemetry thread,
+    ``sink`` the one on when the turn ended: a stop drains the queue into it): the cheap
+    :func:`stream_metering` when it applies, else as every reader does
+    (:func:`addons.exchange.meter_reply`, to the end of a reply past the decode limit)."""
+    from addons.exchange import meter_reply, read_reply
 
-        try:
-            metering = await asyncio.to_thread(meter_reply, reply, facts=facts)
-            record(strict_turn(flow, metering, None))
-        except Exception as e:
-            logger.warning("OpenTelemetry: turn %s not recorded (%s)", flow.id, type(e).__name__)
+    text = None
+    capture = sink.settings.capture_content
+    metering = None if capture else stream_metering(reply)
+    if metering is None:
+        facts = read_reply(reply)
+        metering = meter_reply(reply, facts=facts)
+        text = facts.turn.text
+    sink.emit(strict_turn(flow, metering, text, capture))
 
 
 def stream_metering(reply: Any) -> Any:
@@ -435,9 +473,11 @@ def stream_metering(reply: Any) -> Any:
     return None
 
 
-def strict_turn(flow: http.HTTPFlow, metering: Any, output_text: str | None) -> TurnRecord:
+def strict_turn(
+    flow: http.HTTPFlow, metering: Any, output_text: str | None, capture: bool = False
+) -> TurnRecord:
     """The :class:`TurnRecord` of a strict-proxy exchange (``metering``: its
-    :class:`addons.exchange.Metering`)."""
+    :class:`addons.exchange.Metering`; ``capture``: add the opt-in's message content)."""
     from addons.exchange import read_request
 
     request = flow.request
@@ -466,7 +506,7 @@ def strict_turn(flow: http.HTTPFlow, metering: Any, output_text: str | None) -> 
         carrier=trace_carrier(request.headers),
         phases=upstream_phases(flow),
     )
-    if capture_content():
+    if capture:
         turn.content = content_of(facts.body, output_text)
     return turn
 

@@ -3,11 +3,11 @@
 One :class:`OtelSink` per process (each ``--workers`` worker has its own, with its own
 ``service.instance.id``): a ``TracerProvider`` with a ``BatchSpanProcessor`` and a
 ``MeterProvider`` with a ``PeriodicExportingMetricReader``, both exporting OTLP over HTTP
-(protobuf) or gRPC, configured by the SDK from the standard variables. Export runs on the
-SDK's own threads: a turn costs building one span and three histogram points on the loop;
-a collector that is down or slow fills a bounded queue (``OTEL_BSP_MAX_QUEUE_SIZE``, 2048
-spans; the oldest are dropped) and never holds a request. Stopping waits at most
-:data:`SHUTDOWN_S` for the last export.
+(protobuf) or gRPC, configured by the SDK from the standard variables. :meth:`OtelSink.emit`
+runs on :mod:`addons.telemetry`'s thread, export on the SDK's own threads: a turn costs the
+event loop one queue put; a collector that is down or slow fills a bounded queue
+(``OTEL_BSP_MAX_QUEUE_SIZE``, 2048 spans; the oldest are dropped) and never holds a
+request. Stopping waits at most :data:`SHUTDOWN_S` for the last export.
 
 Names are the semantic conventions' constants (``opentelemetry-semantic-conventions``
 0.66's ``_incubating``, which marks the GenAI ones as moved to the GenAI conventions

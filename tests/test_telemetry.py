@@ -154,7 +154,7 @@ def test_strict_turn_record(capture):
         addon = telemetry.Telemetry()
         with taddons.context(addon):
             flow = _streamed_flow()
-            assert addon.response(flow) is None
+            addon.response(flow)
     finally:
         telemetry.install(None)
     (turn,) = sink.turns
@@ -190,6 +190,61 @@ def test_strict_addon_ignores_what_was_not_forwarded():
     finally:
         telemetry.install(None)
     assert sink.turns == []
+
+
+class SlowSink(Sink):
+    """A sink whose exports wait for ``release``: a collector that does not keep up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.release = threading.Event()
+
+    def emit(self, turn: TurnRecord) -> None:
+        self.release.wait(30)
+        super().emit(turn)
+
+
+def test_turns_are_recorded_off_the_loop_and_a_stop_drains_them(monkeypatch):
+    """With the telemetry thread running, ``response`` only queues the turn (the reply is
+    read and the span built on the thread); a stop records what is still queued."""
+    import threading
+
+    sink = SlowSink()
+    monkeypatch.setattr(telemetry, "settings_from_env", lambda env: sink.settings)
+    monkeypatch.setattr("addons.telemetry_otel.OtelSink", lambda *a: sink)
+    assert telemetry.start("t", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c"})
+    try:
+        addon = telemetry.Telemetry()
+        addon.response(_streamed_flow())
+        addon.response(_streamed_flow())
+        assert sink.turns == []  # queued: the hook did not wait for the exporter
+        assert telemetry._worker is not None and telemetry._worker is not threading.current_thread()
+    finally:
+        sink.release.set()
+        telemetry.stop()
+    assert [t.response_id for t in sink.turns] == ["resp_1", "resp_1"]
+    assert not telemetry.active()
+
+
+def test_a_full_queue_drops_turns_never_waits(monkeypatch, caplog):
+    sink = SlowSink()
+    monkeypatch.setattr(telemetry, "QUEUE_TURNS", 3)
+    monkeypatch.setattr(telemetry, "_jobs", __import__("queue").Queue(3))
+    monkeypatch.setattr(telemetry, "_dropped", 0)
+    monkeypatch.setattr(telemetry, "settings_from_env", lambda env: sink.settings)
+    monkeypatch.setattr("addons.telemetry_otel.OtelSink", lambda *a: sink)
+    assert telemetry.start("t", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c"})
+    try:
+        for _ in range(10):  # one on the thread (held), three queued, the rest dropped
+            telemetry.record(TurnRecord("gpt-x", 0.0, 1.0))
+        assert telemetry._dropped >= 6
+        assert "turns dropped" in caplog.text
+    finally:
+        sink.release.set()
+        telemetry.stop()
+    assert 1 <= len(sink.turns) <= 4
 
 
 def test_metering_names_the_response():
