@@ -555,3 +555,101 @@ def test_each_worker_exports_its_turns(upstream, start_proxy, receiver):
     }
     assert 1 <= len(instances) <= 2
     assert proxy.shutdown() == 0
+
+
+@pytest.mark.e2e
+def test_plain_mitmdump_exports_the_turn(upstream, tmp_path, receiver):
+    """``mitmdump -s addons/proxy.py`` as docs/proxy.md shows it (no launcher): the same span,
+    and a stop that records it before the exit."""
+    import subprocess
+
+    from tests.conftest import ROOT, ProxyProcess, plain_mitmdump_command
+
+    info, out, err = tmp_path / "md-info.json", tmp_path / "md-out.log", tmp_path / "md-err.log"
+    cmd = plain_mitmdump_command("proxy.py", upstream.url, info, ["codex_key_file=-"])
+    with open(out, "wb") as fo, open(err, "wb") as fe:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=fo, stderr=fe, cwd=ROOT,
+            env={**__import__("os").environ, **receiver.env()},
+        )  # fmt: skip
+    assert proc.stdin is not None
+    proc.stdin.write(TEST_KEY.encode() + b"\n")
+    proc.stdin.close()
+    proxy = ProxyProcess(proc, 0, info, out, err, None, True)
+    try:
+        wait_for(lambda: info.exists() or proc.poll() is not None, 60, "mitmdump's server-info")
+        assert proc.poll() is None, proxy.output()
+        proxy.port = json.loads(info.read_text())["port"]
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+        conn.request(
+            "POST", "/v1/responses",
+            json.dumps({"model": "plain-model", "stream": True, "input": "x"}),
+            {"content-type": "application/json", "traceparent": TRACEPARENT},
+        )  # fmt: skip
+        reply = conn.getresponse()
+        assert reply.status == 200 and b"response.completed" in reply.read()
+        conn.close()
+        assert proxy.shutdown() == 0
+    finally:
+        proxy.stop()
+    (span,) = [s for s in receiver.spans() if s.name == "chat plain-model"]
+    a = span.attributes
+    assert a["gen_ai.usage.input_tokens"] == USAGE["input_tokens"]
+    assert a["gen_ai.usage.output_tokens"] == USAGE["output_tokens"]
+    assert a["openai.api.type"] == "responses" and "error.type" not in a
+    assert (span.trace_id, span.parent_span_id) == (TRACE_ID, PARENT_ID)
+    assert span.resource["service.name"] == "codex-proxy"
+    _leak_scan(receiver, TEST_KEY)
+    assert "Traceback" not in proxy.output()
+
+
+@pytest.mark.e2e
+def test_chat_bridge_and_realtime_turns_through_the_gateway(gateway, upstream, receiver):
+    """The openai SDK's ``chat.completions`` through ``serve --chat-bridge`` and its Realtime
+    client through ``/v1/realtime``: one span each, with the member, the tokens the stand-in
+    reported, the API type (``chat_completions``; none on the Realtime route) and the route."""
+    import asyncio
+
+    import openai
+
+    from tests.test_gateway_realtime import MODEL as REALTIME_MODEL
+    from tests.test_gateway_realtime import realtime_turn
+
+    gateway.admin("add-member", "bea")
+    key = gateway.add_key("bea")
+    server = gateway.serve(upstream.url, "--chat-bridge", "--websockets", env=receiver.env())
+    with openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server.port}/v1", api_key=key, max_retries=0, timeout=30
+    ) as sdk:
+        chunks = list(
+            sdk.chat.completions.create(
+                model="gpt-5.5", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+        )
+    assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
+    events = asyncio.run(realtime_turn(server.port, key))
+    assert events[-1].type == "response.done"
+    (bridged,) = _turn_spans(receiver, "gpt-5.5")
+    b = bridged.attributes
+    assert b["openai.api.type"] == "chat_completions" and b["codex.route"] == "/v1/chat/completions"
+    assert b["user.id"] == "bea" and b["codex.upstream_key.name"] in UPSTREAM_KEYS
+    assert b["gen_ai.usage.input_tokens"] == USAGE["input_tokens"]
+    assert b["gen_ai.usage.output_tokens"] == USAGE["output_tokens"]
+    assert b["gen_ai.response.finish_reasons"] == ["completed"] and "error.type" not in b
+    (realtime,) = _turn_spans(receiver, REALTIME_MODEL)
+    r = realtime.attributes
+    assert "openai.api.type" not in r and r["codex.route"] == "ws:/v1/realtime"
+    assert r["user.id"] == "bea" and r["codex.upstream_key.name"] in UPSTREAM_KEYS
+    assert (r["gen_ai.usage.input_tokens"], r["gen_ai.usage.output_tokens"]) == (42, 17)
+    assert r["gen_ai.usage.cache_read.input_tokens"] == 8
+    assert r["gen_ai.response.id"] == events[-1].response.id
+    wait_for(
+        lambda: receiver.latest(
+            "gen_ai.client.token.usage",
+            **{"gen_ai.token.type": "output", "gen_ai.request.model": REALTIME_MODEL},
+        ),
+        30,
+        "the Realtime turn's token points",
+    )
+    assert server.shutdown() == 0
+    _leak_scan(receiver, key, METRICS_TOKEN, *UPSTREAM_KEYS.values())
