@@ -653,3 +653,78 @@ def test_chat_bridge_and_realtime_turns_through_the_gateway(gateway, upstream, r
     )
     assert server.shutdown() == 0
     _leak_scan(receiver, key, METRICS_TOKEN, *UPSTREAM_KEYS.values())
+
+
+@pytest.mark.e2e
+def test_each_gateway_worker_exports_its_members_turns(gateway, upstream, receiver):
+    """``serve --workers 2``: every member turn is a span with its member, exported by the
+    worker that served it (each with its own ``service.instance.id``)."""
+    gateway.admin("add-member", "cy")
+    key = gateway.add_key("cy")
+    server = gateway.serve(upstream.url, "--workers", "2", env=receiver.env())
+    for i in range(4):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request(
+            "POST", "/v1/responses",
+            json.dumps({"model": f"gw{i}", "stream": True, "input": "x"}),
+            {**bearer(key), "content-type": "application/json"},
+        )  # fmt: skip
+        reply = conn.getresponse()
+        assert reply.status == 200 and b"response.completed" in reply.read()
+        conn.close()
+    wait_for(
+        lambda: {s.name for s in receiver.spans()} >= {f"chat gw{i}" for i in range(4)},
+        60,
+        "a span per turn",
+    )
+    spans = [s for s in receiver.spans() if s.name.startswith("chat gw")]
+    assert {s.attributes["user.id"] for s in spans} == {"cy"}
+    assert all(s.attributes["gen_ai.usage.output_tokens"] == USAGE["output_tokens"] for s in spans)
+    assert 1 <= len({s.resource["service.instance.id"] for s in spans}) <= 2
+    assert {s.resource["service.name"] for s in spans} == {"codex-gateway"}
+    assert server.shutdown() == 0
+    _leak_scan(receiver, key, *UPSTREAM_KEYS.values())
+
+
+@pytest.mark.e2e
+def test_a_sockets_traceparent_parents_each_of_its_turns(gateway, upstream, receiver):
+    """A ``/v1/responses`` socket opened with a ``traceparent``: each turn on it is a span of
+    the caller's trace, a child of the caller's span."""
+    import asyncio
+
+    import aiohttp
+
+    gateway.admin("add-member", "dee")
+    key = gateway.add_key("dee")
+    server = gateway.serve(upstream.url, "--websockets", env=receiver.env())
+    headers = {
+        "authorization": f"Bearer {key}",
+        "user-agent": "codex_exec/0.171.0 (test)",
+        "traceparent": TRACEPARENT,
+    }
+
+    async def session() -> int:
+        done = 0
+        async with aiohttp.ClientSession() as client:
+            url = f"ws://127.0.0.1:{server.port}/v1/responses"
+            async with client.ws_connect(url, headers=headers) as ws:
+                for model in ("ws-a", "ws-b"):
+                    await ws.send_str(json.dumps({"type": "response.create", "model": model}))
+                    while True:
+                        msg = await asyncio.wait_for(ws.receive(), 30)
+                        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+                        if json.loads(msg.data)["type"] == "response.completed":
+                            done += 1
+                            break
+        return done
+
+    assert asyncio.run(session()) == 2
+    spans = [*_turn_spans(receiver, "ws-a"), *_turn_spans(receiver, "ws-b")]
+    assert [(s.trace_id, s.parent_span_id) for s in spans] == [(TRACE_ID, PARENT_ID)] * 2
+    assert len({s.span_id for s in spans}) == 2
+    for span in spans:
+        assert span.attributes["codex.route"] == "ws:/v1/responses"
+        assert span.attributes["user.id"] == "dee"
+        assert span.attributes["gen_ai.usage.input_tokens"] == USAGE["input_tokens"]
+    assert server.shutdown() == 0
+    _leak_scan(receiver, key, *UPSTREAM_KEYS.values())
