@@ -241,12 +241,20 @@ def _work() -> None:
         _run(job)
 
 
-def record(turn: TurnRecord) -> None:
+def record(turn: TurnRecord, prepare: Callable[[TurnRecord], None] | None = None) -> None:
     """Hand ``turn`` to the exporter on the telemetry thread (nothing when off): building
-    its span and points costs the event loop nothing. Never raises."""
+    its span and points costs the event loop nothing. ``prepare``: run on the thread first
+    (what is costly to read, e.g. the opt-in's message content). Never raises."""
     sink = _sink
-    if sink is not None:
-        submit(lambda: sink.emit(turn))
+    if sink is None:
+        return
+
+    def job() -> None:
+        if prepare is not None:
+            prepare(turn)
+        sink.emit(turn)
+
+    submit(job)
 
 
 def start(service_name: str, environ: Mapping[str, str] | None = None) -> bool:

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from addons import telemetry
 from addons.exchange import Metering
-from addons.standin import usage_block
+from addons.standin import DEFAULT_TEXT, usage_block
 from addons.telemetry import Settings, TurnRecord, settings_from_env
 from tests.conftest import TEST_KEY, wait_for
 from tests.gateway_harness import (
@@ -354,6 +354,7 @@ def _check_turn_span(span, model: str) -> None:
     assert a["gen_ai.response.finish_reasons"] == ["completed"]
     assert a["server.address"] == "127.0.0.1" and a["server.port"] > 0
     assert "error.type" not in a
+    assert "gen_ai.input.messages" not in a and "gen_ai.output.messages" not in a  # no opt-in
     assert span.end_ns > span.start_ns
 
 
@@ -728,3 +729,30 @@ def test_a_sockets_traceparent_parents_each_of_its_turns(gateway, upstream, rece
         assert span.attributes["gen_ai.usage.input_tokens"] == USAGE["input_tokens"]
     assert server.shutdown() == 0
     _leak_scan(receiver, key, *UPSTREAM_KEYS.values())
+
+
+@pytest.mark.e2e
+def test_message_content_only_with_the_opt_in_and_never_a_key(gateway, upstream, receiver):
+    """``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``: the gateway's span carries
+    the prompt and the reply's text (read on the telemetry thread), and still no key."""
+    gateway.admin("add-member", "eve")
+    key = gateway.add_key("eve")
+    env = receiver.env(OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT="true")
+    server = gateway.serve(upstream.url, env=env)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body = {"model": "content-model", "stream": True, "input": "tell me about otters"}
+    conn.request(
+        "POST", "/v1/responses", json.dumps(body),
+        {**bearer(key), "content-type": "application/json"},
+    )  # fmt: skip
+    reply = conn.getresponse()
+    text = reply.read()
+    conn.close()
+    assert reply.status == 200 and b"response.completed" in text
+    (span,) = _turn_spans(receiver, "content-model")
+    inputs = json.loads(span.attributes["gen_ai.input.messages"])
+    outputs = json.loads(span.attributes["gen_ai.output.messages"])
+    assert inputs[0]["parts"][0]["content"] == "tell me about otters"
+    assert outputs == [{"role": "assistant", "parts": [{"type": "text", "content": DEFAULT_TEXT}]}]
+    assert server.shutdown() == 0
+    _leak_scan(receiver, key, METRICS_TOKEN, *UPSTREAM_KEYS.values())

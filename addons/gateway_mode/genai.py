@@ -147,21 +147,27 @@ def http_turn(
             turn.phases[-1].attributes["codex.attempts"] = int(row.get("attempts") or 1)
         _member_facts(turn, member, row)
         if telemetry.capture_content():
-            turn.content = _content(flow)
-        telemetry.record(turn)
+            telemetry.record(turn, _content_reader(flow))
+        else:
+            telemetry.record(turn)
     except Exception as e:
         logger.warning("OpenTelemetry: turn %s not observed (%s)", flow.id, type(e).__name__)
 
 
-def _content(flow: http.HTTPFlow) -> tuple[str, str]:
-    """The opt-in's message content of an HTTP turn (read again: only with the opt-in)."""
+def _content_reader(flow: http.HTTPFlow):
+    """The opt-in's message content of an HTTP turn: the bytes taken now, read again on the
+    telemetry thread (only with the opt-in) into the turn's ``content``."""
     from addons.exchange import Reply, read_reply, read_request
 
-    request = read_request(
-        flow.request.raw_content or b"", flow.request.headers.get("content-encoding")
-    )
-    reply = read_reply(Reply.of(flow.response)) if flow.response is not None else None
-    return telemetry.content_of(request.body, reply.turn.text if reply else None)
+    raw, encoding = flow.request.raw_content or b"", flow.request.headers.get("content-encoding")
+    reply = Reply.of(flow.response) if flow.response is not None else None
+
+    def fill(turn: TurnRecord) -> None:
+        request = read_request(raw, encoding)
+        text = read_reply(reply).turn.text if reply is not None else None
+        turn.content = telemetry.content_of(request.body, text)
+
+    return fill
 
 
 def socket_turn(
