@@ -756,3 +756,46 @@ def test_message_content_only_with_the_opt_in_and_never_a_key(gateway, upstream,
     assert outputs == [{"role": "assistant", "parts": [{"type": "text", "content": DEFAULT_TEXT}]}]
     assert server.shutdown() == 0
     _leak_scan(receiver, key, METRICS_TOKEN, *UPSTREAM_KEYS.values())
+
+
+@pytest.mark.e2e
+@pytest.mark.codex
+def test_codex_own_trace_continues_through_the_strict_proxy(
+    upstream, start_proxy, codex, tmp_path, receiver
+):
+    """The real Codex CLI with its own ``[otel]`` on, exporting to the same receiver: the
+    ``traceparent`` it sends makes the proxy's span a child of one of Codex's spans, in its
+    trace (what a team sees in its trace backend)."""
+    proxy = start_proxy(upstream.url, env=receiver.env())
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    otel = (
+        "\n[otel]\n"
+        f'exporter = {{ otlp-http = {{ endpoint = "{receiver.endpoint}/v1/logs", '
+        'protocol = "binary" } }\n'
+        f'trace_exporter = {{ otlp-http = {{ endpoint = "{receiver.endpoint}/v1/traces", '
+        'protocol = "binary" } }\n'
+    )
+    (home / "config.toml").write_text(printed_codex_config(proxy, "--toml-only") + otel)
+    result = run_codex(codex, home, work)
+    out = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, out + result.stderr.decode(errors="replace")
+    assert upstream.text in out
+    (ours,) = _turn_spans(receiver, CATALOG_MODEL)
+    _check_turn_span(ours, CATALOG_MODEL)
+    assert ours.parent_span_id, "no traceparent continued"
+
+    def codex_parent():
+        return [
+            s
+            for s in receiver.spans()
+            if s.resource.get("service.name") != "codex-proxy" and s.span_id == ours.parent_span_id
+        ]
+
+    wait_for(codex_parent, 60, "Codex's own span, the parent of the proxy's")
+    (parent,) = codex_parent()
+    assert parent.trace_id == ours.trace_id
+    print("Codex's span:", parent.resource.get("service.name"), parent.name)
+    assert proxy.shutdown() == 0
+    _leak_scan(receiver, TEST_KEY)  # Codex's own exports included: the key is in neither
