@@ -8,6 +8,7 @@ every exported byte, and a collector that is down."""
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import socket
 import sys
@@ -732,10 +733,12 @@ def test_a_sockets_traceparent_parents_each_of_its_turns(gateway, upstream, rece
 
 
 @pytest.mark.e2e
-def test_message_content_only_with_the_opt_in_and_never_a_key(gateway, upstream, receiver):
+def test_message_content_only_with_the_opt_in_and_never_a_key_and_the_slot_span(
+    gateway, upstream, receiver
+):
     """``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``: the gateway's span carries
     the prompt and the reply's text (read on the telemetry thread), and still no key."""
-    gateway.admin("add-member", "eve")
+    gateway.admin("add-member", "eve", "--max-concurrent", "2")
     key = gateway.add_key("eve")
     env = receiver.env(OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT="true")
     server = gateway.serve(upstream.url, env=env)
@@ -754,6 +757,14 @@ def test_message_content_only_with_the_opt_in_and_never_a_key(gateway, upstream,
     outputs = json.loads(span.attributes["gen_ai.output.messages"])
     assert inputs[0]["parts"][0]["content"] == "tell me about otters"
     assert outputs == [{"role": "assistant", "parts": [{"type": "text", "content": DEFAULT_TEXT}]}]
+    # A member with max_concurrent: the concurrency slot is a child span of its own.
+    children = {s.name: s for s in receiver.spans() if s.parent_span_id == span.span_id}
+    assert set(children) == {"member auth", "concurrency slot", "quota check", "upstream"}
+    assert all(c.trace_id == span.trace_id and c.end_ns >= c.start_ns for c in children.values())
+    order = ["member auth", "concurrency slot", "quota check", "upstream"]
+    for before, after in itertools.pairwise(order):
+        assert children[before].end_ns <= children[after].end_ns, (before, after)
+    assert children["concurrency slot"].end_ns <= children["quota check"].start_ns
     assert server.shutdown() == 0
     _leak_scan(receiver, key, METRICS_TOKEN, *UPSTREAM_KEYS.values())
 

@@ -7,8 +7,9 @@ compact, the chat bridge), :func:`socket_turn` for a turn on a WebSocket (Codex'
 answered itself. Each observes the ``gen_ai_client_*`` histograms of ``/metrics``
 (:mod:`addons.gateway_mode.genai_metrics`; refusals excepted) and, when the OTLP export is
 on, records the turn's span: the member as ``user.id``, the team, credits, the upstream key's
-*name*, the refusal kind, and child spans for member auth, the quota check (with the wait
-for a concurrency slot) and the upstream call, timed by the :class:`PhaseMark` addons.
+*name*, the refusal kind, and child spans for member auth, the concurrency slot (a member
+with ``max_concurrent``), the quota check and the upstream call, timed by the
+:class:`PhaseMark` addons and :func:`mark_phase`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ logger = logging.getLogger(__name__)
 PHASES = "codex_telemetry.phases"
 AUTHENTICATED = "authenticated"
 ADMITTED = "admitted"
+#: Stamped by ``QuotaGate`` once a member with ``max_concurrent`` holds a concurrency slot.
+LEASED = "leased"
+
+
+def mark_phase(flow: http.HTTPFlow, name: str) -> None:
+    """Stamp ``name`` now in ``flow``'s phase marks (nothing when the OTLP export is off)."""
+    if telemetry.active():
+        flow.metadata.setdefault(PHASES, {})[name] = time.time()
 
 
 class PhaseMark:
@@ -92,6 +101,10 @@ def _phases(flow: http.HTTPFlow, ended: float) -> list[Phase]:
         out.append(Phase("member auth", request.timestamp_start, authenticated))
     if admitted:
         since = max(authenticated or request.timestamp_start, request.timestamp_end or 0)
+        leased = marks.get(LEASED)
+        if leased and leased <= admitted:
+            out.append(Phase("concurrency slot", min(since, leased), leased))
+            since = max(since, leased)
         out.append(Phase("quota check", min(since, admitted), admitted))
         out.append(Phase("upstream", admitted, max(admitted, ended)))
     return out
