@@ -810,3 +810,30 @@ def test_codex_own_trace_continues_through_the_strict_proxy(
     print("Codex's span:", parent.resource.get("service.name"), parent.name)
     assert proxy.shutdown() == 0
     _leak_scan(receiver, TEST_KEY)  # Codex's own exports included: the key is in neither
+
+
+@pytest.mark.e2e
+def test_a_collector_that_never_answers_costs_no_request(upstream, start_proxy):
+    """A collector that accepts connections and never replies (a listening socket nobody
+    reads): every turn completes, and the stop is not held by the hung export."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{hung.getsockname()[1]}",
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "OTEL_METRIC_EXPORT_INTERVAL": "100",
+        }
+        proxy = start_proxy(upstream.url, env=env)
+        for i in range(20):
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+            conn.request(
+                "POST", "/v1/responses",
+                json.dumps({"model": f"h{i}", "stream": True, "input": "x"}),
+                {"content-type": "application/json"},
+            )  # fmt: skip
+            reply = conn.getresponse()
+            assert reply.status == 200 and b"response.completed" in reply.read()
+            conn.close()
+        assert proxy.shutdown() == 0
+    assert "Traceback" not in proxy.output()
