@@ -285,6 +285,9 @@ class Metering(NamedTuple):
     events: int
     turn_status: str | None
     unmetered: str | None = None
+    #: The reply's ``response.id`` and ``response.model`` (telemetry's span), when it names them.
+    response_id: str | None = None
+    response_model: str | None = None
 
 
 def meter_reply(
@@ -304,9 +307,12 @@ def meter_reply(
     facts = read_reply(reply) if facts is None else facts
     if facts.over_limit and isinstance(reply.body, bytes | bytearray):
         if facts.streamed:
-            return _meter_stream(bytes(reply.body), reply.content_encoding, facts, max_bytes)
-        return _meter_json(bytes(reply.body), reply.content_encoding, facts, max_bytes)
-    return Metering(facts.usage, facts.events, facts.turn_status, _why(facts, None))
+            metering = _meter_stream(bytes(reply.body), reply.content_encoding, facts, max_bytes)
+        else:
+            metering = _meter_json(bytes(reply.body), reply.content_encoding, facts, max_bytes)
+    else:
+        metering = Metering(facts.usage, facts.events, facts.turn_status, _why(facts, None))
+    return metering._replace(response_id=facts.turn.response_id, response_model=facts.turn.model)
 
 
 def _why(facts: ExchangeFacts, error: str | None) -> str | None:

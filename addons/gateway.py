@@ -21,6 +21,7 @@ from addons.gateway_mode.connect import RetryingConnect
 from addons.gateway_mode.cookies import NoCookies
 from addons.gateway_mode.core import GatewayClose, GatewayCore, GatewayOptions, RequestFacts
 from addons.gateway_mode.forward import PoolForwarder
+from addons.gateway_mode.genai import ADMITTED, AUTHENTICATED, PhaseMark
 from addons.gateway_mode.local_routes import LocalRoutes
 from addons.gateway_mode.member_models import MemberCatalog, ModelGate, ModelsRoute
 from addons.gateway_mode.quota import QuotaGate
@@ -34,6 +35,7 @@ from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
 from addons.socket_close import SocketClose
 from addons.sse_stream import SseStreaming
+from addons.telemetry import Telemetry
 from addons.views import CodexContentviews
 from addons.websocket_refusal import WebSocketRefusal
 
@@ -42,6 +44,7 @@ forwarder = PoolForwarder(core)
 
 addons = [
     OptionGuard(),
+    Telemetry(strict=False),  # OTLP export on/off; the accounting records the turns
     DecodeLimitOptions(),  # how far a body may expand when read (dumps, views, facts)
     ListenTls(),
     GatewayOptions(core),
@@ -59,11 +62,13 @@ addons = [
     Allowlist(),  # POST /v1/responses (+ /v1/responses/compact via codex_extra_routes)
     MemberAuth(core),  # 401 unless a live member key; removes it from the flow
     MemberCatalog(core),  # answers GET /v1/models: the catalog entries the member may use
+    PhaseMark(AUTHENTICATED),  # OpenTelemetry: the member-auth child span ends here
     NoCookies(),
     RequestFacts(core),  # request: model/service_tier off the loop; 413 bomb, 400 deep JSON
     CodexFilter(core),  # request: 403 for non-Codex clients
     ModelGate(core),  # request: 403 (400 to Codex) for a model the member may not use
     QuotaGate(core),  # request: 429/503 before anything goes upstream
+    PhaseMark(ADMITTED),  # OpenTelemetry: the quota-check child span ends here
     forwarder,  # requestheaders: route; request: pick and inject an upstream key last
     # Member sockets bounded as bytes arrive (message size, frame rate, unread backlog);
     # before the turns' meter, whose ws_connections row takes the reason it closed one.

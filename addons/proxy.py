@@ -20,6 +20,7 @@ from addons.request_stream import RequestStreaming
 from addons.server_info import ServerInfo
 from addons.shutdown import HttpShutdown
 from addons.sse_stream import SseStreaming
+from addons.telemetry import Telemetry
 from addons.upstream_connect import UpstreamConnect
 from addons.views import CodexContentviews
 from addons.websocket_refusal import WebSocketRefusal
@@ -45,5 +46,8 @@ addons = [
     WorkloadIdentityRenewal(),  # before the forwarder: the keyless mode's token it injects
     UpstreamForwarder(),
     UpstreamConnect(),
+    # OTLP export when an OTEL_EXPORTER_OTLP_*ENDPOINT is set: one GenAI span per forwarded
+    # request; after the SSE tee and the bridge restored the reply it reads.
+    Telemetry(),
     CleanStop(),  # last: closes what is still open once the others have recorded it
 ]

@@ -468,7 +468,23 @@ def main(argv: list[str] | None = None) -> int:
         "gateway (bench/sessions.py; sessions.md/.json in --out)",
     )
     parser.add_argument("--turns", type=int, default=30, help="turns per session (--sessions)")
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="instead: CPU per request of the strict proxy and the gateway with and without an "
+        "OTLP endpoint (bench/otel.py; otel.md/.json in --out)",
+    )
+    parser.add_argument("--requests", type=int, default=200, help="requests per run (--otel)")
     ns = parser.parse_args(argv)
+    if ns.otel:
+        from bench.otel import markdown as otel_markdown
+        from bench.otel import run_otel
+
+        with tempfile.TemporaryDirectory(prefix="codex-proxy-otel-") as tmpdir:
+            doc = run_otel(ns.requests, ns.repeat, ns.out, Path(tmpdir))
+        print()
+        print(otel_markdown(doc))
+        return 0
     if ns.sessions:
         from bench.sessions import THINK_S, run_sessions
         from bench.sessions import markdown as sessions_markdown

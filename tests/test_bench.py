@@ -141,3 +141,25 @@ def test_session_benchmark_runs_codexs_session_on_every_target(tmp_path):
     table = (tmp_path / "sessions.md").read_text()
     assert "| CPU of the proxy process, ms, turn 3 |" in table
     assert "WebSocket turn / HTTP turn at turn 3" in table
+
+
+def test_otel_benchmark_measures_both_modes_with_and_without_an_endpoint(tmp_path):
+    """``--otel`` with 5 requests and 1 round: every target's CPU per request was read, the
+    ``+otel`` targets exported something to the bench's receiver, and each names what the
+    export added (no timing is asserted)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.bench", "--otel", "--requests", "5", "--repeat", "1",
+         "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    doc = json.loads((tmp_path / "otel.json").read_text())
+    results = doc["results"]
+    assert set(results) == {"ours", "ours+otel", "gateway", "gateway+otel"}
+    assert all(r["cpu_ms_per_request"] > 0 for r in results.values())
+    assert results["ours+otel"]["added_ms"] is not None
+    assert doc["meta"]["exported_bytes"] > 0
+    assert "| gateway+otel |" in (tmp_path / "otel.md").read_text()

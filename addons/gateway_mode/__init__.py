@@ -38,4 +38,7 @@ error replies, launching) is imported from ``addons/``.
 - ``config``, ``cli``: ``config/gateway.yaml`` and the command line.
 - ``teams``, ``team_cli``: teams (their queries and rules, what a member's directory entry
   learns of its team, the lease that holds a member's and its team's slot) and their commands.
+- ``genai``, ``genai_metrics``: the turns as OpenTelemetry GenAI telemetry (the OTLP span
+  through :mod:`addons.telemetry`, the ``gen_ai_client_*`` histograms of ``/metrics``), fed
+  by the accounting.
 """

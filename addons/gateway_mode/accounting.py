@@ -16,6 +16,7 @@ from mitmproxy import http
 
 from addons.common import CLIENT_ERROR, KEY_INJECTED, REFUSED, WEBSOCKET
 from addons.exchange import UNMETERED, ExchangeFacts, Metering, Reply, meter_reply, read_reply
+from addons.gateway_mode import genai
 from addons.gateway_mode.core import (
     ATTEMPTS,
     MEMBER,
@@ -47,10 +48,13 @@ def record_refusal(
     status: int | None,
     route: str,
     model: str | None = None,
+    flow: http.HTTPFlow | None = None,
 ) -> None:
     """Queue the ``refusals`` row of one refusal (``member``: the flow's :data:`MEMBER`
-    marker, ``None`` when no member key was accepted). Never raises: a refusal is answered
-    whether or not it could be counted."""
+    marker, ``None`` when no member key was accepted; ``flow``: the refused HTTP request, for
+    telemetry's span). Never raises: a refusal is answered whether or not it could be
+    counted."""
+    genai.refusal(code, member, status, route, model, flow)  # OTLP span (when on)
     ledger = core.ledger
     if ledger is None:
         return
@@ -223,6 +227,7 @@ class UsageAccounting:
         # admission anywhere that finds the slot free also finds this request's usage.
         self._release(flow)
         self._observe(flow, row)
+        genai.http_turn(self.core, flow, row, metering)  # gen_ai_* histograms, OTLP span
 
     def _refusal(self, flow: http.HTTPFlow) -> None:
         """A request the gateway answered itself: its ``refusals`` row."""
@@ -242,6 +247,7 @@ class UsageAccounting:
             flow.response.status_code,
             route_label(str(flow.metadata.get(ROUTE) or flow.request.path)),
             info.get("model") if isinstance(info, dict) else None,
+            flow=flow,
         )
 
     def _release(self, flow: http.HTTPFlow) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from addons.gateway_mode.genai_metrics import GenAiHistograms
 from addons.gateway_mode.keypool import COOLING, DISABLED, HEALTHY, KeyPool
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -135,6 +136,8 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # The OpenTelemetry GenAI histograms (gen_ai_client_*), same figures as the OTLP export.
+        self.genai = GenAiHistograms(r)
 
     def render(self, pool: KeyPool, pending_rows: int) -> bytes:
         """The text exposition of every metric, key states and pending rows sampled now."""

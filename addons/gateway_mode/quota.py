@@ -17,6 +17,7 @@ from addons.codex_models import catalog
 from addons.common import WEBSOCKET, error_response, fail_closed
 from addons.credits import RateCard
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse, request_info
+from addons.gateway_mode.genai import LEASED, mark_phase
 from addons.gateway_mode.teams import TeamSlots, busy_text
 from addons.gateway_mode.windows import (
     MICRO,
@@ -152,6 +153,7 @@ class QuotaGate:
                 )
             if lease is not None:
                 core.leases[flow.id] = lease
+                mark_phase(flow, LEASED)  # OpenTelemetry: the concurrency-slot child span
             usages = []
             if limits:
                 usages = await core.run_db(limit_usages, core, member["member_id"], limits)

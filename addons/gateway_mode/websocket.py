@@ -43,6 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from addons import body_decode
 from addons.body_decode import DecodeLimits, JsonTooDeep, loads_json
 from addons.common import WEBSOCKET, fail_closed
+from addons.gateway_mode import genai
 from addons.gateway_mode.accounting import TurnFacts, ledger_row, observe_row, record_refusal
 from addons.gateway_mode.core import MEMBER, ROUTE, SOCKET_ROUTE, UPSTREAM_KEY, GatewayCore
 from addons.gateway_mode.forward import PoolForwarder
@@ -84,6 +85,10 @@ REVOKE_CHECK_S = 0.2
 MAX_OPEN_TURNS = 4
 #: Server events that end a Codex turn.
 TERMINAL = RESPONSES.ends
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value[:200] if isinstance(value, str) else None
 
 
 class UnreadMessage(ValueError):
@@ -147,6 +152,8 @@ class Turn:
     response_id: str | None = None
     #: Codex's warm-up (``"generate": false``): a row marked ``warmup``, not counted a turn.
     warmup: bool = False
+    #: The model the ending event's ``response`` names (telemetry's ``gen_ai.response.model``).
+    response_model: str | None = None
 
 
 @dataclass
@@ -533,6 +540,10 @@ class WebSocketTurns:
         if index is None:
             return
         turn = socket.turns.pop(index)
+        response = event.get("response")
+        if isinstance(response, dict):  # for telemetry's span
+            turn.response_model = _str_or_none(response.get("model"))
+            turn.response_id = turn.response_id or _str_or_none(response.get("id"))
         error = None
         if event.get("type") == "error":
             detail = event.get("error")
@@ -617,6 +628,18 @@ class WebSocketTurns:
             return
         core.ledger.add(row)
         observe_row(core, member["member"], row)
+        genai.socket_turn(  # gen_ai_* histograms, OTLP span
+            core,
+            socket.flow,
+            row,
+            usage,
+            turn_status if isinstance(turn_status, str) else None,
+            turn.started,
+            turn.first_event,
+            turn.response_id,
+            realtime=socket.protocol.name == "realtime",
+            response_model=turn.response_model,
+        )
 
     def _release(self, turn: Turn) -> None:
         if turn.lease_slot is None:
