@@ -20,6 +20,8 @@ error replies, launching) is imported from ``addons/``.
   ``accounting``, ``local_routes``, ``metrics``, ``tls``: one mitmproxy addon (or its helpers)
   each. ``codex_replies`` speaks Codex's language to members: its rate-limit headers and the
   refusal statuses it acts on.
+- ``quota_metrics``: ``/metrics``' quota window gauges (read when a scrape finds them stale)
+  and refusals by kind, for the dashboard and alert rules in ``deploy/``.
 - ``websocket``: the WebSocket routes (on unless ``serve --no-websockets``): Codex's
   ``/v1/responses`` and the Realtime API's ``/v1/realtime``: the upgrade claimed, then each
   socket's turns checked against quotas and metered, and the socket a ``ws_connections`` row;
