@@ -4,6 +4,7 @@ says ok or not; ``/metrics`` needs the operator's token)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
@@ -121,7 +122,7 @@ def local_get(addon: LocalRoutes, path: str, authorization: str | None = None) -
     flow.request.method, flow.request.path = "GET", path
     if authorization is not None:
         flow.request.headers["authorization"] = authorization
-    addon.requestheaders(flow)
+    asyncio.run(addon.requestheaders(flow))
     assert "authorization" not in flow.request.headers  # read, then gone from the flow
     return flow
 
@@ -160,7 +161,7 @@ def test_local_routes_with_a_token(core, tmp_path):
         twice = tflow.tflow()
         twice.request.method, twice.request.path = "GET", "/metrics"
         twice.request.headers.fields += ((b"authorization", f"Bearer {TOKEN}".encode()),) * 2
-        addon.requestheaders(twice)
+        asyncio.run(addon.requestheaders(twice))
         assert twice.response is not None and twice.response.status_code == 401
         flow = local_get(addon, "/metrics", f"Bearer {TOKEN}")
         assert flow.response is not None and flow.response.status_code == 200

@@ -28,6 +28,8 @@ error replies, launching) is imported from ``addons/``.
 - ``model_policy``: which models a member may use (patterns with ``*``, every non-empty list
   must allow; pure); ``member_models``: its addons (the refusal ``model_not_allowed`` before
   anything goes upstream, and a member's ``GET /v1/models``, Codex's catalog format).
+- ``quota_metrics``: ``/metrics``' quota window gauges (read when a scrape finds them stale)
+  and refusals by kind, for the dashboard and alert rules in ``deploy/``.
 - ``websocket``: the WebSocket routes (on unless ``serve --no-websockets``): Codex's
   ``/v1/responses`` and the Realtime API's ``/v1/realtime``: the upgrade claimed, then each
   socket's turns checked against quotas and metered, and the socket a ``ws_connections`` row;

@@ -8,6 +8,7 @@ names) need the operator's metrics token (``metrics_token_file``), which Prometh
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -18,6 +19,7 @@ from mitmproxy import ctx, exceptions, http
 from addons.common import SERVER_NAME, fail_closed
 from addons.gateway_mode.core import GatewayCore, gateway_error
 from addons.gateway_mode.metrics import CONTENT_TYPE
+from addons.gateway_mode.quota import quota_readings
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,9 @@ class LocalRoutes:
     Prometheus text; without it, or with a wrong one → 401 ``metrics_token_required``; with no
     ``codex_gateway_metrics_token_file`` configured → 404 ``metrics_disabled``. The
     ``Authorization`` header of these requests is removed once read (no recording keeps the
-    token); the token is compared in constant time and never logged.
+    token); the token is compared in constant time and never logged. A ``/metrics`` scrape
+    first reads the quota gauges anew when they are stale (on a database thread, at most one
+    reading every ``QUOTA_SAMPLE_S``; ``quota_metrics``).
     """
 
     def __init__(self, core: GatewayCore) -> None:
@@ -115,7 +119,7 @@ class LocalRoutes:
         return hmac.compare_digest(values[0], self._expected)
 
     @fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
         request = flow.request
@@ -145,6 +149,11 @@ class LocalRoutes:
                 {"www-authenticate": 'Bearer realm="codex-gateway-metrics"'},
             )
         else:
+            core = self.core
+            if core.db is not None and core.ledger is not None:  # quota gauges, if stale
+                await core.metrics.quotas.refresh(
+                    core.run_db, functools.partial(quota_readings, core)
+                )
             pending = self.core.ledger.pending() if self.core.ledger else 0
             flow.response = http.Response.make(
                 200,

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from addons.gateway_mode.genai_metrics import GenAiHistograms
 from addons.gateway_mode.keypool import COOLING, DISABLED, HEALTHY, KeyPool
+from addons.gateway_mode.quota_metrics import QuotaGauges, RefusalKinds
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -138,6 +139,11 @@ class GatewayMetrics:
         )
         # The OpenTelemetry GenAI histograms (gen_ai_client_*), same figures as the OTLP export.
         self.genai = GenAiHistograms(r)
+        #: Refusals by kind and the members' quota windows (``quota_metrics``).
+        self.refused_kinds = RefusalKinds(self.refused)
+        r.register(self.refused_kinds)
+        self.quotas = QuotaGauges()
+        r.register(self.quotas)
 
     def render(self, pool: KeyPool, pending_rows: int) -> bytes:
         """The text exposition of every metric, key states and pending rows sampled now."""

@@ -87,6 +87,24 @@ def limit_usages(core: GatewayCore, member_id: int, limits: list[Limit]) -> list
     return usages
 
 
+def quota_readings(core: GatewayCore) -> list[tuple[str, LimitUsage]]:
+    """On a worker thread: ``(member name, usage)`` for every limit of every member that has
+    one (:func:`limit_usages`), for ``/metrics``' quota gauges
+    (:class:`addons.gateway_mode.quota_metrics.QuotaGauges`).
+
+    Raises:
+        SQLAlchemyError: the database could not be read.
+    """
+    assert core.db is not None
+    readings: list[tuple[str, LimitUsage]] = []
+    for member in core.db.members():
+        limits = limits_of(member)
+        if limits:
+            usages = limit_usages(core, int(member["id"]), limits)
+            readings.extend((str(member["name"]), usage) for usage in usages)
+    return readings
+
+
 def codex_limits(core: GatewayCore, member_id: int, limits: list[Limit]) -> dict[str, str]:
     """On a worker thread: :func:`codex_rate_limit_headers` of the member's usage now."""
     return codex_rate_limit_headers(limit_usages(core, member_id, limits))
