@@ -239,7 +239,8 @@ def values(result: list[dict[str, Any]]) -> list[float]:
 @pytest.mark.codex
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed")
 def test_every_query_returns_data_from_a_real_prometheus(gateway, upstream, codex, tmp_path):
-    gateway.admin("add-member", "alice", "--weekly-credits", "1000")
+    gateway.admin("add-team", "platform")  # the team panel's figures: alice's turns
+    gateway.admin("add-member", "alice", "--weekly-credits", "1000", "--team", "platform")
     gateway.admin("add-member", "bob", "--five-hour-quota", "100")
     alice, bob = gateway.add_key("alice"), gateway.add_key("bob")
     server = gateway.serve(upstream.url, "--websockets")
