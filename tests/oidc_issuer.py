@@ -24,6 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from addons.aio_server import ThreadedServer
 from tests.identity_fakes import make_ca_and_leaf
 
+#: The runner's ``ACTIONS_ID_TOKEN_REQUEST_TOKEN`` its runner-like endpoint accepts.
+ACTIONS_REQUEST_TOKEN = "ghreq-IDTOKLEAKCHECK-request"  # noqa: S105 - a fake
+
 #: In the ``jti`` of every token minted here: a leak scan looks for it.
 TOKEN_MARK = "IDTOKLEAKCHECK"  # noqa: S105 - a marker
 
@@ -66,6 +69,8 @@ class OidcIssuers:
     issuers: dict[str, Issuer] = field(default_factory=dict)
     fetches: Counter[str] = field(default_factory=Counter)
     minted: list[str] = field(default_factory=list)
+    #: Lifetime (s) of the tokens its runner-like endpoint hands out.
+    actions_lifetime: float = 300
     _server: ThreadedServer | None = None
 
     def start(self) -> OidcIssuers:
@@ -73,6 +78,7 @@ class OidcIssuers:
         app = web.Application()
         app.router.add_get("/{name}/.well-known/openid-configuration", self._discovery)
         app.router.add_get("/{name}/jwks", self._jwks)
+        app.router.add_get("/{name}/actions-token", self._actions_token)
         self._server = ThreadedServer(app, "oidc-issuer", ssl_context=context)
         self.port = self._server.start()
         return self
@@ -130,6 +136,23 @@ class OidcIssuers:
         token = jwt.encode(payload, signing, algorithm=alg, headers={"kid": kid})
         self.minted.append(token)
         return token
+
+    def actions_request_url(self, name: str) -> str:
+        """A GitHub runner's ``ACTIONS_ID_TOKEN_REQUEST_URL`` for issuer ``name``: ``GET`` it
+        with ``&audience=AUD`` and ``Authorization: bearer <ACTIONS_REQUEST_TOKEN>`` for
+        ``{"value": <a token of that issuer for AUD, with GitHub's claims>}``."""
+        return f"https://127.0.0.1:{self.port}/{name}/actions-token?api-version=2.0"
+
+    async def _actions_token(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.fetches[request.path] += 1
+        if request.headers.get("authorization") != f"bearer {ACTIONS_REQUEST_TOKEN}":
+            return web.json_response({"message": "bad credentials"}, status=401)
+        audience = request.query.get("audience")
+        if name not in self.issuers or not audience:
+            return web.json_response({"message": "no such issuer or no audience"}, status=400)
+        token = self.mint(name, audience, claims=GITHUB_CLAIMS, lifetime=self.actions_lifetime)
+        return web.json_response({"count": 1, "value": token})
 
     async def _discovery(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
