@@ -10,7 +10,7 @@ from mitmproxy import http
 from addons.common import ALLOWED, fail_closed
 from addons.gateway_mode.core import MEMBER, GatewayCore, gateway_error, refuse
 from addons.gateway_mode.identity_auth import IdentityAuth
-from addons.gateway_mode.lifetimes import expired, expired_message
+from addons.gateway_mode.lifetimes import expired
 from addons.gateway_mode.members import bearer_member_key, key_hash
 from addons.gateway_mode.oidc import identity_bearer
 from addons.gateway_mode.teams import team_marker
@@ -80,17 +80,7 @@ class MemberAuth:
             )
             return
         if expired(entry.get("expires_ms"), int(time.time() * 1000)):
-            self.core.metrics.refused.labels("expired_member_key").inc()
-            refuse(
-                flow,
-                "member-auth",
-                gateway_error(
-                    401,
-                    "expired_member_key",
-                    expired_message(entry["expires_ms"]),
-                    {"www-authenticate": 'Bearer realm="codex-gateway", error="invalid_token"'},
-                ),
-            )
+            self.core.refuse_expired(flow, entry["key_id"])
             return
         flow.metadata[MEMBER] = {
             "member": entry["member"],

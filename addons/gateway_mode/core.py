@@ -407,6 +407,39 @@ class GatewayCore:
             self._lease_team[lease] = team.team_id
         return lease, active, team_active
 
+    def refuse_expired(self, flow: http.HTTPFlow, key_id: str) -> None:
+        """Refuse ``flow`` whose member key or OIDC identity ``key_id`` is past its expiry:
+        401 ``expired_member_key`` with :meth:`MemberDirectory.refusal`'s message (when it
+        expired; no secret), refused as member auth (400 to Codex: a new token or retry would
+        not help; :mod:`addons.gateway_mode.codex_replies`)."""
+        code, text = self.directory.refusal(key_id)
+        self.metrics.refused.labels(code).inc()
+        refuse(
+            flow,
+            "member-auth",
+            gateway_error(
+                401,
+                code,
+                text,
+                {"www-authenticate": 'Bearer realm="codex-gateway", error="invalid_token"'},
+            ),
+        )
+
+    async def acquire_slots(
+        self, member_id: int, max_concurrent: int, team: TeamSlots | None
+    ) -> tuple[str | None, int, int | None]:
+        """The one lease a request or socket turn takes before its usage is read: a slot of
+        the member and, for a team member, one of its team (:meth:`acquire_team_lease`); none
+        for a member without slots and team. Returns ``(lease, active, team_active)``
+        (``lease`` ``None`` and ``active`` at the cap: no slot; ``team_active`` not ``None``
+        when the team's count was read)."""
+        if team is not None:
+            return await self.acquire_team_lease(member_id, max_concurrent, team)
+        if not max_concurrent:
+            return None, 0, None
+        lease, active = await self.acquire_lease(member_id, max_concurrent)
+        return lease, active, None
+
     def refresh_directory(self) -> None:
         """Reload the member directory; a member with a quota and ``max_concurrent`` 0 gets
         :attr:`quota_concurrency` slots (marked ``max_concurrent_default``)."""

@@ -98,20 +98,9 @@ class IdentityAuth:
             del token
         entry = verified.entry
         if expired(entry.get("expires_ms"), int(time.time() * 1000)):
-            # The operator's lifetime for the identity (add-identity --expires): refused as an
-            # expired member key is (400 to Codex: a new token would not help).
-            code, text = core.directory.refusal(entry["key_id"])
-            core.metrics.refused.labels(code).inc()
-            refuse(
-                flow,
-                "member-auth",
-                gateway_error(
-                    401,
-                    code,
-                    text,
-                    {"www-authenticate": 'Bearer realm="codex-gateway", error="invalid_token"'},
-                ),
-            )
+            # The operator's lifetime for the identity (add-identity --expires), refused as an
+            # expired member key is: a new token would not help.
+            core.refuse_expired(flow, entry["key_id"])
             return
         flow.metadata[MEMBER] = {
             "member": entry["member"],

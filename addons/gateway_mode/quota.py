@@ -161,14 +161,8 @@ class QuotaGate:
             # The slot first, then the usage: every request that gave its slot back before
             # this one took it has its row in the database by now (UsageAccounting releases
             # a slot only then), so the usage read below counts it (docs/gateway.md).
-            if team is not None:  # one lease: a slot of the member and one of its team
-                lease, active, team_active = await core.acquire_team_lease(
-                    member["member_id"], slots, team
-                )
-            else:
-                lease, active = (
-                    await core.acquire_lease(member["member_id"], slots) if slots else (None, 0)
-                )
+            # One lease: a slot of the member and, in a team, one of its team's.
+            lease, active, team_active = await core.acquire_slots(member["member_id"], slots, team)
             if lease is not None:
                 core.leases[flow.id] = lease
                 mark_phase(flow, LEASED)  # OpenTelemetry: the concurrency-slot child span
