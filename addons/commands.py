@@ -55,9 +55,10 @@ COMMANDS = (
     Command(
         "gateway",
         "addons.gateway_mode.cli",
-        "[--config F] [--database URL] COMMAND",
+        "[--config F] [--database URL] [--actor NAME] COMMAND",
         "the team gateway: init, add-member, set-member, list-members, add-team, set-team, "
-        "list-teams, add-key, list-keys, revoke-key, usage, serve (upstream keys on stdin)",
+        "list-teams, add-key, list-keys, revoke-key, add-identity, list-identities, "
+        "remove-identity, audit, usage, serve (upstream keys on stdin)",
     ),
     Command(
         "web", "addons.web", "[FLAGS] [--web-port N]", "the proxy behind mitmweb (key on stdin)"
