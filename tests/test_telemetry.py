@@ -405,7 +405,8 @@ def test_codex_turn_through_the_strict_proxy(upstream, start_proxy, codex, tmp_p
 @pytest.mark.codex
 @pytest.mark.parametrize("websockets", [False, True], ids=["http", "websocket"])
 def test_codex_turn_through_the_gateway(upstream, gateway, codex, tmp_path, receiver, websockets):
-    gateway.admin("add-member", "ada")
+    gateway.admin("add-team", "core")
+    gateway.admin("add-member", "ada", "--team", "core")
     key = gateway.add_key("ada")
     server = gateway.serve(upstream.url, env=receiver.env())
     home, work, _ = member_codex_home(tmp_path, server, CATALOG_MODEL, websockets=websockets)
@@ -415,7 +416,7 @@ def test_codex_turn_through_the_gateway(upstream, gateway, codex, tmp_path, rece
     span = spans[-1]
     _check_turn_span(span, CATALOG_MODEL)
     a = span.attributes
-    assert a["user.id"] == "ada"
+    assert a["user.id"] == "ada" and a["codex.team"] == "core"
     assert a["codex.upstream_key.name"] in UPSTREAM_KEYS
     assert a["codex.credits"] > 0
     assert a["codex.route"] == ("ws:/v1/responses" if websockets else "/v1/responses")
