@@ -664,8 +664,11 @@ def test_reply_usage_from_sse_json_and_garbage() -> None:
     bad = tutils.tresp(headers=[(b"content-type", b"application/json")])
     bad.content = b"{not json"
     # A 200 whose usage cannot be read says so (the row's error), never a silent 0.
-    assert reply_usage(bad) == (None, 0, None, "unmetered: the reply carries no usage")
-    assert reply_usage(None) == (None, 0, None, None)
+    unread = reply_usage(bad)
+    assert unread[:4] == (None, 0, None, "unmetered: the reply carries no usage")
+    assert unread.response_id is None and unread.response_model is None
+    assert reply_usage(None) == (None, 0, None, None, None, None)
+    assert metered.response_id == "r1" and metered.response_model == "m"
 
 
 def test_member_auth_removes_the_key_and_answers_401(tmp_path) -> None:
