@@ -398,3 +398,18 @@ def test_member_marker_is_unchanged_without_a_team() -> None:
     assert marker == {"member": "a", "team": "y", "team_id": 4}
     teams.refresh_marker(marker, {})
     assert marker == {"member": "a"} and MEMBER
+
+
+def test_a_member_whose_models_and_its_teams_share_none_is_warned_of(db_url: str, capsys) -> None:
+    assert run(db_url, "add-team", "interns", "--models", "gpt-5.6-luna")[0] == 0
+    capsys.readouterr()
+    assert run(db_url, "add-member", "ivy", "--team", "interns", "--models", "gpt-6-*")[0] == 0
+    err = capsys.readouterr().err
+    assert "warning: member 'ivy' may use gpt-6-* and its team 'interns' allows gpt-5.6-luna" in err
+    assert run(db_url, "set-member", "ivy", "--models", "gpt-5.6-*")[0] == 0
+    assert "warning" not in capsys.readouterr().err
+    assert run(db_url, "add-member", "jo", "--team", "interns")[0] == 0  # no list of his own
+    assert "warning" not in capsys.readouterr().err
+    assert run(db_url, "set-team", "interns", "--models", "gpt-6-sol")[0] == 0
+    err = capsys.readouterr().err
+    assert "member 'ivy' may use gpt-5.6-*" in err and "'jo'" not in err

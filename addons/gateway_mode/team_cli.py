@@ -12,8 +12,10 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+from addons.codex_models import full_catalog
 from addons.gateway_mode import teams
 from addons.gateway_mode.database import Database
+from addons.gateway_mode.model_policy import allowed_entries, parse_patterns
 from addons.gateway_mode.windows import MICRO, overshoot_note
 
 #: ``usage --by team``: the group of usage rows spent by members in no team.
@@ -75,6 +77,8 @@ def set_team(
     given = {k: v for k, v in settings(ns).items() if v is not None}
     teams.set_team(db, ns.name, ns.models, actor=getattr(ns, "actor", None), **given)
     out.write(f"team {ns.name} updated\n")
+    if ns.models is not None:
+        warn_disjoint_models(db, team=ns.name)
 
 
 def _credits(micro: int) -> str:
@@ -113,9 +117,35 @@ def list_teams(db: Database, ns: argparse.Namespace, config: Any, out: Any, tabl
 
 
 def member_team(db: Database, ns: argparse.Namespace) -> None:
-    """Apply ``--team`` of ``add-member`` / ``set-member`` (nothing when absent)."""
+    """Apply ``--team`` of ``add-member`` / ``set-member`` (nothing when absent), then
+    :func:`warn_disjoint_models` for the member."""
     if ns.team is not None:
         teams.set_member_team(db, ns.name, ns.team, actor=getattr(ns, "actor", None))
+    warn_disjoint_models(db, member=ns.name)
+
+
+def warn_disjoint_models(
+    db: Database, *, member: str | None = None, team: str | None = None
+) -> None:
+    """One line on stderr for each member (``member``, or every member of ``team``) whose own
+    ``--models`` and its team's let no model of Codex's catalog through (every request of that
+    member would be refused ``model_not_allowed``). A warning only: patterns may name models
+    the catalog does not list."""
+    by_member = teams.member_teams(db)
+    _, entries = full_catalog()
+    for row in db.members():
+        team_row = by_member.get(int(row["id"]))
+        if team_row is None or (member is not None and row["name"] != member):
+            continue
+        if team is not None and team_row["name"] != team:
+            continue
+        mine, theirs = parse_patterns(row.get("models")), parse_patterns(team_row["models"])
+        if mine and theirs and next(allowed_entries(entries, mine, theirs), None) is None:
+            sys.stderr.write(
+                f"warning: member {row['name']!r} may use {','.join(mine)} and its team "
+                f"{team_row['name']!r} allows {','.join(theirs)}: no model of Codex's catalog "
+                "passes both, so every request of this member will be refused\n"
+            )
 
 
 def by_team(
