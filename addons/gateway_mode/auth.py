@@ -36,6 +36,7 @@ class MemberAuth:
 
     def __init__(self, core: GatewayCore) -> None:
         self.core = core
+        self.identity_auth = IdentityAuth(core)
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -48,7 +49,7 @@ class MemberAuth:
         drop_headers(headers, CLIENT_CREDENTIAL_FIELDS)
         if len(values) == 1 and (identity_token := identity_bearer(values[0])) is not None:
             del values
-            await IdentityAuth(self.core).check(flow, identity_token)
+            await self.identity_auth.check(flow, identity_token)
             return
         token = bearer_member_key(values[0]) if len(values) == 1 else None
         if token is None:

@@ -34,7 +34,7 @@ from addons.gateway_mode.config import (
 )
 from addons.gateway_mode.database import Database, DatabaseError, now_ms
 from addons.gateway_mode.ledger import IN_FLIGHT, KIND_ORDER
-from addons.gateway_mode.lifetimes import expired, format_expiry, parse_expiry, parse_lifetime
+from addons.gateway_mode.lifetimes import expired, format_expiry, key_expiry
 from addons.gateway_mode.model_policy import parse_patterns
 from addons.gateway_mode.tls import listen_policy
 from addons.gateway_mode.windows import MICRO, iso, overshoot_note, parse_since
@@ -518,16 +518,6 @@ def list_members(db: Database, ns: argparse.Namespace, config: GatewayConfig, ou
         if names:
             rows[-1].append(names.get(m["team_id"], "-") if m.get("team_id") else "-")
     _table(rows, out)
-
-
-def key_expiry(given: str | None, default_lifetime: str | None, now: int) -> int | None:
-    """The expiry (epoch ms, ``None``: never) of a new key: ``--expires`` when given
-    (:func:`addons.gateway_mode.lifetimes.parse_expiry`), else now plus the YAML
-    ``default_key_lifetime``, else never. Raises ``ValueError`` for a bad or past value."""
-    if given is not None:
-        return parse_expiry(given, now)
-    lifetime = parse_lifetime(default_lifetime) if default_lifetime else None
-    return None if lifetime is None else now + lifetime
 
 
 def add_key(db: Database, ns: argparse.Namespace, config: GatewayConfig, out: Any) -> None:

@@ -464,15 +464,13 @@ class GatewayCore:
         entry = self.directory.find(digest)
         if entry is not None or self.db is None:
             return entry
-        async with self._miss_lock:
-            if time.monotonic() - self._last_miss_refresh > 0.2:
-                self._last_miss_refresh = time.monotonic()
-                await self.run_db(self.refresh_directory)
+        await self.refresh_after_miss()
         return self.directory.find(digest)
 
     async def refresh_after_miss(self) -> None:
-        """One directory refresh from the database, at most every 0.2 s (the same budget as
-        :meth:`find_member`'s): an identity token that named no live identity."""
+        """One directory refresh from the database, at most every 0.2 s for every kind of miss
+        together (an unknown key hash in :meth:`find_member`, an identity token that named no
+        live identity), so unknown credentials cannot flood the database."""
         if self.db is None:
             return
         async with self._miss_lock:

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from addons.gateway_mode import audit
 from addons.gateway_mode.database import MEMBER_SETTINGS, Database, DatabaseError, now_ms
-from addons.gateway_mode.lifetimes import format_expiry
+from addons.gateway_mode.lifetimes import format_expiry, key_expiry
 from addons.gateway_mode.schema import member_identities, members
 from addons.gateway_mode.windows import iso
 
@@ -300,8 +300,6 @@ def add_identity_command(db: Database, ns: argparse.Namespace, config: Any, out:
         if name in claims:
             raise ValueError(f"--claim {name} given twice")
         claims[name] = pattern
-    from addons.gateway_mode.cli import key_expiry
-
     expires = key_expiry(ns.expires, getattr(config, "default_key_lifetime", None), now_ms())
     actor = getattr(ns, "actor", None)
     identity_id = add_identity(db, ns.name, ns.issuer, ns.audience, claims, expires, actor=actor)

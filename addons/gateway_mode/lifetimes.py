@@ -117,3 +117,13 @@ def expired_message(expires_ms: int, identity: str | None = None) -> str:
     return (
         f"member key expired on {format_expiry(expires_ms)}; ask the gateway's admin for a new key"
     )
+
+
+def key_expiry(given: str | None, default_lifetime: str | None, now: int) -> int | None:
+    """The expiry (epoch ms, ``None``: never) of a new key or identity: ``--expires`` when given
+    (:func:`parse_expiry`), else now plus the YAML
+    ``default_key_lifetime``, else never. Raises ``ValueError`` for a bad or past value."""
+    if given is not None:
+        return parse_expiry(given, now)
+    lifetime = parse_lifetime(default_lifetime) if default_lifetime else None
+    return None if lifetime is None else now + lifetime
